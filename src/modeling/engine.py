@@ -1,0 +1,130 @@
+"""StageEngine: one pipeline stage's compute over a flat batch, with its KV caches and sampler.
+
+The node server's StageRunner wraps this; tests drive it directly. `forward` takes chunks from
+many sequences (prefill chunks and single decode tokens mixed), validates them, runs the stage's
+layers once over the whole batch, and on the last stage samples one token per chunk that asks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeserve.common.errors import InvalidInputError
+from pipeserve.modeling.kv_cache import KVCachePool
+from pipeserve.modeling.layers import BatchMeta, SeqSlot
+from pipeserve.modeling.loader import LoadedStage
+from pipeserve.modeling.sampling import SamplingParams, sample
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's share of a batch: tokens at positions start_pos .. start_pos+len-1."""
+
+    request_id: str
+    start_pos: int
+    token_ids: list[int]  # every stage receives them: the first embeds them, the last keeps them for penalties
+    sampling: SamplingParams | None = None  # last stage: sample the token that follows this chunk
+
+
+@dataclass
+class SampledToken:
+    request_id: str
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class StageOutput:
+    hidden: torch.Tensor | None  # [T, C] for the next stage; None on the last stage
+    samples: list[SampledToken]  # last stage only, in batch order of the chunks that asked
+    forward_ms: float
+    logits: torch.Tensor | None = None  # [S, V] last stage: next-token logits of the chunks that asked
+
+
+class StageEngine:
+    def __init__(self, loaded: LoadedStage, cache_budget_tokens: int = 32768, max_context: int | None = None) -> None:
+        self.loaded = loaded
+        cfg = loaded.cfg
+        self.cfg, self.shard, self.model = cfg, loaded.shard, loaded.model
+        self.max_context = min(max_context or cfg.max_position, cfg.max_position)
+        self.cache = KVCachePool(
+            self.shard.n_local, cfg.n_kv_heads, cfg.head_dim, cache_budget_tokens, self.max_context
+        )
+
+    @torch.inference_mode()
+    def forward(self, chunks: Sequence[SeqChunk], hidden: torch.Tensor | None = None) -> StageOutput:
+        t0 = time.perf_counter()
+        x = self._validate(chunks, hidden)
+        new_ids = [c.request_id for c in chunks if c.request_id not in self.cache.seqs]
+        caches = self.cache.reserve([(c.request_id, c.start_pos, len(c.token_ids)) for c in chunks])
+        slots, positions, sample_rows, offset = [], [], [], 0
+        for c, seq in zip(chunks, caches, strict=True):
+            n = len(c.token_ids)
+            slots.append(SeqSlot(offset, n, c.start_pos, seq))
+            positions.append(torch.arange(c.start_pos, c.start_pos + n))
+            if c.sampling is not None and self.shard.is_last:
+                sample_rows.append(offset + n - 1)
+            offset += n
+        meta = BatchMeta(slots, torch.cat(positions), torch.tensor(sample_rows, dtype=torch.long))
+        try:
+            out = self.model(x, meta)
+        except BaseException:
+            self.cache.release(new_ids)  # a failed batch leaves no half-made caches behind
+            raise
+        for c, seq in zip(chunks, caches, strict=True):
+            seq.length = c.start_pos + len(c.token_ids)
+            seq.tokens.extend(c.token_ids)
+        if not self.shard.is_last:
+            return StageOutput(out, [], (time.perf_counter() - t0) * 1e3)
+        asking = [(c, seq) for c, seq in zip(chunks, caches, strict=True) if c.sampling is not None]
+        samples: list[SampledToken] = []
+        if asking:
+            res = sample(
+                out,
+                [c.sampling for c, _ in asking if c.sampling is not None],
+                [seq.tokens for _, seq in asking],
+                [seq.length for _, seq in asking],
+            )
+            for i, (c, _) in enumerate(asking):
+                samples.append(
+                    SampledToken(
+                        c.request_id,
+                        res.token_ids[i],
+                        res.logprobs[i] if res.logprobs is not None else None,
+                        res.top_logprobs[i] if res.top_logprobs is not None else [],
+                    )
+                )
+        return StageOutput(None, samples, (time.perf_counter() - t0) * 1e3, out)
+
+    def _validate(self, chunks: Sequence[SeqChunk], hidden: torch.Tensor | None) -> torch.Tensor:
+        if not chunks:
+            raise InvalidInputError("empty batch: a forward needs at least one sequence")
+        n_tokens = sum(len(c.token_ids) for c in chunks)
+        for c in chunks:
+            if c.start_pos < 0:
+                raise InvalidInputError(f"request {c.request_id!r}: negative start position {c.start_pos}")
+            if c.sampling is not None:
+                c.sampling.validate()
+        if self.shard.is_first:
+            ids = [t for c in chunks for t in c.token_ids]
+            bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
+            if bad is not None:
+                raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            return torch.tensor(ids, dtype=torch.long)
+        want = (n_tokens, self.cfg.hidden_size)
+        if hidden is None:
+            raise InvalidInputError(f"stage [{self.shard.start_layer}, {self.shard.end_layer}) needs hidden states {want}")
+        if hidden.dtype != torch.float32 or tuple(hidden.shape) != want:
+            raise InvalidInputError(
+                f"hidden states must be float32 {list(want)}, got {str(hidden.dtype).removeprefix('torch.')} "
+                f"{list(hidden.shape)}"
+            )
+        return hidden
+
+    def release(self, request_ids: list[str]) -> dict[str, int]:
+        return self.cache.release(request_ids)

@@ -1,0 +1,113 @@
+"""GPT-2 family decoder: one pipeline stage of it.
+
+Learned position embeddings, pre-LayerNorm blocks, fused c_attn, GELU (tanh) MLP, head tied to
+the token embedding. Checkpoint Conv1D weights are already [in, out], the layout TLinear keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeserve.modeling.config import ModelConfig, Shard
+from pipeserve.modeling.layers import BatchMeta, TLinear, attend
+from pipeserve.modeling.llama import check_shapes
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C = cfg.hidden_size
+        self.nh, self.hd = cfg.n_heads, cfg.head_dim
+        self.ln_1 = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.c_attn = TLinear(C, 3 * C, bias=True)
+        self.c_proj = TLinear(C, C, bias=True)
+        self.ln_2 = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.c_fc = TLinear(C, cfg.intermediate_size, bias=True)
+        self.mlp_c_proj = TLinear(cfg.intermediate_size, C, bias=True)
+
+    def forward(self, x: torch.Tensor, meta: BatchMeta, layer: int) -> torch.Tensor:
+        T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=-1)  # [T, C] each
+        shape = (T, self.nh, self.hd)
+        x = x + self.c_proj(attend(q.view(shape), k.view(shape), v.view(shape), meta, layer))
+        return x + self.mlp_c_proj(nn.functional.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2Stage(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        C = cfg.hidden_size
+        self.wte = nn.Embedding(cfg.vocab_size, C) if shard.is_first else None
+        self.wpe = nn.Embedding(cfg.max_position, C) if shard.is_first else None
+        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(shard.n_local))
+        self.ln_f = nn.LayerNorm(C, eps=cfg.norm_eps) if shard.is_last else None
+        self.lm_head = TLinear(C, cfg.vocab_size) if shard.is_last else None
+
+    def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
+        stage logits [S, V] for meta.sample_rows."""
+        if self.wte is not None and self.wpe is not None:
+            x = self.wte(x) + self.wpe(meta.positions)
+        for i, block in enumerate(self.h):
+            x = block(x, meta, i)
+        if self.ln_f is None or self.lm_head is None:
+            return x
+        return self.lm_head(self.ln_f(x[meta.sample_rows]))
+
+
+def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensors (Hugging Face GPT-2 names, `transformer.` prefix stripped) a stage needs."""
+    C, I = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if shard.is_first or shard.is_last:
+        shapes["wte.weight"] = (cfg.vocab_size, C)
+    if shard.is_first:
+        shapes["wpe.weight"] = (cfg.max_position, C)
+    for i in range(shard.start_layer, shard.end_layer):
+        p = f"h.{i}."
+        shapes |= {
+            p + "ln_1.weight": (C,),
+            p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (C, 3 * C),
+            p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C),
+            p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,),
+            p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (C, I),
+            p + "mlp.c_fc.bias": (I,),
+            p + "mlp.c_proj.weight": (I, C),
+            p + "mlp.c_proj.bias": (C,),
+        }
+    if shard.is_last:
+        shapes |= {"ln_f.weight": (C,), "ln_f.bias": (C,)}
+    return shapes
+
+
+@torch.inference_mode()
+def load_hf_weights(stage: GPT2Stage, w: dict[str, torch.Tensor]) -> None:
+    cfg, shard = stage.cfg, stage.shard
+    check_shapes(w, hf_weight_shapes(cfg, shard))
+    if stage.wte is not None and stage.wpe is not None:
+        stage.wte.weight.copy_(w["wte.weight"])
+        stage.wpe.weight.copy_(w["wpe.weight"])
+    for j, b in enumerate(stage.h):
+        p = f"h.{shard.start_layer + j}."
+        for mod, name in (
+            (b.ln_1, "ln_1"),
+            (b.ln_2, "ln_2"),
+            (b.c_attn, "attn.c_attn"),
+            (b.c_proj, "attn.c_proj"),
+            (b.c_fc, "mlp.c_fc"),
+            (b.mlp_c_proj, "mlp.c_proj"),
+        ):
+            target = mod.weight_t if isinstance(mod, TLinear) else mod.weight
+            target.copy_(w[p + name + ".weight"])  # Conv1D weights are already [in, out]
+            assert mod.bias is not None
+            mod.bias.copy_(w[p + name + ".bias"])
+    if stage.ln_f is not None and stage.lm_head is not None:
+        stage.ln_f.weight.copy_(w["ln_f.weight"])
+        stage.ln_f.bias.copy_(w["ln_f.bias"])
+        stage.lm_head.weight_t.copy_(w["wte.weight"].t())

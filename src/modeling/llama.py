@@ -1,0 +1,143 @@
+"""Llama-family decoder (SmolLM2, TinyLlama, Llama 2/3, Mistral-style): one pipeline stage of it.
+
+RMSNorm, rotary position embeddings (Hugging Face's rotate-half layout), grouped-query attention,
+SwiGLU MLP. Built by modeling.loader for a `Shard`; the first stage owns the embedding, the last
+the final norm and the head. Weights arrive under Hugging Face checkpoint names (`load_hf_weights`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeserve.common.errors import ModelFormatError
+from pipeserve.modeling.config import ModelConfig, Shard
+from pipeserve.modeling.layers import BatchMeta, TLinear, attend
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C, hd = cfg.hidden_size, cfg.head_dim
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
+        self.input_layernorm = RMSNorm(C, cfg.norm_eps)
+        self.qkv_proj = TLinear(C, (self.nh + 2 * self.nkv) * hd)  # q, k, v fused: one matmul
+        self.o_proj = TLinear(self.nh * hd, C)
+        self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
+        self.gate_up_proj = TLinear(C, 2 * cfg.intermediate_size)  # gate, up fused
+        self.down_proj = TLinear(cfg.intermediate_size, C)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta, layer: int
+    ) -> torch.Tensor:
+        T = x.shape[0]  # x: [T, C]
+        qkv = self.qkv_proj(self.input_layernorm(x))  # [T, (nh + 2 nkv) hd]
+        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(T, self.nh, self.hd)
+        k = k.view(T, self.nkv, self.hd)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: [T, 1, hd]
+        k = k * cos + rotate_half(k) * sin
+        x = x + self.o_proj(attend(q, k, v.view(T, self.nkv, self.hd), meta, layer))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)  # [T, I] each
+        return x + self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaStage(nn.Module):
+    def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
+        super().__init__()
+        self.cfg, self.shard = cfg, shard
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if shard.is_first else None
+        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(shard.n_local))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if shard.is_last else None
+        self.lm_head = TLinear(cfg.hidden_size, cfg.vocab_size) if shard.is_last else None
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)  # [P, hd/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [P, hd]
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
+        stage logits [S, V] for meta.sample_rows."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
+        cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, hd]
+        sin = self.rope_sin[meta.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, i)
+        if self.norm is None or self.lm_head is None:
+            return x
+        return self.lm_head(self.norm(x[meta.sample_rows]))
+
+
+def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensors (Hugging Face names and [out, in] shapes) that a stage needs."""
+    C, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    if shard.is_first or (shard.is_last and cfg.tie_word_embeddings):
+        shapes["model.embed_tokens.weight"] = (cfg.vocab_size, C)
+    for i in range(shard.start_layer, shard.end_layer):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (C,),
+            p + "self_attn.q_proj.weight": (cfg.n_heads * hd, C),
+            p + "self_attn.k_proj.weight": (cfg.n_kv_heads * hd, C),
+            p + "self_attn.v_proj.weight": (cfg.n_kv_heads * hd, C),
+            p + "self_attn.o_proj.weight": (C, cfg.n_heads * hd),
+            p + "post_attention_layernorm.weight": (C,),
+            p + "mlp.gate_proj.weight": (I, C),
+            p + "mlp.up_proj.weight": (I, C),
+            p + "mlp.down_proj.weight": (C, I),
+        }
+    if shard.is_last:
+        shapes["model.norm.weight"] = (C,)
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head.weight"] = (cfg.vocab_size, C)
+    return shapes
+
+
+@torch.inference_mode()
+def load_hf_weights(stage: LlamaStage, w: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint tensors into the stage: fuse q/k/v and gate/up, store linears as [in, out]."""
+    cfg, shard = stage.cfg, stage.shard
+    check_shapes(w, hf_weight_shapes(cfg, shard))
+    if stage.embed_tokens is not None:
+        stage.embed_tokens.weight.copy_(w["model.embed_tokens.weight"])
+    for j, layer in enumerate(stage.layers):
+        p = f"model.layers.{shard.start_layer + j}."
+        layer.input_layernorm.weight.copy_(w[p + "input_layernorm.weight"])
+        layer.post_attention_layernorm.weight.copy_(w[p + "post_attention_layernorm.weight"])
+        qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+        layer.qkv_proj.weight_t.copy_(qkv.t())
+        layer.o_proj.weight_t.copy_(w[p + "self_attn.o_proj.weight"].t())
+        layer.gate_up_proj.weight_t.copy_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).t())
+        layer.down_proj.weight_t.copy_(w[p + "mlp.down_proj.weight"].t())
+    if stage.norm is not None and stage.lm_head is not None:
+        stage.norm.weight.copy_(w["model.norm.weight"])
+        head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
+        stage.lm_head.weight_t.copy_(head.t())
+
+
+def check_shapes(w: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(w))
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ModelFormatError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
+    for name, shape in expected.items():
+        if tuple(w[name].shape) != shape:
+            raise ModelFormatError(f"tensor {name} has shape {tuple(w[name].shape)}, expected {shape}")

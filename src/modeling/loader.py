@@ -1,0 +1,180 @@
+"""Builds one pipeline stage and fills it with the weights that stage owns, nothing more.
+
+Reads GGUF files (tensors by name, dequantized to fp32 with the `gguf` package) and Hugging Face
+checkpoint folders (config.json + *.safetensors, sharded index supported; keys by prefix).
+Called by the node's StageRunner and by tests; the architecture files never touch files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeserve.common.errors import ModelFormatError
+from pipeserve.modeling import gpt2, llama
+from pipeserve.modeling.config import ModelConfig, Shard
+from pipeserve.modeling.source import ModelSource, file_checksum, open_gguf, resolve_model
+
+log = logging.getLogger(__name__)
+
+# arch -> (stage class, expected checkpoint tensors, weight import)
+ARCHS: dict[str, tuple[type[nn.Module], Callable[..., dict[str, tuple[int, ...]]], Callable[..., None]]] = {
+    "llama": (llama.LlamaStage, llama.hf_weight_shapes, llama.load_hf_weights),
+    "gpt2": (gpt2.GPT2Stage, gpt2.hf_weight_shapes, gpt2.load_hf_weights),
+}
+
+# GGUF quantization types we dequantize (all that gguf.quants implements; these are tested or common).
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass
+class LoadedStage:
+    cfg: ModelConfig
+    shard: Shard
+    model: nn.Module
+    source: ModelSource
+    checksum: str  # identifies the weights: every stage of one model reports the same value
+    load_seconds: float
+    param_bytes: int
+
+
+def read_config(source: ModelSource) -> ModelConfig:
+    if source.kind == "gguf":
+        reader = open_gguf(source.path)
+        try:
+            cfg = ModelConfig.from_gguf_fields(lambda k, d=_MISSING: _gguf_field(reader, k, d))
+        except (ModelFormatError, TypeError, ValueError) as exc:
+            raise ModelFormatError(f"{source.path}: {exc}") from exc
+        names = {t.name: t for t in reader.tensors}
+        if "token_embd.weight" not in names:
+            raise ModelFormatError(f"{source.path}: GGUF has no token_embd.weight tensor")
+        vocab = int(names["token_embd.weight"].shape[1])  # ggml shape is [C, V]
+        return dataclasses.replace(cfg, vocab_size=vocab, tie_word_embeddings="output.weight" not in names)
+    try:
+        return ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{source.path / 'config.json'} is not valid JSON: {exc}") from exc
+
+
+def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) -> LoadedStage:
+    """Load layers [start, end) (the whole model when None) of `model`."""
+    t0 = time.perf_counter()
+    source = resolve_model(model) if isinstance(model, str) else model
+    cfg = read_config(source)
+    shard = Shard(*(layers or (0, cfg.n_layers)), cfg.n_layers)
+    stage_cls, shapes_fn, import_fn = ARCHS[cfg.arch]
+    expected = shapes_fn(cfg, shard)
+    if source.kind == "gguf":
+        weights = _read_gguf(source.path, cfg, expected)
+    else:
+        weights = _read_safetensors(source.path, cfg, expected)
+    with torch.device("cpu"):
+        stage = stage_cls(cfg, shard)
+    import_fn(stage, weights)
+    stage.eval()
+    nbytes = sum(p.numel() * p.element_size() for p in stage.parameters())
+    dt = time.perf_counter() - t0
+    log.info(
+        "loaded %s layers [%d, %d) of %d: %d tensors, %.1f MiB in %.2f s",
+        source.name, shard.start_layer, shard.end_layer, cfg.n_layers, len(expected), nbytes / 2**20, dt,
+    )
+    return LoadedStage(cfg, shard, stage, source, file_checksum(source.path), dt, nbytes)
+
+
+_MISSING = object()
+
+
+def _gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ModelFormatError(f"GGUF metadata lacks {key}")
+        return default
+    return field.contents()
+
+
+def _gguf_name(hf: str) -> tuple[str, str | None]:
+    """HF llama tensor name -> (GGUF name, which rotary un-permute to apply)."""
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight", None
+    if hf == "model.norm.weight":
+        return "output_norm.weight", None
+    if hf == "lm_head.weight":
+        return "output.weight", None
+    _, _, i, *rest = hf.split(".")
+    sub = ".".join(rest)
+    table = {
+        "input_layernorm.weight": ("attn_norm", None),
+        "self_attn.q_proj.weight": ("attn_q", "q"),
+        "self_attn.k_proj.weight": ("attn_k", "k"),
+        "self_attn.v_proj.weight": ("attn_v", None),
+        "self_attn.o_proj.weight": ("attn_output", None),
+        "post_attention_layernorm.weight": ("ffn_norm", None),
+        "mlp.gate_proj.weight": ("ffn_gate", None),
+        "mlp.up_proj.weight": ("ffn_up", None),
+        "mlp.down_proj.weight": ("ffn_down", None),
+    }
+    name, permute = table[sub]
+    return f"blk.{i}.{name}.weight", permute
+
+
+def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    out: dict[str, torch.Tensor] = {}
+    for hf_name, shape in expected.items():
+        name, permute = _gguf_name(hf_name)
+        t = tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{path}: GGUF lacks tensor {name} (needed for {hf_name})")
+        if t.tensor_type.name not in GGUF_TYPES:
+            raise ModelFormatError(f"{path}: tensor {name} has unsupported type {t.tensor_type.name}")
+        try:
+            arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
+        except Exception as exc:  # truncated data or an unknown block layout
+            raise ModelFormatError(f"{path}: cannot dequantize {name} ({type(exc).__name__}: {exc})") from exc
+        if arr.shape != shape:
+            raise ModelFormatError(f"{path}: tensor {name} has shape {arr.shape}, expected {shape}")
+        w = torch.from_numpy(arr)
+        if permute:  # llama.cpp interleaves rotary halves in Q and K; undo it for rotate-half rope
+            heads = cfg.n_heads if permute == "q" else cfg.n_kv_heads
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(shape)
+        out[hf_name] = w
+    return out
+
+
+def _read_safetensors(folder: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"{folder}: no *.safetensors files")
+    prefixes = ("transformer.",) if cfg.arch == "gpt2" else ()
+    out: dict[str, torch.Tensor] = {}
+    for fname in files:
+        try:
+            with safe_open(str(folder / fname), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    name = next((key[len(p) :] for p in prefixes if key.startswith(p)), key)
+                    if name in expected and name not in out:
+                        out[name] = f.get_tensor(key).to(torch.float32)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelFormatError(f"{folder / fname}: unreadable safetensors file ({exc})") from exc
+    return out

@@ -1,0 +1,204 @@
+"""The model engine against references: transformers logits and generate, split stages vs the
+full model, cached decode vs full forward, ragged batches vs one-by-one, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeserve.common.errors import (
+    CacheBudgetError,
+    ContextLengthError,
+    InvalidInputError,
+    ModelFormatError,
+    ModelNotFoundError,
+    UnknownRequestError,
+)
+from pipeserve.modeling.engine import SeqChunk, StageEngine
+from pipeserve.modeling.generate import GREEDY, generate, run_stages
+from pipeserve.modeling.loader import load_stage
+from pipeserve.modeling.source import resolve_model
+
+PROMPTS = [
+    [1, 504, 3458, 282, 4649, 314, 216],
+    [1, 9519, 28, 837, 253, 1345, 30, 216, 21, 22, 23, 24, 1083],
+    [2, 17, 30, 99, 305],
+]
+
+
+def hf_model(folder: Path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def last_logits_ref(ref, prompts: list[list[int]]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.stack([ref(torch.tensor([p])).logits[0, -1] for p in prompts])
+
+
+def prefill(engines: list[StageEngine], prompts: list[list[int]], prefix: str = "r") -> torch.Tensor:
+    chunks = [SeqChunk(f"{prefix}{i}", 0, p, GREEDY) for i, p in enumerate(prompts)]
+    return run_stages(engines, chunks)
+
+
+def test_smollm2_logits_match_transformers(smol_full, smol_reference):
+    eng = StageEngine(smol_full)
+    ours = prefill([eng], PROMPTS)  # one ragged batch of 3 prompts
+    ref = last_logits_ref(smol_reference, PROMPTS)
+    assert (ours - ref).abs().max().item() <= 1e-3
+    # every position too, for the longest prompt
+    with torch.inference_mode():
+        full_ref = smol_reference(torch.tensor([PROMPTS[1]])).logits[0]
+    eng2 = StageEngine(smol_full)
+    n = len(PROMPTS[1])
+    rows = [SeqChunk(f"p{k}", 0, PROMPTS[1][: k + 1], GREEDY) for k in range(n)]
+    assert (run_stages([eng2], rows) - full_ref).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_checkpoints_match_transformers(arch, tiny_llama, tiny_gpt2):
+    folder = tiny_llama if arch == "llama" else tiny_gpt2
+    eng = StageEngine(load_stage(str(folder)))
+    prompts = [[5, 9, 33, 100, 7], [300, 2, 4], [11] * 17]
+    assert (prefill([eng], prompts) - last_logits_ref(hf_model(folder), prompts)).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_index_is_read(tiny_gpt2):
+    assert (tiny_gpt2 / "model.safetensors.index.json").is_file()
+    assert load_stage(str(tiny_gpt2), (2, 4)).shard.n_local == 2
+
+
+def decode_trace(engines: list[StageEngine], prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy prefill + `steps` cached decode steps; returns the tokens and each step's logits."""
+    logits = [run_stages(engines, [SeqChunk("t", 0, prompt, GREEDY)])[0]]
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(run_stages(engines, [SeqChunk("t", len(tokens) - 1, [tokens[-1]], GREEDY)])[0])
+    return tokens, logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_split_stages_equal_full_model(arch, tiny_llama, tiny_gpt2):
+    folder = str(tiny_llama if arch == "llama" else tiny_gpt2)
+    full_tokens, full_logits = decode_trace([StageEngine(load_stage(folder))], [3, 1, 4, 1, 5, 9, 2, 6], 20)
+    for k in (1, 3, 5):
+        engines = [StageEngine(load_stage(folder, (0, k))), StageEngine(load_stage(folder, (k, 6)))]
+        tokens, logits = decode_trace(engines, [3, 1, 4, 1, 5, 9, 2, 6], 20)
+        assert tokens == full_tokens
+        assert max((a - b).abs().max().item() for a, b in zip(logits, full_logits, strict=True)) <= 1e-4
+    three = [StageEngine(load_stage(folder, r)) for r in ((0, 2), (2, 4), (4, 6))]
+    assert decode_trace(three, [3, 1, 4, 1, 5, 9, 2, 6], 20)[0] == full_tokens
+
+
+def test_smollm2_split_equals_full(smol_full):
+    prompt = PROMPTS[1]
+    full_tokens, full_logits = decode_trace([StageEngine(smol_full)], prompt, 20)
+    engines = [StageEngine(load_stage("smollm2-135m-instruct", r)) for r in ((0, 10), (10, 30))]
+    tokens, logits = decode_trace(engines, prompt, 20)
+    assert tokens == full_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(logits, full_logits, strict=True)) <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_decode_equals_full_forward(arch, tiny_llama, tiny_gpt2):
+    folder = str(tiny_llama if arch == "llama" else tiny_gpt2)
+    loaded = load_stage(folder)
+    tokens, logits = decode_trace([StageEngine(loaded)], [7, 8, 9], 20)
+    eng = StageEngine(loaded)
+    for i, step_logits in enumerate(logits):
+        full = run_stages([eng], [SeqChunk(f"f{i}", 0, tokens[: 3 + i], GREEDY)])[0]
+        assert (full - step_logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_ragged_batch_equals_one_by_one(arch, tiny_llama, tiny_gpt2):
+    folder = str(tiny_llama if arch == "llama" else tiny_gpt2)
+    loaded = load_stage(folder)
+    prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 200, 300, 4, 5, 6], [9] * 30]
+    alone = [generate([StageEngine(loaded)], [p], 12)[0] for p in prompts]
+    assert generate([StageEngine(loaded)], prompts, 12) == alone
+    # mixed steps: a prefill chunk and a later prefill chunk of another sequence ride with decodes
+    eng = StageEngine(loaded)
+    a = run_stages([eng], [SeqChunk("a", 0, prompts[1][:6], GREEDY), SeqChunk("b", 0, prompts[3], GREEDY)])
+    b = run_stages([eng], [SeqChunk("a", 6, prompts[1][6:], GREEDY), SeqChunk("b", 6, [int(a[1].argmax())], GREEDY)])
+    ref = run_stages([StageEngine(loaded)], [SeqChunk("x", 0, prompts[1], GREEDY)])
+    assert (b[0] - ref[0]).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_equals_transformers_generate(smol_full, smol_reference):
+    from pipeserve.tokenizer.core import TokenizerCore
+
+    tok = TokenizerCore.from_model("smollm2-135m-instruct")
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    ours = generate([StageEngine(smol_full)], prompts, 32)
+    for p, got in zip(prompts, ours, strict=True):
+        with torch.inference_mode():
+            ref = smol_reference.generate(
+                torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2
+            )[0, len(p) :].tolist()
+        assert got == ref
+
+
+def test_stage_holds_only_its_layers(smol_full):
+    middle = load_stage("smollm2-135m-instruct", (10, 20))
+    layer_bytes_full = sum(p.numel() * 4 for p in smol_full.model.layers.parameters())
+    layer_bytes_mid = sum(p.numel() * 4 for p in middle.model.layers.parameters())
+    assert abs(layer_bytes_mid / layer_bytes_full - 1 / 3) < 0.01
+    assert middle.model.embed_tokens is None and middle.model.lm_head is None
+    assert middle.param_bytes == layer_bytes_mid  # no embedding, no head, no norm
+
+
+def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        resolve_model("./no-such-model.gguf")
+    corrupt = tmp_path / "broken.gguf"
+    corrupt.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
+    with pytest.raises(ModelFormatError, match="broken.gguf"):
+        load_stage(str(corrupt))
+    data = smol_full.source.path.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFormatError, match="truncated.gguf"):
+        load_stage(str(truncated))
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "config.json").write_text((tiny_llama / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tiny_llama / "model.safetensors"))
+    del weights["model.layers.3.mlp.up_proj.weight"]
+    save_file(weights, str(missing / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match=r"model\.layers\.3\.mlp\.up_proj\.weight"):
+        load_stage(str(missing))
+    bad_cfg = json.loads((tiny_llama / "config.json").read_text()) | {"model_type": "bert"}
+    (missing / "config.json").write_text(json.dumps(bad_cfg))
+    with pytest.raises(ModelFormatError, match="bert"):
+        load_stage(str(missing))
+
+    eng = StageEngine(load_stage(str(tiny_llama)), cache_budget_tokens=64, max_context=40)
+    with pytest.raises(InvalidInputError, match="empty batch"):
+        eng.forward([])
+    with pytest.raises(ContextLengthError, match="40"):
+        eng.forward([SeqChunk("a", 0, list(range(41)))])
+    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+        eng.forward([SeqChunk("a", 0, [5, 99999])])
+    with pytest.raises(UnknownRequestError, match="zzz"):
+        eng.forward([SeqChunk("zzz", 3, [5])])
+    eng.forward([SeqChunk("a", 0, [5, 6, 7])])
+    with pytest.raises(InvalidInputError, match="out of order"):
+        eng.forward([SeqChunk("a", 9, [5])])
+    with pytest.raises(CacheBudgetError, match="budget 64"):
+        eng.forward([SeqChunk("b", 0, list(range(30))), SeqChunk("c", 0, list(range(35)))])
+    assert set(eng.cache.seqs) == {"a"}  # the rejected batch left nothing behind
+    assert eng.release(["a", "nope"]) == {"a": 3, "nope": 0}
+    mid = StageEngine(load_stage(str(tiny_llama), (2, 4)))
+    with pytest.raises(InvalidInputError, match="float32"):
+        mid.forward([SeqChunk("a", 0, [1, 2])], torch.zeros(2, 64, dtype=torch.float64))
+    with pytest.raises(InvalidInputError, match=r"\[2, 64\]"):
+        mid.forward([SeqChunk("a", 0, [1, 2])], torch.zeros(3, 64))
