@@ -1,0 +1,234 @@
+"""The one typed configuration, loaded from src/config/config.json and validated at start-up.
+
+Every service reads it (`load_config`). The file keeps the spec's format (`model_name`,
+`nodes[{id, address, model_part}]`); every other field is optional and documented here.
+A few PIPESERVE_* environment variables override it (see ENV_OVERRIDES).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeserve.common.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.json"
+
+# Environment overrides, applied after the file is read (Docker and Kubernetes use them).
+ENV_OVERRIDES = {
+    "PIPESERVE_CONFIG": "path of the config file (default src/config/config.json)",
+    "PIPESERVE_MODEL_NAME": "model_name",
+    "PIPESERVE_COORDINATOR_ADDRESS": "coordinator.address",
+    "PIPESERVE_TOKENIZER_ADDRESS": "tokenizer.address",
+    "PIPESERVE_API_HOST": "api.host",
+    "PIPESERVE_API_PORT": "api.port",
+    "PIPESERVE_API_KEY": "api.api_key",
+    "PIPESERVE_LOG_LEVEL": "log_level",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Address = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+:\d{1,5}$", description="host:port")]
+
+
+class NodeConfig(_Strict):
+    id: str = Field(min_length=1, description="Unique node name, e.g. node1.")
+    address: Address = Field(description="host:port where the coordinator reaches this node's gRPC server.")
+    model_part: int = Field(ge=0, description="Which part of the model this node serves (0 = first stage).")
+    layers: tuple[int, int] | None = Field(
+        None, description="Explicit half-open layer range [start, end); default: an even split over the parts."
+    )
+    threads: int | None = Field(None, ge=1, description="torch threads for this node (default node_defaults.threads).")
+    cache_budget_tokens: int | None = Field(None, ge=1, description="Override of node_defaults.cache_budget_tokens.")
+
+
+class NodeDefaults(_Strict):
+    cache_budget_tokens: int = Field(32768, ge=1, description="KV-cache tokens a node holds over all requests.")
+    cache_ttl_s: float = Field(600.0, gt=0, description="Idle caches are evicted after this many seconds.")
+    threads: int = Field(1, ge=1, description="torch threads per node process (nodes share the machine's cores).")
+    max_message_mb: int = Field(64, ge=1, description="Largest gRPC message a node accepts or sends, MiB.")
+
+
+class CoordinatorConfig(_Strict):
+    address: Address = Field("127.0.0.1:50050", description="host:port of the coordinator's gRPC server.")
+    max_running: int = Field(32, ge=1, description="Requests decoding at once (the continuous batch).")
+    max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_running; more get 429.")
+    micro_batches: int = Field(0, ge=0, description="Groups in flight through the pipeline; 0 = one per part.")
+    max_batch_tokens: int = Field(256, ge=1, description="Tokens per forward step (prefill chunks + decodes).")
+    health_interval_s: float = Field(1.0, gt=0, description="How often each node's health is checked.")
+    recovery_wait_s: float = Field(3.0, ge=0, description="How long queued requests wait for a dead part to return.")
+    forward_timeout_s: float = Field(30.0, gt=0, description="Deadline of one Forward RPC.")
+    rpc_timeout_s: float = Field(3.0, gt=0, description="Deadline of Info/Release/tokenizer RPCs.")
+    max_retries: int = Field(3, ge=0, description="Retries of a failed step (with failover) before the request fails.")
+
+
+class TokenizerConfig(_Strict):
+    address: Address = Field("127.0.0.1:50054", description="host:port of the tokenizer's gRPC server.")
+
+
+class ApiConfig(_Strict):
+    host: str = Field("0.0.0.0", description="Interface the REST API binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the REST API.")
+    api_key: str | None = Field(None, description="When set, every endpoint but /health needs `Authorization: Bearer <key>`.")
+    cors_origins: list[str] = Field(
+        ["http://localhost:5173", "http://127.0.0.1:5173"], description="Origins allowed to call the API from a browser."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline of one generation; past it the client gets 504.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
+
+
+class FrontendConfig(_Strict):
+    port: int = Field(5173, ge=1, le=65535, description="Port `pipeserve up` serves the built UI on.")
+
+
+class Config(_Strict):
+    model_name: str = Field(
+        "smollm2-135m-instruct",
+        description="The embedded default, a .gguf file, a checkpoint folder, or a hub id (needs a network).",
+    )
+    nodes: list[NodeConfig] = Field(min_length=1, description="Model nodes; several may serve one part (replicas).")
+    max_context: int | None = Field(None, ge=1, description="Cap on prompt + generated tokens (default: the model's).")
+    node_defaults: NodeDefaults = NodeDefaults()
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    api: ApiConfig = ApiConfig()
+    frontend: FrontendConfig = FrontendConfig()
+    log_level: str = Field("INFO", description="Python logging level of every service.")
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> Config:
+        seen_ids: dict[str, int] = {}
+        seen_addr: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.id in seen_ids:
+                raise ValueError(f"nodes[{i}].id={n.id!r} repeats nodes[{seen_ids[n.id]}].id")
+            if n.address in seen_addr:
+                raise ValueError(f"nodes[{i}].address={n.address!r} repeats nodes[{seen_addr[n.address]}].address")
+            seen_ids[n.id] = seen_addr[n.address] = i
+        parts = sorted({n.model_part for n in self.nodes})
+        if parts != list(range(len(parts))):
+            missing = sorted(set(range(max(parts) + 1)) - set(parts))
+            bad = next(i for i, n in enumerate(self.nodes) if n.model_part > len(parts) - 1)
+            raise ValueError(
+                f"nodes[{bad}].model_part={self.nodes[bad].model_part} but no node serves part(s) "
+                f"{missing}: parts must be numbered 0..{len(parts) - 1} without gaps"
+            )
+        for part in parts:
+            ranges = {n.layers for n in self.nodes if n.model_part == part}
+            if len(ranges) > 1:
+                raise ValueError(f"nodes of model_part={part} disagree on layers: {sorted(map(str, ranges))}")
+        explicit = [n for n in self.nodes if n.layers is not None]
+        if explicit and len(explicit) != len(self.nodes):
+            i = next(i for i, n in enumerate(self.nodes) if n.layers is None)
+            raise ValueError(f"nodes[{i}] has no layers but other nodes do: give every node layers, or none")
+        if explicit:
+            by_part = {n.model_part: n.layers for n in self.nodes}
+            prev_end = 0
+            for part in parts:
+                start, end = by_part[part]  # type: ignore[misc]
+                i = next(i for i, n in enumerate(self.nodes) if n.model_part == part)
+                if start >= end:
+                    raise ValueError(f"nodes[{i}].layers=[{start}, {end}) is empty")
+                if start > prev_end:
+                    raise ValueError(f"nodes[{i}].layers starts at {start}: layers [{prev_end}, {start}) are served by no part (gap)")
+                if start < prev_end:
+                    raise ValueError(f"nodes[{i}].layers=[{start}, {end}) overlaps the previous part, which ends at {prev_end}")
+                prev_end = end
+        return self
+
+    @property
+    def n_parts(self) -> int:
+        return len({n.model_part for n in self.nodes})
+
+    def node(self, node_id: str) -> NodeConfig:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise ConfigError(f"no node with id {node_id!r} in the config (ids: {[n.id for n in self.nodes]})")
+
+    def part_layers(self, part: int, n_layers: int) -> tuple[int, int]:
+        """Layer range of a part: explicit, or part `part` of an even split."""
+        from pipeserve.modeling.config import Shard
+
+        n = next(n for n in self.nodes if n.model_part == part)
+        if n.layers is not None:
+            if n.layers[1] > n_layers or (part == self.n_parts - 1 and n.layers[1] != n_layers):
+                raise ConfigError(
+                    f"nodes[{self.nodes.index(n)}].layers={list(n.layers)} does not fit a model of {n_layers} layers"
+                )
+            return n.layers
+        if self.n_parts > n_layers:
+            raise ConfigError(f"the config has {self.n_parts} parts but the model has only {n_layers} layers")
+        s = Shard.even(n_layers, self.n_parts, part)
+        return s.start_layer, s.end_layer
+
+    def with_loopback_hosts(self) -> Config:
+        """The same config with every host replaced by 127.0.0.1 (for `pipeserve up` on one machine)."""
+        def lo(addr: str) -> str:
+            return "127.0.0.1:" + addr.rsplit(":", 1)[1]
+
+        return self.model_copy(
+            update={
+                "nodes": [n.model_copy(update={"address": lo(n.address)}) for n in self.nodes],
+                "coordinator": self.coordinator.model_copy(update={"address": lo(self.coordinator.address)}),
+                "tokenizer": self.tokenizer.model_copy(update={"address": lo(self.tokenizer.address)}),
+            }
+        )
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    path = Path(path or os.environ.get("PIPESERVE_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict, origin: str = "config") -> Config:
+    raw = _apply_env(dict(raw))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: " + "; ".join(_describe(e, raw) for e in exc.errors())) from exc
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc = err["loc"]
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    msg = err["msg"].removeprefix("Value error, ")
+    where = ""
+    if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
+        try:
+            where = f" (node {raw['nodes'][loc[1]].get('id', '?')!r})"
+        except (IndexError, KeyError, AttributeError, TypeError):
+            where = ""
+    return f"{field}{where}: {msg}" if field else msg
+
+
+def _apply_env(raw: dict) -> dict:
+    env = os.environ
+    if v := env.get("PIPESERVE_MODEL_NAME"):
+        raw["model_name"] = v
+    if v := env.get("PIPESERVE_LOG_LEVEL"):
+        raw["log_level"] = v
+    for key, section, field in (
+        ("PIPESERVE_COORDINATOR_ADDRESS", "coordinator", "address"),
+        ("PIPESERVE_TOKENIZER_ADDRESS", "tokenizer", "address"),
+        ("PIPESERVE_API_HOST", "api", "host"),
+        ("PIPESERVE_API_PORT", "api", "port"),
+        ("PIPESERVE_API_KEY", "api", "api_key"),
+    ):
+        if v := env.get(key):
+            raw[section] = {**raw.get(section, {}), field: v}
+    return raw
