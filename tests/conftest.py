@@ -26,9 +26,17 @@ def make_tiny_checkpoint(arch: str, folder: Path, shard_size: str | None = None,
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=2,
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
         )
         model = transformers.LlamaForCausalLM(cfg)
     else:
@@ -52,10 +60,15 @@ def _write_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+        vocab_size=320,
+        special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = ["the quick brown fox jumps over the lazy dog", "hello world, this is pipeserve", "Paris is in France"]
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "hello world, this is pipeserve",
+        "Paris is in France",
+    ]
     tok.train_from_iterator(text * 50, trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
@@ -79,7 +92,9 @@ def smol_reference():
     from pipeserve.modeling.source import embedded_gguf_path
 
     path = embedded_gguf_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     return model.eval()
 
 

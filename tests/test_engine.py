@@ -72,7 +72,9 @@ def test_sharded_checkpoint_index_is_read(tiny_gpt2):
     assert load_stage(str(tiny_gpt2), (2, 4)).shard.n_local == 2
 
 
-def decode_trace(engines: list[StageEngine], prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+def decode_trace(
+    engines: list[StageEngine], prompt: list[int], steps: int
+) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy prefill + `steps` cached decode steps; returns the tokens and each step's logits."""
     logits = [run_stages(engines, [SeqChunk("t", 0, prompt, GREEDY)])[0]]
     tokens = list(prompt)
@@ -125,7 +127,9 @@ def test_ragged_batch_equals_one_by_one(arch, tiny_llama, tiny_gpt2):
     # mixed steps: a prefill chunk and a later prefill chunk of another sequence ride with decodes
     eng = StageEngine(loaded)
     a = run_stages([eng], [SeqChunk("a", 0, prompts[1][:6], GREEDY), SeqChunk("b", 0, prompts[3], GREEDY)])
-    b = run_stages([eng], [SeqChunk("a", 6, prompts[1][6:], GREEDY), SeqChunk("b", 6, [int(a[1].argmax())], GREEDY)])
+    b = run_stages(
+        [eng], [SeqChunk("a", 6, prompts[1][6:], GREEDY), SeqChunk("b", 6, [int(a[1].argmax())], GREEDY)]
+    )
     ref = run_stages([StageEngine(loaded)], [SeqChunk("x", 0, prompts[1], GREEDY)])
     assert (b[0] - ref[0]).abs().max().item() <= 1e-4
 
@@ -134,7 +138,11 @@ def test_greedy_generation_equals_transformers_generate(smol_full, smol_referenc
     from pipeserve.tokenizer.core import TokenizerCore
 
     tok = TokenizerCore.from_model("smollm2-135m-instruct")
-    questions = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+    questions = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers.",
+    ]
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
     ours = generate([StageEngine(smol_full)], prompts, 32)
     for p, got in zip(prompts, ours, strict=True):
@@ -159,12 +167,12 @@ def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
         resolve_model("./no-such-model.gguf")
     corrupt = tmp_path / "broken.gguf"
     corrupt.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
-    with pytest.raises(ModelFormatError, match="broken.gguf"):
+    with pytest.raises(ModelFormatError, match=r"broken\.gguf"):
         load_stage(str(corrupt))
     data = smol_full.source.path.read_bytes()
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelFormatError, match="truncated.gguf"):
+    with pytest.raises(ModelFormatError, match=r"truncated\.gguf"):
         load_stage(str(truncated))
     missing = tmp_path / "missing"
     missing.mkdir()

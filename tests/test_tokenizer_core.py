@@ -14,10 +14,11 @@ import gguf
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from pipeserve.common.errors import InvalidInputError, ModelFormatError, ModelNotFoundError
 from pipeserve.modeling.source import EMBEDDED_MODEL, embedded_gguf_path, file_checksum
 from pipeserve.tokenizer.core import FALLBACK_CHAT_TEMPLATE, TokenizerCore
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXTS = [
     "Hello world",

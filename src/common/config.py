@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -43,16 +43,25 @@ class NodeConfig(_Strict):
     address: Address = Field(description="host:port where the coordinator reaches this node's gRPC server.")
     model_part: int = Field(ge=0, description="Which part of the model this node serves (0 = first stage).")
     layers: tuple[int, int] | None = Field(
-        None, description="Explicit half-open layer range [start, end); default: an even split over the parts."
+        None,
+        description="Explicit half-open layer range [start, end); default: an even split over the parts.",
     )
-    threads: int | None = Field(None, ge=1, description="torch threads for this node (default node_defaults.threads).")
-    cache_budget_tokens: int | None = Field(None, ge=1, description="Override of node_defaults.cache_budget_tokens.")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads for this node (default node_defaults.threads)."
+    )
+    cache_budget_tokens: int | None = Field(
+        None, ge=1, description="Override of node_defaults.cache_budget_tokens."
+    )
 
 
 class NodeDefaults(_Strict):
-    cache_budget_tokens: int = Field(32768, ge=1, description="KV-cache tokens a node holds over all requests.")
+    cache_budget_tokens: int = Field(
+        32768, ge=1, description="KV-cache tokens a node holds over all requests."
+    )
     cache_ttl_s: float = Field(600.0, gt=0, description="Idle caches are evicted after this many seconds.")
-    threads: int = Field(1, ge=1, description="torch threads per node process (nodes share the machine's cores).")
+    threads: int = Field(
+        1, ge=1, description="torch threads per node process (nodes share the machine's cores)."
+    )
     max_message_mb: int = Field(64, ge=1, description="Largest gRPC message a node accepts or sends, MiB.")
 
 
@@ -60,13 +69,21 @@ class CoordinatorConfig(_Strict):
     address: Address = Field("127.0.0.1:50050", description="host:port of the coordinator's gRPC server.")
     max_running: int = Field(32, ge=1, description="Requests decoding at once (the continuous batch).")
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_running; more get 429.")
-    micro_batches: int = Field(0, ge=0, description="Groups in flight through the pipeline; 0 = one per part.")
-    max_batch_tokens: int = Field(256, ge=1, description="Tokens per forward step (prefill chunks + decodes).")
+    micro_batches: int = Field(
+        0, ge=0, description="Groups in flight through the pipeline; 0 = one per part."
+    )
+    max_batch_tokens: int = Field(
+        256, ge=1, description="Tokens per forward step (prefill chunks + decodes)."
+    )
     health_interval_s: float = Field(1.0, gt=0, description="How often each node's health is checked.")
-    recovery_wait_s: float = Field(3.0, ge=0, description="How long queued requests wait for a dead part to return.")
+    recovery_wait_s: float = Field(
+        3.0, ge=0, description="How long queued requests wait for a dead part to return."
+    )
     forward_timeout_s: float = Field(30.0, gt=0, description="Deadline of one Forward RPC.")
     rpc_timeout_s: float = Field(3.0, gt=0, description="Deadline of Info/Release/tokenizer RPCs.")
-    max_retries: int = Field(3, ge=0, description="Retries of a failed step (with failover) before the request fails.")
+    max_retries: int = Field(
+        3, ge=0, description="Retries of a failed step (with failover) before the request fails."
+    )
 
 
 class TokenizerConfig(_Strict):
@@ -76,12 +93,17 @@ class TokenizerConfig(_Strict):
 class ApiConfig(_Strict):
     host: str = Field("0.0.0.0", description="Interface the REST API binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the REST API.")
-    api_key: str | None = Field(None, description="When set, every endpoint but /health needs `Authorization: Bearer <key>`.")
+    api_key: str | None = Field(
+        None, description="When set, every endpoint but /health needs `Authorization: Bearer <key>`."
+    )
     cors_origins: list[str] = Field(
-        ["http://localhost:5173", "http://127.0.0.1:5173"], description="Origins allowed to call the API from a browser."
+        ["http://localhost:5173", "http://127.0.0.1:5173"],
+        description="Origins allowed to call the API from a browser.",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
-    request_timeout_s: float = Field(300.0, gt=0, description="Deadline of one generation; past it the client gets 504.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline of one generation; past it the client gets 504."
+    )
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
 
 
@@ -94,8 +116,12 @@ class Config(_Strict):
         "smollm2-135m-instruct",
         description="The embedded default, a .gguf file, a checkpoint folder, or a hub id (needs a network).",
     )
-    nodes: list[NodeConfig] = Field(min_length=1, description="Model nodes; several may serve one part (replicas).")
-    max_context: int | None = Field(None, ge=1, description="Cap on prompt + generated tokens (default: the model's).")
+    nodes: list[NodeConfig] = Field(
+        min_length=1, description="Model nodes; several may serve one part (replicas)."
+    )
+    max_context: int | None = Field(
+        None, ge=1, description="Cap on prompt + generated tokens (default: the model's)."
+    )
     node_defaults: NodeDefaults = NodeDefaults()
     coordinator: CoordinatorConfig = CoordinatorConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -111,7 +137,9 @@ class Config(_Strict):
             if n.id in seen_ids:
                 raise ValueError(f"nodes[{i}].id={n.id!r} repeats nodes[{seen_ids[n.id]}].id")
             if n.address in seen_addr:
-                raise ValueError(f"nodes[{i}].address={n.address!r} repeats nodes[{seen_addr[n.address]}].address")
+                raise ValueError(
+                    f"nodes[{i}].address={n.address!r} repeats nodes[{seen_addr[n.address]}].address"
+                )
             seen_ids[n.id] = seen_addr[n.address] = i
         parts = sorted({n.model_part for n in self.nodes})
         if parts != list(range(len(parts))):
@@ -138,9 +166,13 @@ class Config(_Strict):
                 if start >= end:
                     raise ValueError(f"nodes[{i}].layers=[{start}, {end}) is empty")
                 if start > prev_end:
-                    raise ValueError(f"nodes[{i}].layers starts at {start}: layers [{prev_end}, {start}) are served by no part (gap)")
+                    raise ValueError(
+                        f"nodes[{i}].layers starts at {start}: layers [{prev_end}, {start}) are served by no part (gap)"
+                    )
                 if start < prev_end:
-                    raise ValueError(f"nodes[{i}].layers=[{start}, {end}) overlaps the previous part, which ends at {prev_end}")
+                    raise ValueError(
+                        f"nodes[{i}].layers=[{start}, {end}) overlaps the previous part, which ends at {prev_end}"
+                    )
                 prev_end = end
         return self
 
@@ -172,6 +204,7 @@ class Config(_Strict):
 
     def with_loopback_hosts(self) -> Config:
         """The same config with every host replaced by 127.0.0.1 (for `pipeserve up` on one machine)."""
+
         def lo(addr: str) -> str:
             return "127.0.0.1:" + addr.rsplit(":", 1)[1]
 
@@ -203,7 +236,7 @@ def parse_config(raw: dict, origin: str = "config") -> Config:
         raise ConfigError(f"{origin}: " + "; ".join(_describe(e, raw) for e in exc.errors())) from exc
 
 
-def _describe(err: dict, raw: dict) -> str:
+def _describe(err: Any, raw: dict) -> str:
     loc = err["loc"]
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     msg = err["msg"].removeprefix("Value error, ")

@@ -50,7 +50,9 @@ class ModelConfig:
                     intermediate_size=cfg["intermediate_size"],
                     max_position=cfg.get("max_position_embeddings", 2048),
                     norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                    rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+                    rope_theta=float(
+                        cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+                    ),
                     tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                     bos_token_id=cfg.get("bos_token_id"),
                     eos_token_ids=_ids(cfg.get("eos_token_id")),

@@ -34,7 +34,21 @@ ARCHS: dict[str, tuple[type[nn.Module], Callable[..., dict[str, tuple[int, ...]]
 }
 
 # GGUF quantization types we dequantize (all that gguf.quants implements; these are tested or common).
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+GGUF_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
 
 
 @dataclass
@@ -86,7 +100,13 @@ def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) 
     dt = time.perf_counter() - t0
     log.info(
         "loaded %s layers [%d, %d) of %d: %d tensors, %.1f MiB in %.2f s",
-        source.name, shard.start_layer, shard.end_layer, cfg.n_layers, len(expected), nbytes / 2**20, dt,
+        source.name,
+        shard.start_layer,
+        shard.end_layer,
+        cfg.n_layers,
+        len(expected),
+        nbytes / 2**20,
+        dt,
     )
     return LoadedStage(cfg, shard, stage, source, file_checksum(source.path), dt, nbytes)
 
@@ -155,7 +175,9 @@ def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]
     return out
 
 
-def _read_safetensors(folder: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def _read_safetensors(
+    folder: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"

@@ -99,8 +99,10 @@ def open_gguf(path: Path):  # -> gguf.GGUFReader
 def file_checksum(path: Path) -> str:
     """sha256 of a file, or of a folder's config + weight files (name, size and content)."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
     )
     for f in files:
         h.update(f.name.encode() if path.is_dir() else b"")

@@ -19,10 +19,11 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pipeserve.common.errors import InvalidInputError, ModelFormatError
-from pipeserve.modeling.source import ModelSource, file_checksum, open_gguf, resolve_model
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from pipeserve.common.errors import InvalidInputError, ModelFormatError
+from pipeserve.modeling.source import ModelSource, file_checksum, open_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 

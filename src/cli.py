@@ -1,0 +1,107 @@
+"""The `pipeserve` command: one role per process (`tokenizer`, `node`, `coordinator`, `api`,
+`frontend`), `up` to run them all on this machine, and `probe` for container health checks.
+Flags only pick the config file and the role; everything else lives in the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeserve.common.config import load_config
+from pipeserve.common.errors import ConfigError, PipeserveError
+from pipeserve.common.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="config file (default: $PIPESERVE_CONFIG or src/config/config.json)",
+    )
+    p = argparse.ArgumentParser(prog="pipeserve", description=__doc__, parents=[common])
+    sub = p.add_subparsers(dest="role", required=True)
+    sub.add_parser(
+        "up",
+        parents=[common],
+        help="start the tokenizer, every node, the coordinator, the API and the UI here",
+    )
+    node = sub.add_parser("node", parents=[common], help="serve one model part")
+    node.add_argument("--id", required=True, help="node id (from the config, or a new one with --join)")
+    node.add_argument("--join", metavar="COORDINATOR", help="register with a running coordinator (host:port)")
+    node.add_argument("--part", type=int, help="model part to serve (with --join)")
+    node.add_argument("--address", help="host:port to listen on and to announce (with --join)")
+    sub.add_parser("coordinator", parents=[common], help="serve the coordinator")
+    sub.add_parser("tokenizer", parents=[common], help="serve the tokenizer")
+    sub.add_parser("api", parents=[common], help="serve the REST API")
+    sub.add_parser("frontend", parents=[common], help="serve the built UI and proxy /api and /v1 to the API")
+    probe = sub.add_parser("probe", help="exit 0 when a service is healthy")
+    probe.add_argument("kind", choices=["grpc", "http"])
+    probe.add_argument("target", help="host:port (grpc) or URL (http)")
+    args = p.parse_args(argv)
+    if args.role == "probe":
+        return _probe(args.kind, args.target)
+    try:
+        return _run(p, args)
+    except ConfigError as exc:
+        print(f"pipeserve: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except PipeserveError as exc:
+        print(f"pipeserve {args.role}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config_path = getattr(args, "config", None)
+    cfg = load_config(config_path)
+    setup_logging(args.role, cfg.log_level)
+    if args.role == "up":
+        from pipeserve.launcher.up import run_up
+
+        return run_up(cfg, config_path)
+    if args.role == "node":
+        from pipeserve.node.node_server import serve_node
+
+        if args.join:
+            if args.part is None or not args.address:
+                p.error("--join needs --part and --address")
+            serve_node(cfg, args.id, join=args.join, part=args.part, address=args.address)
+        else:
+            cfg.node(args.id)  # fail early with the known ids
+            serve_node(cfg, args.id)
+    elif args.role == "coordinator":
+        from pipeserve.coordinator.coordinator_server import serve_coordinator
+
+        serve_coordinator(cfg)
+    elif args.role == "tokenizer":
+        from pipeserve.tokenizer.tokenizer_server import serve_tokenizer
+
+        serve_tokenizer(cfg)
+    elif args.role == "api":
+        from pipeserve.api.api import serve_api
+
+        serve_api(cfg)
+    elif args.role == "frontend":
+        from pipeserve.launcher.frontend import serve_frontend
+
+        serve_frontend(cfg)
+    return 0
+
+
+def _probe(kind: str, target: str) -> int:
+    if kind == "grpc":
+        from pipeserve.common.grpc_util import probe
+
+        return 0 if probe(target) else 1
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(target, timeout=3) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The coordinator's view of the cluster: every node (from the config or joined at run time),
+its health and Info, the tokenizer, and the checks that decide whether the pipeline may serve.
+
+Used by the Scheduler to pick a node per part (least loaded healthy replica with room) and by
+ClusterStatus. Node health comes from periodic Info calls and from failed forwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+
+from pipeserve.common.config import Config
+from pipeserve.common.grpc_util import channel_options
+from pipeserve.proto import model_service_pb2 as pb
+from pipeserve.proto import model_service_pb2_grpc as pb_grpc
+from pipeserve.proto import tokenizer_service_pb2 as tpb
+from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class NodeClient:
+    """Typed client of one model node; every call carries a deadline."""
+
+    def __init__(
+        self, address: str, rpc_timeout_s: float, forward_timeout_s: float, max_message_mb: int
+    ) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        self.stub = pb_grpc.ModelNodeStub(self.channel)
+        self.rpc_timeout_s, self.forward_timeout_s = rpc_timeout_s, forward_timeout_s
+
+    async def forward(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
+        return await self.stub.Forward(req, timeout=self.forward_timeout_s)
+
+    async def info(self) -> pb.NodeInfo:
+        return await self.stub.Info(pb.InfoRequest(), timeout=self.rpc_timeout_s)
+
+    async def release(self, request_ids: list[str]) -> pb.ReleaseResponse:
+        return await self.stub.Release(pb.ReleaseRequest(request_ids=request_ids), timeout=self.rpc_timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+class TokenizerClient:
+    def __init__(self, address: str, rpc_timeout_s: float) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.stub = tpb_grpc.TokenizerStub(self.channel)
+        self.timeout = rpc_timeout_s
+
+    async def info(self) -> tpb.TokenizerInfo:
+        return await self.stub.Info(tpb.TokenizerInfoRequest(), timeout=self.timeout)
+
+    async def encode(self, text: str, request_id: str) -> list[int]:
+        resp = await self.stub.Encode(
+            tpb.EncodeRequest(request_id=request_id, text=text, add_special_tokens=True), timeout=self.timeout
+        )
+        return list(resp.token_ids)
+
+    async def chat(self, messages: list[tpb.ChatMessage], request_id: str) -> list[int]:
+        req = tpb.ChatTemplateRequest(request_id=request_id, messages=messages, add_generation_prompt=True)
+        return list((await self.stub.ApplyChatTemplate(req, timeout=self.timeout)).token_ids)
+
+    async def decode_stream(self, items: list[tpb.DecodeStreamItem]) -> list[tpb.DecodeStreamResult]:
+        resp = await self.stub.DecodeStream(tpb.DecodeStreamRequest(items=items), timeout=self.timeout)
+        return list(resp.results)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+@dataclass(eq=False)
+class NodeHandle:
+    id: str
+    address: str
+    part: int
+    client: NodeClient
+    joined: bool = False
+    healthy: bool = False
+    error: str = "not contacted yet"
+    info: pb.NodeInfo | None = None
+    draining: bool = False
+    running: set[str] = field(default_factory=set)  # request ids routed here
+    reserved_tokens: int = 0  # prompt + max_tokens of those requests
+    down_since: float | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.info.cache_budget_tokens if self.info else 0
+
+    def mark_down(self, reason: str) -> None:
+        if self.healthy:
+            log.warning("node %s (part %d) marked down: %s", self.id, self.part, reason)
+            self.down_since = time.monotonic()
+        self.healthy, self.error = False, reason
+
+
+class Cluster:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        c = cfg.coordinator
+        self.nodes: list[NodeHandle] = [
+            NodeHandle(n.id, n.address, n.model_part, self._client(n.address)) for n in cfg.nodes
+        ]
+        self.n_parts = cfg.n_parts
+        self.tokenizer = TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s)
+        self.tokenizer_info: tpb.TokenizerInfo | None = None
+        self.tokenizer_healthy = False
+        self.tokenizer_error = "not contacted yet"
+        self.n_layers: int | None = None
+        self.model_checksum = ""
+        self.problems: list[str] = ["not checked yet"]
+        self.changed = asyncio.Event()  # set when a node becomes healthy (wakes stalled requests)
+
+    def _client(self, address: str) -> NodeClient:
+        c = self.cfg.coordinator
+        return NodeClient(
+            address, c.rpc_timeout_s, c.forward_timeout_s, self.cfg.node_defaults.max_message_mb
+        )
+
+    # ---- health -------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Ask every node and the tokenizer for Info; recompute health and the serving problems."""
+        infos = await asyncio.gather(*(n.client.info() for n in self.nodes), return_exceptions=True)
+        try:
+            self.tokenizer_info = await self.tokenizer.info()
+            self.tokenizer_healthy, self.tokenizer_error = True, ""
+        except grpc.RpcError as exc:
+            self.tokenizer_healthy = False
+            self.tokenizer_error = _rpc_error_text(exc)
+        answered = [(n, i) for n, i in zip(self.nodes, infos, strict=True) if isinstance(i, pb.NodeInfo)]
+        if answered:
+            self.n_layers = Counter(i.layers.n_layers for _, i in answered).most_common(1)[0][0]
+            if self.tokenizer_info and self.tokenizer_info.model_checksum:
+                self.model_checksum = self.tokenizer_info.model_checksum
+            else:
+                self.model_checksum = Counter(i.model_checksum for _, i in answered).most_common(1)[0][0]
+        became_healthy = False
+        for n, info in zip(self.nodes, infos, strict=True):
+            if not isinstance(info, pb.NodeInfo):
+                n.mark_down(_rpc_error_text(info) if isinstance(info, grpc.RpcError) else str(info))
+                continue
+            n.info = info
+            problem = self._node_problem(n, info)
+            if problem:
+                n.mark_down(problem)
+            elif not n.healthy:
+                log.info("node %s (part %d) is healthy", n.id, n.part)
+                n.healthy, n.error, n.down_since = True, "", None
+                became_healthy = True
+        self.problems = self._problems()
+        if became_healthy:
+            self.changed.set()
+
+    def _node_problem(self, n: NodeHandle, info: pb.NodeInfo) -> str:
+        if info.model_checksum != self.model_checksum:
+            return (
+                f"node {n.id} holds model {info.model_name} (checksum {info.model_checksum}), "
+                f"not the cluster's model (checksum {self.model_checksum})"
+            )
+        if info.model_part != n.part and not n.joined:
+            return f"node {n.id} serves model_part {info.model_part} but the config says {n.part}"
+        want = self.part_layers(n.part)
+        got = (info.layers.start_layer, info.layers.end_layer)
+        if want is not None and got != want:
+            return f"node {n.id} serves layers [{got[0]}, {got[1]}) but part {n.part} is layers [{want[0]}, {want[1]})"
+        return ""
+
+    def part_layers(self, part: int) -> tuple[int, int] | None:
+        if self.n_layers is None:
+            return None
+        return self.cfg.part_layers(part, self.n_layers)
+
+    def _problems(self) -> list[str]:
+        out = []
+        if not self.tokenizer_healthy:
+            out.append(f"tokenizer at {self.cfg.tokenizer.address} is unavailable: {self.tokenizer_error}")
+        elif (
+            self.model_checksum
+            and self.tokenizer_info
+            and self.tokenizer_info.model_checksum != self.model_checksum
+        ):
+            out.append("the tokenizer belongs to another model")
+        for part in range(self.n_parts):
+            if not any(n.healthy for n in self.nodes if n.part == part):
+                down = [f"{n.id} ({n.error})" for n in self.nodes if n.part == part]
+                out.append(f"part {part} has no healthy node: {'; '.join(down)}")
+        return out
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+    def part_down_message(self, part: int) -> str:
+        down = [n.id for n in self.nodes if n.part == part]
+        layers = self.part_layers(part)
+        span = f" (layers [{layers[0]}, {layers[1]}))" if layers else ""
+        return f"model part {part}{span} is unavailable: node(s) {', '.join(down)} down"
+
+    # ---- routing ------------------------------------------------------------------------------
+    def pick(self, part: int, need_tokens: int) -> NodeHandle | None:
+        """Least-loaded healthy replica of `part` with room for `need_tokens` more cached tokens;
+        None when no replica is healthy. When all are full, the least full one (the caller waits)."""
+        live = [n for n in self.nodes if n.part == part and n.healthy and not n.draining]
+        if not live:
+            return None
+        return min(
+            live,
+            key=lambda n: (n.reserved_tokens + need_tokens > n.budget, len(n.running), n.reserved_tokens),
+        )
+
+    def max_budget(self, part: int) -> int:
+        return max((n.budget for n in self.nodes if n.part == part and n.info), default=0)
+
+    def add_node(self, node_id: str, address: str, part: int) -> NodeHandle:
+        if part >= self.n_parts:
+            raise ValueError(f"part {part} does not exist (the model is split into {self.n_parts} parts)")
+        for n in self.nodes:
+            if n.id == node_id or n.address == address:
+                if n.joined or n.id == node_id:
+                    n.draining = False
+                    return n
+                raise ValueError(f"address {address} is already used by node {n.id}")
+        node = NodeHandle(node_id, address, part, self._client(address), joined=True)
+        self.nodes.append(node)
+        log.info("node %s joined for part %d at %s", node_id, part, address)
+        return node
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(n.client.close() for n in self.nodes), self.tokenizer.close(), return_exceptions=True
+        )
+
+
+def _rpc_error_text(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"

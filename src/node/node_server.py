@@ -1,0 +1,235 @@
+"""The model node's gRPC server: a thin servicer over StageRunner.
+
+`pipeserve node --id node1` starts it: the node reads the config, works out its layer range
+from its model_part, starts listening (health NOT_SERVING while loading), loads only its layers,
+then reports SERVING. The servicer converts protobuf <-> domain types and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+
+from pipeserve.common import codec
+from pipeserve.common.config import Config
+from pipeserve.common.errors import StageUnavailableError
+from pipeserve.common.grpc_util import (
+    ErrorInterceptor,
+    add_health_and_reflection,
+    bind_address,
+    channel_options,
+    set_serving,
+)
+from pipeserve.modeling.engine import SeqChunk
+from pipeserve.modeling.loader import load_stage, read_config
+from pipeserve.modeling.source import resolve_model
+from pipeserve.node.runner import StageRunner
+from pipeserve.proto import model_service_pb2 as pb
+from pipeserve.proto import model_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = "pipeserve.v1.ModelNode"
+
+
+class ModelNodeServicer(pb_grpc.ModelNodeServicer):
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._runner: StageRunner | None = None  # set once the layers are loaded
+
+    @property
+    def runner(self) -> StageRunner:
+        if self._runner is None:
+            raise StageUnavailableError(f"node {self.node_id} is still loading its layers")
+        return self._runner
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        chunks = [
+            SeqChunk(
+                c.request_id,
+                c.start_pos,
+                list(c.token_ids),
+                codec.sampling_from_pb(c.sampling) if c.sample else None,
+            )
+            for c in request.chunks
+        ]
+        hidden = codec.decode_tensor(request.hidden) if request.HasField("hidden") else None
+        out = self.runner.forward(chunks, hidden)
+        tokens = [
+            pb.SampledToken(
+                request_id=s.request_id,
+                token_id=s.token_id,
+                logprob=s.logprob,
+                top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs],
+            )
+            for s in out.samples
+        ]
+        return pb.ForwardResponse(
+            hidden=codec.encode_tensor(out.hidden) if out.hidden is not None else None,
+            tokens=tokens,
+            forward_ms=out.forward_ms,
+            cache_used_tokens=self.runner.cache_used_tokens,
+        )
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
+        freed = self.runner.release(list(request.request_ids))
+        return pb.ReleaseResponse(
+            released=[pb.ReleasedCache(request_id=r, tokens_freed=n) for r, n in freed.items()],
+            cache_used_tokens=self.runner.cache_used_tokens,
+        )
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        return node_info(self.runner)
+
+
+def node_info(r: StageRunner) -> pb.NodeInfo:
+    ld, eng = r.loaded, r.engine
+    return pb.NodeInfo(
+        node_id=r.node_id,
+        model_part=r.part,
+        model_name=ld.source.name,
+        model_checksum=ld.checksum,
+        arch=ld.cfg.arch,
+        layers=pb.LayerRange(
+            start_layer=ld.shard.start_layer, end_layer=ld.shard.end_layer, n_layers=ld.shard.n_layers
+        ),
+        dtype="float32",
+        hidden_size=ld.cfg.hidden_size,
+        vocab_size=ld.cfg.vocab_size,
+        max_context=eng.max_context,
+        cache_budget_tokens=eng.cache.budget_tokens,
+        cache_used_tokens=r.cache_used_tokens,
+        active_requests=r.active_requests,
+        rss_bytes=r.rss_bytes(),
+        param_bytes=ld.param_bytes,
+        forwards_total=r.stats.forwards_total,
+        forward_ms_total=r.stats.forward_ms_total,
+        last_forward_ms=r.stats.last_forward_ms,
+        load_seconds=ld.load_seconds,
+        in_flight=r.stats.in_flight,
+    )
+
+
+class NodeServer:
+    """A running node: gRPC server + runner. `start()` returns once it listens; loading follows."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        node_id: str,
+        address: str | None = None,
+        part: int | None = None,
+        layers: tuple[int, int] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        known = next((n for n in cfg.nodes if n.id == node_id), None)
+        self.node_id = node_id
+        self.address = address or (known.address if known else "")
+        if not self.address:
+            raise ValueError(f"node {node_id!r} is not in the config: give its --address")
+        self.part = part if part is not None else (known.model_part if known else 0)
+        self.threads = (known.threads if known else None) or cfg.node_defaults.threads
+        self.budget = (known.cache_budget_tokens if known else None) or cfg.node_defaults.cache_budget_tokens
+        self.layers = layers
+        self.runner: StageRunner | None = None
+        self.loaded_event = threading.Event()
+        self.error: BaseException | None = None
+        opts = channel_options(cfg.node_defaults.max_message_mb)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="node-rpc"),
+            interceptors=[ErrorInterceptor()],
+            options=[*opts, ("grpc.so_reuseport", 0)],
+        )
+        self.servicer = ModelNodeServicer(node_id)
+        pb_grpc.add_ModelNodeServicer_to_server(self.servicer, self.server)
+        self.health = add_health_and_reflection(self.server, [SERVICE])
+        set_serving(self.health, [SERVICE], False)
+        self.port = self.server.add_insecure_port(bind_address(self.address))
+        if self.port == 0:
+            raise OSError(f"node {node_id}: cannot listen on {bind_address(self.address)} (address in use?)")
+
+    def start(self, background_load: bool = True) -> NodeServer:
+        self.server.start()
+        log.info("node %s listening on %s (part %d); loading", self.node_id, self.address, self.part)
+        if background_load:
+            threading.Thread(target=self._load, name="loader", daemon=True).start()
+        else:
+            self._load()
+        return self
+
+    def _load(self) -> None:
+        try:
+            torch.set_num_threads(self.threads)
+            source = resolve_model(self.cfg.model_name)
+            n_layers = read_config(source).n_layers
+            layers = self.layers or self.cfg.part_layers(self.part, n_layers)
+            loaded = load_stage(source, layers)
+            self.runner = StageRunner(
+                self.node_id,
+                self.part,
+                loaded,
+                self.budget,
+                self.cfg.node_defaults.cache_ttl_s,
+                self.cfg.max_context,
+            )
+            self.servicer._runner = self.runner
+            set_serving(self.health, [SERVICE], True)
+            log.info(
+                "node %s serving layers [%d, %d) of %d",
+                self.node_id,
+                *layers,
+                n_layers,
+                extra={
+                    "load_s": round(loaded.load_seconds, 2),
+                    "param_mib": round(loaded.param_bytes / 2**20, 1),
+                },
+            )
+        except BaseException as exc:  # keep the reason; health stays NOT_SERVING
+            self.error = exc
+            log.exception("node %s failed to load", self.node_id)
+        finally:
+            self.loaded_event.set()
+
+    def stop(self, grace: float = 1.0) -> None:
+        set_serving(self.health, [SERVICE], False)
+        self.server.stop(grace).wait()
+        if self.runner:
+            self.runner.close()
+
+
+def serve_node(
+    cfg: Config, node_id: str, join: str | None = None, part: int | None = None, address: str | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT. With `join`, register with that coordinator once loaded and
+    leave it (after it drained this node's requests) on shutdown."""
+    srv = NodeServer(cfg, node_id, address=address, part=part).start(background_load=False)
+    if srv.error:
+        srv.stop(0)
+        raise SystemExit(f"node {node_id}: {srv.error}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if join:
+        with grpc.insecure_channel(join) as ch:
+            resp = pb_grpc.CoordinatorStub(ch).Join(
+                pb.JoinRequest(node_id=node_id, address=srv.address, model_part=srv.part), timeout=30
+            )
+        if not resp.accepted:
+            srv.stop(0)
+            raise SystemExit(f"node {node_id}: the coordinator refused the join: {resp.message}")
+        log.info("joined %s: %s", join, resp.message)
+    stop.wait()
+    if join:
+        try:
+            with grpc.insecure_channel(join) as ch:
+                left = pb_grpc.CoordinatorStub(ch).Leave(
+                    pb.LeaveRequest(node_id=node_id), timeout=cfg.api.request_timeout_s
+                )
+            log.info("left %s after draining %d requests", join, left.drained_requests)
+        except grpc.RpcError as exc:
+            log.warning("could not leave %s cleanly: %s", join, exc)
+    srv.stop(2.0)

@@ -1,0 +1,93 @@
+"""StageRunner: a model node's plain-Python core (no gRPC), called by node_server.py and tests.
+
+Owns one StageEngine, serialises forwards on it (one forward at a time; torch uses the node's
+threads inside it), evicts idle caches after a TTL, and keeps the counters Info reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from pipeserve.modeling.engine import SeqChunk, StageEngine, StageOutput
+from pipeserve.modeling.loader import LoadedStage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerStats:
+    forwards_total: int = 0
+    forward_ms_total: float = 0.0
+    last_forward_ms: float = 0.0
+    in_flight: int = 0
+
+
+class StageRunner:
+    def __init__(
+        self,
+        node_id: str,
+        part: int,
+        loaded: LoadedStage,
+        cache_budget_tokens: int,
+        cache_ttl_s: float,
+        max_context: int | None = None,
+    ) -> None:
+        self.node_id, self.part, self.loaded = node_id, part, loaded
+        self.engine = StageEngine(loaded, cache_budget_tokens, max_context)
+        self.cache_ttl_s = cache_ttl_s
+        self.stats = RunnerStats()
+        self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._evictor = threading.Thread(target=self._evict_loop, name="cache-evictor", daemon=True)
+        self._evictor.start()
+
+    def forward(self, chunks: Sequence[SeqChunk], hidden: torch.Tensor | None) -> StageOutput:
+        with self._stats_lock:
+            self.stats.in_flight += 1
+        try:
+            with self._lock:
+                out = self.engine.forward(chunks, hidden)
+        finally:
+            with self._stats_lock:
+                self.stats.in_flight -= 1
+        with self._stats_lock:
+            self.stats.forwards_total += 1
+            self.stats.forward_ms_total += out.forward_ms
+            self.stats.last_forward_ms = out.forward_ms
+        return out
+
+    def release(self, request_ids: list[str]) -> dict[str, int]:
+        with self._lock:
+            return self.engine.release(request_ids)
+
+    @property
+    def cache_used_tokens(self) -> int:
+        return self.engine.cache.used_tokens
+
+    @property
+    def active_requests(self) -> int:
+        return len(self.engine.cache.seqs)
+
+    @staticmethod
+    def rss_bytes() -> int:
+        return psutil.Process().memory_info().rss
+
+    def _evict_loop(self) -> None:
+        period = min(5.0, self.cache_ttl_s / 2)
+        while not self._stop.wait(period):
+            with self._lock:
+                stale = self.engine.cache.evict_idle(self.cache_ttl_s)
+            if stale:
+                log.warning(
+                    "evicted %d idle caches after %.0f s: %s", len(stale), self.cache_ttl_s, stale[:5]
+                )
+
+    def close(self) -> None:
+        self._stop.set()

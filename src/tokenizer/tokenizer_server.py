@@ -1,0 +1,134 @@
+"""The tokenizer's gRPC server: a thin servicer over TokenizerCore (`pipeserve tokenizer`).
+
+Loads the model's tokenizer once at start-up (health NOT_SERVING until then) and answers
+Encode, Decode, batched incremental DecodeStream, ApplyChatTemplate and Info.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+
+from pipeserve.common.config import Config
+from pipeserve.common.errors import StageUnavailableError
+from pipeserve.common.grpc_util import (
+    ErrorInterceptor,
+    add_health_and_reflection,
+    bind_address,
+    channel_options,
+    set_serving,
+)
+from pipeserve.proto import tokenizer_service_pb2 as pb
+from pipeserve.proto import tokenizer_service_pb2_grpc as pb_grpc
+from pipeserve.tokenizer.core import TokenizerCore
+
+log = logging.getLogger(__name__)
+SERVICE = "pipeserve.v1.Tokenizer"
+
+
+class TokenizerServicer(pb_grpc.TokenizerServicer):
+    def __init__(self) -> None:
+        self._core: TokenizerCore | None = None
+
+    @property
+    def core(self) -> TokenizerCore:
+        if self._core is None:
+            raise StageUnavailableError("the tokenizer is still loading")
+        return self._core
+
+    def Encode(self, request: pb.EncodeRequest, context: grpc.ServicerContext) -> pb.EncodeResponse:
+        return pb.EncodeResponse(token_ids=self.core.encode(request.text, request.add_special_tokens))
+
+    def Decode(self, request: pb.DecodeRequest, context: grpc.ServicerContext) -> pb.DecodeResponse:
+        return pb.DecodeResponse(text=self.core.decode(list(request.token_ids), request.skip_special_tokens))
+
+    def DecodeStream(
+        self, request: pb.DecodeStreamRequest, context: grpc.ServicerContext
+    ) -> pb.DecodeStreamResponse:
+        results = []
+        for it in request.items:
+            # token_ids start at prefix_offset; the core indexes the whole list, so shift the offsets.
+            base = it.prefix_offset
+            text, p, r = self.core.decode_incremental(
+                list(it.token_ids), 0, it.read_offset - base, it.skip_special_tokens, final=it.final
+            )
+            results.append(
+                pb.DecodeStreamResult(
+                    request_id=it.request_id, text=text, prefix_offset=p + base, read_offset=r + base
+                )
+            )
+        return pb.DecodeStreamResponse(results=results)
+
+    def ApplyChatTemplate(
+        self, request: pb.ChatTemplateRequest, context: grpc.ServicerContext
+    ) -> pb.ChatTemplateResponse:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        text = self.core.apply_chat_template(messages, request.add_generation_prompt)
+        return pb.ChatTemplateResponse(text=text, token_ids=self.core.encode(text, add_special_tokens=False))
+
+    def Info(self, request: pb.TokenizerInfoRequest, context: grpc.ServicerContext) -> pb.TokenizerInfo:
+        c = self.core
+        return pb.TokenizerInfo(
+            model_name=c.model_name,
+            model_checksum=c.model_checksum,
+            checksum=c.checksum,
+            vocab_size=c.vocab_size,
+            bos_token_id=c.bos_token_id if c.bos_token_id is not None else -1,
+            eos_token_ids=c.eos_token_ids,
+            special_tokens=c.special_tokens,
+            has_chat_template=c.chat_template is not None,
+        )
+
+
+class TokenizerServer:
+    def __init__(self, cfg: Config, address: str | None = None) -> None:
+        self.cfg = cfg
+        self.address = address or cfg.tokenizer.address
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tok-rpc"),
+            interceptors=[ErrorInterceptor()],
+            options=[*channel_options(), ("grpc.so_reuseport", 0)],
+        )
+        self.servicer = TokenizerServicer()
+        pb_grpc.add_TokenizerServicer_to_server(self.servicer, self.server)
+        self.health = add_health_and_reflection(self.server, [SERVICE])
+        set_serving(self.health, [SERVICE], False)
+        self.port = self.server.add_insecure_port(bind_address(self.address))
+        if self.port == 0:
+            raise OSError(f"tokenizer: cannot listen on {bind_address(self.address)} (address in use?)")
+        self.error: BaseException | None = None
+        self.loaded_event = threading.Event()
+
+    def start(self, background_load: bool = True) -> TokenizerServer:
+        self.server.start()
+        log.info("tokenizer listening on %s; loading %s", self.address, self.cfg.model_name)
+        if background_load:
+            threading.Thread(target=self._load, daemon=True).start()
+        else:
+            self._load()
+        return self
+
+    def _load(self) -> None:
+        try:
+            self.servicer._core = TokenizerCore.from_model(self.cfg.model_name)
+            set_serving(self.health, [SERVICE], True)
+            log.info("tokenizer serving %s (vocab %d)", self.cfg.model_name, self.servicer._core.vocab_size)
+        except BaseException as exc:  # keep the reason; health stays NOT_SERVING
+            self.error = exc
+            log.exception("tokenizer failed to load")
+        finally:
+            self.loaded_event.set()
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.server.stop(grace).wait()
+
+
+def serve_tokenizer(cfg: Config) -> None:
+    srv = TokenizerServer(cfg).start(background_load=False)
+    if srv.error:
+        srv.stop(0)
+        raise SystemExit(f"tokenizer: {srv.error}")
+    srv.server.wait_for_termination()

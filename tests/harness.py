@@ -1,0 +1,108 @@
+"""Starts a real cluster inside the test process: tokenizer, nodes and coordinator gRPC servers
+on loopback ports chosen by the OS. Node and tokenizer servers run on their own thread pools;
+the asyncio coordinator runs on an event loop in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeserve.common.config import Config, parse_config
+from pipeserve.coordinator.coordinator_server import CoordinatorServer
+from pipeserve.node.node_server import NodeServer
+from pipeserve.tokenizer.tokenizer_server import TokenizerServer
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def cluster_config(
+    model: str, parts: int, replicas: dict[int, int] | None = None, **overrides: Any
+) -> Config:
+    """A config on loopback: `parts` parts, replicas[part] nodes for a part (default 1)."""
+    nodes = []
+    hosts = iter(f"127.0.0.{i}" for i in range(2, 250))
+    for part in range(parts):
+        for r in range((replicas or {}).get(part, 1)):
+            host = next(hosts)
+            nodes.append(
+                {
+                    "id": f"node{part + 1}" + ("" if r == 0 else chr(ord("a") + r)),
+                    "address": f"{host}:{free_port(host)}",
+                    "model_part": part,
+                }
+            )
+    raw: dict[str, Any] = {
+        "model_name": model,
+        "nodes": nodes,
+        "coordinator": {
+            "address": f"127.0.0.1:{free_port()}",
+            "health_interval_s": 0.3,
+            "recovery_wait_s": 2.0,
+        },
+        "tokenizer": {"address": f"127.0.0.1:{free_port()}"},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(raw)
+
+
+@dataclass
+class InProcessCluster:
+    cfg: Config
+    tokenizer: TokenizerServer
+    nodes: list[NodeServer]
+    coordinator: CoordinatorServer | None = None
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 120) -> InProcessCluster:
+        self.tokenizer.start()
+        for n in self.nodes:
+            n.start()
+        for srv in [self.tokenizer, *self.nodes]:
+            srv.loaded_event.wait(timeout_s)
+            if srv.error:
+                raise RuntimeError(f"failed to load: {srv.error}")
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.coordinator = self.call(self._start_coordinator())
+        deadline = time.monotonic() + timeout_s
+        while not self.coordinator.cluster.ready:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not ready: {self.coordinator.cluster.problems}")
+            time.sleep(0.1)
+        return self
+
+    async def _start_coordinator(self) -> CoordinatorServer:
+        co = CoordinatorServer(self.cfg)
+        await co.start()
+        return co
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def cache_used(self) -> dict[str, int]:
+        return {n.node_id: (n.runner.cache_used_tokens if n.runner else 0) for n in self.nodes}
+
+    def stop(self) -> None:
+        if self.coordinator:
+            self.call(self.coordinator.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        for n in self.nodes:
+            n.stop(0)
+        self.tokenizer.stop(0)
+
+
+def start_cluster(model: str, parts: int = 3, **kw: Any) -> InProcessCluster:
+    cfg = cluster_config(model, parts, **kw)
+    nodes = [NodeServer(cfg, n.id) for n in cfg.nodes]
+    return InProcessCluster(cfg, TokenizerServer(cfg), nodes).start()
