@@ -1,0 +1,64 @@
+// One model node: its slice of the model, health, load, cache and timings from GET /api/cluster.
+import type { NodeStatus } from "../api";
+import { formatBytes, formatCount, formatLayers, formatMs } from "../format";
+import { Meter } from "./Meter";
+
+interface Props {
+  node: NodeStatus;
+  nLayers: number;
+  /** forwards_total went up since the previous poll. */
+  active: boolean;
+}
+
+export function NodeCard({ node, nLayers, active }: Props) {
+  const [start, end] = node.layers;
+  const span = Math.max(1, nLayers);
+  return (
+    <article
+      className={`card node-card${node.healthy ? "" : " is-down"}${active ? " is-active" : ""}`}
+      data-testid={`node-card-${node.id}`}
+      data-healthy={String(node.healthy)}
+      data-active={String(active)}
+      aria-label={`Node ${node.id}, part ${node.part}, ${node.healthy ? "healthy" : "down"}`}
+    >
+      <header className="card-head">
+        <span className="card-title">{node.id}</span>
+        <span className="tag">part {node.part}</span>
+        <span className={`pill ${node.healthy ? "pill-ok" : "pill-bad"}`}>{node.healthy ? "healthy" : "DOWN"}</span>
+      </header>
+      <div className="muted mono small">{node.address}</div>
+      {!node.healthy && node.error && (
+        <div className="node-error" role="status">
+          {node.error}
+        </div>
+      )}
+      <div className="layer-bar" title={`layers ${formatLayers(node.layers)} of ${nLayers}`}>
+        <span style={{ left: `${(start / span) * 100}%`, width: `${((end - start) / span) * 100}%` }} />
+      </div>
+      <dl className="stats">
+        <dt>layers</dt>
+        <dd className="mono">
+          {formatLayers(node.layers)} <span className="muted">({end - start})</span>
+        </dd>
+        <dt>in flight</dt>
+        <dd>{formatCount(node.requests_in_flight)}</dd>
+        <dt>cache</dt>
+        <dd>
+          <Meter value={node.cache_used_tokens} max={node.cache_budget_tokens} />
+          <span className="small">
+            {formatCount(node.cache_used_tokens)} / {formatCount(node.cache_budget_tokens)} tok
+          </span>
+        </dd>
+        <dt>memory</dt>
+        <dd>{formatBytes(node.rss_bytes)}</dd>
+        <dt>forward</dt>
+        <dd>
+          {formatMs(node.last_forward_ms)} <span className="muted">last</span> · {formatMs(node.mean_forward_ms)}{" "}
+          <span className="muted">mean</span>
+        </dd>
+        <dt>forwards</dt>
+        <dd>{formatCount(node.forwards_total)}</dd>
+      </dl>
+    </article>
+  );
+}
