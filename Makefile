@@ -8,12 +8,12 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps proto lint typecheck pytest fmt bench bench-engine clean
+.PHONY: up test deps proto frontend lint typecheck pytest vitest fmt bench bench-engine clean
 
-up: deps proto
+up: deps proto frontend
 	$(BIN)/pipeserve up --config $(CONFIG)
 
-test: deps proto lint typecheck pytest
+test: deps proto frontend lint typecheck vitest pytest
 
 deps: $(VENV)/.stamp-deps
 
@@ -34,6 +34,20 @@ src/proto/%_pb2.py: src/proto/%.proto $(VENV)/.stamp-deps
 	$(BIN)/python -m grpc_tools.protoc -Ipipeserve/proto=src/proto --python_out=build/gen \
 		--grpc_python_out=build/gen --pyi_out=build/gen $<
 	cp build/gen/pipeserve/proto/$*_pb2* src/proto/
+
+FE := src/frontend
+FE_SRC := $(shell find $(FE)/src $(FE)/index.html $(FE)/vite.config.ts $(FE)/tsconfig*.json -type f 2>/dev/null)
+
+frontend: $(FE)/dist/index.html
+
+$(FE)/node_modules/.package-lock.json: $(FE)/package-lock.json
+	cd $(FE) && npm ci --no-audit --no-fund --loglevel=error
+
+$(FE)/dist/index.html: $(FE)/node_modules/.package-lock.json $(FE_SRC)
+	cd $(FE) && npm run build
+
+vitest: $(FE)/node_modules/.package-lock.json
+	cd $(FE) && npm test
 
 lint: deps
 	$(BIN)/ruff check src tests scripts

@@ -23,13 +23,11 @@ from pipeserve.common.errors import (
     PipeserveError,
     QueueFullError,
     StageUnavailableError,
-    UnknownRequestError,
 )
 
 log = logging.getLogger(__name__)
 
 STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (CacheBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -39,6 +37,18 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (PipeserveError, grpc.StatusCode.INTERNAL),
 ]
+
+
+# Trailing metadata naming the domain exception, so clients can tell e.g. a lost cache
+# (UnknownRequestError) from other INVALID_ARGUMENT errors without parsing messages.
+ERROR_KIND_KEY = "pipeserve-error"
+
+
+def error_kind(exc: BaseException) -> str:
+    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
+        return ""
+    md = exc.trailing_metadata() or ()
+    return next((str(v) for k, v in md if k == ERROR_KIND_KEY), "")
 
 
 def status_for(exc: Exception) -> grpc.StatusCode:
@@ -84,6 +94,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             except PipeserveError as exc:
                 code = status_for(exc)
                 log.warning("%s failed: %s", method, exc, extra={"code": code.name})
+                context.set_trailing_metadata(((ERROR_KIND_KEY, type(exc).__name__),))
                 context.abort(code, str(exc))
             except Exception as exc:  # a bug: report INTERNAL, keep serving
                 log.exception("%s crashed", method)

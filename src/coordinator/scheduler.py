@@ -30,6 +30,7 @@ from pipeserve.common.errors import (
     QueueFullError,
     StageUnavailableError,
 )
+from pipeserve.common.grpc_util import error_kind
 from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
 from pipeserve.modeling.sampling import SamplingParams
 from pipeserve.proto import model_service_pb2 as pb
@@ -428,7 +429,7 @@ class Scheduler:
     ) -> None:
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
         text = _rpc_error_text(exc)
-        if code == grpc.StatusCode.NOT_FOUND:  # the node restarted and lost our caches: replay there
+        if error_kind(exc) == "UnknownRequestError":  # the node restarted and lost our caches: replay there
             for req, _, _ in items:
                 req.n_computed = 0
             return
