@@ -46,8 +46,10 @@ def generate_rpc(address: str, req: pb.GenerateRequest) -> list[pb.GenerateRespo
 
 def chat_req(q: str, max_tokens: int = 32, **kw) -> pb.GenerateRequest:
     return pb.GenerateRequest(
-        messages=[tpb.ChatMessage(role="user", content=q)], max_tokens=max_tokens,
-        sampling=pb.SamplingParams(temperature=0), **kw,
+        messages=[tpb.ChatMessage(role="user", content=q)],
+        max_tokens=max_tokens,
+        sampling=pb.SamplingParams(temperature=0),
+        **kw,
     )
 
 
@@ -66,7 +68,9 @@ def test_cluster_greedy_equals_single_process_engine(cluster, smol_full):
     for q in QUESTIONS:
         msgs = generate_rpc(cluster.cfg.coordinator.address, chat_req(q, ignore_eos=True))
         got = [t for m in msgs for t in m.token_ids]
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+        prompt = tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False
+        )
         ref = generate([StageEngine(smol_full)], [prompt], 32)[0]
         assert got == ref
         final = msgs[-1]
@@ -87,7 +91,9 @@ def test_streaming_is_incremental_and_text_is_right(cluster):
 
 
 def test_stop_strings_cut_the_text(cluster):
-    msgs = generate_rpc(cluster.cfg.coordinator.address, chat_req("What is the capital of France?", 40, stop=["Paris"]))
+    msgs = generate_rpc(
+        cluster.cfg.coordinator.address, chat_req("What is the capital of France?", 40, stop=["Paris"])
+    )
     text = "".join(m.text for m in msgs)
     assert "Paris" not in text and text.startswith("The capital")
     assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP
@@ -101,7 +107,9 @@ def test_caches_released_after_completion_cancel_and_disconnect(cluster):
     async def cancel_and_disconnect() -> None:
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
-            call = stub.Generate(chat_req("Tell me a long story about a dragon.", 200, request_id="cancel-me", ignore_eos=True))
+            call = stub.Generate(
+                chat_req("Tell me a long story about a dragon.", 200, request_id="cancel-me", ignore_eos=True)
+            )
             n = 0
             async for _ in call:
                 n += 1
@@ -138,11 +146,20 @@ def test_bad_rpc_input_is_invalid_argument_and_node_keeps_serving(cluster):
     with grpc.insecure_channel(first) as ch:
         stub = pb_grpc.ModelNodeStub(ch)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Forward(pb.ForwardRequest(chunks=[pb.SequenceChunk(request_id="ghost", start_pos=5, token_ids=[1])]), timeout=10)
+            stub.Forward(
+                pb.ForwardRequest(chunks=[pb.SequenceChunk(request_id="ghost", start_pos=5, token_ids=[1])]),
+                timeout=10,
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ghost" in err.value.details()
-        stub.Forward(pb.ForwardRequest(chunks=[pb.SequenceChunk(request_id="ooo", start_pos=0, token_ids=[1, 2, 3])]), timeout=10)
+        stub.Forward(
+            pb.ForwardRequest(chunks=[pb.SequenceChunk(request_id="ooo", start_pos=0, token_ids=[1, 2, 3])]),
+            timeout=10,
+        )
         with pytest.raises(grpc.RpcError) as err:
-            stub.Forward(pb.ForwardRequest(chunks=[pb.SequenceChunk(request_id="ooo", start_pos=7, token_ids=[4])]), timeout=10)
+            stub.Forward(
+                pb.ForwardRequest(chunks=[pb.SequenceChunk(request_id="ooo", start_pos=7, token_ids=[4])]),
+                timeout=10,
+            )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of order" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
             stub.Forward(pb.ForwardRequest(chunks=[]), timeout=10)
@@ -177,7 +194,8 @@ def test_prompt_longer_than_context_is_invalid_argument(tiny_llama):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "37" in err.value.details() and "32" in err.value.details()
         ok = generate_rpc(
-            c.cfg.coordinator.address, pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=4, ignore_eos=True)
+            c.cfg.coordinator.address,
+            pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=4, ignore_eos=True),
         )
         assert ok[-1].completion_tokens == 4
     finally:
@@ -195,7 +213,12 @@ def test_prompt_longer_than_context_is_invalid_argument(tiny_llama):
     ],
 )
 def test_bad_configs_are_refused_with_the_reason(nodes, message):
-    raw = {"nodes": [{"id": i, "address": a, "model_part": p, **({"layers": ls} if ls else {})} for i, a, p, ls in nodes]}
+    raw = {
+        "nodes": [
+            {"id": i, "address": a, "model_part": p, **({"layers": ls} if ls else {})}
+            for i, a, p, ls in nodes
+        ]
+    }
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert message in str(err.value)
@@ -207,8 +230,11 @@ def test_coordinator_refuses_a_node_holding_another_model(tiny_llama, tmp_path_f
     other = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("other-llama"), seed=1)
     cfg = cluster_config(str(tiny_llama), parts=2)
     odd_cfg = cfg.model_copy(update={"model_name": str(other)})
-    c = InProcessCluster(cfg, __import__("pipeserve.tokenizer.tokenizer_server", fromlist=["x"]).TokenizerServer(cfg),
-                         [NodeServer(cfg, "node1"), NodeServer(odd_cfg, "node2")])
+    c = InProcessCluster(
+        cfg,
+        __import__("pipeserve.tokenizer.tokenizer_server", fromlist=["x"]).TokenizerServer(cfg),
+        [NodeServer(cfg, "node1"), NodeServer(odd_cfg, "node2")],
+    )
     c.tokenizer.start()
     for n in c.nodes:
         n.start(background_load=False)
