@@ -17,7 +17,7 @@ from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 from tests.harness import cluster_config, free_port
-from tests.procs import ProcessCluster
+from pipeserve.launcher.procs import ProcessCluster
 
 EMBEDDED = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow

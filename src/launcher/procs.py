@@ -1,4 +1,4 @@
-"""Starts a cluster as real processes (`python -m pipeserve.cli <role>`), so tests can SIGKILL a
+"""Starts a cluster as real processes (`python -m pipeserve.cli <role>`), so tests and benchmarks can SIGKILL a
 node by PID, restart it at its address, and measure each process's memory.
 """
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -65,7 +66,7 @@ class ProcessCluster:
             "cluster not ready; coordinator log:\n" + self.log("coordinator"),
         )
 
-    def _wait(self, cond, timeout_s: float, message: str) -> None:
+    def _wait(self, cond: Callable[[], bool], timeout_s: float, message: str) -> None:
         deadline = time.monotonic() + timeout_s
         while not cond():
             if time.monotonic() > deadline:
@@ -94,3 +95,13 @@ class ProcessCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
