@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeserve.common.config import load_config
 from pipeserve.common.errors import ConfigError, PipeserveError
-from pipeserve.common.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pipeserve.common.config import load_config
+    from pipeserve.common.logs import setup_logging
+
     config_path = getattr(args, "config", None)
     cfg = load_config(config_path)
     setup_logging(args.role, cfg.log_level)

@@ -201,6 +201,16 @@ class NodeServer:
             self.runner.close()
 
 
+def _join(coordinator: str, srv: NodeServer) -> None:
+    with grpc.insecure_channel(coordinator) as ch:
+        resp = pb_grpc.CoordinatorStub(ch).Join(
+            pb.JoinRequest(node_id=srv.node_id, address=srv.address, model_part=srv.part), timeout=30
+        )
+    if not resp.accepted:
+        raise SystemExit(f"node {srv.node_id}: the coordinator refused the join: {resp.message}")
+    log.debug("joined %s: %s", coordinator, resp.message)
+
+
 def serve_node(
     cfg: Config, node_id: str, join: str | None = None, part: int | None = None, address: str | None = None
 ) -> None:
@@ -214,14 +224,13 @@ def serve_node(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     if join:
-        with grpc.insecure_channel(join) as ch:
-            resp = pb_grpc.CoordinatorStub(ch).Join(
-                pb.JoinRequest(node_id=node_id, address=srv.address, model_part=srv.part), timeout=30
-            )
-        if not resp.accepted:
-            srv.stop(0)
-            raise SystemExit(f"node {node_id}: the coordinator refused the join: {resp.message}")
-        log.info("joined %s: %s", join, resp.message)
+        _join(join, srv)
+        # Re-announce periodically: a restarted coordinator forgets joined nodes (Join is idempotent).
+        while not stop.wait(5.0):
+            try:
+                _join(join, srv)
+            except (grpc.RpcError, SystemExit) as exc:
+                log.warning("re-joining %s failed: %s", join, exc)
     stop.wait()
     if join:
         try:
