@@ -23,6 +23,7 @@ class ProcessCluster:
     def __init__(self, cfg: Config, workdir: Path, with_api: bool = False) -> None:
         self.cfg = cfg
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "config.json"
         self.config_file.write_text(json.dumps(cfg.model_dump(mode="json")))
         self.procs: dict[str, subprocess.Popen] = {}

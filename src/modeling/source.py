@@ -110,3 +110,20 @@ def file_checksum(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def release_file_caches() -> None:
+    """Drop the parsed GGUF headers and hand freed heap back to the OS.
+
+    A service calls this once its weights or tokenizer are built: the parsed header (~160 MiB for
+    the embedded model's vocabulary) and the dequantization temporaries are no longer needed.
+    """
+    import ctypes
+    import gc
+
+    open_gguf.cache_clear()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the memory is reused by the process instead
+        pass

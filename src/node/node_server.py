@@ -27,7 +27,7 @@ from pipeserve.common.grpc_util import (
 )
 from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
-from pipeserve.modeling.source import resolve_model
+from pipeserve.modeling.source import release_file_caches, resolve_model
 from pipeserve.node.runner import StageRunner
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -168,6 +168,7 @@ class NodeServer:
             n_layers = read_config(source).n_layers
             layers = self.layers or self.cfg.part_layers(self.part, n_layers)
             loaded = load_stage(source, layers)
+            release_file_caches()
             self.runner = StageRunner(
                 self.node_id,
                 self.part,

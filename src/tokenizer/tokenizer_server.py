@@ -23,6 +23,7 @@ from pipeserve.common.grpc_util import (
 )
 from pipeserve.proto import tokenizer_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2_grpc as pb_grpc
+from pipeserve.modeling.source import release_file_caches
 from pipeserve.tokenizer.core import TokenizerCore
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class TokenizerServer:
     def _load(self) -> None:
         try:
             self.servicer._core = TokenizerCore.from_model(self.cfg.model_name)
+            release_file_caches()
             set_serving(self.health, [SERVICE], True)
             log.info("tokenizer serving %s (vocab %d)", self.cfg.model_name, self.servicer._core.vocab_size)
         except BaseException as exc:  # keep the reason; health stays NOT_SERVING
