@@ -84,7 +84,7 @@ def test_up_with_default_config_then_ctrl_c(tmp_path):
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(30)
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left behind: {alive}"
     assert up.returncode == 0
 

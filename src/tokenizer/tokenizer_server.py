@@ -21,9 +21,9 @@ from pipeserve.common.grpc_util import (
     channel_options,
     set_serving,
 )
+from pipeserve.modeling.source import release_file_caches
 from pipeserve.proto import tokenizer_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2_grpc as pb_grpc
-from pipeserve.modeling.source import release_file_caches
 from pipeserve.tokenizer.core import TokenizerCore
 
 log = logging.getLogger(__name__)
