@@ -165,6 +165,8 @@ def test_stage_holds_only_its_layers(smol_full):
 def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
         resolve_model("./no-such-model.gguf")
+    with pytest.raises(ModelNotFoundError, match=r"'gpt2'.*Point model_name at a local \.gguf file"):
+        resolve_model("gpt2")  # conftest sets HF_HUB_OFFLINE: no traffic leaves the machine
     corrupt = tmp_path / "broken.gguf"
     corrupt.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 40)
     with pytest.raises(ModelFormatError, match=r"broken\.gguf"):
