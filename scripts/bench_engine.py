@@ -1,0 +1,255 @@
+"""Engine benchmark: our single-process engine vs transformers on the same fp32 weights.
+
+`make bench-engine` runs it. Each engine is measured in its own subprocess (the script re-invokes
+itself with `--only ours|hf|stage`, which prints one JSON line), so every peak RSS is clean. All use
+the same thread count. Load time is kept apart; every figure comes after a warm-up and is the
+median of `--runs` runs. Decode figures time only the decode steps, never the prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+MODEL = "smollm2-135m-instruct"
+PROMPT_LEN = 64  # tokens cached before decode starts
+PREFILL_LEN = 256
+BATCH = 16
+STAGE = (10, 20)  # the middle stage of three
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """Deterministic token ids well inside the vocabulary, away from the special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40000, (n, length), generator=g).tolist()
+
+
+def median_time(fn: Callable[[], float], runs: int) -> float:
+    """fn runs once to warm up, then `runs` times; each call returns the seconds it measured."""
+    fn()
+    return statistics.median(fn() for _ in range(runs))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
+    from pipeserve.modeling.engine import SeqChunk, StageEngine
+    from pipeserve.modeling.generate import GREEDY
+    from pipeserve.modeling.loader import load_stage
+
+    t0 = time.perf_counter()
+    eng = StageEngine(load_stage(MODEL))
+    load_s = time.perf_counter() - t0
+    n_run = 0
+
+    def decode(batch: int) -> float:
+        nonlocal n_run
+        n_run += 1
+        rids = [f"r{n_run}-{i}" for i in range(batch)]
+        ps = prompts(batch, PROMPT_LEN, seed=n_run)
+        out = eng.forward([SeqChunk(r, 0, p, GREEDY) for r, p in zip(rids, ps, strict=True)])
+        nxt = [s.token_id for s in out.samples]
+        t = time.perf_counter()
+        for step in range(tokens):
+            chunks = [SeqChunk(r, PROMPT_LEN + step, [tok], GREEDY) for r, tok in zip(rids, nxt, strict=True)]
+            nxt = [s.token_id for s in eng.forward(chunks).samples]
+        dt = time.perf_counter() - t
+        eng.release(rids)
+        return dt
+
+    def prefill() -> float:
+        t = time.perf_counter()
+        eng.forward([SeqChunk("prefill", 0, prompts(1, PREFILL_LEN)[0], GREEDY)])
+        dt = time.perf_counter() - t
+        eng.release(["prefill"])
+        return dt
+
+    return {
+        "load_s": load_s,
+        "decode_b1_tok_s": tokens / median_time(lambda: decode(1), runs),
+        f"decode_b{BATCH}_tok_s": BATCH * tokens / median_time(lambda: decode(BATCH), runs),
+        "prefill_tok_s": PREFILL_LEN / median_time(prefill, runs),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def bench_hf(tokens: int, runs: int) -> dict[str, Any]:
+    import transformers
+
+    from pipeserve.modeling.source import embedded_gguf_path
+
+    t0 = time.perf_counter()
+    path = embedded_gguf_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    load_s = time.perf_counter() - t0
+
+    class Stamps(transformers.LogitsProcessor):
+        """Called once per generated token, right after that step's forward: decode time is the
+        span from the first call (end of prefill) to the last."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return scores
+
+    def run(ids: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
+        stamps = Stamps()
+        x = torch.tensor(ids)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                x,
+                attention_mask=torch.ones_like(x),  # the prompts hold no padding
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=2,
+                logits_processor=transformers.LogitsProcessorList([stamps]),
+            )
+        return t, stamps.times
+
+    def decode(batch: int) -> float:
+        _, times = run(prompts(batch, PROMPT_LEN, seed=batch), tokens + 1)
+        return times[-1] - times[0]  # `tokens` decode steps
+
+    def prefill() -> float:
+        start, times = run(prompts(1, PREFILL_LEN), 1)
+        return times[0] - start
+
+    return {
+        "transformers": transformers.__version__,
+        "load_s": load_s,
+        "decode_b1_tok_s": tokens / median_time(lambda: decode(1), runs),
+        f"decode_b{BATCH}_tok_s": BATCH * tokens / median_time(lambda: decode(BATCH), runs),
+        "prefill_tok_s": PREFILL_LEN / median_time(prefill, runs),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def bench_stage(tokens: int, runs: int) -> dict[str, Any]:
+    """One middle stage of three: its memory, and its share of a batch-1 decode step."""
+    from pipeserve.modeling.engine import SeqChunk, StageEngine
+    from pipeserve.modeling.loader import load_stage
+
+    t0 = time.perf_counter()
+    loaded = load_stage(MODEL, STAGE)
+    load_s = time.perf_counter() - t0
+    eng = StageEngine(loaded)
+    C = loaded.cfg.hidden_size
+    n_run = 0
+
+    def decode() -> float:
+        nonlocal n_run
+        n_run += 1
+        rid = f"s{n_run}"
+        eng.forward([SeqChunk(rid, 0, [0] * PROMPT_LEN)], torch.randn(PROMPT_LEN, C))
+        t = time.perf_counter()
+        for step in range(tokens):
+            eng.forward([SeqChunk(rid, PROMPT_LEN + step, [0])], torch.randn(1, C))
+        dt = time.perf_counter() - t
+        eng.release([rid])
+        return dt
+
+    return {
+        "layers": list(STAGE),
+        "load_s": load_s,
+        "param_mib": loaded.param_bytes / 2**20,
+        "decode_b1_ms_per_step": 1e3 * median_time(decode, runs) / tokens,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+BENCHES = {"ours": bench_ours, "hf": bench_hf, "stage": bench_stage}
+
+
+def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--only", name, "--threads", str(args.threads)]
+    cmd += ["--tokens", str(args.tokens), "--runs", str(args.runs)]
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"{name} benchmark failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(res: dict[str, Any]) -> str:
+    ours, hf, stage = res["ours"], res["hf"], res["stage"]
+    rows = [
+        ("decode batch 1 (tok/s)", "decode_b1_tok_s"),
+        (f"decode batch {BATCH}, aggregate (tok/s)", f"decode_b{BATCH}_tok_s"),
+        (f"prefill {PREFILL_LEN} tokens (tok/s)", "prefill_tok_s"),
+        ("peak RSS (MiB)", "peak_rss_mib"),
+        ("load (s)", "load_s"),
+    ]
+    lines = ["| metric | pipeserve | transformers | ratio |", "|---|---|---|---|"]
+    for label, key in rows:
+        lines.append(f"| {label} | {ours[key]:.1f} | {hf[key]:.1f} | {ours[key] / hf[key]:.2f}x |")
+    lines.append(
+        f"| stage [{STAGE[0]},{STAGE[1]}) of 3: peak RSS (MiB) | {stage['peak_rss_mib']:.1f} "
+        f"(weights {stage['param_mib']:.1f}, decode {stage['decode_b1_ms_per_step']:.1f} ms/step) | | |"
+    )
+    b = f"decode_b{BATCH}_tok_s"
+    lines.append(
+        f"\nbatch-{BATCH} aggregate / batch-1: ours {ours[b] / ours['decode_b1_tok_s']:.1f}x, "
+        f"transformers {hf[b] / hf['decode_b1_tok_s']:.1f}x"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/engine.json"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per figure (median reported)")
+    ap.add_argument(
+        "--only", choices=sorted(BENCHES), help="measure one engine and print its JSON (internal)"
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.only:
+        print(json.dumps(BENCHES[args.only](args.tokens, args.runs)))
+        return
+    res: dict[str, Any] = {
+        "model": MODEL,
+        "dtype": "float32",
+        "threads": args.threads,
+        "decode_tokens": args.tokens,
+        "runs": args.runs,
+        "prompt_len_for_decode": PROMPT_LEN,
+        "prefill_len": PREFILL_LEN,
+        "batch": BATCH,
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    for name in BENCHES:
+        res[name] = run_child(name, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
