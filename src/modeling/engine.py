@@ -26,7 +26,9 @@ class SeqChunk:
 
     request_id: str
     start_pos: int
-    token_ids: list[int]  # every stage receives them: the first embeds them, the last keeps them for penalties
+    token_ids: list[
+        int
+    ]  # every stage receives them: the first embeds them, the last keeps them for penalties
     sampling: SamplingParams | None = None  # last stage: sample the token that follows this chunk
 
 
@@ -47,7 +49,9 @@ class StageOutput:
 
 
 class StageEngine:
-    def __init__(self, loaded: LoadedStage, cache_budget_tokens: int = 32768, max_context: int | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedStage, cache_budget_tokens: int = 32768, max_context: int | None = None
+    ) -> None:
         self.loaded = loaded
         cfg = loaded.cfg
         self.cfg, self.shard, self.model = cfg, loaded.shard, loaded.model
@@ -62,15 +66,14 @@ class StageEngine:
         x = self._validate(chunks, hidden)
         new_ids = [c.request_id for c in chunks if c.request_id not in self.cache.seqs]
         caches = self.cache.reserve([(c.request_id, c.start_pos, len(c.token_ids)) for c in chunks])
-        slots, positions, sample_rows, offset = [], [], [], 0
+        slots, sample_rows, offset = [], [], 0
         for c, seq in zip(chunks, caches, strict=True):
             n = len(c.token_ids)
             slots.append(SeqSlot(offset, n, c.start_pos, seq))
-            positions.append(torch.arange(c.start_pos, c.start_pos + n))
             if c.sampling is not None and self.shard.is_last:
                 sample_rows.append(offset + n - 1)
             offset += n
-        meta = BatchMeta(slots, torch.cat(positions), torch.tensor(sample_rows, dtype=torch.long))
+        meta = BatchMeta.build(slots, sample_rows)
         try:
             out = self.model(x, meta)
         except BaseException:
@@ -114,11 +117,15 @@ class StageEngine:
             ids = [t for c in chunks for t in c.token_ids]
             bad = next((t for t in ids if not 0 <= t < self.cfg.vocab_size), None)
             if bad is not None:
-                raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise InvalidInputError(
+                    f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
             return torch.tensor(ids, dtype=torch.long)
         want = (n_tokens, self.cfg.hidden_size)
         if hidden is None:
-            raise InvalidInputError(f"stage [{self.shard.start_layer}, {self.shard.end_layer}) needs hidden states {want}")
+            raise InvalidInputError(
+                f"stage [{self.shard.start_layer}, {self.shard.end_layer}) needs hidden states {want}"
+            )
         if hidden.dtype != torch.float32 or tuple(hidden.shape) != want:
             raise InvalidInputError(
                 f"hidden states must be float32 {list(want)}, got {str(hidden.dtype).removeprefix('torch.')} "

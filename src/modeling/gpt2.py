@@ -103,11 +103,13 @@ def load_hf_weights(stage: GPT2Stage, w: dict[str, torch.Tensor]) -> None:
             (b.c_fc, "mlp.c_fc"),
             (b.mlp_c_proj, "mlp.c_proj"),
         ):
-            target = mod.weight_t if isinstance(mod, TLinear) else mod.weight
-            target.copy_(w[p + name + ".weight"])  # Conv1D weights are already [in, out]
+            if isinstance(mod, TLinear):
+                mod.load_(w[p + name + ".weight"])  # Conv1D weights are already [in, out]
+            else:
+                mod.weight.copy_(w[p + name + ".weight"])
             assert mod.bias is not None
             mod.bias.copy_(w[p + name + ".bias"])
     if stage.ln_f is not None and stage.lm_head is not None:
         stage.ln_f.weight.copy_(w["ln_f.weight"])
         stage.ln_f.bias.copy_(w["ln_f.bias"])
-        stage.lm_head.weight_t.copy_(w["wte.weight"].t())
+        stage.lm_head.load_(w["wte.weight"].t())

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeserve.common.errors import CacheBudgetError, ContextLengthError, InvalidInputError, UnknownRequestError
+from pipeserve.common.errors import (
+    CacheBudgetError,
+    ContextLengthError,
+    InvalidInputError,
+    UnknownRequestError,
+)
 
 GROW_BLOCK = 128  # tokens added per reallocation; bounds the slack per request
 
@@ -70,7 +75,9 @@ class KVCachePool:
             cur = self.seqs.get(rid)
             have = cur.length if cur else 0
             if cur is None and start != 0:
-                raise UnknownRequestError(f"no cache for request {rid!r} on this stage (chunk starts at {start})")
+                raise UnknownRequestError(
+                    f"no cache for request {rid!r} on this stage (chunk starts at {start})"
+                )
             if start > have:
                 raise InvalidInputError(
                     f"request {rid!r}: positions out of order: chunk starts at {start} but {have} tokens are cached"

@@ -1,13 +1,14 @@
 """Building blocks shared by the architecture files: the flat-batch metadata, the transposed
-linear layer, and per-sequence attention against each sequence's own KV cache.
+linear layer, and attention against each sequence's own KV cache.
 
 A batch is flat: T tokens from many sequences, each sequence a contiguous run of rows. Linear
-layers see the whole [T, C] matrix at once; attention runs per sequence (see `attend`).
+layers see the whole [T, C] matrix at once; attention runs per sequence against its own cache,
+with all single-token (decode) chunks of a step batched together (see `DecodeBatch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,24 +27,102 @@ class SeqSlot:
     cache: SeqCache
 
 
+class DecodeBatch:
+    """The batch's single-token chunks (decode steps), attended together in one padded batch.
+
+    Per-sequence attention costs ~10 small torch calls per sequence and layer, which at batch 16
+    and 30 layers was most of a decode step. Here every layer does a fixed handful of calls: the new
+    k/v rows go to their caches with one `_foreach_copy_`, the cached prefixes are copied into one
+    zero-padded [B, n_kv, Lmax, hd] buffer (reused by every layer of the step), and attention is two
+    batched matmuls with a length mask. Views into the caches are made once per step, not per layer.
+    """
+
+    def __init__(self, slots: list[SeqSlot], n_tokens: int) -> None:
+        B = len(slots)
+        rows = [s.offset for s in slots]
+        self.rows = None if rows == list(range(n_tokens)) else torch.tensor(rows)  # None: every row
+        lengths = [s.start_pos + 1 for s in slots]
+        # per layer, per sequence: where the new k/v row goes ([n_kv, hd]) and the cached prefix
+        self.k_new = list(zip(*(s.cache.k[:, :, s.start_pos].unbind(0) for s in slots), strict=True))
+        self.v_new = list(zip(*(s.cache.v[:, :, s.start_pos].unbind(0) for s in slots), strict=True))
+        k_prefix = [s.cache.k[:, :, :n].unbind(0) for s, n in zip(slots, lengths, strict=True)]
+        v_prefix = [s.cache.v[:, :, :n].unbind(0) for s, n in zip(slots, lengths, strict=True)]
+        if B == 1:  # one sequence: its cache prefix is the batch, no copy and no mask
+            self.k_prefix, self.v_prefix = k_prefix[0], v_prefix[0]
+            self.k_buf = self.v_buf = self.mask = None
+            return
+        self.k_prefix = list(zip(*k_prefix, strict=True))
+        self.v_prefix = list(zip(*v_prefix, strict=True))
+        _, nkv, _, hd = slots[0].cache.k.shape
+        Lmax = max(lengths)
+        # zeros: padded positions are masked, but 0 * NaN garbage in them would still poison p @ v
+        self.k_buf, self.v_buf = torch.zeros(B, nkv, Lmax, hd), torch.zeros(B, nkv, Lmax, hd)
+        self.k_dst = [self.k_buf[b, :, :n] for b, n in enumerate(lengths)]
+        self.v_dst = [self.v_buf[b, :, :n] for b, n in enumerate(lengths)]
+        past_end = torch.arange(Lmax) >= torch.tensor(lengths).unsqueeze(1)  # [B, Lmax]
+        self.mask = torch.zeros(B, 1, 1, Lmax).masked_fill_(past_end[:, None, None], float("-inf"))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """q: [T, nh, hd]; k, v: [T, n_kv, hd] (all rows)  ->  [B, nh, hd] for the decode rows."""
+        if self.rows is not None:
+            q, k, v = q[self.rows], k[self.rows], v[self.rows]
+        torch._foreach_copy_(self.k_new[layer], k.unbind(0))
+        torch._foreach_copy_(self.v_new[layer], v.unbind(0))
+        if self.k_buf is None or self.v_buf is None:
+            kb, vb = self.k_prefix[layer][None], self.v_prefix[layer][None]  # [1, n_kv, L, hd]
+        else:
+            torch._foreach_copy_(self.k_dst, self.k_prefix[layer])
+            torch._foreach_copy_(self.v_dst, self.v_prefix[layer])
+            kb, vb = self.k_buf, self.v_buf  # [B, n_kv, Lmax, hd]
+        B, nh, hd = q.shape
+        nkv = kb.shape[1]
+        qg = q.view(B, nkv, nh // nkv, hd) * hd**-0.5  # query heads grouped by their kv head
+        scores = qg @ kb.transpose(-1, -2)  # [B, n_kv, group, Lmax]
+        if self.mask is not None:
+            scores += self.mask
+        return (scores.softmax(-1) @ vb).view(B, nh, hd)
+
+
 @dataclass
 class BatchMeta:
     slots: list[SeqSlot]
     positions: torch.Tensor  # [T] int64, absolute position of every row
     sample_rows: torch.Tensor  # [S] int64, rows whose next-token logits the last stage needs
+    decode: DecodeBatch | None = None  # the single-token chunks, attended together
+    prefill: list[SeqSlot] = field(default_factory=list)  # the longer chunks, attended one by one
+
+    @classmethod
+    def build(cls, slots: list[SeqSlot], sample_rows: list[int]) -> BatchMeta:
+        n_tokens = sum(s.length for s in slots)
+        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.length) for s in slots])
+        singles = [s for s in slots if s.length == 1]
+        return cls(
+            slots,
+            positions,
+            torch.tensor(sample_rows, dtype=torch.long),
+            DecodeBatch(singles, n_tokens) if singles else None,
+            [s for s in slots if s.length > 1],
+        )
 
 
 class TLinear(nn.Module):
     """y = x @ W + b with W stored transposed, [in, out].
 
     On this CPU the [in, out] layout lets MKL use both cores for decode-shaped (few-row) matmuls;
-    the usual [out, in] layout (F.linear) ran the LM head ~2x slower.
+    the usual [out, in] layout (F.linear) ran the LM head ~2x slower. Splitting W into column
+    blocks run as one bmm (to force both cores onto small matmuls) was dropped: on an idle box it
+    saved ~15%, but every forced parallel region costs ~8 ms when another process holds a core,
+    which is the normal case for pipeline nodes sharing 2 cores.
     """
 
     def __init__(self, n_in: int, n_out: int, bias: bool = False) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(torch.empty(n_in, n_out), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(n_out), requires_grad=False) if bias else None
+
+    def load_(self, w_t: torch.Tensor) -> None:
+        """Copy in a weight given as [in, out]."""
+        self.weight_t.copy_(w_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
@@ -52,13 +131,18 @@ class TLinear(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta, layer: int) -> torch.Tensor:
-    """Write this chunk's k/v into each sequence's cache, then attend over its cached prefix.
+    """Write this batch's k/v into each sequence's cache, then attend over its cached prefix.
 
     q: [T, n_heads, hd]; k, v: [T, n_kv, hd]  ->  [T, n_heads * hd]
     """
     T, nh, hd = q.shape
+    d = meta.decode
+    if d is not None and d.rows is None:  # a pure decode step: no per-sequence work at all
+        return d.attend(q, k, v, layer).view(T, nh * hd)
     out = torch.empty(T, nh, hd)
-    for s in meta.slots:
+    if d is not None:
+        out[d.rows] = d.attend(q, k, v, layer)
+    for s in meta.prefill:
         rows = slice(s.offset, s.offset + s.length)
         end = s.start_pos + s.length
         kc, vc = s.cache.k[layer], s.cache.v[layer]  # [n_kv, capacity, hd]
@@ -67,11 +151,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta, l
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # [1, nh, t, hd]
         ki, vi = kc[None, :, :end], vc[None, :, :end]  # [1, n_kv, end, hd]
         mask = None
-        if s.length > 1 and s.start_pos > 0:  # a later prefill chunk: causal, offset by the prefix
+        if s.start_pos > 0:  # a later prefill chunk: causal, offset by the prefix
             qpos = torch.arange(s.start_pos, end).unsqueeze(1)
             mask = torch.arange(end).unsqueeze(0) <= qpos  # [t, end]
         o = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=mask, is_causal=s.length > 1 and s.start_pos == 0, enable_gqa=nh != ki.shape[1]
+            qi, ki, vi, attn_mask=mask, is_causal=s.start_pos == 0, enable_gqa=nh != ki.shape[1]
         )
         out[rows] = o[0].transpose(0, 1)
     return out.view(T, nh * hd)

@@ -22,12 +22,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half RoPE. x: [T, heads, hd]; cos, sin: [T, 1, hd], with the sign of
+    rotate_half folded into sin ([-sin, sin] over the two halves)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    rotated = torch.cat((x2, x1), dim=-1).mul_(sin)  # = rotate_half(x) * sin
+    return rotated.addcmul_(x, cos)
 
 
 class LlamaLayer(nn.Module):
@@ -39,22 +42,19 @@ class LlamaLayer(nn.Module):
         self.qkv_proj = TLinear(C, (self.nh + 2 * self.nkv) * hd)  # q, k, v fused: one matmul
         self.o_proj = TLinear(self.nh * hd, C)
         self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
-        self.gate_up_proj = TLinear(C, 2 * cfg.intermediate_size)  # gate, up fused
+        self.gate_up_proj = TLinear(C, 2 * cfg.intermediate_size)  # gate, up fused: one matmul
         self.down_proj = TLinear(cfg.intermediate_size, C)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta, layer: int
     ) -> torch.Tensor:
         T = x.shape[0]  # x: [T, C]
-        qkv = self.qkv_proj(self.input_layernorm(x))  # [T, (nh + 2 nkv) hd]
-        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = q.view(T, self.nh, self.hd)
-        k = k.view(T, self.nkv, self.hd)
-        q = q * cos + rotate_half(q) * sin  # cos, sin: [T, 1, hd]
-        k = k * cos + rotate_half(k) * sin
-        x = x + self.o_proj(attend(q, k, v.view(T, self.nkv, self.hd), meta, layer))
+        qkv = self.qkv_proj(self.input_layernorm(x)).view(T, self.nh + 2 * self.nkv, self.hd)
+        qk = apply_rope(qkv[:, : self.nh + self.nkv], cos, sin)  # q and k heads rotated together
+        q, k, v = qk[:, : self.nh], qk[:, self.nh :], qkv[:, self.nh + self.nkv :]
+        x = x + self.o_proj(attend(q, k, v, meta, layer))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)  # [T, I] each
-        return x + self.down_proj(nn.functional.silu(gate) * up)
+        return x + self.down_proj(nn.functional.silu(gate).mul_(up))
 
 
 class LlamaStage(nn.Module):
@@ -65,11 +65,15 @@ class LlamaStage(nn.Module):
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(shard.n_local))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if shard.is_last else None
         self.lm_head = TLinear(cfg.hidden_size, cfg.vocab_size) if shard.is_last else None
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+        )
         angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)  # [P, hd/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [P, hd]
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("rope_cos", torch.cat((cos, cos), dim=-1), persistent=False)  # [P, hd]
+        self.register_buffer(
+            "rope_sin", torch.cat((-sin, sin), dim=-1), persistent=False
+        )  # signed, see apply_rope
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
@@ -123,14 +127,14 @@ def load_hf_weights(stage: LlamaStage, w: dict[str, torch.Tensor]) -> None:
         layer.input_layernorm.weight.copy_(w[p + "input_layernorm.weight"])
         layer.post_attention_layernorm.weight.copy_(w[p + "post_attention_layernorm.weight"])
         qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        layer.qkv_proj.weight_t.copy_(qkv.t())
-        layer.o_proj.weight_t.copy_(w[p + "self_attn.o_proj.weight"].t())
-        layer.gate_up_proj.weight_t.copy_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).t())
-        layer.down_proj.weight_t.copy_(w[p + "mlp.down_proj.weight"].t())
+        layer.qkv_proj.load_(qkv.t())
+        layer.o_proj.load_(w[p + "self_attn.o_proj.weight"].t())
+        layer.gate_up_proj.load_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).t())
+        layer.down_proj.load_(w[p + "mlp.down_proj.weight"].t())
     if stage.norm is not None and stage.lm_head is not None:
         stage.norm.weight.copy_(w["model.norm.weight"])
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-        stage.lm_head.weight_t.copy_(head.t())
+        stage.lm_head.load_(head.t())
 
 
 def check_shapes(w: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
