@@ -1,0 +1,120 @@
+"""Typed gRPC clients the API's routes call: the coordinator (Generate, Cancel, ClusterStatus) and
+the tokenizer (Info, token texts for logprobs). Every call carries a deadline; every failure leaves
+as an ApiError (errors.from_rpc), so a route never sees a raw gRPC error. Channels reconnect by
+themselves when a service restarts; while it is away calls fail fast (UNAVAILABLE -> 503).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from pipeserve.api.errors import ApiError, from_rpc
+from pipeserve.common.grpc_util import channel_options
+from pipeserve.proto import model_service_pb2 as pb
+from pipeserve.proto import model_service_pb2_grpc as pb_grpc
+from pipeserve.proto import tokenizer_service_pb2 as tpb
+from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
+
+TOKEN_TEXT_CACHE = 65536  # token id -> text entries kept (a vocabulary's worth for small models)
+
+
+class _Client:
+    service = "service"
+
+    def __init__(self, address: str, rpc_timeout_s: float, max_message_mb: int = 64) -> None:
+        self.address = address
+        self.rpc_timeout_s = rpc_timeout_s
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+
+    def error(self, exc: grpc.aio.AioRpcError, timeout_s: float | None = None) -> ApiError:
+        # A connected channel means the service itself answered with this status.
+        reachable = self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        return from_rpc(exc, self.service, self.address, reachable=reachable, timeout_s=timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+class GenerateCall:
+    """One server-streaming Generate call. Iterating yields its messages (the last has `finished`);
+    `cancel()` ends the call, which makes the coordinator cancel the request and free its caches."""
+
+    def __init__(self, client: CoordinatorClient, call: grpc.aio.UnaryStreamCall, timeout_s: float) -> None:
+        self._client, self._call, self._timeout_s = client, call, timeout_s
+
+    def __aiter__(self) -> GenerateCall:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        try:
+            msg = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise self._client.error(exc, self._timeout_s) from None
+        if msg is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return msg  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class CoordinatorClient(_Client):
+    service = "coordinator"
+
+    def __init__(self, address: str, rpc_timeout_s: float, max_message_mb: int = 64) -> None:
+        super().__init__(address, rpc_timeout_s, max_message_mb)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def generate(self, request: pb.GenerateRequest, timeout_s: float) -> GenerateCall:
+        """Start a generation; `timeout_s` bounds the whole request (DEADLINE_EXCEEDED -> 504)."""
+        return GenerateCall(self, self.stub.Generate(request, timeout=timeout_s), timeout_s)
+
+    async def cancel(self, request_id: str) -> bool:
+        try:
+            resp = await self.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc, self.rpc_timeout_s) from None
+        return resp.found
+
+    async def cluster_status(self, request_id: str = "") -> pb.ClusterStatusResponse:
+        try:
+            return await self.stub.ClusterStatus(
+                pb.ClusterStatusRequest(request_id=request_id), timeout=self.rpc_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc, self.rpc_timeout_s) from None
+
+
+class TokenizerClient(_Client):
+    service = "tokenizer"
+
+    def __init__(self, address: str, rpc_timeout_s: float, max_message_mb: int = 64) -> None:
+        super().__init__(address, rpc_timeout_s, max_message_mb)
+        self.stub = tpb_grpc.TokenizerStub(self.channel)
+        self._texts: dict[int, str] = {}
+
+    async def info(self) -> tpb.TokenizerInfo:
+        try:
+            return await self.stub.Info(tpb.TokenizerInfoRequest(), timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc, self.rpc_timeout_s) from None
+
+    async def token_texts(self, token_ids: list[int]) -> dict[int, str]:
+        """Each id's own text (special tokens included), for logprobs. One DecodeStream call decodes
+        every id not cached yet, each as a sequence of its own (so a leading space is kept)."""
+        if len(self._texts) > TOKEN_TEXT_CACHE:
+            self._texts.clear()
+        missing = sorted({t for t in token_ids if t not in self._texts})
+        if missing:
+            items = [
+                tpb.DecodeStreamItem(request_id=str(t), token_ids=[t], skip_special_tokens=False, final=True)
+                for t in missing
+            ]
+            try:
+                resp = await self.stub.DecodeStream(
+                    tpb.DecodeStreamRequest(items=items), timeout=self.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise self.error(exc, self.rpc_timeout_s) from None
+            self._texts.update(zip(missing, (r.text for r in resp.results), strict=True))
+        return {t: self._texts[t] for t in token_ids}
