@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -131,3 +132,22 @@ def probe(address: str, timeout_s: float = 2.0, service: str = "") -> bool:
         except grpc.RpcError:
             return False
     return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def sync_server(workers: int, name: str, max_message_mb: int = 64) -> grpc.Server:
+    """A thread-pool gRPC server with the error interceptor (nodes and the tokenizer)."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name),
+        interceptors=[ErrorInterceptor()],
+        options=[*channel_options(max_message_mb), ("grpc.so_reuseport", 0)],
+    )
+
+
+def listen(server: Any, service: str, address: str, who: str) -> tuple[health.HealthServicer, int]:
+    """Add health (NOT_SERVING until set) and reflection, bind `address`; returns (health, port)."""
+    health_servicer = add_health_and_reflection(server, [service])
+    set_serving(health_servicer, [service], False)
+    port = server.add_insecure_port(bind_address(address))
+    if port == 0:
+        raise OSError(f"{who}: cannot listen on {bind_address(address)} (address in use?)")
+    return health_servicer, port

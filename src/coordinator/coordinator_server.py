@@ -17,9 +17,8 @@ from pipeserve.common import codec
 from pipeserve.common.config import Config
 from pipeserve.common.errors import InvalidInputError, PipeserveError, QueueFullError, StageUnavailableError
 from pipeserve.common.grpc_util import (
-    add_health_and_reflection,
-    bind_address,
     channel_options,
+    listen,
     set_serving,
     status_for,
 )
@@ -238,11 +237,7 @@ class CoordinatorServer:
         pb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorServicer(self.cluster, self.scheduler), self.server
         )
-        self.health = add_health_and_reflection(self.server, [SERVICE])
-        set_serving(self.health, [SERVICE], False)
-        self.port = self.server.add_insecure_port(bind_address(self.address))
-        if self.port == 0:
-            raise OSError(f"coordinator: cannot listen on {bind_address(self.address)} (address in use?)")
+        self.health, self.port = listen(self.server, SERVICE, self.address, "coordinator")
         self._monitor: asyncio.Task | None = None
 
     async def start(self) -> None:

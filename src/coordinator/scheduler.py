@@ -306,7 +306,9 @@ class Scheduler:
         plan = []
         now = time.monotonic()
         for req in sorted(g.requests, key=lambda r: (len(r.tokens) - r.n_computed > 1, r.arrival)):
-            needs_route = len(req.route) < self.cluster.n_parts or any(not n.healthy for n in req.route.values())
+            needs_route = len(req.route) < self.cluster.n_parts or any(
+                not n.healthy for n in req.route.values()
+            )
             if needs_route and not self._reroute(req):
                 req.stalled_since = req.stalled_since or now
                 if now - req.stalled_since > self.cfg.coordinator.recovery_wait_s:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from concurrent import futures
 
 import grpc
 import torch
@@ -18,13 +17,7 @@ import torch
 from pipeserve.common import codec
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
-from pipeserve.common.grpc_util import (
-    ErrorInterceptor,
-    add_health_and_reflection,
-    bind_address,
-    channel_options,
-    set_serving,
-)
+from pipeserve.common.grpc_util import listen, set_serving, sync_server
 from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
@@ -138,19 +131,10 @@ class NodeServer:
         self.runner: StageRunner | None = None
         self.loaded_event = threading.Event()
         self.error: BaseException | None = None
-        opts = channel_options(cfg.node_defaults.max_message_mb)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="node-rpc"),
-            interceptors=[ErrorInterceptor()],
-            options=[*opts, ("grpc.so_reuseport", 0)],
-        )
+        self.server = sync_server(16, "node-rpc", cfg.node_defaults.max_message_mb)
         self.servicer = ModelNodeServicer(node_id)
         pb_grpc.add_ModelNodeServicer_to_server(self.servicer, self.server)
-        self.health = add_health_and_reflection(self.server, [SERVICE])
-        set_serving(self.health, [SERVICE], False)
-        self.port = self.server.add_insecure_port(bind_address(self.address))
-        if self.port == 0:
-            raise OSError(f"node {node_id}: cannot listen on {bind_address(self.address)} (address in use?)")
+        self.health, self.port = listen(self.server, SERVICE, self.address, f"node {node_id}")
 
     def start(self, background_load: bool = True) -> NodeServer:
         self.server.start()

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent import futures
 
 import grpc
 
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
-from pipeserve.common.grpc_util import (
-    ErrorInterceptor,
-    add_health_and_reflection,
-    bind_address,
-    channel_options,
-    set_serving,
-)
+from pipeserve.common.grpc_util import listen, set_serving, sync_server
 from pipeserve.modeling.source import release_file_caches
 from pipeserve.proto import tokenizer_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2_grpc as pb_grpc
@@ -88,18 +81,10 @@ class TokenizerServer:
     def __init__(self, cfg: Config, address: str | None = None) -> None:
         self.cfg = cfg
         self.address = address or cfg.tokenizer.address
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tok-rpc"),
-            interceptors=[ErrorInterceptor()],
-            options=[*channel_options(), ("grpc.so_reuseport", 0)],
-        )
+        self.server = sync_server(8, "tok-rpc")
         self.servicer = TokenizerServicer()
         pb_grpc.add_TokenizerServicer_to_server(self.servicer, self.server)
-        self.health = add_health_and_reflection(self.server, [SERVICE])
-        set_serving(self.health, [SERVICE], False)
-        self.port = self.server.add_insecure_port(bind_address(self.address))
-        if self.port == 0:
-            raise OSError(f"tokenizer: cannot listen on {bind_address(self.address)} (address in use?)")
+        self.health, self.port = listen(self.server, SERVICE, self.address, "tokenizer")
         self.error: BaseException | None = None
         self.loaded_event = threading.Event()
 
