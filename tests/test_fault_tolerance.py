@@ -13,11 +13,11 @@ import grpc
 import pytest
 
 from pipeserve.common.grpc_util import probe
+from pipeserve.launcher.procs import ProcessCluster
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 from tests.harness import cluster_config, free_port
-from pipeserve.launcher.procs import ProcessCluster
 
 EMBEDDED = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow

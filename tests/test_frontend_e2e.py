@@ -22,7 +22,9 @@ CHROMIUM = "/usr/bin/chromium"
 OUT = Path("test-output/e2e")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)"
+    ),
     pytest.mark.skipif(not (DIST / "index.html").exists(), reason="the UI is not built (make frontend)"),
 ]
 
@@ -35,7 +37,8 @@ def system(tmp_path_factory):
     pc = ProcessCluster(cfg, tmp_path_factory.mktemp("e2e"), with_api=True).start()
     ui = subprocess.Popen(
         [sys.executable, "-m", "pipeserve.cli", "frontend", "--config", str(pc.config_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{cfg.frontend.port}/"
     deadline = time.monotonic() + 30
@@ -58,8 +61,15 @@ def page(system):
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
             headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-quic"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
         )
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
@@ -93,7 +103,9 @@ def test_stop_cancels(page):
     page.get_by_test_id("param-maxTokens").fill("400")
     page.get_by_test_id("prompt-input").fill("Write a very long story about a dragon who learns to paint.")
     page.get_by_test_id("send-button").click()
-    page.wait_for_function("document.querySelector('[data-testid=reply]')?.innerText.length > 20", timeout=60000)
+    page.wait_for_function(
+        "document.querySelector('[data-testid=reply]')?.innerText.length > 20", timeout=60000
+    )
     page.get_by_test_id("stop-button").click()
     page.get_by_test_id("finish-reason").wait_for(timeout=10000)
     assert "cancel" in page.get_by_test_id("finish-reason").inner_text()
