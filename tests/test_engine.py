@@ -147,8 +147,14 @@ def test_greedy_generation_equals_transformers_generate(smol_full, smol_referenc
     ours = generate([StageEngine(smol_full)], prompts, 32)
     for p, got in zip(prompts, ours, strict=True):
         with torch.inference_mode():
+            x = torch.tensor([p])  # the prompt contains <|im_end|> (id 2 = pad): pass the mask explicitly
             ref = smol_reference.generate(
-                torch.tensor([p]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=2
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=2,
             )[0, len(p) :].tolist()
         assert got == ref
 
