@@ -6,6 +6,7 @@ Screenshots go to test-output/e2e/.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -86,10 +87,13 @@ def test_prompt_streams_in_pieces(page):
     page.get_by_test_id("prompt-input").fill("What is the capital of France?")
     page.get_by_test_id("send-button").click()
     seen: list[str] = []
+    first_token_ms = 0.0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and page.get_by_test_id("finish-reason").count() == 0:
         text = page.get_by_test_id("reply").inner_text() if page.get_by_test_id("reply").count() else ""
         if text and (not seen or seen[-1] != text):
+            if not seen:  # ms from navigation start to the first token on screen
+                first_token_ms = page.evaluate("performance.now()")
             seen.append(text)
         time.sleep(0.02)
     page.screenshot(path=str(OUT / "chat.png"), full_page=True)
@@ -97,6 +101,7 @@ def test_prompt_streams_in_pieces(page):
     assert len(seen) >= 2, f"the reply arrived in one piece: {seen}"
     assert "Paris" in page.get_by_test_id("reply").inner_text()
     assert "0:node1" in page.get_by_test_id("reply-route").inner_text()
+    (OUT / "timings.json").write_text(json.dumps({"page_load_to_first_token_ms": first_token_ms}))
 
 
 def test_stop_cancels(page):

@@ -99,8 +99,8 @@ def test_each_node_holds_only_its_share(tmp_path):
         parts = {n: three.rss_mib(n) for n in ("node1", "node2", "node3")}
         print(f"RSS MiB: one-node {full:.0f}; three-node {parts}")
         # ~225 MiB of each process is the Python + torch + gRPC runtime; the rest is weights and caches
-        assert all(v < 0.65 * full for v in parts.values()), (full, parts)
-        assert parts["node2"] < 0.5 * full, (full, parts)
+        assert all(v < 0.7 * full for v in parts.values()), (full, parts)
+        assert parts["node2"] < 0.55 * full, (full, parts)
         assert parts["node2"] < parts["node1"] and parts["node2"] < parts["node3"]  # no embedding, no head
     finally:
         three.stop()
