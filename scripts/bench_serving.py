@@ -236,7 +236,7 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def cluster_config(parts: int, threads: int) -> Any:
+def cluster_config(parts: int, threads: int, micro_batches: int = 0) -> Any:
     """A loopback config: tokenizer, coordinator and API on 127.0.0.1, node i on 127.0.0.(i+2)."""
     from pipeserve.common.config import parse_config
 
@@ -248,7 +248,7 @@ def cluster_config(parts: int, threads: int) -> Any:
         "model_name": MODEL,
         "nodes": nodes,
         "node_defaults": {"threads": threads},
-        "coordinator": {"address": f"127.0.0.1:{free_port('127.0.0.1')}"},
+        "coordinator": {"address": f"127.0.0.1:{free_port('127.0.0.1')}", "micro_batches": micro_batches},
         "tokenizer": {"address": f"127.0.0.1:{free_port('127.0.0.1')}"},
         "api": {"host": "127.0.0.1", "port": free_port("127.0.0.1")},
         "log_level": "WARNING",
@@ -314,10 +314,16 @@ def bench_cluster(name: str, parts: int, threads: int, args: argparse.Namespace)
 
     from pipeserve.launcher.procs import ProcessCluster
 
-    cfg = cluster_config(parts, threads)
+    cfg = cluster_config(parts, threads, getattr(args, "micro_batches_by_system", {}).get(name, 0))
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     base = f"http://127.0.0.1:{cfg.api.port}"
-    out: dict[str, Any] = {"kind": "pipeserve", "parts": parts, "threads_per_node": threads, "runs": {}}
+    out: dict[str, Any] = {
+        "kind": "pipeserve",
+        "parts": parts,
+        "threads_per_node": threads,
+        "micro_batches": cfg.coordinator.micro_batches or parts,
+        "runs": {},
+    }
     print(f"[{name}] starting {parts}-part cluster ({threads} thread(s)/node) in {workdir}", file=sys.stderr)
     t = time.perf_counter()
     cluster = ProcessCluster(cfg, workdir, with_api=True)
@@ -708,6 +714,12 @@ def main() -> None:
         help="torch threads per node process for each pipeserve system (2 cores are shared by every process)",
     )
     ap.add_argument(
+        "--micro-batches",
+        default="three=2",
+        help="coordinator.micro_batches per system (0 = one group per part); on one 2-core box two groups "
+        "keep both cores busy with less per-forward overhead than three",
+    )
+    ap.add_argument(
         "--quiet-wait",
         type=float,
         default=45.0,
@@ -726,6 +738,7 @@ def main() -> None:
         return
 
     threads = {"three": 1, "one": 2} | parse_threads(args.threads)
+    args.micro_batches_by_system = parse_threads(args.micro_batches)
     res: dict[str, Any] = {
         "model": MODEL,
         "command": [sys.executable, *sys.argv],

@@ -75,6 +75,11 @@ class CoordinatorConfig(_Strict):
     max_batch_tokens: int = Field(
         256, ge=1, description="Tokens per forward step (prefill chunks + decodes)."
     )
+    prefill_chunk_tokens: int = Field(
+        64,
+        ge=1,
+        description="Prefill tokens per step while other requests decode (bounds inter-token latency).",
+    )
     health_interval_s: float = Field(1.0, gt=0, description="How often each node's health is checked.")
     recovery_wait_s: float = Field(
         3.0, ge=0, description="How long queued requests wait for a dead part to return."

@@ -95,6 +95,9 @@ class Request:
     finished_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    stopping: bool = False  # its last token ends it (EOS or length); the emit task finishes it
+    in_step: bool = False  # a forward for it is in flight: releasing its caches must wait for the step
+    release_after_step: list[NodeHandle] = field(default_factory=list)
     failovers: int = 0
     stalled_since: float | None = None
     stage_stats: dict[int, StageStats] = field(default_factory=dict)
@@ -119,6 +122,7 @@ class Group:
     requests: list[Request] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    emitting: asyncio.Task | None = None  # detokenize + stream of the previous step, overlapping this one
 
 
 class Scheduler:
@@ -127,6 +131,7 @@ class Scheduler:
         c = cfg.coordinator
         self.max_running, self.max_waiting = c.max_running, c.max_waiting
         self.max_batch_tokens = c.max_batch_tokens
+        self.prefill_chunk_tokens = c.prefill_chunk_tokens
         self.n_groups = c.micro_batches or cluster.n_parts
         self.groups = [Group(i) for i in range(self.n_groups)]
         self.waiting: deque[Request] = deque()
@@ -303,9 +308,12 @@ class Scheduler:
         for req in [r for r in g.requests if r.cancelled]:
             self._finish(req, "cancelled")
         budget = self.max_batch_tokens
+        prefill_budget = self.max_batch_tokens  # cut to prefill_chunk_tokens once decodes ride along
         plan = []
         now = time.monotonic()
         for req in sorted(g.requests, key=lambda r: (len(r.tokens) - r.n_computed > 1, r.arrival)):
+            if req.stopping:
+                continue
             needs_route = len(req.route) < self.cluster.n_parts or any(
                 not n.healthy for n in req.route.values()
             )
@@ -316,11 +324,16 @@ class Scheduler:
                     self._fail(req, StageUnavailableError(self.cluster.part_down_message(part)))
                 continue
             req.stalled_since = None
-            n = min(len(req.tokens) - req.n_computed, budget)
+            todo = len(req.tokens) - req.n_computed
+            n = min(todo, budget) if todo == 1 else min(todo, budget, prefill_budget)
             if n <= 0:
                 continue
             plan.append((req, req.n_computed, n))
             budget -= n
+            if todo == 1:  # a decode token: long prefills must not stall it (inter-token latency)
+                prefill_budget = min(prefill_budget, self.prefill_chunk_tokens)
+            else:
+                prefill_budget -= n
             if budget <= 0:
                 break
         return plan
@@ -341,16 +354,33 @@ class Scheduler:
     async def _step(self, g: Group) -> None:
         plan = self._plan(g)
         if not plan:
-            if g.requests:  # everything stalled: wait for a node to come back (or the timeout)
+            if g.emitting is not None and not g.emitting.done():
+                await g.emitting  # only finishing requests are left: let them finish
+            elif g.requests:  # everything stalled: wait for a node to come back (or the timeout)
                 self.cluster.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.cluster.changed.wait(), timeout=0.2)
             return
+        for req, _, _ in plan:
+            req.in_step = True
+        try:
+            await self._run_step(g, plan)
+        finally:
+            for req, _, _ in plan:
+                req.in_step = False
+                if req.release_after_step:
+                    self._release_soon(req.id, req.release_after_step)
+                    req.release_after_step = []
+
+    async def _run_step(self, g: Group, plan: list[tuple[Request, int, int]]) -> None:
         step_id = uuid.uuid4().hex[:12]
         hidden: dict[str, torch.Tensor] = {}
         sampled: dict[str, pb.SampledToken] = {}
         last = self.cluster.n_parts - 1
         for part in range(self.cluster.n_parts):
+            plan = [item for item in plan if item[0].finish_reason is None]  # finished meanwhile
+            if not plan:
+                return
             by_node: dict[NodeHandle, list[tuple[Request, int, int]]] = {}
             for item in plan:
                 by_node.setdefault(item[0].route[part], []).append(item)
@@ -384,19 +414,20 @@ class Scheduler:
                         off += n
             if failed:
                 return  # the loop retries next step: survivors resend the same chunk (idempotent)
-        new_tokens: list[Request] = []
+        new_tokens: list[tuple[Request, int]] = []
         for req, start, n in plan:
             req.n_computed = start + n
             tok = sampled.get(req.id)
             if tok is None or req.finish_reason is not None:
                 continue
             req.tokens.append(tok.token_id)
-            new_tokens.append(req)
+            new_tokens.append((req, len(req.tokens)))
+            req.stopping = self._stop_reason(req, len(req.tokens)) is not None
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
         self._rate.append((time.monotonic(), len(new_tokens)))
-        if new_tokens:
-            await self._emit(new_tokens, sampled)
+        if new_tokens:  # detokenize and stream while the next step already computes
+            g.emitting = asyncio.create_task(self._emit_in_order(g.emitting, new_tokens, sampled))
 
     async def _forward(
         self,
@@ -459,10 +490,29 @@ class Scheduler:
             self._fail(req, err)
 
     # ---- output -------------------------------------------------------------------------------
-    async def _emit(self, reqs: list[Request], sampled: dict[str, pb.SampledToken]) -> None:
+    async def _emit_in_order(
+        self, prev: asyncio.Task | None, reqs: list[tuple[Request, int]], sampled: dict[str, pb.SampledToken]
+    ) -> None:
+        """Emit one step's tokens after the previous step's (text must stay in order)."""
+        if prev is not None:
+            await asyncio.gather(prev, return_exceptions=True)
+        try:
+            await self._emit(reqs, sampled)
+        except Exception as exc:  # a bug while emitting must not leave requests hanging
+            log.exception("emitting tokens failed")
+            for req, _ in reqs:
+                self._fail(
+                    req, PipeserveError(f"internal error in the coordinator: {type(exc).__name__}: {exc}")
+                )
+
+    async def _emit(self, reqs: list[tuple[Request, int]], sampled: dict[str, pb.SampledToken]) -> None:
+        """Detokenize each request's tokens up to `upto` (its length after that step) and stream them."""
+        reqs = [(r, upto) for r, upto in reqs if r.finish_reason is None]
+        if not reqs:
+            return
         items = []
-        for req in reqs:
-            gen = req.generated
+        for req, upto in reqs:
+            gen = req.tokens[len(req.prompt_ids) : upto]
             items.append(
                 tpb.DecodeStreamItem(
                     request_id=req.id,
@@ -470,7 +520,7 @@ class Scheduler:
                     prefix_offset=req.prefix_offset,
                     read_offset=req.read_offset,
                     skip_special_tokens=True,
-                    final=self._stop_reason(req) is not None,
+                    final=self._stop_reason(req, upto) is not None,
                 )
             )
         try:
@@ -480,14 +530,14 @@ class Scheduler:
             err = StageUnavailableError(
                 f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {_rpc_error_text(exc)}"
             )
-            for req in reqs:
+            for req, _ in reqs:
                 self._fail(req, err)
             return
-        for req, res in zip(reqs, results, strict=True):
+        for (req, upto), res in zip(reqs, results, strict=True):
             req.prefix_offset, req.read_offset = res.prefix_offset, res.read_offset
             req.text += res.text
             tok = sampled[req.id]
-            reason = self._stop_reason(req)
+            reason = self._stop_reason(req, upto)
             cut = self._find_stop(req)
             if cut is not None:
                 reason = "stop"
@@ -506,11 +556,12 @@ class Scheduler:
             if reason is not None:
                 self._finish(req, reason)
 
-    def _stop_reason(self, req: Request) -> str | None:
-        gen = req.generated
-        if gen and gen[-1] in req.stop_ids:
+    def _stop_reason(self, req: Request, upto: int) -> str | None:
+        """Why the request ends with its token at upto-1 (EOS/stop id or length), if it does."""
+        n_gen = upto - len(req.prompt_ids)
+        if n_gen > 0 and req.tokens[upto - 1] in req.stop_ids:
             return "stop"
-        if len(gen) >= req.max_tokens:
+        if n_gen >= req.max_tokens:
             return "length"
         return None
 
@@ -566,11 +617,16 @@ class Scheduler:
         self.requests.pop(req.id, None)
         nodes = list(req.visited)
         req.visited = set()
-        if nodes:
-            task = asyncio.create_task(self._release(req.id, nodes))
-            self._bg.add(task)
-            task.add_done_callback(self._bg.discard)
+        if req.in_step:  # a forward may still create a cache for it: release once the step is over
+            req.release_after_step = nodes
+        elif nodes:
+            self._release_soon(req.id, nodes)
         self._admit()
+
+    def _release_soon(self, rid: str, nodes: list[NodeHandle]) -> None:
+        task = asyncio.create_task(self._release(rid, nodes))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def _release(self, rid: str, nodes: list[NodeHandle]) -> None:
         results = await asyncio.gather(*(n.client.release([rid]) for n in nodes), return_exceptions=True)
