@@ -100,6 +100,17 @@ class Generation:
         self.call.cancel()  # a no-op once the call has ended; otherwise the coordinator cancels it
         self.metrics.in_flight.dec()
         self.metrics.e2e.labels(self.endpoint, outcome).observe(time.perf_counter() - self.t0)
+        f = self.final
+        log.info(
+            "request %s",
+            outcome,
+            extra={
+                "request_id": f.request_id if f else "",
+                "endpoint": self.endpoint,
+                "ms": round(self.elapsed_ms(), 1),
+                "completion_tokens": f.completion_tokens if f else 0,
+            },
+        )
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1e3

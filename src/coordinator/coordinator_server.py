@@ -78,7 +78,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     )
                 elif isinstance(ev, FinalEvent):
                     finished = True
-                    yield self._final(req, ev)
+                    final = self._final(req, ev)
+                    log.info(
+                        "request finished",
+                        extra={
+                            "request_id": rid,
+                            "finish_reason": ev.finish_reason,
+                            "prompt_tokens": final.prompt_tokens,
+                            "completion_tokens": final.completion_tokens,
+                            "ttft_ms": round(final.ttft_ms, 1),
+                            "total_ms": round(final.total_ms, 1),
+                            "failovers": final.failovers,
+                            "stages": [
+                                {
+                                    "part": t.part,
+                                    "node": t.node_id,
+                                    "forward_ms": round(t.forward_ms, 1),
+                                    "hop_ms": round(t.hop_ms, 1),
+                                }
+                                for t in final.stage_timings
+                            ],
+                        },
+                    )
+                    yield final
                     return
                 elif isinstance(ev, ErrorEvent):
                     finished = True

@@ -70,6 +70,17 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseResponse:
         freed = self.runner.release(list(request.request_ids))
+        shard = self.runner.loaded.shard
+        for rid, n in freed.items():  # one line per request per node: what this stage held for it
+            log.info(
+                "released",
+                extra={
+                    "request_id": rid,
+                    "part": self.runner.part,
+                    "layers": [shard.start_layer, shard.end_layer],
+                    "tokens_freed": n,
+                },
+            )
         return pb.ReleaseResponse(
             released=[pb.ReleasedCache(request_id=r, tokens_freed=n) for r, n in freed.items()],
             cache_used_tokens=self.runner.cache_used_tokens,
