@@ -64,7 +64,7 @@ class InProcessCluster:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     thread: threading.Thread | None = None
 
-    def start(self, timeout_s: float = 120) -> InProcessCluster:
+    def start(self, timeout_s: float = 120, wait_ready: bool = True) -> InProcessCluster:
         self.tokenizer.start()
         for n in self.nodes:
             n.start()
@@ -76,7 +76,7 @@ class InProcessCluster:
         self.thread.start()
         self.coordinator = self.call(self._start_coordinator())
         deadline = time.monotonic() + timeout_s
-        while not self.coordinator.cluster.ready:
+        while wait_ready and not self.coordinator.cluster.ready:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster not ready: {self.coordinator.cluster.problems}")
             time.sleep(0.1)

@@ -47,6 +47,16 @@ async def stream(
     return "".join(text), final, times
 
 
+def generate_once(address: str, req: pb.GenerateRequest) -> pb.GenerateResponse:
+    """One request on a fresh channel; returns its final message."""
+
+    async def run() -> pb.GenerateResponse:
+        async with grpc.aio.insecure_channel(address) as ch:
+            return (await stream(pb_grpc.CoordinatorStub(ch), req))[1]
+
+    return asyncio.run(run())
+
+
 def status(address: str) -> pb.ClusterStatusResponse:
     with grpc.insecure_channel(address) as ch:
         return pb_grpc.CoordinatorStub(ch).ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
@@ -132,11 +142,7 @@ def test_sigkill_without_replica_then_restart(tmp_path):
         pc.start_node("node2")
         pc.wait_ready(30)
 
-        async def after() -> pb.GenerateResponse:
-            async with grpc.aio.insecure_channel(cfg.coordinator.address) as ch:
-                return (await stream(pb_grpc.CoordinatorStub(ch), chat("Hello again.", 5)))[1]
-
-        assert asyncio.run(after()).completion_tokens == 5
+        assert generate_once(cfg.coordinator.address, chat("Hello again.", 5)).completion_tokens == 5
     finally:
         pc.stop()
 
@@ -254,10 +260,6 @@ def test_cancel_frees_every_stage_and_tokenizer_restart(tmp_path):
             assert time.monotonic() < deadline, pc.log("tokenizer")
             time.sleep(0.1)
 
-        async def recovered() -> pb.GenerateResponse:
-            async with grpc.aio.insecure_channel(cfg.coordinator.address) as ch:
-                return (await stream(pb_grpc.CoordinatorStub(ch), chat("Hi", 3)))[1]
-
-        assert asyncio.run(recovered()).completion_tokens == 3
+        assert generate_once(cfg.coordinator.address, chat("Hi", 3)).completion_tokens == 3
     finally:
         pc.stop()

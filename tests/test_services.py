@@ -17,7 +17,6 @@ import torch
 from pipeserve.common import codec
 from pipeserve.common.config import parse_config
 from pipeserve.common.errors import ConfigError
-from pipeserve.coordinator.coordinator_server import CoordinatorServer
 from pipeserve.modeling.engine import StageEngine
 from pipeserve.modeling.generate import generate
 from pipeserve.node.node_server import NodeServer
@@ -26,6 +25,7 @@ from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
 from pipeserve.tokenizer.core import TokenizerCore
+from pipeserve.tokenizer.tokenizer_server import TokenizerServer
 from tests.harness import InProcessCluster, cluster_config, start_cluster
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -230,21 +230,9 @@ def test_coordinator_refuses_a_node_holding_another_model(tiny_llama, tmp_path_f
     other = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("other-llama"), seed=1)
     cfg = cluster_config(str(tiny_llama), parts=2)
     odd_cfg = cfg.model_copy(update={"model_name": str(other)})
-    c = InProcessCluster(
-        cfg,
-        __import__("pipeserve.tokenizer.tokenizer_server", fromlist=["x"]).TokenizerServer(cfg),
-        [NodeServer(cfg, "node1"), NodeServer(odd_cfg, "node2")],
-    )
-    c.tokenizer.start()
-    for n in c.nodes:
-        n.start(background_load=False)
-    c.tokenizer.loaded_event.wait(60)
-    import threading
-
-    c.thread = threading.Thread(target=c.loop.run_forever, daemon=True)
-    c.thread.start()
-    co: CoordinatorServer = c.call(c._start_coordinator())
-    c.coordinator = co
+    c = InProcessCluster(cfg, TokenizerServer(cfg), [NodeServer(cfg, "node1"), NodeServer(odd_cfg, "node2")])
+    co = c.start(wait_ready=False).coordinator
+    assert co is not None
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "node2 holds model" not in " ".join(co.cluster.problems):

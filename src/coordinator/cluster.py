@@ -217,6 +217,10 @@ class Cluster:
             key=lambda n: (n.reserved_tokens + need_tokens > n.budget, len(n.running), n.reserved_tokens),
         )
 
+    def down_part(self) -> int | None:
+        """The first part no healthy node serves, if any."""
+        return next((p for p in range(self.n_parts) if self.pick(p, 0) is None), None)
+
     def max_budget(self, part: int) -> int:
         return max((n.budget for n in self.nodes if n.part == part and n.info), default=0)
 

@@ -279,7 +279,7 @@ class Scheduler:
         """Fail queued requests that waited past recovery_wait_s for a dead part."""
         now = time.monotonic()
         for req in list(self.waiting):
-            part = next((p for p in range(self.cluster.n_parts) if self.cluster.pick(p, 0) is None), None)
+            part = self.cluster.down_part()
             if part is not None and now - req.arrival > self.cfg.coordinator.recovery_wait_s:
                 self.waiting.remove(req)
                 self._fail(req, StageUnavailableError(self.cluster.part_down_message(part)))
@@ -320,8 +320,8 @@ class Scheduler:
             if needs_route and not self._reroute(req):
                 req.stalled_since = req.stalled_since or now
                 if now - req.stalled_since > self.cfg.coordinator.recovery_wait_s:
-                    part = next(p for p in range(self.cluster.n_parts) if self.cluster.pick(p, 0) is None)
-                    self._fail(req, StageUnavailableError(self.cluster.part_down_message(part)))
+                    part = self.cluster.down_part()
+                    self._fail(req, StageUnavailableError(self.cluster.part_down_message(part or 0)))
                 continue
             req.stalled_since = None
             todo = len(req.tokens) - req.n_computed
