@@ -1,0 +1,21 @@
+"""Builds the native kernels (src/kernels/qk*.cpp) with the package; everything else is in pyproject.toml.
+
+One extension, compiled without -march flags: each ISA file enables its own instructions with
+`#pragma GCC target`, and the module picks the best one the CPU has at import (see qk.cpp).
+"""
+
+from setuptools import Extension, setup
+
+KERNELS = "src/kernels/"
+
+setup(
+    ext_modules=[
+        Extension(
+            "pipeserve.kernels._qk",
+            sources=[KERNELS + f for f in ("qk.cpp", "qk_avx2.cpp", "qk_avx512.cpp", "qk_generic.cpp")],
+            depends=[KERNELS + f for f in ("qk_types.h", "qk_simd.h")],
+            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+            language="c++",
+        )
+    ]
+)

@@ -1,0 +1,147 @@
+"""Native kernels on GGUF-quantized weights: the one place with compiled code (see qk.cpp).
+
+`QTensor` is a weight matrix kept in its on-disk block form ([N rows, row_bytes] uint8, each row K
+weights); `QLinear` is the linear layer the model files use: y = x @ W^T (+ b) over one or more
+QTensors stacked by rows (fused q|k|v, gate|up), computed by one native call on fp32 activations.
+`reference.py` has the pure-torch version of every kernel; tests compare the two on every path
+the CPU can run (`set_isa`). `PIPESERVE_KERNEL_ISA=generic|avx2|avx512` forces a path at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeserve.kernels import reference
+from pipeserve.kernels.reference import TYPE_IDS, TYPES
+
+log = logging.getLogger(__name__)
+
+try:
+    from pipeserve.kernels import _qk  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - a source tree where `make` has not built it yet
+    raise ImportError(
+        "pipeserve's native kernels (pipeserve.kernels._qk) are not built: run `make deps` "
+        f"(or `pip install -e .`, which compiles src/kernels/*.cpp with g++) ({exc})"
+    ) from exc
+
+if os.environ.get("PIPESERVE_KERNEL_ISA"):
+    _qk.set_isa(os.environ["PIPESERVE_KERNEL_ISA"])
+
+KERNEL_TYPES = tuple(name for name, _, _ in TYPES.values())  # every type with a native kernel
+
+
+def supported_isas() -> list[str]:
+    """Kernel paths this CPU can run, lowest first (generic, avx2, avx512)."""
+    return list(_qk.supported_isas())
+
+
+def get_isa() -> str:
+    return str(_qk.get_isa())
+
+
+def set_isa(name: str) -> None:
+    _qk.set_isa(name)
+
+
+def set_threads(n: int) -> None:
+    """Threads of the process's kernel pool (the calling thread is one of them)."""
+    _qk.set_threads(int(n))
+
+
+def get_threads() -> int:
+    return int(_qk.get_threads())
+
+
+@dataclass(eq=False)
+class QTensor:
+    """A [N, K] weight matrix in GGUF block form: `data` is uint8 [N, row_bytes], row-major."""
+
+    data: torch.Tensor
+    qtype: int  # ggml type id (reference.TYPES)
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        name, elems, nbytes = TYPES[self.qtype]
+        N, K = self.shape
+        if K % elems:
+            raise ValueError(f"{name} rows need a multiple of {elems} weights, got K={K}")
+        want = (N, K // elems * nbytes)
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want or not self.data.is_contiguous():
+            raise ValueError(f"{name} [{N}, {K}] needs contiguous uint8 data {list(want)}, got {self.data.dtype} {list(self.data.shape)}")
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.qtype][0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> QTensor:
+        """A 2-D float tensor kept in its own dtype (fp32, fp16 or bf16), as the checkpoint stored it."""
+        names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+        if w.dtype not in names or w.dim() != 2:
+            raise ValueError(f"expected a 2-D fp32/fp16/bf16 tensor, got {w.dtype} {list(w.shape)}")
+        w = w.contiguous()
+        return cls(w.view(torch.uint8).reshape(w.shape[0], -1), TYPE_IDS[names[w.dtype]], (w.shape[0], w.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 copy of the whole matrix (tests and load-time conversions, never the hot path)."""
+        return reference.dequantize(self.data, self.qtype, self.shape)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """fp32 [len(ids), K] of the given rows: the embedding lookup, exact as the reference."""
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.numel(), self.shape[1])
+        _qk.dequant_rows(
+            self.data.data_ptr(), self.qtype, self.data.shape[1], self.shape[1], ids.data_ptr(), ids.numel(), out.data_ptr()
+        )
+        return out
+
+    def permute_rows(self, perm: torch.Tensor) -> QTensor:
+        """The matrix with its rows reordered (a row holds whole blocks, so this is exact)."""
+        return QTensor(self.data[perm].contiguous(), self.qtype, self.shape)
+
+
+class QLinear(nn.Module):
+    """y = x @ W^T (+ b), W = the row-wise concatenation of `parts` (kept in block form).
+
+    x: [T, K] fp32 -> y: [T, sum of parts' N]. One native call per forward whatever the parts'
+    types are; the pool's threads split the output rows.
+    """
+
+    def __init__(self, parts: Sequence[QTensor], bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        K = parts[0].shape[1]
+        if any(p.shape[1] != K for p in parts):
+            raise ValueError(f"fused parts must share K, got {[p.shape for p in parts]}")
+        self.parts = list(parts)
+        self.in_features, self.out_features = K, sum(p.shape[0] for p in parts)
+        self.plan = _qk.Plan([(p.data.data_ptr(), p.qtype, p.shape[0], p.data.shape[1]) for p in parts], K)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias has shape {list(bias.shape)}, expected [{self.out_features}]")
+        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        self.plan.run(x.data_ptr(), x.shape[0], y.data_ptr())
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        types = "|".join(p.type_name for p in self.parts)
+        return f"in={self.in_features}, out={self.out_features}, types={types}"

@@ -1,0 +1,402 @@
+// pipeserve.kernels._qk: matrix x (small) matrix products on GGUF-quantized weights, fp32
+// activations. The Python side (kernels/__init__.py) owns the weight bytes and builds one `Plan`
+// per linear layer (several row segments, possibly of different types, e.g. fused q|k|v); a call
+// runs the plan on x [T, K] into y [T, N] on the process's thread pool. The SIMD path is chosen
+// at import from the CPU (avx512 > avx2 > generic) and can be forced with set_isa() for tests.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "qk_types.h"
+
+namespace qk {
+namespace avx2 { RowsFn get(int type); }
+namespace avx512 { RowsFn get(int type); }
+namespace generic {
+RowsFn get(int type);
+void dequant_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* ids, int64_t n, float* out);
+}
+}  // namespace qk
+
+using namespace qk;
+
+// ---------------------------------------------------------------- ISA selection
+enum Isa { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const char* ISA_NAMES[] = {"generic", "avx2", "avx512"};
+
+static bool cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (isa == ISA_AVX2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (isa == ISA_AVX512)
+    return cpu_has(ISA_AVX2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return isa == ISA_GENERIC;
+}
+
+static Isa g_isa = ISA_GENERIC;
+
+static RowsFn rows_for(int type) {
+  switch (g_isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case ISA_AVX512: return avx512::get(type);
+    case ISA_AVX2: return avx2::get(type);
+#endif
+    default: return generic::get(type);
+  }
+}
+
+// ---------------------------------------------------------------- thread pool
+// Workers spin briefly after each task (calls come every few microseconds inside a forward) and
+// then sleep on a condition variable, so an idle node or one waiting on the network costs no CPU.
+struct Task {
+  std::vector<Job>* jobs;
+  const std::vector<int64_t>* items;  // triples (job index, r0, r1)
+  std::atomic<int64_t> next{0};
+};
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n < 1 ? 1 : n) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+  std::mutex& busy() { return busy_; }
+  float* scratch(int tid, int64_t floats) {
+    if ((int64_t)scratch_[tid].size() < floats) scratch_[tid].resize(floats);
+    return scratch_[tid].data();
+  }
+  void prepare(int64_t floats) {  // scratch for every thread, allocated before workers start
+    scratch_.resize(n_);
+    for (int i = 0; i < n_; ++i) scratch(i, floats);
+  }
+  void run(Task* task, int n_threads) {
+    if (n_threads > n_) n_threads = n_;
+    active_ = n_threads;
+    if (n_threads > 1) {
+      task_ = task;
+      done_.store(0);
+      gen_.fetch_add(1, std::memory_order_seq_cst);
+      if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+        std::lock_guard<std::mutex> lk(m_);
+        cv_.notify_all();
+      }
+    }
+    work(task, 0);
+    if (n_threads > 1)
+      while (done_.load(std::memory_order_acquire) < n_ - 1) cpu_relax();
+  }
+
+ private:
+  static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  void work(Task* t, int tid) {
+    if (tid >= active_) return;
+    const int64_t n_items = (int64_t)t->items->size() / 3;
+    for (;;) {
+      const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n_items) break;
+      const int64_t* it = t->items->data() + 3 * i;
+      Job jb = (*t->jobs)[it[0]];
+      jb.scratch = scratch_[tid].data();
+      rows_for(jb.type)(jb, it[1], it[2]);
+    }
+  }
+  void loop(int tid) {
+    uint64_t seen = 0;  // gen_ starts at 0; reading it here could miss a task posted before we ran
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        cpu_relax();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleeping_.fetch_add(1);
+          cv_.wait(lk, [&] { return gen_.load() != seen; });
+          sleeping_.fetch_sub(1);
+        }
+      }
+      seen = gen_.load();
+      if (stop_) return;
+      work(task_, tid);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::vector<std::vector<float>> scratch_;
+  std::mutex m_, busy_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> done_{0}, sleeping_{0};
+  Task* task_ = nullptr;
+  int active_ = 1;
+  bool stop_ = false;
+};
+
+static Pool* g_pool = nullptr;
+static int64_t g_scratch_floats = 1 << 16;
+
+static void set_pool(int n) {
+  delete g_pool;
+  g_pool = new Pool(n);
+  g_pool->prepare(g_scratch_floats);
+}
+
+// ---------------------------------------------------------------- Plan
+struct Segment {
+  const uint8_t* w;
+  int type;
+  int64_t rows, row_bytes;
+};
+
+typedef struct {
+  PyObject_HEAD
+  std::vector<Segment>* segs;
+  int64_t K, N;
+  bool needs_xsum;
+} PlanObject;
+
+static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
+  PyObject* seq;
+  long long K;
+  if (!PyArg_ParseTuple(args, "OL", &seq, &K)) return -1;
+  PyObject* fast = PySequence_Fast(seq, "segments must be a sequence of (ptr, type, rows, row_bytes)");
+  if (!fast) return -1;
+  self->segs = new std::vector<Segment>();
+  self->K = K;
+  self->N = 0;
+  self->needs_xsum = false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
+    unsigned long long ptr;
+    int type;
+    long long rows, rb;
+    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "KiLL", &ptr, &type, &rows, &rb)) {
+      Py_DECREF(fast);
+      return -1;
+    }
+    BlockInfo bi = block_info(type);
+    if (bi.elems == 0 || K % bi.elems != 0 || rb != K / bi.elems * bi.bytes || rows <= 0) {
+      PyErr_Format(PyExc_ValueError, "segment %zd: type %d with K=%lld and row_bytes=%lld is not a valid layout",
+                   i, type, K, rb);
+      Py_DECREF(fast);
+      return -1;
+    }
+    self->segs->push_back({(const uint8_t*)ptr, type, rows, rb});
+    self->N += rows;
+    if (type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K) self->needs_xsum = true;
+  }
+  Py_DECREF(fast);
+  if (K > g_scratch_floats / 2) {
+    g_scratch_floats = 2 * K;
+    if (g_pool) g_pool->prepare(g_scratch_floats);
+  }
+  return 0;
+}
+
+static void Plan_dealloc(PlanObject* self) {
+  delete self->segs;
+  Py_TYPE(self)->tp_free((PyObject*)self);
+}
+
+// run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T, both contiguous fp32.
+static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "run(x_ptr, T, y_ptr)");
+    return nullptr;
+  }
+  const float* x = (const float*)PyLong_AsUnsignedLongLong(args[0]);
+  long long T = PyLong_AsLongLong(args[1]);
+  float* y = (float*)PyLong_AsUnsignedLongLong(args[2]);
+  if (PyErr_Occurred()) return nullptr;
+  if (T <= 0) Py_RETURN_NONE;
+  const int64_t K = self->K, G = K / 32;
+  Py_BEGIN_ALLOW_THREADS
+  std::vector<float> xsum;
+  if (self->needs_xsum) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K
+    xsum.resize(T * G);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.f;
+        for (int e = 0; e < 32; ++e) s += x[t * K + g * 32 + e];
+        xsum[t * G + g] = s;
+      }
+  }
+  std::vector<Job> jobs;
+  std::vector<int64_t> items;
+  std::unique_lock<std::mutex> lk(g_pool->busy(), std::try_to_lock);
+  // Another thread of this process is computing: run this call alone rather than wait.
+  const int threads = lk.owns_lock() ? g_pool->size() : 1;
+  int64_t col = 0;
+  for (const Segment& s : *self->segs) {
+    Job jb{s.type, s.w, s.row_bytes, K, x, self->needs_xsum ? xsum.data() : nullptr, T, y + col, self->N, nullptr};
+    const int64_t j = (int64_t)jobs.size();
+    jobs.push_back(jb);
+    // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4
+    int64_t chunk = (s.rows + 4 * threads - 1) / (4 * threads);
+    chunk = chunk < 16 ? 16 : (chunk + 3) / 4 * 4;
+    if (threads == 1) chunk = s.rows;
+    for (int64_t r = 0; r < s.rows; r += chunk) {
+      items.push_back(j);
+      items.push_back(r);
+      items.push_back(r + chunk < s.rows ? r + chunk : s.rows);
+    }
+    col += s.rows;
+  }
+  if (lk.owns_lock()) {
+    Task task;
+    task.jobs = &jobs;
+    task.items = &items;
+    g_pool->run(&task, threads);
+  } else {
+    std::vector<float> scratch(2 * K);
+    for (size_t i = 0; i < items.size(); i += 3) {
+      Job jb = jobs[items[i]];
+      jb.scratch = scratch.data();
+      rows_for(jb.type)(jb, items[i + 1], items[i + 2]);
+    }
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* Plan_get_n(PlanObject* self, void*) { return PyLong_FromLongLong(self->N); }
+static PyObject* Plan_get_k(PlanObject* self, void*) { return PyLong_FromLongLong(self->K); }
+
+static PyMethodDef Plan_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))Plan_run, METH_FASTCALL, "run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T"},
+    {nullptr, nullptr, 0, nullptr}};
+static PyGetSetDef Plan_getset[] = {
+    {"n", (getter)Plan_get_n, nullptr, "output features (rows of all segments)", nullptr},
+    {"k", (getter)Plan_get_k, nullptr, "input features", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+static PyType_Slot Plan_slots[] = {
+    {Py_tp_init, (void*)Plan_init},
+    {Py_tp_dealloc, (void*)Plan_dealloc},
+    {Py_tp_methods, (void*)Plan_methods},
+    {Py_tp_getset, (void*)Plan_getset},
+    {Py_tp_new, (void*)PyType_GenericNew},
+    {Py_tp_doc, (void*)"Plan(segments, K): a linear layer over row segments (ptr, ggml type, rows, row_bytes)."},
+    {0, nullptr}};
+static PyType_Spec Plan_spec = {"pipeserve.kernels._qk.Plan", sizeof(PlanObject), 0, Py_TPFLAGS_DEFAULT, Plan_slots};
+
+// ---------------------------------------------------------------- module functions
+static PyObject* py_set_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  for (int i = 0; i < 3; ++i)
+    if (std::string(name) == ISA_NAMES[i]) {
+      if (!cpu_has((Isa)i)) {
+        PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels", name);
+        return nullptr;
+      }
+      g_isa = (Isa)i;
+      Py_RETURN_NONE;
+    }
+  PyErr_Format(PyExc_ValueError, "unknown kernel ISA %R (generic, avx2, avx512)", arg);
+  return nullptr;
+}
+
+static PyObject* py_get_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ISA_NAMES[g_isa]); }
+
+static PyObject* py_supported(PyObject*, PyObject*) {
+  PyObject* out = PyList_New(0);
+  for (int i = 0; i < 3; ++i)
+    if (cpu_has((Isa)i)) {
+      PyObject* s = PyUnicode_FromString(ISA_NAMES[i]);
+      PyList_Append(out, s);
+      Py_DECREF(s);
+    }
+  return out;
+}
+
+static PyObject* py_set_threads(PyObject*, PyObject* arg) {
+  long n = PyLong_AsLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (n < 1 || n > 256) {
+    PyErr_Format(PyExc_ValueError, "threads must be in [1, 256], got %ld", n);
+    return nullptr;
+  }
+  if (n != g_pool->size()) {
+    std::lock_guard<std::mutex> lk(g_pool->busy());  // no call in flight while the pool changes
+    Py_BEGIN_ALLOW_THREADS
+    Pool* old = g_pool;
+    g_pool = new Pool((int)n);
+    g_pool->prepare(g_scratch_floats);
+    delete old;
+    Py_END_ALLOW_THREADS
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_get_threads(PyObject*, PyObject*) { return PyLong_FromLong(g_pool->size()); }
+
+// dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr): out[n, K] = rows `ids` as fp32.
+static PyObject* py_dequant_rows(PyObject*, PyObject* args) {
+  unsigned long long w, ids, out;
+  int type;
+  long long rb, K, n;
+  if (!PyArg_ParseTuple(args, "KiLLKLK", &w, &type, &rb, &K, &ids, &n, &out)) return nullptr;
+  if (block_info(type).elems == 0) {
+    PyErr_Format(PyExc_ValueError, "unsupported ggml type %d", type);
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  generic::dequant_rows(type, (const uint8_t*)w, rb, K, (const int64_t*)ids, n, (float*)out);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_block_info(PyObject*, PyObject* arg) {
+  long t = PyLong_AsLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  BlockInfo bi = block_info((int)t);
+  return Py_BuildValue("(ii)", bi.elems, bi.bytes);
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_isa", py_set_isa, METH_O, "set_isa(name): force the generic, avx2 or avx512 kernels"},
+    {"get_isa", py_get_isa, METH_NOARGS, "the kernels in use"},
+    {"supported_isas", py_supported, METH_NOARGS, "kernel paths this CPU can run, lowest first"},
+    {"set_threads", py_set_threads, METH_O, "set_threads(n): size of the kernel thread pool"},
+    {"get_threads", py_get_threads, METH_NOARGS, "size of the kernel thread pool"},
+    {"dequant_rows", py_dequant_rows, METH_VARARGS, "dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr)"},
+    {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_qk", "GGUF block kernels (see kernels/__init__.py)", -1, module_methods,
+    nullptr, nullptr, nullptr, nullptr};
+
+PyMODINIT_FUNC PyInit__qk(void) {
+  PyObject* m = PyModule_Create(&module_def);
+  if (!m) return nullptr;
+  PyObject* plan = PyType_FromSpec(&Plan_spec);
+  if (!plan || PyModule_AddObject(m, "Plan", plan) < 0) return nullptr;
+  g_isa = cpu_has(ISA_AVX512) ? ISA_AVX512 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC;
+  if (!g_pool) set_pool(1);
+  return m;
+}

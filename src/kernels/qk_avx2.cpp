@@ -1,0 +1,53 @@
+// AVX2 + FMA + F16C build of the kernels (the baseline x86-64 path): 8 float lanes.
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include "qk_types.h"
+
+namespace qk {
+namespace avx2 {
+
+struct S {
+  static constexpr int L = 8;
+  using F = __m256;
+  using I = __m256i;
+  static inline I u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+  static inline I i8(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+  static inline I and_(I a, int m) { return _mm256_and_si256(a, _mm256_set1_epi32(m)); }
+  static inline I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static inline I sub(I a, int m) { return _mm256_sub_epi32(a, _mm256_set1_epi32(m)); }
+  template <int N> static inline I srli(I a) { return _mm256_srli_epi32(a, N); }
+  template <int N> static inline I slli(I a) { return _mm256_slli_epi32(a, N); }
+  static inline I srl(I a, int n) { return _mm256_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+  // bit 4 of the 5-bit quants e..e+7: bits e..e+7 of qh, moved to bit 4
+  static inline I bit4(uint32_t qh, int e) {
+    const I sh = _mm256_setr_epi32(e, e + 1, e + 2, e + 3, e + 4, e + 5, e + 6, e + 7);
+    return _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)qh), sh), _mm256_set1_epi32(1)), 4);
+  }
+  static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
+  static inline F f32(const float* p) { return _mm256_loadu_ps(p); }
+  static inline F h16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static inline F bf16(const uint8_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static inline float h2f(const uint8_t* p) { return _cvtsh_ss(rd16(p)); }
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline F set1(float a) { return _mm256_set1_ps(a); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline void store(float* p, F a) { _mm256_storeu_ps(p, a); }
+  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  static inline float hsum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+#include "qk_simd.h"
+
+RowsFn get(int type) { return rows_fn(type); }
+
+}  // namespace avx2
+}  // namespace qk

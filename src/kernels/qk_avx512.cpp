@@ -1,0 +1,50 @@
+// AVX-512 (F, BW, VL) build of the kernels: 16 float lanes, two vectors per group of 32.
+// VNNI and BF16 dot products would round fp32 activations to int8 / bf16, so the exact kernels do
+// not use them (see README "Quantized engine").
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include <immintrin.h>
+
+#include "qk_types.h"
+
+namespace qk {
+namespace avx512 {
+
+struct S {
+  static constexpr int L = 16;
+  using F = __m512;
+  using I = __m512i;
+  static inline I u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static inline I i8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static inline I and_(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+  static inline I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static inline I sub(I a, int m) { return _mm512_sub_epi32(a, _mm512_set1_epi32(m)); }
+  template <int N> static inline I srli(I a) { return _mm512_srli_epi32(a, N); }
+  template <int N> static inline I slli(I a) { return _mm512_slli_epi32(a, N); }
+  static inline I srl(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+  static inline I bit4(uint32_t qh, int e) {
+    const I sh = _mm512_add_epi32(_mm512_set1_epi32(e),
+                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)qh), sh), _mm512_set1_epi32(1)), 4);
+  }
+  static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static inline F f32(const float* p) { return _mm512_loadu_ps(p); }
+  static inline F h16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static inline F bf16(const uint8_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static inline float h2f(const uint8_t* p) { return _cvtsh_ss(rd16(p)); }
+  static inline F zero() { return _mm512_setzero_ps(); }
+  static inline F set1(float a) { return _mm512_set1_ps(a); }
+  static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline void store(float* p, F a) { _mm512_storeu_ps(p, a); }
+  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
+};
+
+#include "qk_simd.h"
+
+RowsFn get(int type) { return rows_fn(type); }
+
+}  // namespace avx512
+}  // namespace qk

@@ -1,0 +1,238 @@
+// The SIMD kernels, written once over a small vector wrapper `S` (S::L float lanes) that each ISA
+// file defines before including this header inside its own namespace (qk_avx2.cpp: 8 lanes,
+// qk_avx512.cpp: 16). Nothing here may be an external inline symbol: the same names are compiled
+// for several ISAs into one library, so everything is `static` inside the includer's namespace.
+//
+// Two loop shapes (see ../../README.md "Quantized engine"):
+// - T == 1 (decode): each group of 32 weights is decoded to small integers in registers and
+//   dotted with x; the group's scale multiplies that dot and its min multiplies the group's sum of
+//   x (precomputed once per call): sum((a*q + c) * x) = a * sum(q*x) + c * sum(x). Four weight
+//   rows share every load of x.
+// - T >= 2 (batched decode, prefill): two weight rows are dequantized once into a small fp32
+//   scratch, then a 2 x 4 register tile (2 weight rows x 4 activation rows) runs over a block of
+//   activation rows that stays in L2. Activations and accumulation are fp32 throughout.
+
+static constexpr int NV = 32 / S::L;  // vectors per group of 32
+
+// Decode group g of a row into NV float vectors of integers q, with the constants of
+// w = a(e) * q + c (a0 on the first half of the vectors, a1 on the second).
+template <int TY>
+static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], float& a0, float& a1, float& c) {
+  using I = typename S::I;
+  c = 0.f;
+  if constexpr (TY == Q4_0 || TY == Q4_1) {
+    const uint8_t* b = row + g * (TY == Q4_0 ? 18 : 20);
+    const uint8_t* qs = b + (TY == Q4_0 ? 2 : 4);
+    a0 = a1 = S::h2f(b);
+    if constexpr (TY == Q4_1) c = S::h2f(b + 2);
+    for (int v = 0; v < NV; ++v) {
+      const int e = v * S::L;
+      I iv = e < 16 ? S::and_(S::u8(qs + e), 15) : S::template srli<4>(S::u8(qs + e - 16));
+      if constexpr (TY == Q4_0) iv = S::sub(iv, 8);
+      q[v] = S::cvt(iv);
+    }
+  } else if constexpr (TY == Q5_0 || TY == Q5_1) {
+    const uint8_t* b = row + g * (TY == Q5_0 ? 22 : 24);
+    const uint8_t* hb = b + (TY == Q5_0 ? 2 : 4);
+    const uint32_t qh = rd32(hb);
+    const uint8_t* qs = hb + 4;
+    a0 = a1 = S::h2f(b);
+    if constexpr (TY == Q5_1) c = S::h2f(b + 2);
+    for (int v = 0; v < NV; ++v) {
+      const int e = v * S::L;
+      I iv = e < 16 ? S::and_(S::u8(qs + e), 15) : S::template srli<4>(S::u8(qs + e - 16));
+      iv = S::or_(iv, S::bit4(qh, e));
+      if constexpr (TY == Q5_0) iv = S::sub(iv, 16);
+      q[v] = S::cvt(iv);
+    }
+  } else if constexpr (TY == Q8_0) {
+    const uint8_t* b = row + g * 34;
+    a0 = a1 = S::h2f(b);
+    for (int v = 0; v < NV; ++v) q[v] = S::cvt(S::i8(b + 2 + v * S::L));
+  } else if constexpr (TY == Q4_K || TY == Q5_K) {
+    const uint8_t* sb = row + (g / 8) * (TY == Q4_K ? 144 : 176);
+    const int j = (int)(g % 8);
+    int sc, m;
+    k4_scale_min(j, sb + 4, &sc, &m);
+    a0 = a1 = S::h2f(sb) * (float)sc;
+    c = -(S::h2f(sb + 2) * (float)m);
+    const uint8_t* qs = sb + (TY == Q4_K ? 16 : 48) + 32 * (j / 2);
+    for (int v = 0; v < NV; ++v) {
+      const int e = v * S::L;
+      I iv = (j & 1) ? S::template srli<4>(S::u8(qs + e)) : S::and_(S::u8(qs + e), 15);
+      if constexpr (TY == Q5_K) iv = S::or_(iv, S::template slli<4>(S::and_(S::srl(S::u8(sb + 16 + e), j), 1)));
+      q[v] = S::cvt(iv);
+    }
+  } else if constexpr (TY == Q6_K) {
+    const uint8_t* sb = row + (g / 8) * 210;
+    const int j = (int)(g % 8), n = j / 4, k = j % 4;
+    const uint8_t* ql = sb + 64 * n + 32 * (k & 1);
+    const uint8_t* qh = sb + 128 + 32 * n;
+    const int8_t* sc = (const int8_t*)(sb + 192) + 8 * n + 2 * k;
+    const float d = S::h2f(sb + 208);
+    a0 = d * (float)sc[0];
+    a1 = d * (float)sc[1];
+    for (int v = 0; v < NV; ++v) {
+      const int e = v * S::L;
+      I lo = k >= 2 ? S::template srli<4>(S::u8(ql + e)) : S::and_(S::u8(ql + e), 15);
+      I hi = S::template slli<4>(S::and_(S::srl(S::u8(qh + e), 2 * k), 3));
+      q[v] = S::cvt(S::sub(S::or_(lo, hi), 32));
+    }
+  } else {  // dense float types: the "integers" are the weights themselves, a = 1, c = 0
+    a0 = a1 = 1.f;
+    for (int v = 0; v < NV; ++v) {
+      const int64_t k = g * 32 + v * S::L;
+      if constexpr (TY == F32) q[v] = S::f32((const float*)row + k);
+      else if constexpr (TY == F16) q[v] = S::h16(row + 2 * k);
+      else q[v] = S::bf16(row + 2 * k);
+    }
+  }
+}
+
+template <int TY>
+static constexpr bool has_min() { return TY == Q4_1 || TY == Q5_1 || TY == Q4_K || TY == Q5_K; }
+
+// T == 1: y[r] for NR consecutive rows starting at `row`.
+template <int TY, int NR>
+static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
+  using F = typename S::F;
+  const int64_t G = jb.K / 32, gb = jb.row_bytes / (G ? G : 1);  // gb: bytes per group
+  F tot[NR];
+  float ct[NR];
+  for (int r = 0; r < NR; ++r) { tot[r] = S::zero(); ct[r] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    F xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = S::f32(jb.x + g * 32 + v * S::L);
+    for (int r = 0; r < NR; ++r) {
+      S::prefetch(row + r * jb.row_bytes + (g + 8) * gb);  // a few groups ahead: hides RAM latency
+      F q[NV];
+      float a0, a1, c;
+      decode<TY>(row + r * jb.row_bytes, g, q, a0, a1, c);
+      if constexpr (TY == Q6_K) {
+        F b0 = S::mul(q[0], xv[0]), b1 = S::mul(q[NV / 2], xv[NV / 2]);
+        for (int v = 1; v < NV / 2; ++v) {
+          b0 = S::fma(q[v], xv[v], b0);
+          b1 = S::fma(q[NV / 2 + v], xv[NV / 2 + v], b1);
+        }
+        tot[r] = S::fma(S::set1(a0), b0, tot[r]);
+        tot[r] = S::fma(S::set1(a1), b1, tot[r]);
+      } else if constexpr (is_float_type_c(TY)) {
+        for (int v = 0; v < NV; ++v) tot[r] = S::fma(q[v], xv[v], tot[r]);
+      } else {
+        F b = S::mul(q[0], xv[0]);
+        for (int v = 1; v < NV; ++v) b = S::fma(q[v], xv[v], b);
+        tot[r] = S::fma(S::set1(a0), b, tot[r]);
+        if constexpr (has_min<TY>()) ct[r] += c * jb.xsum[g];
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    float s = S::hsum(tot[r]) + ct[r];
+    if constexpr (is_float_type_c(TY)) {
+      const uint8_t* rw = row + r * jb.row_bytes;
+      for (int64_t k = G * 32; k < jb.K; ++k) s += float_weight(TY, rw, k) * jb.x[k];
+    }
+    y[r] = s;
+  }
+}
+
+// Dequantize one row into fp32 (K tail included for the float types).
+template <int TY>
+static inline void dequant_row(const Job& jb, const uint8_t* row, float* out) {
+  using F = typename S::F;
+  const int64_t G = jb.K / 32;
+  for (int64_t g = 0; g < G; ++g) {
+    F q[NV];
+    float a0, a1, c;
+    decode<TY>(row, g, q, a0, a1, c);
+    if constexpr (is_float_type_c(TY)) {
+      for (int v = 0; v < NV; ++v) S::store(out + g * 32 + v * S::L, q[v]);
+    } else {
+      const F A0 = S::set1(a0), A1 = S::set1(a1), C = S::set1(c);
+      for (int v = 0; v < NV; ++v) S::store(out + g * 32 + v * S::L, S::fma(q[v], v < NV / 2 ? A0 : A1, C));
+    }
+  }
+  if constexpr (is_float_type_c(TY))
+    for (int64_t k = G * 32; k < jb.K; ++k) out[k] = float_weight(TY, row, k);
+}
+
+// fp32 tile: NR (1..2) dequantized rows w[NR][K] x NT (1..4) activation rows.
+template <int NR, int NT>
+static inline void tile(const float* w, int64_t K, const float* x, float* y, int64_t ldy) {
+  using F = typename S::F;
+  F acc[NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = S::zero();
+  const int64_t KV = K / S::L * S::L;
+  for (int64_t k = 0; k < KV; k += S::L) {
+    F wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = S::f32(w + r * K + k);
+    for (int t = 0; t < NT; ++t) {
+      const F xv = S::f32(x + t * K + k);
+      for (int r = 0; r < NR; ++r) acc[r][t] = S::fma(wv[r], xv, acc[r][t]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) {
+      float s = S::hsum(acc[r][t]);
+      for (int64_t k = KV; k < K; ++k) s += w[r * K + k] * x[t * K + k];
+      y[t * ldy + r] = s;
+    }
+}
+
+template <int NR>
+static inline void tile_rows(const float* w, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 4 <= nt; t += 4) tile<NR, 4>(w, K, x + t * K, y + t * ldy, ldy);
+  switch (nt - t) {
+    case 3: tile<NR, 3>(w, K, x + t * K, y + t * ldy, ldy); break;
+    case 2: tile<NR, 2>(w, K, x + t * K, y + t * ldy, ldy); break;
+    case 1: tile<NR, 1>(w, K, x + t * K, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
+
+static constexpr int64_t T_BLOCK = 64;  // activation rows kept hot in L2 while rows stream past
+
+template <int TY>
+static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
+  if (jb.T == 1) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) mv_rows<TY, 4>(jb, jb.w + r * jb.row_bytes, jb.y + r);
+    for (; r < r1; ++r) mv_rows<TY, 1>(jb, jb.w + r * jb.row_bytes, jb.y + r);
+    return;
+  }
+  const int64_t K = jb.K;
+  for (int64_t t0 = 0; t0 < jb.T; t0 += T_BLOCK) {
+    const int64_t nt = jb.T - t0 < T_BLOCK ? jb.T - t0 : T_BLOCK;
+    const float* x = jb.x + t0 * K;
+    float* y = jb.y + t0 * jb.ldy;
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) {
+      dequant_row<TY>(jb, jb.w + r * jb.row_bytes, jb.scratch);
+      dequant_row<TY>(jb, jb.w + (r + 1) * jb.row_bytes, jb.scratch + K);
+      tile_rows<2>(jb.scratch, K, x, nt, y + r, jb.ldy);
+    }
+    if (r < r1) {
+      dequant_row<TY>(jb, jb.w + r * jb.row_bytes, jb.scratch);
+      tile_rows<1>(jb.scratch, K, x, nt, y + r, jb.ldy);
+    }
+  }
+}
+
+static RowsFn rows_fn(int type) {
+  switch (type) {
+    case F32: return rows_impl<F32>;
+    case F16: return rows_impl<F16>;
+    case BF16: return rows_impl<BF16>;
+    case Q4_0: return rows_impl<Q4_0>;
+    case Q4_1: return rows_impl<Q4_1>;
+    case Q5_0: return rows_impl<Q5_0>;
+    case Q5_1: return rows_impl<Q5_1>;
+    case Q8_0: return rows_impl<Q8_0>;
+    case Q4_K: return rows_impl<Q4_K>;
+    case Q5_K: return rows_impl<Q5_K>;
+    case Q6_K: return rows_impl<Q6_K>;
+    default: return nullptr;
+  }
+}

@@ -1,0 +1,173 @@
+// GGUF block formats shared by every ISA build of the kernels (qk_*.cpp), plus portable scalar
+// helpers. Layouts follow ggml's block structs; the type ids are ggml's (they appear in GGUF files).
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+namespace qk {
+
+enum Type : int {
+  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+  Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30,
+};
+
+// Elements and bytes of one block (one element for the dense float types).
+struct BlockInfo { int elems; int bytes; };
+static inline BlockInfo block_info(int t) {
+  switch (t) {
+    case F32: return {1, 4};
+    case F16: return {1, 2};
+    case BF16: return {1, 2};
+    case Q4_0: return {32, 18};   // d(f16) qs[16]
+    case Q4_1: return {32, 20};   // d(f16) m(f16) qs[16]
+    case Q5_0: return {32, 22};   // d(f16) qh[4] qs[16]
+    case Q5_1: return {32, 24};   // d(f16) m(f16) qh[4] qs[16]
+    case Q8_0: return {32, 34};   // d(f16) qs[32] (int8)
+    case Q4_K: return {256, 144}; // d dmin scales[12] qs[128]
+    case Q5_K: return {256, 176}; // d dmin scales[12] qh[32] qs[128]
+    case Q6_K: return {256, 210}; // ql[128] qh[64] scales[16](int8) d
+    default: return {0, 0};
+  }
+}
+
+static inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, portable and exact
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400)) { man <<= 1; --exp; }
+      bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static inline uint16_t rd16(const uint8_t* p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t rd32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+// 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block (ggml's packing).
+static inline void k4_scale_min(int j, const uint8_t* q, int* sc, int* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Every kernel works in groups of 32 weights along K. Inside group g of a row the weights are
+//   w[e] = a(e) * q[e] + c,  a(e) = a0 for e < 16 and a1 for e >= 16,
+// with small integers q (a0 == a1 except in Q6_K, whose scales cover 16 weights). This decodes a
+// group to those integers and constants with plain C; the SIMD builds do the same in registers.
+static inline void decode_group_scalar(int t, const uint8_t* row, int64_t g, int32_t q[32], float* a0,
+                                       float* a1, float* c) {
+  *c = 0.f;
+  switch (t) {
+    case Q4_0: case Q4_1: {
+      const uint8_t* b = row + g * (t == Q4_0 ? 18 : 20);
+      const uint8_t* qs = b + (t == Q4_0 ? 2 : 4);
+      *a0 = *a1 = f16_to_f32(rd16(b));
+      if (t == Q4_1) *c = f16_to_f32(rd16(b + 2));
+      int off = t == Q4_0 ? 8 : 0;
+      for (int j = 0; j < 16; ++j) { q[j] = (qs[j] & 15) - off; q[j + 16] = (qs[j] >> 4) - off; }
+      return;
+    }
+    case Q5_0: case Q5_1: {
+      const uint8_t* b = row + g * (t == Q5_0 ? 22 : 24);
+      const uint8_t* hb = b + (t == Q5_0 ? 2 : 4);
+      uint32_t qh = rd32(hb);
+      const uint8_t* qs = hb + 4;
+      *a0 = *a1 = f16_to_f32(rd16(b));
+      if (t == Q5_1) *c = f16_to_f32(rd16(b + 2));
+      int off = t == Q5_0 ? 16 : 0;
+      for (int j = 0; j < 16; ++j) {
+        q[j] = ((qs[j] & 15) | (((qh >> j) & 1) << 4)) - off;
+        q[j + 16] = ((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off;
+      }
+      return;
+    }
+    case Q8_0: {
+      const uint8_t* b = row + g * 34;
+      *a0 = *a1 = f16_to_f32(rd16(b));
+      for (int j = 0; j < 32; ++j) q[j] = (int8_t)b[2 + j];
+      return;
+    }
+    case Q4_K: case Q5_K: {
+      const int bytes = t == Q4_K ? 144 : 176;
+      const uint8_t* sb = row + (g / 8) * bytes;
+      int j = (int)(g % 8), sc, m;
+      float d = f16_to_f32(rd16(sb)), dmin = f16_to_f32(rd16(sb + 2));
+      k4_scale_min(j, sb + 4, &sc, &m);
+      *a0 = *a1 = d * (float)sc;
+      *c = -(dmin * (float)m);
+      const uint8_t* qs = sb + (t == Q4_K ? 16 : 48) + 32 * (j / 2);
+      int shift = (j & 1) * 4;
+      for (int l = 0; l < 32; ++l) {
+        q[l] = (qs[l] >> shift) & 15;
+        if (t == Q5_K) q[l] |= ((sb[16 + l] >> j) & 1) << 4;
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* sb = row + (g / 8) * 210;
+      int j = (int)(g % 8), n = j / 4, k = j % 4;
+      const uint8_t* ql = sb + 64 * n + 32 * (k & 1);
+      const uint8_t* qh = sb + 128 + 32 * n;
+      const int8_t* sc = (const int8_t*)(sb + 192) + 8 * n + 2 * k;
+      float d = f16_to_f32(rd16(sb + 208));
+      *a0 = d * (float)sc[0];
+      *a1 = d * (float)sc[1];
+      int lo = (k >= 2) * 4, hs = 2 * k;
+      for (int l = 0; l < 32; ++l) q[l] = (((ql[l] >> lo) & 15) | (((qh[l] >> hs) & 3) << 4)) - 32;
+      return;
+    }
+    default:  // not a block type: callers check block_info() first
+      *a0 = *a1 = 0.f;
+      for (int j = 0; j < 32; ++j) q[j] = 0;
+      return;
+  }
+}
+
+static constexpr bool is_float_type_c(int t) { return t == F32 || t == F16 || t == BF16; }
+
+// One weight of a dense float row (used for K tails and by the portable build).
+static inline float float_weight(int t, const uint8_t* row, int64_t k) {
+  if (t == F32) { float f; memcpy(&f, row + 4 * k, 4); return f; }
+  if (t == F16) return f16_to_f32(rd16(row + 2 * k));
+  return bf16_to_f32(rd16(row + 2 * k));
+}
+
+// The work of one kernel call over one contiguous run of weight rows:
+//   y[t * ldy + r] = sum_k W[r, k] * x[t * K + k]   for r in [r0, r1), t in [0, T)
+struct Job {
+  int type;
+  const uint8_t* w;   // row 0 of the segment
+  int64_t row_bytes;
+  int64_t K;
+  const float* x;     // [T, K] contiguous
+  const float* xsum;  // [T, K/32] sums of x per group (quant types with a min), else null
+  int64_t T;
+  float* y;           // column 0 of the segment in a [T, ldy] output
+  int64_t ldy;
+  float* scratch;     // per-thread buffer of at least 2*K floats
+};
+
+typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
+
+}  // namespace qk

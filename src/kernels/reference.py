@@ -1,0 +1,105 @@
+"""Pure-torch reference of every native kernel: dequantize GGUF blocks to fp32, then matmul.
+
+Written from the block layouts (ggml's `block_q4_1` etc.), independently of the C++ code and of the
+`gguf` package; tests check it against `gguf.quants.dequantize` and the kernels against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ggml type id -> (name, elements per block, bytes per block)
+TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    30: ("BF16", 1, 2),
+}
+TYPE_IDS = {name: tid for tid, (name, _, _) in TYPES.items()}
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """[B, 2] uint8 (one little-endian half per row) -> [B] fp32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16] bytes -> [..., 32]: low nibbles are elements 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 15, qs >> 4], dim=-1).to(torch.int32)
+
+
+def _bits(qh: torch.Tensor) -> torch.Tensor:
+    """[..., 4] bytes (a little-endian uint32) -> [..., 32] bit j of it as 0/1."""
+    v = qh.to(torch.int64)
+    word = v[..., 0] | (v[..., 1] << 8) | (v[..., 2] << 16) | (v[..., 3] << 24)
+    return ((word.unsqueeze(-1) >> torch.arange(32)) & 1).to(torch.int32)
+
+
+def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 12] packed 6-bit scales and mins of Q4_K / Q5_K -> ([B, 8], [B, 8])."""
+    s = s.to(torch.int32)
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    mn = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def dequantize(data: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
+    """data: uint8 [N, row_bytes] in GGUF block layout -> fp32 [N, K]."""
+    name, elems, nbytes = TYPES[qtype]
+    N, K = shape
+    raw = data.reshape(-1)
+    if name == "F32":
+        return raw.view(torch.float32).reshape(N, K).clone()
+    if name == "F16":
+        return raw.view(torch.float16).reshape(N, K).float()
+    if name == "BF16":
+        return raw.view(torch.bfloat16).reshape(N, K).float()
+    b = raw.reshape(-1, nbytes)  # [blocks, bytes]
+    if name in ("Q4_0", "Q4_1"):
+        d = _f16(b[:, 0:2])
+        if name == "Q4_0":
+            w = d[:, None] * (_nibbles(b[:, 2:18]) - 8).float()
+        else:
+            w = d[:, None] * _nibbles(b[:, 4:20]).float() + _f16(b[:, 2:4])[:, None]
+    elif name in ("Q5_0", "Q5_1"):
+        o = 2 if name == "Q5_0" else 4
+        q = _nibbles(b[:, o + 4 : o + 20]) | (_bits(b[:, o : o + 4]) << 4)
+        d = _f16(b[:, 0:2])[:, None]
+        w = d * (q - 16).float() if name == "Q5_0" else d * q.float() + _f16(b[:, 2:4])[:, None]
+    elif name == "Q8_0":
+        w = _f16(b[:, 0:2])[:, None] * b[:, 2:34].view(torch.int8).float()
+    elif name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+        sc, mn = _k4_scales(b[:, 4:16])
+        qs = b[:, 16:144] if name == "Q4_K" else b[:, 48:176]
+        qs = qs.reshape(-1, 4, 32).to(torch.int32)  # 4 chunks of 64 weights: low then high nibbles
+        q = torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 8, 32)  # [B, sub-block, 32]
+        if name == "Q5_K":
+            qh = b[:, 16:48].to(torch.int32)  # bit j of qh[l] is the 5th bit of sub-block j, weight l
+            q = q | (((qh.unsqueeze(1) >> torch.arange(8).view(1, 8, 1)) & 1) << 4)
+        w = (d[:, None] * sc.float())[..., None] * q.float() - (dmin[:, None] * mn.float())[..., None]
+    elif name == "Q6_K":
+        ql = b[:, 0:128].reshape(-1, 2, 64).to(torch.int32)
+        qh = b[:, 128:192].reshape(-1, 2, 32).to(torch.int32)
+        sc = b[:, 192:208].view(torch.int8).reshape(-1, 2, 8).float()
+        d = _f16(b[:, 208:210])
+        lo = torch.stack([ql[..., :32] & 15, ql[..., 32:] & 15, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=2)
+        hi = torch.stack([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=2)
+        q = (lo | (hi << 4)) - 32  # [B, half, 4 groups, 32]
+        scale = sc.reshape(-1, 2, 4, 2).repeat_interleave(16, dim=-1)  # group k, weight l: sc[2k + l // 16]
+        w = d[:, None, None, None] * scale * q.float()
+    else:  # pragma: no cover - TYPES lists only what is handled above
+        raise ValueError(f"no reference for {name}")
+    return w.reshape(N, K)
+
+
+def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The reference of a kernel call: x [T, K] fp32 @ dequantize(W)^T -> [T, N]."""
+    return x @ dequantize(data, qtype, shape).t()
