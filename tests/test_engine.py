@@ -159,13 +159,52 @@ def test_greedy_generation_equals_transformers_generate(smol_full, smol_referenc
         assert got == ref
 
 
-def test_stage_holds_only_its_layers(smol_full):
+def gguf_tensor_bytes(names: set[str]) -> dict[str, int]:
+    """Bytes each named tensor takes in the embedded GGUF file."""
+    from gguf import GGUFReader
+
+    from pipeserve.modeling.source import embedded_gguf_path
+
+    return {t.name: int(t.n_bytes) for t in GGUFReader(embedded_gguf_path()).tensors if t.name in names}
+
+
+def test_stage_holds_only_its_layers_in_block_form(smol_full):
+    """Weights stay as GGUF blocks: a stage holds exactly the file bytes of its own tensors."""
+    from pipeserve.kernels import QLinear
+
     middle = load_stage("smollm2-135m-instruct", (10, 20))
-    layer_bytes_full = sum(p.numel() * 4 for p in smol_full.model.layers.parameters())
-    layer_bytes_mid = sum(p.numel() * 4 for p in middle.model.layers.parameters())
-    assert abs(layer_bytes_mid / layer_bytes_full - 1 / 3) < 0.01
     assert middle.model.embed_tokens is None and middle.model.lm_head is None
-    assert middle.param_bytes == layer_bytes_mid  # no embedding, no head, no norm
+    names = {
+        f"blk.{i}.{n}.weight"
+        for i in range(10, 20)
+        for n in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        )
+    }
+    file_bytes = gguf_tensor_bytes(names)
+    assert len(file_bytes) == 90
+    assert middle.param_bytes == sum(file_bytes.values())  # no fp32 copy, no embedding, no head
+    assert middle.tensor_types == {"Q4_1": 70}  # q|k|v and gate|up fused: 7 matrices per layer
+    assert all(
+        isinstance(m, QLinear) for m in (middle.model.layers[0].qkv_proj, middle.model.layers[0].down_proj)
+    )
+    # the whole model: the tied head is the embedding's Q8_0 blocks, held once
+    assert smol_full.model.lm_head.parts[0] is smol_full.model.embed_tokens.weight
+    assert smol_full.tensor_types == {"Q4_1": 210, "Q8_0": 1}
+    from gguf import GGUFReader
+
+    from pipeserve.modeling.source import embedded_gguf_path
+
+    whole_file = sum(int(t.n_bytes) for t in GGUFReader(embedded_gguf_path()).tensors)
+    assert smol_full.param_bytes == whole_file
 
 
 def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):

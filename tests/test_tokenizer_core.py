@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeserve.common.errors import InvalidInputError, ModelFormatError, ModelNotFoundError
-from pipeserve.modeling.source import EMBEDDED_MODEL, embedded_gguf_path, file_checksum
+from pipeserve.modeling.source import EMBEDDED_MODEL, embedded_gguf_path, model_fingerprint
 from pipeserve.tokenizer.core import FALLBACK_CHAT_TEMPLATE, TokenizerCore
 
 TEXTS = [
@@ -105,7 +105,7 @@ def test_embedded_metadata(core: TokenizerCore) -> None:
     assert core.special_tokens["<|endoftext|>"] == 0
     assert len(core.special_tokens) == 17
     assert core.chat_template is not None and "<|im_start|>" in core.chat_template
-    assert core.model_checksum == file_checksum(embedded_gguf_path())
+    assert core.model_checksum == model_fingerprint(embedded_gguf_path())
     assert len(core.checksum) == 16 and int(core.checksum, 16) >= 0
     assert TokenizerCore.from_model(EMBEDDED_MODEL) is core  # built once per process
 
@@ -300,7 +300,7 @@ def test_gpt2_folder_matches_transformers(tmp_path: Path, with_tokenizer_json: b
     folder = gpt2_folder(tmp_path / "gpt2-tiny", with_tokenizer_json)
     core = TokenizerCore.from_model(str(folder))
     reference = AutoTokenizer.from_pretrained(str(folder))
-    assert core.model_name == "gpt2-tiny" and core.model_checksum == file_checksum(folder)
+    assert core.model_name == "gpt2-tiny" and core.model_checksum == model_fingerprint(folder)
     assert core.eos_token_ids == [0] and core.special_tokens == {"<|endoftext|>": 0}
     assert core.vocab_size == len(reference)
     for text in ["the quick brown fox", " Paris  2024\n", "héllo 🎉 world<|endoftext|>"]:

@@ -73,7 +73,9 @@ class QTensor:
             raise ValueError(f"{name} rows need a multiple of {elems} weights, got K={K}")
         want = (N, K // elems * nbytes)
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want or not self.data.is_contiguous():
-            raise ValueError(f"{name} [{N}, {K}] needs contiguous uint8 data {list(want)}, got {self.data.dtype} {list(self.data.shape)}")
+            raise ValueError(
+                f"{name} [{N}, {K}] needs contiguous uint8 data {list(want)}, got {self.data.dtype} {list(self.data.shape)}"
+            )
 
     @property
     def type_name(self) -> str:
@@ -90,7 +92,9 @@ class QTensor:
         if w.dtype not in names or w.dim() != 2:
             raise ValueError(f"expected a 2-D fp32/fp16/bf16 tensor, got {w.dtype} {list(w.shape)}")
         w = w.contiguous()
-        return cls(w.view(torch.uint8).reshape(w.shape[0], -1), TYPE_IDS[names[w.dtype]], (w.shape[0], w.shape[1]))
+        return cls(
+            w.view(torch.uint8).reshape(w.shape[0], -1), TYPE_IDS[names[w.dtype]], (w.shape[0], w.shape[1])
+        )
 
     def dequantize(self) -> torch.Tensor:
         """fp32 copy of the whole matrix (tests and load-time conversions, never the hot path)."""
@@ -101,9 +105,23 @@ class QTensor:
         ids = ids.to(torch.int64).contiguous()
         out = torch.empty(ids.numel(), self.shape[1])
         _qk.dequant_rows(
-            self.data.data_ptr(), self.qtype, self.data.shape[1], self.shape[1], ids.data_ptr(), ids.numel(), out.data_ptr()
+            self.data.data_ptr(),
+            self.qtype,
+            self.data.shape[1],
+            self.shape[1],
+            ids.data_ptr(),
+            ids.numel(),
+            out.data_ptr(),
         )
         return out
+
+    def transposed(self) -> QTensor:
+        """[K, N] copy of a dense float matrix in its own dtype (GPT-2's Conv1D weights are [in, out])."""
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        if self.type_name not in dtypes:
+            raise ValueError(f"only dense float matrices can be transposed, not {self.type_name}")
+        dense = self.data.view(dtypes[self.type_name]).reshape(self.shape)
+        return QTensor.from_dense(dense.t().contiguous())
 
     def permute_rows(self, perm: torch.Tensor) -> QTensor:
         """The matrix with its rows reordered (a row holds whole blocks, so this is exact)."""

@@ -1,7 +1,8 @@
 """GPT-2 family decoder: one pipeline stage of it.
 
 Learned position embeddings, pre-LayerNorm blocks, fused c_attn, GELU (tanh) MLP, head tied to
-the token embedding. Checkpoint Conv1D weights are already [in, out], the layout TLinear keeps.
+the token embedding. Checkpoint Conv1D weights are [in, out]; the loader hands them over as [out, in]
+QTensors (one transposed copy in the checkpoint's dtype, at load).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeserve.kernels import QLinear
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, TLinear, attend
-from pipeserve.modeling.llama import check_shapes
+from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend
+from pipeserve.modeling.llama import Weights, check_shapes, matrix
 
 
 class GPT2Block(nn.Module):
@@ -20,11 +22,11 @@ class GPT2Block(nn.Module):
         C = cfg.hidden_size
         self.nh, self.hd = cfg.n_heads, cfg.head_dim
         self.ln_1 = nn.LayerNorm(C, eps=cfg.norm_eps)
-        self.c_attn = TLinear(C, 3 * C, bias=True)
-        self.c_proj = TLinear(C, C, bias=True)
         self.ln_2 = nn.LayerNorm(C, eps=cfg.norm_eps)
-        self.c_fc = TLinear(C, cfg.intermediate_size, bias=True)
-        self.mlp_c_proj = TLinear(cfg.intermediate_size, C, bias=True)
+        self.c_attn: QLinear  # set by load_hf_weights, with their biases
+        self.c_proj: QLinear
+        self.c_fc: QLinear
+        self.mlp_c_proj: QLinear
 
     def forward(self, x: torch.Tensor, meta: BatchMeta, layer: int) -> torch.Tensor:
         T, C = x.shape
@@ -39,11 +41,11 @@ class GPT2Stage(nn.Module):
         super().__init__()
         self.cfg, self.shard = cfg, shard
         C = cfg.hidden_size
-        self.wte = nn.Embedding(cfg.vocab_size, C) if shard.is_first else None
-        self.wpe = nn.Embedding(cfg.max_position, C) if shard.is_first else None
+        self.wte: QEmbedding | None = None  # first stage, set by load_hf_weights
+        self.wpe: QEmbedding | None = None
         self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(shard.n_local))
         self.ln_f = nn.LayerNorm(C, eps=cfg.norm_eps) if shard.is_last else None
-        self.lm_head = TLinear(C, cfg.vocab_size) if shard.is_last else None
+        self.lm_head: QLinear | None = None  # last stage: tied to wte's QTensor
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
@@ -87,29 +89,27 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
 
 
 @torch.inference_mode()
-def load_hf_weights(stage: GPT2Stage, w: dict[str, torch.Tensor]) -> None:
+def load_hf_weights(stage: GPT2Stage, w: Weights) -> None:
     cfg, shard = stage.cfg, stage.shard
     check_shapes(w, hf_weight_shapes(cfg, shard))
-    if stage.wte is not None and stage.wpe is not None:
-        stage.wte.weight.copy_(w["wte.weight"])
-        stage.wpe.weight.copy_(w["wpe.weight"])
+    if shard.is_first:
+        stage.wte = QEmbedding(matrix(w, "wte.weight"))
+        stage.wpe = QEmbedding(matrix(w, "wpe.weight"))
     for j, b in enumerate(stage.h):
         p = f"h.{shard.start_layer + j}."
-        for mod, name in (
-            (b.ln_1, "ln_1"),
-            (b.ln_2, "ln_2"),
-            (b.c_attn, "attn.c_attn"),
-            (b.c_proj, "attn.c_proj"),
-            (b.c_fc, "mlp.c_fc"),
-            (b.mlp_c_proj, "mlp.c_proj"),
+        for ln, name in ((b.ln_1, "ln_1"), (b.ln_2, "ln_2")):
+            ln.weight.copy_(w[p + name + ".weight"])
+            ln.bias.copy_(w[p + name + ".bias"])
+        for attr, name in (
+            ("c_attn", "attn.c_attn"),
+            ("c_proj", "attn.c_proj"),
+            ("c_fc", "mlp.c_fc"),
+            ("mlp_c_proj", "mlp.c_proj"),
         ):
-            if isinstance(mod, TLinear):
-                mod.load_(w[p + name + ".weight"])  # Conv1D weights are already [in, out]
-            else:
-                mod.weight.copy_(w[p + name + ".weight"])
-            assert mod.bias is not None
-            mod.bias.copy_(w[p + name + ".bias"])
-    if stage.ln_f is not None and stage.lm_head is not None:
+            bias = w[p + name + ".bias"]
+            assert isinstance(bias, torch.Tensor)
+            setattr(b, attr, QLinear([matrix(w, p + name + ".weight").transposed()], bias))  # -> [out, in]
+    if stage.ln_f is not None:
         stage.ln_f.weight.copy_(w["ln_f.weight"])
         stage.ln_f.bias.copy_(w["ln_f.bias"])
-        stage.lm_head.load_(w["wte.weight"].t())
+        stage.lm_head = QLinear([matrix(w, "wte.weight")])

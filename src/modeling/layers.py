@@ -1,5 +1,6 @@
-"""Building blocks shared by the architecture files: the flat-batch metadata, the transposed
-linear layer, and attention against each sequence's own KV cache.
+"""Building blocks shared by the architecture files: the flat-batch metadata, the embedding over
+quantized rows, and attention against each sequence's own KV cache. Linear layers are
+`pipeserve.kernels.QLinear` (native kernels on the GGUF blocks).
 
 A batch is flat: T tokens from many sequences, each sequence a contiguous run of rows. Linear
 layers see the whole [T, C] matrix at once; attention runs per sequence against its own cache,
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeserve.kernels import QTensor
 from pipeserve.modeling.kv_cache import SeqCache
 
 
@@ -105,29 +107,15 @@ class BatchMeta:
         )
 
 
-class TLinear(nn.Module):
-    """y = x @ W + b with W stored transposed, [in, out].
+class QEmbedding(nn.Module):
+    """Token (or position) embedding over a matrix kept in block form: only looked-up rows become fp32."""
 
-    On this CPU the [in, out] layout lets MKL use both cores for decode-shaped (few-row) matmuls;
-    the usual [out, in] layout (F.linear) ran the LM head ~2x slower. Splitting W into column
-    blocks run as one bmm (to force both cores onto small matmuls) was dropped: on an idle box it
-    saved ~15%, but every forced parallel region costs ~8 ms when another process holds a core,
-    which is the normal case for pipeline nodes sharing 2 cores.
-    """
-
-    def __init__(self, n_in: int, n_out: int, bias: bool = False) -> None:
+    def __init__(self, weight: QTensor) -> None:
         super().__init__()
-        self.weight_t = nn.Parameter(torch.empty(n_in, n_out), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(n_out), requires_grad=False) if bias else None
+        self.weight = weight
 
-    def load_(self, w_t: torch.Tensor) -> None:
-        """Copy in a weight given as [in, out]."""
-        self.weight_t.copy_(w_t)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return x @ self.weight_t
-        return torch.addmm(self.bias, x, self.weight_t)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(ids)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: BatchMeta, layer: int) -> torch.Tensor:

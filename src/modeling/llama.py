@@ -2,7 +2,9 @@
 
 RMSNorm, rotary position embeddings (Hugging Face's rotate-half layout), grouped-query attention,
 SwiGLU MLP. Built by modeling.loader for a `Shard`; the first stage owns the embedding, the last
-the final norm and the head. Weights arrive under Hugging Face checkpoint names (`load_hf_weights`).
+the final norm and the head. Weights arrive under Hugging Face checkpoint names (`load_hf_weights`):
+matrices as `QTensor`s in their stored form (GGUF blocks, or the checkpoint's fp32/fp16/bf16), run by
+`QLinear`; q|k|v and gate|up are fused into one native call each, whatever their types.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import torch
 from torch import nn
 
 from pipeserve.common.errors import ModelFormatError
+from pipeserve.kernels import QLinear, QTensor
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, TLinear, attend
+from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend
 
 
 class RMSNorm(nn.Module):
@@ -39,11 +42,12 @@ class LlamaLayer(nn.Module):
         C, hd = cfg.hidden_size, cfg.head_dim
         self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
         self.input_layernorm = RMSNorm(C, cfg.norm_eps)
-        self.qkv_proj = TLinear(C, (self.nh + 2 * self.nkv) * hd)  # q, k, v fused: one matmul
-        self.o_proj = TLinear(self.nh * hd, C)
         self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
-        self.gate_up_proj = TLinear(C, 2 * cfg.intermediate_size)  # gate, up fused: one matmul
-        self.down_proj = TLinear(cfg.intermediate_size, C)
+        # set by load_hf_weights: the matrices come in the form they are stored in
+        self.qkv_proj: QLinear  # q, k, v fused: [T, C] -> [T, (nh + 2 nkv) hd]
+        self.o_proj: QLinear
+        self.gate_up_proj: QLinear  # gate, up fused: [T, C] -> [T, 2 I]
+        self.down_proj: QLinear
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta, layer: int
@@ -61,10 +65,10 @@ class LlamaStage(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
         super().__init__()
         self.cfg, self.shard = cfg, shard
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if shard.is_first else None
+        self.embed_tokens: QEmbedding | None = None  # first stage, set by load_hf_weights
         self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(shard.n_local))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if shard.is_last else None
-        self.lm_head = TLinear(cfg.hidden_size, cfg.vocab_size) if shard.is_last else None
+        self.lm_head: QLinear | None = None  # last stage; a tied head shares the embedding's QTensor
         inv_freq = 1.0 / (
             cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
         )
@@ -87,6 +91,9 @@ class LlamaStage(nn.Module):
         if self.norm is None or self.lm_head is None:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
+
+
+Weights = dict[str, "QTensor | torch.Tensor"]  # matrices as QTensor, vectors (norms, biases) fp32
 
 
 def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
@@ -116,28 +123,36 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
 
 
 @torch.inference_mode()
-def load_hf_weights(stage: LlamaStage, w: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the stage: fuse q/k/v and gate/up, store linears as [in, out]."""
+def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
+    """Put checkpoint tensors into the stage, as they are: no dequantization, no transposed copy."""
     cfg, shard = stage.cfg, stage.shard
     check_shapes(w, hf_weight_shapes(cfg, shard))
-    if stage.embed_tokens is not None:
-        stage.embed_tokens.weight.copy_(w["model.embed_tokens.weight"])
+    if shard.is_first:
+        stage.embed_tokens = QEmbedding(matrix(w, "model.embed_tokens.weight"))
     for j, layer in enumerate(stage.layers):
         p = f"model.layers.{shard.start_layer + j}."
         layer.input_layernorm.weight.copy_(w[p + "input_layernorm.weight"])
         layer.post_attention_layernorm.weight.copy_(w[p + "post_attention_layernorm.weight"])
-        qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        layer.qkv_proj.load_(qkv.t())
-        layer.o_proj.load_(w[p + "self_attn.o_proj.weight"].t())
-        layer.gate_up_proj.load_(torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).t())
-        layer.down_proj.load_(w[p + "mlp.down_proj.weight"].t())
-    if stage.norm is not None and stage.lm_head is not None:
+        layer.qkv_proj = QLinear([matrix(w, p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        layer.o_proj = QLinear([matrix(w, p + "self_attn.o_proj.weight")])
+        layer.gate_up_proj = QLinear(
+            [matrix(w, p + "mlp.gate_proj.weight"), matrix(w, p + "mlp.up_proj.weight")]
+        )
+        layer.down_proj = QLinear([matrix(w, p + "mlp.down_proj.weight")])
+    if stage.norm is not None:
         stage.norm.weight.copy_(w["model.norm.weight"])
-        head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
-        stage.lm_head.load_(head.t())
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        stage.lm_head = QLinear([matrix(w, head)])
 
 
-def check_shapes(w: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+def matrix(w: Weights, name: str) -> QTensor:
+    t = w[name]
+    if not isinstance(t, QTensor):
+        raise ModelFormatError(f"tensor {name} should be a matrix, got {type(t).__name__}")
+    return t
+
+
+def check_shapes(w: Weights, expected: dict[str, tuple[int, ...]]) -> None:
     missing = sorted(set(expected) - set(w))
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -1,7 +1,9 @@
 """Builds one pipeline stage and fills it with the weights that stage owns, nothing more.
 
-Reads GGUF files (tensors by name, dequantized to fp32 with the `gguf` package) and Hugging Face
-checkpoint folders (config.json + *.safetensors, sharded index supported; keys by prefix).
+Reads GGUF files (tensors by name, matrices kept in their block form as `QTensor`s; the few types
+without a native kernel are dequantized to fp32 here, with a log line) and Hugging Face checkpoint
+folders (config.json + *.safetensors, sharded index supported; keys by prefix; matrices keep their
+stored fp32/fp16/bf16 dtype). Vectors (norms, biases) become fp32 tensors.
 Called by the node's StageRunner and by tests; the architecture files never touch files.
 """
 
@@ -21,9 +23,11 @@ import torch
 from torch import nn
 
 from pipeserve.common.errors import ModelFormatError
+from pipeserve.kernels import KERNEL_TYPES, QLinear, QTensor
+from pipeserve.kernels.reference import TYPE_IDS
 from pipeserve.modeling import gpt2, llama
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.source import ModelSource, file_checksum, open_gguf, resolve_model
+from pipeserve.modeling.source import ModelSource, model_fingerprint, open_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,8 @@ ARCHS: dict[str, tuple[type[nn.Module], Callable[..., dict[str, tuple[int, ...]]
     "gpt2": (gpt2.GPT2Stage, gpt2.hf_weight_shapes, gpt2.load_hf_weights),
 }
 
-# GGUF quantization types we dequantize (all that gguf.quants implements; these are tested or common).
+# GGUF tensor types we accept: those in kernels.KERNEL_TYPES stay in block form; the rest (Q2_K,
+# Q3_K) are dequantized to fp32 at load.
 GGUF_TYPES = (
     "F32",
     "F16",
@@ -59,7 +64,8 @@ class LoadedStage:
     source: ModelSource
     checksum: str  # identifies the weights: every stage of one model reports the same value
     load_seconds: float
-    param_bytes: int
+    param_bytes: int  # resident weight bytes of this stage (blocks as stored, tied head counted once)
+    tensor_types: dict[str, int] = dataclasses.field(default_factory=dict)  # type name -> matrices
 
 
 def read_config(source: ModelSource) -> ModelConfig:
@@ -96,19 +102,37 @@ def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) 
         stage = stage_cls(cfg, shard)
     import_fn(stage, weights)
     stage.eval()
-    nbytes = sum(p.numel() * p.element_size() for p in stage.parameters())
+    nbytes, types = weight_bytes(stage)
     dt = time.perf_counter() - t0
     log.info(
-        "loaded %s layers [%d, %d) of %d: %d tensors, %.1f MiB in %.2f s",
+        "loaded %s layers [%d, %d) of %d: %d tensors (%s), %.1f MiB in %.2f s",
         source.name,
         shard.start_layer,
         shard.end_layer,
         cfg.n_layers,
         len(expected),
+        ", ".join(f"{n} {t}" for t, n in sorted(types.items())),
         nbytes / 2**20,
         dt,
     )
-    return LoadedStage(cfg, shard, stage, source, file_checksum(source.path), dt, nbytes)
+    return LoadedStage(cfg, shard, stage, source, model_fingerprint(source.path), dt, nbytes, types)
+
+
+def weight_bytes(stage: nn.Module) -> tuple[int, dict[str, int]]:
+    """Bytes of every weight the stage holds (each QTensor once, however many layers use it: a
+    tied head shares the embedding's) and how many matrices of each type."""
+    seen: dict[int, QTensor] = {}
+    dense = sum(p.numel() * p.element_size() for p in stage.parameters())  # norms
+    for m in stage.modules():
+        if isinstance(m, QLinear):
+            seen |= {id(q): q for q in m.parts}
+            dense += 0 if m.bias is None else m.bias.numel() * 4
+        elif isinstance(getattr(m, "weight", None), QTensor):  # QEmbedding
+            seen[id(m.weight)] = m.weight
+    types: dict[str, int] = {}
+    for q in seen.values():
+        types[q.type_name] = types.get(q.type_name, 0) + 1
+    return dense + sum(q.nbytes for q in seen.values()), types
 
 
 _MISSING = object()
@@ -148,36 +172,52 @@ def _gguf_name(hf: str) -> tuple[str, str | None]:
     return f"blk.{i}.{name}.weight", permute
 
 
-def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> llama.Weights:
+    """Read the stage's tensors once: matrices keep their blocks (a copy out of the memory map,
+    so the file's pages can go), vectors become fp32."""
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
-    out: dict[str, torch.Tensor] = {}
+    out: llama.Weights = {}
     for hf_name, shape in expected.items():
         name, permute = _gguf_name(hf_name)
         t = tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{path}: GGUF lacks tensor {name} (needed for {hf_name})")
-        if t.tensor_type.name not in GGUF_TYPES:
-            raise ModelFormatError(f"{path}: tensor {name} has unsupported type {t.tensor_type.name}")
+        tname = t.tensor_type.name
+        if tname not in GGUF_TYPES:
+            raise ModelFormatError(f"{path}: tensor {name} has unsupported type {tname}")
+        got = tuple(int(d) for d in reversed(t.shape))  # ggml lists dimensions innermost first
+        if got != shape:
+            raise ModelFormatError(f"{path}: tensor {name} has shape {got}, expected {shape}")
         try:
-            arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy
-        except Exception as exc:  # truncated data or an unknown block layout
-            raise ModelFormatError(f"{path}: cannot dequantize {name} ({type(exc).__name__}: {exc})") from exc
-        if arr.shape != shape:
-            raise ModelFormatError(f"{path}: tensor {name} has shape {arr.shape}, expected {shape}")
-        w = torch.from_numpy(arr)
+            if len(shape) == 1 or tname not in KERNEL_TYPES:
+                arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+                if len(shape) == 1:
+                    out[hf_name] = torch.from_numpy(arr)
+                    continue
+                log.warning(
+                    "%s: tensor %s is %s, which has no kernel: dequantized to F32", path.name, name, tname
+                )
+                q = QTensor.from_dense(torch.from_numpy(arr))
+            else:
+                raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1)
+                if raw.size != t.n_bytes:
+                    raise ValueError(f"{raw.size} bytes, expected {t.n_bytes}")
+                q = QTensor(torch.from_numpy(raw.copy()), TYPE_IDS[tname], (shape[0], shape[1]))
+        except (ValueError, TypeError) as exc:  # truncated data or an unknown block layout
+            raise ModelFormatError(f"{path}: cannot read {name} ({type(exc).__name__}: {exc})") from exc
         if permute:  # llama.cpp interleaves rotary halves in Q and K; undo it for rotate-half rope
             heads = cfg.n_heads if permute == "q" else cfg.n_kv_heads
-            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(shape)
-        out[hf_name] = w
+            q = q.permute_rows(
+                torch.arange(shape[0]).reshape(heads, shape[0] // heads // 2, 2).transpose(1, 2).reshape(-1)
+            )
+        out[hf_name] = q
     return out
 
 
-def _read_safetensors(
-    folder: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor]:
+def _read_safetensors(folder: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> llama.Weights:
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -189,14 +229,21 @@ def _read_safetensors(
     if not files:
         raise ModelFormatError(f"{folder}: no *.safetensors files")
     prefixes = ("transformer.",) if cfg.arch == "gpt2" else ()
-    out: dict[str, torch.Tensor] = {}
+    out: llama.Weights = {}
     for fname in files:
         try:
             with safe_open(str(folder / fname), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
                     name = next((key[len(p) :] for p in prefixes if key.startswith(p)), key)
                     if name in expected and name not in out:
-                        out[name] = f.get_tensor(key).to(torch.float32)
+                        out[name] = _as_weight(f.get_tensor(key))
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelFormatError(f"{folder / fname}: unreadable safetensors file ({exc})") from exc
     return out
+
+
+def _as_weight(t: torch.Tensor) -> QTensor | torch.Tensor:
+    """A checkpoint tensor as the model holds it: matrices keep fp32/fp16/bf16 (anything else -> fp32)."""
+    if t.dim() != 2:
+        return t.to(torch.float32)
+    return QTensor.from_dense(t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float())

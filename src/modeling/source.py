@@ -13,7 +13,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeserve.common.errors import ModelFormatError, ModelNotFoundError
 
@@ -96,8 +96,14 @@ def open_gguf(path: Path):  # -> gguf.GGUFReader
 
 
 @functools.lru_cache(maxsize=8)
-def file_checksum(path: Path) -> str:
-    """sha256 of a file, or of a folder's config + weight files (name, size and content)."""
+def model_fingerprint(path: Path) -> str:
+    """Identifies a model's weights without reading them all (start-up must not hash gigabytes).
+
+    A GGUF file: its header, metadata and tensor table (everything before the tensor data), its
+    size, and 16 samples of 4 KiB spread over the data. A checkpoint folder: each config/JSON file
+    whole, and each safetensors file's size, JSON header and samples the same way. Every stage
+    and the tokenizer of one model report the same value.
+    """
     h = hashlib.sha256()
     files = (
         [path]
@@ -105,11 +111,30 @@ def file_checksum(path: Path) -> str:
         else sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
     )
     for f in files:
-        h.update(f.name.encode() if path.is_dir() else b"")
+        size = f.stat().st_size
+        h.update(f"{f.name if path.is_dir() else ''}:{size}".encode())
         with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+            if f.suffix == ".json":
+                h.update(fh.read())
+                continue
+            head = _header_bytes(f, fh, size)
+            fh.seek(0)
+            h.update(fh.read(head))
+            for i in range(16):  # samples of the tensor data
+                fh.seek(head + (size - head) * i // 16)
+                h.update(fh.read(4096))
     return h.hexdigest()[:16]
+
+
+def _header_bytes(f: Path, fh: Any, size: int) -> int:
+    """Length of the part of a weights file that describes it (GGUF: up to the tensor data)."""
+    if f.suffix == ".safetensors":
+        n = int.from_bytes(fh.read(8), "little")
+        return min(8 + n, size)
+    try:
+        return min(int(open_gguf(f).data_offset), size)
+    except ModelFormatError:
+        return min(1 << 20, size)
 
 
 def release_file_caches() -> None:

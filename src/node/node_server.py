@@ -18,6 +18,7 @@ from pipeserve.common import codec
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
 from pipeserve.common.grpc_util import listen, set_serving, sync_server
+from pipeserve.kernels import set_threads
 from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
@@ -158,7 +159,10 @@ class NodeServer:
 
     def _load(self) -> None:
         try:
-            torch.set_num_threads(self.threads)
+            # The native kernels do the matrix work on `threads`; torch's own pool (attention, norms)
+            # stays at one thread so two spinning pools never compete for the same cores.
+            set_threads(self.threads)
+            torch.set_num_threads(1)
             source = resolve_model(self.cfg.model_name)
             n_layers = read_config(source).n_layers
             layers = self.layers or self.cfg.part_layers(self.part, n_layers)

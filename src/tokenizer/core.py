@@ -23,7 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from pipeserve.common.errors import InvalidInputError, ModelFormatError
-from pipeserve.modeling.source import ModelSource, file_checksum, open_gguf, resolve_model
+from pipeserve.modeling.source import ModelSource, model_fingerprint, open_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def _from_gguf(source: ModelSource) -> TokenizerCore:
     return TokenizerCore(
         tokenizer,
         model_name=source.name,
-        model_checksum=file_checksum(source.path),
+        model_checksum=model_fingerprint(source.path),
         vocab_size=len(tokens),
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
@@ -396,7 +396,7 @@ def _from_hf_folder(source: ModelSource) -> TokenizerCore:
     return TokenizerCore(
         tokenizer,
         model_name=source.name,
-        model_checksum=file_checksum(folder),
+        model_checksum=model_fingerprint(folder),
         vocab_size=vocab_size,
         bos_token_id=bos_id,
         eos_token_ids=eos_ids,
