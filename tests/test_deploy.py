@@ -242,9 +242,17 @@ def test_probe_and_proxy_paths_are_the_apis() -> None:
 def test_dockerignore_keeps_secrets_and_local_builds_out() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    for needed in (".git", ".venv", "**/.env", "**/node_modules", "src/frontend/dist", "src/proto/*_pb2.py"):
+    for needed in (
+        ".git",
+        ".venv",
+        "**/.env",
+        "**/node_modules",
+        "src/frontend/dist",
+        "src/proto/*_pb2.py",
+        "src/kernels/*.so",
+    ):
         assert needed in patterns, f".dockerignore misses {needed}"
-    for kept in ("src", "docker", "requirements.txt", "pyproject.toml"):
+    for kept in ("src", "docker", "requirements.txt", "pyproject.toml", "setup.py"):
         assert kept not in patterns, f".dockerignore drops {kept}, which the images need"
 
 

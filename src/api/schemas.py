@@ -354,6 +354,11 @@ class NodeView(BaseModel):
     cache_used_tokens: int
     cache_budget_tokens: int
     rss_bytes: int = Field(description="Resident memory of the node process.")
+    weights_bytes: int = Field(
+        description="Weight bytes the node holds: its GGUF tensors in block form (or the checkpoint's dtype); 0 while loading."
+    )
+    weight_types: dict[str, int] = Field(description="Weight matrices per storage type, e.g. {'Q4_1': 70}.")
+    kernel: str = Field(description="Native kernel path and threads, e.g. 'avx2 x2' ('' while loading).")
     last_forward_ms: float | None = Field(
         description="Compute time of its last Forward (null before the first)."
     )

@@ -104,7 +104,7 @@ static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
     F xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = S::f32(jb.x + g * 32 + v * S::L);
     for (int r = 0; r < NR; ++r) {
-      S::prefetch(row + r * jb.row_bytes + (g + 8) * gb);  // a few groups ahead: hides RAM latency
+      S::prefetch(row + r * jb.row_bytes + (g + 64) * gb);  // a few groups ahead: hides RAM latency
       F q[NV];
       float a0, a1, c;
       decode<TY>(row + r * jb.row_bytes, g, q, a0, a1, c);

@@ -52,7 +52,7 @@ def _k4_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(data: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
     """data: uint8 [N, row_bytes] in GGUF block layout -> fp32 [N, K]."""
-    name, elems, nbytes = TYPES[qtype]
+    name, _, nbytes = TYPES[qtype]
     N, K = shape
     raw = data.reshape(-1)
     if name == "F32":

@@ -14,11 +14,11 @@ import threading
 import grpc
 import torch
 
+from pipeserve import kernels
 from pipeserve.common import codec
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
 from pipeserve.common.grpc_util import listen, set_serving, sync_server
-from pipeserve.kernels import set_threads
 from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
@@ -116,6 +116,9 @@ def node_info(r: StageRunner) -> pb.NodeInfo:
         last_forward_ms=r.stats.last_forward_ms,
         load_seconds=ld.load_seconds,
         in_flight=r.stats.in_flight,
+        weight_types=ld.tensor_types,
+        kernel_isa=kernels.get_isa(),
+        kernel_threads=kernels.get_threads(),
     )
 
 
@@ -161,7 +164,7 @@ class NodeServer:
         try:
             # The native kernels do the matrix work on `threads`; torch's own pool (attention, norms)
             # stays at one thread so two spinning pools never compete for the same cores.
-            set_threads(self.threads)
+            kernels.set_threads(self.threads)
             torch.set_num_threads(1)
             source = resolve_model(self.cfg.model_name)
             n_layers = read_config(source).n_layers

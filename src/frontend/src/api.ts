@@ -86,6 +86,12 @@ export interface NodeStatus {
   cache_used_tokens: number;
   cache_budget_tokens: number;
   rss_bytes: number;
+  /** Weight bytes held (GGUF blocks as stored). */
+  weights_bytes: number;
+  /** Weight matrices per storage type, e.g. {"Q4_1": 70}. */
+  weight_types: Record<string, number>;
+  /** Native kernel path and threads, e.g. "avx2 x2". */
+  kernel: string;
   last_forward_ms: number | null;
   mean_forward_ms: number | null;
   forwards_total: number;

@@ -51,6 +51,11 @@ export function NodeCard({ node, nLayers, active }: Props) {
         </dd>
         <dt>memory</dt>
         <dd>{formatBytes(node.rss_bytes)}</dd>
+        <dt>weights</dt>
+        <dd title={Object.entries(node.weight_types ?? {}).map(([t, n]) => `${n} ${t}`).join(", ")}>
+          {formatBytes(node.weights_bytes)}{" "}
+          <span className="muted">{Object.keys(node.weight_types ?? {}).join(" ")}{node.kernel ? ` · ${node.kernel}` : ""}</span>
+        </dd>
         <dt>forward</dt>
         <dd>
           {formatMs(node.last_forward_ms)} <span className="muted">last</span> · {formatMs(node.mean_forward_ms)}{" "}

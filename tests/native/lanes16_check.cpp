@@ -1,0 +1,61 @@
+// Checks qk_simd.h at 16 lanes (the AVX-512 shape) on any CPU: the vector wrapper is plain arrays,
+// so the lane-count logic (group splits, Q6_K half scales, tails) runs against the generic build.
+// tests/test_kernels.py compiles and runs it; on an AVX-512 machine the real path is tested too.
+#include <stdio.h>
+#include <stdlib.h>
+#include <math.h>
+#include <vector>
+#include "qk_types.h"
+namespace qk { namespace emu {
+struct F { float v[16]; }; struct I { int32_t v[16]; };
+struct S {
+  static constexpr int L = 16; using F = emu::F; using I = emu::I;
+  static I u8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=p[i]; return r;}
+  static I i8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=(int8_t)p[i]; return r;}
+  static I and_(I a,int m){for(auto&x:a.v)x&=m;return a;}
+  static I or_(I a,I b){for(int i=0;i<16;i++)a.v[i]|=b.v[i];return a;}
+  static I sub(I a,int m){for(auto&x:a.v)x-=m;return a;}
+  template<int N> static I srli(I a){for(auto&x:a.v)x=(uint32_t)x>>N;return a;}
+  template<int N> static I slli(I a){for(auto&x:a.v)x=(uint32_t)x<<N;return a;}
+  static I srl(I a,int n){for(auto&x:a.v)x=(uint32_t)x>>n;return a;}
+  static I bit4(uint32_t qh,int e){I r;for(int i=0;i<16;i++) r.v[i]=((qh>>(e+i))&1)<<4;return r;}
+  static F cvt(I a){F r;for(int i=0;i<16;i++)r.v[i]=(float)a.v[i];return r;}
+  static F f32(const float*p){F r;for(int i=0;i<16;i++)r.v[i]=p[i];return r;}
+  static F h16(const uint8_t*p){F r;for(int i=0;i<16;i++)r.v[i]=f16_to_f32(rd16(p+2*i));return r;}
+  static F bf16(const uint8_t*p){F r;for(int i=0;i<16;i++)r.v[i]=bf16_to_f32(rd16(p+2*i));return r;}
+  static float h2f(const uint8_t*p){return f16_to_f32(rd16(p));}
+  static F zero(){F r;for(auto&x:r.v)x=0;return r;}
+  static F set1(float a){F r;for(auto&x:r.v)x=a;return r;}
+  static F mul(F a,F b){for(int i=0;i<16;i++)a.v[i]*=b.v[i];return a;}
+  static F fma(F a,F b,F c){for(int i=0;i<16;i++)c.v[i]+=a.v[i]*b.v[i];return c;}
+  static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
+  static void prefetch(const uint8_t*){}
+  static float hsum(F a){float s=0;for(float x:a.v)s+=x;return s;}
+};
+#include "qk_simd.h"
+}
+namespace generic { RowsFn get(int type); }
+}
+using namespace qk;
+int main(){
+  int types[]={F32,F16,BF16,Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K};
+  srand(1); double worst=0;
+  for(int t: types){ BlockInfo bi=block_info(t); int N=13, K=(bi.elems==1)?200:512; int64_t rb=(int64_t)K/bi.elems*bi.bytes;
+    std::vector<uint8_t> w(N*rb); for(auto&b:w) b=rand();
+    if(bi.elems==1 && t==F32){ for(int i=0;i<N*K;i++){float f=(rand()/(float)RAND_MAX)-0.5f; memcpy(&w[4*i],&f,4);} }
+    else { // finite halves everywhere: clear exponent high bits of every odd byte for float16 types, scale fields for blocks
+      if(t==F16||t==BF16) for(size_t i=1;i<w.size();i+=2) w[i]&=0x3b;
+      else for(int64_t b=0;b<(int64_t)w.size()/bi.bytes;b++){ uint8_t*p=&w[b*bi.bytes]; if(t==Q6_K) p[209]&=0x3b; else {p[1]&=0x3b; if(t==Q4_1||t==Q5_1||t==Q4_K||t==Q5_K) p[3]&=0x3b;} }
+    }
+    for(int T: {1,2,3,7,16,70}){
+      std::vector<float> x(T*K), xs(T*(K/32)), y1(T*N), y2(T*N), scr(2*K);
+      for(auto&v:x) v=(rand()/(float)RAND_MAX)-0.5f;
+      for(int a=0;a<T;a++) for(int g=0;g<K/32;g++){float s=0; for(int e=0;e<32;e++) s+=x[a*K+g*32+e]; xs[a*(K/32)+g]=s;}
+      Job j{t,w.data(),rb,K,x.data(),xs.data(),T,y1.data(),N,scr.data()};
+      emu::rows_fn(t)(j,0,N); j.y=y2.data(); generic::get(t)(j,0,N);
+      double num=0,den=0; for(int i=0;i<T*N;i++){num+=(y1[i]-y2[i])*(double)(y1[i]-y2[i]); den+=y2[i]*(double)y2[i];}
+      double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL type %d T %d err %g\n",t,T,e);
+    }
+  }
+  printf("worst %g\n",worst);
+}
