@@ -1,9 +1,12 @@
-"""Engine benchmark: our single-process engine vs transformers on the same fp32 weights.
+"""Engine benchmark: our single-process engine vs transformers vs llama.cpp, same GGUF, same threads.
 
 `make bench-engine` runs it. Each engine is measured in its own subprocess (the script re-invokes
-itself with `--only ours|hf|stage`, which prints one JSON line), so every peak RSS is clean. All use
-the same thread count. Load time is kept apart; every figure comes after a warm-up and is the
-median of `--runs` runs. Decode figures time only the decode steps, never the prefill.
+itself with `--only ours|hf|stage|llamacpp`, which prints one JSON line), so every peak RSS is clean.
+Load time is kept apart; every figure comes after a warm-up and is the median of `--runs` runs.
+Decode figures time only the decode steps, never the prefill. llama.cpp's own tools give its
+figures (llama-bench pp/tg, llama-batched-bench at 1 and 16 sequences), built by
+scripts/build_llamacpp.sh (cached outside the repository; skipped with a note when absent).
+Ours also reports where a decode step's time goes: the share spent inside the native matmuls.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ def peak_rss_mib() -> float:
 
 
 def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
+    from pipeserve import kernels
+    from pipeserve.kernels import QLinear
     from pipeserve.modeling.engine import SeqChunk, StageEngine
     from pipeserve.modeling.generate import GREEDY
     from pipeserve.modeling.loader import load_stage
 
+    kernels.set_threads(torch.get_num_threads())  # the node's setting: kernels get the threads,
+    torch.set_num_threads(1)  # torch's own pool (attention, norms) one
     t0 = time.perf_counter()
     eng = StageEngine(load_stage(MODEL))
     load_s = time.perf_counter() - t0
@@ -81,12 +88,102 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
         eng.release(["prefill"])
         return dt
 
-    return {
+    res = {
+        "kernel_isa": kernels.get_isa(),
+        "kernel_threads": kernels.get_threads(),
         "load_s": load_s,
         "decode_b1_tok_s": tokens / median_time(lambda: decode(1), runs),
         f"decode_b{BATCH}_tok_s": BATCH * tokens / median_time(lambda: decode(BATCH), runs),
         "prefill_tok_s": PREFILL_LEN / median_time(prefill, runs),
         "peak_rss_mib": peak_rss_mib(),
+    }
+    # Where a decode step goes: time inside the native matmul calls vs everything else (attention,
+    # norms, RoPE, sampling, Python), from one more timed run with the linear layers clocked.
+    spent = [0.0]
+    plain = QLinear.forward
+
+    def clocked(self: QLinear, x: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        y = plain(self, x)
+        spent[0] += time.perf_counter() - t
+        return y
+
+    QLinear.forward = clocked  # type: ignore[method-assign]
+    for batch in (1, BATCH):
+        spent[0] = 0.0
+        total = decode(batch)
+        res[f"decode_b{batch}_ms_per_step"] = 1e3 * total / tokens
+        res[f"decode_b{batch}_matmul_ms_per_step"] = 1e3 * spent[0] / tokens
+    QLinear.forward = plain  # type: ignore[method-assign]
+    return res
+
+
+def bench_llamacpp(tokens: int, runs: int) -> dict[str, Any]:
+    """llama.cpp's own benchmark tools on the same GGUF and thread count."""
+    from pipeserve.modeling.source import embedded_gguf_path
+
+    build = Path(__file__).with_name("build_llamacpp.sh")
+    found = subprocess.run(["bash", str(build)], capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        return {"skipped": f"llama.cpp could not be built: {found.stderr[-500:]}"}
+    bin_dir = Path(found.stdout.strip().splitlines()[-1])
+    gguf, threads = str(embedded_gguf_path()), str(torch.get_num_threads())
+    out = subprocess.run(
+        [
+            str(bin_dir / "llama-bench"),
+            "-m",
+            gguf,
+            "-t",
+            threads,
+            "-p",
+            str(PREFILL_LEN),
+            "-n",
+            "64",
+            "-r",
+            str(runs),
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = json.loads(out)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == PREFILL_LEN and r["n_gen"] == 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] == 64)
+    bench_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    lines = subprocess.run(
+        [
+            str(bin_dir / "llama-batched-bench"),
+            "-m",
+            gguf,
+            "-t",
+            threads,
+            "-c",
+            "4096",
+            "-npp",
+            str(PROMPT_LEN),
+            "-ntg",
+            str(tokens),
+            "-npl",
+            f"1,{BATCH}",
+            "--output-format",
+            "jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    batched = {
+        r["pl"]: r["speed_tg"] for r in (json.loads(x) for x in lines if x.startswith("{")) if "pl" in r
+    }
+    return {
+        "tool": "llama-bench / llama-batched-bench (llama-cpp-python 0.3.36 sources)",
+        "prefill_tok_s": pp,
+        "decode_b1_tok_s": tg,
+        "batched_b1_tok_s": batched[1],
+        f"decode_b{BATCH}_tok_s": batched[BATCH],
+        "peak_rss_mib": bench_rss,
     }
 
 
@@ -180,7 +277,7 @@ def bench_stage(tokens: int, runs: int) -> dict[str, Any]:
     }
 
 
-BENCHES = {"ours": bench_ours, "hf": bench_hf, "stage": bench_stage}
+BENCHES = {"ours": bench_ours, "hf": bench_hf, "stage": bench_stage, "llamacpp": bench_llamacpp}
 
 
 def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -194,26 +291,39 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any]) -> str:
-    ours, hf, stage = res["ours"], res["hf"], res["stage"]
-    rows = [
-        ("decode batch 1 (tok/s)", "decode_b1_tok_s"),
-        (f"decode batch {BATCH}, aggregate (tok/s)", f"decode_b{BATCH}_tok_s"),
-        (f"prefill {PREFILL_LEN} tokens (tok/s)", "prefill_tok_s"),
-        ("peak RSS (MiB)", "peak_rss_mib"),
-        ("load (s)", "load_s"),
-    ]
-    lines = ["| metric | pipeserve | transformers | ratio |", "|---|---|---|---|"]
-    for label, key in rows:
-        lines.append(f"| {label} | {ours[key]:.1f} | {hf[key]:.1f} | {ours[key] / hf[key]:.2f}x |")
-    lines.append(
-        f"| stage [{STAGE[0]},{STAGE[1]}) of 3: peak RSS (MiB) | {stage['peak_rss_mib']:.1f} "
-        f"(weights {stage['param_mib']:.1f}, decode {stage['decode_b1_ms_per_step']:.1f} ms/step) | | |"
-    )
+    ours, hf, stage, lc = res["ours"], res["hf"], res["stage"], res["llamacpp"]
+    have_lc = "skipped" not in lc
     b = f"decode_b{BATCH}_tok_s"
+    rows = [
+        ("decode batch 1 (tok/s)", "decode_b1_tok_s", "llama-bench tg64"),
+        (f"decode batch {BATCH}, aggregate (tok/s)", b, f"llama-batched-bench B={BATCH}"),
+        (f"prefill {PREFILL_LEN} tokens (tok/s)", "prefill_tok_s", f"llama-bench pp{PREFILL_LEN}"),
+        ("peak RSS (MiB)", "peak_rss_mib", "llama-bench"),
+    ]
+    lines = [
+        "| metric | pipeserve | transformers | llama.cpp | ours / transformers | ours / llama.cpp |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, key, lc_label in rows:
+        lc_val = f"{lc[key]:.1f} ({lc_label})" if have_lc else "-"
+        lc_ratio = f"{ours[key] / lc[key]:.2f}x" if have_lc else "-"
+        lines.append(
+            f"| {label} | {ours[key]:.1f} | {hf[key]:.1f} | {lc_val} | {ours[key] / hf[key]:.2f}x | {lc_ratio} |"
+        )
+    lines.append(f"| load (s) | {ours['load_s']:.1f} | {hf['load_s']:.1f} | | | |")
     lines.append(
-        f"\nbatch-{BATCH} aggregate / batch-1: ours {ours[b] / ours['decode_b1_tok_s']:.1f}x, "
-        f"transformers {hf[b] / hf['decode_b1_tok_s']:.1f}x"
+        f"| stage [{STAGE[0]},{STAGE[1]}) of 3 | RSS {stage['peak_rss_mib']:.0f} MiB, weights {stage['param_mib']:.1f} MiB, "
+        f"{stage['decode_b1_ms_per_step']:.2f} ms per decode step | | | | |"
     )
+    for batch in (1, BATCH):
+        step, mm = ours[f"decode_b{batch}_ms_per_step"], ours[f"decode_b{batch}_matmul_ms_per_step"]
+        lines.append(
+            f"\nbatch {batch} decode step: {step:.2f} ms, of which native matmuls {mm:.2f} ms ({100 * mm / step:.0f}%), "
+            f"everything else (attention, norms, RoPE, sampling, Python) {step - mm:.2f} ms"
+        )
+    lines.append(f"\nkernels: {ours['kernel_isa']} x{ours['kernel_threads']} threads")
+    if not have_lc:
+        lines.append(f"llama.cpp skipped: {lc['skipped']}")
     return "\n".join(lines)
 
 
@@ -233,7 +343,7 @@ def main() -> None:
         return
     res: dict[str, Any] = {
         "model": MODEL,
-        "dtype": "float32",
+        "weights": "GGUF blocks as stored (Q4_1, Q8_0 head); fp32 activations",
         "threads": args.threads,
         "decode_tokens": args.tokens,
         "runs": args.runs,

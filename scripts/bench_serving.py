@@ -142,7 +142,9 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
 
 
 # ---- the HTTP driver ----------------------------------------------------------------------------
-async def stream_one(client: Any, rec: RequestRecord, t0: float, max_tokens: int) -> None:
+async def stream_one(
+    client: Any, rec: RequestRecord, t0: float, max_tokens: int, extra: dict[str, Any] | None = None
+) -> None:
     body = {
         "model": MODEL,
         "messages": messages_for(rec.prompt),
@@ -150,7 +152,7 @@ async def stream_one(client: Any, rec: RequestRecord, t0: float, max_tokens: int
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
-    }
+    } | (extra or {})
     last: float | None = None
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
@@ -197,7 +199,7 @@ async def stream_one(client: Any, rec: RequestRecord, t0: float, max_tokens: int
 
 
 async def run_clients(
-    base_url: str, k: int, rounds: int, max_tokens: int
+    base_url: str, k: int, rounds: int, max_tokens: int, extra: dict[str, Any] | None = None
 ) -> tuple[list[RequestRecord], float]:
     """K clients, each sending `rounds` requests one after another; returns records and wall time."""
     import httpx
@@ -216,7 +218,7 @@ async def run_clients(
                 rec = RequestRecord(client=c, prompt=prompt_index(c, r, k), start_s=time.perf_counter() - t0)
                 records.append(rec)
                 try:
-                    await asyncio.wait_for(stream_one(client, rec, t0, max_tokens), REQUEST_TIMEOUT_S)
+                    await asyncio.wait_for(stream_one(client, rec, t0, max_tokens, extra), REQUEST_TIMEOUT_S)
                 except TimeoutError:
                     rec.error = f"timed out after {REQUEST_TIMEOUT_S:.0f} s"
 
@@ -366,6 +368,88 @@ def bench_cluster(name: str, parts: int, threads: int, args: argparse.Namespace)
         print(f"[{name}] FAILED: {out['error']}", file=sys.stderr)
     finally:
         cluster.stop()
+    return out
+
+
+def bench_llamacpp(name: str, rpc: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """llama-server on the same GGUF through the same streaming client: one process with 16 slots,
+    or (rpc) its layers over 3 ggml-rpc-servers on loopback (`--rpc ... -ngl 99`), 2 threads each."""
+    import psutil
+
+    from pipeserve.modeling.source import embedded_gguf_path
+
+    found = subprocess.run(
+        ["bash", str(Path(__file__).with_name("build_llamacpp.sh"))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode != 0:
+        return {"error": f"llama.cpp could not be built: {found.stderr[-300:]}", "runs": {}}
+    bin_dir = Path(found.stdout.strip().splitlines()[-1])
+    kmax = max(args.concurrency)
+    port = free_port("127.0.0.1")
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    procs: dict[str, subprocess.Popen] = {}
+    out: dict[str, Any] = {"kind": "llama.cpp", "rpc_servers": 3 if rpc else 0, "slots": kmax, "runs": {}}
+
+    def spawn(label: str, cmd: list[str]) -> None:
+        log = open(workdir / f"{label}.log", "wb")  # noqa: SIM115 - the process owns it until the end
+        procs[label] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    try:
+        cmd = [
+            str(bin_dir / "llama-server"),
+            "-m",
+            str(embedded_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            "2",
+            "-np",
+            str(kmax),
+            "-c",
+            str(kmax * 512),
+            "--no-webui",
+        ]
+        if rpc:
+            rpc_ports = [free_port("127.0.0.1") for _ in range(3)]
+            for i, p in enumerate(rpc_ports):
+                spawn(
+                    f"rpc{i}", [str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(p), "-t", "2"]
+                )
+            time.sleep(2.0)
+            cmd += ["--rpc", ",".join(f"127.0.0.1:{p}" for p in rpc_ports), "-ngl", "99"]
+        spawn("server", cmd)
+        base = f"http://127.0.0.1:{port}"
+        wait_http_ready(base + "/health", READY_TIMEOUT_S)
+        pids = {n: p.pid for n, p in procs.items()} | {"bench_client": os.getpid()}
+        extra = {"stream_options": {"include_usage": True}}
+        for k in (kmax, 1):
+            recs, _ = asyncio.run(run_clients(base, k, 1, 8, extra))
+            if errs := [r.error for r in recs if r.error]:
+                raise RuntimeError(f"warm-up failed: {errs[:3]}")
+        for k in args.concurrency:
+            load_before = wait_quiet(args.quiet_wait, pids)
+            recs, wall = asyncio.run(run_clients(base, k, args.requests_per_client, args.max_tokens, extra))
+            summary = summarize(recs, wall)
+            summary["other_load_before"] = load_before
+            out["runs"][str(k)] = {"summary": summary, "requests": [asdict(r) for r in recs]}
+            print(f"[{name}] K={k}: {_brief(summary)}", file=sys.stderr)
+        out["rss_mib"] = {n: psutil.Process(p.pid).memory_info().rss / 2**20 for n, p in procs.items()}
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"[{name}] FAILED: {out['error']}", file=sys.stderr)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
     return out
 
 
@@ -546,6 +630,29 @@ def ratios(res: dict[str, Any], kmin: int, kmax: int) -> dict[str, Any]:
             3.0,
         ),
         (
+            f"agg tok/s at K={kmax}: three / llama-server",
+            ratio(agg(res, "three", kmax, "agg_tok_s"), agg(res, "llama-server", kmax, "agg_tok_s")),
+            ">=",
+            1.0,
+        ),
+        (
+            f"agg tok/s at K={kmax}: three / llama.cpp over RPC",
+            ratio(agg(res, "three", kmax, "agg_tok_s"), agg(res, "llama-rpc", kmax, "agg_tok_s")),
+            ">=",
+            1.0,
+        ),
+        (
+            "three: total node RSS (MiB)",
+            sum(
+                v
+                for n, v in res["systems"].get("three", {}).get("rss_mib", {}).items()
+                if n.startswith("node")
+            )
+            or None,
+            "<=",
+            1024.0,
+        ),
+        (
             f"three: ITL p99 at K={kmax} / ITL p50 at K={kmin}",
             ratio(agg(res, "three", kmax, "itl_p99_ms"), agg(res, "three", kmin, "itl_p50_ms")),
             "<=",
@@ -583,6 +690,15 @@ def table(res: dict[str, Any]) -> str:
                 f"{f(s['ttft_p99_ms'])} | {f(s['itl_p50_ms'], 1)} | {f(s['itl_p99_ms'], 1)} | "
                 f"{f(s['agg_tok_s'], 1)} | {f(s['req_s'], 2)} | {other_load(s):.2f} |"
             )
+    mem = [
+        f"{system} {sum(r['rss_mib'].values()):.0f} MiB ("
+        + ", ".join(f"{n} {v:.0f}" for n, v in r["rss_mib"].items())
+        + ")"
+        for system, r in res["systems"].items()
+        if r.get("rss_mib")
+    ]
+    if mem:
+        lines += ["", "Resident memory after the runs: " + "; ".join(mem)]
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for name, v in res["ratios"].items():
         met = "-" if v["met"] is None else ("yes" if v["met"] else "NO")
@@ -706,7 +822,7 @@ def main() -> None:
     ap.add_argument("--md", type=Path, default=None, help="markdown table (default: --out with .md)")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated K values")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--systems", default="three,one,transformers,llamacpp")
+    ap.add_argument("--systems", default="three,one,llama-server,llama-rpc,transformers")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument(
         "--threads",
@@ -767,13 +883,8 @@ def main() -> None:
             res["systems"][system] = bench_cluster(system, parts, threads[system], args)
         elif system == "transformers":
             res["systems"][system] = run_child("transformers", args)
-        elif system == "llamacpp":
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                res["notes"].append("llamacpp skipped: llama_cpp (llama-cpp-python) is not installed")
-                continue
-            res["notes"].append("llamacpp skipped: importable, but no llama.cpp driver is written yet")
+        elif system in ("llama-server", "llama-rpc"):
+            res["systems"][system] = bench_llamacpp(system, system == "llama-rpc", args)
         else:
             ap.error(f"unknown system {system!r}")
     res["total_s"] = time.perf_counter() - t_all

@@ -443,6 +443,9 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "cache_used_tokens",
         "cache_budget_tokens",
         "rss_bytes",
+        "weights_bytes",
+        "weight_types",
+        "kernel",
         "last_forward_ms",
         "mean_forward_ms",
         "forwards_total",
@@ -452,6 +455,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
     assert nodes[0]["layers"][0] == 0 and nodes[-1]["layers"][1] == 30
     assert all(a["layers"][1] == b["layers"][0] for a, b in itertools.pairwise(nodes))
     assert all(n["healthy"] and n["error"] is None and n["rss_bytes"] > 0 for n in nodes)
+    assert all(n["weights_bytes"] > 0 and n["weight_types"]["Q4_1"] == 70 for n in nodes)  # 10 layers x 7
 
 
 def _samples(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

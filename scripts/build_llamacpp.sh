@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-server, ggml-rpc-server, llama-bench and llama-batched-bench from the sources
+# vendored in the PyPI sdist of llama-cpp-python, cached outside the repository. Benchmarks only: the
+# tests and `make up` never need it. ~15 min on 2 cores; a second run finds the cache and exits.
+# GGML_NATIVE=ON is right here: these binaries are anchors measured on this machine, never shipped.
+set -euo pipefail
+VERSION=0.3.36
+CACHE=${LLAMA_CPP_CACHE:-$HOME/.cache/pipeserve/llamacpp}
+SRC=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp
+BIN=$SRC/build/bin
+if [ -x "$BIN/llama-bench" ] && [ -x "$BIN/llama-batched-bench" ] && [ -x "$BIN/llama-server" ] && [ -x "$BIN/ggml-rpc-server" ]; then
+  echo "$BIN"
+  exit 0
+fi
+mkdir -p "$CACHE"
+cd "$CACHE"
+[ -f "llama_cpp_python-$VERSION.tar.gz" ] || python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
+[ -d "llama_cpp_python-$VERSION" ] || tar xzf "llama_cpp_python-$VERSION.tar.gz"
+cd "$SRC"
+cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF >&2
+cmake --build build -j"$(nproc)" --target llama-server ggml-rpc-server llama-bench llama-batched-bench >&2
+echo "$BIN"
