@@ -157,7 +157,7 @@ class Pool {
 };
 
 static Pool* g_pool = nullptr;
-static int64_t g_scratch_floats = 1 << 16;
+static int64_t g_scratch_floats = 1 << 17;
 
 static void set_pool(int n) {
   delete g_pool;
@@ -209,8 +209,8 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
     if (type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K) self->needs_xsum = true;
   }
   Py_DECREF(fast);
-  if (K > g_scratch_floats / 2) {
-    g_scratch_floats = 2 * K;
+  if (34 * K > g_scratch_floats) {  // a panel of up to 32 rows [K][32] and one row (qk_simd.h)
+    g_scratch_floats = 34 * K;
     if (g_pool) g_pool->prepare(g_scratch_floats);
   }
   return 0;
@@ -271,7 +271,7 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     task.items = &items;
     g_pool->run(&task, threads);
   } else {
-    std::vector<float> scratch(2 * K);
+    std::vector<float> scratch(34 * K);
     for (size_t i = 0; i < items.size(); i += 3) {
       Job jb = jobs[items[i]];
       jb.scratch = scratch.data();

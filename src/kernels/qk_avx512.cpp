@@ -34,6 +34,7 @@ struct S {
   }
   static inline float h2f(const uint8_t* p) { return _cvtsh_ss(rd16(p)); }
   static inline F zero() { return _mm512_setzero_ps(); }
+  static inline F bcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline F set1(float a) { return _mm512_set1_ps(a); }
   static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }

@@ -8,9 +8,13 @@
 //   dotted with x; the group's scale multiplies that dot and its min multiplies the group's sum of
 //   x (precomputed once per call): sum((a*q + c) * x) = a * sum(q*x) + c * sum(x). Four weight
 //   rows share every load of x.
-// - T >= 2 (batched decode, prefill): two weight rows are dequantized once into a small fp32
-//   scratch, then a 2 x 4 register tile (2 weight rows x 4 activation rows) runs over a block of
-//   activation rows that stays in L2. Activations and accumulation are fp32 throughout.
+// - T >= PANEL_MIN_T (prefill chunks, big batches): a panel of P = 2 * S::L weight rows is dequantized once into
+//   an fp32 scratch stored k-major ([K][P]), then a 6 x P register tile (6 activation rows x P
+//   outputs, each activation broadcast) runs over a block of activation rows that stays in L2: the
+//   classic GEMM micro-kernel shape, ~2/3 of a load per FMA and no horizontal sums.
+// - smaller T (batched decode), and rows left over after the panels: two rows dequantized into
+//   scratch, then a 2 x 4 dot-product tile (2 weight rows x 4 activation rows) over the batch.
+// Activations and accumulation are fp32 throughout.
 
 static constexpr int NV = 32 / S::L;  // vectors per group of 32
 
@@ -25,7 +29,7 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     const uint8_t* qs = b + (TY == Q4_0 ? 2 : 4);
     a0 = a1 = S::h2f(b);
     if constexpr (TY == Q4_1) c = S::h2f(b + 2);
-    for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
       I iv = e < 16 ? S::and_(S::u8(qs + e), 15) : S::template srli<4>(S::u8(qs + e - 16));
       if constexpr (TY == Q4_0) iv = S::sub(iv, 8);
@@ -38,7 +42,7 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     const uint8_t* qs = hb + 4;
     a0 = a1 = S::h2f(b);
     if constexpr (TY == Q5_1) c = S::h2f(b + 2);
-    for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
       I iv = e < 16 ? S::and_(S::u8(qs + e), 15) : S::template srli<4>(S::u8(qs + e - 16));
       iv = S::or_(iv, S::bit4(qh, e));
@@ -48,7 +52,7 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
   } else if constexpr (TY == Q8_0) {
     const uint8_t* b = row + g * 34;
     a0 = a1 = S::h2f(b);
-    for (int v = 0; v < NV; ++v) q[v] = S::cvt(S::i8(b + 2 + v * S::L));
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) q[v] = S::cvt(S::i8(b + 2 + v * S::L));
   } else if constexpr (TY == Q4_K || TY == Q5_K) {
     const uint8_t* sb = row + (g / 8) * (TY == Q4_K ? 144 : 176);
     const int j = (int)(g % 8);
@@ -57,7 +61,7 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     a0 = a1 = S::h2f(sb) * (float)sc;
     c = -(S::h2f(sb + 2) * (float)m);
     const uint8_t* qs = sb + (TY == Q4_K ? 16 : 48) + 32 * (j / 2);
-    for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
       I iv = (j & 1) ? S::template srli<4>(S::u8(qs + e)) : S::and_(S::u8(qs + e), 15);
       if constexpr (TY == Q5_K) iv = S::or_(iv, S::template slli<4>(S::and_(S::srl(S::u8(sb + 16 + e), j), 1)));
@@ -72,7 +76,7 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     const float d = S::h2f(sb + 208);
     a0 = d * (float)sc[0];
     a1 = d * (float)sc[1];
-    for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
       I lo = k >= 2 ? S::template srli<4>(S::u8(ql + e)) : S::and_(S::u8(ql + e), 15);
       I hi = S::template slli<4>(S::and_(S::srl(S::u8(qh + e), 2 * k), 3));
@@ -80,7 +84,7 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     }
   } else {  // dense float types: the "integers" are the weights themselves, a = 1, c = 0
     a0 = a1 = 1.f;
-    for (int v = 0; v < NV; ++v) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int64_t k = g * 32 + v * S::L;
       if constexpr (TY == F32) q[v] = S::f32((const float*)row + k);
       else if constexpr (TY == F16) q[v] = S::h16(row + 2 * k);
@@ -99,34 +103,34 @@ static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
   const int64_t G = jb.K / 32, gb = jb.row_bytes / (G ? G : 1);  // gb: bytes per group
   F tot[NR];
   float ct[NR];
-  for (int r = 0; r < NR; ++r) { tot[r] = S::zero(); ct[r] = 0.f; }
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) { tot[r] = S::zero(); ct[r] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
     F xv[NV];
-    for (int v = 0; v < NV; ++v) xv[v] = S::f32(jb.x + g * 32 + v * S::L);
-    for (int r = 0; r < NR; ++r) {
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) xv[v] = S::f32(jb.x + g * 32 + v * S::L);
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
       S::prefetch(row + r * jb.row_bytes + (g + 64) * gb);  // a few groups ahead: hides RAM latency
       F q[NV];
       float a0, a1, c;
       decode<TY>(row + r * jb.row_bytes, g, q, a0, a1, c);
       if constexpr (TY == Q6_K) {
         F b0 = S::mul(q[0], xv[0]), b1 = S::mul(q[NV / 2], xv[NV / 2]);
-        for (int v = 1; v < NV / 2; ++v) {
+        _Pragma("GCC unroll 8") for (int v = 1; v < NV / 2; ++v) {
           b0 = S::fma(q[v], xv[v], b0);
           b1 = S::fma(q[NV / 2 + v], xv[NV / 2 + v], b1);
         }
         tot[r] = S::fma(S::set1(a0), b0, tot[r]);
         tot[r] = S::fma(S::set1(a1), b1, tot[r]);
       } else if constexpr (is_float_type_c(TY)) {
-        for (int v = 0; v < NV; ++v) tot[r] = S::fma(q[v], xv[v], tot[r]);
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) tot[r] = S::fma(q[v], xv[v], tot[r]);
       } else {
         F b = S::mul(q[0], xv[0]);
-        for (int v = 1; v < NV; ++v) b = S::fma(q[v], xv[v], b);
+        _Pragma("GCC unroll 8") for (int v = 1; v < NV; ++v) b = S::fma(q[v], xv[v], b);
         tot[r] = S::fma(S::set1(a0), b, tot[r]);
         if constexpr (has_min<TY>()) ct[r] += c * jb.xsum[g];
       }
     }
   }
-  for (int r = 0; r < NR; ++r) {
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
     float s = S::hsum(tot[r]) + ct[r];
     if constexpr (is_float_type_c(TY)) {
       const uint8_t* rw = row + r * jb.row_bytes;
@@ -146,10 +150,10 @@ static inline void dequant_row(const Job& jb, const uint8_t* row, float* out) {
     float a0, a1, c;
     decode<TY>(row, g, q, a0, a1, c);
     if constexpr (is_float_type_c(TY)) {
-      for (int v = 0; v < NV; ++v) S::store(out + g * 32 + v * S::L, q[v]);
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) S::store(out + g * 32 + v * S::L, q[v]);
     } else {
       const F A0 = S::set1(a0), A1 = S::set1(a1), C = S::set1(c);
-      for (int v = 0; v < NV; ++v) S::store(out + g * 32 + v * S::L, S::fma(q[v], v < NV / 2 ? A0 : A1, C));
+      _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) S::store(out + g * 32 + v * S::L, S::fma(q[v], v < NV / 2 ? A0 : A1, C));
     }
   }
   if constexpr (is_float_type_c(TY))
@@ -161,19 +165,19 @@ template <int NR, int NT>
 static inline void tile(const float* w, int64_t K, const float* x, float* y, int64_t ldy) {
   using F = typename S::F;
   F acc[NR][NT];
-  for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < NT; ++t) acc[r][t] = S::zero();
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) acc[r][t] = S::zero();
   const int64_t KV = K / S::L * S::L;
   for (int64_t k = 0; k < KV; k += S::L) {
     F wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = S::f32(w + r * K + k);
-    for (int t = 0; t < NT; ++t) {
+    _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) wv[r] = S::f32(w + r * K + k);
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) {
       const F xv = S::f32(x + t * K + k);
-      for (int r = 0; r < NR; ++r) acc[r][t] = S::fma(wv[r], xv, acc[r][t]);
+      _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) acc[r][t] = S::fma(wv[r], xv, acc[r][t]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int t = 0; t < NT; ++t) {
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) {
       float s = S::hsum(acc[r][t]);
       for (int64_t k = KV; k < K; ++k) s += w[r * K + k] * x[t * K + k];
       y[t * ldy + r] = s;
@@ -192,7 +196,48 @@ static inline void tile_rows(const float* w, int64_t K, const float* x, int64_t 
   }
 }
 
+static inline void prefetch_bytes(const uint8_t* p, int64_t n) {
+  for (int64_t o = 0; o < n; o += 64) S::prefetch(p + o);
+}
+
 static constexpr int64_t T_BLOCK = 64;  // activation rows kept hot in L2 while rows stream past
+static constexpr int P = 2 * S::L;      // weight rows per panel
+static constexpr int MT = 6;            // activation rows per micro-tile
+// Below this many activation rows the panel's k-major copy costs more than it saves.
+static constexpr int64_t PANEL_MIN_T = 24;
+
+// y[t, 0..P) for NT activation rows, from the k-major panel wp [K][P].
+template <int NT>
+static inline void micro(const float* wp, int64_t K, const float* x, float* y, int64_t ldy) {
+  using F = typename S::F;
+  F acc[NT][2];
+  _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = S::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const F w0 = S::f32(wp + k * P), w1 = S::f32(wp + k * P + S::L);
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) {
+      const F xb = S::bcast(x + t * K + k);
+      acc[t][0] = S::fma(w0, xb, acc[t][0]);
+      acc[t][1] = S::fma(w1, xb, acc[t][1]);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) {
+    S::store(y + t * ldy, acc[t][0]);
+    S::store(y + t * ldy + S::L, acc[t][1]);
+  }
+}
+
+static inline void micro_rows(const float* wp, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + MT <= nt; t += MT) micro<MT>(wp, K, x + t * K, y + t * ldy, ldy);
+  switch (nt - t) {
+    case 5: micro<5>(wp, K, x + t * K, y + t * ldy, ldy); break;
+    case 4: micro<4>(wp, K, x + t * K, y + t * ldy, ldy); break;
+    case 3: micro<3>(wp, K, x + t * K, y + t * ldy, ldy); break;
+    case 2: micro<2>(wp, K, x + t * K, y + t * ldy, ldy); break;
+    case 1: micro<1>(wp, K, x + t * K, y + t * ldy, ldy); break;
+    default: break;
+  }
+}
 
 template <int TY>
 static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
@@ -203,12 +248,29 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
     return;
   }
   const int64_t K = jb.K;
+  int64_t rp = r0;  // rows [r0, rp) go through panels
+  if (jb.T >= PANEL_MIN_T) {
+    float* wp = jb.scratch;          // [K][P]
+    float* tmp = jb.scratch + K * P;  // one dequantized row
+    for (; rp + P <= r1; rp += P) {
+      for (int i = 0; i < P; ++i) {
+        if (rp + i + 1 < r1) prefetch_bytes(jb.w + (rp + i + 1) * jb.row_bytes, jb.row_bytes);
+        dequant_row<TY>(jb, jb.w + (rp + i) * jb.row_bytes, tmp);
+        for (int64_t k = 0; k < K; ++k) wp[k * P + i] = tmp[k];
+      }
+      for (int64_t t0 = 0; t0 < jb.T; t0 += T_BLOCK) {
+        const int64_t nt = jb.T - t0 < T_BLOCK ? jb.T - t0 : T_BLOCK;
+        micro_rows(wp, K, jb.x + t0 * K, nt, jb.y + t0 * jb.ldy + rp, jb.ldy);
+      }
+    }
+  }
   for (int64_t t0 = 0; t0 < jb.T; t0 += T_BLOCK) {
     const int64_t nt = jb.T - t0 < T_BLOCK ? jb.T - t0 : T_BLOCK;
     const float* x = jb.x + t0 * K;
     float* y = jb.y + t0 * jb.ldy;
-    int64_t r = r0;
+    int64_t r = rp;
     for (; r + 2 <= r1; r += 2) {
+      if (r + 4 <= r1) prefetch_bytes(jb.w + (r + 2) * jb.row_bytes, 2 * jb.row_bytes);  // the next pair
       dequant_row<TY>(jb, jb.w + r * jb.row_bytes, jb.scratch);
       dequant_row<TY>(jb, jb.w + (r + 1) * jb.row_bytes, jb.scratch + K);
       tile_rows<2>(jb.scratch, K, x, nt, y + r, jb.ldy);

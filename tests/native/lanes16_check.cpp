@@ -26,6 +26,7 @@ struct S {
   static float h2f(const uint8_t*p){return f16_to_f32(rd16(p));}
   static F zero(){F r;for(auto&x:r.v)x=0;return r;}
   static F set1(float a){F r;for(auto&x:r.v)x=a;return r;}
+  static F bcast(const float*p){return set1(*p);}
   static F mul(F a,F b){for(int i=0;i<16;i++)a.v[i]*=b.v[i];return a;}
   static F fma(F a,F b,F c){for(int i=0;i<16;i++)c.v[i]+=a.v[i]*b.v[i];return c;}
   static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
@@ -40,7 +41,7 @@ using namespace qk;
 int main(){
   int types[]={F32,F16,BF16,Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K};
   srand(1); double worst=0;
-  for(int t: types){ BlockInfo bi=block_info(t); int N=13, K=(bi.elems==1)?200:512; int64_t rb=(int64_t)K/bi.elems*bi.bytes;
+  for(int t: types){ BlockInfo bi=block_info(t); int N=45, K=(bi.elems==1)?200:512; int64_t rb=(int64_t)K/bi.elems*bi.bytes;
     std::vector<uint8_t> w(N*rb); for(auto&b:w) b=rand();
     if(bi.elems==1 && t==F32){ for(int i=0;i<N*K;i++){float f=(rand()/(float)RAND_MAX)-0.5f; memcpy(&w[4*i],&f,4);} }
     else { // finite halves everywhere: clear exponent high bits of every odd byte for float16 types, scale fields for blocks
@@ -48,7 +49,7 @@ int main(){
       else for(int64_t b=0;b<(int64_t)w.size()/bi.bytes;b++){ uint8_t*p=&w[b*bi.bytes]; if(t==Q6_K) p[209]&=0x3b; else {p[1]&=0x3b; if(t==Q4_1||t==Q5_1||t==Q4_K||t==Q5_K) p[3]&=0x3b;} }
     }
     for(int T: {1,2,3,7,16,70}){
-      std::vector<float> x(T*K), xs(T*(K/32)), y1(T*N), y2(T*N), scr(2*K);
+      std::vector<float> x(T*K), xs(T*(K/32)), y1(T*N), y2(T*N), scr(34*K);
       for(auto&v:x) v=(rand()/(float)RAND_MAX)-0.5f;
       for(int a=0;a<T;a++) for(int g=0;g<K/32;g++){float s=0; for(int e=0;e<32;e++) s+=x[a*K+g*32+e]; xs[a*(K/32)+g]=s;}
       Job j{t,w.data(),rb,K,x.data(),xs.data(),T,y1.data(),N,scr.data()};
