@@ -257,3 +257,26 @@ def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
         mid.forward([SeqChunk("a", 0, [1, 2])], torch.zeros(2, 64, dtype=torch.float64))
     with pytest.raises(InvalidInputError, match=r"\[2, 64\]"):
         mid.forward([SeqChunk("a", 0, [1, 2])], torch.zeros(3, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_checkpoints_stay_16_bit(dtype, tiny_llama, tmp_path):
+    """A bf16/fp16 safetensors checkpoint keeps its dtype in memory (half the bytes of fp32) and
+    computes exactly what transformers computes in fp32 on the same (upcast) weights."""
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "half"
+    shutil.copytree(tiny_llama, folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model.to(dtype).save_pretrained(folder)
+    loaded = load_stage(str(folder))
+    name = "BF16" if dtype == torch.bfloat16 else "F16"
+    assert loaded.tensor_types == {name: 6 * 7 + 2}  # 6 layers x 7 matrices, embedding, untied head
+    fp32 = load_stage(str(tiny_llama))
+    assert abs(loaded.param_bytes / fp32.param_bytes - 0.5) < 0.01  # norms stay fp32: a few bytes more
+    prompts = [[5, 9, 33, 100, 7], [300, 2, 4]]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = prefill([StageEngine(loaded)], prompts)
+    assert (ours - last_logits_ref(ref, prompts)).abs().max().item() <= 1e-4

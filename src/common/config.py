@@ -47,7 +47,7 @@ class NodeConfig(_Strict):
         description="Explicit half-open layer range [start, end); default: an even split over the parts.",
     )
     threads: int | None = Field(
-        None, ge=1, description="torch threads for this node (default node_defaults.threads)."
+        None, ge=1, description="Native-kernel threads for this node (default node_defaults.threads)."
     )
     cache_budget_tokens: int | None = Field(
         None, ge=1, description="Override of node_defaults.cache_budget_tokens."
@@ -60,7 +60,7 @@ class NodeDefaults(_Strict):
     )
     cache_ttl_s: float = Field(600.0, gt=0, description="Idle caches are evicted after this many seconds.")
     threads: int = Field(
-        1, ge=1, description="torch threads per node process (nodes share the machine's cores)."
+        1, ge=1, description="Native-kernel threads per node process (nodes share the machine's cores; torch itself runs one)."
     )
     max_message_mb: int = Field(64, ge=1, description="Largest gRPC message a node accepts or sends, MiB.")
 
