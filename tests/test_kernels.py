@@ -187,3 +187,54 @@ def test_sixteen_lane_logic_on_any_cpu(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     assert "FAIL" not in out and out.startswith("worst "), out
     assert float(out.split()[1]) <= TOL
+
+
+def test_fused_small_ops_match_reference():
+    torch.manual_seed(0)
+    for T, C in ((1, 576), (7, 640), (64, 64)):
+        x, w = torch.randn(T, C) * 3, torch.randn(C)
+        for off in (0.0, 1.0):
+            assert (
+                rel_err(
+                    kernels.rms_norm(x, w, 1e-5, off), reference.rms_norm(x.double(), w.double(), 1e-5, off)
+                )
+                <= 1e-6
+            )
+        gu = torch.randn(T, 2 * C) * 4
+        assert rel_err(kernels.silu_mul(gu), reference.silu_mul(gu.double())) <= 1e-6
+
+
+def test_decode_attention_reads_caches_in_place():
+    """Ragged cached lengths, grouped heads, caches of different capacities: equals the reference."""
+    torch.manual_seed(0)
+    layers, nkv, nh, hd = 3, 2, 6, 64
+    caps, lengths = [40, 128, 7], [33, 128, 1]
+    ks = [torch.randn(layers, nkv, c, hd) for c in caps]
+    vs = [torch.randn(layers, nkv, c, hd) for c in caps]
+    att = kernels.DecodeAttention(ks, vs, lengths)
+    for layer in range(layers):
+        q = torch.randn(3, nh, hd)
+        want = reference.attend_decode(
+            q.double(),
+            [k[layer, :, :n].double() for k, n in zip(ks, lengths, strict=True)],
+            [v[layer, :, :n].double() for v, n in zip(vs, lengths, strict=True)],
+        )
+        assert rel_err(att(layer, q), want) <= 1e-5
+    with pytest.raises(ValueError, match="KV caches need"):
+        kernels.DecodeAttention([ks[0].transpose(2, 3)], [vs[0]], [1])
+
+
+def test_rope_in_place_matches_reference():
+    torch.manual_seed(0)
+    T, heads, extra, hd = 5, 4, 2, 64
+    angles = torch.outer(
+        torch.arange(100, dtype=torch.float32), 1.0 / (10000 ** (torch.arange(0, hd, 2) / hd))
+    )
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    x = torch.randn(T, (heads + extra) * hd)
+    pos = torch.tensor([0, 7, 99, 3, 3])
+    want = reference.rope(x.view(T, heads + extra, hd)[:, :heads].double(), pos, cos.double(), sin.double())
+    untouched = x.view(T, heads + extra, hd)[:, heads:].clone()
+    kernels.rope_(x, heads, hd, pos, cos, sin)
+    assert rel_err(x.view(T, heads + extra, hd)[:, :heads], want) <= 1e-6
+    assert torch.equal(x.view(T, heads + extra, hd)[:, heads:], untouched)  # v heads are left alone

@@ -60,7 +60,9 @@ class NodeDefaults(_Strict):
     )
     cache_ttl_s: float = Field(600.0, gt=0, description="Idle caches are evicted after this many seconds.")
     threads: int = Field(
-        1, ge=1, description="Native-kernel threads per node process (nodes share the machine's cores; torch itself runs one)."
+        1,
+        ge=1,
+        description="Native-kernel threads per node process (nodes share the machine's cores; torch itself runs one).",
     )
     max_message_mb: int = Field(64, ge=1, description="Largest gRPC message a node accepts or sends, MiB.")
 

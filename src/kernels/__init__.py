@@ -128,6 +128,101 @@ class QTensor:
         return QTensor(self.data[perm].contiguous(), self.qtype, self.shape)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """x [T, C] fp32 -> x * rsqrt(mean(x^2) + eps) * (weight + weight_offset), one native pass."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _qk.rms_norm(
+        x.data_ptr(),
+        weight.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        float(eps),
+        float(weight_offset),
+    )
+    return y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2I] (gate | up, as the fused projection returns it) -> silu(gate) * up [T, I]."""
+    gate_up = gate_up.contiguous()
+    T, two_i = gate_up.shape
+    y = torch.empty(T, two_i // 2)
+    _qk.silu_mul(gate_up.data_ptr(), y.data_ptr(), T, two_i // 2)
+    return y
+
+
+def rope_(
+    x: torch.Tensor,
+    n_heads: int,
+    head_dim: int,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """Rotate-half RoPE in place on the first `n_heads` heads of each row of x [T, >= n_heads*hd]
+    (contiguous rows); cos, sin: [max_position, hd/2] fp32 tables; positions: int64 [T], every one
+    below max_position (the caller checks that once per batch: this runs once per layer)."""
+    if not (x.is_contiguous() and positions.dtype == torch.int64 and positions.is_contiguous()):
+        raise ValueError("rope_ needs contiguous x and int64 positions")
+    _qk.rope(
+        x.data_ptr(),
+        x.shape[0],
+        x.stride(0),
+        n_heads,
+        head_dim,
+        positions.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+    )
+
+
+class DecodeAttention:
+    """Decode attention for B single-token sequences, each over its own KV cache, read in place.
+
+    `caches_k[b]` / `caches_v[b]`: sequence b's cache, [layers, n_kv, capacity, hd] fp32 with
+    contiguous rows; `lengths[b]` tokens are attended (the new one included). Addresses are taken
+    once per step; `__call__(layer, q)` is one native call: q [B, nh, hd] -> [B, nh, hd].
+    """
+
+    def __init__(
+        self, caches_k: Sequence[torch.Tensor], caches_v: Sequence[torch.Tensor], lengths: Sequence[int]
+    ) -> None:
+        for k, v in zip(caches_k, caches_v, strict=True):
+            if k.dtype != torch.float32 or k.stride()[2:] != (k.shape[3], 1) or k.stride() != v.stride():
+                raise ValueError(
+                    f"KV caches need fp32 [layers, n_kv, capacity, hd] rows, got {k.dtype} {k.stride()}"
+                )
+        self.n_kv, self.hd = caches_k[0].shape[1], caches_k[0].shape[3]
+        layer_bytes = torch.tensor([k.stride(0) * 4 for k in caches_k])
+        layers = torch.arange(caches_k[0].shape[0]).unsqueeze(1)  # [layers, 1]
+        self.k_base = torch.tensor([k.data_ptr() for k in caches_k]) + layers * layer_bytes  # [layers, B]
+        self.v_base = torch.tensor([v.data_ptr() for v in caches_v]) + layers * layer_bytes
+        self.head_stride = torch.tensor([k.stride(1) for k in caches_k])
+        self.lengths = torch.tensor(list(lengths), dtype=torch.int64)
+        self.keep = (list(caches_k), list(caches_v))  # the addresses stay valid while this lives
+
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        q = q.contiguous()
+        B, nh, hd = q.shape
+        out = torch.empty_like(q)
+        _qk.attend_decode(
+            q.data_ptr(),
+            out.data_ptr(),
+            self.k_base[layer].data_ptr(),
+            self.v_base[layer].data_ptr(),
+            self.head_stride.data_ptr(),
+            self.lengths.data_ptr(),
+            B,
+            nh,
+            self.n_kv,
+            hd,
+            hd**-0.5,
+        )
+        return out
+
+
 class QLinear(nn.Module):
     """y = x @ W^T (+ b), W = the row-wise concatenation of `parts` (kept in block form).
 

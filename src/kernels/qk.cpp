@@ -22,6 +22,12 @@ namespace avx512 { RowsFn get(int type); }
 namespace generic {
 RowsFn get(int type);
 void dequant_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* ids, int64_t n, float* out);
+void rms_norm(const float* x, const float* w, float* y, int64_t T, int64_t C, float eps, float w_offset);
+void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
+void rope(float* x, int64_t T, int64_t row_stride, int64_t n_heads, int64_t hd, const int64_t* pos, const float* cos_t,
+          const float* sin_t);
+void attend_decode(const float* q, float* out, const int64_t* k_base, const int64_t* v_base, const int64_t* head_stride,
+                   const int64_t* lengths, int64_t B, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
 }
 }  // namespace qk
 
@@ -370,6 +376,81 @@ static PyObject* py_dequant_rows(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// rms_norm(x_ptr, w_ptr, y_ptr, T, C, eps, w_offset): y[T, C] = x * rsqrt(mean(x^2) + eps) * (w + w_offset)
+static PyObject* py_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 7) {
+    PyErr_SetString(PyExc_TypeError, "rms_norm(x_ptr, w_ptr, y_ptr, T, C, eps, w_offset)");
+    return nullptr;
+  }
+  const float* x = (const float*)PyLong_AsUnsignedLongLong(args[0]);
+  const float* w = (const float*)PyLong_AsUnsignedLongLong(args[1]);
+  float* y = (float*)PyLong_AsUnsignedLongLong(args[2]);
+  long long T = PyLong_AsLongLong(args[3]), C = PyLong_AsLongLong(args[4]);
+  double eps = PyFloat_AsDouble(args[5]), off = PyFloat_AsDouble(args[6]);
+  if (PyErr_Occurred()) return nullptr;
+  generic::rms_norm(x, w, y, T, C, (float)eps, (float)off);
+  Py_RETURN_NONE;
+}
+
+// silu_mul(gu_ptr, y_ptr, T, I): y[T, I] = silu(gu[:, :I]) * gu[:, I:]
+static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "silu_mul(gu_ptr, y_ptr, T, I)");
+    return nullptr;
+  }
+  const float* gu = (const float*)PyLong_AsUnsignedLongLong(args[0]);
+  float* y = (float*)PyLong_AsUnsignedLongLong(args[1]);
+  long long T = PyLong_AsLongLong(args[2]), I = PyLong_AsLongLong(args[3]);
+  if (PyErr_Occurred()) return nullptr;
+  generic::silu_mul(gu, y, T, I);
+  Py_RETURN_NONE;
+}
+
+// attend_decode(q, out, k_base, v_base, head_stride, lengths, B, nh, nkv, hd, scale): see qk_generic.cpp;
+// the four arrays are int64 [B] (addresses, floats per head, tokens).
+static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 11) {
+    PyErr_SetString(PyExc_TypeError, "attend_decode(q, out, k_base, v_base, head_stride, lengths, B, nh, nkv, hd, scale)");
+    return nullptr;
+  }
+  void* p[6];
+  for (int i = 0; i < 6; ++i) p[i] = (void*)PyLong_AsUnsignedLongLong(args[i]);
+  long long B = PyLong_AsLongLong(args[6]), nh = PyLong_AsLongLong(args[7]), nkv = PyLong_AsLongLong(args[8]),
+            hd = PyLong_AsLongLong(args[9]);
+  double scale = PyFloat_AsDouble(args[10]);
+  if (PyErr_Occurred()) return nullptr;
+  if (nkv <= 0 || nh % nkv) {
+    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads", nh, nkv);
+    return nullptr;
+  }
+  const int64_t* lengths = (const int64_t*)p[5];
+  int64_t Lmax = 1;
+  for (int64_t b = 0; b < B; ++b) Lmax = lengths[b] > Lmax ? lengths[b] : Lmax;
+  Py_BEGIN_ALLOW_THREADS
+  std::vector<float> scores(Lmax);
+  generic::attend_decode((const float*)p[0], (float*)p[1], (const int64_t*)p[2], (const int64_t*)p[3],
+                         (const int64_t*)p[4], lengths, B, nh, nkv, hd, (float)scale, scores.data());
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+// rope(x, T, row_stride, n_heads, hd, pos, cos, sin): rotate-half RoPE in place (qk_generic.cpp).
+static PyObject* py_rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "rope(x, T, row_stride, n_heads, hd, pos, cos, sin)");
+    return nullptr;
+  }
+  float* x = (float*)PyLong_AsUnsignedLongLong(args[0]);
+  long long T = PyLong_AsLongLong(args[1]), stride = PyLong_AsLongLong(args[2]), nh = PyLong_AsLongLong(args[3]),
+            hd = PyLong_AsLongLong(args[4]);
+  const int64_t* pos = (const int64_t*)PyLong_AsUnsignedLongLong(args[5]);
+  const float* c = (const float*)PyLong_AsUnsignedLongLong(args[6]);
+  const float* sn = (const float*)PyLong_AsUnsignedLongLong(args[7]);
+  if (PyErr_Occurred()) return nullptr;
+  generic::rope(x, T, stride, nh, hd, pos, c, sn);
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
   if (PyErr_Occurred()) return nullptr;
@@ -384,6 +465,11 @@ static PyMethodDef module_methods[] = {
     {"set_threads", py_set_threads, METH_O, "set_threads(n): size of the kernel thread pool"},
     {"get_threads", py_get_threads, METH_NOARGS, "size of the kernel thread pool"},
     {"dequant_rows", py_dequant_rows, METH_VARARGS, "dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr)"},
+    {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "rms_norm(x, w, y, T, C, eps, w_offset)"},
+    {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(gu, y, T, I)"},
+    {"attend_decode", (PyCFunction)(void (*)(void))py_attend_decode, METH_FASTCALL,
+     "attend_decode(q, out, k_base, v_base, head_stride, lengths, B, nh, nkv, hd, scale)"},
+    {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, T, row_stride, n_heads, hd, pos, cos, sin)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 

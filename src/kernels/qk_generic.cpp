@@ -1,5 +1,7 @@
 // Portable build of the kernels (any CPU, no SIMD intrinsics): decode a group of 32 weights with
 // the scalar decoder, dequantize, multiply-add in fp32. Slow but exact; the fallback path.
+#include <cmath>
+
 #include "qk_types.h"
 
 namespace qk {
@@ -39,6 +41,109 @@ void dequant_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, cons
   jb.type = type;
   jb.K = K;
   for (int64_t i = 0; i < n; ++i) dequant_row(jb, w + ids[i] * row_bytes, out + i * K);
+}
+
+}  // namespace generic
+}  // namespace qk
+
+namespace qk {
+namespace generic {
+
+// The small per-layer ops of a decoder, fused into one pass each: at batch 1 torch spends more
+// time dispatching their 4-6 elementwise ops than computing them. Plain C++ (the compiler
+// vectorises the loops); the torch formulas in reference.py are what tests compare with.
+
+// y[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * (w + w_offset)   (w_offset 1 for Gemma's (1 + w))
+void rms_norm(const float* x, const float* w, float* y, int64_t T, int64_t C, float eps, float w_offset) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * C;
+    float* yr = y + t * C;
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; ++c) ss += xr[c] * xr[c];
+    const float inv = 1.f / std::sqrt(ss / (float)C + eps);
+    for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * inv * (w[c] + w_offset);
+  }
+}
+
+// gate_up [T, 2I] (gate | up) -> y [T, I] = silu(gate) * up
+void silu_mul(const float* gu, float* y, int64_t T, int64_t I) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gu + t * 2 * I;
+    const float* u = g + I;
+    float* yr = y + t * I;
+    for (int64_t i = 0; i < I; ++i) yr[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+}
+
+}  // namespace generic
+}  // namespace qk
+
+namespace qk {
+namespace generic {
+
+// Decode attention, every single-token sequence of a step in one call, reading each sequence's
+// KV cache in place (no gather into a padded buffer). For sequence b, query head h (kv head
+// h / (nh / nkv)): out = softmax(q . K[:len] * scale) @ V[:len], K/V rows at
+// k_base[b] + head * head_stride[b] + pos * hd (floats). Scores use a small per-call buffer.
+void attend_decode(const float* q, float* out, const int64_t* k_base, const int64_t* v_base,
+                   const int64_t* head_stride, const int64_t* lengths, int64_t B, int64_t nh, int64_t nkv,
+                   int64_t hd, float scale, float* scores) {
+  const int64_t group = nh / nkv;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = lengths[b];
+    for (int64_t h = 0; h < nh; ++h) {
+      const float* qh = q + (b * nh + h) * hd;
+      const int64_t kvh = h / group;
+      const float* K = (const float*)k_base[b] + kvh * head_stride[b];
+      const float* V = (const float*)v_base[b] + kvh * head_stride[b];
+      float mx = -INFINITY;
+      for (int64_t p = 0; p < L; ++p) {
+        float s = 0.f;
+        for (int64_t d = 0; d < hd; ++d) s += qh[d] * K[p * hd + d];
+        s *= scale;
+        scores[p] = s;
+        mx = s > mx ? s : mx;
+      }
+      float den = 0.f;
+      for (int64_t p = 0; p < L; ++p) {
+        scores[p] = std::exp(scores[p] - mx);
+        den += scores[p];
+      }
+      float* o = out + (b * nh + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
+      for (int64_t p = 0; p < L; ++p) {
+        const float w = scores[p] / den;
+        for (int64_t d = 0; d < hd; ++d) o[d] += w * V[p * hd + d];
+      }
+    }
+  }
+}
+
+}  // namespace generic
+}  // namespace qk
+
+namespace qk {
+namespace generic {
+
+// Rotary embedding in place, Hugging Face's rotate-half layout: in each of the first n_heads
+// heads of row t (hd floats each, rows row_stride floats apart), for i < hd/2 with
+// c = cos[pos[t], i], s = sin[pos[t], i]:  (x_i, x_{i+hd/2}) <- (x_i c - x_{i+hd/2} s, x_{i+hd/2} c + x_i s).
+void rope(float* x, int64_t T, int64_t row_stride, int64_t n_heads, int64_t hd, const int64_t* pos,
+          const float* cos_t, const float* sin_t) {
+  const int64_t half = hd / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos_t + pos[t] * half;
+    const float* s = sin_t + pos[t] * half;
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* a = x + t * row_stride + h * hd;
+      float* b = a + half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = a[i], x2 = b[i];
+        a[i] = x1 * c[i] - x2 * s[i];
+        b[i] = x2 * c[i] + x1 * s[i];
+      }
+    }
+  }
 }
 
 }  // namespace generic

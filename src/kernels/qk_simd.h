@@ -100,15 +100,20 @@ static constexpr bool has_min() { return TY == Q4_1 || TY == Q5_1 || TY == Q4_K 
 template <int TY, int NR>
 static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
   using F = typename S::F;
-  const int64_t G = jb.K / 32, gb = jb.row_bytes / (G ? G : 1);  // gb: bytes per group
+  const int64_t G = jb.K / 32;
+  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
+  const int64_t step = (NR * jb.row_bytes + G - 1) / (G ? G : 1);  // bytes of the next block per group
   F tot[NR];
   float ct[NR];
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) { tot[r] = S::zero(); ct[r] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
     F xv[NV];
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) xv[v] = S::f32(jb.x + g * 32 + v * S::L);
+    // Prefetch a later block of NR rows at the pace this block is read, in the
+    // contiguous weight stream, two blocks ahead (a row alone is shorter than RAM latency needs).
+    S::prefetch(ahead + g * step);
+    S::prefetch(ahead + g * step + 64);
     _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
-      S::prefetch(row + r * jb.row_bytes + (g + 64) * gb);  // a few groups ahead: hides RAM latency
       F q[NV];
       float a0, a1, c;
       decode<TY>(row + r * jb.row_bytes, g, q, a0, a1, c);

@@ -103,3 +103,33 @@ def dequantize(data: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.
 def matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
     """The reference of a kernel call: x [T, K] fp32 @ dequantize(W)^T -> [T, N]."""
     return x @ dequantize(data, qtype, shape).t()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """Reference of kernels.rms_norm (Hugging Face's LlamaRMSNorm in fp32)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (weight + weight_offset)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Reference of kernels.silu_mul."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def attend_decode(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+    """Reference of kernels.DecodeAttention: q [B, nh, hd]; ks[b], vs[b] [n_kv, L_b, hd] -> [B, nh, hd]."""
+    out = []
+    for b, (k, v) in enumerate(zip(ks, vs, strict=True)):
+        nh, hd = q.shape[1], q.shape[2]
+        k, v = k.repeat_interleave(nh // k.shape[0], 0), v.repeat_interleave(nh // v.shape[0], 0)
+        p = (q[b].unsqueeze(1) @ k.transpose(-1, -2) * hd**-0.5).softmax(-1)  # [nh, 1, L]
+        out.append((p @ v).squeeze(1))
+    return torch.stack(out)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference of kernels.rope_ (Hugging Face's apply_rotary_pos_emb): x [T, heads, hd]."""
+    c = torch.cat([cos[positions], cos[positions]], -1).unsqueeze(1)
+    s = torch.cat([sin[positions], sin[positions]], -1).unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * c + torch.cat([-x2, x1], dim=-1) * s

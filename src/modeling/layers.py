@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeserve.kernels import QTensor
+from pipeserve.kernels import DecodeAttention, QTensor
 from pipeserve.modeling.kv_cache import SeqCache
 
 
@@ -30,39 +30,22 @@ class SeqSlot:
 
 
 class DecodeBatch:
-    """The batch's single-token chunks (decode steps), attended together in one padded batch.
+    """The batch's single-token chunks (decode steps), attended together by one native call per layer.
 
-    Per-sequence attention costs ~10 small torch calls per sequence and layer, which at batch 16
-    and 30 layers was most of a decode step. Here every layer does a fixed handful of calls: the new
-    k/v rows go to their caches with one `_foreach_copy_`, the cached prefixes are copied into one
-    zero-padded [B, n_kv, Lmax, hd] buffer (reused by every layer of the step), and attention is two
-    batched matmuls with a length mask. Views into the caches are made once per step, not per layer.
+    Each layer writes the new k/v rows into their caches with one `_foreach_copy_`, then
+    `kernels.DecodeAttention` reads every sequence's cached prefix in place (no gather into a
+    padded buffer, no mask). Views and cache addresses are made once per step, not per layer.
     """
 
     def __init__(self, slots: list[SeqSlot], n_tokens: int) -> None:
-        B = len(slots)
         rows = [s.offset for s in slots]
         self.rows = None if rows == list(range(n_tokens)) else torch.tensor(rows)  # None: every row
-        lengths = [s.start_pos + 1 for s in slots]
-        # per layer, per sequence: where the new k/v row goes ([n_kv, hd]) and the cached prefix
+        # per layer, per sequence: where the new k/v row goes ([n_kv, hd])
         self.k_new = list(zip(*(s.cache.k[:, :, s.start_pos].unbind(0) for s in slots), strict=True))
         self.v_new = list(zip(*(s.cache.v[:, :, s.start_pos].unbind(0) for s in slots), strict=True))
-        k_prefix = [s.cache.k[:, :, :n].unbind(0) for s, n in zip(slots, lengths, strict=True)]
-        v_prefix = [s.cache.v[:, :, :n].unbind(0) for s, n in zip(slots, lengths, strict=True)]
-        if B == 1:  # one sequence: its cache prefix is the batch, no copy and no mask
-            self.k_prefix, self.v_prefix = k_prefix[0], v_prefix[0]
-            self.k_buf = self.v_buf = self.mask = None
-            return
-        self.k_prefix = list(zip(*k_prefix, strict=True))
-        self.v_prefix = list(zip(*v_prefix, strict=True))
-        _, nkv, _, hd = slots[0].cache.k.shape
-        Lmax = max(lengths)
-        # zeros: padded positions are masked, but 0 * NaN garbage in them would still poison p @ v
-        self.k_buf, self.v_buf = torch.zeros(B, nkv, Lmax, hd), torch.zeros(B, nkv, Lmax, hd)
-        self.k_dst = [self.k_buf[b, :, :n] for b, n in enumerate(lengths)]
-        self.v_dst = [self.v_buf[b, :, :n] for b, n in enumerate(lengths)]
-        past_end = torch.arange(Lmax) >= torch.tensor(lengths).unsqueeze(1)  # [B, Lmax]
-        self.mask = torch.zeros(B, 1, 1, Lmax).masked_fill_(past_end[:, None, None], float("-inf"))
+        self.attention = DecodeAttention(
+            [s.cache.k for s in slots], [s.cache.v for s in slots], [s.start_pos + 1 for s in slots]
+        )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """q: [T, nh, hd]; k, v: [T, n_kv, hd] (all rows)  ->  [B, nh, hd] for the decode rows."""
@@ -70,19 +53,7 @@ class DecodeBatch:
             q, k, v = q[self.rows], k[self.rows], v[self.rows]
         torch._foreach_copy_(self.k_new[layer], k.unbind(0))
         torch._foreach_copy_(self.v_new[layer], v.unbind(0))
-        if self.k_buf is None or self.v_buf is None:
-            kb, vb = self.k_prefix[layer][None], self.v_prefix[layer][None]  # [1, n_kv, L, hd]
-        else:
-            torch._foreach_copy_(self.k_dst, self.k_prefix[layer])
-            torch._foreach_copy_(self.v_dst, self.v_prefix[layer])
-            kb, vb = self.k_buf, self.v_buf  # [B, n_kv, Lmax, hd]
-        B, nh, hd = q.shape
-        nkv = kb.shape[1]
-        qg = q.view(B, nkv, nh // nkv, hd) * hd**-0.5  # query heads grouped by their kv head
-        scores = qg @ kb.transpose(-1, -2)  # [B, n_kv, group, Lmax]
-        if self.mask is not None:
-            scores += self.mask
-        return (scores.softmax(-1) @ vb).view(B, nh, hd)
+        return self.attention(layer, q)
 
 
 @dataclass

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeserve.common.errors import ModelFormatError
-from pipeserve.kernels import QLinear, QTensor
+from pipeserve.common.errors import InvalidInputError, ModelFormatError
+from pipeserve.kernels import QLinear, QTensor, rms_norm, rope_, silu_mul
 from pipeserve.modeling.config import ModelConfig, Shard
 from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend
 
@@ -25,15 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotate-half RoPE. x: [T, heads, hd]; cos, sin: [T, 1, hd], with the sign of
-    rotate_half folded into sin ([-sin, sin] over the two halves)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((x2, x1), dim=-1).mul_(sin)  # = rotate_half(x) * sin
-    return rotated.addcmul_(x, cos)
+        return rms_norm(x, self.weight, self.eps)  # one native pass (torch's is 5 dispatched ops here)
 
 
 class LlamaLayer(nn.Module):
@@ -53,12 +45,13 @@ class LlamaLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta, layer: int
     ) -> torch.Tensor:
         T = x.shape[0]  # x: [T, C]
-        qkv = self.qkv_proj(self.input_layernorm(x)).view(T, self.nh + 2 * self.nkv, self.hd)
-        qk = apply_rope(qkv[:, : self.nh + self.nkv], cos, sin)  # q and k heads rotated together
-        q, k, v = qk[:, : self.nh], qk[:, self.nh :], qkv[:, self.nh + self.nkv :]
+        qkv = self.qkv_proj(self.input_layernorm(x))  # [T, (nh + 2 nkv) hd]
+        rope_(qkv, self.nh + self.nkv, self.hd, meta.positions, cos, sin)  # q and k heads, in place
+        qkv = qkv.view(T, self.nh + 2 * self.nkv, self.hd)
+        q, k, v = qkv[:, : self.nh], qkv[:, self.nh : self.nh + self.nkv], qkv[:, self.nh + self.nkv :]
         x = x + self.o_proj(attend(q, k, v, meta, layer))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)  # [T, I] each
-        return x + self.down_proj(nn.functional.silu(gate).mul_(up))
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))  # [T, 2I]: gate | up
+        return x + self.down_proj(silu_mul(gate_up))
 
 
 class LlamaStage(nn.Module):
@@ -73,21 +66,21 @@ class LlamaStage(nn.Module):
             cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
         )
         angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)  # [P, hd/2]
-        cos, sin = angles.cos(), angles.sin()
-        self.register_buffer("rope_cos", torch.cat((cos, cos), dim=-1), persistent=False)  # [P, hd]
-        self.register_buffer(
-            "rope_sin", torch.cat((-sin, sin), dim=-1), persistent=False
-        )  # signed, see apply_rope
+        # [P, hd/2] tables; rotate-half pairs element i with i + hd/2 (Hugging Face's layout)
+        self.register_buffer("rope_cos", angles.cos().contiguous(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
         stage logits [S, V] for meta.sample_rows."""
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
-        cos = self.rope_cos[meta.positions].unsqueeze(1)  # [T, 1, hd]
-        sin = self.rope_sin[meta.positions].unsqueeze(1)
+        if meta.positions.numel() and int(meta.positions.max()) >= self.rope_cos.shape[0]:
+            raise InvalidInputError(
+                f"position {int(meta.positions.max())} is past the model's {self.rope_cos.shape[0]}"
+            )
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, i)
+            x = layer(x, self.rope_cos, self.rope_sin, meta, i)
         if self.norm is None or self.lm_head is None:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
