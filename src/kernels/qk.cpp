@@ -65,8 +65,12 @@ static RowsFn rows_for(int type) {
 // Workers spin briefly after each task (calls come every few microseconds inside a forward) and
 // then sleep on a condition variable, so an idle node or one waiting on the network costs no CPU.
 struct Task {
-  std::vector<Job>* jobs;
-  const std::vector<int64_t>* items;  // triples (job index, r0, r1)
+  std::vector<Job>* jobs = nullptr;
+  const std::vector<int64_t>* items = nullptr;  // triples (job index, r0, r1)
+  // or, instead of jobs: fn(ctx, i) for i in [0, n_items) (attention, elementwise ops)
+  void (*fn)(void* ctx, int64_t i) = nullptr;
+  void* ctx = nullptr;
+  int64_t n_items = 0;
   std::atomic<int64_t> next{0};
 };
 
@@ -119,6 +123,13 @@ class Pool {
   }
   void work(Task* t, int tid) {
     if (tid >= active_) return;
+    if (t->fn) {
+      for (;;) {
+        const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
+        if (i >= t->n_items) return;
+        t->fn(t->ctx, i);
+      }
+    }
     const int64_t n_items = (int64_t)t->items->size() / 3;
     for (;;) {
       const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
@@ -169,6 +180,20 @@ static void set_pool(int n) {
   delete g_pool;
   g_pool = new Pool(n);
   g_pool->prepare(g_scratch_floats);
+}
+
+// Runs fn(ctx, i) for i in [0, n) on the pool (inline when another thread holds it, or n == 1).
+static void parallel_for(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
+  std::unique_lock<std::mutex> lk(g_pool->busy(), std::try_to_lock);
+  if (!lk.owns_lock() || n < 2 || g_pool->size() == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+    return;
+  }
+  Task task;
+  task.fn = fn;
+  task.ctx = ctx;
+  task.n_items = n;
+  g_pool->run(&task, g_pool->size());
 }
 
 // ---------------------------------------------------------------- Plan
@@ -402,7 +427,24 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   float* y = (float*)PyLong_AsUnsignedLongLong(args[1]);
   long long T = PyLong_AsLongLong(args[2]), I = PyLong_AsLongLong(args[3]);
   if (PyErr_Occurred()) return nullptr;
-  generic::silu_mul(gu, y, T, I);
+  struct Ctx {
+    const float* gu;
+    float* y;
+    int64_t T, I, step;
+  } ctx{gu, y, T, I, T >= 2 ? (T + 1) / 2 : 1};
+  Py_BEGIN_ALLOW_THREADS
+  if (T * I < 16384) {
+    generic::silu_mul(gu, y, T, I);
+  } else {
+    parallel_for(
+        [](void* c, int64_t i) {
+          const Ctx& x = *(const Ctx*)c;
+          const int64_t t0 = i * x.step, n = t0 + x.step < x.T ? x.step : x.T - t0;
+          if (n > 0) generic::silu_mul(x.gu + t0 * 2 * x.I, x.y + t0 * x.I, n, x.I);
+        },
+        &ctx, (T + ctx.step - 1) / ctx.step);
+  }
+  Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
@@ -423,13 +465,23 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
     PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads", nh, nkv);
     return nullptr;
   }
+  struct Ctx {
+    void** p;
+    int64_t nh, nkv, hd, Lmax;
+    float scale;
+  } ctx{p, nh, nkv, hd, 1, (float)scale};
   const int64_t* lengths = (const int64_t*)p[5];
-  int64_t Lmax = 1;
-  for (int64_t b = 0; b < B; ++b) Lmax = lengths[b] > Lmax ? lengths[b] : Lmax;
+  for (int64_t b = 0; b < B; ++b) ctx.Lmax = lengths[b] > ctx.Lmax ? lengths[b] : ctx.Lmax;
   Py_BEGIN_ALLOW_THREADS
-  std::vector<float> scores(Lmax);
-  generic::attend_decode((const float*)p[0], (float*)p[1], (const int64_t*)p[2], (const int64_t*)p[3],
-                         (const int64_t*)p[4], lengths, B, nh, nkv, hd, (float)scale, scores.data());
+  parallel_for(
+      [](void* c, int64_t b) {  // sequence b: its scores live on this thread's stack frame
+        const Ctx& x = *(const Ctx*)c;
+        std::vector<float> scores(x.Lmax);
+        generic::attend_decode((const float*)x.p[0] + b * x.nh * x.hd, (float*)x.p[1] + b * x.nh * x.hd,
+                               (const int64_t*)x.p[2] + b, (const int64_t*)x.p[3] + b, (const int64_t*)x.p[4] + b,
+                               (const int64_t*)x.p[5] + b, 1, x.nh, x.nkv, x.hd, x.scale, scores.data());
+      },
+      &ctx, B);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
