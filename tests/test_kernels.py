@@ -204,24 +204,32 @@ def test_fused_small_ops_match_reference():
         assert rel_err(kernels.silu_mul(gu), reference.silu_mul(gu.double())) <= 1e-6
 
 
-def test_decode_attention_reads_caches_in_place():
-    """Ragged cached lengths, grouped heads, caches of different capacities: equals the reference."""
+def test_decode_attention_reads_caches_in_place(isa):
+    """Ragged cached lengths, grouped heads, caches of different capacities, a subset of batch rows
+    from one fused q|k|v buffer: the new k/v rows land in the caches and the output equals the reference."""
     torch.manual_seed(0)
     layers, nkv, nh, hd = 3, 2, 6, 64
     caps, lengths = [40, 128, 7], [33, 128, 1]
     ks = [torch.randn(layers, nkv, c, hd) for c in caps]
     vs = [torch.randn(layers, nkv, c, hd) for c in caps]
     att = kernels.DecodeAttention(ks, vs, lengths)
+    rows = torch.tensor([4, 0, 2])
     for layer in range(layers):
-        q = torch.randn(3, nh, hd)
+        qkv = torch.randn(5, nh + 2 * nkv, hd)
+        q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
+        got = att(layer, q, k, v, rows)
+        for b, (r, n) in enumerate(zip(rows.tolist(), lengths, strict=True)):
+            assert torch.equal(ks[b][layer, :, n - 1], k[r]) and torch.equal(vs[b][layer, :, n - 1], v[r])
         want = reference.attend_decode(
-            q.double(),
-            [k[layer, :, :n].double() for k, n in zip(ks, lengths, strict=True)],
-            [v[layer, :, :n].double() for v, n in zip(vs, lengths, strict=True)],
+            q[rows].double(),
+            [kc[layer, :, :n].double() for kc, n in zip(ks, lengths, strict=True)],
+            [vc[layer, :, :n].double() for vc, n in zip(vs, lengths, strict=True)],
         )
-        assert rel_err(att(layer, q), want) <= 1e-5
+        assert rel_err(got, want) <= 1e-5
     with pytest.raises(ValueError, match="KV caches need"):
         kernels.DecodeAttention([ks[0].transpose(2, 3)], [vs[0]], [1])
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.DecodeAttention([ks[2]], [vs[2]], [8])
 
 
 def test_rope_in_place_matches_reference():

@@ -182,8 +182,10 @@ class DecodeAttention:
     """Decode attention for B single-token sequences, each over its own KV cache, read in place.
 
     `caches_k[b]` / `caches_v[b]`: sequence b's cache, [layers, n_kv, capacity, hd] fp32 with
-    contiguous rows; `lengths[b]` tokens are attended (the new one included). Addresses are taken
-    once per step; `__call__(layer, q)` is one native call: q [B, nh, hd] -> [B, nh, hd].
+    contiguous rows; the new token sits at position lengths[b] - 1. Cache addresses are taken once
+    per step; each layer is then one native call that writes the new k/v rows into the caches and
+    attends: `__call__(layer, q, k, v, rows)` with q [T, nh, hd] and k, v [T, n_kv, hd] views of one
+    fused q|k|v projection (rows `row_stride` apart), `rows` the B batch rows (None: rows 0..B-1).
     """
 
     def __init__(
@@ -194,27 +196,47 @@ class DecodeAttention:
                 raise ValueError(
                     f"KV caches need fp32 [layers, n_kv, capacity, hd] rows, got {k.dtype} {k.stride()}"
                 )
-        self.n_kv, self.hd = caches_k[0].shape[1], caches_k[0].shape[3]
+        if any(not 0 < n <= k.shape[2] for k, n in zip(caches_k, lengths, strict=True)):
+            raise ValueError(
+                f"lengths {list(lengths)} do not fit the caches {[k.shape[2] for k in caches_k]}"
+            )
+        self.B, self.n_kv, self.hd = len(caches_k), caches_k[0].shape[1], caches_k[0].shape[3]
         layer_bytes = torch.tensor([k.stride(0) * 4 for k in caches_k])
         layers = torch.arange(caches_k[0].shape[0]).unsqueeze(1)  # [layers, 1]
-        self.k_base = torch.tensor([k.data_ptr() for k in caches_k]) + layers * layer_bytes  # [layers, B]
-        self.v_base = torch.tensor([v.data_ptr() for v in caches_v]) + layers * layer_bytes
+        self.k_base = (torch.tensor([k.data_ptr() for k in caches_k]) + layers * layer_bytes).contiguous()
+        self.v_base = (torch.tensor([v.data_ptr() for v in caches_v]) + layers * layer_bytes).contiguous()
         self.head_stride = torch.tensor([k.stride(1) for k in caches_k])
         self.lengths = torch.tensor(list(lengths), dtype=torch.int64)
-        self.keep = (list(caches_k), list(caches_v))  # the addresses stay valid while this lives
-
-    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        q = q.contiguous()
-        B, nh, hd = q.shape
-        out = torch.empty_like(q)
-        _qk.attend_decode(
-            q.data_ptr(),
-            out.data_ptr(),
-            self.k_base[layer].data_ptr(),
-            self.v_base[layer].data_ptr(),
+        self._ptrs = (
+            self.k_base.data_ptr(),
+            self.v_base.data_ptr(),
             self.head_stride.data_ptr(),
             self.lengths.data_ptr(),
-            B,
+        )
+        self.keep = (list(caches_k), list(caches_v))  # the addresses stay valid while this lives
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        nh, hd = q.shape[1], q.shape[2]
+        stride = q.stride(0)
+        for t in (q, k, v):
+            if t.dtype != torch.float32 or t.stride(0) != stride or t.stride()[1:] != (hd, 1):
+                raise ValueError("q, k, v must be fp32 views of one [T, heads, hd] projection")
+        if rows is not None and (rows.dtype != torch.int64 or rows.numel() != self.B):
+            raise ValueError(f"rows must be int64 [{self.B}]")
+        out = torch.empty(self.B, nh, hd)
+        _qk.attend_decode(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            stride,
+            0 if rows is None else rows.data_ptr(),
+            out.data_ptr(),
+            *self._ptrs[:2],
+            *self._ptrs[2:],
+            layer,
+            self.B,
             nh,
             self.n_kv,
             hd,

@@ -17,8 +17,8 @@
 #include "qk_types.h"
 
 namespace qk {
-namespace avx2 { RowsFn get(int type); }
-namespace avx512 { RowsFn get(int type); }
+namespace avx2 { RowsFn get(int type); AttendFn get_attend(); }
+namespace avx512 { RowsFn get(int type); AttendFn get_attend(); }
 namespace generic {
 RowsFn get(int type);
 void dequant_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* ids, int64_t n, float* out);
@@ -26,8 +26,8 @@ void rms_norm(const float* x, const float* w, float* y, int64_t T, int64_t C, fl
 void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
 void rope(float* x, int64_t T, int64_t row_stride, int64_t n_heads, int64_t hd, const int64_t* pos, const float* cos_t,
           const float* sin_t);
-void attend_decode(const float* q, float* out, const int64_t* k_base, const int64_t* v_base, const int64_t* head_stride,
-                   const int64_t* lengths, int64_t B, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+void attend_decode(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
+                   int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
 }
 }  // namespace qk
 
@@ -59,6 +59,15 @@ static RowsFn rows_for(int type) {
 #endif
     default: return generic::get(type);
   }
+}
+
+static AttendFn attend_for(int64_t hd) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (g_isa == ISA_AVX512 && hd % 16 == 0) return avx512::get_attend();
+  if (g_isa >= ISA_AVX2 && hd % 8 == 0) return avx2::get_attend();
+#endif
+  (void)hd;
+  return generic::attend_decode;
 }
 
 // ---------------------------------------------------------------- thread pool
@@ -448,40 +457,58 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   Py_RETURN_NONE;
 }
 
-// attend_decode(q, out, k_base, v_base, head_stride, lengths, B, nh, nkv, hd, scale): see qk_generic.cpp;
-// the four arrays are int64 [B] (addresses, floats per head, tokens).
+// attend_decode(q, k, v, row_stride, rows, out, k_base, v_base, head_stride, lengths, layer, B, nh, nkv, hd, scale):
+// B single-token sequences. q, k, v: their rows in the batch (q/k/v heads of row rows[b], or of row b
+// when rows is 0), `row_stride` floats apart; out [B, nh, hd]. k_base / v_base: int64 [layers, B]
+// cache addresses of [n_kv, capacity, hd] blocks; head_stride, lengths: int64 [B].
 static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 11) {
-    PyErr_SetString(PyExc_TypeError, "attend_decode(q, out, k_base, v_base, head_stride, lengths, B, nh, nkv, hd, scale)");
-    return nullptr;
-  }
-  void* p[6];
-  for (int i = 0; i < 6; ++i) p[i] = (void*)PyLong_AsUnsignedLongLong(args[i]);
-  long long B = PyLong_AsLongLong(args[6]), nh = PyLong_AsLongLong(args[7]), nkv = PyLong_AsLongLong(args[8]),
-            hd = PyLong_AsLongLong(args[9]);
-  double scale = PyFloat_AsDouble(args[10]);
-  if (PyErr_Occurred()) return nullptr;
-  if (nkv <= 0 || nh % nkv) {
-    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads", nh, nkv);
+  if (nargs != 16) {
+    PyErr_SetString(PyExc_TypeError, "attend_decode(q, k, v, row_stride, rows, out, k_base, v_base, head_stride, "
+                                     "lengths, layer, B, nh, nkv, hd, scale)");
     return nullptr;
   }
   struct Ctx {
-    void** p;
-    int64_t nh, nkv, hd, Lmax;
+    const float *q, *k, *v;
+    int64_t row_stride;
+    const int64_t* rows;
+    float* out;
+    const int64_t *k_base, *v_base, *head_stride, *lengths;
+    int64_t layer, B, nh, nkv, hd;
     float scale;
-  } ctx{p, nh, nkv, hd, 1, (float)scale};
-  const int64_t* lengths = (const int64_t*)p[5];
-  for (int64_t b = 0; b < B; ++b) ctx.Lmax = lengths[b] > ctx.Lmax ? lengths[b] : ctx.Lmax;
+  } c;
+  c.q = (const float*)PyLong_AsUnsignedLongLong(args[0]);
+  c.k = (const float*)PyLong_AsUnsignedLongLong(args[1]);
+  c.v = (const float*)PyLong_AsUnsignedLongLong(args[2]);
+  c.row_stride = PyLong_AsLongLong(args[3]);
+  c.rows = (const int64_t*)PyLong_AsUnsignedLongLong(args[4]);
+  c.out = (float*)PyLong_AsUnsignedLongLong(args[5]);
+  c.k_base = (const int64_t*)PyLong_AsUnsignedLongLong(args[6]);
+  c.v_base = (const int64_t*)PyLong_AsUnsignedLongLong(args[7]);
+  c.head_stride = (const int64_t*)PyLong_AsUnsignedLongLong(args[8]);
+  c.lengths = (const int64_t*)PyLong_AsUnsignedLongLong(args[9]);
+  c.layer = PyLong_AsLongLong(args[10]);
+  c.B = PyLong_AsLongLong(args[11]);
+  c.nh = PyLong_AsLongLong(args[12]);
+  c.nkv = PyLong_AsLongLong(args[13]);
+  c.hd = PyLong_AsLongLong(args[14]);
+  c.scale = (float)PyFloat_AsDouble(args[15]);
+  if (PyErr_Occurred()) return nullptr;
+  if (c.nkv <= 0 || c.nh % c.nkv) {
+    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads", (long long)c.nh, (long long)c.nkv);
+    return nullptr;
+  }
   Py_BEGIN_ALLOW_THREADS
   parallel_for(
-      [](void* c, int64_t b) {  // sequence b: its scores live on this thread's stack frame
-        const Ctx& x = *(const Ctx*)c;
-        std::vector<float> scores(x.Lmax);
-        generic::attend_decode((const float*)x.p[0] + b * x.nh * x.hd, (float*)x.p[1] + b * x.nh * x.hd,
-                               (const int64_t*)x.p[2] + b, (const int64_t*)x.p[3] + b, (const int64_t*)x.p[4] + b,
-                               (const int64_t*)x.p[5] + b, 1, x.nh, x.nkv, x.hd, x.scale, scores.data());
+      [](void* p, int64_t b) {
+        const Ctx& x = *(const Ctx*)p;
+        const int64_t r = x.rows ? x.rows[b] : b, L = x.lengths[b];
+        std::vector<float> scores(L);
+        attend_for(x.hd)(x.q + r * x.row_stride, x.k + r * x.row_stride, x.v + r * x.row_stride,
+                               x.out + b * x.nh * x.hd, (float*)x.k_base[x.layer * x.B + b],
+                               (float*)x.v_base[x.layer * x.B + b], x.head_stride[b], L, x.nh, x.nkv, x.hd, x.scale,
+                               scores.data());
       },
-      &ctx, B);
+      &c, c.B);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -520,7 +547,7 @@ static PyMethodDef module_methods[] = {
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "rms_norm(x, w, y, T, C, eps, w_offset)"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(gu, y, T, I)"},
     {"attend_decode", (PyCFunction)(void (*)(void))py_attend_decode, METH_FASTCALL,
-     "attend_decode(q, out, k_base, v_base, head_stride, lengths, B, nh, nkv, hd, scale)"},
+     "attend_decode(q, k, v, row_stride, rows, out, k_base, v_base, head_stride, lengths, layer, B, nh, nkv, hd, scale)"},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, T, row_stride, n_heads, hd, pos, cos, sin)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};

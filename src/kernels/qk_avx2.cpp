@@ -2,6 +2,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <math.h>
+
 #include "qk_types.h"
 
 namespace qk {
@@ -49,6 +51,7 @@ struct S {
 #include "qk_simd.h"
 
 RowsFn get(int type) { return rows_fn(type); }
+AttendFn get_attend() { return attend_one; }
 
 }  // namespace avx2
 }  // namespace qk

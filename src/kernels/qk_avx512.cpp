@@ -4,6 +4,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <math.h>
+
 #include "qk_types.h"
 
 namespace qk {
@@ -46,6 +48,7 @@ struct S {
 #include "qk_simd.h"
 
 RowsFn get(int type) { return rows_fn(type); }
+AttendFn get_attend() { return attend_one; }
 
 }  // namespace avx512
 }  // namespace qk

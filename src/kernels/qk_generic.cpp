@@ -81,46 +81,47 @@ void silu_mul(const float* gu, float* y, int64_t T, int64_t I) {
 namespace qk {
 namespace generic {
 
-// Decode attention, every single-token sequence of a step in one call, reading each sequence's
-// KV cache in place (no gather into a padded buffer). For sequence b, query head h (kv head
-// h / (nh / nkv)): out = softmax(q . K[:len] * scale) @ V[:len], K/V rows at
-// k_base[b] + head * head_stride[b] + pos * hd (floats). Scores use a small per-call buffer.
-void attend_decode(const float* q, float* out, const int64_t* k_base, const int64_t* v_base,
-                   const int64_t* head_stride, const int64_t* lengths, int64_t B, int64_t nh, int64_t nkv,
-                   int64_t hd, float scale, float* scores) {
+// Decode attention for one single-token sequence, reading its KV cache in place (no gather into
+// a padded buffer): first the new k and v rows (n_kv heads of hd floats at k_new / v_new) go to
+// position len - 1 of the cache, then for each query head h (kv head h / (nh / nkv)):
+// out = softmax(q . K[:len] * scale) @ V[:len]. K/V rows of kv head j sit at
+// K + j * head_stride + pos * hd (floats). `scores` holds len floats.
+void attend_decode(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
+                   int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores) {
+  for (int64_t j = 0; j < nkv; ++j)
+    for (int64_t d = 0; d < hd; ++d) {
+      K[j * head_stride + (L - 1) * hd + d] = k_new[j * hd + d];
+      V[j * head_stride + (L - 1) * hd + d] = v_new[j * hd + d];
+    }
   const int64_t group = nh / nkv;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = lengths[b];
-    for (int64_t h = 0; h < nh; ++h) {
-      const float* qh = q + (b * nh + h) * hd;
-      const int64_t kvh = h / group;
-      const float* K = (const float*)k_base[b] + kvh * head_stride[b];
-      const float* V = (const float*)v_base[b] + kvh * head_stride[b];
-      float mx = -INFINITY;
-      for (int64_t p = 0; p < L; ++p) {
-        // 8 partial sums: a shape the compiler vectorises (a single float sum it may not reorder)
-        float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        const float* kp = K + p * hd;
-        int64_t d = 0;
-        for (; d + 8 <= hd; d += 8)
-          for (int j = 0; j < 8; ++j) part[j] += qh[d + j] * kp[d + j];
-        float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-        for (; d < hd; ++d) s += qh[d] * kp[d];
-        s *= scale;
-        scores[p] = s;
-        mx = s > mx ? s : mx;
-      }
-      float den = 0.f;
-      for (int64_t p = 0; p < L; ++p) {
-        scores[p] = std::exp(scores[p] - mx);
-        den += scores[p];
-      }
-      float* o = out + (b * nh + h) * hd;
-      for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
-      for (int64_t p = 0; p < L; ++p) {
-        const float w = scores[p] / den;
-        for (int64_t d = 0; d < hd; ++d) o[d] += w * V[p * hd + d];
-      }
+  for (int64_t h = 0; h < nh; ++h) {
+    const float* qh = q + h * hd;
+    const float* Kh = K + (h / group) * head_stride;
+    const float* Vh = V + (h / group) * head_stride;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < L; ++p) {
+      // 8 partial sums: a shape the compiler vectorises (a single float sum it may not reorder)
+      float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      const float* kp = Kh + p * hd;
+      int64_t d = 0;
+      for (; d + 8 <= hd; d += 8)
+        for (int e = 0; e < 8; ++e) part[e] += qh[d + e] * kp[d + e];
+      float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+      for (; d < hd; ++d) s += qh[d] * kp[d];
+      s *= scale;
+      scores[p] = s;
+      mx = s > mx ? s : mx;
+    }
+    float den = 0.f;
+    for (int64_t p = 0; p < L; ++p) {
+      scores[p] = std::exp(scores[p] - mx);
+      den += scores[p];
+    }
+    float* o = out + h * hd;
+    for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
+    for (int64_t p = 0; p < L; ++p) {
+      const float w = scores[p] / den;
+      for (int64_t d = 0; d < hd; ++d) o[d] += w * Vh[p * hd + d];
     }
   }
 }

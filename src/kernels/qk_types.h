@@ -169,5 +169,7 @@ struct Job {
 };
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
+typedef void (*AttendFn)(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
+                         int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
 
 }  // namespace qk

@@ -32,28 +32,30 @@ class SeqSlot:
 class DecodeBatch:
     """The batch's single-token chunks (decode steps), attended together by one native call per layer.
 
-    Each layer writes the new k/v rows into their caches with one `_foreach_copy_`, then
-    `kernels.DecodeAttention` reads every sequence's cached prefix in place (no gather into a
-    padded buffer, no mask). Views and cache addresses are made once per step, not per layer.
+    `kernels.DecodeAttention` writes each new k/v row into its sequence's cache and attends over the
+    cached prefix in place (no gather into a padded buffer, no mask, no per-layer torch ops).
+    Cache addresses are taken once per step, not per layer.
     """
 
     def __init__(self, slots: list[SeqSlot], n_tokens: int) -> None:
         rows = [s.offset for s in slots]
         self.rows = None if rows == list(range(n_tokens)) else torch.tensor(rows)  # None: every row
-        # per layer, per sequence: where the new k/v row goes ([n_kv, hd])
-        self.k_new = list(zip(*(s.cache.k[:, :, s.start_pos].unbind(0) for s in slots), strict=True))
-        self.v_new = list(zip(*(s.cache.v[:, :, s.start_pos].unbind(0) for s in slots), strict=True))
         self.attention = DecodeAttention(
             [s.cache.k for s in slots], [s.cache.v for s in slots], [s.start_pos + 1 for s in slots]
         )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """q: [T, nh, hd]; k, v: [T, n_kv, hd] (all rows)  ->  [B, nh, hd] for the decode rows."""
-        if self.rows is not None:
-            q, k, v = q[self.rows], k[self.rows], v[self.rows]
-        torch._foreach_copy_(self.k_new[layer], k.unbind(0))
-        torch._foreach_copy_(self.v_new[layer], v.unbind(0))
-        return self.attention(layer, q)
+        if q.stride(0) != k.stride(0) or q.stride(0) != v.stride(0):  # not one fused projection
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            w = q.shape[1] + 2 * k.shape[1]
+            qkv = torch.cat([q, k, v], dim=1).view(q.shape[0], w, q.shape[2])
+            q, k, v = (
+                qkv[:, : q.shape[1]],
+                qkv[:, q.shape[1] : q.shape[1] + k.shape[1]],
+                qkv[:, q.shape[1] + k.shape[1] :],
+            )
+        return self.attention(layer, q, k, v, self.rows)
 
 
 @dataclass
