@@ -101,7 +101,7 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
     # Where a decode step goes: time inside the native matmul calls vs everything else (attention,
     # norms, RoPE, sampling, Python), from one more timed run with the linear layers clocked.
     spent = [0.0]
-    plain = QLinear.forward
+    plain, plain_add = QLinear.forward, QLinear.add_to
 
     def clocked(self: QLinear, x: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
@@ -109,7 +109,14 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
         spent[0] += time.perf_counter() - t
         return y
 
+    def clocked_add(self: QLinear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        y = plain_add(self, x, out)
+        spent[0] += time.perf_counter() - t
+        return y
+
     QLinear.forward = clocked  # type: ignore[method-assign]
+    QLinear.add_to = clocked_add  # type: ignore[method-assign]
 
     def reset() -> None:
         spent[0] = 0.0
@@ -119,7 +126,7 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
         total = decode(batch, reset)
         res[f"decode_b{batch}_ms_per_step"] = 1e3 * total / tokens
         res[f"decode_b{batch}_matmul_ms_per_step"] = 1e3 * spent[0] / tokens
-    QLinear.forward = plain  # type: ignore[method-assign]
+    QLinear.forward, QLinear.add_to = plain, plain_add  # type: ignore[method-assign]
     return res
 
 

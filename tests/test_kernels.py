@@ -96,6 +96,16 @@ def test_kernel_matches_reference_random_blocks(name, isa, threads):
             assert err <= TOL, f"{isa} {name} [{N}, {K}] T={T}: {err:.2e}"
 
 
+def test_accumulate_adds_into_the_output(isa, threads):
+    """add_to: out += x @ W^T, on every loop shape (T = 1, small, panel-sized)."""
+    qt = random_qtensor("Q4_K", 70, 512, seed=5)
+    lin, w = QLinear([qt]), qt.dequantize().double()
+    for T in (1, 7, 64):
+        x, base = torch.randn(T, 512), torch.randn(T, 70)
+        out = lin.add_to(x, base.clone())
+        assert rel_err(out, base.double() + x.double() @ w.t()) <= TOL
+
+
 def test_fused_segments_of_mixed_types(isa, threads):
     """One plan over rows of several types (Gemma-style q|k|v) equals the stacked reference."""
     parts = [

@@ -277,6 +277,21 @@ class QLinear(nn.Module):
             y += self.bias
         return y
 
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out += x @ W^T (+ b), in place: the residual add fused into the matmul. out: [T, N] fp32, contiguous."""
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        if (
+            out.dtype != torch.float32
+            or not out.is_contiguous()
+            or tuple(out.shape) != (x.shape[0], self.out_features)
+        ):
+            raise ValueError(f"out must be contiguous fp32 [{x.shape[0]}, {self.out_features}]")
+        self.plan.run(x.data_ptr(), x.shape[0], out.data_ptr(), True)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
     def extra_repr(self) -> str:
         types = "|".join(p.type_name for p in self.parts)
         return f"in={self.in_features}, out={self.out_features}, types={types}"

@@ -263,10 +263,11 @@ static void Plan_dealloc(PlanObject* self) {
 
 // run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T, both contiguous fp32.
 static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3) {
-    PyErr_SetString(PyExc_TypeError, "run(x_ptr, T, y_ptr)");
+  if (nargs != 3 && nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "run(x_ptr, T, y_ptr[, accumulate])");
     return nullptr;
   }
+  const bool accumulate = nargs == 4 && PyObject_IsTrue(args[3]) == 1;
   const float* x = (const float*)PyLong_AsUnsignedLongLong(args[0]);
   long long T = PyLong_AsLongLong(args[1]);
   float* y = (float*)PyLong_AsUnsignedLongLong(args[2]);
@@ -291,7 +292,8 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int threads = lk.owns_lock() ? g_pool->size() : 1;
   int64_t col = 0;
   for (const Segment& s : *self->segs) {
-    Job jb{s.type, s.w, s.row_bytes, K, x, self->needs_xsum ? xsum.data() : nullptr, T, y + col, self->N, nullptr};
+    Job jb{s.type, s.w, s.row_bytes, K, x, self->needs_xsum ? xsum.data() : nullptr, T, y + col, self->N, nullptr,
+           accumulate};
     const int64_t j = (int64_t)jobs.size();
     jobs.push_back(jb);
     // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4
@@ -326,7 +328,7 @@ static PyObject* Plan_get_n(PlanObject* self, void*) { return PyLong_FromLongLon
 static PyObject* Plan_get_k(PlanObject* self, void*) { return PyLong_FromLongLong(self->K); }
 
 static PyMethodDef Plan_methods[] = {
-    {"run", (PyCFunction)(void (*)(void))Plan_run, METH_FASTCALL, "run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T"},
+    {"run", (PyCFunction)(void (*)(void))Plan_run, METH_FASTCALL, "run(x_ptr, T, y_ptr[, accumulate]): y[T, N] = (or +=) x[T, K] @ W^T"},
     {nullptr, nullptr, 0, nullptr}};
 static PyGetSetDef Plan_getset[] = {
     {"n", (getter)Plan_get_n, nullptr, "output features (rows of all segments)", nullptr},

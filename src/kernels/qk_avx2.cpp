@@ -36,6 +36,7 @@ struct S {
   static inline F zero() { return _mm256_setzero_ps(); }
   static inline F bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static inline F set1(float a) { return _mm256_set1_ps(a); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
   static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static inline F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static inline void store(float* p, F a) { _mm256_storeu_ps(p, a); }

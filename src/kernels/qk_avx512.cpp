@@ -38,6 +38,7 @@ struct S {
   static inline F zero() { return _mm512_setzero_ps(); }
   static inline F bcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline F set1(float a) { return _mm512_set1_ps(a); }
+  static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
   static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static inline void store(float* p, F a) { _mm512_storeu_ps(p, a); }

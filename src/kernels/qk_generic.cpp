@@ -27,7 +27,7 @@ static void rows(const Job& jb, int64_t r0, int64_t r1) {
       const float* x = jb.x + t * jb.K;
       float s = 0.f;
       for (int64_t k = 0; k < jb.K; ++k) s += jb.scratch[k] * x[k];
-      jb.y[t * jb.ldy + r] = s;
+      jb.y[t * jb.ldy + r] = jb.accumulate ? jb.y[t * jb.ldy + r] + s : s;
     }
   }
 }

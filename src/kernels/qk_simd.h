@@ -141,7 +141,7 @@ static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
       const uint8_t* rw = row + r * jb.row_bytes;
       for (int64_t k = G * 32; k < jb.K; ++k) s += float_weight(TY, rw, k) * jb.x[k];
     }
-    y[r] = s;
+    y[r] = jb.accumulate ? y[r] + s : s;
   }
 }
 
@@ -167,7 +167,7 @@ static inline void dequant_row(const Job& jb, const uint8_t* row, float* out) {
 
 // fp32 tile: NR (1..2) dequantized rows w[NR][K] x NT (1..4) activation rows.
 template <int NR, int NT>
-static inline void tile(const float* w, int64_t K, const float* x, float* y, int64_t ldy) {
+static inline void tile(const float* w, int64_t K, const float* x, float* y, int64_t ldy, bool acc_out) {
   using F = typename S::F;
   F acc[NR][NT];
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
@@ -185,18 +185,18 @@ static inline void tile(const float* w, int64_t K, const float* x, float* y, int
     _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) {
       float s = S::hsum(acc[r][t]);
       for (int64_t k = KV; k < K; ++k) s += w[r * K + k] * x[t * K + k];
-      y[t * ldy + r] = s;
+      y[t * ldy + r] = acc_out ? y[t * ldy + r] + s : s;
     }
 }
 
 template <int NR>
-static inline void tile_rows(const float* w, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy) {
+static inline void tile_rows(const float* w, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy, bool a) {
   int64_t t = 0;
-  for (; t + 4 <= nt; t += 4) tile<NR, 4>(w, K, x + t * K, y + t * ldy, ldy);
+  for (; t + 4 <= nt; t += 4) tile<NR, 4>(w, K, x + t * K, y + t * ldy, ldy, a);
   switch (nt - t) {
-    case 3: tile<NR, 3>(w, K, x + t * K, y + t * ldy, ldy); break;
-    case 2: tile<NR, 2>(w, K, x + t * K, y + t * ldy, ldy); break;
-    case 1: tile<NR, 1>(w, K, x + t * K, y + t * ldy, ldy); break;
+    case 3: tile<NR, 3>(w, K, x + t * K, y + t * ldy, ldy, a); break;
+    case 2: tile<NR, 2>(w, K, x + t * K, y + t * ldy, ldy, a); break;
+    case 1: tile<NR, 1>(w, K, x + t * K, y + t * ldy, ldy, a); break;
     default: break;
   }
 }
@@ -213,7 +213,7 @@ static constexpr int64_t PANEL_MIN_T = 24;
 
 // y[t, 0..P) for NT activation rows, from the k-major panel wp [K][P].
 template <int NT>
-static inline void micro(const float* wp, int64_t K, const float* x, float* y, int64_t ldy) {
+static inline void micro(const float* wp, int64_t K, const float* x, float* y, int64_t ldy, bool a) {
   using F = typename S::F;
   F acc[NT][2];
   _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = S::zero();
@@ -226,20 +226,24 @@ static inline void micro(const float* wp, int64_t K, const float* x, float* y, i
     }
   }
   _Pragma("GCC unroll 8") for (int t = 0; t < NT; ++t) {
+    if (a) {
+      acc[t][0] = S::add(acc[t][0], S::f32(y + t * ldy));
+      acc[t][1] = S::add(acc[t][1], S::f32(y + t * ldy + S::L));
+    }
     S::store(y + t * ldy, acc[t][0]);
     S::store(y + t * ldy + S::L, acc[t][1]);
   }
 }
 
-static inline void micro_rows(const float* wp, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy) {
+static inline void micro_rows(const float* wp, int64_t K, const float* x, int64_t nt, float* y, int64_t ldy, bool a) {
   int64_t t = 0;
-  for (; t + MT <= nt; t += MT) micro<MT>(wp, K, x + t * K, y + t * ldy, ldy);
+  for (; t + MT <= nt; t += MT) micro<MT>(wp, K, x + t * K, y + t * ldy, ldy, a);
   switch (nt - t) {
-    case 5: micro<5>(wp, K, x + t * K, y + t * ldy, ldy); break;
-    case 4: micro<4>(wp, K, x + t * K, y + t * ldy, ldy); break;
-    case 3: micro<3>(wp, K, x + t * K, y + t * ldy, ldy); break;
-    case 2: micro<2>(wp, K, x + t * K, y + t * ldy, ldy); break;
-    case 1: micro<1>(wp, K, x + t * K, y + t * ldy, ldy); break;
+    case 5: micro<5>(wp, K, x + t * K, y + t * ldy, ldy, a); break;
+    case 4: micro<4>(wp, K, x + t * K, y + t * ldy, ldy, a); break;
+    case 3: micro<3>(wp, K, x + t * K, y + t * ldy, ldy, a); break;
+    case 2: micro<2>(wp, K, x + t * K, y + t * ldy, ldy, a); break;
+    case 1: micro<1>(wp, K, x + t * K, y + t * ldy, ldy, a); break;
     default: break;
   }
 }
@@ -265,7 +269,7 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
       }
       for (int64_t t0 = 0; t0 < jb.T; t0 += T_BLOCK) {
         const int64_t nt = jb.T - t0 < T_BLOCK ? jb.T - t0 : T_BLOCK;
-        micro_rows(wp, K, jb.x + t0 * K, nt, jb.y + t0 * jb.ldy + rp, jb.ldy);
+        micro_rows(wp, K, jb.x + t0 * K, nt, jb.y + t0 * jb.ldy + rp, jb.ldy, jb.accumulate);
       }
     }
   }
@@ -278,11 +282,11 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
       if (r + 4 <= r1) prefetch_bytes(jb.w + (r + 2) * jb.row_bytes, 2 * jb.row_bytes);  // the next pair
       dequant_row<TY>(jb, jb.w + r * jb.row_bytes, jb.scratch);
       dequant_row<TY>(jb, jb.w + (r + 1) * jb.row_bytes, jb.scratch + K);
-      tile_rows<2>(jb.scratch, K, x, nt, y + r, jb.ldy);
+      tile_rows<2>(jb.scratch, K, x, nt, y + r, jb.ldy, jb.accumulate);
     }
     if (r < r1) {
       dequant_row<TY>(jb, jb.w + r * jb.row_bytes, jb.scratch);
-      tile_rows<1>(jb.scratch, K, x, nt, y + r, jb.ldy);
+      tile_rows<1>(jb.scratch, K, x, nt, y + r, jb.ldy, jb.accumulate);
     }
   }
 }

@@ -165,7 +165,8 @@ struct Job {
   int64_t T;
   float* y;           // column 0 of the segment in a [T, ldy] output
   int64_t ldy;
-  float* scratch;     // per-thread buffer of at least 2*K floats
+  float* scratch;     // per-thread buffer (see qk.cpp for its size)
+  bool accumulate;    // y += x @ W^T instead of y = (a residual add fused into the matmul)
 };
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);

@@ -49,9 +49,9 @@ class LlamaLayer(nn.Module):
         rope_(qkv, self.nh + self.nkv, self.hd, meta.positions, cos, sin)  # q and k heads, in place
         qkv = qkv.view(T, self.nh + 2 * self.nkv, self.hd)
         q, k, v = qkv[:, : self.nh], qkv[:, self.nh : self.nh + self.nkv], qkv[:, self.nh + self.nkv :]
-        x = x + self.o_proj(attend(q, k, v, meta, layer))
+        x = self.o_proj.add_to(attend(q, k, v, meta, layer), x)  # x += o(attn), in place
         gate_up = self.gate_up_proj(self.post_attention_layernorm(x))  # [T, 2I]: gate | up
-        return x + self.down_proj(silu_mul(gate_up))
+        return self.down_proj.add_to(silu_mul(gate_up), x)
 
 
 class LlamaStage(nn.Module):
@@ -73,8 +73,8 @@ class LlamaStage(nn.Module):
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
         stage logits [S, V] for meta.sample_rows."""
-        if self.embed_tokens is not None:
-            x = self.embed_tokens(x)
+        # the layers add into their residual stream in place, so a received hidden state is copied once
+        x = self.embed_tokens(x) if self.embed_tokens is not None else x.clone()
         if meta.positions.numel() and int(meta.positions.max()) >= self.rope_cos.shape[0]:
             raise InvalidInputError(
                 f"position {int(meta.positions.max())} is past the model's {self.rope_cos.shape[0]}"

@@ -27,6 +27,7 @@ struct S {
   static F zero(){F r;for(auto&x:r.v)x=0;return r;}
   static F set1(float a){F r;for(auto&x:r.v)x=a;return r;}
   static F bcast(const float*p){return set1(*p);}
+  static F add(F a,F b){for(int i=0;i<16;i++)a.v[i]+=b.v[i];return a;}
   static F mul(F a,F b){for(int i=0;i<16;i++)a.v[i]*=b.v[i];return a;}
   static F fma(F a,F b,F c){for(int i=0;i<16;i++)c.v[i]+=a.v[i]*b.v[i];return c;}
   static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
@@ -52,7 +53,7 @@ int main(){
       std::vector<float> x(T*K), xs(T*(K/32)), y1(T*N), y2(T*N), scr(34*K);
       for(auto&v:x) v=(rand()/(float)RAND_MAX)-0.5f;
       for(int a=0;a<T;a++) for(int g=0;g<K/32;g++){float s=0; for(int e=0;e<32;e++) s+=x[a*K+g*32+e]; xs[a*(K/32)+g]=s;}
-      Job j{t,w.data(),rb,K,x.data(),xs.data(),T,y1.data(),N,scr.data()};
+      Job j{t,w.data(),rb,K,x.data(),xs.data(),T,y1.data(),N,scr.data(),false};
       emu::rows_fn(t)(j,0,N); j.y=y2.data(); generic::get(t)(j,0,N);
       double num=0,den=0; for(int i=0;i<T*N;i++){num+=(y1[i]-y2[i])*(double)(y1[i]-y2[i]); den+=y2[i]*(double)y2[i];}
       double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL type %d T %d err %g\n",t,T,e);
