@@ -1,6 +1,7 @@
 // Checks qk_simd.h at 16 lanes (the AVX-512 shape) on any CPU: the vector wrapper is plain arrays,
 // so the lane-count logic (group splits, Q6_K half scales, tails) runs against the generic build.
-// tests/test_kernels.py compiles and runs it; on an AVX-512 machine the real path is tested too.
+// Decode attention (attend_one) is checked the same way. tests/test_kernels.py compiles and runs it;
+// on an AVX-512 machine the real path is tested too.
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
@@ -36,7 +37,11 @@ struct S {
 };
 #include "qk_simd.h"
 }
-namespace generic { RowsFn get(int type); }
+namespace generic {
+RowsFn get(int type);
+void attend_decode(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
+                   int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+}
 }
 using namespace qk;
 int main(){
@@ -58,6 +63,16 @@ int main(){
       double num=0,den=0; for(int i=0;i<T*N;i++){num+=(y1[i]-y2[i])*(double)(y1[i]-y2[i]); den+=y2[i]*(double)y2[i];}
       double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL type %d T %d err %g\n",t,T,e);
     }
+  }
+  // decode attention at 16 lanes (hd 64 and 128, grouped heads) vs the portable version
+  for(int hd: {64,128}){ const int nh=6, nkv=2, cap=50, L=37;
+    std::vector<float> q(nh*hd), kn(nkv*hd), vn(nkv*hd), K1(nkv*cap*hd), V1(nkv*cap*hd), o1(nh*hd), o2(nh*hd), sc(cap);
+    for(auto*v:{&q,&kn,&vn,&K1,&V1}) for(auto&f:*v) f=(rand()/(float)RAND_MAX)-0.5f;
+    std::vector<float> K2=K1, V2=V1;
+    emu::attend_one(q.data(),kn.data(),vn.data(),o1.data(),K1.data(),V1.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
+    generic::attend_decode(q.data(),kn.data(),vn.data(),o2.data(),K2.data(),V2.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
+    double num=0,den=0; for(int i=0;i<nh*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}
+    double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5 || K1!=K2 || V1!=V2) printf("FAIL attention hd %d err %g\n",hd,e);
   }
   printf("worst %g\n",worst);
 }
