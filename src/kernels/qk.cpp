@@ -26,8 +26,8 @@ void rms_norm(const float* x, const float* w, float* y, int64_t T, int64_t C, fl
 void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
 void rope(float* x, int64_t T, int64_t row_stride, int64_t n_heads, int64_t hd, const int64_t* pos, const float* cos_t,
           const float* sin_t);
-void attend_decode(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
-                   int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+void attend_decode(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh,
+                   int64_t nkv, int64_t hd, float scale, float* scores);
 }
 }  // namespace qk
 
@@ -504,11 +504,15 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
       [](void* p, int64_t b) {
         const Ctx& x = *(const Ctx*)p;
         const int64_t r = x.rows ? x.rows[b] : b, L = x.lengths[b];
+        float* K = (float*)x.k_base[x.layer * x.B + b];
+        float* V = (float*)x.v_base[x.layer * x.B + b];
+        for (int64_t j = 0; j < x.nkv; ++j) {  // the new token's k/v rows go to position L - 1
+          memcpy(K + j * x.head_stride[b] + (L - 1) * x.hd, x.k + r * x.row_stride + j * x.hd, x.hd * sizeof(float));
+          memcpy(V + j * x.head_stride[b] + (L - 1) * x.hd, x.v + r * x.row_stride + j * x.hd, x.hd * sizeof(float));
+        }
         std::vector<float> scores(L);
-        attend_for(x.hd)(x.q + r * x.row_stride, x.k + r * x.row_stride, x.v + r * x.row_stride,
-                               x.out + b * x.nh * x.hd, (float*)x.k_base[x.layer * x.B + b],
-                               (float*)x.v_base[x.layer * x.B + b], x.head_stride[b], L, x.nh, x.nkv, x.hd, x.scale,
-                               scores.data());
+        attend_for(x.hd)(x.q + r * x.row_stride, x.out + b * x.nh * x.hd, K, V, x.head_stride[b], L, x.nh, x.nkv, x.hd,
+                         x.scale, scores.data());
       },
       &c, c.B);
   Py_END_ALLOW_THREADS

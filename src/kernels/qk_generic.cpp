@@ -82,17 +82,11 @@ namespace qk {
 namespace generic {
 
 // Decode attention for one single-token sequence, reading its KV cache in place (no gather into
-// a padded buffer): first the new k and v rows (n_kv heads of hd floats at k_new / v_new) go to
-// position len - 1 of the cache, then for each query head h (kv head h / (nh / nkv)):
+// a padded buffer; the caller has written the new token's k/v row): for each query head h
+// (kv head h / (nh / nkv)):
 // out = softmax(q . K[:len] * scale) @ V[:len]. K/V rows of kv head j sit at
 // K + j * head_stride + pos * hd (floats). `scores` holds len floats.
-void attend_decode(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
-                   int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores) {
-  for (int64_t j = 0; j < nkv; ++j)
-    for (int64_t d = 0; d < hd; ++d) {
-      K[j * head_stride + (L - 1) * hd + d] = k_new[j * hd + d];
-      V[j * head_stride + (L - 1) * hd + d] = v_new[j * hd + d];
-    }
+void attend_decode(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores) {
   const int64_t group = nh / nkv;
   for (int64_t h = 0; h < nh; ++h) {
     const float* qh = q + h * hd;
@@ -112,11 +106,7 @@ void attend_decode(const float* q, const float* k_new, const float* v_new, float
       scores[p] = s;
       mx = s > mx ? s : mx;
     }
-    float den = 0.f;
-    for (int64_t p = 0; p < L; ++p) {
-      scores[p] = std::exp(scores[p] - mx);
-      den += scores[p];
-    }
+    const float den = softmax_exp(scores, L, mx);
     float* o = out + h * hd;
     for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
     for (int64_t p = 0; p < L; ++p) {

@@ -294,15 +294,9 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
 // Decode attention for one sequence (see generic::attend_decode for the contract), with the q.k
 // dot products and the weighted sum of V in vectors; hd must be a multiple of S::L (else the
 // portable version runs).
-static void attend_one(const float* q, const float* k_new, const float* v_new, float* __restrict out, float* K,
-                       float* V, int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
+static void attend_one(const float* q, float* __restrict out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
                        float* __restrict scores) {
   using F = typename S::F;
-  for (int64_t j = 0; j < nkv; ++j)
-    for (int64_t d = 0; d < hd; ++d) {
-      K[j * head_stride + (L - 1) * hd + d] = k_new[j * hd + d];
-      V[j * head_stride + (L - 1) * hd + d] = v_new[j * hd + d];
-    }
   const int64_t group = nh / nkv;
   for (int64_t h = 0; h < nh; ++h) {
     const float* qh = q + h * hd;
@@ -316,11 +310,7 @@ static void attend_one(const float* q, const float* k_new, const float* v_new, f
       scores[p] = sc;
       mx = sc > mx ? sc : mx;
     }
-    float den = 0.f;
-    for (int64_t p = 0; p < L; ++p) {
-      scores[p] = __builtin_expf(scores[p] - mx);
-      den += scores[p];
-    }
+    const float den = softmax_exp(scores, L, mx);
     const float inv = 1.f / den;
     float* o = out + h * hd;
     for (int64_t d0 = 0; d0 < hd; d0 += 4 * S::L) {  // 4 output vectors at a time stay in registers

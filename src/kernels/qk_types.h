@@ -170,7 +170,18 @@ struct Job {
 };
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
-typedef void (*AttendFn)(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
-                         int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+// Decode attention over one sequence's cache (generic::attend_decode has the contract).
+typedef void (*AttendFn)(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L,
+                         int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+
+// scores[p] <- exp(scores[p] - mx) for p < L; returns their sum (the softmax denominator).
+static inline float softmax_exp(float* scores, int64_t L, float mx) {
+  float den = 0.f;
+  for (int64_t p = 0; p < L; ++p) {
+    scores[p] = __builtin_expf(scores[p] - mx);
+    den += scores[p];
+  }
+  return den;
+}
 
 }  // namespace qk

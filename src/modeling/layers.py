@@ -45,16 +45,8 @@ class DecodeBatch:
         )
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        """q: [T, nh, hd]; k, v: [T, n_kv, hd] (all rows)  ->  [B, nh, hd] for the decode rows."""
-        if q.stride(0) != k.stride(0) or q.stride(0) != v.stride(0):  # not one fused projection
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            w = q.shape[1] + 2 * k.shape[1]
-            qkv = torch.cat([q, k, v], dim=1).view(q.shape[0], w, q.shape[2])
-            q, k, v = (
-                qkv[:, : q.shape[1]],
-                qkv[:, q.shape[1] : q.shape[1] + k.shape[1]],
-                qkv[:, q.shape[1] + k.shape[1] :],
-            )
+        """q: [T, nh, hd]; k, v: [T, n_kv, hd], views of one fused q|k|v projection (all rows)
+        ->  [B, nh, hd] for the decode rows."""
         return self.attention(layer, q, k, v, self.rows)
 
 

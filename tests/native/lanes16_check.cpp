@@ -39,8 +39,8 @@ struct S {
 }
 namespace generic {
 RowsFn get(int type);
-void attend_decode(const float* q, const float* k_new, const float* v_new, float* out, float* K, float* V,
-                   int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+void attend_decode(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh,
+                   int64_t nkv, int64_t hd, float scale, float* scores);
 }
 }
 using namespace qk;
@@ -66,13 +66,12 @@ int main(){
   }
   // decode attention at 16 lanes (hd 64 and 128, grouped heads) vs the portable version
   for(int hd: {64,128}){ const int nh=6, nkv=2, cap=50, L=37;
-    std::vector<float> q(nh*hd), kn(nkv*hd), vn(nkv*hd), K1(nkv*cap*hd), V1(nkv*cap*hd), o1(nh*hd), o2(nh*hd), sc(cap);
-    for(auto*v:{&q,&kn,&vn,&K1,&V1}) for(auto&f:*v) f=(rand()/(float)RAND_MAX)-0.5f;
-    std::vector<float> K2=K1, V2=V1;
-    emu::attend_one(q.data(),kn.data(),vn.data(),o1.data(),K1.data(),V1.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
-    generic::attend_decode(q.data(),kn.data(),vn.data(),o2.data(),K2.data(),V2.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
+    std::vector<float> q(nh*hd), K(nkv*cap*hd), V(nkv*cap*hd), o1(nh*hd), o2(nh*hd), sc(cap);
+    for(auto*v:{&q,&K,&V}) for(auto&f:*v) f=(rand()/(float)RAND_MAX)-0.5f;
+    emu::attend_one(q.data(),o1.data(),K.data(),V.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
+    generic::attend_decode(q.data(),o2.data(),K.data(),V.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
     double num=0,den=0; for(int i=0;i<nh*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}
-    double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5 || K1!=K2 || V1!=V2) printf("FAIL attention hd %d err %g\n",hd,e);
+    double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL attention hd %d err %g\n",hd,e);
   }
   printf("worst %g\n",worst);
 }
