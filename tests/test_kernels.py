@@ -124,7 +124,8 @@ def test_embedded_model_tensors(isa, smol_full):
     """Real Q4_1 and Q8_0 tensors of the embedded GGUF (q|k|v fused, gate|up fused, the tied head)."""
     model = smol_full.model
     layer = model.layers[7]
-    for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj, model.lm_head):
+    a, m = layer.self_attn, layer.mlp
+    for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj, model.lm_head):
         w = torch.cat([p.dequantize() for p in lin.parts]).double()
         for T in BATCHES:
             x = torch.randn(T, lin.in_features)

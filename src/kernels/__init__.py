@@ -184,12 +184,17 @@ class DecodeAttention:
     `caches_k[b]` / `caches_v[b]`: sequence b's cache, [layers, n_kv, capacity, hd] fp32 with
     contiguous rows; the new token sits at position lengths[b] - 1. Cache addresses are taken once
     per step; each layer is then one native call that writes the new k/v rows into the caches and
-    attends: `__call__(layer, q, k, v, rows)` with q [T, nh, hd] and k, v [T, n_kv, hd] views of one
-    fused q|k|v projection (rows `row_stride` apart), `rows` the B batch rows (None: rows 0..B-1).
+    attends: `__call__(layer, q, k, v, rows, scale)` with q [T, nh, hd] and k, v [T, n_kv, hd] views of
+    one fused q|k|v projection (rows `row_stride` apart), `rows` the B batch rows (None: rows 0..B-1).
+    With `window` W, each sequence attends to its last W positions only (sliding-window layers).
     """
 
     def __init__(
-        self, caches_k: Sequence[torch.Tensor], caches_v: Sequence[torch.Tensor], lengths: Sequence[int]
+        self,
+        caches_k: Sequence[torch.Tensor],
+        caches_v: Sequence[torch.Tensor],
+        lengths: Sequence[int],
+        window: int | None = None,
     ) -> None:
         for k, v in zip(caches_k, caches_v, strict=True):
             if k.dtype != torch.float32 or k.stride()[2:] != (k.shape[3], 1) or k.stride() != v.stride():
@@ -207,6 +212,12 @@ class DecodeAttention:
         self.v_base = (torch.tensor([v.data_ptr() for v in caches_v]) + layers * layer_bytes).contiguous()
         self.head_stride = torch.tensor([k.stride(1) for k in caches_k])
         self.lengths = torch.tensor(list(lengths), dtype=torch.int64)
+        if window is not None:  # sliding window W: attend to the last W positions only, by starting
+            # each sequence's rows W before its end (the new row still lands at position length - 1)
+            skip = (self.lengths - window).clamp(min=0)  # [B] rows before the window
+            self.k_base += skip * self.hd * 4
+            self.v_base += skip * self.hd * 4
+            self.lengths -= skip
         self._ptrs = (
             self.k_base.data_ptr(),
             self.v_base.data_ptr(),
@@ -216,7 +227,13 @@ class DecodeAttention:
         self.keep = (list(caches_k), list(caches_v))  # the addresses stay valid while this lives
 
     def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        scale: float | None = None,
     ) -> torch.Tensor:
         nh, hd = q.shape[1], q.shape[2]
         stride = q.stride(0)
@@ -239,7 +256,7 @@ class DecodeAttention:
             nh,
             self.n_kv,
             hd,
-            hd**-0.5,
+            hd**-0.5 if scale is None else scale,
         )
         return out
 

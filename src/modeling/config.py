@@ -1,17 +1,48 @@
 """Architecture hyper-parameters and the pipeline stage type (`Shard`).
 
-`ModelConfig` is read from a GGUF header or a Hugging Face config.json by the loader; `Shard` is
-the half-open layer range one node owns, used the same way by config, proto, node and tests.
+`ModelConfig` is read from a Hugging Face config.json (`from_hf`) or a GGUF header (`from_gguf`) by
+the loader. Every key that changes the math is either read into a field here or refused with an
+error naming the key and its value: a model we cannot compute exactly never loads. `Shard` is the
+half-open layer range one node owns, used the same way by config, proto, node and tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeserve.common.errors import ModelFormatError
 
-Arch = Literal["llama", "gpt2"]
+# The stage class that computes a model: llama.py (Llama, Mistral, Qwen2, Qwen3), phi3.py, gemma3.py, gpt2.py
+Arch = Literal["llama", "phi3", "gemma3", "gpt2"]
+LayerType = Literal["full", "sliding"]
+
+# Activations of the gated MLP that we compute, by their transformers names.
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of one layer type: inverse frequencies theta^(-2i/d), rescaled by `kind`.
+
+    linear: every frequency / factor. llama3: low frequencies / factor, high kept, a smooth ramp
+    between (wavelengths vs original_max_position / low|high_freq_factor). yarn: a ramp between
+    interpolated and extrapolated frequencies over the dimensions set by beta_fast/beta_slow, and
+    cos/sin multiplied by attention_factor. `freq_factors` (a GGUF rope_freqs tensor) divides them.
+    """
+
+    theta: float = 10000.0
+    kind: Literal["default", "linear", "llama3", "yarn"] = "default"
+    factor: float = 1.0
+    original_max_position: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -26,83 +57,540 @@ class ModelConfig:
     intermediate_size: int  # MLP width
     max_position: int  # context length the weights were trained for
     norm_eps: float
-    rope_theta: float = 10000.0  # llama only
+    rope: RopeConfig = RopeConfig()  # full-attention layers
+    rope_local: RopeConfig | None = None  # sliding-window layers, where they have their own (Gemma 3)
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    model_type: str = ""  # as the checkpoint names it (config.json model_type / GGUF architecture)
+    qkv_bias: bool = False  # q, k, v projections have biases
+    o_bias: bool = False  # the attention output projection has a bias
+    mlp_bias: bool = False  # gate, up and down have biases
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
+    hidden_act: str = "silu"  # of the gated MLP (ACTIVATIONS)
+    sliding_window: int | None = None  # a sliding layer's query at i sees keys j with i - W < j <= i
+    layer_types: tuple[LayerType, ...] = ()  # per layer; () means every layer is "full"
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    embed_scale: float = 1.0  # the embedding's rows are multiplied by this (Gemma: sqrt(hidden))
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight) (Gemma: 1)
+
+    def __post_init__(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.n_layers:
+            raise ModelFormatError(
+                f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers"
+            )
+        if self.n_layers <= 0 or self.n_heads <= 0 or self.head_dim <= 0 or self.hidden_size <= 0:
+            raise ModelFormatError(
+                f"n_layers={self.n_layers}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
+                f"hidden_size={self.hidden_size}: every one must be positive"
+            )
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ModelFormatError(
+                f"n_heads={self.n_heads} query heads do not group over n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ModelFormatError(f"head_dim={self.head_dim} is odd: rotary embeddings need pairs")
+
+    def layer_type(self, layer: int) -> LayerType:
+        return self.layer_types[layer] if self.layer_types else "full"
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of a layer (global index), None for full attention."""
+        return self.sliding_window if self.layer_type(layer) == "sliding" else None
+
+    # ------------------------------------------------------------------ Hugging Face config.json
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+    def from_hf(cls, cfg: Mapping[str, Any]) -> ModelConfig:
         mt = cfg.get("model_type", "")
+        reader = _HF_READERS.get(mt)
+        if reader is None:
+            raise ModelFormatError(
+                f"model_type={mt!r} is not supported (supported: {', '.join(sorted(_HF_READERS))})"
+            )
         try:
-            if mt in ("llama", "mistral"):
-                if cfg.get("rope_scaling"):
-                    raise ModelFormatError(f"rope_scaling={cfg['rope_scaling']!r} is not supported yet")
-                h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-                return cls(
-                    arch="llama",
-                    vocab_size=cfg["vocab_size"],
-                    hidden_size=h,
-                    n_layers=cfg["num_hidden_layers"],
-                    n_heads=nh,
-                    n_kv_heads=cfg.get("num_key_value_heads") or nh,
-                    head_dim=cfg.get("head_dim") or h // nh,
-                    intermediate_size=cfg["intermediate_size"],
-                    max_position=cfg.get("max_position_embeddings", 2048),
-                    norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                    rope_theta=float(
-                        cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-                    ),
-                    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                    bos_token_id=cfg.get("bos_token_id"),
-                    eos_token_ids=_ids(cfg.get("eos_token_id")),
-                )
-            if mt == "gpt2":
-                h, nh = cfg["n_embd"], cfg["n_head"]
-                return cls(
-                    arch="gpt2",
-                    vocab_size=cfg["vocab_size"],
-                    hidden_size=h,
-                    n_layers=cfg["n_layer"],
-                    n_heads=nh,
-                    n_kv_heads=nh,
-                    head_dim=h // nh,
-                    intermediate_size=cfg.get("n_inner") or 4 * h,
-                    max_position=cfg["n_positions"],
-                    norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-                    tie_word_embeddings=True,
-                    bos_token_id=cfg.get("bos_token_id"),
-                    eos_token_ids=_ids(cfg.get("eos_token_id")),
-                )
+            return reader(_Keys(cfg))
         except KeyError as exc:
             raise ModelFormatError(f"config.json of a {mt} model lacks the field {exc}") from exc
-        raise ModelFormatError(f"model_type={mt!r} is not supported (supported: llama, mistral, gpt2)")
+
+    # ------------------------------------------------------------------ GGUF metadata
 
     @classmethod
-    def from_gguf_fields(cls, get: Any) -> ModelConfig:
-        """`get(key, default)` reads a GGUF metadata value."""
-        arch = get("general.architecture", None)
-        if arch != "llama":
-            raise ModelFormatError(f"GGUF general.architecture={arch!r} is not supported (supported: llama)")
-        h, nh = int(get("llama.embedding_length")), int(get("llama.attention.head_count"))
-        n_vocab = get("llama.vocab_size", None)
-        eos = get("tokenizer.ggml.eos_token_id", None)
-        return cls(
-            arch="llama",
-            vocab_size=int(n_vocab) if n_vocab is not None else -1,
-            hidden_size=h,
-            n_layers=int(get("llama.block_count")),
-            n_heads=nh,
-            n_kv_heads=int(get("llama.attention.head_count_kv", nh)),
-            head_dim=int(get("llama.rope.dimension_count", h // nh)),
-            intermediate_size=int(get("llama.feed_forward_length")),
-            max_position=int(get("llama.context_length", 2048)),
-            norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("llama.rope.freq_base", 10000.0)),
-            tie_word_embeddings=True,  # decided by the loader from the presence of output.weight
-            bos_token_id=get("tokenizer.ggml.bos_token_id", None),
-            eos_token_ids=_ids(eos),
+    def from_gguf(cls, fields: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
+        """`fields`: the file's metadata (key -> value; tokenizer arrays may be left out)."""
+        arch = fields.get("general.architecture")
+        if arch not in _GGUF_ARCHS:
+            raise ModelFormatError(
+                f"GGUF general.architecture={arch!r} is not supported (supported: {', '.join(_GGUF_ARCHS)})"
+            )
+        return _from_gguf(arch, fields, tensor_names)
+
+
+# ---------------------------------------------------------------------------------- config.json
+
+
+class _Keys:
+    """config.json with the checks every reader needs: a value is read or refused by name."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = cfg
+        self.mt = cfg.get("model_type", "")
+
+    def __getitem__(self, key: str) -> Any:
+        return self.cfg[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        v = self.cfg.get(key)
+        return default if v is None else v
+
+    def refuse_unless(self, key: str, allowed: tuple[Any, ...], why: str = "") -> None:
+        v = self.cfg.get(key)
+        if v not in allowed:
+            raise ModelFormatError(f"{key}={v!r} is not supported for {self.mt} models{why}")
+
+    def act(self, *keys: str, default: str = "silu") -> str:
+        key = next((k for k in keys if self.cfg.get(k) is not None), keys[0])
+        act = self.get(key, default)
+        if act not in ACTIVATIONS:
+            raise ModelFormatError(f"{key}={act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        return act
+
+    def rope(self, params: Mapping[str, Any] | None = None, key: str = "rope_parameters") -> RopeConfig:
+        """A RopeConfig from `rope_parameters` (transformers 5) or the older rope_theta + rope_scaling."""
+        if params is None:
+            params = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
+            key = "rope_parameters" if self.cfg.get("rope_parameters") else "rope_scaling"
+        theta = float(params.get("rope_theta") or self.cfg.get("rope_theta") or 10000.0)
+        return rope_from_params(params, theta, key, self.cfg.get("max_position_embeddings"))
+
+    def partial_rotary(self) -> None:
+        rope = self.cfg.get("rope_parameters") or {}
+        for where, v in (
+            ("partial_rotary_factor", self.cfg.get("partial_rotary_factor")),
+            ("rope_parameters.partial_rotary_factor", rope.get("partial_rotary_factor")),
+        ):
+            if v is not None and float(v) != 1.0:
+                raise ModelFormatError(f"{where}={v!r} is not supported (rotary on part of each head)")
+
+
+def rope_from_params(
+    params: Mapping[str, Any], theta: float, key: str, max_position: int | None = None
+) -> RopeConfig:
+    """One rope_parameters / rope_scaling dict (transformers' names) -> RopeConfig, or refused by name."""
+    kind = params.get("rope_type") or params.get("type") or "default"
+    known = {
+        "default": set(),
+        "linear": {"factor"},
+        "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+        "yarn": {
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "attention_factor",
+            "mscale",
+            "mscale_all_dim",
+            "truncate",
+        },
+    }
+    if kind not in known:
+        raise ModelFormatError(f"{key}.rope_type={kind!r} is not supported (supported: {', '.join(known)})")
+    extra = set(params) - known[kind] - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+    extra = {k for k in extra if params[k] is not None}
+    if kind == "default":
+        extra -= {"factor", "original_max_position_embeddings"}  # carried along, unused
+    if extra:
+        k = sorted(extra)[0]
+        raise ModelFormatError(f"{key}.{k}={params[k]!r} is not supported with rope_type={kind!r}")
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    factor = params.get("factor")
+    if kind == "yarn" and factor is None and max_position and params.get("original_max_position_embeddings"):
+        factor = max_position / params["original_max_position_embeddings"]
+    if factor is None or float(factor) <= 0:
+        raise ModelFormatError(f"{key}.factor={factor!r}: rope_type={kind!r} needs a positive factor")
+    factor = float(factor)
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind="linear", factor=factor)
+    original = params.get("original_max_position_embeddings")
+    if not original:
+        raise ModelFormatError(f"{key}.original_max_position_embeddings={original!r}: {kind} needs it")
+    if kind == "llama3":
+        return RopeConfig(
+            theta=theta,
+            kind="llama3",
+            factor=factor,
+            original_max_position=int(original),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         )
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return RopeConfig(
+        theta=theta,
+        kind="yarn",
+        factor=factor,
+        original_max_position=int(original),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=float(attention_factor),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    import math
+
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _common(k: _Keys, arch: Arch, **kw: Any) -> ModelConfig:
+    h, nh = k["hidden_size"], k["num_attention_heads"]
+    fields: dict[str, Any] = {
+        "arch": arch,
+        "model_type": k.mt,
+        "vocab_size": k["vocab_size"],
+        "hidden_size": h,
+        "n_layers": k["num_hidden_layers"],
+        "n_heads": nh,
+        "n_kv_heads": k.get("num_key_value_heads", nh),
+        "head_dim": k.get("head_dim", h // nh),
+        "intermediate_size": k["intermediate_size"],
+        "max_position": k.get("max_position_embeddings", 2048),
+        "norm_eps": k.get("rms_norm_eps", 1e-6),
+        "tie_word_embeddings": bool(k.get("tie_word_embeddings", False)),
+        "bos_token_id": k.cfg.get("bos_token_id"),
+        "eos_token_ids": _ids(k.cfg.get("eos_token_id")),
+    }
+    fields |= kw
+    return ModelConfig(**fields)
+
+
+def _hf_window_layers(k: _Keys, n_layers: int) -> tuple[int | None, tuple[LayerType, ...]]:
+    """(window, layer types) of models with optional sliding layers (Qwen2/3: layer_types, or
+    use_sliding_window + max_window_layers)."""
+    window = k.cfg.get("sliding_window")
+    types = k.cfg.get("layer_types")
+    if types is None:
+        if not k.cfg.get("use_sliding_window"):
+            return None, ()
+        first = int(k.get("max_window_layers", 0))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    return _layer_types(k, types, window)
+
+
+def _layer_types(k: _Keys, types: list[str], window: int | None) -> tuple[int | None, tuple[LayerType, ...]]:
+    names = {"full_attention": "full", "sliding_attention": "sliding"}
+    bad = next((t for t in types if t not in names), None)
+    if bad is not None:
+        raise ModelFormatError(f"layer_types contains {bad!r} (supported: {', '.join(names)})")
+    out: tuple[LayerType, ...] = tuple(names[t] for t in types)  # type: ignore[misc]
+    if "sliding" not in out:
+        return None, ()
+    if not window or int(window) <= 0:
+        raise ModelFormatError(f"sliding_window={window!r} with sliding layers in layer_types")
+    return int(window), out
+
+
+def _llama(k: _Keys) -> ModelConfig:
+    k.partial_rotary()
+    k.refuse_unless("pretraining_tp", (None, 1))
+    bias = bool(k.get("attention_bias", False))
+    return _common(
+        k,
+        "llama",
+        rope=k.rope(),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(k.get("mlp_bias", False)),
+        hidden_act=k.act("hidden_act"),
+    )
+
+
+def _mistral(k: _Keys) -> ModelConfig:
+    k.partial_rotary()
+    if k.cfg.get("layer_types") is not None:
+        raise ModelFormatError(f"layer_types={k.cfg['layer_types']!r} is not supported for mistral models")
+    window = k.cfg.get("sliding_window")
+    n = k["num_hidden_layers"]
+    return _common(
+        k,
+        "llama",
+        rope=k.rope(),
+        hidden_act=k.act("hidden_act"),
+        sliding_window=int(window) if window else None,
+        layer_types=("sliding",) * n if window else (),
+    )
+
+
+def _qwen(k: _Keys, qk_norm: bool) -> ModelConfig:
+    k.partial_rotary()
+    window, types = _hf_window_layers(k, k["num_hidden_layers"])
+    bias = bool(k.get("attention_bias", False))
+    return _common(
+        k,
+        "llama",
+        rope=k.rope(),
+        qkv_bias=True if not qk_norm else bias,  # Qwen2 always has q/k/v biases; Qwen3 as configured
+        o_bias=False if not qk_norm else bias,
+        qk_norm=qk_norm,
+        hidden_act=k.act("hidden_act"),
+        sliding_window=window,
+        layer_types=types,
+    )
+
+
+def _phi3(k: _Keys) -> ModelConfig:
+    k.partial_rotary()
+    window = k.cfg.get("sliding_window")
+    n = k["num_hidden_layers"]
+    return _common(
+        k,
+        "phi3",
+        rope=k.rope(),
+        hidden_act=k.act("hidden_act"),
+        norm_eps=k.get("rms_norm_eps", 1e-5),
+        sliding_window=int(window) if window else None,
+        layer_types=("sliding",) * n if window else (),
+    )
+
+
+def _gemma3(k: _Keys) -> ModelConfig:
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        k.refuse_unless(key, (None,), " (logit soft-capping is not implemented)")
+    k.refuse_unless("use_bidirectional_attention", (None, False))
+    k.partial_rotary()
+    n = k["num_hidden_layers"]
+    types = k.cfg.get("layer_types")
+    if types is None:
+        pattern = int(k.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    window, layer_types = _layer_types(k, types, k.cfg.get("sliding_window"))
+    params = k.cfg.get("rope_parameters")
+    if params and {"full_attention", "sliding_attention"} & set(params):
+        full = k.rope(params.get("full_attention") or {}, "rope_parameters.full_attention")
+        local = k.rope(params.get("sliding_attention") or {}, "rope_parameters.sliding_attention")
+        full = dataclasses.replace(
+            full, theta=float((params.get("full_attention") or {}).get("rope_theta", 1e6))
+        )
+        local = dataclasses.replace(
+            local, theta=float((params.get("sliding_attention") or {}).get("rope_theta", 1e4))
+        )
+    else:  # older configs: rope_theta + rope_scaling for the global layers, rope_local_base_freq
+        full = k.rope(k.cfg.get("rope_scaling") or {}, "rope_scaling")
+        full = dataclasses.replace(full, theta=float(k.get("rope_theta", 1e6)))
+        local = RopeConfig(theta=float(k.get("rope_local_base_freq", 1e4)))
+    h = k["hidden_size"]
+    bias = bool(k.get("attention_bias", False))
+    return _common(
+        k,
+        "gemma3",
+        head_dim=k.get("head_dim", 256),
+        rope=full,
+        rope_local=local,
+        tie_word_embeddings=bool(k.get("tie_word_embeddings", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        hidden_act=k.act("hidden_activation", "hidden_act", default="gelu_pytorch_tanh"),
+        sliding_window=window,
+        layer_types=layer_types,
+        attn_scale=float(k.get("query_pre_attn_scalar", 256)) ** -0.5,
+        embed_scale=h**0.5,
+        norm_offset=1.0,
+    )
+
+
+def _gpt2(k: _Keys) -> ModelConfig:
+    k.act("activation_function", default="gelu_new")
+    for key, ok in (
+        ("scale_attn_weights", (None, True)),
+        ("scale_attn_by_inverse_layer_idx", (None, False)),
+        ("reorder_and_upcast_attn", (None, False)),
+        ("add_cross_attention", (None, False)),
+    ):
+        k.refuse_unless(key, ok)
+    h, nh = k["n_embd"], k["n_head"]
+    return ModelConfig(
+        arch="gpt2",
+        model_type="gpt2",
+        vocab_size=k["vocab_size"],
+        hidden_size=h,
+        n_layers=k["n_layer"],
+        n_heads=nh,
+        n_kv_heads=nh,
+        head_dim=h // nh,
+        intermediate_size=k.get("n_inner", 4 * h),
+        max_position=k["n_positions"],
+        norm_eps=k.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=True,
+        bos_token_id=k.cfg.get("bos_token_id"),
+        eos_token_ids=_ids(k.cfg.get("eos_token_id")),
+        hidden_act="gelu_new",
+    )
+
+
+_HF_READERS = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": lambda k: _qwen(k, qk_norm=False),
+    "qwen3": lambda k: _qwen(k, qk_norm=True),
+    "phi3": _phi3,
+    "gemma3_text": _gemma3,
+    "gpt2": _gpt2,
+}
+
+
+# ---------------------------------------------------------------------------------- GGUF
+
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+
+# `{arch}.` keys we read (or that do not change the math); any other `{arch}.` key is refused.
+_GGUF_KNOWN = {
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.sliding_window",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scaling.linear",
+    "rope.scaling.original_context_length",
+    "rope.scaling.attn_factor",
+    "rope.scaling.yarn_beta_fast",
+    "rope.scaling.yarn_beta_slow",
+    "rope.scaling.finetuned",
+    "vocab_size",
+}
+# keys that may appear with a value that needs no code: key -> accepted values
+_GGUF_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "expert_count": (0,),
+    "expert_used_count": (0,),
+    "attention.causal": (True,),
+    "rope.scaling.yarn_log_multiplier": (0, 0.0),
+    "attention.logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+}
+
+
+def _from_gguf(arch: str, f: Mapping[str, Any], names: set[str]) -> ModelConfig:
+    p = arch + "."
+    for key, value in f.items():
+        if not key.startswith(p):
+            continue
+        sub = key[len(p) :]
+        if sub in _GGUF_KNOWN or (sub in _GGUF_NEUTRAL and value in _GGUF_NEUTRAL[sub]):
+            continue
+        raise ModelFormatError(f"GGUF {key}={value!r} is not supported")
+
+    def get(sub: str, default: Any = ModelFormatError) -> Any:
+        v = f.get(p + sub)
+        if v is None:
+            if default is ModelFormatError:
+                raise ModelFormatError(f"GGUF metadata lacks {p + sub}")
+            return default
+        return v
+
+    h, nh = int(get("embedding_length")), int(get("attention.head_count"))
+    n_layers = int(get("block_count"))
+    head_dim = int(get("attention.key_length", get("rope.dimension_count", h // nh)))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ModelFormatError(
+            f"GGUF {p}attention.value_length={get('attention.value_length')} != key_length {head_dim}"
+        )
+    rot = int(get("rope.dimension_count", head_dim))
+    if rot != head_dim:
+        raise ModelFormatError(
+            f"GGUF {p}rope.dimension_count={rot} is not supported (rotary on part of each head of {head_dim})"
+        )
+    theta = float(get("rope.freq_base", 10000.0))
+    rope = _gguf_rope(p, get, theta)
+    for t in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if t in names:
+            raise ModelFormatError(f"GGUF tensor {t} (LongRoPE scaling) is not supported")
+    window = get("attention.sliding_window", None)
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    kw: dict[str, Any] = {}
+    if arch == "gemma3":
+        if window:  # llama.cpp's fixed Gemma 3 pattern: every 6th layer is global
+            kw["layer_types"] = tuple("sliding" if (i + 1) % 6 else "full" for i in range(n_layers))
+            kw["sliding_window"] = int(window)
+        kw |= {
+            "rope_local": RopeConfig(theta=10000.0),  # llama.cpp's fixed base for Gemma 3's local layers
+            "qk_norm": True,
+            "hidden_act": "gelu_pytorch_tanh",
+            "attn_scale": head_dim**-0.5,  # llama.cpp: query_pre_attn_scalar = head_dim (all but 27B)
+            "embed_scale": h**0.5,
+            "norm_offset": 1.0,
+        }
+    elif window:
+        kw |= {"sliding_window": int(window), "layer_types": ("sliding",) * n_layers}
+    if arch == "qwen2":
+        kw["qkv_bias"] = True
+    if arch == "qwen3":
+        kw["qk_norm"] = True
+    if arch == "llama":  # llama.cpp's llama graph adds the biases it finds
+        kw["qkv_bias"] = "blk.0.attn_q.bias" in names
+        kw["o_bias"] = "blk.0.attn_output.bias" in names
+        kw["mlp_bias"] = "blk.0.ffn_up.bias" in names
+    return ModelConfig(
+        arch="phi3" if arch == "phi3" else "gemma3" if arch == "gemma3" else "llama",
+        model_type=arch,
+        vocab_size=int(get("vocab_size", -1)),
+        hidden_size=h,
+        n_layers=n_layers,
+        n_heads=nh,
+        n_kv_heads=int(get("attention.head_count_kv", nh)),
+        head_dim=head_dim,
+        intermediate_size=int(get("feed_forward_length")),
+        max_position=int(get("context_length", 2048)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope=rope,
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_ids(eos),
+        **kw,
+    )
+
+
+def _gguf_rope(p: str, get: Any, theta: float) -> RopeConfig:
+    kind = get("rope.scaling.type", None)
+    factor = get("rope.scaling.factor", None)
+    if kind is None and get("rope.scaling.linear", None) is not None:
+        kind, factor = "linear", get("rope.scaling.linear")
+    if kind in (None, "none"):
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return rope_from_params({"rope_type": "linear", "factor": factor}, theta, p + "rope.scaling")
+    if kind == "yarn":
+        factor = float(factor) if factor else 0.0
+        return rope_from_params(
+            {
+                "rope_type": "yarn",
+                "factor": factor,
+                "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
+                "beta_fast": get("rope.scaling.yarn_beta_fast", None),
+                "beta_slow": get("rope.scaling.yarn_beta_slow", None),
+                "attention_factor": float(get("rope.scaling.attn_factor", 1.0)) * yarn_mscale(factor),
+            },
+            theta,
+            p + "rope.scaling",
+        )
+    raise ModelFormatError(
+        f"GGUF {p}rope.scaling.type={kind!r} is not supported (supported: none, linear, yarn)"
+    )
 
 
 def _ids(v: Any) -> tuple[int, ...]:
@@ -145,7 +633,11 @@ class Shard:
     @staticmethod
     def even(n_layers: int, n_parts: int, part: int) -> Shard:
         """Part `part` of an even split; earlier parts take the remainder layers."""
-        if not 0 <= part < n_parts or n_parts > n_layers:
+        if n_parts > n_layers:
+            raise ValueError(
+                f"a {n_layers}-layer model cannot be split into {n_parts} parts (fewer layers than parts)"
+            )
+        if not 0 <= part < n_parts:
             raise ValueError(f"part {part} of {n_parts} does not exist for a {n_layers}-layer model")
         base, extra = divmod(n_layers, n_parts)
         start = part * base + min(part, extra)

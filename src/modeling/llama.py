@@ -1,10 +1,13 @@
-"""Llama-family decoder (SmolLM2, TinyLlama, Llama 2/3, Mistral-style): one pipeline stage of it.
+"""Llama-family decoder (SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2/2.5, Qwen3): one pipeline stage.
 
-RMSNorm, rotary position embeddings (Hugging Face's rotate-half layout), grouped-query attention,
-SwiGLU MLP. Built by modeling.loader for a `Shard`; the first stage owns the embedding, the last
-the final norm and the head. Weights arrive under Hugging Face checkpoint names (`load_hf_weights`):
-matrices as `QTensor`s in their stored form (GGUF blocks, or the checkpoint's fp32/fp16/bf16), run by
-`QLinear`; q|k|v and gate|up are fused into one native call each, whatever their types.
+RMSNorm, rotary position embeddings (Hugging Face's rotate-half layout, optionally rescaled:
+linear / llama3 / yarn / GGUF rope_freqs), grouped-query attention, gated MLP. The members of the
+family are the same block; what differs is data in `ModelConfig`: q/k/v (and o, MLP) biases (Qwen2,
+Llama's attention_bias / mlp_bias), a per-head RMSNorm on q and k (Qwen3), a sliding window on some
+or all layers (Mistral, Qwen), the MLP's activation. `Attention` and `GatedMLP` are shared with
+phi3.py and gemma3.py. Weights arrive under Hugging Face checkpoint names (`load_hf_weights`):
+matrices as `QTensor`s in their stored form, run by `QLinear`; q|k|v and gate|up are fused into one
+native call each, whatever their types.
 """
 
 from __future__ import annotations
@@ -13,101 +16,152 @@ import torch
 from torch import nn
 
 from pipeserve.common.errors import InvalidInputError, ModelFormatError
-from pipeserve.kernels import QLinear, QTensor, rms_norm, rope_, silu_mul
+from pipeserve.kernels import QLinear, QTensor, rms_norm, rope_
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend
+from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend, gated_act, rope_tables
+
+Weights = dict[str, "QTensor | torch.Tensor"]  # matrices as QTensor, vectors (norms, biases) fp32
+RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin) [P, hd/2]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """x * rsqrt(mean(x^2) + eps) * (offset + weight); Gemma's norms have offset 1."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim) - offset, requires_grad=False)
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)  # one native pass (torch's is 5 dispatched ops here)
+        return rms_norm(x, self.weight, self.eps, self.offset)  # one native pass
 
 
-class LlamaLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+class Attention(nn.Module):
+    """q|k|v projection, optional per-head q/k RMSNorm, RoPE, attention over the KV cache.
+
+    forward returns the attention output [T, nh * hd] before o_proj, so that each architecture
+    places o_proj and its residual add as its own block does.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        C, hd = cfg.hidden_size, cfg.head_dim
-        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
-        self.input_layernorm = RMSNorm(C, cfg.norm_eps)
-        self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.window(layer)  # None: full attention
+        self.rope_kind = cfg.layer_type(layer)  # which rope table (Gemma 3's local layers have their own)
+        self.scale = cfg.attn_scale
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         # set by load_hf_weights: the matrices come in the form they are stored in
         self.qkv_proj: QLinear  # q, k, v fused: [T, C] -> [T, (nh + 2 nkv) hd]
         self.o_proj: QLinear
-        self.gate_up_proj: QLinear  # gate, up fused: [T, C] -> [T, 2 I]
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
+        T = x.shape[0]
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) hd]
+        if self.q_norm is not None and self.k_norm is not None:  # per head, before RoPE
+            qkv[:, : nh * hd] = self.q_norm(qkv[:, : nh * hd].reshape(T * nh, hd)).view(T, nh * hd)
+            qkv[:, nh * hd : (nh + nkv) * hd] = self.k_norm(
+                qkv[:, nh * hd : (nh + nkv) * hd].reshape(T * nkv, hd)
+            ).view(T, nkv * hd)
+        cos, sin = rope[self.rope_kind]
+        rope_(qkv, nh + nkv, hd, meta.positions, cos, sin)  # q and k heads, in place
+        qkv = qkv.view(T, nh + 2 * nkv, hd)
+        q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
+        return attend(q, k, v, meta, layer, self.window, self.scale)
+
+
+class GatedMLP(nn.Module):
+    """act(x W_gate) * (x W_up), before down_proj: [T, C] -> [T, I]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.act = cfg.hidden_act
+        self.gate_up_proj: QLinear  # gate, up fused: [T, C] -> [T, 2I]
         self.down_proj: QLinear
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta, layer: int
-    ) -> torch.Tensor:
-        T = x.shape[0]  # x: [T, C]
-        qkv = self.qkv_proj(self.input_layernorm(x))  # [T, (nh + 2 nkv) hd]
-        rope_(qkv, self.nh + self.nkv, self.hd, meta.positions, cos, sin)  # q and k heads, in place
-        qkv = qkv.view(T, self.nh + 2 * self.nkv, self.hd)
-        q, k, v = qkv[:, : self.nh], qkv[:, self.nh : self.nh + self.nkv], qkv[:, self.nh + self.nkv :]
-        x = self.o_proj.add_to(attend(q, k, v, meta, layer), x)  # x += o(attn), in place
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))  # [T, 2I]: gate | up
-        return self.down_proj.add_to(silu_mul(gate_up), x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_act(self.gate_up_proj(x), self.act)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        C = cfg.hidden_size
+        self.input_layernorm = RMSNorm(C, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x), rope, meta, layer)  # x: [T, C]
+        x = self.self_attn.o_proj.add_to(a, x)  # x += o(attn), in place
+        return self.mlp.down_proj.add_to(self.mlp(self.post_attention_layernorm(x)), x)
 
 
 class LlamaStage(nn.Module):
+    layer_cls: type[nn.Module] = LlamaLayer
+
     def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
         super().__init__()
         self.cfg, self.shard = cfg, shard
         self.embed_tokens: QEmbedding | None = None  # first stage, set by load_hf_weights
-        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(shard.n_local))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if shard.is_last else None
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(shard.start_layer, shard.end_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset) if shard.is_last else None
         self.lm_head: QLinear | None = None  # last stage; a tied head shares the embedding's QTensor
-        inv_freq = 1.0 / (
-            cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-        )
-        angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float32), inv_freq)  # [P, hd/2]
-        # [P, hd/2] tables; rotate-half pairs element i with i + hd/2 (Hugging Face's layout)
-        self.register_buffer("rope_cos", angles.cos().contiguous(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().contiguous(), persistent=False)
+        self.set_rope(None)
+
+    def set_rope(self, freq_factors: torch.Tensor | None) -> None:
+        """RoPE tables per layer type in this stage; `freq_factors`: a GGUF rope_freqs tensor."""
+        cfg = self.cfg
+        kinds = {cfg.layer_type(i) for i in range(self.shard.start_layer, self.shard.end_layer)}
+        self.rope: RopeTables = {}
+        for kind in sorted(kinds):
+            rope = cfg.rope_local if kind == "sliding" and cfg.rope_local is not None else cfg.rope
+            self.rope[kind] = rope_tables(rope, cfg.head_dim, cfg.max_position, freq_factors)
 
     def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
         stage logits [S, V] for meta.sample_rows."""
         # the layers add into their residual stream in place, so a received hidden state is copied once
-        x = self.embed_tokens(x) if self.embed_tokens is not None else x.clone()
-        if meta.positions.numel() and int(meta.positions.max()) >= self.rope_cos.shape[0]:
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
+            if self.cfg.embed_scale != 1.0:
+                x *= torch.tensor(self.cfg.embed_scale, dtype=torch.float32)
+        else:
+            x = x.clone()
+        if meta.positions.numel() and int(meta.positions.max()) >= self.cfg.max_position:
             raise InvalidInputError(
-                f"position {int(meta.positions.max())} is past the model's {self.rope_cos.shape[0]}"
+                f"position {int(meta.positions.max())} is past the model's {self.cfg.max_position}"
             )
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope_cos, self.rope_sin, meta, i)
+            x = layer(x, self.rope, meta, i)
         if self.norm is None or self.lm_head is None:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
 
 
-Weights = dict[str, "QTensor | torch.Tensor"]  # matrices as QTensor, vectors (norms, biases) fp32
-
-
 def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensors (Hugging Face names and [out, in] shapes) that a stage needs."""
-    C, hd, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    C, I = cfg.hidden_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {}
     if shard.is_first or (shard.is_last and cfg.tie_word_embeddings):
         shapes["model.embed_tokens.weight"] = (cfg.vocab_size, C)
     for i in range(shard.start_layer, shard.end_layer):
         p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,)}
+        shapes |= attention_shapes(cfg, p + "self_attn.", fused=False)
         shapes |= {
-            p + "input_layernorm.weight": (C,),
-            p + "self_attn.q_proj.weight": (cfg.n_heads * hd, C),
-            p + "self_attn.k_proj.weight": (cfg.n_kv_heads * hd, C),
-            p + "self_attn.v_proj.weight": (cfg.n_kv_heads * hd, C),
-            p + "self_attn.o_proj.weight": (C, cfg.n_heads * hd),
-            p + "post_attention_layernorm.weight": (C,),
             p + "mlp.gate_proj.weight": (I, C),
             p + "mlp.up_proj.weight": (I, C),
             p + "mlp.down_proj.weight": (C, I),
         }
+        if cfg.mlp_bias:
+            shapes |= {
+                p + "mlp.gate_proj.bias": (I,),
+                p + "mlp.up_proj.bias": (I,),
+                p + "mlp.down_proj.bias": (C,),
+            }
     if shard.is_last:
         shapes["model.norm.weight"] = (C,)
         if not cfg.tie_word_embeddings:
@@ -115,25 +169,73 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
     return shapes
 
 
+def attention_shapes(cfg: ModelConfig, p: str, fused: bool) -> dict[str, tuple[int, ...]]:
+    """The attention tensors under prefix p (`model.layers.N.self_attn.`)."""
+    C, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    s: dict[str, tuple[int, ...]] = {p + "o_proj.weight": (C, q)}
+    if fused:
+        s[p + "qkv_proj.weight"] = (q + 2 * kv, C)
+    else:
+        s |= {p + "q_proj.weight": (q, C), p + "k_proj.weight": (kv, C), p + "v_proj.weight": (kv, C)}
+    if cfg.qkv_bias:
+        s |= {p + "q_proj.bias": (q,), p + "k_proj.bias": (kv,), p + "v_proj.bias": (kv,)}
+    if cfg.o_bias:
+        s[p + "o_proj.bias"] = (C,)
+    if cfg.qk_norm:
+        s |= {p + "q_norm.weight": (hd,), p + "k_norm.weight": (hd,)}
+    return s
+
+
+@torch.inference_mode()
+def load_attention(attn: Attention, w: Weights, p: str, cfg: ModelConfig, fused: bool = False) -> None:
+    """Fill an Attention from the tensors under prefix p (q|k|v fused into one QLinear)."""
+    parts = (
+        [matrix(w, p + "qkv_proj.weight")] if fused else [matrix(w, p + f"{n}_proj.weight") for n in "qkv"]
+    )
+    bias = torch.cat([vector(w, p + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
+    attn.qkv_proj = QLinear(parts, bias)
+    attn.o_proj = QLinear(
+        [matrix(w, p + "o_proj.weight")], vector(w, p + "o_proj.bias") if cfg.o_bias else None
+    )
+    if attn.q_norm is not None and attn.k_norm is not None:
+        attn.q_norm.weight.copy_(vector(w, p + "q_norm.weight"))
+        attn.k_norm.weight.copy_(vector(w, p + "k_norm.weight"))
+
+
 @torch.inference_mode()
 def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
     """Put checkpoint tensors into the stage, as they are: no dequantization, no transposed copy."""
     cfg, shard = stage.cfg, stage.shard
     check_shapes(w, hf_weight_shapes(cfg, shard))
-    if shard.is_first:
-        stage.embed_tokens = QEmbedding(matrix(w, "model.embed_tokens.weight"))
+    load_ends(stage, w)
     for j, layer in enumerate(stage.layers):
+        assert isinstance(layer, LlamaLayer)
         p = f"model.layers.{shard.start_layer + j}."
-        layer.input_layernorm.weight.copy_(w[p + "input_layernorm.weight"])
-        layer.post_attention_layernorm.weight.copy_(w[p + "post_attention_layernorm.weight"])
-        layer.qkv_proj = QLinear([matrix(w, p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        layer.o_proj = QLinear([matrix(w, p + "self_attn.o_proj.weight")])
-        layer.gate_up_proj = QLinear(
-            [matrix(w, p + "mlp.gate_proj.weight"), matrix(w, p + "mlp.up_proj.weight")]
+        layer.input_layernorm.weight.copy_(vector(w, p + "input_layernorm.weight"))
+        layer.post_attention_layernorm.weight.copy_(vector(w, p + "post_attention_layernorm.weight"))
+        load_attention(layer.self_attn, w, p + "self_attn.", cfg)
+        m = p + "mlp."
+        b = (
+            {n: vector(w, m + n + ".bias") for n in ("gate_proj", "up_proj", "down_proj")}
+            if cfg.mlp_bias
+            else {}
         )
-        layer.down_proj = QLinear([matrix(w, p + "mlp.down_proj.weight")])
+        gate_up = [matrix(w, m + "gate_proj.weight"), matrix(w, m + "up_proj.weight")]
+        layer.mlp.gate_up_proj = QLinear(gate_up, torch.cat([b["gate_proj"], b["up_proj"]]) if b else None)
+        layer.mlp.down_proj = QLinear([matrix(w, m + "down_proj.weight")], b.get("down_proj"))
+
+
+@torch.inference_mode()
+def load_ends(stage: LlamaStage, w: Weights) -> None:
+    """The embedding (first stage), the final norm and head (last stage), the rope_freqs factors."""
+    cfg = stage.cfg
+    if stage.shard.is_first:
+        stage.embed_tokens = QEmbedding(matrix(w, "model.embed_tokens.weight"))
+    if "rope_freqs.weight" in w:
+        stage.set_rope(vector(w, "rope_freqs.weight"))
     if stage.norm is not None:
-        stage.norm.weight.copy_(w["model.norm.weight"])
+        stage.norm.weight.copy_(vector(w, "model.norm.weight"))
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         stage.lm_head = QLinear([matrix(w, head)])
 
@@ -143,6 +245,13 @@ def matrix(w: Weights, name: str) -> QTensor:
     if not isinstance(t, QTensor):
         raise ModelFormatError(f"tensor {name} should be a matrix, got {type(t).__name__}")
     return t
+
+
+def vector(w: Weights, name: str) -> torch.Tensor:
+    t = w[name]
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        raise ModelFormatError(f"tensor {name} should be a vector, got {type(t).__name__}")
+    return t.to(torch.float32)
 
 
 def check_shapes(w: Weights, expected: dict[str, tuple[int, ...]]) -> None:

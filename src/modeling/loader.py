@@ -25,7 +25,7 @@ from torch import nn
 from pipeserve.common.errors import ModelFormatError
 from pipeserve.kernels import KERNEL_TYPES, QLinear, QTensor
 from pipeserve.kernels.reference import TYPE_IDS
-from pipeserve.modeling import gpt2, llama
+from pipeserve.modeling import gemma3, gpt2, llama, phi3
 from pipeserve.modeling.config import ModelConfig, Shard
 from pipeserve.modeling.source import ModelSource, model_fingerprint, open_gguf, resolve_model
 
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # arch -> (stage class, expected checkpoint tensors, weight import)
 ARCHS: dict[str, tuple[type[nn.Module], Callable[..., dict[str, tuple[int, ...]]], Callable[..., None]]] = {
     "llama": (llama.LlamaStage, llama.hf_weight_shapes, llama.load_hf_weights),
+    "phi3": (phi3.Phi3Stage, phi3.hf_weight_shapes, phi3.load_hf_weights),
+    "gemma3": (gemma3.Gemma3Stage, gemma3.hf_weight_shapes, gemma3.load_hf_weights),
     "gpt2": (gpt2.GPT2Stage, gpt2.hf_weight_shapes, gpt2.load_hf_weights),
 }
 
@@ -71,19 +73,32 @@ class LoadedStage:
 def read_config(source: ModelSource) -> ModelConfig:
     if source.kind == "gguf":
         reader = open_gguf(source.path)
+        names = {t.name: t for t in reader.tensors}
         try:
-            cfg = ModelConfig.from_gguf_fields(lambda k, d=_MISSING: _gguf_field(reader, k, d))
+            cfg = ModelConfig.from_gguf(_gguf_metadata(reader), set(names))
         except (ModelFormatError, TypeError, ValueError) as exc:
             raise ModelFormatError(f"{source.path}: {exc}") from exc
-        names = {t.name: t for t in reader.tensors}
         if "token_embd.weight" not in names:
             raise ModelFormatError(f"{source.path}: GGUF has no token_embd.weight tensor")
         vocab = int(names["token_embd.weight"].shape[1])  # ggml shape is [C, V]
-        return dataclasses.replace(cfg, vocab_size=vocab, tie_word_embeddings="output.weight" not in names)
+        return dataclasses.replace(cfg, vocab_size=vocab)
     try:
         return ModelConfig.from_hf(json.loads((source.path / "config.json").read_text()))
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{source.path / 'config.json'} is not valid JSON: {exc}") from exc
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    """The header's key -> value, without the tokenizer's big arrays (the model needs none of them)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.") and key not in (
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.eos_token_id",
+        ):
+            continue
+        out[key] = field.contents()
+    return out
 
 
 def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) -> LoadedStage:
@@ -95,9 +110,9 @@ def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) 
     stage_cls, shapes_fn, import_fn = ARCHS[cfg.arch]
     expected = shapes_fn(cfg, shard)
     if source.kind == "gguf":
-        weights = _read_gguf(source.path, cfg, expected)
+        weights = _read_gguf(source.path, cfg, shard, expected)
     else:
-        weights = _read_safetensors(source.path, cfg, expected)
+        weights = _read_safetensors(source.path, cfg, shard, expected)
     with torch.device("cpu"):
         stage = stage_cls(cfg, shard)
     import_fn(stage, weights)
@@ -147,41 +162,86 @@ def _gguf_field(reader: Any, key: str, default: Any = _MISSING) -> Any:
     return field.contents()
 
 
-def _gguf_name(hf: str) -> tuple[str, str | None]:
-    """HF llama tensor name -> (GGUF name, which rotary un-permute to apply)."""
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight", None
-    if hf == "model.norm.weight":
-        return "output_norm.weight", None
-    if hf == "lm_head.weight":
-        return "output.weight", None
+# Hugging Face name (after `model.layers.N.`) -> GGUF name (after `blk.N.`), as llama.cpp writes them.
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",  # Phi-3
+    "mlp.gate_up_proj.weight": "ffn_up.weight",  # Phi-3: gate | up, 2I rows
+    **{f"self_attn.{n}_proj.{w}": f"attn_{n}.{w}" for n in "qkv" for w in ("weight", "bias")},
+    **{f"self_attn.o_proj.{w}": f"attn_output.{w}" for w in ("weight", "bias")},
+    **{f"mlp.{n}_proj.{w}": f"ffn_{n}.{w}" for n in ("gate", "up", "down") for w in ("weight", "bias")},
+}
+_GGUF_GEMMA3_NAMES = {  # Gemma 3's four norms per layer
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "rope_freqs.weight": "rope_freqs.weight",
+}
+
+
+def _gguf_name(hf: str, cfg: ModelConfig) -> tuple[str, str | None]:
+    """HF tensor name -> (GGUF name, which rotary un-permute to apply: 'q', 'k' or None)."""
+    if hf in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[hf], None
     _, _, i, *rest = hf.split(".")
     sub = ".".join(rest)
-    table = {
-        "input_layernorm.weight": ("attn_norm", None),
-        "self_attn.q_proj.weight": ("attn_q", "q"),
-        "self_attn.k_proj.weight": ("attn_k", "k"),
-        "self_attn.v_proj.weight": ("attn_v", None),
-        "self_attn.o_proj.weight": ("attn_output", None),
-        "post_attention_layernorm.weight": ("ffn_norm", None),
-        "mlp.gate_proj.weight": ("ffn_gate", None),
-        "mlp.up_proj.weight": ("ffn_up", None),
-        "mlp.down_proj.weight": ("ffn_down", None),
-    }
-    name, permute = table[sub]
-    return f"blk.{i}.{name}.weight", permute
+    name = (_GGUF_GEMMA3_NAMES.get(sub) if cfg.arch == "gemma3" else None) or _GGUF_LAYER_NAMES[sub]
+    # llama.cpp's converter interleaves the rotary halves of q and k (weights and biases) for the
+    # llama architecture only; the others (qwen2, qwen3, gemma3, phi3) keep Hugging Face's order
+    permute = None
+    if cfg.model_type == "llama" and sub.startswith(("self_attn.q_proj.", "self_attn.k_proj.")):
+        permute = sub[10]
+    return f"blk.{i}.{name}", permute
 
 
-def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> llama.Weights:
+def _check_no_extra(
+    path: Path, present: set[str], wanted: set[str], cfg: ModelConfig, shard: Shard, layer_prefix: str
+) -> None:
+    """A tensor in the stage's layer range that the architecture has no use for is an error: the
+    file's author meant it to change the math (a bias, a norm), and ignoring it would be wrong."""
+    for name in sorted(present - wanted):
+        if not name.startswith(layer_prefix):
+            continue
+        i = name[len(layer_prefix) :].split(".", 1)[0]
+        # rotary_emb.inv_freq / attn.bias / attn.masked_bias: buffers old checkpoints saved, derived from config
+        if name.endswith(("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")):
+            continue
+        if i.isdigit() and shard.start_layer <= int(i) < shard.end_layer:
+            raise ModelFormatError(
+                f"{path}: tensor {name} is not part of a {cfg.model_type} layer as we compute it (refusing "
+                "to ignore it)"
+            )
+
+
+def _read_gguf(
+    path: Path, cfg: ModelConfig, shard: Shard, expected: dict[str, tuple[int, ...]]
+) -> llama.Weights:
     """Read the stage's tensors once: matrices keep their blocks (a copy out of the memory map,
     so the file's pages can go), vectors become fp32."""
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        if cfg.arch != "llama":
+            raise ModelFormatError(f"{path}: tensor rope_freqs.weight is not supported for {cfg.model_type}")
+        expected = expected | {"rope_freqs.weight": (cfg.head_dim // 2,)}
+    names = {hf: _gguf_name(hf, cfg) for hf in expected}
+    stray = sorted(n for n in tensors if not n.startswith("blk.") and n not in _GGUF_GLOBAL_NAMES.values())
+    if stray:
+        raise ModelFormatError(f"{path}: tensor {stray[0]} is not part of a {cfg.model_type} model")
+    _check_no_extra(path, set(tensors), {g for g, _ in names.values()}, cfg, shard, "blk.")
     out: llama.Weights = {}
     for hf_name, shape in expected.items():
-        name, permute = _gguf_name(hf_name)
+        name, permute = names[hf_name]
         t = tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{path}: GGUF lacks tensor {name} (needed for {hf_name})")
@@ -191,11 +251,17 @@ def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]
         got = tuple(int(d) for d in reversed(t.shape))  # ggml lists dimensions innermost first
         if got != shape:
             raise ModelFormatError(f"{path}: tensor {name} has shape {got}, expected {shape}")
+        heads = cfg.n_heads if permute == "q" else cfg.n_kv_heads
+        # llama.cpp interleaves rotary halves in q and k; this order undoes it for rotate-half rope
+        perm = torch.arange(shape[0]).reshape(heads, shape[0] // heads // 2, 2).transpose(1, 2).reshape(-1)
         try:
             if len(shape) == 1 or tname not in KERNEL_TYPES:
                 arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
                 if len(shape) == 1:
-                    out[hf_name] = torch.from_numpy(arr)
+                    v = torch.from_numpy(arr)
+                    if cfg.arch == "gemma3" and name.endswith("norm.weight"):
+                        v = v - 1.0  # llama.cpp stores Gemma's (1 + w); the model adds the 1
+                    out[hf_name] = v[perm] if permute else v
                     continue
                 log.warning(
                     "%s: tensor %s is %s, which has no kernel: dequantized to F32", path.name, name, tname
@@ -208,16 +274,13 @@ def _read_gguf(path: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]
                 q = QTensor(torch.from_numpy(raw.copy()), TYPE_IDS[tname], (shape[0], shape[1]))
         except (ValueError, TypeError) as exc:  # truncated data or an unknown block layout
             raise ModelFormatError(f"{path}: cannot read {name} ({type(exc).__name__}: {exc})") from exc
-        if permute:  # llama.cpp interleaves rotary halves in Q and K; undo it for rotate-half rope
-            heads = cfg.n_heads if permute == "q" else cfg.n_kv_heads
-            q = q.permute_rows(
-                torch.arange(shape[0]).reshape(heads, shape[0] // heads // 2, 2).transpose(1, 2).reshape(-1)
-            )
-        out[hf_name] = q
+        out[hf_name] = q.permute_rows(perm) if permute else q
     return out
 
 
-def _read_safetensors(folder: Path, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> llama.Weights:
+def _read_safetensors(
+    folder: Path, cfg: ModelConfig, shard: Shard, expected: dict[str, tuple[int, ...]]
+) -> llama.Weights:
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -229,12 +292,14 @@ def _read_safetensors(folder: Path, cfg: ModelConfig, expected: dict[str, tuple[
     if not files:
         raise ModelFormatError(f"{folder}: no *.safetensors files")
     prefixes = ("transformer.",) if cfg.arch == "gpt2" else ()
+    layer_prefix = "h." if cfg.arch == "gpt2" else "model.layers."
     out: llama.Weights = {}
     for fname in files:
         try:
             with safe_open(str(folder / fname), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    name = next((key[len(p) :] for p in prefixes if key.startswith(p)), key)
+                keys = {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): k for k in f.keys()}  # noqa: SIM118
+                _check_no_extra(folder / fname, set(keys), set(expected), cfg, shard, layer_prefix)
+                for name, key in keys.items():
                     if name in expected and name not in out:
                         out[name] = _as_weight(f.get_tensor(key))
         except (OSError, ValueError, RuntimeError) as exc:

