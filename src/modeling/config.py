@@ -448,7 +448,7 @@ _HF_READERS = {
 
 # ---------------------------------------------------------------------------------- GGUF
 
-_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3")
+_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3", "gpt2")
 
 # `{arch}.` keys we read (or that do not change the math); any other `{arch}.` key is refused.
 _GGUF_KNOWN = {
@@ -459,10 +459,13 @@ _GGUF_KNOWN = {
     "attention.head_count",
     "attention.head_count_kv",
     "attention.layer_norm_rms_epsilon",
+    "attention.layer_norm_epsilon",
     "attention.key_length",
     "attention.value_length",
     "attention.sliding_window",
     "rope.freq_base",
+    "rope.freq_base_swa",
+    "attention.sliding_window_pattern",
     "rope.dimension_count",
     "rope.scaling.type",
     "rope.scaling.factor",
@@ -505,6 +508,25 @@ def _from_gguf(arch: str, f: Mapping[str, Any], names: set[str]) -> ModelConfig:
 
     h, nh = int(get("embedding_length")), int(get("attention.head_count"))
     n_layers = int(get("block_count"))
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    if arch == "gpt2":
+        return ModelConfig(
+            arch="gpt2",
+            model_type="gpt2",
+            vocab_size=-1,
+            hidden_size=h,
+            n_layers=n_layers,
+            n_heads=nh,
+            n_kv_heads=nh,
+            head_dim=h // nh,
+            intermediate_size=int(get("feed_forward_length", 4 * h)),
+            max_position=int(get("context_length")),
+            norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
+            tie_word_embeddings="output.weight" not in names,
+            bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=_ids(eos),
+            hidden_act="gelu_new",
+        )
     head_dim = int(get("attention.key_length", get("rope.dimension_count", h // nh)))
     if int(get("attention.value_length", head_dim)) != head_dim:
         raise ModelFormatError(
@@ -521,14 +543,32 @@ def _from_gguf(arch: str, f: Mapping[str, Any], names: set[str]) -> ModelConfig:
         if t in names:
             raise ModelFormatError(f"GGUF tensor {t} (LongRoPE scaling) is not supported")
     window = get("attention.sliding_window", None)
-    eos = f.get("tokenizer.ggml.eos_token_id")
     kw: dict[str, Any] = {}
+    pattern = get("attention.sliding_window_pattern", None)
+    if pattern is not None and not window:
+        raise ModelFormatError(
+            f"GGUF {p}attention.sliding_window_pattern={pattern!r} without a sliding window"
+        )
+    swa_theta = get("rope.freq_base_swa", None)
+    if swa_theta is not None and not window:
+        raise ModelFormatError(f"GGUF {p}rope.freq_base_swa={swa_theta!r} without a sliding window")
+    if isinstance(pattern, list):  # per layer: true = sliding
+        if len(pattern) != n_layers:
+            raise ModelFormatError(
+                f"GGUF {p}attention.sliding_window_pattern has {len(pattern)} entries for {n_layers} layers"
+            )
+        types: tuple[LayerType, ...] | None = tuple("sliding" if b else "full" for b in pattern)
+    elif pattern is not None:  # every pattern-th layer is global (llama.cpp's swa pattern)
+        types = tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(n_layers))
+    else:
+        types = None
     if arch == "gemma3":
-        if window:  # llama.cpp's fixed Gemma 3 pattern: every 6th layer is global
-            kw["layer_types"] = tuple("sliding" if (i + 1) % 6 else "full" for i in range(n_layers))
+        if window:  # llama.cpp's default Gemma 3 pattern: every 6th layer is global
+            kw["layer_types"] = types or tuple("sliding" if (i + 1) % 6 else "full" for i in range(n_layers))
             kw["sliding_window"] = int(window)
         kw |= {
-            "rope_local": RopeConfig(theta=10000.0),  # llama.cpp's fixed base for Gemma 3's local layers
+            # llama.cpp's base for Gemma 3's local layers, where the file does not give it
+            "rope_local": RopeConfig(theta=float(swa_theta or 10000.0)),
             "qk_norm": True,
             "hidden_act": "gelu_pytorch_tanh",
             "attn_scale": head_dim**-0.5,  # llama.cpp: query_pre_attn_scalar = head_dim (all but 27B)
@@ -536,7 +576,9 @@ def _from_gguf(arch: str, f: Mapping[str, Any], names: set[str]) -> ModelConfig:
             "norm_offset": 1.0,
         }
     elif window:
-        kw |= {"sliding_window": int(window), "layer_types": ("sliding",) * n_layers}
+        kw |= {"sliding_window": int(window), "layer_types": types or ("sliding",) * n_layers}
+        if swa_theta is not None:
+            kw["rope_local"] = RopeConfig(theta=float(swa_theta))
     if arch == "qwen2":
         kw["qkv_bias"] = True
     if arch == "qwen3":

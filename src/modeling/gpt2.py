@@ -1,8 +1,9 @@
 """GPT-2 family decoder: one pipeline stage of it.
 
 Learned position embeddings, pre-LayerNorm blocks, fused c_attn, GELU (tanh) MLP, head tied to
-the token embedding. Checkpoint Conv1D weights are [in, out]; the loader hands them over as [out, in]
-QTensors (one transposed copy in the checkpoint's dtype, at load).
+the token embedding. Matrices arrive [out, in], as every other model's: a GGUF stores them so
+(in any block type), and the loader transposes a safetensors checkpoint's Conv1D [in, out] weights
+once at load (dense, in the checkpoint's dtype).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
     """Checkpoint tensors (Hugging Face GPT-2 names, `transformer.` prefix stripped) a stage needs."""
     C, I = cfg.hidden_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {}
-    if shard.is_first or shard.is_last:
+    if shard.is_first or (shard.is_last and cfg.tie_word_embeddings):
         shapes["wte.weight"] = (cfg.vocab_size, C)
+    if shard.is_last and not cfg.tie_word_embeddings:  # a GGUF with its own output.weight
+        shapes["lm_head.weight"] = (cfg.vocab_size, C)
     if shard.is_first:
         shapes["wpe.weight"] = (cfg.max_position, C)
     for i in range(shard.start_layer, shard.end_layer):
@@ -72,15 +75,15 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
         shapes |= {
             p + "ln_1.weight": (C,),
             p + "ln_1.bias": (C,),
-            p + "attn.c_attn.weight": (C, 3 * C),
+            p + "attn.c_attn.weight": (3 * C, C),
             p + "attn.c_attn.bias": (3 * C,),
             p + "attn.c_proj.weight": (C, C),
             p + "attn.c_proj.bias": (C,),
             p + "ln_2.weight": (C,),
             p + "ln_2.bias": (C,),
-            p + "mlp.c_fc.weight": (C, I),
+            p + "mlp.c_fc.weight": (I, C),
             p + "mlp.c_fc.bias": (I,),
-            p + "mlp.c_proj.weight": (I, C),
+            p + "mlp.c_proj.weight": (C, I),
             p + "mlp.c_proj.bias": (C,),
         }
     if shard.is_last:
@@ -108,8 +111,8 @@ def load_hf_weights(stage: GPT2Stage, w: Weights) -> None:
         ):
             bias = w[p + name + ".bias"]
             assert isinstance(bias, torch.Tensor)
-            setattr(b, attr, QLinear([matrix(w, p + name + ".weight").transposed()], bias))  # -> [out, in]
+            setattr(b, attr, QLinear([matrix(w, p + name + ".weight")], bias))
     if stage.ln_f is not None:
         stage.ln_f.weight.copy_(w["ln_f.weight"])
         stage.ln_f.bias.copy_(w["ln_f.bias"])
-        stage.lm_head = QLinear([matrix(w, "wte.weight")])
+        stage.lm_head = QLinear([matrix(w, "wte.weight" if cfg.tie_word_embeddings else "lm_head.weight")])

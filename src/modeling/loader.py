@@ -187,8 +187,32 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+_GGUF_GPT2_NAMES = {
+    "wte.weight": "token_embd.weight",
+    "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight",
+    "ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_GPT2_LAYER_NAMES = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+
+
 def _gguf_name(hf: str, cfg: ModelConfig) -> tuple[str, str | None]:
     """HF tensor name -> (GGUF name, which rotary un-permute to apply: 'q', 'k' or None)."""
+    if cfg.arch == "gpt2":
+        if hf in _GGUF_GPT2_NAMES:
+            return _GGUF_GPT2_NAMES[hf], None
+        _, n, sub_kind = hf.split(".", 2)  # h.N.attn.c_attn.weight
+        sub, kind = sub_kind.rsplit(".", 1)
+        return f"blk.{n}.{_GGUF_GPT2_LAYER_NAMES[sub]}.{kind}", None
     if hf in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[hf], None
     _, _, i, *rest = hf.split(".")
@@ -235,7 +259,8 @@ def _read_gguf(
             raise ModelFormatError(f"{path}: tensor rope_freqs.weight is not supported for {cfg.model_type}")
         expected = expected | {"rope_freqs.weight": (cfg.head_dim // 2,)}
     names = {hf: _gguf_name(hf, cfg) for hf in expected}
-    stray = sorted(n for n in tensors if not n.startswith("blk.") and n not in _GGUF_GLOBAL_NAMES.values())
+    globals_ = _GGUF_GPT2_NAMES if cfg.arch == "gpt2" else _GGUF_GLOBAL_NAMES
+    stray = sorted(n for n in tensors if not n.startswith("blk.") and n not in globals_.values())
     if stray:
         raise ModelFormatError(f"{path}: tensor {stray[0]} is not part of a {cfg.model_type} model")
     _check_no_extra(path, set(tensors), {g for g, _ in names.values()}, cfg, shard, "blk.")
@@ -301,7 +326,10 @@ def _read_safetensors(
                 _check_no_extra(folder / fname, set(keys), set(expected), cfg, shard, layer_prefix)
                 for name, key in keys.items():
                     if name in expected and name not in out:
-                        out[name] = _as_weight(f.get_tensor(key))
+                        t = _as_weight(f.get_tensor(key))
+                        if cfg.arch == "gpt2" and name.endswith(_CONV1D) and isinstance(t, QTensor):
+                            t = t.transposed()  # Conv1D stores [in, out]; the model takes [out, in]
+                        out[name] = t
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelFormatError(f"{folder / fname}: unreadable safetensors file ({exc})") from exc
     return out

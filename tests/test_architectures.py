@@ -1,0 +1,426 @@
+"""Issue 12's architectures against transformers: every kind in tests/tiny_models.py, loaded from
+its safetensors folder and from its GGUF twin, must give transformers' logits (every position of a
+40-token prompt), transformers' greedy tokens, and the same answers split into two stages; sliding
+windows must hold past the window, in decode and in chunked prefill. What we do not implement is
+refused at load with an error naming the key and its value. The GGUF fixtures themselves are
+checked against transformers' own GGUF reader, independently of our loader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeserve.common.errors import ModelFormatError
+from pipeserve.modeling.engine import SeqChunk, StageEngine
+from pipeserve.modeling.generate import GREEDY, generate, run_stages
+from pipeserve.modeling.loader import load_stage
+from tests.tiny_models import KINDS, N_LAYERS, llama3_rope_factors, make_tiny, write_gguf
+
+ARCH_KINDS = [k for k in KINDS if k != "gemma3_gguf"]
+# kind -> the checkpoint its GGUF is written from (a GGUF cannot say query_pre_attn_scalar=24)
+GGUF_SOURCE = {"gemma3": "gemma3_gguf"}
+NO_GGUF = {"llama_gelu": "a llama GGUF has no activation key: llama.cpp always computes SiLU"}
+CASES = [(k, "safetensors") for k in ARCH_KINDS] + [(k, "gguf") for k in ARCH_KINDS if k not in NO_GGUF]
+WINDOWED = [c for c in CASES if c[0] in ("mistral", "gemma3")]  # sliding_window=8
+PROMPT = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(12)).tolist()
+N_NEW = 16
+
+
+def case_id(case: tuple[str, str]) -> str:
+    return f"{case[0]}-{case[1]}"
+
+
+class Zoo:
+    """Checkpoints, GGUFs, transformers references and loaded stages, each made once per module."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._memo: dict[tuple[Any, ...], Any] = {}
+
+    def _once(self, key: tuple[Any, ...], make: Any) -> Any:
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def folder(self, kind: str) -> Path:
+        return self._once(("folder", kind), lambda: make_tiny(kind, self.root / kind))
+
+    def gguf(self, kind: str, qtype: str = "F32") -> Path:
+        src = GGUF_SOURCE.get(kind, kind)
+        return self._once(
+            ("gguf", kind, qtype),
+            lambda: write_gguf(self.folder(src), self.root / f"{kind}-{qtype}.gguf", qtype),
+        )
+
+    def path(self, kind: str, fmt: str) -> str:
+        return str(self.folder(kind) if fmt == "safetensors" else self.gguf(kind))
+
+    def ref_kind(self, kind: str, fmt: str) -> str:
+        """The checkpoint transformers runs as the reference of (kind, fmt)."""
+        return GGUF_SOURCE.get(kind, kind) if fmt == "gguf" else kind
+
+    def hf(self, kind: str) -> Any:
+        import transformers
+
+        return self._once(
+            ("hf", kind),
+            lambda: transformers.AutoModelForCausalLM.from_pretrained(
+                self.folder(kind), dtype=torch.float32
+            ).eval(),
+        )
+
+    def ref_logits(self, kind: str, tokens: tuple[int, ...]) -> torch.Tensor:
+        """transformers' next-token logits after every prefix of tokens: [len, V]."""
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.hf(kind)(torch.tensor([tokens])).logits[0]
+
+        return self._once(("logits", kind, tokens), run)
+
+    def ref_greedy(self, kind: str, prompt: tuple[int, ...], n: int) -> list[int]:
+        def run() -> list[int]:
+            x = torch.tensor([prompt])
+            with torch.inference_mode():
+                out = self.hf(kind).generate(
+                    x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+            return out[0, len(prompt) :].tolist()
+
+        return self._once(("greedy", kind, prompt, n), run)
+
+    def loaded(self, kind: str, fmt: str, layers: tuple[int, int] | None = None) -> Any:
+        return self._once(("loaded", kind, fmt, layers), lambda: load_stage(self.path(kind, fmt), layers))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return Zoo(tmp_path_factory.mktemp("architectures"))
+
+
+def all_prefix_logits(engines: list[StageEngine], tokens: list[int]) -> torch.Tensor:
+    """Our next-token logits after every prefix of tokens, as one ragged batch: [len, V]."""
+    rows = [SeqChunk(f"p{k}", 0, tokens[: k + 1], GREEDY) for k in range(len(tokens))]
+    return run_stages(engines, rows)
+
+
+def decode_trace(
+    engines: list[StageEngine], prompt: list[int], steps: int, chunks: tuple[int, ...] = ()
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy prefill (in pieces ending at each of `chunks`, then the rest) + `steps` cached decode
+    steps; returns the tokens and the logits after each prefill piece and each step."""
+    logits, start = [], 0
+    for end in (*chunks, len(prompt)):
+        logits.append(run_stages(engines, [SeqChunk("t", start, prompt[start:end], GREEDY)])[0])
+        start = end
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(run_stages(engines, [SeqChunk("t", len(tokens) - 1, [tokens[-1]], GREEDY)])[0])
+    return tokens, logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# every kind x format against transformers
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_logits_match_transformers(case, zoo):
+    kind, fmt = case
+    ours = all_prefix_logits([StageEngine(zoo.loaded(kind, fmt))], PROMPT)
+    ref = zoo.ref_logits(zoo.ref_kind(kind, fmt), tuple(PROMPT))
+    assert max_diff(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_greedy_equals_transformers_generate(case, zoo):
+    kind, fmt = case
+    ours = generate([StageEngine(zoo.loaded(kind, fmt))], [PROMPT], N_NEW)[0]
+    assert ours == zoo.ref_greedy(zoo.ref_kind(kind, fmt), tuple(PROMPT), N_NEW)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_split_stages_equal_whole(case, zoo):
+    kind, fmt = case
+    n = N_LAYERS[zoo.ref_kind(kind, fmt)]
+    prompt = PROMPT[:20]
+    whole_tokens, whole_logits = decode_trace([StageEngine(zoo.loaded(kind, fmt))], prompt, 8)
+    for k in (1, n // 2):
+        engines = [StageEngine(zoo.loaded(kind, fmt, (0, k))), StageEngine(zoo.loaded(kind, fmt, (k, n)))]
+        tokens, logits = decode_trace(engines, prompt, 8)
+        assert tokens == whole_tokens
+        assert max(max_diff(a, b) for a, b in zip(logits, whole_logits, strict=True)) <= 1e-4
+
+
+@pytest.mark.parametrize("case", WINDOWED, ids=case_id)
+def test_sliding_window_decode_past_the_window(case, zoo):
+    """20-token prompt + 16 decode steps with a window of 8: every step's logits and the tokens
+    equal transformers' (whose mask lets query i see keys j with i - 8 < j <= i)."""
+    kind, fmt = case
+    ref_kind = zoo.ref_kind(kind, fmt)
+    prompt = PROMPT[:20]
+    tokens, logits = decode_trace([StageEngine(zoo.loaded(kind, fmt))], prompt, N_NEW)
+    assert tokens[20:] == zoo.ref_greedy(ref_kind, tuple(prompt), N_NEW)
+    ref = zoo.ref_logits(ref_kind, tuple(tokens))  # row i: logits after tokens[: i + 1]
+    assert max(max_diff(step, ref[19 + i]) for i, step in enumerate(logits)) <= 1e-4
+
+
+@pytest.mark.parametrize("case", WINDOWED, ids=case_id)
+def test_sliding_window_chunked_prefill(case, zoo):
+    """Prefill in three chunks (5 < window, 12 > window, 3) then decode: equal to transformers."""
+    kind, fmt = case
+    prompt = PROMPT[:20]
+    tokens, logits = decode_trace([StageEngine(zoo.loaded(kind, fmt))], prompt, 8, chunks=(5, 17))
+    ref = zoo.ref_logits(zoo.ref_kind(kind, fmt), tuple(tokens))
+    rows = [4, 16, *range(19, 19 + 9)]  # after each chunk, then after each decode step
+    assert max(max_diff(got, ref[r]) for got, r in zip(logits, rows, strict=True)) <= 1e-4
+    assert tokens == decode_trace([StageEngine(zoo.loaded(kind, fmt))], prompt, 8)[0]
+
+
+def test_q8_0_gguf_matches_transformers_on_the_same_file(zoo):
+    """Q8_0 blocks (convert --outtype q8_0) against transformers dequantizing the same file."""
+    import transformers
+
+    path = zoo.gguf("llama", "Q8_0")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    loaded = load_stage(str(path))
+    with torch.inference_mode():
+        ref_logits = ref(torch.tensor([PROMPT])).logits[0]
+    assert max_diff(all_prefix_logits([StageEngine(loaded)], PROMPT), ref_logits) <= 1e-4
+    x = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        ref_tokens = ref.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False, eos_token_id=None
+        )[0, len(PROMPT) :].tolist()
+    assert generate([StageEngine(loaded)], [PROMPT], N_NEW)[0] == ref_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# the fixtures themselves, independent of our code
+
+# kind -> why transformers must be handed the checkpoint's config to read the GGUF (its GGUF reader
+# takes the config from GGUF metadata, but not these features); tensors still come from the GGUF
+TRANSFORMERS_GGUF_GAPS = {
+    "llama_bias": "reads no attention_bias/mlp_bias from a GGUF (drops the bias tensors)",
+    "llama_rope_llama3": "ignores the rope_freqs tensor (no rope scaling)",
+    "llama_rope_linear": "ignores rope.scaling.* for llama",
+    "llama_rope_yarn": "ignores rope.scaling.* for llama",
+    "qwen3": "reads neither head_count_kv nor key_length for qwen3",
+    "gemma3": "leaves query_pre_attn_scalar at its default 256 (llama.cpp: key_length)",
+    "gpt2": "maps context_length to n_ctx, not n_positions",
+}
+
+
+@pytest.mark.parametrize("kind", [k for k in ARCH_KINDS if k not in NO_GGUF])
+def test_gguf_fixtures_load_in_transformers(kind, zoo):
+    """transformers' GGUF reader (reverse Q/K permutation, norm - 1 for Gemma, GPT-2 transposes)
+    turns our GGUF back into the checkpoint: logits equal on a 40-token prompt."""
+    import gguf
+    import transformers
+
+    path = zoo.gguf(kind)
+    src = GGUF_SOURCE.get(kind, kind)
+    ref = zoo.hf(src)
+    expected = zoo.ref_logits(src, tuple(PROMPT))
+    kwargs: dict[str, Any] = {"config": ref.config} if kind in TRANSFORMERS_GGUF_GAPS else {}
+    if kind == "mistral":
+        # a llama GGUF comes back as LlamaForCausalLM, without the window: compare with no window
+        unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
+            zoo.folder(kind), dtype=torch.float32, sliding_window=None
+        ).eval()
+        with torch.inference_mode():
+            expected = unwindowed(torch.tensor([PROMPT])).logits[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, **kwargs
+    ).eval()
+    with torch.inference_mode():
+        got = model(torch.tensor([PROMPT])).logits[0]
+    assert max_diff(got, expected) <= 1e-4
+    if kind == "llama_rope_llama3":  # rope_freqs divide the base frequencies into transformers' llama3 ones
+        reader = gguf.GGUFReader(path)
+        factors = torch.from_numpy(
+            np.array(next(t for t in reader.tensors if t.name == "rope_freqs.weight").data, dtype=np.float32)
+        )
+        hp = json.loads((zoo.folder(kind) / "config.json").read_text())
+        assert torch.equal(factors, llama3_rope_factors(hp))
+        base = 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+        assert torch.allclose(base / factors, ref.model.rotary_emb.inv_freq, rtol=1e-6)
+        assert set(factors.tolist()) - {1.0, 8.0}  # high frequencies kept, low ones / 8, one smoothed
+
+
+def _with_feature_removed(zoo: Zoo, kind: str) -> Any:
+    """The kind's checkpoint with its distinguishing feature switched off."""
+    import transformers
+
+    folder = zoo.folder(kind)
+    default_rope = {"rope_type": "default", "rope_theta": 10000.0}
+    removed: dict[str, dict[str, Any]] = {
+        "llama_rope_llama3": {"rope_parameters": default_rope},
+        "llama_rope_linear": {"rope_parameters": default_rope},
+        "llama_rope_yarn": {"rope_parameters": default_rope},
+        "llama_gelu": {"hidden_act": "silu"},
+        "mistral": {"sliding_window": None},
+        "gemma3": {"query_pre_attn_scalar": 32},
+    }
+    overrides = removed.get(kind, {})
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **overrides).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if kind in ("llama_bias", "qwen2") and name.endswith(".bias"):
+                p.zero_()
+            if kind == "qwen3" and ("q_norm" in name or "k_norm" in name):
+                p.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "llama_bias",
+        "llama_rope_llama3",
+        "llama_rope_linear",
+        "llama_rope_yarn",
+        "llama_gelu",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma3",
+    ],
+)
+def test_fixture_features_change_logits(kind, zoo):
+    """Each kind's feature is load-bearing: ignoring it moves the logits far past 1e-4."""
+    with torch.inference_mode():
+        off = _with_feature_removed(zoo, kind)(torch.tensor([PROMPT])).logits[0]
+    assert max_diff(off, zoo.ref_logits(kind, tuple(PROMPT))) > 0.05
+
+
+def test_gguf_writer_refuses_what_a_gguf_cannot_say(zoo, tmp_path):
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        write_gguf(zoo.folder("llama_gelu"), tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="query_pre_attn_scalar=24"):
+        write_gguf(zoo.folder("gemma3"), tmp_path / "y.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# refused by name
+
+
+def assert_refused(path: Path | str, *named: str, layers: tuple[int, int] | None = None) -> None:
+    """load_stage raises ModelFormatError whose message names every string in `named`."""
+    with pytest.raises(ModelFormatError) as info:
+        load_stage(str(path), layers)
+    msg = str(info.value)
+    for name in named:
+        assert name in msg, f"{name!r} is not named in: {msg}"
+
+
+def edited_copy(zoo: Zoo, kind: str, dest: Path, config: dict[str, Any]) -> Path:
+    shutil.copytree(zoo.folder(kind), dest)
+    cfg = json.loads((dest / "config.json").read_text()) | config
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "long_factor": [1.5] * 8,
+    "short_factor": [1.0] * 8,
+    "original_max_position_embeddings": 64,
+}
+HF_REFUSALS = [
+    (
+        "llama",
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+        "rope_type",
+        "dynamic",
+    ),
+    ("llama", {"rope_parameters": LONGROPE}, "rope_type", "longrope"),
+    (
+        "phi3",
+        {
+            "rope_parameters": LONGROPE | {"partial_rotary_factor": 1.0},
+            "original_max_position_embeddings": 64,
+        },
+        "rope_type",
+        "longrope",
+    ),
+    (
+        "phi3",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            "partial_rotary_factor": 0.5,
+        },
+        "partial_rotary_factor",
+        "0.5",
+    ),
+    ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping", "30.0"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping", "50.0"),
+    ("llama", {"hidden_act": "relu2"}, "hidden_act", "relu2"),
+    ("llama", {"model_type": "mamba"}, "model_type", "mamba"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "edit", "key", "value"), HF_REFUSALS, ids=lambda v: v if isinstance(v, str) else None
+)
+def test_hf_config_refusals_name_key_and_value(kind, edit, key, value, zoo, tmp_path):
+    assert_refused(edited_copy(zoo, kind, tmp_path / "m", edit), key, value)
+
+
+GGUF_REFUSALS = [
+    ("llama", {"llama.attn_logit_softcapping": 50.0}, "llama.attn_logit_softcapping", "50.0"),
+    ("llama", {"llama.rope.scaling.type": "longrope"}, "llama.rope.scaling.type", "longrope"),
+    ("gemma3", {"gemma3.final_logit_softcapping": 30.0}, "gemma3.final_logit_softcapping", "30.0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "key", "value"), GGUF_REFUSALS, ids=lambda v: v if isinstance(v, str) else None
+)
+def test_gguf_metadata_refusals_name_key_and_value(kind, fields, key, value, zoo, tmp_path):
+    src = zoo.folder(GGUF_SOURCE.get(kind, kind))
+    assert_refused(write_gguf(src, tmp_path / "m.gguf", extra_fields=fields), key, value)
+
+
+def test_unknown_tensor_in_the_stage_range_is_refused(zoo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "extra"
+    shutil.copytree(zoo.folder("llama"), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.foo.weight"] = torch.zeros(64, 64)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert_refused(folder, "model.layers.0.self_attn.foo.weight", layers=(0, 2))
+
+    path = write_gguf(
+        zoo.folder("llama"), tmp_path / "extra.gguf", extra_tensors={"blk.0.foo.weight": np.zeros(64)}
+    )
+    assert_refused(path, "blk.0.foo.weight", layers=(0, 2))
+
+
+def test_more_parts_than_layers_is_refused():
+    from pipeserve.modeling.config import Shard
+
+    with pytest.raises(ValueError) as info:
+        Shard.even(4, 5, 0)
+    assert "4" in str(info.value) and "5" in str(info.value)
