@@ -103,3 +103,33 @@ def smol_full():
     from pipeserve.modeling.loader import load_stage
 
     return load_stage(EMBEDDED)
+
+
+GEMMA = "gemma3-270m"
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The named model's GGUF (`make models` assembles it; `make test` depends on that)."""
+    from pipeserve.modeling.source import resolve_model
+
+    return resolve_model(GEMMA).path  # ModelNotFoundError says to run `make models`
+
+
+@pytest.fixture(scope="session")
+def gemma_reference(gemma_path):
+    """transformers' Gemma 3 270M from the same GGUF (dequantized to fp32): ~1 min, 2.6 GB."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        gemma_path.parent, gguf_file=gemma_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma_hf_tokenizer(gemma_path):
+    """transformers' tokenizer built from the same GGUF's vocabulary."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(gemma_path.parent, gguf_file=gemma_path.name)

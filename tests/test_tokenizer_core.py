@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from pipeserve.common.errors import InvalidInputError, ModelFormatError, ModelNotFoundError
+from pipeserve.common.errors import ConfigError, InvalidInputError, ModelFormatError, ModelNotFoundError
 from pipeserve.modeling.source import EMBEDDED_MODEL, embedded_gguf_path, model_fingerprint
-from pipeserve.tokenizer.core import FALLBACK_CHAT_TEMPLATE, TokenizerCore
+from pipeserve.tokenizer.core import TokenizerCore
 
 TEXTS = [
     "Hello world",
@@ -247,7 +247,7 @@ def write_tiny_gguf(path: Path, tokenizer_model: str = "gpt2") -> Tokenizer:
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])] + ["<|eot|>", "<think>"]
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
     writer.add_token_types([3] + [1] * (len(tokens) - 3) + [3, 4])  # CONTROL ... CONTROL, USER_DEFINED
@@ -277,7 +277,28 @@ def test_tiny_gguf_adds_bos_and_keeps_added_tokens_whole(tmp_path: Path) -> None
     assert core.encode("hello world", add_special_tokens=False) == trained.encode("hello world").ids
     assert core.decode(ids) == "the lazy fox<think>hello"  # control tokens skipped, user-defined kept
     assert core.decode(ids, skip_special_tokens=False) == "<|endoftext|>" + text
-    assert core.apply_chat_template([{"role": "user", "content": "hi"}]) == "User: hi\nAssistant:"
+
+
+def test_model_without_chat_template_refuses_chats_unless_configured(tmp_path: Path) -> None:
+    """A GGUF without a chat template serves completions; chats get InvalidInputError (HTTP 400) that
+    says how to configure one, and a configured template is used (it also replaces a model's own)."""
+    path = tmp_path / "base.gguf"
+    write_tiny_gguf(path)
+    core = TokenizerCore.from_model(str(path))
+    chat = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidInputError, match=r"'base' has no chat template.*tokenizer\.chat_template"):
+        core.apply_chat_template(chat)
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    configured = TokenizerCore.from_model(str(path), chat_template=template)
+    assert configured.apply_chat_template(chat) == "user: hi\n"
+    assert configured.chat_template == template and configured.checksum == core.checksum
+    assert TokenizerCore.from_model(str(path)).chat_template is None  # the cached one is untouched
+    with pytest.raises(ConfigError, match=r"tokenizer\.chat_template does not compile"):
+        TokenizerCore.from_model(str(path), chat_template="{% if %}")
+    with pytest.raises(ConfigError, match=r"tokenizer\.chat_template must be"):
+        TokenizerCore.from_model(str(path), chat_template="  ")
+    smol = TokenizerCore.from_model(EMBEDDED_MODEL, chat_template=template)
+    assert smol.apply_chat_template(chat) == "user: hi\n"
 
 
 def gpt2_folder(folder: Path, with_tokenizer_json: bool) -> Path:
@@ -308,11 +329,9 @@ def test_gpt2_folder_matches_transformers(tmp_path: Path, with_tokenizer_json: b
         assert ids == reference.encode(text)
         assert core.decode(ids) == reference.decode(ids, skip_special_tokens=True)
         assert "".join(stream(core, ids)) == core.decode(ids)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert core.chat_template is None
-    assert core.apply_chat_template(messages) == "System: Be brief.\nUser: hi\nAssistant:"
-    assert core.apply_chat_template(messages, add_generation_prompt=False) == "System: Be brief.\nUser: hi\n"
-    assert FALLBACK_CHAT_TEMPLATE  # documented in core
+    with pytest.raises(InvalidInputError, match="no chat template"):
+        core.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_hf_folder_template_and_special_tokens(tmp_path: Path) -> None:
@@ -374,10 +393,10 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
 
 
 def test_gguf_with_unsupported_or_missing_tokenizer(tmp_path: Path) -> None:
-    llama = tmp_path / "spm.gguf"
-    write_tiny_gguf(llama, tokenizer_model="llama")
-    with pytest.raises(ModelFormatError, match="not supported"):
-        TokenizerCore.from_model(str(llama))
+    t5 = tmp_path / "unigram.gguf"
+    write_tiny_gguf(t5, tokenizer_model="t5")
+    with pytest.raises(ModelFormatError, match=r"tokenizer\.ggml\.model='t5' is not supported"):
+        TokenizerCore.from_model(str(t5))
 
     bare = tmp_path / "bare.gguf"
     writer = gguf.GGUFWriter(str(bare), "gpt2")

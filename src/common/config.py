@@ -95,6 +95,11 @@ class CoordinatorConfig(_Strict):
 
 class TokenizerConfig(_Strict):
     address: Address = Field("127.0.0.1:50054", description="host:port of the tokenizer's gRPC server.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template for chat requests; replaces the model's own. A model without one "
+        "(a base model's GGUF) answers chat requests with 400 unless this is set.",
+    )
 
 
 class ApiConfig(_Strict):

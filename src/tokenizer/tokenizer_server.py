@@ -99,7 +99,9 @@ class TokenizerServer:
 
     def _load(self) -> None:
         try:
-            self.servicer._core = TokenizerCore.from_model(self.cfg.model_name)
+            self.servicer._core = TokenizerCore.from_model(
+                self.cfg.model_name, chat_template=self.cfg.tokenizer.chat_template
+            )
             release_file_caches()
             set_serving(self.health, [SERVICE], True)
             log.info("tokenizer serving %s (vocab %d)", self.cfg.model_name, self.servicer._core.vocab_size)
