@@ -194,7 +194,8 @@ def test_stage_holds_only_its_layers_in_block_form(smol_full):
     assert middle.param_bytes == sum(file_bytes.values())  # no fp32 copy, no embedding, no head
     assert middle.tensor_types == {"Q4_1": 70}  # q|k|v and gate|up fused: 7 matrices per layer
     assert all(
-        isinstance(m, QLinear) for m in (middle.model.layers[0].self_attn.qkv_proj, middle.model.layers[0].mlp.down_proj)
+        isinstance(m, QLinear)
+        for m in (middle.model.layers[0].self_attn.qkv_proj, middle.model.layers[0].mlp.down_proj)
     )
     # the whole model: the tied head is the embedding's Q8_0 blocks, held once
     assert smol_full.model.lm_head.parts[0] is smol_full.model.embed_tokens.weight
