@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv clean
 
 # `make up` installs a named model only when the config asks for it.
 up: deps kernels proto frontend $(if $(findstring gemma3-270m,$(shell cat $(CONFIG) 2>/dev/null)),models)
@@ -89,6 +89,9 @@ typecheck: deps kernels proto
 
 pytest: deps kernels proto
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+bench-kv: deps kernels proto
+	$(BIN)/python scripts/bench_kv.py --out bench/kv.json
 
 bench-models: deps models kernels proto
 	$(BIN)/python scripts/bench_models.py --out bench/models.json

@@ -215,32 +215,48 @@ def test_fused_small_ops_match_reference():
         assert rel_err(kernels.silu_mul(gu), reference.silu_mul(gu.double())) <= 1e-6
 
 
-def test_decode_attention_reads_caches_in_place(isa):
-    """Ragged cached lengths, grouped heads, caches of different capacities, a subset of batch rows
-    from one fused q|k|v buffer: the new k/v rows land in the caches and the output equals the reference."""
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_reads_paged_caches_in_place(isa, window):
+    """Ragged lengths (one exactly 2 blocks, one inside its first block), grouped heads, block
+    tables out of order, a subset of batch rows from one fused q|k|v buffer, a sliding window:
+    the new k/v rows land in their blocks and the output equals the reference."""
     torch.manual_seed(0)
-    layers, nkv, nh, hd = 3, 2, 6, 64
-    caps, lengths = [40, 128, 7], [33, 128, 1]
-    ks = [torch.randn(layers, nkv, c, hd) for c in caps]
-    vs = [torch.randn(layers, nkv, c, hd) for c in caps]
-    att = kernels.DecodeAttention(ks, vs, lengths)
+    layers, nkv, nh, hd, bs, n_blocks = 3, 2, 6, 64, 16, 12
+    kp, vp = torch.randn(n_blocks, layers, nkv, bs, hd), torch.randn(n_blocks, layers, nkv, bs, hd)
+    lengths = [33, 32, 1]
+    tables = torch.tensor([[7, 2, 9], [0, 11, 0], [5, 0, 0]])  # padding past each table's end
+    att = kernels.DecodeAttention(kp, vp, tables, lengths, window=window)
     rows = torch.tensor([4, 0, 2])
+
+    def cached(pool, b, layer, n):  # [n_kv, n, hd] in position order
+        return torch.cat([pool[blk, layer] for blk in tables[b].tolist()], dim=1)[:, :n]
+
     for layer in range(layers):
         qkv = torch.randn(5, nh + 2 * nkv, hd)
         q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
         got = att(layer, q, k, v, rows)
         for b, (r, n) in enumerate(zip(rows.tolist(), lengths, strict=True)):
-            assert torch.equal(ks[b][layer, :, n - 1], k[r]) and torch.equal(vs[b][layer, :, n - 1], v[r])
+            blk, off = tables[b, (n - 1) // bs], (n - 1) % bs
+            assert torch.equal(kp[blk, layer, :, off], k[r]) and torch.equal(vp[blk, layer, :, off], v[r])
+        first = [0 if window is None else max(0, n - window) for n in lengths]
         want = reference.attend_decode(
             q[rows].double(),
-            [kc[layer, :, :n].double() for kc, n in zip(ks, lengths, strict=True)],
-            [vc[layer, :, :n].double() for vc, n in zip(vs, lengths, strict=True)],
+            [
+                cached(kp, b, layer, n)[:, f:].double()
+                for b, (n, f) in enumerate(zip(lengths, first, strict=True))
+            ],
+            [
+                cached(vp, b, layer, n)[:, f:].double()
+                for b, (n, f) in enumerate(zip(lengths, first, strict=True))
+            ],
         )
         assert rel_err(got, want) <= 1e-5
-    with pytest.raises(ValueError, match="KV caches need"):
-        kernels.DecodeAttention([ks[0].transpose(2, 3)], [vs[0]], [1])
+    with pytest.raises(ValueError, match="KV pools need"):
+        kernels.DecodeAttention(kp.transpose(3, 4), vp, tables, lengths)
+    with pytest.raises(ValueError, match="outside the pool"):
+        kernels.DecodeAttention(kp, vp, tables + 10, lengths)
     with pytest.raises(ValueError, match="do not fit"):
-        kernels.DecodeAttention([ks[2]], [vs[2]], [8])
+        kernels.DecodeAttention(kp, vp, tables[:, :1], [33, 1, 1])(0, q, k, v, rows)
 
 
 def test_rope_in_place_matches_reference():

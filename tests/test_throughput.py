@@ -1,6 +1,6 @@
 """Continuous batching under load, through a real in-process cluster (embedded model, 3 parts):
 16 concurrent greedy requests equal running each alone; a newcomer starts while 8 decode; a full
-queue answers RESOURCE_EXHAUSTED with retry-after and the accepted requests are unaffected; every
+queue answers RESOURCE_EXHAUSTED with RetryInfo and the accepted requests are unaffected; every
 stage's cache is empty after a burst."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import time
 import grpc
 import pytest
 
+from pipeserve.common.errors import Reason
+from pipeserve.common.grpc_util import error_from_rpc
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
@@ -113,6 +115,6 @@ def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(cluster):
     assert len(rejected) == 3
     for exc in rejected:
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in exc.details()
-        retry = dict(exc.trailing_metadata() or ())
-        assert float(retry["retry-after"]) >= 1
+        err = error_from_rpc(exc)  # the wait comes as google.rpc.RetryInfo in the status details
+        assert err.reason == Reason.QUEUE_FULL and err.retry_after_s is not None and err.retry_after_s >= 1
     assert all(final.completion_tokens == 16 for _, _, final in done)

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pipeserve.api import convert
 from pipeserve.api import schemas as s
 from pipeserve.api.clients import CoordinatorClient, TokenizerClient
-from pipeserve.api.errors import ApiError, install_handlers
+from pipeserve.api.errors import install_handlers
 from pipeserve.api.metrics import ApiMetrics, MetricsMiddleware
 from pipeserve.api.middleware import OPEN_PATHS, GuardMiddleware
 from pipeserve.api.streaming import (
@@ -35,19 +35,24 @@ from pipeserve.api.streaming import (
     until_disconnect,
 )
 from pipeserve.common.config import Config
+from pipeserve.common.errors import PipeserveError, Reason
 from pipeserve.proto import model_service_pb2 as pb
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": s.ErrorBody, "description": text}
     for code, text in {
-        400: "Invalid input the model rejected, e.g. a prompt longer than the context (both numbers stated).",
-        401: "Missing or wrong API key (only when api.api_key is set).",
-        413: "Body larger than api.max_body_bytes.",
-        422: "Body does not match the schema; the message names the field.",
-        429: "The coordinator's queue is full; retry after the `Retry-After` header's seconds.",
-        502: "An upstream service failed unexpectedly.",
-        503: "A service or a model part is down; the message names it.",
-        504: "The request did not finish within api.request_timeout_s.",
+        400: "`invalid_parameter` (a value `param` names), `context_length_exceeded` (prompt + max_tokens "
+        "past the context; both numbers stated) or `model_refused` (e.g. the model's chat template).",
+        401: "`unauthorized`: missing or wrong API key (only when api.api_key is set).",
+        413: "`request_too_large`: body larger than api.max_body_bytes.",
+        422: "`schema_violation`: the body does not match the schema; `param` names the field.",
+        429: "`queue_full`: the coordinator's queue is full; retry after `Retry-After` (= `retry_after_s`).",
+        500: "`internal`: a bug or a server-side condition; the message says where.",
+        502: "`upstream_error`: an upstream service answered something unexpected.",
+        503: "`stage_unavailable` (a model part has no healthy node: `part`, `node`), `service_unavailable` "
+        "(the coordinator or tokenizer is unreachable) or `cache_exhausted` (a part's KV cache is full; "
+        "retry after `Retry-After`).",
+        504: "`timeout`: the request did not finish within api.request_timeout_s.",
     }.items()
 }
 
@@ -103,10 +108,10 @@ def services(request: Request) -> Services:
 T = TypeVar("T")
 
 
-async def _or_error(call: Awaitable[T]) -> T | ApiError:
+async def _or_error(call: Awaitable[T]) -> T | PipeserveError:
     try:
         return await call
-    except ApiError as exc:
+    except PipeserveError as exc:
         return exc
 
 
@@ -225,7 +230,7 @@ async def chat_completions(
 async def models(svc: Services = Depends(services)) -> s.ModelList:
     try:
         name = (await svc.coordinator.cluster_status()).model_name or svc.cfg.model_name
-    except ApiError:
+    except PipeserveError:
         name = svc.cfg.model_name
     return s.ModelList(data=[s.ModelCard(id=name)])
 
@@ -246,15 +251,23 @@ async def ready(svc: Services = Depends(services)) -> s.Ready:
     status, tok = await asyncio.gather(
         _or_error(svc.coordinator.cluster_status()), _or_error(svc.tokenizer.info())
     )
-    problems = []
-    if isinstance(status, ApiError):
+    problems, reason, part, node = [], Reason.STAGE_UNAVAILABLE, None, None
+    if isinstance(status, PipeserveError):
         problems.append(_naming("coordinator", status.message))
+        reason = status.reason
     elif not status.ready:
         problems += list(status.problems) or ["the coordinator reports the cluster not ready"]
-    if isinstance(tok, ApiError):
+        down = sorted(
+            {n.model_part for n in status.nodes} - {n.model_part for n in status.nodes if n.healthy}
+        )
+        if down:
+            part = down[0]
+            node = ", ".join(n.id for n in status.nodes if n.model_part == part)
+    if isinstance(tok, PipeserveError):
+        reason = reason if problems else tok.reason
         problems.append(_naming("tokenizer", tok.message))
     if problems:
-        raise ApiError(503, "not ready: " + "; ".join(problems))
+        raise PipeserveError("not ready: " + "; ".join(problems), reason=reason, part=part, node=node)
     return s.Ready()
 
 
@@ -268,7 +281,7 @@ async def ready(svc: Services = Depends(services)) -> s.Ready:
 async def metrics(svc: Services = Depends(services)) -> Response:
     try:
         svc.metrics.refresh(await svc.coordinator.cluster_status())
-    except ApiError:
+    except PipeserveError:
         svc.metrics.refresh(None)
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -281,13 +294,13 @@ async def cluster(svc: Services = Depends(services)) -> s.ClusterView:
     coordinator is down (then coordinator.healthy and ready are false)."""
     try:
         status = await svc.coordinator.cluster_status()
-    except ApiError as exc:
+    except PipeserveError as exc:
         try:
             info = await svc.tokenizer.info()
             tok = s.TokenizerView(
                 address=svc.tokenizer.address, healthy=True, vocab_size=info.vocab_size, error=None
             )
-        except ApiError as tok_exc:
+        except PipeserveError as tok_exc:
             tok = s.TokenizerView(
                 address=svc.tokenizer.address, healthy=False, vocab_size=0, error=tok_exc.message
             )
@@ -319,7 +332,8 @@ def create_app(cfg: Config) -> FastAPI:
         version="0.1.0",
         description="Pipeline-parallel LLM serving: the spec's text processing endpoint, OpenAI-compatible "
         "completions and chat, health, readiness, metrics and the cluster view. Every error has the body "
-        '`{"error": {"message", "type", "code"}}`.',
+        '`{"error": {"message", "type", "code", "param", "status", "part", "node", "retry_after_s"}}` '
+        "(see ErrorDetail): `code` is the machine-readable reason, the same in SSE error events.",
         lifespan=lifespan,
     )
     app.include_router(router)

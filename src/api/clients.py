@@ -1,14 +1,16 @@
 """Typed gRPC clients the API's routes call: the coordinator (Generate, Cancel, ClusterStatus) and
 the tokenizer (Info, token texts for logprobs). Every call carries a deadline; every failure leaves
-as an ApiError (errors.from_rpc), so a route never sees a raw gRPC error. Channels reconnect by
-themselves when a service restarts; while it is away calls fail fast (UNAVAILABLE -> 503).
+as the domain exception its status details carry (errors.from_rpc: reason, param, part, node,
+retry-after), so a route never sees a raw gRPC error. Channels reconnect by themselves when a
+service restarts; while it is away calls fail fast (service_unavailable -> 503).
 """
 
 from __future__ import annotations
 
 import grpc
 
-from pipeserve.api.errors import ApiError, from_rpc
+from pipeserve.api.errors import from_rpc
+from pipeserve.common.errors import PipeserveError
 from pipeserve.common.grpc_util import channel_options
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -26,10 +28,8 @@ class _Client:
         self.rpc_timeout_s = rpc_timeout_s
         self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
 
-    def error(self, exc: grpc.aio.AioRpcError, timeout_s: float | None = None) -> ApiError:
-        # A connected channel means the service itself answered with this status.
-        reachable = self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
-        return from_rpc(exc, self.service, self.address, reachable=reachable, timeout_s=timeout_s)
+    def error(self, exc: grpc.aio.AioRpcError, timeout_s: float | None = None) -> PipeserveError:
+        return from_rpc(exc, self.service, self.address, timeout_s=timeout_s)
 
     async def close(self) -> None:
         await self.channel.close(grace=None)

@@ -6,7 +6,7 @@ extension and OpenAI-style logprobs. Pure functions: no I/O (token texts are pas
 from __future__ import annotations
 
 from pipeserve.api import schemas as s
-from pipeserve.api.errors import ApiError
+from pipeserve.common.errors import InvalidInputError
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 
@@ -65,15 +65,16 @@ def completion_request(body: s.CompletionRequest, rid: str, default_max_tokens: 
     elif len(prompt) == 1 and isinstance(prompt[0], str):
         req.prompt = prompt[0]
     else:
-        raise ApiError(
-            400, f"prompt: give one prompt (a string, or a list of token ids); got a list of {len(prompt)}"
+        raise InvalidInputError(
+            f"prompt: give one prompt (a string, or a list of token ids); got a list of {len(prompt)}",
+            param="prompt",
         )
     return req
 
 
 def chat_request(body: s.ChatCompletionRequest, rid: str, default_max_tokens: int) -> pb.GenerateRequest:
     if body.top_logprobs and not body.logprobs:
-        raise ApiError(400, "top_logprobs: needs logprobs set to true")
+        raise InvalidInputError("top_logprobs: needs logprobs set to true", param="top_logprobs")
     req = _base(body, rid, default_max_tokens, body.max_tokens or body.max_completion_tokens)
     req.sampling.CopyFrom(sampling(body, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0))
     for m in body.messages:
@@ -223,6 +224,12 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         requests_in_flight=info.active_requests or info.in_flight,
         cache_used_tokens=info.cache_used_tokens,
         cache_budget_tokens=info.cache_budget_tokens,
+        cache_block_size=info.cache_block_size,
+        cache_blocks_total=info.cache_blocks_total,
+        cache_blocks_free=info.cache_blocks_free,
+        prefix_cached_blocks=info.prefix_cached_blocks,
+        prefix_hit_tokens=info.prefix_hit_tokens,
+        backoff_s=round(n.backoff_s, 1),
         rss_bytes=info.rss_bytes,
         weights_bytes=info.param_bytes,
         weight_types=dict(info.weight_types),

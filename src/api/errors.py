@@ -1,7 +1,9 @@
-"""The API's one error body, `{"error": {"message", "type", "code"}}` (OpenAI style), built here
-and nowhere else: ApiError, the mapping of upstream gRPC failures to HTTP statuses (`from_rpc`),
-and the FastAPI exception handlers. Routes and clients raise; they never build error responses.
-SSE streams send the same body as a `data:` event once the status line has gone out.
+"""The API's one error body, built here and nowhere else: every failure is a PipeserveError
+(common/errors.py) whose reason maps once to the HTTP status (HTTP_STATUS), rendered as the
+OpenAI-style `{"error": {"message", "type", "code", "param", "status", "part", "node",
+"retry_after_s"}}` with `Retry-After` when waiting helps. `from_rpc` turns a failed gRPC call back
+into the domain exception its status details carry. Routes and clients raise; they never build
+error responses. SSE streams send the same body as a `data:` event once the status line has gone.
 """
 
 from __future__ import annotations
@@ -17,8 +19,32 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeserve.common.errors import DeadlineError, PipeserveError, Reason, ServiceUnavailableError, make_error
+from pipeserve.common.grpc_util import RpcFailure, error_from_rpc, error_reason
+
 log = logging.getLogger(__name__)
 
+HTTP_STATUS: dict[Reason, int] = {
+    Reason.INVALID_PARAMETER: 400,
+    Reason.CONTEXT_LENGTH_EXCEEDED: 400,
+    Reason.MODEL_REFUSED: 400,
+    Reason.UNAUTHORIZED: 401,
+    Reason.NOT_FOUND: 404,
+    Reason.UNKNOWN_REQUEST: 404,
+    Reason.METHOD_NOT_ALLOWED: 405,
+    Reason.REQUEST_TOO_LARGE: 413,
+    Reason.SCHEMA_VIOLATION: 422,
+    Reason.QUEUE_FULL: 429,
+    Reason.CLIENT_CLOSED: 499,
+    Reason.INTERNAL: 500,
+    Reason.UPSTREAM_ERROR: 502,
+    Reason.STAGE_UNAVAILABLE: 503,
+    Reason.SERVICE_UNAVAILABLE: 503,
+    Reason.CACHE_EXHAUSTED: 503,
+    Reason.TIMEOUT: 504,
+}
+
+# OpenAI's `type` for each status.
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -34,84 +60,105 @@ ERROR_TYPES = {
     504: "timeout_error",
 }
 
+# An HTTPException's status (routing, the body limit) as a reason.
+REASON_OF_STATUS = {
+    400: Reason.INVALID_PARAMETER,
+    401: Reason.UNAUTHORIZED,
+    404: Reason.NOT_FOUND,
+    405: Reason.METHOD_NOT_ALLOWED,
+    413: Reason.REQUEST_TOO_LARGE,
+    422: Reason.SCHEMA_VIOLATION,
+}
+
 DEFAULT_RETRY_AFTER_S = 1
 
-
-class ApiError(Exception):
-    """An error with its HTTP status; the handlers render it as the one error body."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
-
-    def payload(self) -> dict[str, Any]:
-        return error_payload(self.status, self.message)
+# The coordinator names GenerateRequest's fields; an endpoint's body may call them otherwise.
+BODY_FIELDS: dict[str, dict[str, str]] = {
+    "/v1/chat/completions": {"prompt": "messages"},
+    "/api/model/process": {"prompt": "text", "messages": "text"},
+}
 
 
-def error_payload(status: int, message: str) -> dict[str, Any]:
-    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "upstream_error")
-    return {"error": {"message": message, "type": kind, "code": status}}
+def http_status(err: PipeserveError) -> int:
+    return HTTP_STATUS[err.reason]
 
 
-def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_payload(status, message), status_code=status, headers=dict(headers or {}))
+def retry_after_s(err: PipeserveError) -> int | None:
+    """Whole seconds to wait before retrying (the Retry-After header's value), None when waiting
+    does not help. Rounded up: retrying early would only fail again."""
+    if err.retry_after_s is not None:
+        return max(1, math.ceil(err.retry_after_s))
+    if err.reason in (Reason.QUEUE_FULL, Reason.CACHE_EXHAUSTED):
+        return DEFAULT_RETRY_AFTER_S
+    return None
 
 
-def retry_after_s(metadata: Any) -> int:
-    """The coordinator's `retry-after` trailer (seconds, may be fractional) rounded up."""
-    for key, value in metadata or ():
-        if key == "retry-after":
-            try:
-                return max(1, math.ceil(float(value)))
-            except ValueError:
-                break
-    return DEFAULT_RETRY_AFTER_S
+def error_body(err: PipeserveError) -> dict[str, Any]:
+    status = http_status(err)
+    return {
+        "error": {
+            "message": err.message,
+            "type": ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "upstream_error"),
+            "code": err.reason.value,
+            "param": err.param,
+            "status": status,
+            "part": err.part,
+            "node": err.node,
+            "retry_after_s": retry_after_s(err),
+        }
+    }
+
+
+def error_response(err: PipeserveError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    out = dict(headers or {})
+    if (wait := retry_after_s(err)) is not None:
+        out["Retry-After"] = str(wait)
+    return JSONResponse(error_body(err), status_code=http_status(err), headers=out)
+
+
+def in_body_terms(err: PipeserveError, endpoint: str) -> PipeserveError:
+    """Rename `param` from the coordinator's field name to the one the endpoint's body uses."""
+    if err.param is not None:
+        err.param = BODY_FIELDS.get(endpoint, {}).get(err.param, err.param)
+    return err
 
 
 def from_rpc(
-    exc: grpc.aio.AioRpcError,
-    service: str,
-    address: str,
-    *,
-    reachable: bool = True,
-    timeout_s: float | None = None,
-) -> ApiError:
-    """Map a failed gRPC call to the HTTP status a client can act on.
-
-    `reachable` is False when the channel had no connection after the failure: then an
-    UNAVAILABLE came from the transport (the service is down), not from the service itself
-    (which names the part that is down)."""
-    code, details = exc.code(), exc.details() or exc.code().name
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ApiError(400, details)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return ApiError(404, details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(429, details, {"Retry-After": str(retry_after_s(exc.trailing_metadata()))})
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ApiError(
-            503, details if reachable else f"the {service} at {address} is unreachable: {details}"
-        )
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    exc: RpcFailure, service: str, address: str, *, timeout_s: float | None = None
+) -> PipeserveError:
+    """The domain exception a failed call to `service` carries (its status details). A status
+    without our details came from the transport: the service is unreachable (UNAVAILABLE), the
+    deadline passed (DEADLINE_EXCEEDED), or something else answered."""
+    err = error_from_rpc(exc)
+    if error_reason(exc) is not None:
+        return err
+    details = exc.details() or exc.code().name
+    if err.reason == Reason.SERVICE_UNAVAILABLE:
+        return ServiceUnavailableError(f"the {service} at {address} is unreachable: {details}")
+    if err.reason == Reason.TIMEOUT:
         within = f" within {timeout_s:g} s" if timeout_s is not None else " in time"
-        return ApiError(504, f"the {service} at {address} did not finish the request{within} ({details})")
-    return ApiError(502, f"the {service} at {address} failed with {code.name}: {details}")
+        return DeadlineError(f"the {service} at {address} did not finish the request{within}")
+    return make_error(err.reason, f"the {service} at {address} failed with {exc.code().name}: {details}")
 
 
-def describe_validation(exc: RequestValidationError) -> str:
-    """`metadata.type: Input should be 'text_generation' or 'chat' (got 'x')`, one per problem."""
-    parts = []
+def describe_validation(exc: RequestValidationError) -> PipeserveError:
+    """`metadata.type: Input should be 'text_generation' or 'chat' (got 'x')`, one per problem;
+    `param` is the first field named."""
+    parts, fields = [], []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or "body"
+        field = ".".join(loc) if loc and err.get("type") != "json_invalid" else ""
         msg = str(err.get("msg", "invalid"))
         got = err.get("input")
         if err.get("type") != "missing" and isinstance(got, str | int | float | bool):
             msg += f" (got {_short(got)})"
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts) or "the request body is invalid"
+        parts.append(f"{field or 'body'}: {msg}")
+        fields.append(field)
+    return PipeserveError(
+        "; ".join(parts) or "the request body is invalid",
+        reason=Reason.SCHEMA_VIOLATION,
+        param=next((f for f in fields if f), None),
+    )
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -120,28 +167,39 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def install_handlers(app: FastAPI) -> None:
-    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.message, exc.headers)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, PipeserveError)
+        if http_status(exc) >= 500:
+            log.warning(
+                "%s %s failed: %s", request.method, request.url.path, exc, extra={"reason": exc.reason}
+            )
+        return error_response(exc)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(exc.status_code, str(exc.detail), exc.headers)
+        reason = REASON_OF_STATUS.get(exc.status_code, Reason.INTERNAL)
+        message = str(exc.detail)
+        where = f"{request.method} {request.url.path}"
+        if reason == Reason.NOT_FOUND and message == "Not Found":
+            message = f"no such endpoint: {where} (see /docs)"
+        elif reason == Reason.METHOD_NOT_ALLOWED and message == "Method Not Allowed":
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or "another method"
+            message = f"{where} is not allowed: use {allowed}"
+        return error_response(PipeserveError(message, reason=reason), exc.headers)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, describe_validation(exc))
+        return error_response(describe_validation(exc))
 
     async def on_rpc(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, grpc.aio.AioRpcError)
-        err = from_rpc(exc, "upstream service", "?")
-        return error_response(err.status, err.message, err.headers)
+        assert isinstance(exc, grpc.aio.AioRpcError)  # the clients convert theirs; this is a stray
+        return error_response(from_rpc(exc, "upstream service", "?"))
 
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error in the API: {type(exc).__name__}: {exc}")
+        return error_response(PipeserveError(f"internal error in the API: {type(exc).__name__}: {exc}"))
 
-    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(PipeserveError, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(grpc.aio.AioRpcError, on_rpc)

@@ -80,6 +80,21 @@ class ApiMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.prefix_hit_tokens = Gauge(
+            "pipeserve_prefix_cache_hit_tokens",
+            "Prompt positions a node served from cached prefix blocks since it started.",
+            ["part", "node"],
+            registry=r,
+        )
+        self.kv_blocks_free = Gauge(
+            "pipeserve_kv_blocks_free", "KV blocks no request holds on a node.", ["part", "node"], registry=r
+        )
+        self.kv_blocks_total = Gauge(
+            "pipeserve_kv_blocks_total", "KV blocks in a node's pool.", ["part", "node"], registry=r
+        )
+        self.preemptions = Gauge(
+            "pipeserve_preemptions", "Requests preempted for lack of KV blocks since start.", registry=r
+        )
         self.hop_bytes = Counter(
             "pipeserve_hop_bytes", "Bytes of Forward requests sent to a stage.", ["part", "node"], registry=r
         )
@@ -99,6 +114,13 @@ class ApiMetrics:
             self.running.set(status.running)
             self.waiting.set(status.waiting)
             self.tokens_per_second.set(status.tokens_per_second)
+            self.preemptions.set(status.preemptions)
+            for n in status.nodes:
+                if n.HasField("info"):
+                    labels = {"part": str(n.model_part), "node": n.id}
+                    self.prefix_hit_tokens.labels(**labels).set(n.info.prefix_hit_tokens)
+                    self.kv_blocks_free.labels(**labels).set(n.info.cache_blocks_free)
+                    self.kv_blocks_total.labels(**labels).set(n.info.cache_blocks_total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeserve.api.errors import error_response
+from pipeserve.common.errors import PipeserveError, Reason
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes (Kubernetes, Docker) cannot send a key
 
@@ -30,15 +31,20 @@ class GuardMiddleware:
             and not self._authorized(headers.get("authorization"))
         ):
             response = error_response(
-                401,
-                "a valid API key is required: send `Authorization: Bearer <key>`",
+                PipeserveError(
+                    "a valid API key is required: send `Authorization: Bearer <key>`",
+                    reason=Reason.UNAUTHORIZED,
+                ),
                 {"WWW-Authenticate": "Bearer"},
             )
             await response(scope, receive, send)
             return
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await error_response(413, self._too_large(f"{int(length)} bytes"))(scope, receive, send)
+            too_large = PipeserveError(
+                self._too_large(f"{int(length)} bytes"), reason=Reason.REQUEST_TOO_LARGE
+            )
+            await error_response(too_large)(scope, receive, send)
             return
         received = 0
 

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from pipeserve.common.errors import Reason
+
 UINT64_MAX = 2**64 - 1
 MAX_TOKENS_LIMIT = 2**31 - 1  # GenerateRequest.max_tokens is a uint32; the context caps it anyway
 MAX_TOP_LOGPROBS = 20  # what the engine returns at most (SamplingParams.top_logprobs)
@@ -34,11 +36,30 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 # ---- shared ------------------------------------------------------------------------------------
 class ErrorDetail(BaseModel):
+    """OpenAI's error fields (message, type, code, param) and pipeserve's (status, part, node,
+    retry_after_s). Every key is always present; a field that does not apply is null."""
+
     message: str = Field(description="What went wrong, naming the field or the part of the system.")
     type: str = Field(
         description="Error class, e.g. invalid_request_error, rate_limit_error, service_unavailable."
     )
-    code: int = Field(description="The HTTP status (also inside SSE error events, where there is no status).")
+    code: Reason = Field(
+        description="Machine-readable reason (the same set in gRPC status details): what a client acts on."
+    )
+    param: str | None = Field(
+        description="The request body's field the error concerns (dotted path, e.g. `metadata.type`)."
+    )
+    status: int = Field(
+        description="The HTTP status (also inside SSE error events, where there is no status)."
+    )
+    part: int | None = Field(description="The model part (pipeline stage, 0 = first) that failed.")
+    node: str | None = Field(
+        description="The node that failed; comma-separated when every replica of `part` is down."
+    )
+    retry_after_s: int | None = Field(
+        description="Seconds to wait before retrying (equals the Retry-After header); null when retrying "
+        "will not help."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -351,8 +372,16 @@ class NodeView(BaseModel):
     healthy: bool
     error: str | None = Field(description="Why it is unhealthy.")
     requests_in_flight: int = Field(description="Requests holding a cache there, or Forward calls in flight.")
-    cache_used_tokens: int
-    cache_budget_tokens: int
+    cache_used_tokens: int = Field(description="KV positions of the blocks requests hold now.")
+    cache_budget_tokens: int = Field(description="KV positions of the node's preallocated block pool.")
+    cache_block_size: int = Field(description="Token positions per KV block.")
+    cache_blocks_total: int = Field(description="Blocks in the pool.")
+    cache_blocks_free: int = Field(description="Blocks no request holds (some keep a cached prefix).")
+    prefix_cached_blocks: int = Field(
+        description="Full blocks known by hash: prefixes new requests can share."
+    )
+    prefix_hit_tokens: int = Field(description="Prompt positions served from cached blocks since start-up.")
+    backoff_s: float = Field(description="Seconds before a node that failed is trusted again (0: trusted).")
     rss_bytes: int = Field(description="Resident memory of the node process.")
     weights_bytes: int = Field(
         description="Weight bytes the node holds: its GGUF tensors in block form (or the checkpoint's dtype); 0 while loading."

@@ -23,8 +23,9 @@ from fastapi.responses import StreamingResponse
 from pipeserve.api import convert
 from pipeserve.api import schemas as s
 from pipeserve.api.clients import GenerateCall
-from pipeserve.api.errors import ApiError, error_payload
+from pipeserve.api.errors import error_body, in_body_terms
 from pipeserve.api.metrics import ApiMetrics
+from pipeserve.common.errors import PipeserveError, Reason
 from pipeserve.proto import model_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ class Generation:
         try:
             msg = await anext(self.call)
         except StopAsyncIteration:
-            raise ApiError(502, "the coordinator ended the stream without a final message") from None
+            raise PipeserveError(
+                "the coordinator ended the stream without a final message", reason=Reason.UPSTREAM_ERROR
+            ) from None
+        except PipeserveError as exc:
+            raise in_body_terms(exc, self.endpoint) from None
         now = time.perf_counter()
         if msg.token_ids:
             if self._last_token_at is None:
@@ -135,7 +140,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     if task.cancelled():
-        raise ApiError(499, "the client closed the connection; the request was cancelled")
+        raise PipeserveError(
+            "the client closed the connection; the request was cancelled", reason=Reason.CLIENT_CLOSED
+        )
     return task.result()
 
 
@@ -156,11 +163,11 @@ async def _errors_as_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes
     try:
         async for event in events:
             yield event
-    except ApiError as exc:
-        yield sse(exc.payload())
+    except PipeserveError as exc:
+        yield sse(error_body(exc))
     except Exception as exc:  # the status line is out: the error can only travel as an event
         log.exception("stream failed")
-        yield sse(error_payload(500, f"internal error in the API: {type(exc).__name__}: {exc}"))
+        yield sse(error_body(PipeserveError(f"internal error in the API: {type(exc).__name__}: {exc}")))
 
 
 async def process_events(gen: Generation) -> AsyncIterator[bytes]:

@@ -71,6 +71,11 @@ class CoordinatorConfig(_Strict):
     address: Address = Field("127.0.0.1:50050", description="host:port of the coordinator's gRPC server.")
     max_running: int = Field(32, ge=1, description="Requests decoding at once (the continuous batch).")
     max_waiting: int = Field(64, ge=0, description="Requests queued beyond max_running; more get 429.")
+    prefix_cache: bool = Field(
+        True,
+        description="Start a request's prefill on the KV blocks of its prefix that every stage of its route "
+        "already holds (shared, not copied), and route it to the replica that holds them.",
+    )
     micro_batches: int = Field(
         0, ge=0, description="Groups in flight through the pipeline; 0 = one per part."
     )

@@ -1,6 +1,7 @@
 """gRPC plumbing shared by every server and client: server construction with the standard health
-and reflection services, the one interceptor mapping domain exceptions to status codes, channel
-options, and the address helpers.
+and reflection services, the one interceptor mapping domain exceptions to a status with rich
+details (`rich_status`; `abort_with_details` for the asyncio coordinator), the way back from a
+failed call to the same domain exception (`error_from_rpc`), channel options, address helpers.
 """
 
 from __future__ import annotations
@@ -9,51 +10,157 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from pipeserve.common.errors import (
-    CacheBudgetError,
     ConfigError,
-    InvalidInputError,
     ModelFormatError,
     ModelNotFoundError,
     PipeserveError,
-    QueueFullError,
-    StageUnavailableError,
+    Reason,
+    make_error,
 )
 
 log = logging.getLogger(__name__)
 
-STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (CacheBudgetError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StageUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (ModelNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ModelFormatError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-    (PipeserveError, grpc.StatusCode.INTERNAL),
-]
+DOMAIN = "pipeserve"  # google.rpc.ErrorInfo.domain of every error we raise
 
+# The status code of each reason (the details say which reason exactly).
+GRPC_CODE: dict[Reason, grpc.StatusCode] = {
+    Reason.INVALID_PARAMETER: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.SCHEMA_VIOLATION: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.CONTEXT_LENGTH_EXCEEDED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.MODEL_REFUSED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.UNKNOWN_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.METHOD_NOT_ALLOWED: grpc.StatusCode.UNIMPLEMENTED,
+    Reason.REQUEST_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.CACHE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.CLIENT_CLOSED: grpc.StatusCode.CANCELLED,
+    Reason.INTERNAL: grpc.StatusCode.INTERNAL,
+    Reason.UPSTREAM_ERROR: grpc.StatusCode.INTERNAL,
+    Reason.STAGE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
-# Trailing metadata naming the domain exception, so clients can tell e.g. a lost cache
-# (UnknownRequestError) from other INVALID_ARGUMENT errors without parsing messages.
-ERROR_KIND_KEY = "pipeserve-error"
+# What a status without our details (from the transport or another server) most likely means.
+REASON_OF_CODE: dict[grpc.StatusCode, Reason] = {
+    grpc.StatusCode.INVALID_ARGUMENT: Reason.INVALID_PARAMETER,
+    grpc.StatusCode.NOT_FOUND: Reason.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE: Reason.SERVICE_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Reason.TIMEOUT,
+    grpc.StatusCode.CANCELLED: Reason.CLIENT_CLOSED,
+}
 
-
-def error_kind(exc: BaseException) -> str:
-    if not isinstance(exc, grpc.aio.AioRpcError | grpc.Call):
-        return ""
-    md = exc.trailing_metadata() or ()
-    return next((str(v) for k, v in md if k == ERROR_KIND_KEY), "")
+RpcFailure: TypeAlias = grpc.aio.AioRpcError | grpc.Call  # what a failed call raises (aio, or sync stubs)
 
 
 def status_for(exc: Exception) -> grpc.StatusCode:
-    return next((code for cls, code in STATUS_OF if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+    if not isinstance(exc, PipeserveError):
+        return grpc.StatusCode.INTERNAL
+    if isinstance(exc, ModelNotFoundError | ModelFormatError | ConfigError):
+        return grpc.StatusCode.FAILED_PRECONDITION  # the server cannot serve until it is reconfigured
+    return GRPC_CODE[exc.reason]
+
+
+def rich_status(exc: PipeserveError) -> grpc.Status:
+    """The status that carries `exc` as data: ErrorInfo (reason in UPPER_SNAKE_CASE, domain
+    "pipeserve", metadata param/part/node), RetryInfo when retry_after_s is set, BadRequest when
+    a field is named."""
+    code = status_for(exc)
+    metadata = {
+        k: str(v) for k, v in (("param", exc.param), ("part", exc.part), ("node", exc.node)) if v is not None
+    }
+    status = status_pb2.Status(code=code.value[0], message=exc.message)
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason=exc.reason.upper(), domain=DOMAIN, metadata=metadata)
+    )
+    if exc.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(exc.retry_after_s * 1e9))
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    if exc.param is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.param, description=exc.message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return rpc_status.to_status(status)
+
+
+def error_from_rpc(exc: RpcFailure, message: str | None = None) -> PipeserveError:
+    """The domain exception a failed call carries, with its reason and fields read back from the
+    status details; `message` replaces the text. Without our details (the transport failed, or
+    another server answered) the reason is the likeliest one for the status code."""
+    code = exc.code()
+    text = message or exc.details() or code.name
+    info, retry, bad = _details(exc)
+    if info is None:
+        return make_error(REASON_OF_CODE.get(code, Reason.UPSTREAM_ERROR), text)
+    try:
+        reason = Reason(info.reason.lower())
+    except ValueError:
+        reason = Reason.UPSTREAM_ERROR  # a newer peer's reason: say what we can
+    md = info.metadata
+    param = md.get("param") or (bad.field_violations[0].field if bad and bad.field_violations else None)
+    part = md.get("part", "")
+    return make_error(
+        reason,
+        text,
+        param=param,
+        part=int(part) if part.isdigit() else None,
+        node=md.get("node"),
+        retry_after_s=retry.retry_delay.ToNanoseconds() / 1e9 if retry else None,
+    )
+
+
+def error_reason(exc: BaseException) -> Reason | None:
+    """The reason in a failed call's details; None for other exceptions or statuses not ours."""
+    if not isinstance(exc, RpcFailure) or _details(exc)[0] is None:
+        return None
+    return error_from_rpc(exc).reason
+
+
+def _details(
+    exc: RpcFailure,
+) -> tuple[
+    error_details_pb2.ErrorInfo | None,
+    error_details_pb2.RetryInfo | None,
+    error_details_pb2.BadRequest | None,
+]:
+    """Our ErrorInfo (None when the status has none from domain "pipeserve"), RetryInfo, BadRequest."""
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details that do not match the status: not ours
+        return None, None, None
+    info, retry, bad = None, None, None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+    if info is None or info.domain != DOMAIN:
+        return None, None, None
+    return info, retry, bad
+
+
+async def abort_with_details(context: grpc.aio.ServicerContext, exc: PipeserveError) -> None:
+    """End an asyncio servicer's call with `exc` as rich status (the aio twin of the interceptor)."""
+    status = rich_status(exc)
+    log.warning("call failed: %s", exc, extra={"code": status.code.name, "reason": exc.reason.value})
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 def channel_options(max_message_mb: int = 64) -> list[tuple[str, Any]]:
@@ -80,7 +187,7 @@ def bind_address(address: str) -> str:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps every domain exception raised by a servicer to a status code, in one place."""
+    """Maps every domain exception raised by a servicer to its status and details, in one place."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -93,13 +200,14 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             try:
                 return inner(request, context)
             except PipeserveError as exc:
-                code = status_for(exc)
-                log.warning("%s failed: %s", method, exc, extra={"code": code.name})
-                context.set_trailing_metadata(((ERROR_KIND_KEY, type(exc).__name__),))
-                context.abort(code, str(exc))
+                status = rich_status(exc)
+                log.warning(
+                    "%s failed: %s", method, exc, extra={"code": status.code.name, "reason": exc.reason.value}
+                )
+                context.abort_with_status(status)
             except Exception as exc:  # a bug: report INTERNAL, keep serving
                 log.exception("%s crashed", method)
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                context.abort_with_status(rich_status(PipeserveError(f"{type(exc).__name__}: {exc}")))
 
         return grpc.unary_unary_rpc_method_handler(
             wrapper,

@@ -8,9 +8,11 @@ ClusterStatus. Node health comes from periodic Info calls and from failed forwar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 import grpc
@@ -44,6 +46,10 @@ class NodeClient:
 
     async def release(self, request_ids: list[str]) -> pb.ReleaseResponse:
         return await self.stub.Release(pb.ReleaseRequest(request_ids=request_ids), timeout=self.rpc_timeout_s)
+
+    async def lookup_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        req = pb.LookupPrefixRequest(request_id=request_id, token_ids=token_ids)
+        return (await self.stub.LookupPrefix(req, timeout=self.rpc_timeout_s)).cached_tokens
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -89,18 +95,67 @@ class NodeHandle:
     info: pb.NodeInfo | None = None
     draining: bool = False
     running: set[str] = field(default_factory=set)  # request ids routed here
-    reserved_tokens: int = 0  # prompt + max_tokens of those requests
+    reserved_tokens: int = 0  # KV positions those requests hold now (block-rounded), see Scheduler
+    soft_budget: int | None = None  # lowered when the node ran out of blocks, until a request leaves
     down_since: float | None = None
+    # exponential backoff before a node that failed is trusted again; a flapping node is banned
+    failures: int = 0  # consecutive down-marks without a long healthy spell
+    trust_after: float = 0.0  # monotonic time before which a healthy Info does not bring it back
+    downs: list[float] = field(default_factory=list)  # times it was marked down (last minute)
+    banned_until: float = 0.0
+    healthy_since: float | None = None
+    # chained hashes of the full KV blocks of prompts routed here (most recent last, bounded): the
+    # prefixes this node likely holds, for routing a request to the replica that has its prefix
+    prefixes: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+
+    def remember(self, hashes: list[bytes], bound: int = 16384) -> None:
+        for h in hashes:
+            self.prefixes[h] = None
+            self.prefixes.move_to_end(h)
+        while len(self.prefixes) > bound:
+            self.prefixes.popitem(last=False)
+
+    def prefix_blocks(self, hashes: list[bytes]) -> int:
+        """How many of these leading blocks this node was sent (its likely cache hit)."""
+        n = 0
+        for h in hashes:
+            if h not in self.prefixes:
+                break
+            n += 1
+        return n
 
     @property
     def budget(self) -> int:
-        return self.info.cache_budget_tokens if self.info else 0
+        full = self.info.cache_budget_tokens if self.info else 0
+        return min(full, self.soft_budget) if self.soft_budget is not None else full
 
-    def mark_down(self, reason: str) -> None:
+    def mark_down(self, reason: str, transport: bool = True) -> None:
+        """Down until a health check answers again, and no sooner than the backoff allows:
+        1, 2, 4 .. 30 s after consecutive failures; 3 downs within a minute ban it for 60 s."""
+        now = time.monotonic()
         if self.healthy:
             log.warning("node %s (part %d) marked down: %s", self.id, self.part, reason)
-            self.down_since = time.monotonic()
+            self.down_since = now
+            if transport:
+                if self.healthy_since is not None and now - self.healthy_since > 60:
+                    self.failures = 0
+                self.failures += 1
+                self.trust_after = now + min(30.0, 2.0 ** (self.failures - 1))
+                self.downs = [t for t in self.downs if now - t < 60] + [now]
+                if len(self.downs) >= 3:
+                    self.banned_until = now + 60.0
+                    log.warning(
+                        "node %s is flapping (%d downs in a minute): banned for 60 s",
+                        self.id,
+                        len(self.downs),
+                    )
         self.healthy, self.error = False, reason
+        self.healthy_since = None
+
+    @property
+    def backoff_s(self) -> float:
+        """Seconds until this node may be trusted again (backoff or ban), 0 when it may."""
+        return max(0.0, max(self.trust_after, self.banned_until) - time.monotonic())
 
 
 class Cluster:
@@ -119,6 +174,8 @@ class Cluster:
         self.model_checksum = ""
         self.problems: list[str] = ["not checked yet"]
         self.changed = asyncio.Event()  # set when a node becomes healthy (wakes stalled requests)
+        self.known_requests: Callable[[], Container[str]] | None = None  # set by the Scheduler
+        self._bg: set[asyncio.Task] = set()
 
     def _client(self, address: str) -> NodeClient:
         c = self.cfg.coordinator
@@ -151,11 +208,20 @@ class Cluster:
             n.info = info
             problem = self._node_problem(n, info)
             if problem:
-                n.mark_down(problem)
+                n.mark_down(problem, transport=False)
+            elif not n.healthy and n.backoff_s > 0:
+                n.error = f"answers again; trusted in {n.backoff_s:.1f} s ({n.failures} recent failures)"
+                if n.banned_until > time.monotonic():
+                    n.error = f"banned for {n.banned_until - time.monotonic():.0f} s: flapping ({n.error})"
             elif not n.healthy:
                 log.info("node %s (part %d) is healthy", n.id, n.part)
                 n.healthy, n.error, n.down_since = True, "", None
+                n.healthy_since = time.monotonic()
                 became_healthy = True
+            if n.healthy and self.known_requests is not None:
+                orphans = [r for r in info.cached_request_ids if r not in self.known_requests()]
+                if orphans:  # caches no request of ours owns (a coordinator restart): free them
+                    self._orphans(n, orphans)
         self.problems = self._problems()
         if became_healthy:
             self.changed.set()
@@ -173,6 +239,17 @@ class Cluster:
         if want is not None and got != want:
             return f"node {n.id} serves layers [{got[0]}, {got[1]}) but part {n.part} is layers [{want[0]}, {want[1]})"
         return ""
+
+    def _orphans(self, n: NodeHandle, rids: list[str]) -> None:
+        log.warning("node %s holds caches of %d unknown requests: releasing %s", n.id, len(rids), rids[:5])
+
+        async def release() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                await n.client.release(rids)
+
+        task = asyncio.create_task(release())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     def part_layers(self, part: int) -> tuple[int, int] | None:
         if self.n_layers is None:
@@ -206,15 +283,26 @@ class Cluster:
         return f"model part {part}{span} is unavailable: node(s) {', '.join(down)} down"
 
     # ---- routing ------------------------------------------------------------------------------
-    def pick(self, part: int, need_tokens: int) -> NodeHandle | None:
-        """Least-loaded healthy replica of `part` with room for `need_tokens` more cached tokens;
-        None when no replica is healthy. When all are full, the least full one (the caller waits)."""
+    def pick(self, part: int, need_tokens: int, prefix: list[bytes] | None = None) -> NodeHandle | None:
+        """The healthy replica of `part` with room for `need_tokens` more cached tokens that holds
+        the longest run of the request's prefix blocks (`prefix`: their chained hashes) among the
+        least loaded, then the least loaded; None when no replica is healthy. When all are full,
+        the least full one (the caller waits)."""
         live = [n for n in self.nodes if n.part == part and n.healthy and not n.draining]
         if not live:
             return None
+        # the prefix only decides between replicas about as loaded as the least loaded one (within
+        # one request): a shared system prompt must not pile every request onto one replica
+        least = min(len(n.running) for n in live)
         return min(
             live,
-            key=lambda n: (n.reserved_tokens + need_tokens > n.budget, len(n.running), n.reserved_tokens),
+            key=lambda n: (
+                n.reserved_tokens + need_tokens > n.budget,
+                len(n.running) > least + 1,
+                -n.prefix_blocks(prefix) if prefix else 0,
+                len(n.running),
+                n.reserved_tokens,
+            ),
         )
 
     def down_part(self) -> int | None:
@@ -222,7 +310,7 @@ class Cluster:
         return next((p for p in range(self.n_parts) if self.pick(p, 0) is None), None)
 
     def max_budget(self, part: int) -> int:
-        return max((n.budget for n in self.nodes if n.part == part and n.info), default=0)
+        return max((n.info.cache_budget_tokens for n in self.nodes if n.part == part and n.info), default=0)
 
     def add_node(self, node_id: str, address: str, part: int) -> NodeHandle:
         if part >= self.n_parts:

@@ -15,12 +15,19 @@ import grpc
 
 from pipeserve.common import codec
 from pipeserve.common.config import Config
-from pipeserve.common.errors import InvalidInputError, PipeserveError, QueueFullError, StageUnavailableError
+from pipeserve.common.errors import (
+    InvalidInputError,
+    ModelRefusedError,
+    PipeserveError,
+    Reason,
+    StageUnavailableError,
+)
 from pipeserve.common.grpc_util import (
+    abort_with_details,
     channel_options,
+    error_from_rpc,
     listen,
     set_serving,
-    status_for,
 )
 from pipeserve.coordinator.cluster import Cluster, _rpc_error_text
 from pipeserve.coordinator.scheduler import ErrorEvent, FinalEvent, Request, Scheduler, TokenEvent
@@ -124,7 +131,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             return await self.cluster.tokenizer.encode(request.prompt, rid)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidInputError(exc.details() or "the tokenizer rejected the prompt") from exc
+                err = error_from_rpc(exc, exc.details() or "the tokenizer rejected the prompt")
+                if request.messages and err.reason == Reason.INVALID_PARAMETER:
+                    err = ModelRefusedError(err.message)  # no chat template, or it rejects the messages
+                err.param = err.param or ("messages" if request.messages else "prompt")
+                raise err from exc
             self.cluster.tokenizer_healthy = False
             raise StageUnavailableError(
                 f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {_rpc_error_text(exc)}"
@@ -181,6 +192,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 error=n.error,
                 joined=n.joined,
                 draining=n.draining,
+                backoff_s=n.backoff_s,
+                failures=n.failures,
             )
             if layers:
                 st.layers.CopyFrom(
@@ -209,6 +222,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             max_context=sch.context_limit(),
             n_parts=cl.n_parts,
             tokens_per_second=sch.tokens_per_second(),
+            prefix_hit_tokens=sch.prefix_hit_tokens,
+            prefix_lookup_tokens=sch.prefix_lookup_tokens,
+            preemptions=sch.preemptions,
         )
         if cl.tokenizer_info:
             resp.tokenizer.CopyFrom(cl.tokenizer_info)
@@ -243,8 +259,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: PipeserveError) -> None:
-    trailers = (("retry-after", f"{exc.retry_after_s:.1f}"),) if isinstance(exc, QueueFullError) else ()
-    await context.abort(status_for(exc), str(exc), trailing_metadata=trailers)
+    await abort_with_details(context, exc)
 
 
 class CoordinatorServer:

@@ -24,13 +24,16 @@ import torch
 from pipeserve.common import codec
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
+    CacheBudgetError,
     ContextLengthError,
     InvalidInputError,
     PipeserveError,
     QueueFullError,
+    Reason,
     StageUnavailableError,
 )
-from pipeserve.common.grpc_util import error_kind
+from pipeserve.common.grpc_util import error_from_rpc, error_reason
+from pipeserve.common.kvblocks import prefix_hashes as prompt_block_hashes
 from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
 from pipeserve.modeling.sampling import SamplingParams
 from pipeserve.proto import model_service_pb2 as pb
@@ -38,14 +41,15 @@ from pipeserve.proto import tokenizer_service_pb2 as tpb
 
 log = logging.getLogger(__name__)
 
-# gRPC codes that mean "this node is gone or stuck": fail over to a replica.
+# gRPC codes that mean "this node is gone or stuck" (transport, deadline): mark it down (with
+# backoff) and fail over to a replica. INTERNAL / UNKNOWN are a bug the batch triggered: the
+# culprit is found by running the batch's requests one at a time, and only it fails.
 NODE_FAILURE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
 }
+BUG_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
 @dataclass
@@ -99,6 +103,11 @@ class Request:
     in_step: bool = False  # a forward for it is in flight: releasing its caches must wait for the step
     release_after_step: list[NodeHandle] = field(default_factory=list)
     failovers: int = 0
+    preemptions: int = 0  # times its caches were taken back for others (it recomputes them)
+    needs_lookup: bool = True  # its next prefill may start on cached prefix blocks (LookupPrefix)
+    cached_tokens: int = 0  # prompt positions the prefix cache supplied on every stage
+    suspect: bool = False  # it was in a batch a node failed with INTERNAL: it runs alone until cleared
+    cache_wait_since: float | None = None  # a stage had no block for it and nobody to preempt
     stalled_since: float | None = None
     stage_stats: dict[int, StageStats] = field(default_factory=dict)
     # incremental detokenization state (offsets into the generated ids) and stop-string hold-back
@@ -113,7 +122,8 @@ class Request:
 
     @property
     def reserve_tokens(self) -> int:
-        return len(self.prompt_ids) + self.max_tokens
+        """KV positions it needs on each stage for its next token (what admission counts)."""
+        return len(self.tokens) + 1
 
 
 @dataclass
@@ -141,6 +151,12 @@ class Scheduler:
         self.max_context = cfg.max_context or 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) for tokens/s
         self._bg: set[asyncio.Task] = set()
+        self.prefix_cache = cfg.coordinator.prefix_cache
+        self.cache_full_backoff = False
+        self.prefix_hit_tokens = 0  # prompt positions skipped thanks to cached prefix blocks
+        self.prefix_lookup_tokens = 0
+        self.preemptions = 0
+        cluster.known_requests = lambda: self.requests
 
     def start(self) -> None:
         for g in self.groups:
@@ -172,42 +188,63 @@ class Scheduler:
     ) -> Request:
         """Queue a request (raises for bad input or a full queue; never blocks)."""
         if not self.cluster.ready:
-            raise StageUnavailableError("the cluster is not ready: " + "; ".join(self.cluster.problems))
+            down = self.cluster.down_part()
+            raise StageUnavailableError(
+                "the cluster is not ready: " + "; ".join(self.cluster.problems),
+                part=down,
+                node=", ".join(n.id for n in self.cluster.nodes if n.part == down) or None,
+            )
         if rid in self.requests:
             raise InvalidInputError(f"request id {rid!r} is already in use")
         sampling.validate()
         if not prompt_ids:
-            raise InvalidInputError("the prompt is empty: it must contain at least one token")
+            raise InvalidInputError("the prompt is empty: it must contain at least one token", param="prompt")
         vocab = self.cluster.tokenizer_info.vocab_size if self.cluster.tokenizer_info else 0
         bad = next((t for t in prompt_ids if t < 0 or (vocab and t >= vocab)), None)
         if bad is not None:
-            raise InvalidInputError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+            raise InvalidInputError(
+                f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
+            )
         ctx = self.context_limit()
         if len(prompt_ids) >= ctx:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens but the context length is {ctx} "
-                f"(prompt + generated tokens must fit)"
+                f"(prompt + generated tokens must fit)",
+                param="prompt",
             )
-        max_tokens = min(max_tokens or ctx, ctx - len(prompt_ids))
+        left = ctx - len(prompt_ids)
+        if max_tokens > left:
+            raise InvalidInputError(
+                f"max_tokens={max_tokens} is more than the {left} tokens the context leaves after the "
+                f"{len(prompt_ids)}-token prompt (context length {ctx})",
+                param="max_tokens",
+            )
+        max_tokens = max_tokens or left
         req = Request(rid, list(prompt_ids), max_tokens, sampling, [s for s in stop if s], set(stop_ids))
         req.tokens = list(prompt_ids)
         if not ignore_eos:
             req.stop_ids |= self.eos_ids
         for part in range(self.cluster.n_parts):
             budget = self.cluster.max_budget(part)
-            if budget and req.reserve_tokens > budget:
+            if budget and len(prompt_ids) + max_tokens > budget:
                 raise ContextLengthError(
-                    f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) = {req.reserve_tokens} tokens can never "
-                    f"fit part {part}'s KV-cache budget of {budget} tokens; lower max_tokens"
+                    f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) = {len(prompt_ids) + max_tokens} tokens can never "
+                    f"fit part {part}'s KV-cache budget of {budget} tokens; lower max_tokens",
+                    param="max_tokens",
+                    part=part,
                 )
-        if len(self.waiting) >= self.max_waiting and self.running >= self.max_running:
+        self.requests[rid] = req
+        self.waiting.append(req)
+        self._admit()
+        if req.group < 0 and len(self.waiting) > self.max_waiting:
+            # not admitted now and the queue is at its bound (whatever blocks admission: the
+            # batch size or the nodes' KV blocks): refuse rather than let clients wait for a 504
+            self.waiting.remove(req)
+            del self.requests[rid]
             raise QueueFullError(
                 f"the queue is full ({self.running} running, {len(self.waiting)} waiting); retry later",
                 retry_after_s=self.retry_after(),
             )
-        self.requests[rid] = req
-        self.waiting.append(req)
-        self._admit()
         return req
 
     def retry_after(self) -> float:
@@ -229,20 +266,26 @@ class Scheduler:
     def _admit(self) -> None:
         """Move requests from the queue into groups, first come first served (the head waits
         rather than being overtaken, so nobody starves)."""
+        if self.waiting:
+            self._count_held()
         while self.waiting and self.running < self.max_running:
             req = self.waiting[0]
             if req.cancelled:
                 self.waiting.popleft()
                 continue
             route = {}
+            need = self._blocks(req.reserve_tokens)
+            prefix = prompt_block_hashes(req.tokens) if self.prefix_cache else None
             for part in range(self.cluster.n_parts):
-                node = self.cluster.pick(part, req.reserve_tokens)
-                if node is None or node.reserved_tokens + req.reserve_tokens > node.budget:
+                node = self.cluster.pick(part, need, prefix)
+                if node is None or node.reserved_tokens + need > node.budget:
                     return  # a part is down or full now: wait (stalls are timed out by the loops)
                 route[part] = node
             self.waiting.popleft()
             for part, node in route.items():
                 self._route(req, part, node)
+                if prefix:
+                    node.remember(prefix)
             req.admitted_at = time.monotonic()
             g = min(self.groups, key=lambda g: len(g.requests))
             req.group = g.index
@@ -250,17 +293,30 @@ class Scheduler:
             self.running += 1
             g.wake.set()
 
+    def _blocks(self, tokens: int, bs: int = 16) -> int:
+        """Tokens rounded up to whole KV blocks (what a node really holds)."""
+        return -(-tokens // bs) * bs
+
+    def _count_held(self) -> None:
+        """Each node's KV positions held by the requests routed to it, as they are now (they grow
+        as tokens come; admission counts what is held, not worst cases)."""
+        for n in self.cluster.nodes:
+            bs = n.info.cache_block_size if n.info and n.info.cache_block_size else 16
+            n.reserved_tokens = sum(
+                self._blocks(r.reserve_tokens, bs) for rid in n.running if (r := self.requests.get(rid))
+            )
+
     def _route(self, req: Request, part: int, node: NodeHandle) -> None:
         old = req.route.get(part)
         if old is node:
             return
         if old is not None:
             old.running.discard(req.id)
-            old.reserved_tokens -= req.reserve_tokens
+            old.reserved_tokens -= self._blocks(req.reserve_tokens)
         req.route[part] = node
         req.visited.add(node)
         node.running.add(req.id)
-        node.reserved_tokens += req.reserve_tokens
+        node.reserved_tokens += self._blocks(req.reserve_tokens)
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -282,7 +338,10 @@ class Scheduler:
             part = self.cluster.down_part()
             if part is not None and now - req.arrival > self.cfg.coordinator.recovery_wait_s:
                 self.waiting.remove(req)
-                self._fail(req, StageUnavailableError(self.cluster.part_down_message(part)))
+                nodes = ", ".join(n.id for n in self.cluster.nodes if n.part == part)
+                self._fail(
+                    req, StageUnavailableError(self.cluster.part_down_message(part), part=part, node=nodes)
+                )
         self._admit()
 
     # ---- the step loop ------------------------------------------------------------------------
@@ -311,7 +370,11 @@ class Scheduler:
         prefill_budget = self.max_batch_tokens  # cut to prefill_chunk_tokens once decodes ride along
         plan = []
         now = time.monotonic()
-        for req in sorted(g.requests, key=lambda r: (len(r.tokens) - r.n_computed > 1, r.arrival)):
+        candidates = sorted(g.requests, key=lambda r: (len(r.tokens) - r.n_computed > 1, r.arrival))
+        suspects = [r for r in candidates if r.suspect and not r.stopping]
+        if suspects:  # after an INTERNAL error: one suspect at a time finds the culprit
+            candidates = suspects[-1:]
+        for req in candidates:
             if req.stopping:
                 continue
             needs_route = len(req.route) < self.cluster.n_parts or any(
@@ -321,7 +384,11 @@ class Scheduler:
                 req.stalled_since = req.stalled_since or now
                 if now - req.stalled_since > self.cfg.coordinator.recovery_wait_s:
                     part = self.cluster.down_part()
-                    self._fail(req, StageUnavailableError(self.cluster.part_down_message(part or 0)))
+                    nodes = ", ".join(n.id for n in self.cluster.nodes if n.part == (part or 0))
+                    err = StageUnavailableError(
+                        self.cluster.part_down_message(part or 0), part=part or 0, node=nodes
+                    )
+                    self._fail(req, err)
                 continue
             req.stalled_since = None
             todo = len(req.tokens) - req.n_computed
@@ -351,7 +418,36 @@ class Scheduler:
             req.n_computed = 0
         return True
 
+    async def _lookup_prefixes(self, g: Group) -> None:
+        """Requests about to prefill from scratch start on the prefix blocks every stage of their
+        route has cached (LookupPrefix shares them); the prefill then skips those positions."""
+        if not self.prefix_cache:
+            return
+        todo = [
+            r
+            for r in g.requests
+            if r.needs_lookup and r.n_computed == 0 and len(r.route) == self.cluster.n_parts
+        ]
+        if not todo:
+            return
+        for r in todo:
+            r.needs_lookup = False
+        results = await asyncio.gather(
+            *(n.client.lookup_prefix(r.id, r.tokens) for r in todo for n in r.route.values()),
+            return_exceptions=True,
+        )
+        it = iter(results)
+        for r in todo:
+            hits = [next(it) for _ in r.route]
+            good = [h for h in hits if isinstance(h, int)]
+            # a stage that failed the lookup holds nothing: start at 0 (the others truncate)
+            r.n_computed = min(good) if len(good) == len(hits) else 0
+            r.cached_tokens = r.n_computed
+            self.prefix_hit_tokens += r.n_computed
+            self.prefix_lookup_tokens += len(r.tokens)
+
     async def _step(self, g: Group) -> None:
+        await self._lookup_prefixes(g)
         plan = self._plan(g)
         if not plan:
             if g.emitting is not None and not g.emitting.done():
@@ -365,6 +461,9 @@ class Scheduler:
             req.in_step = True
         try:
             await self._run_step(g, plan)
+            if self.cache_full_backoff:  # a stage was out of blocks: give releases a moment to land
+                self.cache_full_backoff = False
+                await asyncio.sleep(0.05)
         finally:
             for req, _, _ in plan:
                 req.in_step = False
@@ -378,7 +477,8 @@ class Scheduler:
         sampled: dict[str, pb.SampledToken] = {}
         last = self.cluster.n_parts - 1
         for part in range(self.cluster.n_parts):
-            plan = [item for item in plan if item[0].finish_reason is None]  # finished meanwhile
+            # finished (or preempted by another group's step) meanwhile
+            plan = [item for item in plan if item[0].finish_reason is None and item[0].group == g.index]
             if not plan:
                 return
             by_node: dict[NodeHandle, list[tuple[Request, int, int]]] = {}
@@ -416,7 +516,10 @@ class Scheduler:
                 return  # the loop retries next step: survivors resend the same chunk (idempotent)
         new_tokens: list[tuple[Request, int]] = []
         for req, start, n in plan:
+            if req.group != g.index:  # preempted while this step ran: it recomputes from scratch
+                continue
             req.n_computed = start + n
+            req.suspect, req.cache_wait_since = False, None  # it ran through every stage
             tok = sampled.get(req.id)
             if tok is None or req.finish_reason is not None:
                 continue
@@ -462,9 +565,31 @@ class Scheduler:
     ) -> None:
         code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
         text = _rpc_error_text(exc)
-        if error_kind(exc) == "UnknownRequestError":  # the node restarted and lost our caches: replay there
+        if error_reason(exc) == Reason.UNKNOWN_REQUEST:  # the node restarted and lost our caches
             for req, _, _ in items:
                 req.n_computed = 0
+            return
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # out of KV blocks: preempt, never fail
+            self._on_cache_full(
+                node, part, items, exc.details() if isinstance(exc, grpc.aio.AioRpcError) else text
+            )
+            return
+        if code in BUG_CODES:
+            if len(items) == 1:  # alone and still failing: this request is the culprit
+                req = items[0][0]
+                log.warning("node %s failed request %s alone (%s): failing it only", node.id, req.id, text)
+                self._fail(
+                    req,
+                    PipeserveError(
+                        f"node {node.id} (part {part}) failed this request: {text}", part=part, node=node.id
+                    ),
+                )
+                return
+            log.warning(
+                "node %s failed a batch of %d (%s): running them one at a time", node.id, len(items), text
+            )
+            for req, _, _ in items:
+                req.suspect = True
             return
         if code in NODE_FAILURE_CODES or code is None:
             node.mark_down(f"forward failed: {text}")
@@ -473,7 +598,11 @@ class Scheduler:
                 if req.failovers > self.cfg.coordinator.max_retries + self.cluster.n_parts:
                     self._fail(
                         req,
-                        StageUnavailableError(f"{self.cluster.part_down_message(part)} (last error: {text})"),
+                        StageUnavailableError(
+                            f"{self.cluster.part_down_message(part)} (last error: {text})",
+                            part=part,
+                            node=node.id,
+                        ),
                     )
                     continue
                 req.n_computed = 0  # replay prompt + generated tokens on the new route
@@ -481,13 +610,61 @@ class Scheduler:
                 "node %s failed a forward (%s); %d requests will fail over", node.id, text, len(items)
             )
             return
-        err: PipeserveError = (
-            InvalidInputError(f"node {node.id} (part {part}) rejected the batch: {exc.details()}")
-            if code == grpc.StatusCode.INVALID_ARGUMENT and isinstance(exc, grpc.aio.AioRpcError)
+        err = (
+            error_from_rpc(exc, f"node {node.id} (part {part}) rejected the batch: {exc.details()}")
+            if isinstance(exc, grpc.aio.AioRpcError)
             else PipeserveError(f"node {node.id} (part {part}): {text}")
-        )
+        ).fill(part=part, node=node.id)
         for req, _, _ in items:
             self._fail(req, err)
+
+    def _on_cache_full(
+        self, node: NodeHandle, part: int, items: list[tuple[Request, int, int]], text: str
+    ) -> None:
+        """A stage ran out of KV blocks: preempt the youngest request routed to it (its blocks are
+        freed, it goes back to the head of the queue and recomputes later; its stream pauses).
+        The others retry the same chunk next step. With nobody to preempt (the blocks are held by
+        requests whose release is still on its way, or by another coordinator's), the step waits
+        and retries; only after `recovery_wait_s` of that does the request fail."""
+        mine = [
+            r
+            for rid in node.running
+            if (r := self.requests.get(rid)) and r.finish_reason is None and not r.stopping
+        ]
+        self.cache_full_backoff = True
+        if len(mine) <= 1:
+            now = time.monotonic()
+            for req, _, _ in items:
+                req.cache_wait_since = req.cache_wait_since or now
+                if now - req.cache_wait_since > self.cfg.coordinator.recovery_wait_s:
+                    self._fail(
+                        req,
+                        CacheBudgetError(f"node {node.id} (part {part}): {text}", part=part, node=node.id),
+                    )
+            return
+        victim = max(mine, key=lambda r: (r.admitted_at or 0.0, r.arrival))
+        self._count_held()
+        node.soft_budget = max(16, node.reserved_tokens - self._blocks(victim.reserve_tokens))
+        log.info("node %s is out of KV blocks (%s): preempting %s", node.id, text, victim.id)
+        self._preempt(victim)
+
+    def _preempt(self, req: Request) -> None:
+        g = self.groups[req.group]
+        if req in g.requests:
+            g.requests.remove(req)
+            self.running -= 1
+        for node in req.route.values():
+            node.running.discard(req.id)
+        req.route, req.group = {}, -1
+        nodes, req.visited = list(req.visited), set()
+        if req.in_step:
+            req.release_after_step = nodes
+        elif nodes:
+            self._release_soon(req.id, nodes)
+        req.n_computed, req.needs_lookup, req.suspect = 0, True, False
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
 
     # ---- output -------------------------------------------------------------------------------
     async def _emit_in_order(
@@ -612,7 +789,7 @@ class Scheduler:
                 self.running -= 1
         for node in req.route.values():
             node.running.discard(req.id)
-            node.reserved_tokens -= req.reserve_tokens
+            node.soft_budget = None  # room was made: the full pool may be tried again
         req.route = {}
         self.requests.pop(req.id, None)
         nodes = list(req.visited)

@@ -13,6 +13,8 @@ export default defineConfig({
     port: 5173,
     strictPort: true,
     proxy: Object.fromEntries(proxied.map((path) => [path, { target: API, changeOrigin: true }])),
+    // Under vitest only: the tests read the repository's README (its table of error reasons).
+    ...(process.env.VITEST ? { fs: { allow: ["../.."] } } : {}),
   },
   preview: {
     host: "127.0.0.1",

@@ -179,52 +179,42 @@ def rope_(
 
 
 class DecodeAttention:
-    """Decode attention for B single-token sequences, each over its own KV cache, read in place.
+    """Decode attention for B single-token sequences over a paged KV cache, read in place.
 
-    `caches_k[b]` / `caches_v[b]`: sequence b's cache, [layers, n_kv, capacity, hd] fp32 with
-    contiguous rows; the new token sits at position lengths[b] - 1. Cache addresses are taken once
-    per step; each layer is then one native call that writes the new k/v rows into the caches and
-    attends: `__call__(layer, q, k, v, rows, scale)` with q [T, nh, hd] and k, v [T, n_kv, hd] views of
-    one fused q|k|v projection (rows `row_stride` apart), `rows` the B batch rows (None: rows 0..B-1).
-    With `window` W, each sequence attends to its last W positions only (sliding-window layers).
+    `k_pool` / `v_pool`: fp32 [n_blocks, layers, n_kv, block_size, hd] (contiguous); `tables`:
+    int64 [B, max_blocks], sequence b's block ids in position order; its new token sits at position
+    lengths[b] - 1. Tables are built once per step; each layer is then one native call that writes
+    the new k/v rows into their blocks and attends: `__call__(layer, q, k, v, rows, scale)` with
+    q [T, nh, hd] and k, v [T, n_kv, hd] views of one fused q|k|v projection, `rows` the B batch
+    rows (None: rows 0..B-1). With `window` W, each sequence attends to its last W positions only.
     """
 
     def __init__(
         self,
-        caches_k: Sequence[torch.Tensor],
-        caches_v: Sequence[torch.Tensor],
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        tables: torch.Tensor,
         lengths: Sequence[int],
         window: int | None = None,
     ) -> None:
-        for k, v in zip(caches_k, caches_v, strict=True):
-            if k.dtype != torch.float32 or k.stride()[2:] != (k.shape[3], 1) or k.stride() != v.stride():
-                raise ValueError(
-                    f"KV caches need fp32 [layers, n_kv, capacity, hd] rows, got {k.dtype} {k.stride()}"
-                )
-        if any(not 0 < n <= k.shape[2] for k, n in zip(caches_k, lengths, strict=True)):
+        if k_pool.dtype != torch.float32 or not k_pool.is_contiguous() or k_pool.shape != v_pool.shape:
             raise ValueError(
-                f"lengths {list(lengths)} do not fit the caches {[k.shape[2] for k in caches_k]}"
+                f"KV pools need contiguous fp32 [blocks, layers, n_kv, bs, hd], got {k_pool.dtype}"
             )
-        self.B, self.n_kv, self.hd = len(caches_k), caches_k[0].shape[1], caches_k[0].shape[3]
-        layer_bytes = torch.tensor([k.stride(0) * 4 for k in caches_k])
-        layers = torch.arange(caches_k[0].shape[0]).unsqueeze(1)  # [layers, 1]
-        self.k_base = (torch.tensor([k.data_ptr() for k in caches_k]) + layers * layer_bytes).contiguous()
-        self.v_base = (torch.tensor([v.data_ptr() for v in caches_v]) + layers * layer_bytes).contiguous()
-        self.head_stride = torch.tensor([k.stride(1) for k in caches_k])
+        if not v_pool.is_contiguous() or v_pool.dtype != torch.float32:
+            raise ValueError("KV pools need contiguous fp32 [blocks, layers, n_kv, bs, hd]")
+        self.k_pool, self.v_pool = k_pool, v_pool
+        self.B = tables.shape[0]
+        _, self.n_layers, self.n_kv, self.bs, self.hd = k_pool.shape
+        self.tables = tables.to(torch.int64).contiguous()
+        if self.tables.numel() and (int(self.tables.min()) < 0 or int(self.tables.max()) >= k_pool.shape[0]):
+            raise ValueError(f"block ids outside the pool's {k_pool.shape[0]} blocks")
         self.lengths = torch.tensor(list(lengths), dtype=torch.int64)
-        if window is not None:  # sliding window W: attend to the last W positions only, by starting
-            # each sequence's rows W before its end (the new row still lands at position length - 1)
-            skip = (self.lengths - window).clamp(min=0)  # [B] rows before the window
-            self.k_base += skip * self.hd * 4
-            self.v_base += skip * self.hd * 4
-            self.lengths -= skip
-        self._ptrs = (
-            self.k_base.data_ptr(),
-            self.v_base.data_ptr(),
-            self.head_stride.data_ptr(),
-            self.lengths.data_ptr(),
+        if self.lengths.numel() != self.B or (self.lengths <= 0).any():
+            raise ValueError(f"lengths {list(lengths)} do not match {self.B} sequences")
+        self.starts = (
+            (self.lengths - window).clamp(min=0) if window is not None else torch.zeros_like(self.lengths)
         )
-        self.keep = (list(caches_k), list(caches_v))  # the addresses stay valid while this lives
 
     def __call__(
         self,
@@ -242,7 +232,10 @@ class DecodeAttention:
                 raise ValueError("q, k, v must be fp32 views of one [T, heads, hd] projection")
         if rows is not None and (rows.dtype != torch.int64 or rows.numel() != self.B):
             raise ValueError(f"rows must be int64 [{self.B}]")
+        if not 0 <= layer < self.n_layers or hd != self.hd or k.shape[1] != self.n_kv:
+            raise ValueError(f"layer {layer} / heads {k.shape[1]}x{hd} do not match the pool")
         out = torch.empty(self.B, nh, hd)
+        block_stride = self.k_pool.stride(0)
         _qk.attend_decode(
             q.data_ptr(),
             k.data_ptr(),
@@ -250,8 +243,16 @@ class DecodeAttention:
             stride,
             0 if rows is None else rows.data_ptr(),
             out.data_ptr(),
-            *self._ptrs,
-            layer,
+            self.k_pool.data_ptr(),
+            self.v_pool.data_ptr(),
+            block_stride,
+            layer * self.k_pool.stride(1),
+            self.k_pool.stride(2),
+            self.bs,
+            self.tables.data_ptr(),
+            self.tables.shape[1],
+            self.lengths.data_ptr(),
+            self.starts.data_ptr(),
             self.B,
             nh,
             self.n_kv,

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,8 +27,9 @@ void rms_norm(const float* x, const float* w, float* y, int64_t T, int64_t C, fl
 void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
 void rope(float* x, int64_t T, int64_t row_stride, int64_t n_heads, int64_t hd, const int64_t* pos, const float* cos_t,
           const float* sin_t);
-void attend_decode(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh,
-                   int64_t nkv, int64_t hd, float scale, float* scores);
+void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
+                   int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                   float* scores);
 }
 }  // namespace qk
 
@@ -184,6 +186,9 @@ class Pool {
 
 static Pool* g_pool = nullptr;
 static int64_t g_scratch_floats = 1 << 17;
+// Calls using the pool hold this shared (an uncontended atomic); set_threads holds it exclusively,
+// without the GIL, so a resize waits for calls in flight and never races a caller that has read g_pool.
+static std::shared_mutex g_pool_rw;
 
 static void set_pool(int n) {
   delete g_pool;
@@ -193,6 +198,7 @@ static void set_pool(int n) {
 
 // Runs fn(ctx, i) for i in [0, n) on the pool (inline when another thread holds it, or n == 1).
 static void parallel_for(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
+  std::shared_lock<std::shared_mutex> use(g_pool_rw);
   std::unique_lock<std::mutex> lk(g_pool->busy(), std::try_to_lock);
   if (!lk.owns_lock() || n < 2 || g_pool->size() == 1) {
     for (int64_t i = 0; i < n; ++i) fn(ctx, i);
@@ -250,8 +256,15 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
   }
   Py_DECREF(fast);
   if (34 * K > g_scratch_floats) {  // a panel of up to 32 rows [K][32] and one row (qk_simd.h)
-    g_scratch_floats = 34 * K;
-    if (g_pool) g_pool->prepare(g_scratch_floats);
+    Py_BEGIN_ALLOW_THREADS
+    {
+      std::unique_lock<std::shared_mutex> change(g_pool_rw);  // the scratch is not in use while it grows
+      if (34 * K > g_scratch_floats) {
+        g_scratch_floats = 34 * K;
+        if (g_pool) g_pool->prepare(g_scratch_floats);
+      }
+    }
+    Py_END_ALLOW_THREADS
   }
   return 0;
 }
@@ -287,6 +300,7 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   }
   std::vector<Job> jobs;
   std::vector<int64_t> items;
+  std::shared_lock<std::shared_mutex> use(g_pool_rw);
   std::unique_lock<std::mutex> lk(g_pool->busy(), std::try_to_lock);
   // Another thread of this process is computing: run this call alone rather than wait.
   const int threads = lk.owns_lock() ? g_pool->size() : 1;
@@ -382,15 +396,20 @@ static PyObject* py_set_threads(PyObject*, PyObject* arg) {
     PyErr_Format(PyExc_ValueError, "threads must be in [1, 256], got %ld", n);
     return nullptr;
   }
-  if (n != g_pool->size()) {
-    std::lock_guard<std::mutex> lk(g_pool->busy());  // no call in flight while the pool changes
-    Py_BEGIN_ALLOW_THREADS
-    Pool* old = g_pool;
-    g_pool = new Pool((int)n);
-    g_pool->prepare(g_scratch_floats);
-    delete old;
-    Py_END_ALLOW_THREADS
+  // Without the GIL: another thread may be inside a kernel call (holding the pool shared) or in
+  // set_threads itself (several in-process nodes start at once); waiting with the GIL held would
+  // deadlock against their return into Python.
+  Py_BEGIN_ALLOW_THREADS
+  {
+    std::unique_lock<std::shared_mutex> change(g_pool_rw);  // no call in flight while the pool changes
+    if (n != g_pool->size()) {
+      Pool* old = g_pool;
+      g_pool = new Pool((int)n);
+      g_pool->prepare(g_scratch_floats);
+      delete old;
+    }
   }
+  Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
@@ -459,14 +478,18 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   Py_RETURN_NONE;
 }
 
-// attend_decode(q, k, v, row_stride, rows, out, k_base, v_base, head_stride, lengths, layer, B, nh, nkv, hd, scale):
-// B single-token sequences. q, k, v: their rows in the batch (q/k/v heads of row rows[b], or of row b
-// when rows is 0), `row_stride` floats apart; out [B, nh, hd]. k_base / v_base: int64 [layers, B]
-// cache addresses of [n_kv, capacity, hd] blocks; head_stride, lengths: int64 [B].
+// attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, layer_offset, head_stride, bs,
+//               tables, max_blocks, lengths, starts, B, nh, nkv, hd, scale):
+// B single-token sequences over a paged KV cache. q, k, v: their rows in the batch (q/k/v heads of row
+// rows[b], or of row b when rows is 0), `row_stride` floats apart; out [B, nh, hd]. The pools are
+// fp32 [n_blocks, ...]: block i of this layer starts at pool + i * block_stride + layer_offset
+// (floats), kv head j's bs rows at + j * head_stride. tables: int64 [B, max_blocks] block ids;
+// lengths: int64 [B] (the new token is at position lengths[b] - 1; its k/v rows are written
+// first); starts: int64 [B] first position attended (0, or the sliding window's start).
 static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 16) {
-    PyErr_SetString(PyExc_TypeError, "attend_decode(q, k, v, row_stride, rows, out, k_base, v_base, head_stride, "
-                                     "lengths, layer, B, nh, nkv, hd, scale)");
+  if (nargs != 21) {
+    PyErr_SetString(PyExc_TypeError, "attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, "
+                                     "layer_offset, head_stride, bs, tables, max_blocks, lengths, starts, B, nh, nkv, hd, scale)");
     return nullptr;
   }
   struct Ctx {
@@ -474,8 +497,12 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
     int64_t row_stride;
     const int64_t* rows;
     float* out;
-    const int64_t *k_base, *v_base, *head_stride, *lengths;
-    int64_t layer, B, nh, nkv, hd;
+    float *k_pool, *v_pool;
+    int64_t block_stride, layer_offset, head_stride, bs;
+    const int64_t *tables;
+    int64_t max_blocks;
+    const int64_t *lengths, *starts;
+    int64_t B, nh, nkv, hd;
     float scale;
   } c;
   c.q = (const float*)PyLong_AsUnsignedLongLong(args[0]);
@@ -484,35 +511,57 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
   c.row_stride = PyLong_AsLongLong(args[3]);
   c.rows = (const int64_t*)PyLong_AsUnsignedLongLong(args[4]);
   c.out = (float*)PyLong_AsUnsignedLongLong(args[5]);
-  c.k_base = (const int64_t*)PyLong_AsUnsignedLongLong(args[6]);
-  c.v_base = (const int64_t*)PyLong_AsUnsignedLongLong(args[7]);
-  c.head_stride = (const int64_t*)PyLong_AsUnsignedLongLong(args[8]);
-  c.lengths = (const int64_t*)PyLong_AsUnsignedLongLong(args[9]);
-  c.layer = PyLong_AsLongLong(args[10]);
-  c.B = PyLong_AsLongLong(args[11]);
-  c.nh = PyLong_AsLongLong(args[12]);
-  c.nkv = PyLong_AsLongLong(args[13]);
-  c.hd = PyLong_AsLongLong(args[14]);
-  c.scale = (float)PyFloat_AsDouble(args[15]);
+  c.k_pool = (float*)PyLong_AsUnsignedLongLong(args[6]);
+  c.v_pool = (float*)PyLong_AsUnsignedLongLong(args[7]);
+  c.block_stride = PyLong_AsLongLong(args[8]);
+  c.layer_offset = PyLong_AsLongLong(args[9]);
+  c.head_stride = PyLong_AsLongLong(args[10]);
+  c.bs = PyLong_AsLongLong(args[11]);
+  c.tables = (const int64_t*)PyLong_AsUnsignedLongLong(args[12]);
+  c.max_blocks = PyLong_AsLongLong(args[13]);
+  c.lengths = (const int64_t*)PyLong_AsUnsignedLongLong(args[14]);
+  c.starts = (const int64_t*)PyLong_AsUnsignedLongLong(args[15]);
+  c.B = PyLong_AsLongLong(args[16]);
+  c.nh = PyLong_AsLongLong(args[17]);
+  c.nkv = PyLong_AsLongLong(args[18]);
+  c.hd = PyLong_AsLongLong(args[19]);
+  c.scale = (float)PyFloat_AsDouble(args[20]);
   if (PyErr_Occurred()) return nullptr;
-  if (c.nkv <= 0 || c.nh % c.nkv) {
-    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads", (long long)c.nh, (long long)c.nkv);
+  if (c.nkv <= 0 || c.nh % c.nkv || c.bs <= 0) {
+    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads (block size %lld)",
+                 (long long)c.nh, (long long)c.nkv, (long long)c.bs);
     return nullptr;
+  }
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t L = c.lengths[b], s0 = c.starts[b];
+    if (L <= 0 || L > c.max_blocks * c.bs || s0 < 0 || s0 >= L) {
+      PyErr_Format(PyExc_ValueError, "sequence %lld: length %lld / start %lld do not fit %lld blocks of %lld",
+                   (long long)b, (long long)L, (long long)s0, (long long)c.max_blocks, (long long)c.bs);
+      return nullptr;
+    }
   }
   Py_BEGIN_ALLOW_THREADS
   parallel_for(
       [](void* p, int64_t b) {
         const Ctx& x = *(const Ctx*)p;
-        const int64_t r = x.rows ? x.rows[b] : b, L = x.lengths[b];
-        float* K = (float*)x.k_base[x.layer * x.B + b];
-        float* V = (float*)x.v_base[x.layer * x.B + b];
-        for (int64_t j = 0; j < x.nkv; ++j) {  // the new token's k/v rows go to position L - 1
-          memcpy(K + j * x.head_stride[b] + (L - 1) * x.hd, x.k + r * x.row_stride + j * x.hd, x.hd * sizeof(float));
-          memcpy(V + j * x.head_stride[b] + (L - 1) * x.hd, x.v + r * x.row_stride + j * x.hd, x.hd * sizeof(float));
+        const int64_t r = x.rows ? x.rows[b] : b, L = x.lengths[b], s0 = x.starts[b];
+        const int64_t* table = x.tables + b * x.max_blocks;
+        const int64_t nblk = (L + x.bs - 1) / x.bs;
+        std::vector<const float*> kb(nblk), vb(nblk);
+        for (int64_t j = 0; j < nblk; ++j) {
+          kb[j] = x.k_pool + table[j] * x.block_stride + x.layer_offset;
+          vb[j] = x.v_pool + table[j] * x.block_stride + x.layer_offset;
         }
-        std::vector<float> scores(L);
-        attend_for(x.hd)(x.q + r * x.row_stride, x.out + b * x.nh * x.hd, K, V, x.head_stride[b], L, x.nh, x.nkv, x.hd,
-                         x.scale, scores.data());
+        const int64_t last = (L - 1) % x.bs;  // the new token's k/v rows go to position L - 1
+        for (int64_t j = 0; j < x.nkv; ++j) {
+          memcpy((float*)kb[nblk - 1] + j * x.head_stride + last * x.hd, x.k + r * x.row_stride + j * x.hd,
+                 x.hd * sizeof(float));
+          memcpy((float*)vb[nblk - 1] + j * x.head_stride + last * x.hd, x.v + r * x.row_stride + j * x.hd,
+                 x.hd * sizeof(float));
+        }
+        std::vector<float> scores(L - s0);
+        attend_for(x.hd)(x.q + r * x.row_stride, x.out + b * x.nh * x.hd, kb.data(), vb.data(), x.bs, x.head_stride,
+                         s0, L, x.nh, x.nkv, x.hd, x.scale, scores.data());
       },
       &c, c.B);
   Py_END_ALLOW_THREADS
@@ -553,7 +602,8 @@ static PyMethodDef module_methods[] = {
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "rms_norm(x, w, y, T, C, eps, w_offset)"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(gu, y, T, I)"},
     {"attend_decode", (PyCFunction)(void (*)(void))py_attend_decode, METH_FASTCALL,
-     "attend_decode(q, k, v, row_stride, rows, out, k_base, v_base, head_stride, lengths, layer, B, nh, nkv, hd, scale)"},
+     "attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, layer_offset, head_stride, bs, tables, "
+     "max_blocks, lengths, starts, B, nh, nkv, hd, scale)"},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, T, row_stride, n_heads, hd, pos, cos, sin)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};

@@ -81,37 +81,40 @@ void silu_mul(const float* gu, float* y, int64_t T, int64_t I) {
 namespace qk {
 namespace generic {
 
-// Decode attention for one single-token sequence, reading its KV cache in place (no gather into
-// a padded buffer; the caller has written the new token's k/v row): for each query head h
-// (kv head h / (nh / nkv)):
-// out = softmax(q . K[:len] * scale) @ V[:len]. K/V rows of kv head j sit at
-// K + j * head_stride + pos * hd (floats). `scores` holds len floats.
-void attend_decode(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores) {
-  const int64_t group = nh / nkv;
+// Decode attention for one single-token sequence, reading its paged KV cache in place (no gather
+// into a padded buffer; the caller has written the new token's k/v row). Position p's K row for kv
+// head j is Kb[p / bs] + j * head_stride + (p % bs) * hd (floats; V alike): the cache is a list of
+// blocks of bs positions (a contiguous cache is one block). For each query head h (kv head
+// h / (nh / nkv)): out = softmax(q . K[start:L] * scale) @ V[start:L]; start > 0 is a sliding
+// window. `scores` holds L - start floats.
+void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
+                   int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                   float* scores) {
+  const int64_t group = nh / nkv, n = L - start;
   for (int64_t h = 0; h < nh; ++h) {
     const float* qh = q + h * hd;
-    const float* Kh = K + (h / group) * head_stride;
-    const float* Vh = V + (h / group) * head_stride;
+    const int64_t kvh = h / group;
     float mx = -INFINITY;
-    for (int64_t p = 0; p < L; ++p) {
+    for (int64_t p = start; p < L; ++p) {
+      const float* kp = Kb[p / bs] + kvh * head_stride + (p % bs) * hd;
       // 8 partial sums: a shape the compiler vectorises (a single float sum it may not reorder)
       float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      const float* kp = Kh + p * hd;
       int64_t d = 0;
       for (; d + 8 <= hd; d += 8)
         for (int e = 0; e < 8; ++e) part[e] += qh[d + e] * kp[d + e];
       float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
       for (; d < hd; ++d) s += qh[d] * kp[d];
       s *= scale;
-      scores[p] = s;
+      scores[p - start] = s;
       mx = s > mx ? s : mx;
     }
-    const float den = softmax_exp(scores, L, mx);
+    const float den = softmax_exp(scores, n, mx);
     float* o = out + h * hd;
     for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
-    for (int64_t p = 0; p < L; ++p) {
-      const float w = scores[p] / den;
-      for (int64_t d = 0; d < hd; ++d) o[d] += w * Vh[p * hd + d];
+    for (int64_t p = start; p < L; ++p) {
+      const float w = scores[p - start] / den;
+      const float* vp = Vb[p / bs] + kvh * head_stride + (p % bs) * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] += w * vp[d];
     }
   }
 }

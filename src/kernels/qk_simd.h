@@ -292,33 +292,41 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
 }
 
 // Decode attention for one sequence (see generic::attend_decode for the contract), with the q.k
-// dot products and the weighted sum of V in vectors; hd must be a multiple of S::L (else the
-// portable version runs).
-static void attend_one(const float* q, float* __restrict out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
+// dot products and the weighted sum of V in vectors, walking the cache block by block (rows inside
+// a block are contiguous); hd must be a multiple of S::L (else the portable version runs).
+static void attend_one(const float* q, float* __restrict out, const float* const* Kb, const float* const* Vb, int64_t bs,
+                       int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
                        float* __restrict scores) {
   using F = typename S::F;
-  const int64_t group = nh / nkv;
+  const int64_t group = nh / nkv, n = L - start;
   for (int64_t h = 0; h < nh; ++h) {
     const float* qh = q + h * hd;
-    const float* Kh = K + (h / group) * head_stride;
-    const float* Vh = V + (h / group) * head_stride;
+    const int64_t kvh = h / group;
     float mx = -INFINITY;
-    for (int64_t p = 0; p < L; ++p) {
-      F acc = S::zero();
-      for (int64_t d = 0; d < hd; d += S::L) acc = S::fma(S::f32(qh + d), S::f32(Kh + p * hd + d), acc);
-      const float sc = S::hsum(acc) * scale;
-      scores[p] = sc;
-      mx = sc > mx ? sc : mx;
+    for (int64_t p = start; p < L;) {
+      const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
+      const float* kr = Kb[j] + kvh * head_stride + (p - j * bs) * hd;
+      for (; p < end; ++p, kr += hd) {
+        F acc = S::zero();
+        for (int64_t d = 0; d < hd; d += S::L) acc = S::fma(S::f32(qh + d), S::f32(kr + d), acc);
+        const float sc = S::hsum(acc) * scale;
+        scores[p - start] = sc;
+        mx = sc > mx ? sc : mx;
+      }
     }
-    const float den = softmax_exp(scores, L, mx);
+    const float den = softmax_exp(scores, n, mx);
     const float inv = 1.f / den;
     float* o = out + h * hd;
     for (int64_t d0 = 0; d0 < hd; d0 += 4 * S::L) {  // 4 output vectors at a time stay in registers
       const int64_t nv = (hd - d0) / S::L < 4 ? (hd - d0) / S::L : 4;
       F acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
-      for (int64_t p = 0; p < L; ++p) {
-        const F w = S::set1(scores[p] * inv);
-        for (int64_t v = 0; v < nv; ++v) acc[v] = S::fma(w, S::f32(Vh + p * hd + d0 + v * S::L), acc[v]);
+      for (int64_t p = start; p < L;) {
+        const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
+        const float* vr = Vb[j] + kvh * head_stride + (p - j * bs) * hd + d0;
+        for (; p < end; ++p, vr += hd) {
+          const F w = S::set1(scores[p - start] * inv);
+          for (int64_t v = 0; v < nv; ++v) acc[v] = S::fma(w, S::f32(vr + v * S::L), acc[v]);
+        }
       }
       for (int64_t v = 0; v < nv; ++v) S::store(o + d0 + v * S::L, acc[v]);
     }

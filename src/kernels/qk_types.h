@@ -170,9 +170,10 @@ struct Job {
 };
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
-// Decode attention over one sequence's cache (generic::attend_decode has the contract).
-typedef void (*AttendFn)(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L,
-                         int64_t nh, int64_t nkv, int64_t hd, float scale, float* scores);
+// Decode attention over one sequence's paged cache (generic::attend_decode has the contract).
+typedef void (*AttendFn)(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
+                         int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd,
+                         float scale, float* scores);
 
 // scores[p] <- exp(scores[p] - mx) for p < L; returns their sum (the softmax denominator).
 static inline float softmax_exp(float* scores, int64_t L, float mx) {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeserve.common.errors import InvalidInputError
-from pipeserve.modeling.kv_cache import KVCachePool
+from pipeserve.modeling.kv_cache import BLOCK_SIZE, KVCachePool
 from pipeserve.modeling.layers import BatchMeta, SeqSlot
 from pipeserve.modeling.loader import LoadedStage
 from pipeserve.modeling.sampling import SamplingParams, sample
@@ -50,14 +50,23 @@ class StageOutput:
 
 class StageEngine:
     def __init__(
-        self, loaded: LoadedStage, cache_budget_tokens: int = 32768, max_context: int | None = None
+        self,
+        loaded: LoadedStage,
+        cache_budget_tokens: int = 32768,
+        max_context: int | None = None,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         self.loaded = loaded
         cfg = loaded.cfg
         self.cfg, self.shard, self.model = cfg, loaded.shard, loaded.model
         self.max_context = min(max_context or cfg.max_position, cfg.max_position)
         self.cache = KVCachePool(
-            self.shard.n_local, cfg.n_kv_heads, cfg.head_dim, cache_budget_tokens, self.max_context
+            self.shard.n_local,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cache_budget_tokens,
+            self.max_context,
+            block_size,
         )
 
     @torch.inference_mode()
@@ -69,7 +78,7 @@ class StageEngine:
         slots, sample_rows, offset = [], [], 0
         for c, seq in zip(chunks, caches, strict=True):
             n = len(c.token_ids)
-            slots.append(SeqSlot(offset, n, c.start_pos, seq))
+            slots.append(SeqSlot(offset, n, c.start_pos, seq, self.cache))
             if c.sampling is not None and self.shard.is_last:
                 sample_rows.append(offset + n - 1)
             offset += n
@@ -80,8 +89,7 @@ class StageEngine:
             self.cache.release(new_ids)  # a failed batch leaves no half-made caches behind
             raise
         for c, seq in zip(chunks, caches, strict=True):
-            seq.length = c.start_pos + len(c.token_ids)
-            seq.tokens.extend(c.token_ids)
+            self.cache.commit(seq, c.start_pos, c.token_ids)
         if not self.shard.is_last:
             return StageOutput(out, [], (time.perf_counter() - t0) * 1e3)
         asking = [(c, seq) for c, seq in zip(chunks, caches, strict=True) if c.sampling is not None]
@@ -135,3 +143,7 @@ class StageEngine:
 
     def release(self, request_ids: list[str]) -> dict[str, int]:
         return self.cache.release(request_ids)
+
+    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        """Start a request on the cached blocks its prompt begins with; returns the cached length."""
+        return self.cache.lookup_prefix(request_id, token_ids)

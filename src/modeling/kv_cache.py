@@ -1,13 +1,21 @@
-"""Per-request KV caches of one pipeline stage, bounded by a token budget.
+"""Paged KV caches of one pipeline stage: one preallocated pool of fixed-size blocks, shared prefixes.
 
-Owned by `StageEngine`: one `SeqCache` per request id, created by its first chunk (start_pos 0),
-grown in blocks, freed on release, evicted after an idle TTL. The budget counts cached tokens over
-all requests; going past it raises CacheBudgetError with the numbers instead of running out of RAM.
+Owned by `StageEngine`. The pool holds `n_blocks` blocks of `block_size` token positions for every
+local layer (k, v: [n_blocks, layers, n_kv, block_size, head_dim] fp32, allocated once; pages the
+OS has not touched cost no memory). A sequence (`SeqCache`, one per request id) owns a block table.
+Prefix caching (vLLM-style): each *full* block gets the hash of its tokens chained with the previous
+block's hash; a new request whose prompt starts with cached blocks takes them by reference (no
+copy; `lookup_prefix`). Blocks with no owner stay cached, in LRU order, until a new block is needed
+(then the least recently freed is reused and its hash forgotten). A block that is shared is never
+written: a sequence that rewrites positions inside it (a replay) first gets its own copy.
+The budget is the pool: asking for more blocks than are free raises CacheBudgetError with the
+numbers (the coordinator preempts), and the counters say what is held, cached and hit.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -18,50 +26,143 @@ from pipeserve.common.errors import (
     InvalidInputError,
     UnknownRequestError,
 )
-
-GROW_BLOCK = 128  # tokens added per reallocation; bounds the slack per request
+from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
 
 
 @dataclass
 class SeqCache:
     request_id: str
-    k: torch.Tensor  # [L_local, n_kv, capacity, head_dim]
-    v: torch.Tensor  # [L_local, n_kv, capacity, head_dim]
+    blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // block_size]
     length: int = 0  # tokens cached (positions 0..length-1)
-    tokens: list[int] = field(default_factory=list)  # token ids seen, for sampling penalties
+    tokens: list[int] = field(default_factory=list)  # token ids seen, for sampling penalties and hashes
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks, in order
     last_used: float = field(default_factory=time.monotonic)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
 
 
 class KVCachePool:
     def __init__(
-        self, n_local_layers: int, n_kv_heads: int, head_dim: int, budget_tokens: int, max_context: int
+        self,
+        n_local_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        budget_tokens: int,
+        max_context: int,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
-        self.shape = (n_local_layers, n_kv_heads, head_dim)
-        self.budget_tokens = budget_tokens
+        self.block_size = block_size
+        self.n_blocks = max(1, -(-budget_tokens // block_size))
+        self.budget_tokens = self.n_blocks * block_size
         self.max_context = max_context
+        shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, head_dim)
+        self.k = torch.empty(shape)  # untouched pages are not resident: memory grows with use
+        self.v = torch.empty(shape)
+        self.refs = [0] * self.n_blocks
+        self.hash_of: list[bytes | None] = [None] * self.n_blocks
+        self.cached: dict[bytes, int] = {}  # full-block hash -> block holding it
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.n_blocks))  # LRU first
         self.seqs: dict[str, SeqCache] = {}
+        self.hit_tokens = 0  # prompt tokens served from cached blocks (lookup_prefix)
+        self.lookup_tokens = 0  # prompt tokens looked up
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def used_blocks(self) -> int:
+        return self.n_blocks - len(self.free)
 
     @property
     def used_tokens(self) -> int:
-        return sum(s.length for s in self.seqs.values())
+        """Token positions of the blocks requests hold (the budget counts these)."""
+        return self.used_blocks * self.block_size
 
     @property
-    def bytes_allocated(self) -> int:
-        return sum(s.k.numel() * s.k.element_size() * 2 for s in self.seqs.values())
+    def cached_blocks(self) -> int:
+        """Blocks whose contents are known by hash (held or free): reusable prefixes."""
+        return len(self.cached)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.k[0].numel() * self.k.element_size()
+
+    # ------------------------------------------------------------------ blocks
+
+    def _take(self) -> int:
+        """A free block (the least recently freed); a cached prefix in it is forgotten."""
+        b, _ = self.free.popitem(last=False)
+        h = self.hash_of[b]
+        if h is not None:
+            del self.cached[h]
+            self.hash_of[b] = None
+        self.refs[b] = 1
+        return b
+
+    def _ref(self, b: int) -> None:
+        if self.refs[b] == 0:
+            del self.free[b]
+        self.refs[b] += 1
+
+    def _unref(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            self.free[b] = None  # most recently freed: evicted last
+
+    def _drop(self, seq: SeqCache, keep: int) -> None:
+        """Give up the sequence's blocks past the first `keep` (the tail first, so that under
+        pressure a sequence's last blocks are reused before its shared prefix)."""
+        for b in reversed(seq.blocks[keep:]):
+            self._unref(b)
+        del seq.blocks[keep:]
+
+    # ------------------------------------------------------------------ prefix cache
+
+    def lookup_prefix(self, rid: str, token_ids: list[int]) -> int:
+        """Start request `rid` (afresh: a cache it holds is dropped first) on the longest run of
+        cached full blocks its tokens begin with; returns how many positions are cached (a multiple of the block size, always below
+        len(token_ids): the last token is computed so the stage has something to sample from)."""
+        if rid in self.seqs:  # a recompute whose release has not arrived yet: start it afresh
+            self.release([rid])
+        bs = self.block_size
+        seq = SeqCache(rid)
+        prev = b""
+        for j in range((len(token_ids) - 1) // bs):
+            h = block_hash(prev, token_ids[j * bs : (j + 1) * bs])
+            b = self.cached.get(h)
+            if b is None:
+                break
+            self._ref(b)
+            seq.blocks.append(b)
+            seq.hashes.append(h)
+            prev = h
+        seq.length = len(seq.blocks) * bs
+        seq.tokens = list(token_ids[: seq.length])
+        self.seqs[rid] = seq
+        self.lookup_tokens += len(token_ids)
+        self.hit_tokens += seq.length
+        return seq.length
+
+    def _register(self, seq: SeqCache) -> None:
+        """Hash the sequence's newly full blocks so that later requests can share them."""
+        bs = self.block_size
+        for j in range(len(seq.hashes), seq.length // bs):
+            h = block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[j * bs : (j + 1) * bs])
+            seq.hashes.append(h)
+            b = seq.blocks[j]
+            if h not in self.cached and self.hash_of[b] is None:
+                self.cached[h] = b
+                self.hash_of[b] = h
+
+    # ------------------------------------------------------------------ a batch
 
     def reserve(self, plan: list[tuple[str, int, int]]) -> list[SeqCache]:
         """Make room for a batch: plan = [(request_id, start_pos, n_tokens)] in batch order.
 
-        Validates everything before changing anything, so a rejected batch leaves no trace.
-        A chunk may start before the cached length (the tail is overwritten, e.g. a replay),
-        never after it.
+        Validates everything and counts the blocks needed before changing anything, so a
+        rejected batch leaves no trace. A chunk may start before the cached length (the tail is
+        rewritten, e.g. a replay), never after it.
         """
+        bs = self.block_size
         seen: set[str] = set()
-        growth = 0
+        need = 0
         for rid, start, n in plan:
             if rid in seen:
                 raise InvalidInputError(f"request {rid!r} appears twice in one batch")
@@ -82,50 +183,77 @@ class KVCachePool:
                 raise InvalidInputError(
                     f"request {rid!r}: positions out of order: chunk starts at {start} but {have} tokens are cached"
                 )
-            growth += start + n - have
-        used = self.used_tokens
-        if used + growth > self.budget_tokens:
+            kept = min(len(cur.blocks), -(-start // bs)) if cur else 0
+            cow = 1 if cur and start % bs and kept and self.refs[cur.blocks[kept - 1]] > 1 else 0
+            need += max(0, -(-(start + n) // bs) - kept) + cow
+        if need > len(self.free):
             raise CacheBudgetError(
-                f"KV cache budget exceeded: {used} tokens cached + {growth} new > budget {self.budget_tokens}"
+                f"KV cache full: the batch needs {need} more blocks of {bs} tokens but {len(self.free)} of "
+                f"{self.n_blocks} are free ({self.used_tokens} tokens held)"
             )
         out = []
         now = time.monotonic()
         for rid, start, n in plan:
             seq = self.seqs.get(rid)
             if seq is None:
-                seq = self.seqs[rid] = self._alloc(rid, n)
-            if start + n > seq.capacity:
-                self._grow(seq, start + n)
-            seq.length = start  # truncate on replay; extended by commit()
-            del seq.tokens[start:]
+                seq = self.seqs[rid] = SeqCache(rid)
+            if start < seq.length:
+                self._truncate(seq, start)
+            while len(seq.blocks) * bs < start + n:
+                seq.blocks.append(self._take())
             seq.last_used = now
             out.append(seq)
         return out
 
-    def _alloc(self, rid: str, n: int) -> SeqCache:
-        cap = min(self.max_context, _round_up(n, GROW_BLOCK))
-        L, nkv, hd = self.shape
-        return SeqCache(rid, torch.empty(L, nkv, cap, hd), torch.empty(L, nkv, cap, hd))
+    def _truncate(self, seq: SeqCache, start: int) -> None:
+        """Forget positions start.. of a sequence; a shared block it will write into is copied."""
+        bs = self.block_size
+        keep = -(-start // bs)
+        self._drop(seq, keep)
+        del seq.hashes[start // bs :]
+        del seq.tokens[start:]
+        seq.length = start
+        if start % bs and keep:
+            b = seq.blocks[keep - 1]  # the block that will be partly rewritten
+            if self.refs[b] > 1:  # shared: copy on write
+                nb = self._take()
+                self.k[nb].copy_(self.k[b])
+                self.v[nb].copy_(self.v[b])
+                self._unref(b)
+                seq.blocks[keep - 1] = nb
+            elif self.hash_of[b] is not None:  # ours alone but published: its contents will change
+                del self.cached[self.hash_of[b]]  # type: ignore[arg-type]
+                self.hash_of[b] = None
 
-    def _grow(self, seq: SeqCache, need: int) -> None:
-        cap = min(self.max_context, _round_up(max(need, seq.capacity + seq.capacity // 2), GROW_BLOCK))
-        L, nkv, hd = self.shape
-        k, v = torch.empty(L, nkv, cap, hd), torch.empty(L, nkv, cap, hd)
-        k[:, :, : seq.length] = seq.k[:, :, : seq.length]
-        v[:, :, : seq.length] = seq.v[:, :, : seq.length]
-        seq.k, seq.v = k, v
+    def commit(self, seq: SeqCache, start: int, token_ids: list[int]) -> None:
+        """After a forward: positions start..start+len-1 hold these tokens' k/v."""
+        seq.length = start + len(token_ids)
+        seq.tokens.extend(token_ids)
+        self._register(seq)
 
     def release(self, request_ids: list[str]) -> dict[str, int]:
-        """Free caches; returns request id -> tokens freed (0 for ids not held)."""
-        return {rid: (s.length if (s := self.seqs.pop(rid, None)) else 0) for rid in request_ids}
+        """Free caches; returns request id -> tokens freed (0 for ids not held). Full blocks stay
+        cached (by hash) for later requests until their space is needed."""
+        out = {}
+        for rid in request_ids:
+            seq = self.seqs.pop(rid, None)
+            out[rid] = seq.length if seq else 0
+            if seq:
+                self._drop(seq, 0)
+        return out
 
     def evict_idle(self, ttl_s: float) -> list[str]:
         cutoff = time.monotonic() - ttl_s
         stale = [rid for rid, s in self.seqs.items() if s.last_used < cutoff]
-        for rid in stale:
-            del self.seqs[rid]
+        self.release(stale)
         return stale
 
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
+    def check(self) -> None:
+        """Invariants (tests): every block is free xor referenced, refcounts equal the tables."""
+        counts = [0] * self.n_blocks
+        for s in self.seqs.values():
+            for b in s.blocks:
+                counts[b] += 1
+        assert counts == self.refs, "refcounts differ from the block tables"
+        assert all((self.refs[b] == 0) == (b in self.free) for b in range(self.n_blocks))
+        assert all(self.hash_of[b] == h for h, b in self.cached.items())

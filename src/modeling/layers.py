@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeserve.kernels import DecodeAttention, QTensor, silu_mul
 from pipeserve.modeling.config import RopeConfig
-from pipeserve.modeling.kv_cache import SeqCache
+from pipeserve.modeling.kv_cache import KVCachePool, SeqCache
 
 
 @dataclass
@@ -28,21 +28,26 @@ class SeqSlot:
     offset: int  # first row in the flat batch
     length: int  # tokens in this chunk
     start_pos: int  # position of its first token
-    cache: SeqCache
+    cache: SeqCache  # its block table in `pool`
+    pool: KVCachePool
 
 
 class DecodeBatch:
     """The batch's single-token chunks (decode steps), attended together by one native call per layer.
 
-    `kernels.DecodeAttention` writes each new k/v row into its sequence's cache and attends over the
-    cached prefix in place (no gather into a padded buffer, no mask, no per-layer torch ops).
-    Cache addresses are taken once per step (and once per sliding window size), not per layer.
+    `kernels.DecodeAttention` writes each new k/v row into its sequence's last block and attends
+    over the sequence's blocks in place (no gather, no padding, no per-layer torch ops). The
+    block tables are packed once per step (and once per sliding window size), not per layer.
     """
 
     def __init__(self, slots: list[SeqSlot], n_tokens: int) -> None:
         rows = [s.offset for s in slots]
         self.rows = None if rows == list(range(n_tokens)) else torch.tensor(rows)  # None: every row
         self.slots = slots
+        width = max(len(s.cache.blocks) for s in slots)
+        self.tables = torch.zeros(len(slots), width, dtype=torch.int64)  # [B, max_blocks]
+        for i, s in enumerate(slots):
+            self.tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks)
         self._attention: dict[int | None, DecodeAttention] = {}
 
     def attend(
@@ -58,10 +63,9 @@ class DecodeBatch:
         ->  [B, nh, hd] for the decode rows."""
         attention = self._attention.get(window)
         if attention is None:
-            s = self.slots
-            attention = DecodeAttention(
-                [x.cache.k for x in s], [x.cache.v for x in s], [x.start_pos + 1 for x in s], window=window
-            )
+            pool = self.slots[0].pool
+            lengths = [x.start_pos + 1 for x in self.slots]
+            attention = DecodeAttention(pool.k, pool.v, self.tables, lengths, window=window)
             self._attention[window] = attention
         return attention(layer, q, k, v, self.rows, scale)
 
@@ -124,20 +128,24 @@ def attend(
     for s in meta.prefill:
         rows = slice(s.offset, s.offset + s.length)
         end = s.start_pos + s.length
-        kc, vc = s.cache.k[layer], s.cache.v[layer]  # [n_kv, capacity, hd]
-        kc[:, s.start_pos : end] = k[rows].transpose(0, 1)
-        vc[:, s.start_pos : end] = v[rows].transpose(0, 1)
+        bs = s.pool.block_size
+        blocks = torch.tensor(s.cache.blocks, dtype=torch.int64)
+        pos = torch.arange(s.start_pos, end)
+        kp, vp = s.pool.k, s.pool.v  # [n_blocks, layers, n_kv, bs, hd]
+        kp[blocks[pos // bs], layer, :, pos % bs] = k[rows]  # [t, n_kv, hd] into their blocks
+        vp[blocks[pos // bs], layer, :, pos % bs] = v[rows]
         first = 0 if window is None else max(0, s.start_pos - window + 1)  # oldest key any query sees
+        kpos = torch.arange(first, end)
+        ki = kp[blocks[kpos // bs], layer, :, kpos % bs].transpose(0, 1).unsqueeze(0)  # [1, n_kv, n, hd]
+        vi = vp[blocks[kpos // bs], layer, :, kpos % bs].transpose(0, 1).unsqueeze(0)
         qi = q[rows].transpose(0, 1).unsqueeze(0)  # [1, nh, t, hd]
-        ki, vi = kc[None, :, first:end], vc[None, :, first:end]  # [1, n_kv, end - first, hd]
         mask = None
         causal = s.start_pos == 0 and (window is None or s.length <= window)
         if not causal:  # a later chunk (causal offset by the prefix) or one longer than the window
-            qpos = torch.arange(s.start_pos, end).unsqueeze(1)
-            kpos = torch.arange(first, end).unsqueeze(0)
-            mask = kpos <= qpos  # [t, end - first]
+            qpos = pos.unsqueeze(1)
+            mask = kpos.unsqueeze(0) <= qpos  # [t, end - first]
             if window is not None:
-                mask &= kpos > qpos - window
+                mask &= kpos.unsqueeze(0) > qpos - window
         o = F.scaled_dot_product_attention(
             qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=nh != ki.shape[1]
         )

@@ -38,7 +38,7 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
     @property
     def runner(self) -> StageRunner:
         if self._runner is None:
-            raise StageUnavailableError(f"node {self.node_id} is still loading its layers")
+            raise StageUnavailableError(f"node {self.node_id} is still loading its layers", node=self.node_id)
         return self._runner
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
@@ -87,12 +87,20 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
             cache_used_tokens=self.runner.cache_used_tokens,
         )
 
+    def LookupPrefix(
+        self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext
+    ) -> pb.LookupPrefixResponse:
+        return pb.LookupPrefixResponse(
+            cached_tokens=self.runner.lookup_prefix(request.request_id, list(request.token_ids))
+        )
+
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
         return node_info(self.runner)
 
 
 def node_info(r: StageRunner) -> pb.NodeInfo:
     ld, eng = r.loaded, r.engine
+    snap = r.cache_snapshot()
     return pb.NodeInfo(
         node_id=r.node_id,
         model_part=r.part,
@@ -107,8 +115,8 @@ def node_info(r: StageRunner) -> pb.NodeInfo:
         vocab_size=ld.cfg.vocab_size,
         max_context=eng.max_context,
         cache_budget_tokens=eng.cache.budget_tokens,
-        cache_used_tokens=r.cache_used_tokens,
-        active_requests=r.active_requests,
+        cache_used_tokens=snap.used_tokens,
+        active_requests=len(snap.request_ids),
         rss_bytes=r.rss_bytes(),
         param_bytes=ld.param_bytes,
         forwards_total=r.stats.forwards_total,
@@ -119,6 +127,13 @@ def node_info(r: StageRunner) -> pb.NodeInfo:
         weight_types=ld.tensor_types,
         kernel_isa=kernels.get_isa(),
         kernel_threads=kernels.get_threads(),
+        cache_block_size=eng.cache.block_size,
+        cache_blocks_total=eng.cache.n_blocks,
+        cache_blocks_free=snap.free_blocks,
+        prefix_cached_blocks=snap.cached_blocks,
+        prefix_hit_tokens=snap.hit_tokens,
+        prefix_lookup_tokens=snap.lookup_tokens,
+        cached_request_ids=snap.request_ids,
     )
 
 

@@ -20,6 +20,16 @@ from pipeserve.modeling.loader import LoadedStage
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class CacheSnapshot:
+    used_tokens: int  # positions of the blocks requests hold
+    free_blocks: int
+    cached_blocks: int  # full blocks known by hash
+    hit_tokens: int
+    lookup_tokens: int
+    request_ids: tuple[str, ...]  # requests holding a cache
+
+
 @dataclass
 class RunnerStats:
     forwards_total: int = 0
@@ -45,6 +55,7 @@ class StageRunner:
         self._lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
+        self._snapshot()
         self._evictor = threading.Thread(target=self._evict_loop, name="cache-evictor", daemon=True)
         self._evictor.start()
 
@@ -53,7 +64,10 @@ class StageRunner:
             self.stats.in_flight += 1
         try:
             with self._lock:
-                out = self.engine.forward(chunks, hidden)
+                try:
+                    out = self.engine.forward(chunks, hidden)
+                finally:
+                    self._snapshot()
         finally:
             with self._stats_lock:
                 self.stats.in_flight -= 1
@@ -65,15 +79,34 @@ class StageRunner:
 
     def release(self, request_ids: list[str]) -> dict[str, int]:
         with self._lock:
-            return self.engine.release(request_ids)
+            freed = self.engine.release(request_ids)
+            self._snapshot()
+            return freed
+
+    def lookup_prefix(self, request_id: str, token_ids: list[int]) -> int:
+        with self._lock:
+            n = self.engine.lookup_prefix(request_id, token_ids)
+            self._snapshot()
+            return n
+
+    def _snapshot(self) -> None:
+        """Publish the cache's counters (under the lock; readers take the immutable snapshot, so
+        Info never walks the cache while a forward changes it)."""
+        c = self.engine.cache
+        self._snap = CacheSnapshot(
+            c.used_tokens, len(c.free), c.cached_blocks, c.hit_tokens, c.lookup_tokens, tuple(c.seqs)
+        )
+
+    def cache_snapshot(self) -> CacheSnapshot:
+        return self._snap
 
     @property
     def cache_used_tokens(self) -> int:
-        return self.engine.cache.used_tokens
+        return self._snap.used_tokens
 
     @property
     def active_requests(self) -> int:
-        return len(self.engine.cache.seqs)
+        return len(self._snap.request_ids)
 
     @staticmethod
     def rss_bytes() -> int:
@@ -84,6 +117,7 @@ class StageRunner:
         while not self._stop.wait(period):
             with self._lock:
                 stale = self.engine.cache.evict_idle(self.cache_ttl_s)
+                self._snapshot()
             if stale:
                 log.warning(
                     "evicted %d idle caches after %.0f s: %s", len(stale), self.cache_ttl_s, stale[:5]

@@ -39,8 +39,9 @@ struct S {
 }
 namespace generic {
 RowsFn get(int type);
-void attend_decode(const float* q, float* out, const float* K, const float* V, int64_t head_stride, int64_t L, int64_t nh,
-                   int64_t nkv, int64_t hd, float scale, float* scores);
+void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
+                   int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
+                   float* scores);
 }
 }
 using namespace qk;
@@ -64,12 +65,15 @@ int main(){
       double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL type %d T %d err %g\n",t,T,e);
     }
   }
-  // decode attention at 16 lanes (hd 64 and 128, grouped heads) vs the portable version
-  for(int hd: {64,128}){ const int nh=6, nkv=2, cap=50, L=37;
-    std::vector<float> q(nh*hd), K(nkv*cap*hd), V(nkv*cap*hd), o1(nh*hd), o2(nh*hd), sc(cap);
+  // decode attention at 16 lanes (hd 64 and 128, grouped heads, paged in blocks of 16 with a window
+  // start and a partial last block) vs the portable version
+  for(int hd: {64,128}) for(int start: {0,5}){ const int nh=6, nkv=2, bs=16, nblk=3, L=37;
+    std::vector<float> q(nh*hd), K(nblk*nkv*bs*hd), V(nblk*nkv*bs*hd), o1(nh*hd), o2(nh*hd), sc(L);
     for(auto*v:{&q,&K,&V}) for(auto&f:*v) f=(rand()/(float)RAND_MAX)-0.5f;
-    emu::attend_one(q.data(),o1.data(),K.data(),V.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
-    generic::attend_decode(q.data(),o2.data(),K.data(),V.data(),cap*hd,L,nh,nkv,hd,0.125f,sc.data());
+    const float* kb[nblk]; const float* vb[nblk]; int order[nblk]={2,0,1};  // blocks out of order
+    for(int j=0;j<nblk;j++){ kb[j]=K.data()+order[j]*nkv*bs*hd; vb[j]=V.data()+order[j]*nkv*bs*hd; }
+    emu::attend_one(q.data(),o1.data(),kb,vb,bs,bs*hd,start,L,nh,nkv,hd,0.125f,sc.data());
+    generic::attend_decode(q.data(),o2.data(),kb,vb,bs,bs*hd,start,L,nh,nkv,hd,0.125f,sc.data());
     double num=0,den=0; for(int i=0;i<nh*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}
     double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL attention hd %d err %g\n",hd,e);
   }

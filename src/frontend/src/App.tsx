@@ -1,19 +1,9 @@
-// Page layout: the playground beside the live cluster view (stacked on narrow screens). The cluster
-// view's node ids are handed to the playground so a 503 names the node that is down.
-import { useCallback, useState } from "react";
-import type { ClusterStatus } from "./api";
+// Page layout: the playground beside the live cluster view (stacked on narrow screens). Errors
+// carry their part and node as data (the API's error body), so the two need not share state.
 import { ClusterView } from "./components/ClusterView";
 import { Playground } from "./components/Playground";
 
 export function App() {
-  const [nodeIds, setNodeIds] = useState<readonly string[]>([]);
-  const onStatus = useCallback((c: ClusterStatus) => {
-    setNodeIds((prev) => {
-      const next = c.nodes.map((n) => n.id);
-      return prev.length === next.length && prev.every((id, i) => id === next[i]) ? prev : next;
-    });
-  }, []);
-
   return (
     <div className="app">
       <header className="topbar">
@@ -26,8 +16,8 @@ export function App() {
         </a>
       </header>
       <main className="layout">
-        <Playground knownNodeIds={nodeIds} />
-        <ClusterView onStatus={onStatus} />
+        <Playground />
+        <ClusterView />
       </main>
     </div>
   );

@@ -65,8 +65,23 @@ export interface CompletionChunk {
   pipeserve?: PipeserveInfo | null;
 }
 
+/** The API's one error body (src/api/errors.py); every key is present, null where it does not apply. */
 export interface ErrorBody {
-  error: { message: string; type: string; code: string | number | null };
+  error: {
+    message: string;
+    type: string;
+    /** The machine-readable reason, e.g. "queue_full" (src/common/errors.py: Reason). */
+    code: string;
+    /** The request field it concerns (OpenAI style), e.g. "messages" or "metadata.type". */
+    param: string | null;
+    /** The HTTP status, also inside SSE error events. */
+    status: number;
+    /** The model part (pipeline stage) and node that failed. */
+    part: number | null;
+    node: string | null;
+    /** Seconds to wait before a retry helps (the Retry-After header's value). */
+    retry_after_s: number | null;
+  };
 }
 
 export interface ModelList {
@@ -83,8 +98,19 @@ export interface NodeStatus {
   healthy: boolean;
   error: string | null;
   requests_in_flight: number;
+  /** KV positions of the blocks requests hold now. */
   cache_used_tokens: number;
+  /** KV positions of the node's preallocated block pool. */
   cache_budget_tokens: number;
+  cache_block_size: number;
+  cache_blocks_total: number;
+  cache_blocks_free: number;
+  /** Full blocks known by hash (prefixes new requests can share). */
+  prefix_cached_blocks: number;
+  /** Prompt positions served from cached blocks since start-up. */
+  prefix_hit_tokens: number;
+  /** Seconds before a node that failed is trusted again (0: trusted). */
+  backoff_s: number;
   rss_bytes: number;
   /** Weight bytes held (GGUF blocks as stored). */
   weights_bytes: number;
@@ -122,26 +148,40 @@ export interface ClusterStatus {
  */
 export type ApiErrorKind = "http" | "stream" | "network" | "protocol";
 
+export interface ApiErrorFields {
+  status?: number | null;
+  type?: string | null;
+  /** The body's `code`: the reason, e.g. "stage_unavailable". */
+  reason?: string | null;
+  param?: string | null;
+  part?: number | null;
+  node?: string | null;
+  retryAfterS?: number | null;
+}
+
 export class ApiError extends Error {
   readonly kind: ApiErrorKind;
-  /** HTTP status (or the numeric `code` of a stream error), null when there is none. */
+  /** HTTP status (the body's `status` for a stream error), null when there is none. */
   readonly status: number | null;
   readonly type: string | null;
-  readonly code: string | number | null;
-  /** Seconds from the Retry-After header (429/503), null when absent. */
+  /** The machine-readable reason (the body's `code`), null when the server gave none. */
+  readonly reason: string | null;
+  readonly param: string | null;
+  readonly part: number | null;
+  readonly node: string | null;
+  /** Seconds from the Retry-After header (or the body's retry_after_s), null when absent. */
   readonly retryAfterS: number | null;
 
-  constructor(
-    kind: ApiErrorKind,
-    message: string,
-    opts: { status?: number | null; type?: string | null; code?: string | number | null; retryAfterS?: number | null } = {},
-  ) {
+  constructor(kind: ApiErrorKind, message: string, opts: ApiErrorFields = {}) {
     super(message);
     this.name = "ApiError";
     this.kind = kind;
     this.status = opts.status ?? null;
     this.type = opts.type ?? null;
-    this.code = opts.code ?? null;
+    this.reason = opts.reason ?? null;
+    this.param = opts.param ?? null;
+    this.part = opts.part ?? null;
+    this.node = opts.node ?? null;
     this.retryAfterS = opts.retryAfterS ?? null;
   }
 }
@@ -162,20 +202,34 @@ export function parseRetryAfter(value: string | null, now: number = Date.now()):
   return Number.isNaN(at) ? null : Math.max(0, Math.ceil((at - now) / 1000));
 }
 
-/** Message from the API's error body, or FastAPI's default `{detail}` shape as a fallback. */
-function messageFromBody(body: unknown): { message: string; type: string | null; code: string | number | null } | null {
+const str = (v: unknown): string | null => (typeof v === "string" ? v : null);
+const num = (v: unknown): number | null => (typeof v === "number" && Number.isFinite(v) ? v : null);
+
+/** The fields of the API's error body (read as data, never parsed out of the message). A body
+ * of another shape (a proxy's, FastAPI's default `{detail}`) gives its text and no fields. */
+function errorFromBody(body: unknown): (ApiErrorFields & { message: string }) | null {
   if (typeof body !== "object" || body === null) return null;
-  const err = (body as Partial<ErrorBody>).error;
-  if (typeof err === "object" && err !== null && typeof err.message === "string") {
-    return { message: err.message, type: err.type ?? null, code: err.code ?? null };
+  const err = (body as { error?: unknown }).error;
+  if (typeof err === "object" && err !== null && typeof (err as { message?: unknown }).message === "string") {
+    const e = err as Record<string, unknown>;
+    return {
+      message: e.message as string,
+      type: str(e.type),
+      reason: str(e.code),
+      param: str(e.param),
+      status: num(e.status),
+      part: num(e.part),
+      node: str(e.node),
+      retryAfterS: num(e.retry_after_s),
+    };
   }
   const detail = (body as { detail?: unknown }).detail;
-  if (typeof detail === "string") return { message: detail, type: null, code: null };
+  if (typeof detail === "string") return { message: detail };
   if (Array.isArray(detail)) {
     const parts = detail.map((d: { loc?: unknown[]; msg?: string }) =>
       Array.isArray(d.loc) ? `${d.loc.filter((l) => l !== "body").join(".")}: ${d.msg ?? ""}` : String(d.msg ?? d),
     );
-    return { message: parts.join("; "), type: "invalid_request_error", code: null };
+    return { message: parts.join("; "), type: "invalid_request_error" };
   }
   return null;
 }
@@ -187,18 +241,17 @@ async function errorFromResponse(res: Response): Promise<ApiError> {
   } catch {
     // The body is unreadable; the status alone still says what happened.
   }
-  let parsed: ReturnType<typeof messageFromBody> = null;
+  let parsed: ReturnType<typeof errorFromBody> = null;
   try {
-    parsed = messageFromBody(JSON.parse(text));
+    parsed = errorFromBody(JSON.parse(text));
   } catch {
     parsed = null;
   }
   const fallback = text.trim().slice(0, 300) || res.statusText || `HTTP ${res.status}`;
   return new ApiError("http", parsed?.message || fallback, {
+    ...parsed,
     status: res.status,
-    type: parsed?.type ?? null,
-    code: parsed?.code ?? null,
-    retryAfterS: parseRetryAfter(res.headers.get("Retry-After")),
+    retryAfterS: parseRetryAfter(res.headers.get("Retry-After")) ?? parsed?.retryAfterS ?? null,
   });
 }
 
@@ -403,14 +456,8 @@ async function streamGeneration(
       } catch {
         throw new ApiError("protocol", `Malformed stream chunk: ${data.slice(0, 120)}`);
       }
-      const err = messageFromBody(chunk);
-      if (err !== null) {
-        throw new ApiError("stream", err.message, {
-          status: typeof err.code === "number" ? err.code : null,
-          type: err.type,
-          code: err.code,
-        });
-      }
+      const err = errorFromBody(chunk);
+      if (err !== null) throw new ApiError("stream", err.message, err);
       const { text, finish } = pick(chunk);
       if (text !== "") {
         if (result.clientTtftMs === null) result.clientTtftMs = now() - t0;

@@ -2,7 +2,7 @@ import { render, screen, waitFor, within } from "@testing-library/react";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import type { ClusterStatus } from "../api";
 import { ClusterView } from "../components/ClusterView";
-import { cluster, errorResponse, jsonResponse, mockFetch, node } from "./helpers";
+import { apiError, cluster, jsonResponse, mockFetch, node } from "./helpers";
 
 afterEach(() => {
   vi.unstubAllGlobals();
@@ -24,7 +24,8 @@ describe("ClusterView", () => {
     expect(n2).toHaveAttribute("data-healthy", "true");
     expect(n2).toHaveTextContent("part 1");
     expect(n2).toHaveTextContent("[10, 20)");
-    expect(n2).toHaveTextContent("100 / 4,096 tok");
+    expect(n2).toHaveTextContent("96 / 4,096 tok");
+    expect(n2).toHaveTextContent("12 blocks · 320 tok hit");
     expect(n2).toHaveTextContent("512 MiB");
     expect(n2).toHaveTextContent("12.5 ms last");
     expect(n2).toHaveTextContent("10.3 ms mean");
@@ -83,12 +84,12 @@ describe("ClusterView", () => {
   it("keeps the last data, greyed, under an error when a poll fails", async () => {
     let fail = false;
     mockFetch({
-      "/api/cluster": () => (fail ? errorResponse(502, "upstream down") : jsonResponse(cluster([node("node1", 0, [0, 30])]))),
+      "/api/cluster": () => (fail ? apiError("service_unavailable") : jsonResponse(cluster([node("node1", 0, [0, 30])]))),
     });
     render(<ClusterView intervalMs={20} />);
     await screen.findByTestId("node-card-node1");
     fail = true;
-    expect(await screen.findByTestId("cluster-error")).toHaveTextContent("Server error (502)");
+    expect(await screen.findByTestId("cluster-error")).toHaveTextContent("Service unreachable");
     expect(screen.getByTestId("node-card-node1")).toBeInTheDocument();
     fail = false;
     await waitFor(() => expect(screen.queryByTestId("cluster-error")).toBeNull());

@@ -4,7 +4,9 @@ import { Playground } from "../components/Playground";
 import {
   chatChunk,
   completionChunk,
-  errorResponse,
+  API_ERRORS,
+  apiError,
+  apiErrorEvent,
   FINAL_EXTRA,
   ManualStream,
   mockFetch,
@@ -182,38 +184,35 @@ describe("Playground controls", () => {
 
 describe("Playground errors", () => {
   it("429 says busy and when to retry, from Retry-After", async () => {
-    mockFetch({ "/v1/chat/completions": () => errorResponse(429, "too many requests waiting", { "Retry-After": "7" }) });
+    mockFetch({ "/v1/chat/completions": () => apiError("queue_full") });
     render(<Playground />);
     type("hi");
     fireEvent.click(screen.getByTestId("send-button"));
     const banner = await screen.findByTestId("error-banner");
-    expect(banner).toHaveTextContent("busy, retry in 7 s");
+    expect(banner).toHaveTextContent(`busy, retry in ${API_ERRORS.queue_full.retry_after} s`);
     // Nothing was generated: the message goes back to the input for a retry.
     expect(screen.getByTestId("prompt-input")).toHaveValue("hi");
     expect(screen.queryByTestId("reply")).toBeNull();
   });
 
   it("503 names the model part and node that are down", async () => {
-    mockFetch({
-      "/v1/chat/completions": () => errorResponse(503, "model part 1 is unavailable: node2 (127.0.0.1:50052) is not responding"),
-    });
-    render(<Playground knownNodeIds={["node1", "node2", "node3"]} />);
+    mockFetch({ "/v1/chat/completions": () => apiError("stage_unavailable") });
+    render(<Playground />);
     type("hi");
     fireEvent.click(screen.getByTestId("send-button"));
     const banner = await screen.findByTestId("error-banner");
-    expect(banner).toHaveTextContent("Model part 1 is down (node node2)");
-    expect(banner).toHaveTextContent("127.0.0.1:50052");
+    expect(banner).toHaveTextContent("Model part 0 is down (node node1)");
+    expect(banner).toHaveTextContent("part 0 has no healthy node: node1");
   });
 
-  it("422 shows what was wrong", async () => {
-    mockFetch({ "/v1/chat/completions": () => errorResponse(422, "top_p must be in (0, 1], got 5", {}, "invalid_request_error") });
+  it("422 names the field and shows what was wrong", async () => {
+    mockFetch({ "/v1/chat/completions": () => apiError("schema_violation") });
     render(<Playground />);
-    setParam("topP", "5");
     type("hi");
     fireEvent.click(screen.getByTestId("send-button"));
     const banner = await screen.findByTestId("error-banner");
-    expect(banner).toHaveTextContent("Invalid request (422)");
-    expect(banner).toHaveTextContent("top_p must be in (0, 1], got 5");
+    expect(banner).toHaveTextContent("Invalid request: metadata.type");
+    expect(banner).toHaveTextContent(API_ERRORS.schema_violation.body.error.message);
   });
 
   it("a network failure says the API cannot be reached", async () => {
@@ -226,22 +225,21 @@ describe("Playground errors", () => {
 
   it("an error event mid-stream keeps the text so far and shows the error", async () => {
     mockFetch({
-      "/v1/chat/completions": () =>
-        sseResponse(sse([chatChunk("partial"), { error: { message: "part 2 failed: node3 crashed", type: "unavailable", code: 503 } }], false)),
+      "/v1/chat/completions": () => sseResponse(sse([chatChunk("partial"), apiErrorEvent("timeout_mid_stream")], false)),
     });
     render(<Playground />);
     type("hi");
     fireEvent.click(screen.getByTestId("send-button"));
-    expect(await screen.findByTestId("error-banner")).toHaveTextContent("Model part 2 is down (node node3)");
+    expect(await screen.findByTestId("error-banner")).toHaveTextContent("Request timed out");
     expect(screen.getByTestId("reply")).toHaveTextContent("partial");
   });
 
   it("the dismiss button clears the banner", async () => {
-    mockFetch({ "/v1/chat/completions": () => errorResponse(500, "boom") });
+    mockFetch({ "/v1/chat/completions": () => apiError("timeout") });
     render(<Playground />);
     type("hi");
     fireEvent.click(screen.getByTestId("send-button"));
-    expect(await screen.findByTestId("error-banner")).toHaveTextContent("Server error (500)");
+    expect(await screen.findByTestId("error-banner")).toHaveTextContent("Request timed out");
     fireEvent.click(screen.getByRole("button", { name: "Dismiss error" }));
     expect(screen.queryByTestId("error-banner")).toBeNull();
   });

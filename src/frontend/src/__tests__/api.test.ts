@@ -1,11 +1,13 @@
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { ApiError, parseRetryAfter, SseParser, sseData, streamChat, streamCompletion } from "../api";
-import { describeError, findPartAndNode } from "../errors";
+import { describeError } from "../errors";
 import { parseControls, parseStopSequences, DEFAULT_CONTROLS } from "../params";
 import {
   chatChunk,
   completionChunk,
-  errorResponse,
+  API_ERRORS,
+  apiError,
+  apiErrorEvent,
   FINAL_EXTRA,
   jsonResponse,
   mockFetch,
@@ -65,13 +67,11 @@ describe("streamChat", () => {
     expect(calls[0]!.body).not.toHaveProperty("seed");
   });
 
-  it("raises an error event inside the stream as ApiError", async () => {
-    const body = sse([chatChunk("a"), { error: { message: "part 1 (node2) is unavailable", type: "unavailable", code: 503 } }], false);
-    mockFetch({ "/v1/chat/completions": () => sseResponse(body) });
+  it("raises an error event inside the stream as ApiError, with the body's fields", async () => {
+    mockFetch({ "/v1/chat/completions": () => sseResponse(sse([chatChunk("a"), apiErrorEvent("timeout_mid_stream")], false)) });
     const err = await streamChat({ model: "m", messages: [], ...PARAMS }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(ApiError);
-    expect((err as ApiError).status).toBe(503);
-    expect((err as ApiError).kind).toBe("stream");
+    expect(err).toMatchObject({ kind: "stream", status: 504, reason: "timeout", message: API_ERRORS.timeout_mid_stream.body.error.message });
   });
 
   it("flags a stream that closes before finishing", async () => {
@@ -80,8 +80,14 @@ describe("streamChat", () => {
   });
 
   it("maps HTTP errors, Retry-After and FastAPI's default 422 body", async () => {
-    mockFetch({ "/v1/chat/completions": () => errorResponse(429, "queue full", { "Retry-After": "4" }) });
-    await expect(streamChat({ model: "m", messages: [], ...PARAMS })).rejects.toMatchObject({ status: 429, retryAfterS: 4, message: "queue full" });
+    const busy = API_ERRORS.queue_full;
+    mockFetch({ "/v1/chat/completions": () => apiError("queue_full") });
+    await expect(streamChat({ model: "m", messages: [], ...PARAMS })).rejects.toMatchObject({
+      status: 429,
+      reason: "queue_full",
+      retryAfterS: Number(busy.retry_after),
+      message: busy.body.error.message,
+    });
     mockFetch({
       "/v1/chat/completions": () => jsonResponse({ detail: [{ loc: ["body", "temperature"], msg: "must be >= 0" }] }, 422),
     });
@@ -143,11 +149,12 @@ describe("helpers", () => {
     expect(parseControls({ ...DEFAULT_CONTROLS, maxTokens: "1.5", seed: "x" })).toMatchObject({ ok: false });
   });
 
-  it("finds the part and node named in a 503 message", () => {
-    expect(findPartAndNode("model part 2 is unavailable: node 'node-c' at 10.0.0.3:50053 refused")).toEqual({ part: 2, node: "node-c" });
-    expect(findPartAndNode("no healthy node for part 1", ["node1", "node2"])).toEqual({ part: 1, node: null });
-    expect(findPartAndNode("node2 (127.0.0.1:50052) is down", ["node1", "node2"])).toEqual({ part: null, node: "node2" });
-    const d = describeError(new ApiError("http", "part 1 down: node2 unreachable", { status: 503 }), ["node2"]);
-    expect(d.title).toBe("Model part 1 is down (node node2)");
+  it("reads part, node, param and retry-after from the body, not from the message", async () => {
+    mockFetch({ "/v1/chat/completions": () => apiError("cache_exhausted") });
+    const full = await streamChat({ model: "m", messages: [], ...PARAMS }).catch((e: unknown) => e);
+    expect(full).toMatchObject({ reason: "cache_exhausted", part: 0, node: "node1", retryAfterS: API_ERRORS.cache_exhausted.body.error.retry_after_s });
+    mockFetch({ "/v1/chat/completions": () => apiError("context_length_exceeded") });
+    const long = await streamChat({ model: "m", messages: [], ...PARAMS }).catch((e: unknown) => e);
+    expect(describeError(long)).toMatchObject({ reason: "context_length_exceeded", param: "messages", part: null, node: null });
   });
 });

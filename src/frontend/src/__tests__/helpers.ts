@@ -1,7 +1,9 @@
-// Test doubles for the API: SSE bodies fed in arbitrary pieces, JSON responses, and a fetch mock
-// that routes by URL and records every request.
+// Test doubles for the API: SSE bodies fed in arbitrary pieces, JSON responses, the API's real
+// error answers (src/__fixtures__/api_errors.json), and a fetch mock that routes by URL and
+// records every request.
 import { vi } from "vitest";
 import type { ClusterStatus, NodeStatus } from "../api";
+import fixture from "../__fixtures__/api_errors.json";
 
 const enc = new TextEncoder();
 
@@ -70,8 +72,21 @@ export function jsonResponse(body: unknown, status = 200, headers: Record<string
   return new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json", ...headers } });
 }
 
-export function errorResponse(status: number, message: string, headers: Record<string, string> = {}, type = "error"): Response {
-  return jsonResponse({ error: { message, type, code: status } }, status, headers);
+/** The API's real error answers, one per reason a client can provoke: written by tests/test_errors.py
+ * against a running cluster, which fails when they no longer match what the API sends. */
+export const API_ERRORS = fixture.cases;
+export const NOT_PROVOKED: readonly string[] = fixture.not_provoked;
+export type ApiErrorCase = keyof typeof fixture.cases;
+
+/** The API's captured HTTP answer for `name`: its status, Retry-After and body. */
+export function apiError(name: ApiErrorCase): Response {
+  const c = API_ERRORS[name];
+  return jsonResponse(c.body, c.status, c.retry_after === null ? {} : { "Retry-After": c.retry_after });
+}
+
+/** The error event of a captured stream (the same body, sent after the status line). */
+export function apiErrorEvent(name: ApiErrorCase): unknown {
+  return API_ERRORS[name].body;
 }
 
 export interface Call {
@@ -141,8 +156,14 @@ export function node(id: string, part: number, layers: [number, number], over: P
     healthy: true,
     error: null,
     requests_in_flight: 0,
-    cache_used_tokens: 100,
+    cache_used_tokens: 96,
     cache_budget_tokens: 4096,
+    cache_block_size: 16,
+    cache_blocks_total: 256,
+    cache_blocks_free: 250,
+    prefix_cached_blocks: 12,
+    prefix_hit_tokens: 320,
+    backoff_s: 0,
     rss_bytes: 512 * 1024 * 1024,
     weights_bytes: 22 * 1024 * 1024,
     weight_types: { Q4_1: 70 },

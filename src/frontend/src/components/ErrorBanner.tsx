@@ -1,32 +1,39 @@
-// One error, said plainly: what failed and what to do. 429 counts down the server's Retry-After;
-// 503 names the model part / node that is down.
+// One error, said plainly, from the error's fields: what failed (the model part and node when the
+// API names them), the server's message, what to do, and a countdown of the server's Retry-After.
 import { useEffect, useState } from "react";
 import { describeError } from "../errors";
 
 interface Props {
   error: unknown;
-  /** Node ids from the last cluster poll, to name the node in a 503 exactly. */
-  knownNodeIds?: readonly string[];
   onDismiss?: () => void;
   testId?: string;
 }
 
-export function ErrorBanner({ error, knownNodeIds = [], onDismiss, testId = "error-banner" }: Props) {
-  const d = describeError(error, knownNodeIds);
-  const remaining = useCountdown(d.kind === "busy" ? d.retryAfterS : null, error);
+export function ErrorBanner({ error, onDismiss, testId = "error-banner" }: Props) {
+  const d = describeError(error);
+  const remaining = useCountdown(d.retryAfterS, error);
 
   let title = d.title;
-  if (d.kind === "busy") {
-    if (d.retryAfterS === null) title = "Server busy, retry shortly";
-    else if (remaining !== null && remaining > 0) title = `Server busy, retry in ${remaining} s`;
-    else title = "Server busy, you can retry now";
+  if (d.retryAfterS !== null) {
+    title += remaining !== null && remaining > 0 ? `, retry in ${remaining} s` : ", you can retry now";
   }
 
   return (
-    <div className={`banner banner-${d.kind}`} role="alert" data-testid={testId} data-kind={d.kind}>
+    <div
+      className={`banner banner-${d.kind}`}
+      role="alert"
+      data-testid={testId}
+      data-kind={d.kind}
+      data-reason={d.reason ?? ""}
+      data-part={d.part ?? ""}
+      data-node={d.node ?? ""}
+    >
       <div className="banner-text">
         <strong className="banner-title">{title}</strong>
-        {d.detail !== "" && d.detail !== title && <span className="banner-detail">{d.detail}</span>}
+        {d.detail !== "" && d.detail !== d.title && <span className="banner-detail">{d.detail}</span>}
+        <span className="banner-todo" data-testid={`${testId}-todo`}>
+          {d.todo}
+        </span>
       </div>
       {onDismiss && (
         <button type="button" className="banner-close" onClick={onDismiss} aria-label="Dismiss error">

@@ -49,6 +49,10 @@ export function NodeCard({ node, nLayers, active }: Props) {
             {formatCount(node.cache_used_tokens)} / {formatCount(node.cache_budget_tokens)} tok
           </span>
         </dd>
+        <dt>prefix cache</dt>
+        <dd className="small" title={`${node.prefix_cached_blocks} cached blocks of ${node.cache_block_size} tokens`}>
+          {formatCount(node.prefix_cached_blocks)} blocks · {formatCount(node.prefix_hit_tokens)} tok hit
+        </dd>
         <dt>memory</dt>
         <dd>{formatBytes(node.rss_bytes)}</dd>
         <dt>weights</dt>

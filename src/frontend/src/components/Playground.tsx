@@ -22,11 +22,6 @@ interface Turn {
   reply: Reply;
 }
 
-interface Props {
-  /** Node ids from the cluster view, so a 503 can name the node exactly. */
-  knownNodeIds?: readonly string[];
-}
-
 const emptyReply = (): Reply => ({ text: "", status: "streaming", liveTokens: 0, result: null });
 
 /** The conversation the model sees: finished turns that produced text, then the new message. */
@@ -40,7 +35,7 @@ function buildMessages(turns: Turn[], next: string): ChatMessage[] {
   return msgs;
 }
 
-export function Playground({ knownNodeIds = [] }: Props) {
+export function Playground() {
   const [mode, setMode] = useState<Mode>("chat");
   const [controls, setControls] = useState<ControlValues>(DEFAULT_CONTROLS);
   const [fieldErrors, setFieldErrors] = useState<Partial<Record<keyof ControlValues, string>>>({});
@@ -235,7 +230,7 @@ export function Playground({ knownNodeIds = [] }: Props) {
         )}
       </div>
 
-      {error !== null && <ErrorBanner error={error} knownNodeIds={knownNodeIds} onDismiss={() => setError(null)} />}
+      {error !== null && <ErrorBanner error={error} onDismiss={() => setError(null)} />}
 
       <form className="composer" onSubmit={onSubmit}>
         <textarea

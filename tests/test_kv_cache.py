@@ -1,0 +1,169 @@
+"""Paged KV caches and the prefix cache (src/modeling/kv_cache.py), on the block pool alone and
+through the engine on real weights (the tiny Llama and the embedded SmolLM2).
+
+Paged attention must equal the contiguous computation (transformers' logits; runs with tiny blocks
+so every chunk crosses block boundaries); shared prefixes must give the same tokens as a cold run,
+reference-count back to zero, survive eviction under pressure, and never be written in place.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeserve.common.errors import CacheBudgetError
+from pipeserve.modeling.engine import SeqChunk, StageEngine
+from pipeserve.modeling.generate import GREEDY, generate, run_stages
+from pipeserve.modeling.kv_cache import KVCachePool
+from pipeserve.modeling.loader import load_stage
+
+
+def pool(blocks: int = 8, bs: int = 4) -> KVCachePool:
+    return KVCachePool(2, 1, 8, blocks * bs, 1000, block_size=bs)
+
+
+def test_blocks_are_taken_freed_and_counted():
+    p = pool()
+    (a,) = p.reserve([("a", 0, 9)])  # 9 tokens -> 3 blocks of 4
+    p.commit(a, 0, list(range(9)))
+    assert len(a.blocks) == 3 and p.used_blocks == 3 and p.used_tokens == 12
+    p.reserve([("a", 9, 3)])  # fits the third block
+    assert p.used_blocks == 3
+    p.commit(a, 9, [9, 10, 11])
+    assert p.cached_blocks == 3  # every full block is published by hash
+    with pytest.raises(CacheBudgetError, match=r"needs 6 more blocks .* 5 of 8 are free"):
+        p.reserve([("b", 0, 24)])
+    assert "b" not in p.seqs and p.used_blocks == 3  # a refused batch leaves no trace
+    assert p.release(["a", "zzz"]) == {"a": 12, "zzz": 0}
+    assert p.used_blocks == 0 and p.cached_blocks == 3  # freed, still reusable
+    p.check()
+
+
+def test_prefix_lookup_shares_blocks_and_keeps_the_last_token_to_compute():
+    p = pool()
+    (a,) = p.reserve([("a", 0, 12)])
+    p.commit(a, 0, list(range(12)))
+    assert p.lookup_prefix("b", list(range(12))) == 8  # all 3 blocks match, but the last token is computed
+    assert p.lookup_prefix("c", [*range(6), 99, 98, 97]) == 4  # diverges inside block 2
+    assert p.lookup_prefix("d", [5, *range(11)]) == 0  # same tokens, other positions: no hit
+    assert p.seqs["b"].blocks == a.blocks[:2] and p.refs[a.blocks[0]] == 3
+    assert p.hit_tokens == 12 and p.lookup_tokens == 12 + 9 + 12
+    assert p.lookup_prefix("b", [*range(8), 7]) == 8  # started afresh: its old blocks are dropped
+    assert p.refs[a.blocks[0]] == 3 and p.refs[a.blocks[2]] == 1
+    p.release(["a", "b", "c", "d"])
+    assert all(r == 0 for r in p.refs)
+    p.check()
+
+
+def test_a_shared_block_is_copied_before_a_replay_rewrites_it():
+    p = pool()
+    (a,) = p.reserve([("a", 0, 8)])
+    p.commit(a, 0, list(range(8)))
+    p.k[a.blocks[1]] = 7.0
+    assert p.lookup_prefix("b", [*range(8), 50]) == 8
+    (b,) = p.reserve([("b", 6, 3)])  # rewrite positions 6.. of block 1, which "a" shares
+    assert b.blocks[1] != a.blocks[1] and b.blocks[0] == a.blocks[0]
+    assert torch.equal(p.k[b.blocks[1]], p.k[a.blocks[1]])  # copied, then b writes its own
+    assert p.refs[a.blocks[1]] == 1
+    p.check()
+
+
+def test_eviction_reuses_the_least_recently_freed_and_forgets_its_hash():
+    p = pool(blocks=4)
+    for rid, base in (("a", 0), ("b", 100)):
+        (s,) = p.reserve([(rid, 0, 8)])
+        p.commit(s, 0, list(range(base, base + 8)))
+        p.release([rid])
+    assert p.cached_blocks == 4
+    (c,) = p.reserve([("c", 0, 8)])  # takes a's two blocks (freed first)
+    p.commit(c, 0, list(range(200, 208)))
+    assert p.lookup_prefix("x", list(range(9))) == 0  # a's prefix is gone
+    assert p.lookup_prefix("y", list(range(100, 109))) == 8  # b's is still cached
+    p.check()
+
+
+# ----------------------------------------------------------------------------- through the engine
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_stage(str(tiny_llama))
+
+
+def test_tiny_blocks_equal_the_default_blocks(tiny):
+    """Blocks of 3 positions: every prefill chunk and decode step crosses block boundaries."""
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1, 8, 2, 8], [1, 4, 1, 4, 2, 1, 3, 5, 6, 2, 3, 7]]
+    want = generate([StageEngine(tiny)], prompts, 12)
+    small = StageEngine(tiny, block_size=3)
+    assert generate([small], prompts, 12) == want
+    small.cache.check()
+
+
+def test_prefix_cache_hit_gives_the_same_tokens(tiny):
+    eng = StageEngine(tiny, block_size=4)
+    prompt = list(range(5, 40))  # 35 tokens: 8 full blocks
+    cold = generate([eng], [prompt], 10)[0]
+    eng.release(list(eng.cache.seqs))
+    assert eng.lookup_prefix("warm", prompt) == 32
+    out = run_stages([eng], [SeqChunk("warm", 32, prompt[32:], GREEDY)])
+    tokens = list(prompt)
+    for _ in range(10):
+        tokens.append(int(out[0].argmax()))
+        out = run_stages([eng], [SeqChunk("warm", len(tokens) - 1, [tokens[-1]], GREEDY)])
+    assert tokens[len(prompt) :] == cold
+    eng.release(["warm"])
+    assert eng.cache.used_blocks == 0 and all(r == 0 for r in eng.cache.refs)
+    eng.cache.check()
+
+
+def test_eviction_under_pressure_keeps_results_right(tiny):
+    """A pool of 12 blocks of 4 for 3 concurrent 20-token sequences: prefixes come and go."""
+    eng = StageEngine(tiny, cache_budget_tokens=48, block_size=4)
+    base = [list(range(s, s + 14)) for s in (3, 60, 120)]
+    want = [generate([StageEngine(tiny)], [p], 6)[0] for p in base]
+    for rnd in range(3):
+        for i, p in enumerate(base):
+            rid = f"r{rnd}-{i}"
+            hit = eng.lookup_prefix(rid, p)
+            out = run_stages([eng], [SeqChunk(rid, hit, p[hit:], GREEDY)])
+            toks = list(p)
+            for _ in range(6):
+                toks.append(int(out[0].argmax()))
+                out = run_stages([eng], [SeqChunk(rid, len(toks) - 1, [toks[-1]], GREEDY)])
+            assert toks[len(p) :] == want[i]
+            eng.release([rid])
+        eng.cache.check()
+    assert eng.cache.hit_tokens > 0
+
+
+def test_smollm2_shared_system_prompt_hits_on_every_split(smol_full):
+    """Two chat prompts with the same long system turn, through a 3-stage split of the real model:
+    the second hits on every stage and its greedy text equals a cold run."""
+    from pipeserve.tokenizer.core import TokenizerCore
+
+    tok = TokenizerCore.from_model("smollm2-135m-instruct")
+    system = "You are a careful assistant. " * 24  # ~150 tokens shared
+    prompts = [
+        tok.encode(
+            tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}]),
+            add_special_tokens=False,
+        )
+        for q in ("What is the capital of France?", "Name a colour.")
+    ]
+    n = smol_full.cfg.n_layers
+    src = smol_full.source
+    stages = [StageEngine(load_stage(src, r)) for r in ((0, 10), (10, 20), (20, n))]
+    cold = generate([StageEngine(smol_full)], [prompts[1]], 12)[0]
+    generate(stages, [prompts[0]], 4, prefix="first")  # leaves its blocks cached, then releases
+    hits = [e.lookup_prefix("second", prompts[1]) for e in stages]
+    assert hits[0] >= 128 and len(set(hits)) == 1  # the shared system turn, on every stage
+    toks = list(prompts[1])
+    out = run_stages(stages, [SeqChunk("second", hits[0], toks[hits[0] :], GREEDY)])
+    for _ in range(12):
+        toks.append(int(out[0].argmax()))
+        out = run_stages(stages, [SeqChunk("second", len(toks) - 1, [toks[-1]], GREEDY)])
+    assert toks[len(prompts[1]) :] == cold
+    for e in stages:
+        e.release(["second"])
+        assert e.cache.used_blocks == 0
+        e.cache.check()
