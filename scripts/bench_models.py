@@ -3,7 +3,7 @@
 1. Every architecture kind of tests/tiny_models.py, from its safetensors folder and its GGUF twin
    (written in llama.cpp's layout): does it load, the max logit difference from transformers over
    every position of a 40-token prompt, and whether 16 greedy tokens equal transformers' generate.
-2. Gemma 3 270M (`gemma3-270m`, Q4_K_M) on a real 3-node loopback cluster (processes): each node's
+2. Gemma 3 270M (`gemma3-270m`, Q4_K_M) on a real 3-node loopback cluster (processes, 1 kernel thread each): each node's
    RSS and resident weight bytes, and streamed decode tok/s through /v1/completions (1 and 4
    concurrent greedy streams of 64 tokens), with llama.cpp's llama-bench tg64 on the same file
    and thread count beside it when llama.cpp is built (scripts/build_llamacpp.sh).
@@ -226,7 +226,8 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/models.json"))
-    ap.add_argument("--threads", type=int, default=2)
+    # 3 nodes share this box's 2 cores: 1 kernel thread each (as bench_serving.py's 3-node system)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip", choices=["tiny", "gemma"], action="append", default=[])
     args = ap.parse_args()

@@ -216,12 +216,13 @@ def test_fused_small_ops_match_reference():
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_attention_reads_paged_caches_in_place(isa, window):
+@pytest.mark.parametrize(("nh", "nkv"), [(6, 2), (10, 2), (3, 3)])  # query heads per kv head: 3, 5, 1
+def test_decode_attention_reads_paged_caches_in_place(isa, window, nh, nkv):
     """Ragged lengths (one exactly 2 blocks, one inside its first block), grouped heads, block
     tables out of order, a subset of batch rows from one fused q|k|v buffer, a sliding window:
     the new k/v rows land in their blocks and the output equals the reference."""
     torch.manual_seed(0)
-    layers, nkv, nh, hd, bs, n_blocks = 3, 2, 6, 64, 16, 12
+    layers, hd, bs, n_blocks = 3, 64, 16, 12
     kp, vp = torch.randn(n_blocks, layers, nkv, bs, hd), torch.randn(n_blocks, layers, nkv, bs, hd)
     lengths = [33, 32, 1]
     tables = torch.tensor([[7, 2, 9], [0, 11, 0], [5, 0, 0]])  # padding past each table's end

@@ -559,7 +559,7 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
           memcpy((float*)vb[nblk - 1] + j * x.head_stride + last * x.hd, x.v + r * x.row_stride + j * x.hd,
                  x.hd * sizeof(float));
         }
-        std::vector<float> scores(L - s0);
+        std::vector<float> scores(x.nh * (L - s0));
         attend_for(x.hd)(x.q + r * x.row_stride, x.out + b * x.nh * x.hd, kb.data(), vb.data(), x.bs, x.head_stride,
                          s0, L, x.nh, x.nkv, x.hd, x.scale, scores.data());
       },

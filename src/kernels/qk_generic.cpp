@@ -86,7 +86,7 @@ namespace generic {
 // head j is Kb[p / bs] + j * head_stride + (p % bs) * hd (floats; V alike): the cache is a list of
 // blocks of bs positions (a contiguous cache is one block). For each query head h (kv head
 // h / (nh / nkv)): out = softmax(q . K[start:L] * scale) @ V[start:L]; start > 0 is a sliding
-// window. `scores` holds L - start floats.
+// window. `scores` holds nh * (L - start) floats (this version uses the first L - start).
 void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
                    int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
                    float* scores) {

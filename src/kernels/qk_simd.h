@@ -291,44 +291,103 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
   }
 }
 
+// HG query heads (qh[0..HG)) sharing one kv head: scores and softmax weights into sc[i][0..n),
+// then out[i] = sum_p w[i][p] * V[p]. Every K and V row is loaded once for all HG heads.
+template <int HG>
+static void attend_group(const float* const* qh, float* const* oh, float* const* sc, const float* const* Kb,
+                         const float* const* Vb, int64_t bs, int64_t kv_off, int64_t start, int64_t L, int64_t hd,
+                         float scale) {
+  using F = typename S::F;
+  const int64_t n = L - start;
+  float mx[HG], inv[HG];
+  for (int i = 0; i < HG; ++i) mx[i] = -INFINITY;
+  for (int64_t p = start; p < L;) {
+    const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
+    const float* kr = Kb[j] + kv_off + (p - j * bs) * hd;
+    for (; p < end; ++p, kr += hd) {
+      F acc[HG];
+      for (int i = 0; i < HG; ++i) acc[i] = S::zero();
+      for (int64_t d = 0; d < hd; d += S::L) {
+        const F kv = S::f32(kr + d);
+#pragma GCC unroll 4
+        for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::f32(qh[i] + d), kv, acc[i]);
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < HG; ++i) {
+        const float v = S::hsum(acc[i]) * scale;
+        sc[i][p - start] = v;
+        mx[i] = v > mx[i] ? v : mx[i];
+      }
+    }
+  }
+  for (int i = 0; i < HG; ++i) inv[i] = 1.f / softmax_exp(sc[i], n, mx[i]);
+  constexpr int VC = HG <= 2 ? 4 : 2;  // output vectors per pass: HG * VC accumulators in registers
+  for (int64_t d0 = 0; d0 < hd; d0 += VC * S::L) {
+    if (hd - d0 < VC * S::L) {  // a tail narrower than VC vectors: one vector at a time
+      for (int64_t d = d0; d < hd; d += S::L) {
+        F acc[HG];
+        for (int i = 0; i < HG; ++i) acc[i] = S::zero();
+        for (int64_t p = start; p < L; ++p) {
+          const float* vr = Vb[p / bs] + kv_off + (p % bs) * hd + d;
+          const F vv = S::f32(vr);
+          for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::set1(sc[i][p - start] * inv[i]), vv, acc[i]);
+        }
+        for (int i = 0; i < HG; ++i) S::store(oh[i] + d, acc[i]);
+      }
+      break;
+    }
+    F acc[HG][VC];
+#pragma GCC unroll 4
+    for (int i = 0; i < HG; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < VC; ++v) acc[i][v] = S::zero();
+    for (int64_t p = start; p < L;) {
+      const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
+      const float* vr = Vb[j] + kv_off + (p - j * bs) * hd + d0;
+      for (; p < end; ++p, vr += hd) {
+#pragma GCC unroll 4
+        for (int i = 0; i < HG; ++i) {
+          const F w = S::set1(sc[i][p - start] * inv[i]);
+#pragma GCC unroll 4
+          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, S::f32(vr + v * S::L), acc[i][v]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < HG; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < VC; ++v) S::store(oh[i] + d0 + v * S::L, acc[i][v]);
+  }
+}
+
 // Decode attention for one sequence (see generic::attend_decode for the contract), with the q.k
 // dot products and the weighted sum of V in vectors, walking the cache block by block (rows inside
-// a block are contiguous); hd must be a multiple of S::L (else the portable version runs).
+// a block are contiguous). The query heads that share a kv head (grouped-query attention) are
+// done together, up to 4 at a time (attend_group): each K and V row is loaded once for all of
+// them. hd must be a multiple of S::L (else the portable version runs); `scores` holds
+// nh * (L - start) floats.
 static void attend_one(const float* q, float* __restrict out, const float* const* Kb, const float* const* Vb, int64_t bs,
                        int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
                        float* __restrict scores) {
-  using F = typename S::F;
   const int64_t group = nh / nkv, n = L - start;
-  for (int64_t h = 0; h < nh; ++h) {
-    const float* qh = q + h * hd;
-    const int64_t kvh = h / group;
-    float mx = -INFINITY;
-    for (int64_t p = start; p < L;) {
-      const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
-      const float* kr = Kb[j] + kvh * head_stride + (p - j * bs) * hd;
-      for (; p < end; ++p, kr += hd) {
-        F acc = S::zero();
-        for (int64_t d = 0; d < hd; d += S::L) acc = S::fma(S::f32(qh + d), S::f32(kr + d), acc);
-        const float sc = S::hsum(acc) * scale;
-        scores[p - start] = sc;
-        mx = sc > mx ? sc : mx;
+  for (int64_t kvh = 0; kvh < nkv; ++kvh) {
+    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += 4) {
+      const int64_t hg = (kvh + 1) * group - h0 < 4 ? (kvh + 1) * group - h0 : 4;  // heads in this pass
+      const float* qh[4];
+      float* oh[4];
+      float* sc[4];
+      for (int64_t i = 0; i < hg; ++i) {
+        qh[i] = q + (h0 + i) * hd;
+        oh[i] = out + (h0 + i) * hd;
+        sc[i] = scores + (h0 + i) * n;
       }
-    }
-    const float den = softmax_exp(scores, n, mx);
-    const float inv = 1.f / den;
-    float* o = out + h * hd;
-    for (int64_t d0 = 0; d0 < hd; d0 += 4 * S::L) {  // 4 output vectors at a time stay in registers
-      const int64_t nv = (hd - d0) / S::L < 4 ? (hd - d0) / S::L : 4;
-      F acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
-      for (int64_t p = start; p < L;) {
-        const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
-        const float* vr = Vb[j] + kvh * head_stride + (p - j * bs) * hd + d0;
-        for (; p < end; ++p, vr += hd) {
-          const F w = S::set1(scores[p - start] * inv);
-          for (int64_t v = 0; v < nv; ++v) acc[v] = S::fma(w, S::f32(vr + v * S::L), acc[v]);
-        }
+      const int64_t off = kvh * head_stride;
+      switch (hg) {
+        case 1: attend_group<1>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
+        case 2: attend_group<2>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
+        case 3: attend_group<3>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
+        default: attend_group<4>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
       }
-      for (int64_t v = 0; v < nv; ++v) S::store(o + d0 + v * S::L, acc[v]);
     }
   }
 }

@@ -67,8 +67,9 @@ int main(){
   }
   // decode attention at 16 lanes (hd 64 and 128, grouped heads, paged in blocks of 16 with a window
   // start and a partial last block) vs the portable version
-  for(int hd: {64,128}) for(int start: {0,5}){ const int nh=6, nkv=2, bs=16, nblk=3, L=37;
-    std::vector<float> q(nh*hd), K(nblk*nkv*bs*hd), V(nblk*nkv*bs*hd), o1(nh*hd), o2(nh*hd), sc(L);
+  int heads[3][2]={{6,2},{10,2},{4,4}};  // query heads per kv head: 3, 5 (two passes), 1
+  for(auto& hk: heads) for(int hd: {64,128}) for(int start: {0,5}){ const int nh=hk[0], nkv=hk[1], bs=16, nblk=3, L=37;
+    std::vector<float> q(nh*hd), K(nblk*nkv*bs*hd), V(nblk*nkv*bs*hd), o1(nh*hd), o2(nh*hd), sc(nh*L);
     for(auto*v:{&q,&K,&V}) for(auto&f:*v) f=(rand()/(float)RAND_MAX)-0.5f;
     const float* kb[nblk]; const float* vb[nblk]; int order[nblk]={2,0,1};  // blocks out of order
     for(int j=0;j<nblk;j++){ kb[j]=K.data()+order[j]*nkv*bs*hd; vb[j]=V.data()+order[j]*nkv*bs*hd; }
