@@ -648,19 +648,29 @@ class Scheduler:
         log.info("node %s is out of KV blocks (%s): preempting %s", node.id, text, victim.id)
         self._preempt(victim)
 
-    def _preempt(self, req: Request) -> None:
-        g = self.groups[req.group]
-        if req in g.requests:
-            g.requests.remove(req)
-            self.running -= 1
+    def _unroute(self, req: Request) -> None:
+        """Take a request out of its group and its nodes, and free its caches on every node it
+        used (after the step, if a forward for it is in flight and may still create one)."""
+        if req.group >= 0:
+            g = self.groups[req.group]
+            if req in g.requests:
+                g.requests.remove(req)
+                self.running -= 1
         for node in req.route.values():
             node.running.discard(req.id)
+            node.soft_budget = None  # room was made: the full pool may be tried again
         req.route, req.group = {}, -1
         nodes, req.visited = list(req.visited), set()
         if req.in_step:
             req.release_after_step = nodes
         elif nodes:
             self._release_soon(req.id, nodes)
+
+    def _preempt(self, req: Request) -> None:
+        soft = {n: n.soft_budget for n in req.route.values()}
+        self._unroute(req)
+        for n, b in soft.items():  # still short of blocks there until a request finishes
+            n.soft_budget = b
         req.n_computed, req.needs_lookup, req.suspect = 0, True, False
         req.preemptions += 1
         self.preemptions += 1
@@ -782,22 +792,8 @@ class Scheduler:
 
     def _retire(self, req: Request) -> None:
         """Take a finished request out of its group and free its caches on every node it used."""
-        if req.group >= 0:
-            g = self.groups[req.group]
-            if req in g.requests:
-                g.requests.remove(req)
-                self.running -= 1
-        for node in req.route.values():
-            node.running.discard(req.id)
-            node.soft_budget = None  # room was made: the full pool may be tried again
-        req.route = {}
+        self._unroute(req)
         self.requests.pop(req.id, None)
-        nodes = list(req.visited)
-        req.visited = set()
-        if req.in_step:  # a forward may still create a cache for it: release once the step is over
-            req.release_after_step = nodes
-        elif nodes:
-            self._release_soon(req.id, nodes)
         self._admit()
 
     def _release_soon(self, rid: str, nodes: list[NodeHandle]) -> None:

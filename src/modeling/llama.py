@@ -141,12 +141,23 @@ class LlamaStage(nn.Module):
         return self.lm_head(self.norm(x[meta.sample_rows]))
 
 
-def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensors (Hugging Face names and [out, in] shapes) that a stage needs."""
-    C, I = cfg.hidden_size, cfg.intermediate_size
+def end_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
+    """The embedding (first stage; last too when the head is tied), final norm and head (last)."""
+    C = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {}
     if shard.is_first or (shard.is_last and cfg.tie_word_embeddings):
         shapes["model.embed_tokens.weight"] = (cfg.vocab_size, C)
+    if shard.is_last:
+        shapes["model.norm.weight"] = (C,)
+        if not cfg.tie_word_embeddings:
+            shapes["lm_head.weight"] = (cfg.vocab_size, C)
+    return shapes
+
+
+def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensors (Hugging Face names and [out, in] shapes) that a stage needs."""
+    C, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = end_shapes(cfg, shard)
     for i in range(shard.start_layer, shard.end_layer):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,)}
@@ -162,10 +173,6 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
                 p + "mlp.up_proj.bias": (I,),
                 p + "mlp.down_proj.bias": (C,),
             }
-    if shard.is_last:
-        shapes["model.norm.weight"] = (C,)
-        if not cfg.tie_word_embeddings:
-            shapes["lm_head.weight"] = (cfg.vocab_size, C)
     return shapes
 
 

@@ -18,6 +18,7 @@ from pipeserve.modeling.llama import (
     Weights,
     attention_shapes,
     check_shapes,
+    end_shapes,
     load_attention,
     load_ends,
     matrix,
@@ -30,18 +31,12 @@ Phi3Stage = LlamaStage
 def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensors (Hugging Face Phi-3 names and [out, in] shapes) that a stage needs."""
     C, I = cfg.hidden_size, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {}
-    if shard.is_first or (shard.is_last and cfg.tie_word_embeddings):
-        shapes["model.embed_tokens.weight"] = (cfg.vocab_size, C)
+    shapes = end_shapes(cfg, shard)
     for i in range(shard.start_layer, shard.end_layer):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (C,), p + "post_attention_layernorm.weight": (C,)}
         shapes |= attention_shapes(cfg, p + "self_attn.", fused=True)
         shapes |= {p + "mlp.gate_up_proj.weight": (2 * I, C), p + "mlp.down_proj.weight": (C, I)}
-    if shard.is_last:
-        shapes["model.norm.weight"] = (C,)
-        if not cfg.tie_word_embeddings:
-            shapes["lm_head.weight"] = (cfg.vocab_size, C)
     return shapes
 
 
