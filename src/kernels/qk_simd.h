@@ -291,6 +291,25 @@ static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
   }
 }
 
+// scores[p] <- exp(scores[p] - mx) for p < n, L at a time (S::exp_neg); returns their sum.
+static float softmax_exp_v(float* scores, int64_t n, float mx) {
+  using F = typename S::F;
+  const F neg = S::set1(-mx);
+  F sum = S::zero();
+  int64_t p = 0;
+  for (; p + S::L <= n; p += S::L) {
+    const F e = S::exp_neg(S::add(S::f32(scores + p), neg));
+    S::store(scores + p, e);
+    sum = S::add(sum, e);
+  }
+  float den = S::hsum(sum);
+  for (; p < n; ++p) {
+    scores[p] = __builtin_expf(scores[p] - mx);
+    den += scores[p];
+  }
+  return den;
+}
+
 // HG query heads (qh[0..HG)) sharing one kv head: scores and softmax weights into sc[i][0..n),
 // then out[i] = sum_p w[i][p] * V[p]. Every K and V row is loaded once for all HG heads.
 template <int HG>
@@ -320,7 +339,7 @@ static void attend_group(const float* const* qh, float* const* oh, float* const*
       }
     }
   }
-  for (int i = 0; i < HG; ++i) inv[i] = 1.f / softmax_exp(sc[i], n, mx[i]);
+  for (int i = 0; i < HG; ++i) inv[i] = 1.f / softmax_exp_v(sc[i], n, mx[i]);
   constexpr int VC = HG <= 2 ? 4 : 2;  // output vectors per pass: HG * VC accumulators in registers
   for (int64_t d0 = 0; d0 < hd; d0 += VC * S::L) {
     if (hd - d0 < VC * S::L) {  // a tail narrower than VC vectors: one vector at a time

@@ -31,6 +31,7 @@ struct S {
   static F add(F a,F b){for(int i=0;i<16;i++)a.v[i]+=b.v[i];return a;}
   static F mul(F a,F b){for(int i=0;i<16;i++)a.v[i]*=b.v[i];return a;}
   static F fma(F a,F b,F c){for(int i=0;i<16;i++)c.v[i]+=a.v[i]*b.v[i];return c;}
+  static F exp_neg(F a){for(int i=0;i<16;i++)a.v[i]=expf(a.v[i]);return a;}  // the lane logic, not the polynomial
   static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
   static void prefetch(const uint8_t*){}
   static float hsum(F a){float s=0;for(float x:a.v)s+=x;return s;}
