@@ -33,6 +33,7 @@ from pipeserve.common.errors import (
     StageUnavailableError,
 )
 from pipeserve.common.grpc_util import error_from_rpc, error_reason
+from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.kvblocks import prefix_hashes as prompt_block_hashes
 from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
 from pipeserve.modeling.sampling import SamplingParams
@@ -293,7 +294,7 @@ class Scheduler:
             self.running += 1
             g.wake.set()
 
-    def _blocks(self, tokens: int, bs: int = 16) -> int:
+    def _blocks(self, tokens: int, bs: int = BLOCK_SIZE) -> int:
         """Tokens rounded up to whole KV blocks (what a node really holds)."""
         return -(-tokens // bs) * bs
 
@@ -301,7 +302,7 @@ class Scheduler:
         """Each node's KV positions held by the requests routed to it, as they are now (they grow
         as tokens come; admission counts what is held, not worst cases)."""
         for n in self.cluster.nodes:
-            bs = n.info.cache_block_size if n.info and n.info.cache_block_size else 16
+            bs = n.info.cache_block_size if n.info and n.info.cache_block_size else BLOCK_SIZE
             n.reserved_tokens = sum(
                 self._blocks(r.reserve_tokens, bs) for rid in n.running if (r := self.requests.get(rid))
             )
@@ -644,7 +645,7 @@ class Scheduler:
             return
         victim = max(mine, key=lambda r: (r.admitted_at or 0.0, r.arrival))
         self._count_held()
-        node.soft_budget = max(16, node.reserved_tokens - self._blocks(victim.reserve_tokens))
+        node.soft_budget = max(BLOCK_SIZE, node.reserved_tokens - self._blocks(victim.reserve_tokens))
         log.info("node %s is out of KV blocks (%s): preempting %s", node.id, text, victim.id)
         self._preempt(victim)
 

@@ -80,10 +80,6 @@ class KVCachePool:
         """Blocks whose contents are known by hash (held or free): reusable prefixes."""
         return len(self.cached)
 
-    @property
-    def bytes_per_block(self) -> int:
-        return 2 * self.k[0].numel() * self.k.element_size()
-
     # ------------------------------------------------------------------ blocks
 
     def _take(self) -> int:
