@@ -6,6 +6,12 @@ forward per stage for all its requests (prefill chunks and decode tokens mixed),
 groups up to N stages compute at once on different groups. A failed node is marked down and the
 affected requests are replayed on a healthy replica (their tokens so far are prefilled again;
 sampling depends only on seed and position, so the output does not change).
+
+This module runs the loops and applies the policies of its neighbours, each a plain module:
+`requests` (the data), `admission` (checks, the queue's bound and Retry-After, routes with room),
+`planner` (which tokens a step computes), `failover` (what a failed forward means) and `output`
+(stop conditions and stop-string hold-back). `tests/test_scheduler_units.py` drives it over fake
+stage runners, without gRPC servers.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -25,115 +30,32 @@ from pipeserve.common import codec
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
     CacheBudgetError,
-    ContextLengthError,
     InvalidInputError,
     PipeserveError,
     QueueFullError,
-    Reason,
     StageUnavailableError,
 )
-from pipeserve.common.grpc_util import error_from_rpc, error_reason
+from pipeserve.common.grpc_util import error_from_rpc
 from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.kvblocks import prefix_hashes as prompt_block_hashes
+from pipeserve.coordinator import admission, output
 from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
+from pipeserve.coordinator.failover import Failure, classify, failovers_exhausted, preemption_victim
+from pipeserve.coordinator.planner import plan_step
+from pipeserve.coordinator.requests import (
+    ErrorEvent,
+    FinalEvent,
+    Group,
+    PlanItem,
+    Request,
+    StageStats,
+    TokenEvent,
+)
 from pipeserve.modeling.sampling import SamplingParams
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 
 log = logging.getLogger(__name__)
-
-# gRPC codes that mean "this node is gone or stuck" (transport, deadline): mark it down (with
-# backoff) and fail over to a replica. INTERNAL / UNKNOWN are a bug the batch triggered: the
-# culprit is found by running the batch's requests one at a time, and only it fails.
-NODE_FAILURE_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-}
-BUG_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-
-
-@dataclass
-class TokenEvent:
-    token_ids: list[int]
-    text: str
-    logprobs: list[tuple[int, float]] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-
-@dataclass
-class FinalEvent:
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    text: str  # held-back text flushed at the end
-
-
-@dataclass
-class ErrorEvent:
-    error: PipeserveError
-
-
-@dataclass
-class StageStats:
-    node_id: str = ""
-    forward_ms: float = 0.0
-    hop_ms: float = 0.0
-    bytes_sent: int = 0
-
-
-@dataclass(eq=False)
-class Request:
-    id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams
-    stop: list[str]
-    stop_ids: set[int]
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    n_computed: int = 0  # tokens whose KV is cached on every stage of the route
-    route: dict[int, NodeHandle] = field(default_factory=dict)
-    visited: set[NodeHandle] = field(default_factory=set)  # every node that may hold a cache for it
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    group: int = -1
-    arrival: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    finish_reason: str | None = None
-    cancelled: bool = False
-    stopping: bool = False  # its last token ends it (EOS or length); the emit task finishes it
-    in_step: bool = False  # a forward for it is in flight: releasing its caches must wait for the step
-    release_after_step: list[NodeHandle] = field(default_factory=list)
-    failovers: int = 0
-    preemptions: int = 0  # times its caches were taken back for others (it recomputes them)
-    needs_lookup: bool = True  # its next prefill may start on cached prefix blocks (LookupPrefix)
-    cached_tokens: int = 0  # prompt positions the prefix cache supplied on every stage
-    suspect: bool = False  # it was in a batch a node failed with INTERNAL: it runs alone until cleared
-    cache_wait_since: float | None = None  # a stage had no block for it and nobody to preempt
-    stalled_since: float | None = None
-    stage_stats: dict[int, StageStats] = field(default_factory=dict)
-    # incremental detokenization state (offsets into the generated ids) and stop-string hold-back
-    prefix_offset: int = 0
-    read_offset: int = 0
-    text: str = ""
-    emitted: int = 0
-
-    @property
-    def generated(self) -> list[int]:
-        return self.tokens[len(self.prompt_ids) :]
-
-    @property
-    def reserve_tokens(self) -> int:
-        """KV positions it needs on each stage for its next token (what admission counts)."""
-        return len(self.tokens) + 1
-
-
-@dataclass
-class Group:
-    index: int
-    requests: list[Request] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
-    emitting: asyncio.Task | None = None  # detokenize + stream of the previous step, overlapping this one
 
 
 class Scheduler:
@@ -150,7 +72,7 @@ class Scheduler:
         self.running = 0
         self.eos_ids: set[int] = set()
         self.max_context = cfg.max_context or 0
-        self._rate: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) for tokens/s
+        self.rate = admission.RateMeter()
         self._bg: set[asyncio.Task] = set()
         self.prefix_cache = cfg.coordinator.prefix_cache
         self.cache_full_backoff = False
@@ -198,42 +120,13 @@ class Scheduler:
         if rid in self.requests:
             raise InvalidInputError(f"request id {rid!r} is already in use")
         sampling.validate()
-        if not prompt_ids:
-            raise InvalidInputError("the prompt is empty: it must contain at least one token", param="prompt")
         vocab = self.cluster.tokenizer_info.vocab_size if self.cluster.tokenizer_info else 0
-        bad = next((t for t in prompt_ids if t < 0 or (vocab and t >= vocab)), None)
-        if bad is not None:
-            raise InvalidInputError(
-                f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt"
-            )
-        ctx = self.context_limit()
-        if len(prompt_ids) >= ctx:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens but the context length is {ctx} "
-                f"(prompt + generated tokens must fit)",
-                param="prompt",
-            )
-        left = ctx - len(prompt_ids)
-        if max_tokens > left:
-            raise InvalidInputError(
-                f"max_tokens={max_tokens} is more than the {left} tokens the context leaves after the "
-                f"{len(prompt_ids)}-token prompt (context length {ctx})",
-                param="max_tokens",
-            )
-        max_tokens = max_tokens or left
+        budgets = [self.cluster.max_budget(p) for p in range(self.cluster.n_parts)]
+        max_tokens = admission.check_request(prompt_ids, max_tokens, self.context_limit(), vocab, budgets)
         req = Request(rid, list(prompt_ids), max_tokens, sampling, [s for s in stop if s], set(stop_ids))
         req.tokens = list(prompt_ids)
         if not ignore_eos:
             req.stop_ids |= self.eos_ids
-        for part in range(self.cluster.n_parts):
-            budget = self.cluster.max_budget(part)
-            if budget and len(prompt_ids) + max_tokens > budget:
-                raise ContextLengthError(
-                    f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) = {len(prompt_ids) + max_tokens} tokens can never "
-                    f"fit part {part}'s KV-cache budget of {budget} tokens; lower max_tokens",
-                    param="max_tokens",
-                    part=part,
-                )
         self.requests[rid] = req
         self.waiting.append(req)
         self._admit()
@@ -250,38 +143,26 @@ class Scheduler:
 
     def retry_after(self) -> float:
         """Seconds until a queue slot likely frees: queued work over the recent finish rate."""
-        rate = self.tokens_per_second()
-        if rate <= 0:
-            return 2.0
         pending = sum(r.max_tokens - len(r.generated) for r in self.requests.values())
-        per_req = pending / max(1, len(self.requests))
-        return max(1.0, min(60.0, per_req / max(rate / max(1, self.running), 1e-3)))
+        return admission.retry_after(self.rate.rate(), pending, len(self.requests), self.running)
 
     def tokens_per_second(self, window_s: float = 5.0) -> float:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self._rate if now - t <= window_s]
-        if len(recent) < 2:
-            return 0.0
-        return sum(n for _, n in recent) / max(now - recent[0][0], 1e-3)
+        return self.rate.rate(window_s)
 
     def _admit(self) -> None:
         """Move requests from the queue into groups, first come first served (the head waits
         rather than being overtaken, so nobody starves)."""
         if self.waiting:
-            self._count_held()
+            admission.count_held(self.cluster.nodes, self.requests)
         while self.waiting and self.running < self.max_running:
             req = self.waiting[0]
             if req.cancelled:
                 self.waiting.popleft()
                 continue
-            route = {}
-            need = self._blocks(req.reserve_tokens)
             prefix = prompt_block_hashes(req.tokens) if self.prefix_cache else None
-            for part in range(self.cluster.n_parts):
-                node = self.cluster.pick(part, need, prefix)
-                if node is None or node.reserved_tokens + need > node.budget:
-                    return  # a part is down or full now: wait (stalls are timed out by the loops)
-                route[part] = node
+            route = admission.pick_route(self.cluster, req, prefix)
+            if route is None:
+                return  # a part is down or full now: wait (stalls are timed out by the loops)
             self.waiting.popleft()
             for part, node in route.items():
                 self._route(req, part, node)
@@ -294,30 +175,17 @@ class Scheduler:
             self.running += 1
             g.wake.set()
 
-    def _blocks(self, tokens: int, bs: int = BLOCK_SIZE) -> int:
-        """Tokens rounded up to whole KV blocks (what a node really holds)."""
-        return -(-tokens // bs) * bs
-
-    def _count_held(self) -> None:
-        """Each node's KV positions held by the requests routed to it, as they are now (they grow
-        as tokens come; admission counts what is held, not worst cases)."""
-        for n in self.cluster.nodes:
-            bs = n.info.cache_block_size if n.info and n.info.cache_block_size else BLOCK_SIZE
-            n.reserved_tokens = sum(
-                self._blocks(r.reserve_tokens, bs) for rid in n.running if (r := self.requests.get(rid))
-            )
-
     def _route(self, req: Request, part: int, node: NodeHandle) -> None:
         old = req.route.get(part)
         if old is node:
             return
         if old is not None:
             old.running.discard(req.id)
-            old.reserved_tokens -= self._blocks(req.reserve_tokens)
+            old.reserved_tokens -= admission.blocks(req.reserve_tokens)
         req.route[part] = node
         req.visited.add(node)
         node.running.add(req.id)
-        node.reserved_tokens += self._blocks(req.reserve_tokens)
+        node.reserved_tokens += admission.blocks(req.reserve_tokens)
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -363,48 +231,31 @@ class Scheduler:
                         req, PipeserveError(f"internal error in the coordinator: {type(exc).__name__}: {exc}")
                     )
 
-    def _plan(self, g: Group) -> list[tuple[Request, int, int]]:
-        """(request, start, n_tokens) for this step: decodes first, then prefill chunks FCFS."""
+    def _plan(self, g: Group) -> list[PlanItem]:
+        """This step's chunks (planner.py), after giving each candidate a healthy route; a request
+        with no route waits, and fails after recovery_wait_s."""
         for req in [r for r in g.requests if r.cancelled]:
             self._finish(req, "cancelled")
-        budget = self.max_batch_tokens
-        prefill_budget = self.max_batch_tokens  # cut to prefill_chunk_tokens once decodes ride along
-        plan = []
         now = time.monotonic()
-        candidates = sorted(g.requests, key=lambda r: (len(r.tokens) - r.n_computed > 1, r.arrival))
-        suspects = [r for r in candidates if r.suspect and not r.stopping]
-        if suspects:  # after an INTERNAL error: one suspect at a time finds the culprit
-            candidates = suspects[-1:]
-        for req in candidates:
-            if req.stopping:
-                continue
+
+        def routable(req: Request) -> bool:
             needs_route = len(req.route) < self.cluster.n_parts or any(
                 not n.healthy for n in req.route.values()
             )
             if needs_route and not self._reroute(req):
                 req.stalled_since = req.stalled_since or now
                 if now - req.stalled_since > self.cfg.coordinator.recovery_wait_s:
-                    part = self.cluster.down_part()
-                    nodes = ", ".join(n.id for n in self.cluster.nodes if n.part == (part or 0))
-                    err = StageUnavailableError(
-                        self.cluster.part_down_message(part or 0), part=part or 0, node=nodes
+                    part = self.cluster.down_part() or 0
+                    nodes = ", ".join(n.id for n in self.cluster.nodes if n.part == part)
+                    self._fail(
+                        req,
+                        StageUnavailableError(self.cluster.part_down_message(part), part=part, node=nodes),
                     )
-                    self._fail(req, err)
-                continue
+                return False
             req.stalled_since = None
-            todo = len(req.tokens) - req.n_computed
-            n = min(todo, budget) if todo == 1 else min(todo, budget, prefill_budget)
-            if n <= 0:
-                continue
-            plan.append((req, req.n_computed, n))
-            budget -= n
-            if todo == 1:  # a decode token: long prefills must not stall it (inter-token latency)
-                prefill_budget = min(prefill_budget, self.prefill_chunk_tokens)
-            else:
-                prefill_budget -= n
-            if budget <= 0:
-                break
-        return plan
+            return True
+
+        return plan_step(g.requests, self.max_batch_tokens, self.prefill_chunk_tokens, routable)
 
     def _reroute(self, req: Request) -> bool:
         """Give the request a healthy node for every part; a changed node means a full replay."""
@@ -472,7 +323,7 @@ class Scheduler:
                     self._release_soon(req.id, req.release_after_step)
                     req.release_after_step = []
 
-    async def _run_step(self, g: Group, plan: list[tuple[Request, int, int]]) -> None:
+    async def _run_step(self, g: Group, plan: list[PlanItem]) -> None:
         step_id = uuid.uuid4().hex[:12]
         hidden: dict[str, torch.Tensor] = {}
         sampled: dict[str, pb.SampledToken] = {}
@@ -482,7 +333,7 @@ class Scheduler:
             plan = [item for item in plan if item[0].finish_reason is None and item[0].group == g.index]
             if not plan:
                 return
-            by_node: dict[NodeHandle, list[tuple[Request, int, int]]] = {}
+            by_node: dict[NodeHandle, list[PlanItem]] = {}
             for item in plan:
                 by_node.setdefault(item[0].route[part], []).append(item)
             results = await asyncio.gather(
@@ -526,10 +377,10 @@ class Scheduler:
                 continue
             req.tokens.append(tok.token_id)
             new_tokens.append((req, len(req.tokens)))
-            req.stopping = self._stop_reason(req, len(req.tokens)) is not None
+            req.stopping = output.stop_reason(req, len(req.tokens)) is not None
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
-        self._rate.append((time.monotonic(), len(new_tokens)))
+        self.rate.add(len(new_tokens))
         if new_tokens:  # detokenize and stream while the next step already computes
             g.emitting = asyncio.create_task(self._emit_in_order(g.emitting, new_tokens, sampled))
 
@@ -538,7 +389,7 @@ class Scheduler:
         step_id: str,
         part: int,
         node: NodeHandle,
-        items: list[tuple[Request, int, int]],
+        items: list[PlanItem],
         hidden: dict[str, torch.Tensor],
         is_last: bool,
     ) -> tuple[pb.ForwardResponse, float, int]:
@@ -562,78 +413,63 @@ class Scheduler:
         return resp, (time.perf_counter() - t0) * 1e3, msg.ByteSize()
 
     def _on_forward_error(
-        self, node: NodeHandle, part: int, items: list[tuple[Request, int, int]], exc: BaseException
+        self, node: NodeHandle, part: int, items: list[PlanItem], exc: BaseException
     ) -> None:
-        code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+        """Apply the failover policy (failover.py) to a forward that failed on `node`."""
         text = _rpc_error_text(exc)
-        if error_reason(exc) == Reason.UNKNOWN_REQUEST:  # the node restarted and lost our caches
+        kind = classify(exc)
+        if kind is Failure.LOST_CACHE:  # the node restarted and lost our caches: replay
             for req, _, _ in items:
                 req.n_computed = 0
-            return
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # out of KV blocks: preempt, never fail
+        elif kind is Failure.CACHE_FULL:  # out of KV blocks: preempt, never fail
             self._on_cache_full(
                 node, part, items, exc.details() if isinstance(exc, grpc.aio.AioRpcError) else text
             )
-            return
-        if code in BUG_CODES:
-            if len(items) == 1:  # alone and still failing: this request is the culprit
-                req = items[0][0]
-                log.warning("node %s failed request %s alone (%s): failing it only", node.id, req.id, text)
-                self._fail(
-                    req,
-                    PipeserveError(
-                        f"node {node.id} (part {part}) failed this request: {text}", part=part, node=node.id
-                    ),
-                )
-                return
+        elif kind is Failure.BUG and len(items) == 1:  # alone and still failing: the culprit
+            req = items[0][0]
+            log.warning("node %s failed request %s alone (%s): failing it only", node.id, req.id, text)
+            self._fail(
+                req,
+                PipeserveError(
+                    f"node {node.id} (part {part}) failed this request: {text}", part=part, node=node.id
+                ),
+            )
+        elif kind is Failure.BUG:
             log.warning(
                 "node %s failed a batch of %d (%s): running them one at a time", node.id, len(items), text
             )
             for req, _, _ in items:
                 req.suspect = True
-            return
-        if code in NODE_FAILURE_CODES or code is None:
+        elif kind is Failure.NODE_DOWN:
             node.mark_down(f"forward failed: {text}")
             for req, _, _ in items:
                 req.failovers += 1
-                if req.failovers > self.cfg.coordinator.max_retries + self.cluster.n_parts:
-                    self._fail(
-                        req,
-                        StageUnavailableError(
-                            f"{self.cluster.part_down_message(part)} (last error: {text})",
-                            part=part,
-                            node=node.id,
-                        ),
-                    )
+                if failovers_exhausted(req, self.cfg.coordinator.max_retries, self.cluster.n_parts):
+                    msg = f"{self.cluster.part_down_message(part)} (last error: {text})"
+                    self._fail(req, StageUnavailableError(msg, part=part, node=node.id))
                     continue
                 req.n_computed = 0  # replay prompt + generated tokens on the new route
             log.warning(
                 "node %s failed a forward (%s); %d requests will fail over", node.id, text, len(items)
             )
-            return
-        err = (
-            error_from_rpc(exc, f"node {node.id} (part {part}) rejected the batch: {exc.details()}")
-            if isinstance(exc, grpc.aio.AioRpcError)
-            else PipeserveError(f"node {node.id} (part {part}): {text}")
-        ).fill(part=part, node=node.id)
-        for req, _, _ in items:
-            self._fail(req, err)
+        else:  # REJECTED: the node refused the batch
+            err = (
+                error_from_rpc(exc, f"node {node.id} (part {part}) rejected the batch: {exc.details()}")
+                if isinstance(exc, grpc.aio.AioRpcError)
+                else PipeserveError(f"node {node.id} (part {part}): {text}")
+            ).fill(part=part, node=node.id)
+            for req, _, _ in items:
+                self._fail(req, err)
 
-    def _on_cache_full(
-        self, node: NodeHandle, part: int, items: list[tuple[Request, int, int]], text: str
-    ) -> None:
+    def _on_cache_full(self, node: NodeHandle, part: int, items: list[PlanItem], text: str) -> None:
         """A stage ran out of KV blocks: preempt the youngest request routed to it (its blocks are
         freed, it goes back to the head of the queue and recomputes later; its stream pauses).
         The others retry the same chunk next step. With nobody to preempt (the blocks are held by
         requests whose release is still on its way, or by another coordinator's), the step waits
         and retries; only after `recovery_wait_s` of that does the request fail."""
-        mine = [
-            r
-            for rid in node.running
-            if (r := self.requests.get(rid)) and r.finish_reason is None and not r.stopping
-        ]
         self.cache_full_backoff = True
-        if len(mine) <= 1:
+        victim = preemption_victim(r for rid in node.running if (r := self.requests.get(rid)))
+        if victim is None:
             now = time.monotonic()
             for req, _, _ in items:
                 req.cache_wait_since = req.cache_wait_since or now
@@ -643,9 +479,8 @@ class Scheduler:
                         CacheBudgetError(f"node {node.id} (part {part}): {text}", part=part, node=node.id),
                     )
             return
-        victim = max(mine, key=lambda r: (r.admitted_at or 0.0, r.arrival))
-        self._count_held()
-        node.soft_budget = max(BLOCK_SIZE, node.reserved_tokens - self._blocks(victim.reserve_tokens))
+        admission.count_held(self.cluster.nodes, self.requests)
+        node.soft_budget = max(BLOCK_SIZE, node.reserved_tokens - admission.blocks(victim.reserve_tokens))
         log.info("node %s is out of KV blocks (%s): preempting %s", node.id, text, victim.id)
         self._preempt(victim)
 
@@ -708,7 +543,7 @@ class Scheduler:
                     prefix_offset=req.prefix_offset,
                     read_offset=req.read_offset,
                     skip_special_tokens=True,
-                    final=self._stop_reason(req, upto) is not None,
+                    final=output.stop_reason(req, upto) is not None,
                 )
             )
         try:
@@ -723,19 +558,8 @@ class Scheduler:
             return
         for (req, upto), res in zip(reqs, results, strict=True):
             req.prefix_offset, req.read_offset = res.prefix_offset, res.read_offset
-            req.text += res.text
+            piece, reason = output.take_text(req, res.text, upto)
             tok = sampled[req.id]
-            reason = self._stop_reason(req, upto)
-            cut = self._find_stop(req)
-            if cut is not None:
-                reason = "stop"
-                end = cut
-            elif reason is not None:
-                end = len(req.text)
-            else:
-                end = len(req.text) - self._holdback(req)
-            piece = req.text[req.emitted : max(req.emitted, end)]
-            req.emitted = max(req.emitted, end)
             ev = TokenEvent([tok.token_id], piece)
             if tok.HasField("logprob"):
                 ev.logprobs = [(tok.token_id, tok.logprob)]
@@ -744,43 +568,12 @@ class Scheduler:
             if reason is not None:
                 self._finish(req, reason)
 
-    def _stop_reason(self, req: Request, upto: int) -> str | None:
-        """Why the request ends with its token at upto-1 (EOS/stop id or length), if it does."""
-        n_gen = upto - len(req.prompt_ids)
-        if n_gen > 0 and req.tokens[upto - 1] in req.stop_ids:
-            return "stop"
-        if n_gen >= req.max_tokens:
-            return "length"
-        return None
-
-    def _find_stop(self, req: Request) -> int | None:
-        if not req.stop:
-            return None
-        longest = max(map(len, req.stop))
-        window_start = max(0, req.emitted - longest)
-        hits = [i for s in req.stop if (i := req.text.find(s, window_start)) >= 0]
-        return min(hits) if hits else None
-
-    def _holdback(self, req: Request) -> int:
-        """Length of the text's tail that could still become a stop string."""
-        best = 0
-        for s in req.stop:
-            for k in range(min(len(s) - 1, len(req.text)), best, -1):
-                if req.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
     def _finish(self, req: Request, reason: str) -> None:
         if req.finish_reason is not None:
             return
         req.finish_reason = reason
         req.finished_at = time.monotonic()
-        tail = ""
-        if reason != "cancelled" and req.emitted < len(req.text):
-            cut = self._find_stop(req)
-            tail = req.text[req.emitted : cut if cut is not None else len(req.text)]
-        req.events.put_nowait(FinalEvent(reason, tail))
+        req.events.put_nowait(FinalEvent(reason, output.final_tail(req, reason)))
         self._retire(req)
 
     def _fail(self, req: Request, err: PipeserveError) -> None:
