@@ -95,7 +95,9 @@ def _idle_node_rss_mib() -> float:
         "import psutil, pipeserve.node.node_server, pipeserve.kernels as k; k.get_isa(); "
         "print(psutil.Process().memory_info().rss / 2**20)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 

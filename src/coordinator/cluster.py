@@ -159,14 +159,22 @@ class NodeHandle:
 
 
 class Cluster:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        node_client: Callable[[str], NodeClient] | None = None,
+        tokenizer: TokenizerClient | None = None,
+    ) -> None:
+        """`node_client(address)` and `tokenizer` replace the gRPC clients (tests drive the
+        scheduler over in-process fakes with the same methods)."""
         self.cfg = cfg
         c = cfg.coordinator
+        self._node_client = node_client
         self.nodes: list[NodeHandle] = [
             NodeHandle(n.id, n.address, n.model_part, self._client(n.address)) for n in cfg.nodes
         ]
         self.n_parts = cfg.n_parts
-        self.tokenizer = TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s)
+        self.tokenizer = tokenizer or TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s)
         self.tokenizer_info: tpb.TokenizerInfo | None = None
         self.tokenizer_healthy = False
         self.tokenizer_error = "not contacted yet"
@@ -178,6 +186,8 @@ class Cluster:
         self._bg: set[asyncio.Task] = set()
 
     def _client(self, address: str) -> NodeClient:
+        if self._node_client is not None:
+            return self._node_client(address)
         c = self.cfg.coordinator
         return NodeClient(
             address, c.rpc_timeout_s, c.forward_timeout_s, self.cfg.node_defaults.max_message_mb
