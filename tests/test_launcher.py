@@ -144,5 +144,11 @@ def test_each_node_holds_only_its_share(tmp_path):
             extra = rss[n["id"]] - idle
             assert extra <= 1.05 * n["weights_bytes"] / 2**20 + 40, (n["id"], rss[n["id"]], idle)
         assert rss["node2"] < rss["node1"] and rss["node2"] < rss["node3"]  # no embedding, no head
+        # the coordinator moves hidden states as bytes; only nodes compute: nobody else maps torch
+        for name in ("coordinator", "api", "tokenizer"):
+            with open(f"/proc/{three.procs[name].pid}/maps") as f:
+                assert "libtorch" not in f.read(), f"the {name} process loaded torch"
+        with open(f"/proc/{three.procs['node1'].pid}/maps") as f:
+            assert "libtorch" in f.read()  # the check can see it where it is
     finally:
         three.stop()

@@ -1,4 +1,5 @@
-"""The only place that converts between the wire `Tensor` message and torch tensors.
+"""The only place that converts between the wire `Tensor` message and torch tensors (on nodes;
+the coordinator moves tensors as bytes with `wire`).
 
 Tensors travel as raw little-endian bytes (a `repeated float` field costs ~10x more to encode).
 Decoding validates size against shape and dtype, so a malformed tensor is INVALID_ARGUMENT.
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeserve.common.errors import InvalidInputError
-from pipeserve.modeling.sampling import SamplingParams
+from pipeserve.common.wire import sampling_from_pb, sampling_to_pb  # noqa: F401 (nodes use them from here)
 from pipeserve.proto import model_service_pb2 as pb
 
 _TO_WIRE = {
@@ -48,34 +49,3 @@ def decode_tensor(msg: pb.Tensor) -> torch.Tensor:
     arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
     t = torch.from_numpy(arr.copy())  # own the memory: the message buffer is read-only
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-
-def sampling_from_pb(msg: pb.SamplingParams) -> SamplingParams:
-    """Wire sampling parameters -> domain; proto3 zero defaults mean "off" where 0 is invalid."""
-    return SamplingParams(
-        temperature=msg.temperature,
-        top_k=msg.top_k,
-        top_p=msg.top_p or 1.0,
-        min_p=msg.min_p,
-        repetition_penalty=msg.repetition_penalty or 1.0,
-        presence_penalty=msg.presence_penalty,
-        frequency_penalty=msg.frequency_penalty,
-        seed=msg.seed if msg.HasField("seed") else None,
-        logprobs=msg.logprobs,
-        top_logprobs=msg.top_logprobs,
-    )
-
-
-def sampling_to_pb(p: SamplingParams) -> pb.SamplingParams:
-    return pb.SamplingParams(
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty,
-        presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty,
-        seed=p.seed,
-        logprobs=p.logprobs,
-        top_logprobs=p.top_logprobs,
-    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -138,6 +138,11 @@ class Config(_Strict):
     )
     max_context: int | None = Field(
         None, ge=1, description="Cap on prompt + generated tokens (default: the model's)."
+    )
+    wire_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32",
+        description="How hidden states travel between stages: fp32 is exact (greedy output equals a "
+        "single process); fp16/bf16 halve the bytes per hop and round the activations at every hop.",
     )
     node_defaults: NodeDefaults = NodeDefaults()
     coordinator: CoordinatorConfig = CoordinatorConfig()

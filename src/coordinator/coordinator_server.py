@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pipeserve.common import codec
+from pipeserve.common import wire
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
     InvalidInputError,
@@ -57,7 +57,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 rid,
                 prompt_ids,
                 request.max_tokens,
-                codec.sampling_from_pb(request.sampling),
+                wire.sampling_from_pb(request.sampling),
                 list(request.stop),
                 list(request.stop_token_ids),
                 request.ignore_eos,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeserve.common.errors import PipeserveError
-from pipeserve.modeling.sampling import SamplingParams
+from pipeserve.common.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pipeserve.coordinator.cluster import NodeHandle

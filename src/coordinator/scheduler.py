@@ -24,9 +24,8 @@ import uuid
 from collections import deque
 
 import grpc
-import torch
 
-from pipeserve.common import codec
+from pipeserve.common import wire
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
     CacheBudgetError,
@@ -38,6 +37,7 @@ from pipeserve.common.errors import (
 from pipeserve.common.grpc_util import error_from_rpc
 from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.kvblocks import prefix_hashes as prompt_block_hashes
+from pipeserve.common.sampling_params import SamplingParams
 from pipeserve.coordinator import admission, output
 from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
 from pipeserve.coordinator.failover import Failure, classify, failovers_exhausted, preemption_victim
@@ -51,7 +51,6 @@ from pipeserve.coordinator.requests import (
     StageStats,
     TokenEvent,
 )
-from pipeserve.modeling.sampling import SamplingParams
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 
@@ -75,6 +74,7 @@ class Scheduler:
         self.rate = admission.RateMeter()
         self._bg: set[asyncio.Task] = set()
         self.prefix_cache = cfg.coordinator.prefix_cache
+        self.wire_dtype = wire.WIRE_DTYPES[cfg.wire_dtype]
         self.cache_full_backoff = False
         self.prefix_hit_tokens = 0  # prompt positions skipped thanks to cached prefix blocks
         self.prefix_lookup_tokens = 0
@@ -325,7 +325,7 @@ class Scheduler:
 
     async def _run_step(self, g: Group, plan: list[PlanItem]) -> None:
         step_id = uuid.uuid4().hex[:12]
-        hidden: dict[str, torch.Tensor] = {}
+        hidden: dict[str, pb.Tensor] = {}  # each request's rows of the last stage's output, as bytes
         sampled: dict[str, pb.SampledToken] = {}
         last = self.cluster.n_parts - 1
         for part in range(self.cluster.n_parts):
@@ -359,11 +359,8 @@ class Scheduler:
                 if part == last:
                     sampled.update((t.request_id, t) for t in resp.tokens)
                 else:
-                    out = codec.decode_tensor(resp.hidden)
-                    off = 0
-                    for req, _, n in items:
-                        hidden[req.id] = out[off : off + n]
-                        off += n
+                    rows = wire.split_rows(resp.hidden, [n for _, _, n in items])
+                    hidden.update((req.id, r) for (req, _, _), r in zip(items, rows, strict=True))
             if failed:
                 return  # the loop retries next step: survivors resend the same chunk (idempotent)
         new_tokens: list[tuple[Request, int]] = []
@@ -390,7 +387,7 @@ class Scheduler:
         part: int,
         node: NodeHandle,
         items: list[PlanItem],
-        hidden: dict[str, torch.Tensor],
+        hidden: dict[str, pb.Tensor],
         is_last: bool,
     ) -> tuple[pb.ForwardResponse, float, int]:
         chunks = []
@@ -402,12 +399,12 @@ class Scheduler:
                     start_pos=start,
                     token_ids=req.tokens[start : start + n],
                     sample=sample,
-                    sampling=codec.sampling_to_pb(req.sampling) if sample else None,
+                    sampling=wire.sampling_to_pb(req.sampling) if sample else None,
                 )
             )
-        msg = pb.ForwardRequest(request_id=step_id, chunks=chunks)
+        msg = pb.ForwardRequest(request_id=step_id, chunks=chunks, output_dtype=self.wire_dtype)
         if part > 0:
-            msg.hidden.CopyFrom(codec.encode_tensor(torch.cat([hidden[req.id] for req, _, _ in items])))
+            msg.hidden.CopyFrom(wire.join_rows([hidden[req.id] for req, _, _ in items]))
         t0 = time.perf_counter()
         resp = await node.client.forward(msg)
         return resp, (time.perf_counter() - t0) * 1e3, msg.ByteSize()

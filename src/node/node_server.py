@@ -27,6 +27,13 @@ from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# the dtype a Forward asks its hidden states back in (DTYPE_UNSPECIFIED: float32)
+WIRE_TORCH = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+}
 SERVICE = "pipeserve.v1.ModelNode"
 
 
@@ -51,7 +58,8 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
             )
             for c in request.chunks
         ]
-        hidden = codec.decode_tensor(request.hidden) if request.HasField("hidden") else None
+        hidden = codec.decode_tensor(request.hidden).float() if request.HasField("hidden") else None
+        out_dtype = WIRE_TORCH.get(request.output_dtype, torch.float32)
         out = self.runner.forward(chunks, hidden)
         tokens = [
             pb.SampledToken(
@@ -63,7 +71,7 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
             for s in out.samples
         ]
         return pb.ForwardResponse(
-            hidden=codec.encode_tensor(out.hidden) if out.hidden is not None else None,
+            hidden=codec.encode_tensor(out.hidden.to(out_dtype)) if out.hidden is not None else None,
             tokens=tokens,
             forward_ms=out.forward_ms,
             cache_used_tokens=self.runner.cache_used_tokens,
