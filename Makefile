@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire clean
 
 # `make up` installs a named model only when the config asks for it.
 up: deps kernels proto frontend $(if $(findstring gemma3-270m,$(shell cat $(CONFIG) 2>/dev/null)),models)
@@ -95,6 +95,9 @@ bench-kv: deps kernels proto
 
 bench-models: deps models kernels proto
 	$(BIN)/python scripts/bench_models.py --out bench/models.json
+
+bench-wire: deps kernels proto
+	$(BIN)/python scripts/bench_wire.py --out bench/wire.json
 
 bench-engine: deps kernels proto
 	$(BIN)/python scripts/bench_engine.py --out bench/engine.json
