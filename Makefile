@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire certs clean
 
 # `make up` installs a named model only when the config asks for it.
 up: deps kernels proto frontend $(if $(findstring gemma3-270m,$(shell cat $(CONFIG) 2>/dev/null)),models)
@@ -95,6 +95,11 @@ bench-kv: deps kernels proto
 
 bench-models: deps models kernels proto
 	$(BIN)/python scripts/bench_models.py --out bench/models.json
+
+# A CA and one certificate per service of the config (mTLS; README "Security"). NAMES=a,b adds
+# certificates for nodes that will join later.
+certs: deps
+	$(BIN)/python -m pipeserve.cli certs --config $(or $(CONFIG),src/config/config.json) --out certs --names "$(NAMES)"
 
 bench-wire: deps kernels proto
 	$(BIN)/python scripts/bench_wire.py --out bench/wire.json

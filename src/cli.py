@@ -34,12 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tokenizer", parents=[common], help="serve the tokenizer")
     sub.add_parser("api", parents=[common], help="serve the REST API")
     sub.add_parser("frontend", parents=[common], help="serve the built UI and proxy /api and /v1 to the API")
-    probe = sub.add_parser("probe", help="exit 0 when a service is healthy")
+    probe = sub.add_parser("probe", parents=[common], help="exit 0 when a service is healthy")
     probe.add_argument("kind", choices=["grpc", "http"])
     probe.add_argument("target", help="host:port (grpc) or URL (http)")
+    probe.add_argument(
+        "--name",
+        default="",
+        help="with TLS on: the service probed, whose certificate the probe uses (e.g. node1)",
+    )
+    certs = sub.add_parser("certs", parents=[common], help="create a CA and a certificate per service (mTLS)")
+    certs.add_argument("--out", default="certs", help="folder for ca.crt, ca.key and <name>.crt/.key")
+    certs.add_argument(
+        "--names", default="", help="extra service names, comma-separated (nodes that will join)"
+    )
+    certs.add_argument("--days", type=int, default=825, help="validity of the service certificates")
     args = p.parse_args(argv)
     if args.role == "probe":
-        return _probe(args.kind, args.target)
+        return _probe(args.kind, args.target, args.name, getattr(args, "config", None))
     try:
         return _run(p, args)
     except ConfigError as exc:
@@ -87,14 +98,35 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from pipeserve.launcher.frontend import serve_frontend
 
         serve_frontend(cfg)
+    elif args.role == "certs":
+        from pathlib import Path
+
+        from pipeserve.common.certs import make_cluster_certs
+
+        extra = [n for n in args.names.split(",") if n]
+        written = make_cluster_certs(cfg, Path(args.out), extra, args.days)
+        print(
+            f"wrote {Path(args.out) / 'ca.crt'} and {len(written)} certificates: {', '.join(p.stem for p in written)}"
+        )
+        print(f"keep {Path(args.out) / 'ca.key'} private: whoever has it can admit nodes")
     return 0
 
 
-def _probe(kind: str, target: str) -> int:
+def _probe(kind: str, target: str, name: str = "", config: str | None = None) -> int:
     if kind == "grpc":
+        import os
+
+        from pipeserve.common.config import load_config
         from pipeserve.common.grpc_util import probe
 
-        return 0 if probe(target) else 1
+        cfg = load_config(config) if config or os.environ.get("PIPESERVE_CONFIG") else None
+        if cfg is not None and cfg.tls.enabled and not name:
+            print(
+                "pipeserve probe: TLS is enabled: --name must say which service's certificate to use",
+                file=sys.stderr,
+            )
+            return 2
+        return 0 if probe(target, cfg=cfg, name=name) else 1
     import urllib.request
 
     try:

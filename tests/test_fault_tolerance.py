@@ -148,7 +148,9 @@ def test_sigkill_without_replica_then_restart(tmp_path):
 
 
 def test_join_takes_load_and_leave_drains(tmp_path):
-    cfg = cluster_config(EMBEDDED, 2)
+    cfg = cluster_config(
+        EMBEDDED, 2, coordinator={"join_token": "a-shared-secret"}
+    )  # no TLS: the token admits
     pc = ProcessCluster(cfg, tmp_path).start()
     try:
         addr = f"127.0.0.99:{free_port('127.0.0.99')}"

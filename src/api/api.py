@@ -318,8 +318,8 @@ def create_app(cfg: Config) -> FastAPI:
         mb = cfg.node_defaults.max_message_mb
         app.state.services = Services(
             cfg,
-            CoordinatorClient(c.address, c.rpc_timeout_s, mb),
-            TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s, mb),
+            CoordinatorClient(c.address, c.rpc_timeout_s, mb, cfg),
+            TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s, mb, cfg),
             metrics,
         )
         try:

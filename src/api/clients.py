@@ -10,6 +10,8 @@ from __future__ import annotations
 import grpc
 
 from pipeserve.api.errors import from_rpc
+from pipeserve.common import tls
+from pipeserve.common.config import Config
 from pipeserve.common.errors import PipeserveError
 from pipeserve.common.grpc_util import channel_options
 from pipeserve.proto import model_service_pb2 as pb
@@ -23,10 +25,17 @@ TOKEN_TEXT_CACHE = 65536  # token id -> text entries kept (a vocabulary's worth 
 class _Client:
     service = "service"
 
-    def __init__(self, address: str, rpc_timeout_s: float, max_message_mb: int = 64) -> None:
+    def __init__(
+        self, address: str, rpc_timeout_s: float, max_message_mb: int = 64, cfg: Config | None = None
+    ) -> None:
         self.address = address
         self.rpc_timeout_s = rpc_timeout_s
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        opts = channel_options(max_message_mb)
+        self.channel = (  # as service "api" to the coordinator or the tokenizer, mTLS when enabled
+            tls.aio_channel(cfg, "api", self.service, address, opts)
+            if cfg is not None
+            else grpc.aio.insecure_channel(address, options=opts)
+        )
 
     def error(self, exc: grpc.aio.AioRpcError, timeout_s: float | None = None) -> PipeserveError:
         return from_rpc(exc, self.service, self.address, timeout_s=timeout_s)
@@ -61,8 +70,10 @@ class GenerateCall:
 class CoordinatorClient(_Client):
     service = "coordinator"
 
-    def __init__(self, address: str, rpc_timeout_s: float, max_message_mb: int = 64) -> None:
-        super().__init__(address, rpc_timeout_s, max_message_mb)
+    def __init__(
+        self, address: str, rpc_timeout_s: float, max_message_mb: int = 64, cfg: Config | None = None
+    ) -> None:
+        super().__init__(address, rpc_timeout_s, max_message_mb, cfg)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
     def generate(self, request: pb.GenerateRequest, timeout_s: float) -> GenerateCall:
@@ -88,8 +99,10 @@ class CoordinatorClient(_Client):
 class TokenizerClient(_Client):
     service = "tokenizer"
 
-    def __init__(self, address: str, rpc_timeout_s: float, max_message_mb: int = 64) -> None:
-        super().__init__(address, rpc_timeout_s, max_message_mb)
+    def __init__(
+        self, address: str, rpc_timeout_s: float, max_message_mb: int = 64, cfg: Config | None = None
+    ) -> None:
+        super().__init__(address, rpc_timeout_s, max_message_mb, cfg)
         self.stub = tpb_grpc.TokenizerStub(self.channel)
         self._texts: dict[int, str] = {}
 

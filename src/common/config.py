@@ -28,6 +28,11 @@ ENV_OVERRIDES = {
     "PIPESERVE_API_PORT": "api.port",
     "PIPESERVE_API_KEY": "api.api_key",
     "PIPESERVE_LOG_LEVEL": "log_level",
+    "PIPESERVE_JOIN_TOKEN": "coordinator.join_token",
+    "PIPESERVE_TLS_ENABLED": "tls.enabled",
+    "PIPESERVE_TLS_CA_FILE": "tls.ca_file",
+    "PIPESERVE_TLS_CERT_FILE": "tls.cert_file",
+    "PIPESERVE_TLS_KEY_FILE": "tls.key_file",
 }
 
 
@@ -96,6 +101,11 @@ class CoordinatorConfig(_Strict):
     max_retries: int = Field(
         3, ge=0, description="Retries of a failed step (with failover) before the request fails."
     )
+    join_token: str | None = Field(
+        None,
+        description="Shared secret a node must present to Join at run time. Without TLS, Join is refused "
+        "unless this is set; with TLS (mTLS), the node's certificate admits it and a set token is checked too.",
+    )
 
 
 class TokenizerConfig(_Strict):
@@ -124,6 +134,21 @@ class ApiConfig(_Strict):
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when a request gives none.")
 
 
+class TlsConfig(_Strict):
+    enabled: bool = Field(
+        False,
+        description="TLS with client certificates (mTLS) on every gRPC link: API, coordinator, tokenizer, "
+        "nodes. Each service presents its own certificate; only certificates signed by ca_file are accepted.",
+    )
+    ca_file: str = Field("certs/ca.crt", description="PEM of the cluster's CA (`make certs` creates one).")
+    cert_file: str = Field(
+        "certs/{name}.crt",
+        description="PEM certificate of this service; {name} is the service's name: coordinator, tokenizer, "
+        "api, or the node's id. Its subject names that service: peers check it.",
+    )
+    key_file: str = Field("certs/{name}.key", description="PEM private key of this service's certificate.")
+
+
 class FrontendConfig(_Strict):
     port: int = Field(5173, ge=1, le=65535, description="Port `pipeserve up` serves the built UI on.")
 
@@ -149,6 +174,7 @@ class Config(_Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     api: ApiConfig = ApiConfig()
     frontend: FrontendConfig = FrontendConfig()
+    tls: TlsConfig = TlsConfig()
     log_level: str = Field("INFO", description="Python logging level of every service.")
 
     @model_validator(mode="after")
@@ -283,6 +309,11 @@ def _apply_env(raw: dict) -> dict:
         ("PIPESERVE_API_HOST", "api", "host"),
         ("PIPESERVE_API_PORT", "api", "port"),
         ("PIPESERVE_API_KEY", "api", "api_key"),
+        ("PIPESERVE_JOIN_TOKEN", "coordinator", "join_token"),
+        ("PIPESERVE_TLS_ENABLED", "tls", "enabled"),
+        ("PIPESERVE_TLS_CA_FILE", "tls", "ca_file"),
+        ("PIPESERVE_TLS_CERT_FILE", "tls", "cert_file"),
+        ("PIPESERVE_TLS_KEY_FILE", "tls", "key_file"),
     ):
         if v := env.get(key):
             raw[section] = {**raw.get(section, {}), field: v}

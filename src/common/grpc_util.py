@@ -10,7 +10,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from google.protobuf import duration_pb2
@@ -27,6 +27,9 @@ from pipeserve.common.errors import (
     Reason,
     make_error,
 )
+
+if TYPE_CHECKING:
+    from pipeserve.common.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +233,15 @@ def set_serving(health_servicer: health.HealthServicer, names: Iterable[str], se
         health_servicer.set(name, status)
 
 
-def probe(address: str, timeout_s: float = 2.0, service: str = "") -> bool:
-    """True when the server at `address` answers SERVING on grpc.health.v1."""
-    with grpc.insecure_channel(address) as ch:
+def probe(
+    address: str, timeout_s: float = 2.0, service: str = "", cfg: Config | None = None, name: str = ""
+) -> bool:
+    """True when the server at `address` answers SERVING on grpc.health.v1. With TLS enabled in
+    `cfg`, the probe connects as service `name` and checks that the server is `name` too (a
+    service probing itself, or a launcher probing what it started)."""
+    from pipeserve.common import tls
+
+    with tls.sync_channel(cfg, name, name, address) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
@@ -251,11 +260,16 @@ def sync_server(workers: int, name: str, max_message_mb: int = 64) -> grpc.Serve
     )
 
 
-def listen(server: Any, service: str, address: str, who: str) -> tuple[health.HealthServicer, int]:
-    """Add health (NOT_SERVING until set) and reflection, bind `address`; returns (health, port)."""
+def listen(
+    server: Any, service: str, address: str, who: str, cfg: Config | None = None, name: str = ""
+) -> tuple[health.HealthServicer, int]:
+    """Add health (NOT_SERVING until set) and reflection, bind `address` (with mTLS as service
+    `name` when cfg.tls is enabled); returns (health, port)."""
+    from pipeserve.common import tls
+
     health_servicer = add_health_and_reflection(server, [service])
     set_serving(health_servicer, [service], False)
-    port = server.add_insecure_port(bind_address(address))
+    port = tls.add_port(server, bind_address(address), cfg, name)
     if port == 0:
         raise OSError(f"{who}: cannot listen on {bind_address(address)} (address in use?)")
     return health_servicer, port

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pipeserve.common import tls
 from pipeserve.common.config import Config
 from pipeserve.common.grpc_util import channel_options
 from pipeserve.proto import model_service_pb2 as pb
@@ -31,10 +32,16 @@ class NodeClient:
     """Typed client of one model node; every call carries a deadline."""
 
     def __init__(
-        self, address: str, rpc_timeout_s: float, forward_timeout_s: float, max_message_mb: int
+        self,
+        address: str,
+        rpc_timeout_s: float,
+        forward_timeout_s: float,
+        max_message_mb: int,
+        cfg: Config,
+        name: str,
     ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_mb))
+        self.channel = tls.aio_channel(cfg, "coordinator", name, address, channel_options(max_message_mb))
         self.stub = pb_grpc.ModelNodeStub(self.channel)
         self.rpc_timeout_s, self.forward_timeout_s = rpc_timeout_s, forward_timeout_s
 
@@ -56,9 +63,9 @@ class NodeClient:
 
 
 class TokenizerClient:
-    def __init__(self, address: str, rpc_timeout_s: float) -> None:
+    def __init__(self, address: str, rpc_timeout_s: float, cfg: Config) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = tls.aio_channel(cfg, "coordinator", "tokenizer", address, channel_options())
         self.stub = tpb_grpc.TokenizerStub(self.channel)
         self.timeout = rpc_timeout_s
 
@@ -171,10 +178,10 @@ class Cluster:
         c = cfg.coordinator
         self._node_client = node_client
         self.nodes: list[NodeHandle] = [
-            NodeHandle(n.id, n.address, n.model_part, self._client(n.address)) for n in cfg.nodes
+            NodeHandle(n.id, n.address, n.model_part, self._client(n.address, n.id)) for n in cfg.nodes
         ]
         self.n_parts = cfg.n_parts
-        self.tokenizer = tokenizer or TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s)
+        self.tokenizer = tokenizer or TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s, cfg)
         self.tokenizer_info: tpb.TokenizerInfo | None = None
         self.tokenizer_healthy = False
         self.tokenizer_error = "not contacted yet"
@@ -185,12 +192,17 @@ class Cluster:
         self.known_requests: Callable[[], Container[str]] | None = None  # set by the Scheduler
         self._bg: set[asyncio.Task] = set()
 
-    def _client(self, address: str) -> NodeClient:
+    def _client(self, address: str, name: str) -> NodeClient:
         if self._node_client is not None:
             return self._node_client(address)
         c = self.cfg.coordinator
         return NodeClient(
-            address, c.rpc_timeout_s, c.forward_timeout_s, self.cfg.node_defaults.max_message_mb
+            address,
+            c.rpc_timeout_s,
+            c.forward_timeout_s,
+            self.cfg.node_defaults.max_message_mb,
+            self.cfg,
+            name,
         )
 
     # ---- health -------------------------------------------------------------------------------
@@ -331,7 +343,7 @@ class Cluster:
                     n.draining = False
                     return n
                 raise ValueError(f"address {address} is already used by node {n.id}")
-        node = NodeHandle(node_id, address, part, self._client(address), joined=True)
+        node = NodeHandle(node_id, address, part, self._client(address, node_id), joined=True)
         self.nodes.append(node)
         log.info("node %s joined for part %d at %s", node_id, part, address)
         return node
@@ -344,5 +356,6 @@ class Cluster:
 
 def _rpc_error_text(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
+        text = f"{exc.code().name}: {exc.details()}"
+        return text + tls.describe_failure(text)
     return f"{type(exc).__name__}: {exc}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -230,7 +231,32 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             resp.tokenizer.CopyFrom(cl.tokenizer_info)
         return resp
 
+    async def _admit_member(self, node_id: str, token: str, context: grpc.aio.ServicerContext) -> None:
+        """Only a cluster member may join or make a node leave: with mTLS, a certificate from the
+        cluster's CA that names `node_id`; without TLS, the shared join token (Join is refused
+        when none is configured). A configured token is checked in both cases."""
+        cfg = self.cluster.cfg
+        want = cfg.coordinator.join_token
+        if cfg.tls.enabled:
+            names = [v.decode() for v in context.auth_context().get("x509_subject_alternative_name", [])]
+            if node_id not in names:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"node {node_id!r} presented a certificate for {names}: a node joins under its certificate's name",
+                )
+        elif not want:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "Join is disabled: set coordinator.join_token (PIPESERVE_JOIN_TOKEN) on the coordinator and "
+                "the joining node, or enable TLS (tls.enabled) so that certificates admit nodes",
+            )
+        if want and not hmac.compare_digest(token.encode(), want.encode()):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"node {node_id!r} gave a wrong or no join token"
+            )
+
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        await self._admit_member(request.node_id, request.join_token, context)
         try:
             node = self.cluster.add_node(request.node_id, request.address, request.model_part)
         except ValueError as exc:
@@ -242,6 +268,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        await self._admit_member(request.node_id, request.join_token, context)
         node = next((n for n in self.cluster.nodes if n.id == request.node_id), None)
         if node is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.node_id!r}")
@@ -274,7 +301,9 @@ class CoordinatorServer:
         pb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorServicer(self.cluster, self.scheduler), self.server
         )
-        self.health, self.port = listen(self.server, SERVICE, self.address, "coordinator")
+        self.health, self.port = listen(
+            self.server, SERVICE, self.address, "coordinator", self.cfg, "coordinator"
+        )
         self._monitor: asyncio.Task | None = None
 
     async def start(self) -> None:

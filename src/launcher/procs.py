@@ -57,12 +57,16 @@ class ProcessCluster:
         t0 = time.monotonic()
         self._spawn(node_id, "node", "--id", node_id)
         addr = self.cfg.node(node_id).address
-        self._wait(lambda: probe(addr, 0.5), timeout_s, f"{node_id} did not come up: {self.log(node_id)}")
+        self._wait(
+            lambda: probe(addr, 0.5, cfg=self.cfg, name=node_id),
+            timeout_s,
+            f"{node_id} did not come up: {self.log(node_id)}",
+        )
         return time.monotonic() - t0
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         self._wait(
-            lambda: probe(self.cfg.coordinator.address, 0.5),
+            lambda: probe(self.cfg.coordinator.address, 0.5, cfg=self.cfg, name="coordinator"),
             timeout_s,
             "cluster not ready; coordinator log:\n" + self.log("coordinator"),
         )

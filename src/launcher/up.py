@@ -33,11 +33,12 @@ class Child:
     proc: subprocess.Popen | None = None
     log: IO[bytes] | None = None
     healthy: bool = False
+    cfg: Config | None = None  # for TLS: a gRPC child is probed under its own name
 
     def check(self) -> bool:
         kind, target = self.health
         if kind == "grpc":
-            return probe(target, timeout_s=0.5)
+            return probe(target, timeout_s=0.5, cfg=self.cfg, name=self.name)
         try:
             with urllib.request.urlopen(target, timeout=1) as resp:
                 return bool(resp.status == 200)
@@ -48,15 +49,23 @@ class Child:
 def _children(cfg: Config, config_file: str) -> list[Child]:
     base = [sys.executable, "-m", "pipeserve.cli"]
     kids = [
-        Child("tokenizer", [*base, "tokenizer", "--config", config_file], ("grpc", cfg.tokenizer.address))
+        Child(
+            "tokenizer",
+            [*base, "tokenizer", "--config", config_file],
+            ("grpc", cfg.tokenizer.address),
+            cfg=cfg,
+        )
     ]
     kids += [
-        Child(n.id, [*base, "node", "--id", n.id, "--config", config_file], ("grpc", n.address))
+        Child(n.id, [*base, "node", "--id", n.id, "--config", config_file], ("grpc", n.address), cfg=cfg)
         for n in cfg.nodes
     ]
     kids.append(
         Child(
-            "coordinator", [*base, "coordinator", "--config", config_file], ("grpc", cfg.coordinator.address)
+            "coordinator",
+            [*base, "coordinator", "--config", config_file],
+            ("grpc", cfg.coordinator.address),
+            cfg=cfg,
         )
     )
     kids.append(

@@ -15,7 +15,7 @@ import grpc
 import torch
 
 from pipeserve import kernels
-from pipeserve.common import codec
+from pipeserve.common import codec, tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
 from pipeserve.common.grpc_util import listen, set_serving, sync_server
@@ -172,7 +172,7 @@ class NodeServer:
         self.server = sync_server(16, "node-rpc", cfg.node_defaults.max_message_mb)
         self.servicer = ModelNodeServicer(node_id)
         pb_grpc.add_ModelNodeServicer_to_server(self.servicer, self.server)
-        self.health, self.port = listen(self.server, SERVICE, self.address, f"node {node_id}")
+        self.health, self.port = listen(self.server, SERVICE, self.address, f"node {node_id}", cfg, node_id)
 
     def start(self, background_load: bool = True) -> NodeServer:
         self.server.start()
@@ -228,9 +228,15 @@ class NodeServer:
 
 
 def _join(coordinator: str, srv: NodeServer) -> None:
-    with grpc.insecure_channel(coordinator) as ch:
+    with tls.sync_channel(srv.cfg, srv.node_id, "coordinator", coordinator) as ch:
         resp = pb_grpc.CoordinatorStub(ch).Join(
-            pb.JoinRequest(node_id=srv.node_id, address=srv.address, model_part=srv.part), timeout=30
+            pb.JoinRequest(
+                node_id=srv.node_id,
+                address=srv.address,
+                model_part=srv.part,
+                join_token=srv.cfg.coordinator.join_token or "",
+            ),
+            timeout=30,
         )
     if not resp.accepted:
         raise SystemExit(f"node {srv.node_id}: the coordinator refused the join: {resp.message}")
@@ -260,9 +266,10 @@ def serve_node(
     stop.wait()
     if join:
         try:
-            with grpc.insecure_channel(join) as ch:
+            with tls.sync_channel(cfg, node_id, "coordinator", join) as ch:
                 left = pb_grpc.CoordinatorStub(ch).Leave(
-                    pb.LeaveRequest(node_id=node_id), timeout=cfg.api.request_timeout_s
+                    pb.LeaveRequest(node_id=node_id, join_token=cfg.coordinator.join_token or ""),
+                    timeout=cfg.api.request_timeout_s,
                 )
             log.info("left %s after draining %d requests", join, left.drained_requests)
         except grpc.RpcError as exc:

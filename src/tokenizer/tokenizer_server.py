@@ -84,7 +84,7 @@ class TokenizerServer:
         self.server = sync_server(8, "tok-rpc")
         self.servicer = TokenizerServicer()
         pb_grpc.add_TokenizerServicer_to_server(self.servicer, self.server)
-        self.health, self.port = listen(self.server, SERVICE, self.address, "tokenizer")
+        self.health, self.port = listen(self.server, SERVICE, self.address, "tokenizer", cfg, "tokenizer")
         self.error: BaseException | None = None
         self.loaded_event = threading.Event()
 
