@@ -262,8 +262,12 @@ def test_dockerignore_keeps_secrets_and_local_builds_out() -> None:
 
 @pytest.mark.parametrize(
     "files",
-    [("docker-compose.yml",), ("docker-compose.yml", "docker-compose.replicas.yml")],
-    ids=["base", "with-replicas"],
+    [
+        ("docker-compose.yml",),
+        ("docker-compose.yml", "docker-compose.replicas.yml"),
+        ("docker-compose.yml", "docker-compose.tls.yml"),
+    ],
+    ids=["base", "with-replicas", "with-tls"],
 )
 def test_compose_config_is_valid(files: tuple[str, ...]) -> None:
     binary = shutil.which("docker-compose")
@@ -327,6 +331,33 @@ def test_compose_replicas_adds_a_listed_node_for_part_1() -> None:
     base = repo_config()
     assert set(base.nodes) <= set(cfg.nodes), "the replicas config keeps every node of src/config"
     assert cfg.model_copy(update={"nodes": base.nodes}) == base, "and differs from it only in nodes"
+
+
+def test_compose_tls_overlay_gives_every_grpc_service_its_certificate() -> None:
+    from pipeserve.common.config import TlsConfig
+
+    cfg = repo_config()
+    services = compose("docker-compose.yml", "docker-compose.tls.yml")
+    grpc_services = {n.id: n.address for n in cfg.nodes} | {
+        "coordinator": cfg.coordinator.address,
+        "tokenizer": cfg.tokenizer.address,
+    }
+    for name in [*grpc_services, "api"]:
+        svc = services[name]
+        env = svc["environment"]
+        assert env["PIPESERVE_TLS_ENABLED"] == "true" and "./certs:/certs:ro" in svc["volumes"], name
+        assert env["PIPESERVE_CONFIG"] == CONFIG_IN_CONTAINER, name
+        tls_cfg = TlsConfig(
+            enabled=True,
+            ca_file=env["PIPESERVE_TLS_CA_FILE"],
+            cert_file=env["PIPESERVE_TLS_CERT_FILE"],
+            key_file=env["PIPESERVE_TLS_KEY_FILE"],
+        )
+        assert tls_cfg.cert_file.format(name=name) == f"/certs/{name}.crt", name
+        if name in grpc_services:  # the probe speaks TLS with the service's own certificate
+            want = [*grpc_healthcheck(port_of(grpc_services[name])), "--name", name]
+            assert svc["healthcheck"]["test"] == want, name
+    assert "PIPESERVE_API_KEY" in services["api"]["environment"], "the API key still passes through"
 
 
 # ---------------------------------------------------------------------------------------------
