@@ -16,7 +16,8 @@ FROM nginx:1.27.5-alpine
 # nginx runs as its unprivileged user (uid 101): port 5173, pid and temp files under /tmp. At start the
 # image's entrypoint renders /etc/nginx/templates/*.template into /etc/nginx/conf.d with the
 # environment: API_UPSTREAM (host:port of the API) and NGINX_LOCAL_RESOLVERS (the DNS servers of
-# /etc/resolv.conf, which nginx uses to re-resolve the API's name when its container is replaced).
+# /etc/resolv.conf, which nginx uses to re-resolve the API's name when its container is replaced),
+# and PIPESERVE_API_KEY (unset or empty: none), which the proxy adds to what it forwards to the API.
 COPY docker/nginx.conf /etc/nginx/nginx.conf
 COPY docker/frontend.conf.template /etc/nginx/templates/frontend.conf.template
 COPY --from=build /app/dist /usr/share/nginx/html

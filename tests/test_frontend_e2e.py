@@ -7,6 +7,7 @@ Screenshots go to test-output/e2e/.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -30,10 +31,17 @@ pytestmark = [
 ]
 
 
+API_KEY = "e2e-" + os.urandom(8).hex()
+
+
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
+    # with an API key: the UI server's proxy adds it; the browser never sees it
     cfg = cluster_config(
-        "smollm2-135m-instruct", 3, api={"port": free_port()}, frontend={"port": free_port()}
+        "smollm2-135m-instruct",
+        3,
+        api={"port": free_port(), "api_key": API_KEY},
+        frontend={"port": free_port()},
     )
     pc = ProcessCluster(cfg, tmp_path_factory.mktemp("e2e"), with_api=True).start()
     ui = subprocess.Popen(
@@ -46,6 +54,13 @@ def system(tmp_path_factory):
     while not _http_ok(url):
         assert time.monotonic() < deadline, "the UI server did not start"
         time.sleep(0.2)
+    import httpx
+
+    api = f"http://127.0.0.1:{cfg.api.port}/api/cluster"
+    assert httpx.get(api, timeout=10).status_code == 401  # the API itself wants the key
+    assert httpx.get(url + "api/cluster", timeout=10).status_code == 200  # the proxy adds it
+    bundle = "".join(p.read_text(errors="replace") for p in DIST.rglob("*") if p.is_file())
+    assert API_KEY not in bundle
     yield pc, url
     ui.terminate()
     ui.wait(10)

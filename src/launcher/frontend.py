@@ -1,6 +1,10 @@
 """Serves the built React bundle (src/frontend/dist) on the frontend port and proxies `/api`,
 `/v1`, `/health`, `/ready` and `/metrics` to the API, streaming (SSE passes through unbuffered).
 `pipeserve up` and `pipeserve frontend` run it; in Docker, nginx does the same job.
+
+With `api.api_key` set, the proxy adds `Authorization: Bearer <key>` to what it forwards: the key
+stays on the server (never in the bundle or the browser), and the UI port becomes the way in, so
+expose it only where the API itself could be.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ PROXIED = ("/api", "/v1", "/health", "/ready", "/metrics")
 HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 
 
-def create_frontend_app(api_url: str, dist: Path = DIST) -> Starlette:
+def create_frontend_app(api_url: str, dist: Path = DIST, api_key: str | None = None) -> Starlette:
     client = httpx.AsyncClient(base_url=api_url, timeout=httpx.Timeout(None, connect=5.0))
 
     async def proxy(request: Request) -> Response:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        if api_key:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers["authorization"] = f"Bearer {api_key}"
         upstream = client.build_request(
             request.method,
             request.url.path,
@@ -82,4 +89,5 @@ def create_frontend_app(api_url: str, dist: Path = DIST) -> Starlette:
 
 def serve_frontend(cfg: Config, host: str = "0.0.0.0") -> None:
     api_url = f"http://127.0.0.1:{cfg.api.port}"
-    uvicorn.run(create_frontend_app(api_url), host=host, port=cfg.frontend.port, log_level="warning")
+    app = create_frontend_app(api_url, api_key=cfg.api.api_key)
+    uvicorn.run(app, host=host, port=cfg.frontend.port, log_level="warning")
