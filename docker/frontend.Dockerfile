@@ -17,14 +17,17 @@ FROM nginx:1.27.5-alpine
 # image's entrypoint renders /etc/nginx/templates/*.template into /etc/nginx/conf.d with the
 # environment: API_UPSTREAM (host:port of the API) and NGINX_LOCAL_RESOLVERS (the DNS servers of
 # /etc/resolv.conf, which nginx uses to re-resolve the API's name when its container is replaced),
-# and PIPESERVE_API_KEY (unset or empty: none), which the proxy adds to what it forwards to the API.
+# and PIPESERVE_API_KEY (empty: none), which the proxy adds to what it forwards to the API.
 COPY docker/nginx.conf /etc/nginx/nginx.conf
 COPY docker/frontend.conf.template /etc/nginx/templates/frontend.conf.template
 COPY --from=build /app/dist /usr/share/nginx/html
 RUN rm -f /etc/nginx/conf.d/default.conf \
     && chown 101:101 /etc/nginx/conf.d
+# PIPESERVE_API_KEY is empty here (no key): compose or the pod sets it from the shell or a Secret.
+# hadolint ignore=DL3064
 ENV API_UPSTREAM=api:8000 \
-    NGINX_ENTRYPOINT_LOCAL_RESOLVERS=1
+    NGINX_ENTRYPOINT_LOCAL_RESOLVERS=1 \
+    PIPESERVE_API_KEY=""
 USER 101:101
 EXPOSE 5173
 # Busybox wget is in the image; / is the UI itself (the proxied /health would test the API instead).
