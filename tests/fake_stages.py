@@ -211,7 +211,12 @@ def fake_cluster_config(parts: int, replicas: dict[int, int] | None = None, **co
         {
             "model_name": "toy",
             "nodes": nodes,
-            "coordinator": {"recovery_wait_s": 2.0, "health_interval_s": 0.05, **coordinator},
+            "coordinator": {
+                "recovery_wait_s": 2.0,
+                "health_interval_s": 0.05,
+                "data_path": "hub",
+                **coordinator,
+            },
             "tokenizer": {"address": "fake-tokenizer:1"},
         }
     )

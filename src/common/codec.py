@@ -20,6 +20,8 @@ _TO_WIRE = {
     torch.bfloat16: pb.DTYPE_BFLOAT16,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+# the dtype a stage is asked to send its hidden states in (DTYPE_UNSPECIFIED: float32)
+WIRE_TORCH = {**_FROM_WIRE, pb.DTYPE_UNSPECIFIED: torch.float32}
 
 
 def encode_tensor(t: torch.Tensor) -> pb.Tensor:

@@ -101,6 +101,12 @@ class CoordinatorConfig(_Strict):
     max_retries: int = Field(
         3, ge=0, description="Retries of a failed step (with failover) before the request fails."
     )
+    data_path: Literal["chain", "hub"] = Field(
+        "chain",
+        description="chain: the coordinator sends a step to the first stage and each node forwards its "
+        "hidden states to the next node of the route, the last stage reporting the tokens; hub: every "
+        "stage's hidden states come back to the coordinator, which sends them on (the older design).",
+    )
     join_token: str | None = Field(
         None,
         description="Shared secret a node must present to Join at run time. Without TLS, Join is refused "

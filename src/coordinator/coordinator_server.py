@@ -322,6 +322,7 @@ class CoordinatorServer:
         while True:
             try:
                 await self.cluster.refresh()
+                self.scheduler.after_refresh()
                 if self.cluster.tokenizer_info:
                     self.scheduler.eos_ids = set(self.cluster.tokenizer_info.eos_token_ids)
                 await self.scheduler.expire_waiting()

@@ -39,6 +39,7 @@ from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.kvblocks import prefix_hashes as prompt_block_hashes
 from pipeserve.common.sampling_params import SamplingParams
 from pipeserve.coordinator import admission, output
+from pipeserve.coordinator.chain import ChainPath
 from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
 from pipeserve.coordinator.failover import Failure, classify, failovers_exhausted, preemption_victim
 from pipeserve.coordinator.planner import plan_step
@@ -75,6 +76,7 @@ class Scheduler:
         self._bg: set[asyncio.Task] = set()
         self.prefix_cache = cfg.coordinator.prefix_cache
         self.wire_dtype = wire.WIRE_DTYPES[cfg.wire_dtype]
+        self.chain = ChainPath(cluster) if c.data_path == "chain" else None
         self.cache_full_backoff = False
         self.prefix_hit_tokens = 0  # prompt positions skipped thanks to cached prefix blocks
         self.prefix_lookup_tokens = 0
@@ -90,6 +92,13 @@ class Scheduler:
             if g.task:
                 g.task.cancel()
         await asyncio.gather(*(g.task for g in self.groups if g.task), return_exceptions=True)
+        if self.chain is not None:
+            await self.chain.close()
+
+    def after_refresh(self) -> None:
+        """After a health check: open results streams to nodes that became healthy (chain)."""
+        if self.chain is not None:
+            self.chain.ensure_streams()
 
     # ---- admission ----------------------------------------------------------------------------
     def context_limit(self) -> int:
@@ -324,6 +333,99 @@ class Scheduler:
                     req.release_after_step = []
 
     async def _run_step(self, g: Group, plan: list[PlanItem]) -> None:
+        if self.chain is not None:
+            await self._run_step_chain(g, plan)
+        else:
+            await self._run_step_hub(g, plan)
+
+    async def _run_step_chain(self, g: Group, plan: list[PlanItem]) -> None:
+        """One step down the chain (chain.py): one message per first-part node, the nodes pass
+        the hidden states along, the last part reports; failures come back naming part and node."""
+        plan = [item for item in plan if item[0].finish_reason is None and item[0].group == g.index]
+        if not plan:
+            return
+        assert self.chain is not None
+        route_nodes = {n for req, _, _ in plan for n in req.route.values()}
+        if not await self.chain.wait_live(route_nodes, 2.0):
+            return  # a node's results stream is not open yet: the next step tries again (or reroutes)
+        step_id = uuid.uuid4().hex[:12]
+        n_parts = self.cluster.n_parts
+        msgs: dict[NodeHandle, pb.ChainStep] = {}
+        routes: dict[str, set[NodeHandle]] = {}
+        for req, start, n in plan:
+            sample = start + n == len(req.tokens)
+            first = req.route[0]
+            m = msgs.setdefault(first, pb.ChainStep(step_id=step_id, part=0, output_dtype=self.wire_dtype))
+            m.chunks.append(
+                pb.SequenceChunk(
+                    request_id=req.id,
+                    start_pos=start,
+                    token_ids=req.tokens[start : start + n],
+                    sample=sample,
+                    sampling=wire.sampling_to_pb(req.sampling) if sample else None,
+                )
+            )
+            hops = [
+                pb.RouteHop(part=p, node_id=req.route[p].id, address=req.route[p].address)
+                for p in range(n_parts)
+            ]
+            m.routes.append(pb.ChainRoute(request_id=req.id, hops=hops))
+            routes[req.id] = set(req.route.values())
+        timeout = self.cfg.coordinator.forward_timeout_s
+        outcomes = await self.chain.run(step_id, msgs, routes, timeout)
+        ok: list[PlanItem] = []
+        sampled: dict[str, pb.SampledToken] = {}
+        failed: dict[tuple[NodeHandle, int, int], tuple[BaseException, list[PlanItem]]] = {}
+        timed_out: list[PlanItem] = []
+        for item in plan:
+            req = item[0]
+            o = outcomes.get(req.id)
+            if o is None:
+                timed_out.append(item)
+            elif o.ok:
+                ok.append(item)
+                if o.token is not None:
+                    sampled[req.id] = o.token
+                for t in o.timings:
+                    st = req.stage_stats.setdefault(t.part, StageStats())
+                    st.node_id = t.node_id
+                    st.forward_ms += t.forward_ms
+                    st.hop_ms += t.hop_ms
+                    st.bytes_sent += t.bytes_sent
+            else:
+                assert o.error is not None
+                node = o.node or req.route[o.part]
+                failed.setdefault((node, o.part, id(o.error)), (o.error, []))[1].append(item)
+        for (node, part, _), (exc, items) in failed.items():
+            self._on_forward_error(node, part, items, exc)
+        if timed_out:
+            await self._on_step_timeout(timed_out, timeout)
+        self._apply_step(g, ok, sampled)
+
+    async def _on_step_timeout(self, items: list[PlanItem], timeout: float) -> None:
+        """No report within the deadline: find the route nodes that no longer answer and mark them
+        down (their requests replay elsewhere); with all answering, the step is simply retried."""
+        nodes = {n for req, _, _ in items for n in req.route.values()}
+        answers = await asyncio.gather(*(n.client.info() for n in nodes), return_exceptions=True)
+        dead = {n for n, a in zip(nodes, answers, strict=True) if isinstance(a, BaseException)}
+        for n in dead:
+            n.mark_down(f"a step through it got no result in {timeout:.0f} s and it does not answer")
+        for req, _, _ in items:
+            req.failovers += 1
+            if failovers_exhausted(req, self.cfg.coordinator.max_retries, self.cluster.n_parts):
+                route = ", ".join(f"{p}: {n.id}" for p, n in sorted(req.route.items()))
+                self._fail(
+                    req,
+                    StageUnavailableError(
+                        f"steps through the route ({route}) timed out after {timeout:.0f} s"
+                    ),
+                )
+            elif dead & set(req.route.values()):
+                req.n_computed = 0  # replay on a new route
+
+    async def _run_step_hub(self, g: Group, plan: list[PlanItem]) -> None:
+        """One step through the coordinator (`data_path: hub`): a Forward per stage, the hidden
+        states coming back here and going out to the next stage."""
         step_id = uuid.uuid4().hex[:12]
         hidden: dict[str, pb.Tensor] = {}  # each request's rows of the last stage's output, as bytes
         sampled: dict[str, pb.SampledToken] = {}
@@ -363,6 +465,11 @@ class Scheduler:
                     hidden.update((req.id, r) for (req, _, _), r in zip(items, rows, strict=True))
             if failed:
                 return  # the loop retries next step: survivors resend the same chunk (idempotent)
+        self._apply_step(g, plan, sampled)
+
+    def _apply_step(self, g: Group, plan: list[PlanItem], sampled: dict[str, pb.SampledToken]) -> None:
+        """Requests whose chunk went through every stage: advance them, append sampled tokens, and
+        stream the text while the next step already computes."""
         new_tokens: list[tuple[Request, int]] = []
         for req, start, n in plan:
             if req.group != g.index:  # preempted while this step ran: it recomputes from scratch

@@ -8,8 +8,10 @@ then reports SERVING. The servicer converts protobuf <-> domain types and nothin
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
+from typing import Any
 
 import grpc
 import torch
@@ -18,22 +20,17 @@ from pipeserve import kernels
 from pipeserve.common import codec, tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
-from pipeserve.common.grpc_util import listen, set_serving, sync_server
+from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
 from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
+from pipeserve.node.chain import ChainWorker
 from pipeserve.node.runner import StageRunner
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# the dtype a Forward asks its hidden states back in (DTYPE_UNSPECIFIED: float32)
-WIRE_TORCH = {
-    pb.DTYPE_FLOAT32: torch.float32,
-    pb.DTYPE_FLOAT16: torch.float16,
-    pb.DTYPE_BFLOAT16: torch.bfloat16,
-}
 SERVICE = "pipeserve.v1.ModelNode"
 
 
@@ -41,6 +38,46 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
         self._runner: StageRunner | None = None  # set once the layers are loaded
+        self.chain: ChainWorker | None = None  # the chain data path's worker, with the runner
+        self._subscribers: dict[str, queue.SimpleQueue[pb.StepResult | None]] = {}
+        self._subs_lock = threading.Lock()
+
+    # ---- the chain data path -------------------------------------------------------------------
+    def Relay(self, request_iterator: Any, context: grpc.ServicerContext) -> pb.RelayAck:
+        """A link from the coordinator or a previous part's node: queue every step it brings."""
+        for msg in request_iterator:
+            chain = self.chain
+            if chain is None:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} is still loading its layers")
+                raise AssertionError("unreachable")
+            chain.submit(msg)
+        return pb.RelayAck()
+
+    def Subscribe(self, request: pb.SubscribeRequest, context: grpc.ServicerContext) -> Any:
+        """The coordinator's results stream: yields what `report` queues for it until it hangs up."""
+        q: queue.SimpleQueue[pb.StepResult | None] = queue.SimpleQueue()
+        with self._subs_lock:
+            old = self._subscribers.get(request.coordinator_id)
+            self._subscribers[request.coordinator_id] = q
+        if old is not None:
+            old.put(None)  # a reconnect replaces the previous stream
+        context.add_callback(lambda: q.put(None))
+        context.send_initial_metadata(())  # the coordinator counts the stream open from here
+        try:
+            while (res := q.get()) is not None:
+                yield res
+        finally:
+            with self._subs_lock:
+                if self._subscribers.get(request.coordinator_id) is q:
+                    del self._subscribers[request.coordinator_id]
+
+    def report(self, coordinator_id: str, result: pb.StepResult) -> None:
+        with self._subs_lock:
+            q = self._subscribers.get(coordinator_id)
+        if q is None:
+            log.warning("no subscriber %s for the result of step %s: dropped", coordinator_id, result.step_id)
+            return
+        q.put(result)
 
     @property
     def runner(self) -> StageRunner:
@@ -59,7 +96,7 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
             for c in request.chunks
         ]
         hidden = codec.decode_tensor(request.hidden).float() if request.HasField("hidden") else None
-        out_dtype = WIRE_TORCH.get(request.output_dtype, torch.float32)
+        out_dtype = codec.WIRE_TORCH.get(request.output_dtype, torch.float32)
         out = self.runner.forward(chunks, hidden)
         tokens = [
             pb.SampledToken(
@@ -203,6 +240,15 @@ class NodeServer:
                 self.cfg.max_context,
             )
             self.servicer._runner = self.runner
+            mb = self.cfg.node_defaults.max_message_mb
+            self.servicer.chain = ChainWorker(
+                self.runner,
+                self.node_id,
+                lambda hop: tls.sync_channel(
+                    self.cfg, self.node_id, hop.node_id, hop.address, channel_options(mb)
+                ),
+                self.servicer.report,
+            )
             set_serving(self.health, [SERVICE], True)
             log.info(
                 "node %s serving layers [%d, %d) of %d",
@@ -222,6 +268,8 @@ class NodeServer:
 
     def stop(self, grace: float = 1.0) -> None:
         set_serving(self.health, [SERVICE], False)
+        if self.servicer.chain is not None:
+            self.servicer.chain.stop()
         self.server.stop(grace).wait()
         if self.runner:
             self.runner.close()
