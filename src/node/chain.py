@@ -99,6 +99,8 @@ class ChainWorker:
         self.runner, self.node_id, self.part = runner, node_id, runner.part
         self.channel_to, self.report = channel_to, report
         self.is_last = runner.loaded.shard.is_last
+        self.steps = 0  # steps run (tests and Info)
+        self.forwarded_bytes = 0  # bytes of the steps sent on to next nodes
         self._q: queue.Queue[tuple[pb.ChainStep, float, int] | None] = queue.Queue(MAX_QUEUED_STEPS)
         self._links: dict[tuple[str, str], Link] = {}
         self._links_lock = threading.Lock()
@@ -134,6 +136,7 @@ class ChainWorker:
                 self._fail(msg, self.part, self.node_id, exc)
 
     def _run(self, msg: pb.ChainStep, arrived: float, nbytes: int) -> None:
+        self.steps += 1
         chunks = [
             SeqChunk(
                 c.request_id,
@@ -200,6 +203,7 @@ class ChainWorker:
                 timings=timings,
                 sent_unix_ms=time.time() * 1e3,
             )
+            self.forwarded_bytes += nxt.ByteSize()
             try:
                 self._link(hops[key]).send(nxt)
             except Exception as exc:
