@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--join", metavar="COORDINATOR", help="register with a running coordinator (host:port)")
     node.add_argument("--part", type=int, help="model part to serve (with --join)")
     node.add_argument("--address", help="host:port to listen on and to announce (with --join)")
+    node.add_argument(
+        "--listen", help="host:port to listen on when peers reach the node at another address (a proxy, NAT)"
+    )
     sub.add_parser("coordinator", parents=[common], help="serve the coordinator")
     sub.add_parser("tokenizer", parents=[common], help="serve the tokenizer")
     sub.add_parser("api", parents=[common], help="serve the REST API")
@@ -78,10 +81,12 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.join:
             if args.part is None or not args.address:
                 p.error("--join needs --part and --address")
-            serve_node(cfg, args.id, join=args.join, part=args.part, address=args.address)
+            serve_node(
+                cfg, args.id, join=args.join, part=args.part, address=args.address, listen_address=args.listen
+            )
         else:
             cfg.node(args.id)  # fail early with the known ids
-            serve_node(cfg, args.id)
+            serve_node(cfg, args.id, listen_address=args.listen)
     elif args.role == "coordinator":
         from pipeserve.coordinator.coordinator_server import serve_coordinator
 

@@ -192,7 +192,10 @@ class NodeServer:
         address: str | None = None,
         part: int | None = None,
         layers: tuple[int, int] | None = None,
+        listen_address: str | None = None,
     ) -> None:
+        """`address` is where peers reach the node; it listens there too unless `listen_address`
+        says otherwise (behind a proxy, NAT or port-forward)."""
         self.cfg = cfg
         known = next((n for n in cfg.nodes if n.id == node_id), None)
         self.node_id = node_id
@@ -209,7 +212,8 @@ class NodeServer:
         self.server = sync_server(16, "node-rpc", cfg.node_defaults.max_message_mb)
         self.servicer = ModelNodeServicer(node_id)
         pb_grpc.add_ModelNodeServicer_to_server(self.servicer, self.server)
-        self.health, self.port = listen(self.server, SERVICE, self.address, f"node {node_id}", cfg, node_id)
+        bind = listen_address or self.address
+        self.health, self.port = listen(self.server, SERVICE, bind, f"node {node_id}", cfg, node_id)
 
     def start(self, background_load: bool = True) -> NodeServer:
         self.server.start()
@@ -292,11 +296,17 @@ def _join(coordinator: str, srv: NodeServer) -> None:
 
 
 def serve_node(
-    cfg: Config, node_id: str, join: str | None = None, part: int | None = None, address: str | None = None
+    cfg: Config,
+    node_id: str,
+    join: str | None = None,
+    part: int | None = None,
+    address: str | None = None,
+    listen_address: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT. With `join`, register with that coordinator once loaded and
     leave it (after it drained this node's requests) on shutdown."""
-    srv = NodeServer(cfg, node_id, address=address, part=part).start(background_load=False)
+    srv = NodeServer(cfg, node_id, address=address, part=part, listen_address=listen_address)
+    srv.start(background_load=False)
     if srv.error:
         srv.stop(0)
         raise SystemExit(f"node {node_id}: {srv.error}")
