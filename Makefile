@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire certs clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls certs clean
 
 # `make up` installs a named model only when the config asks for it.
 up: deps kernels proto frontend $(if $(findstring gemma3-270m,$(shell cat $(CONFIG) 2>/dev/null)),models)
@@ -100,6 +100,12 @@ bench-models: deps models kernels proto
 # certificates for nodes that will join later.
 certs: deps
 	$(BIN)/python -m pipeserve.cli certs --config $(or $(CONFIG),src/config/config.json) --out certs --names "$(NAMES)"
+
+bench-hosts: deps kernels proto
+	$(BIN)/python scripts/bench_hosts.py --out bench/hosts.json
+
+bench-tls: deps kernels proto
+	$(BIN)/python scripts/bench_tls.py --out bench/tls.json
 
 bench-wire: deps kernels proto
 	$(BIN)/python scripts/bench_wire.py --out bench/wire.json

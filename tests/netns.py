@@ -159,11 +159,12 @@ def cluster_raw(hosts: Hosts, data_path: str = "chain", threads: int = 1) -> dic
     }
 
 
-def start_cluster(hosts: Hosts, raw: dict, workdir: Path, delay_ms: float = 0.0) -> Path:
+def start_cluster(hosts: Hosts, raw: dict, workdir: Path, delay_ms: float = 0.0, proxy: bool = False) -> Path:
     """Start tokenizer and coordinator on front and node i on n<i>. With `delay_ms`, each node
     listens on 127.0.0.1 of its host behind a proxy on its address that delays every byte by
     delay_ms each way: every link to a node (coordinator -> node1, node -> node, and the results
-    coming back) gets that one-way latency."""
+    coming back) gets that one-way latency. `proxy` puts the proxies in place at 0 ms too (the
+    baseline for the effect of the delay alone: the proxies cost CPU)."""
     import json
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def start_cluster(hosts: Hosts, raw: dict, workdir: Path, delay_ms: float = 0.0)
     for i, n in enumerate(raw["nodes"], start=1):
         port = n["address"].rsplit(":", 1)[1]
         args = [*py, "node", "--id", n["id"], "--config", str(cfg_file)]
-        if delay_ms > 0:
+        if delay_ms > 0 or proxy:
             inner = f"127.0.0.1:{int(port) + 10000}"
             args += ["--listen", inner]
             hosts.spawn(

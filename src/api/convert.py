@@ -237,4 +237,11 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         last_forward_ms=info.last_forward_ms if info.forwards_total else None,
         mean_forward_ms=info.forward_ms_total / info.forwards_total if info.forwards_total else None,
         forwards_total=info.forwards_total,
+        capacity=s.CapacityView(
+            free_bytes=info.capacity.free_bytes,
+            layer_bytes=info.capacity.layer_bytes,
+            ms_per_layer=info.capacity.ms_per_layer,
+        )
+        if info.HasField("capacity")
+        else None,
     )

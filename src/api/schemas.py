@@ -364,6 +364,14 @@ class TokenizerView(BaseModel):
     error: str | None = Field(description="Why it is unhealthy.")
 
 
+class CapacityView(BaseModel):
+    """What a node measured before loading, with `layers: auto` (its part's layers follow from it)."""
+
+    free_bytes: int = Field(description="Available memory on the node's machine.")
+    layer_bytes: int = Field(description="Weight bytes of one layer of the model.")
+    ms_per_layer: float = Field(description="Time of one layer on a batch of 8 tokens, milliseconds.")
+
+
 class NodeView(BaseModel):
     id: str
     address: str
@@ -395,6 +403,9 @@ class NodeView(BaseModel):
         description="Mean compute time per Forward (null before the first)."
     )
     forwards_total: int
+    capacity: CapacityView | None = Field(
+        None, description="With `layers: auto`: what the node reported before loading (null otherwise)."
+    )
 
 
 class ClusterView(BaseModel):

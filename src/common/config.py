@@ -170,6 +170,12 @@ class Config(_Strict):
     max_context: int | None = Field(
         None, ge=1, description="Cap on prompt + generated tokens (default: the model's)."
     )
+    layers: Literal["even", "auto"] = Field(
+        "even",
+        description="How parts split the model's layers when no node gives `layers`: even, or auto (each "
+        "part's node measures its speed and free memory before loading and the coordinator splits in "
+        "proportion to speed, within memory).",
+    )
     wire_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32",
         description="How hidden states travel between stages: fp32 is exact (greedy output equals a "
@@ -208,6 +214,9 @@ class Config(_Strict):
             if len(ranges) > 1:
                 raise ValueError(f"nodes of model_part={part} disagree on layers: {sorted(map(str, ranges))}")
         explicit = [n for n in self.nodes if n.layers is not None]
+        if explicit and self.layers == "auto":
+            i = self.nodes.index(explicit[0])
+            raise ValueError(f"layers='auto' and nodes[{i}].layers are both given: auto places every part")
         if explicit and len(explicit) != len(self.nodes):
             i = next(i for i, n in enumerate(self.nodes) if n.layers is None)
             raise ValueError(f"nodes[{i}] has no layers but other nodes do: give every node layers, or none")

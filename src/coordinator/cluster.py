@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -19,7 +20,9 @@ import grpc
 
 from pipeserve.common import tls
 from pipeserve.common.config import Config
+from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options
+from pipeserve.common.placement import Capacity, split_layers
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
@@ -190,6 +193,10 @@ class Cluster:
         self.problems: list[str] = ["not checked yet"]
         self.changed = asyncio.Event()  # set when a node becomes healthy (wakes stalled requests)
         self.known_requests: Callable[[], Container[str]] | None = None  # set by the Scheduler
+        # `layers: auto`: what each part's first reporting node measured, and the split made from it
+        self.capacities: dict[int, Capacity] = {}
+        self.auto_layers: list[tuple[int, int]] | None = None
+        self._placed = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
 
     def _client(self, address: str, name: str) -> NodeClient:
@@ -222,6 +229,8 @@ class Cluster:
                 self.model_checksum = self.tokenizer_info.model_checksum
             else:
                 self.model_checksum = Counter(i.model_checksum for _, i in answered).most_common(1)[0][0]
+        if self.cfg.layers == "auto" and self.auto_layers is None and answered:
+            self._adopt_layers(answered)
         became_healthy = False
         for n, info in zip(self.nodes, infos, strict=True):
             if not isinstance(info, pb.NodeInfo):
@@ -274,9 +283,62 @@ class Cluster:
         task.add_done_callback(self._bg.discard)
 
     def part_layers(self, part: int) -> tuple[int, int] | None:
+        if self.cfg.layers == "auto":
+            return self.auto_layers[part] if self.auto_layers else None
         if self.n_layers is None:
             return None
         return self.cfg.part_layers(part, self.n_layers)
+
+    # ---- placement (`layers: auto`) ------------------------------------------------------------
+    async def place(self, req: pb.PlaceRequest, wait_s: float = 300.0) -> tuple[int, int]:
+        """The layers of req's part: split once every part has reported its capacity (the first
+        report of each part counts; later ones, replicas and restarts, get the same split)."""
+        if self.cfg.layers != "auto":
+            raise ConfigError(
+                "the cluster's config has layers='even': nodes take their layers from the config"
+            )
+        if req.model_part >= self.n_parts:
+            raise ConfigError(
+                f"part {req.model_part} does not exist (the model is split into {self.n_parts} parts)"
+            )
+        if self.auto_layers is None:
+            c = req.capacity
+            self.capacities.setdefault(
+                req.model_part,
+                Capacity(req.node_id, req.model_part, c.free_bytes, c.layer_bytes, c.ms_per_layer),
+            )
+            if len(self.capacities) == self.n_parts:
+                self.auto_layers = split_layers(req.n_layers, list(self.capacities.values()))
+                log.info(
+                    "layers placed by capacity: %s",
+                    ", ".join(
+                        f"part {p} [{a}, {b}) ({self.capacities[p].node_id}: {self.capacities[p].ms_per_layer:.2f} ms/layer)"
+                        for p, (a, b) in enumerate(self.auto_layers)
+                    ),
+                )
+                self._placed.set()
+            else:
+                try:
+                    await asyncio.wait_for(self._placed.wait(), wait_s)
+                except TimeoutError:
+                    missing = sorted(set(range(self.n_parts)) - set(self.capacities))
+                    raise StageUnavailableError(
+                        f"placement waits for parts {missing} to report their capacity"
+                    ) from None
+        assert self.auto_layers is not None
+        return self.auto_layers[req.model_part]
+
+    def _adopt_layers(self, answered: list[tuple[NodeHandle, pb.NodeInfo]]) -> None:
+        """After a coordinator restart with `layers: auto`: take the split the loaded nodes serve."""
+        by_part = {
+            n.part: (i.layers.start_layer, i.layers.end_layer) for n, i in answered if i.layers.end_layer
+        }
+        if len(by_part) < self.n_parts:
+            return
+        ranges = [by_part[p] for p in range(self.n_parts)]
+        if ranges[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges)):
+            self.auto_layers = ranges
+            self._placed.set()
 
     def _problems(self) -> list[str]:
         out = []

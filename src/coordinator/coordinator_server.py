@@ -17,6 +17,7 @@ import grpc
 from pipeserve.common import wire
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
+    ConfigError,
     InvalidInputError,
     ModelRefusedError,
     PipeserveError,
@@ -266,6 +267,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             accepted=True,
             message=f"node {node.id} registered for part {node.part}: {node.error or 'healthy'}",
         )
+
+    async def Place(self, request: pb.PlaceRequest, context: grpc.aio.ServicerContext) -> pb.PlaceResponse:
+        try:
+            start, end = await self.cluster.place(request)
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise AssertionError("unreachable") from exc
+        except PipeserveError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.PlaceResponse(start_layer=start, end_layer=end)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         await self._admit_member(request.node_id, request.join_token, context)

@@ -11,6 +11,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -19,11 +20,12 @@ import torch
 from pipeserve import kernels
 from pipeserve.common import codec, tls
 from pipeserve.common.config import Config
-from pipeserve.common.errors import StageUnavailableError
+from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
 from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
+from pipeserve.node.capacity import measure as measure_capacity
 from pipeserve.node.chain import ChainWorker
 from pipeserve.node.runner import StageRunner
 from pipeserve.proto import model_service_pb2 as pb
@@ -39,6 +41,7 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         self.node_id = node_id
         self._runner: StageRunner | None = None  # set once the layers are loaded
         self.chain: ChainWorker | None = None  # the chain data path's worker, with the runner
+        self.capacity: pb.Capacity | None = None  # measured before loading (`layers: auto`)
         self._subscribers: dict[str, queue.SimpleQueue[pb.StepResult | None]] = {}
         self._subs_lock = threading.Lock()
 
@@ -140,7 +143,10 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         )
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
-        return node_info(self.runner)
+        info = node_info(self.runner)
+        if self.capacity is not None:
+            info.capacity.CopyFrom(self.capacity)
+        return info
 
 
 def node_info(r: StageRunner) -> pb.NodeInfo:
@@ -206,6 +212,7 @@ class NodeServer:
         self.threads = (known.threads if known else None) or cfg.node_defaults.threads
         self.budget = (known.cache_budget_tokens if known else None) or cfg.node_defaults.cache_budget_tokens
         self.layers = layers
+        self.capacity: pb.Capacity | None = None
         self.runner: StageRunner | None = None
         self.loaded_event = threading.Event()
         self.error: BaseException | None = None
@@ -232,7 +239,12 @@ class NodeServer:
             torch.set_num_threads(1)
             source = resolve_model(self.cfg.model_name)
             n_layers = read_config(source).n_layers
-            layers = self.layers or self.cfg.part_layers(self.part, n_layers)
+            if self.layers is None and self.cfg.layers == "auto":
+                self.capacity = measure_capacity(source, n_layers)
+                self.servicer.capacity = self.capacity
+                layers = self._place(self.capacity, n_layers)
+            else:
+                layers = self.layers or self.cfg.part_layers(self.part, n_layers)
             loaded = load_stage(source, layers)
             release_file_caches()
             self.runner = StageRunner(
@@ -269,6 +281,32 @@ class NodeServer:
             log.exception("node %s failed to load", self.node_id)
         finally:
             self.loaded_event.set()
+
+    def _place(self, cap: pb.Capacity, n_layers: int) -> tuple[int, int]:
+        """Report the capacity to the coordinator and wait for this part's layers (it answers once
+        every part has reported); the coordinator may start after the nodes: retry until it answers."""
+        req = pb.PlaceRequest(node_id=self.node_id, model_part=self.part, n_layers=n_layers, capacity=cap)
+        log.info(
+            "node %s measured %.2f ms per layer, %.1f GiB free; asking the coordinator for its layers",
+            self.node_id,
+            cap.ms_per_layer,
+            cap.free_bytes / 2**30,
+        )
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                with tls.sync_channel(
+                    self.cfg, self.node_id, "coordinator", self.cfg.coordinator.address
+                ) as ch:
+                    resp = pb_grpc.CoordinatorStub(ch).Place(req, timeout=330)
+                return resp.start_layer, resp.end_layer
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                    raise ConfigError(f"node {self.node_id}: placement refused: {exc.details()}") from exc  # type: ignore[union-attr]
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def stop(self, grace: float = 1.0) -> None:
         set_serving(self.health, [SERVICE], False)
