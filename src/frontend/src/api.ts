@@ -121,6 +121,8 @@ export interface NodeStatus {
   last_forward_ms: number | null;
   mean_forward_ms: number | null;
   forwards_total: number;
+  /** With `layers: auto`: what the node measured before loading (null otherwise). */
+  capacity?: { free_bytes: number; layer_bytes: number; ms_per_layer: number } | null;
 }
 
 export interface ClusterStatus {
