@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from pipeserve.common.errors import ConfigError
@@ -63,7 +65,7 @@ def test_a_cluster_with_layers_auto_places_itself_and_generates_the_reference(tm
         nodes = sorted(view["nodes"], key=lambda n: n["part"])
         ranges = [tuple(n["layers"]) for n in nodes]
         assert ranges[0][0] == 0 and ranges[-1][1] == 30
-        assert all(a[1] == b[0] and b[1] > b[0] for a, b in zip(ranges, ranges[1:], strict=False)), ranges
+        assert all(a[1] == b[0] and b[1] > b[0] for a, b in itertools.pairwise(ranges)), ranges
         caps = [n["capacity"] for n in nodes]
         assert all(c and c["ms_per_layer"] > 0 and c["layer_bytes"] > 0 and c["free_bytes"] > 0 for c in caps)
         assert "layers placed by capacity" in pc.log("coordinator", 200)
