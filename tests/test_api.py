@@ -526,6 +526,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "last_forward_ms",
         "mean_forward_ms",
         "forwards_total",
+        "capacity",
     }
     nodes = sorted(view["nodes"], key=lambda n: n["part"])
     assert [n["part"] for n in nodes] == [0, 1, 2] and all(set(n) == keys for n in nodes)

@@ -9,6 +9,7 @@ and the shared join token without.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 import time
@@ -174,15 +175,17 @@ def test_bad_own_certificates_stop_the_service_with_its_name(tmp_path) -> None:
         ConfigError, match=r"node1: certificate .* is for \['tokenizer', 'localhost'.*not 'node1'"
     ):
         tls.check_certificate(with_certs(cfg, foreign).tls, "node1")
-    with pytest.raises(ConfigError, match=r"coordinator: certificate .* expired"):
-        shutil.copy(expired_dir / "node1.crt", expired_dir / "coordinator.crt")
-        shutil.copy(expired_dir / "node1.key", expired_dir / "coordinator.key")
+    shutil.copy(expired_dir / "node1.crt", expired_dir / "coordinator.crt")
+    shutil.copy(expired_dir / "node1.key", expired_dir / "coordinator.key")
+
+    async def coordinator() -> None:  # its channels need an event loop
         CoordinatorServer(with_certs(cfg, expired_dir))
+
+    with pytest.raises(ConfigError, match=r"coordinator: certificate .* expired"):
+        asyncio.run(coordinator())
 
 
 def test_without_tls_join_needs_the_shared_token(tmp_path) -> None:
-    import asyncio
-
     async def main(token: str | None, sent: str) -> grpc.StatusCode | str:
         cfg = cluster_config(EMBEDDED, 1, coordinator={"join_token": token})
         co = CoordinatorServer(cfg)

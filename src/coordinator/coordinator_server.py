@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pipeserve.common import wire
+from pipeserve.common import tls, wire
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
     ConfigError,
@@ -303,6 +303,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: PipeserveError) -> None
 
 class CoordinatorServer:
     def __init__(self, cfg: Config, address: str | None = None) -> None:
+        if cfg.tls.enabled:  # before any channel: a bad certificate stops it with its name and file
+            tls.check_certificate(cfg.tls, "coordinator")
         self.cfg = cfg
         self.address = address or cfg.coordinator.address
         self.cluster = Cluster(cfg)
