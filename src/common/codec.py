@@ -7,11 +7,14 @@ Decoding validates size against shape and dtype, so a malformed tensor is INVALI
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
 from pipeserve.common.errors import InvalidInputError
 from pipeserve.common.wire import sampling_from_pb, sampling_to_pb  # noqa: F401 (nodes use them from here)
+from pipeserve.modeling.engine import SampledToken, SeqChunk
 from pipeserve.proto import model_service_pb2 as pb
 
 _TO_WIRE = {
@@ -51,3 +54,25 @@ def decode_tensor(msg: pb.Tensor) -> torch.Tensor:
     arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
     t = torch.from_numpy(arr.copy())  # own the memory: the message buffer is read-only
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def chunks_from_pb(chunks: Iterable[pb.SequenceChunk]) -> list[SeqChunk]:
+    """A Forward's or a ChainStep's chunks as the engine takes them."""
+    return [
+        SeqChunk(
+            c.request_id, c.start_pos, list(c.token_ids), sampling_from_pb(c.sampling) if c.sample else None
+        )
+        for c in chunks
+    ]
+
+
+def samples_to_pb(samples: Iterable[SampledToken]) -> list[pb.SampledToken]:
+    return [
+        pb.SampledToken(
+            request_id=s.request_id,
+            token_id=s.token_id,
+            logprob=s.logprob,
+            top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs],
+        )
+        for s in samples
+    ]

@@ -356,15 +356,7 @@ class Scheduler:
             sample = start + n == len(req.tokens)
             first = req.route[0]
             m = msgs.setdefault(first, pb.ChainStep(step_id=step_id, part=0, output_dtype=self.wire_dtype))
-            m.chunks.append(
-                pb.SequenceChunk(
-                    request_id=req.id,
-                    start_pos=start,
-                    token_ids=req.tokens[start : start + n],
-                    sample=sample,
-                    sampling=wire.sampling_to_pb(req.sampling) if sample else None,
-                )
-            )
+            m.chunks.append(_chunk(req, start, n, sample))
             hops = [
                 pb.RouteHop(part=p, node_id=req.route[p].id, address=req.route[p].address)
                 for p in range(n_parts)
@@ -500,15 +492,7 @@ class Scheduler:
         chunks = []
         for req, start, n in items:
             sample = is_last and start + n == len(req.tokens)
-            chunks.append(
-                pb.SequenceChunk(
-                    request_id=req.id,
-                    start_pos=start,
-                    token_ids=req.tokens[start : start + n],
-                    sample=sample,
-                    sampling=wire.sampling_to_pb(req.sampling) if sample else None,
-                )
-            )
+            chunks.append(_chunk(req, start, n, sample))
         msg = pb.ForwardRequest(request_id=step_id, chunks=chunks, output_dtype=self.wire_dtype)
         if part > 0:
             msg.hidden.CopyFrom(wire.join_rows([hidden[req.id] for req, _, _ in items]))
@@ -709,3 +693,14 @@ class Scheduler:
 
     def new_request_id(self) -> str:
         return "req-" + uuid.uuid4().hex[:16]
+
+
+def _chunk(req: Request, start: int, n: int, sample: bool) -> pb.SequenceChunk:
+    """Tokens start..start+n-1 of a request for a stage; the last stage samples after them when asked."""
+    return pb.SequenceChunk(
+        request_id=req.id,
+        start_pos=start,
+        token_ids=req.tokens[start : start + n],
+        sample=sample,
+        sampling=wire.sampling_to_pb(req.sampling) if sample else None,
+    )

@@ -27,7 +27,6 @@ from grpc_status import rpc_status
 from pipeserve.common import codec, wire
 from pipeserve.common.errors import PipeserveError, StageUnavailableError
 from pipeserve.common.grpc_util import rich_status
-from pipeserve.modeling.engine import SeqChunk
 from pipeserve.node.runner import StageRunner
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -137,15 +136,7 @@ class ChainWorker:
 
     def _run(self, msg: pb.ChainStep, arrived: float, nbytes: int) -> None:
         self.steps += 1
-        chunks = [
-            SeqChunk(
-                c.request_id,
-                c.start_pos,
-                list(c.token_ids),
-                codec.sampling_from_pb(c.sampling) if c.sample else None,
-            )
-            for c in msg.chunks
-        ]
+        chunks = codec.chunks_from_pb(msg.chunks)
         try:
             hidden = codec.decode_tensor(msg.hidden).float() if msg.HasField("hidden") else None
             out = self.runner.forward(chunks, hidden)
@@ -161,15 +152,7 @@ class ChainWorker:
         )
         timings = [*msg.timings, timing]
         if self.is_last:
-            tokens = [
-                pb.SampledToken(
-                    request_id=s.request_id,
-                    token_id=s.token_id,
-                    logprob=s.logprob,
-                    top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs],
-                )
-                for s in out.samples
-            ]
+            tokens = codec.samples_to_pb(out.samples)
             result = pb.StepResult(
                 step_id=msg.step_id,
                 request_ids=[c.request_id for c in msg.chunks],

@@ -22,7 +22,6 @@ from pipeserve.common import codec, tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
-from pipeserve.modeling.engine import SeqChunk
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
 from pipeserve.node.capacity import measure as measure_capacity
@@ -89,30 +88,13 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         return self._runner
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        chunks = [
-            SeqChunk(
-                c.request_id,
-                c.start_pos,
-                list(c.token_ids),
-                codec.sampling_from_pb(c.sampling) if c.sample else None,
-            )
-            for c in request.chunks
-        ]
+        chunks = codec.chunks_from_pb(request.chunks)
         hidden = codec.decode_tensor(request.hidden).float() if request.HasField("hidden") else None
         out_dtype = codec.WIRE_TORCH.get(request.output_dtype, torch.float32)
         out = self.runner.forward(chunks, hidden)
-        tokens = [
-            pb.SampledToken(
-                request_id=s.request_id,
-                token_id=s.token_id,
-                logprob=s.logprob,
-                top_logprobs=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs],
-            )
-            for s in out.samples
-        ]
         return pb.ForwardResponse(
             hidden=codec.encode_tensor(out.hidden.to(out_dtype)) if out.hidden is not None else None,
-            tokens=tokens,
+            tokens=codec.samples_to_pb(out.samples),
             forward_ms=out.forward_ms,
             cache_used_tokens=self.runner.cache_used_tokens,
         )
