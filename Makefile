@@ -116,6 +116,8 @@ bench-engine: deps kernels proto
 bench: deps kernels proto
 	$(BIN)/python scripts/bench_serving.py --out bench/serving.json
 	$(BIN)/python scripts/bench_kv.py --out bench/kv.json
+	$(BIN)/python scripts/bench_wire.py --out bench/wire.json
+	$(BIN)/python scripts/bench_tls.py --out bench/tls.json
 
 clean:
 	rm -rf build src/proto/*_pb2*.py src/kernels/_qk*.so $(KSO)
