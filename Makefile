@@ -118,6 +118,8 @@ bench: deps kernels proto
 	$(BIN)/python scripts/bench_kv.py --out bench/kv.json
 	$(BIN)/python scripts/bench_wire.py --out bench/wire.json
 	$(BIN)/python scripts/bench_tls.py --out bench/tls.json
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python scripts/bench_hosts.py --out bench/hosts.json; \
+	else echo "bench-hosts skipped: network namespaces need root"; fi
 
 clean:
 	rm -rf build src/proto/*_pb2*.py src/kernels/_qk*.so $(KSO)
