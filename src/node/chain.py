@@ -92,11 +92,14 @@ class ChainWorker:
         self,
         runner: StageRunner,
         node_id: str,
-        channel_to: Callable[[pb.RouteHop], grpc.Channel],
+        channel_to: Callable[[pb.RouteHop], grpc.Channel] | None,
         report: Callable[[str, pb.StepResult], None],
+        link_to: Callable[[pb.RouteHop, Callable[[Link, list[Any]], None]], Link] | None = None,
     ) -> None:
+        """`channel_to(hop)` gives the channel a Link to that next node runs on; tests pass
+        `link_to(hop, on_broken)` instead, which makes the link itself (no gRPC)."""
         self.runner, self.node_id, self.part = runner, node_id, runner.part
-        self.channel_to, self.report = channel_to, report
+        self.channel_to, self.report, self.link_to = channel_to, report, link_to
         self.is_last = runner.loaded.shard.is_last
         self.steps = 0  # steps run (tests and Info)
         self.forwarded_bytes = 0  # bytes of the steps sent on to next nodes
@@ -206,7 +209,12 @@ class ChainWorker:
                     link.close()
                 if len(self._links) >= MAX_LINKS:  # drop the oldest link (to a node gone or replaced)
                     self._links.pop(next(iter(self._links))).close()
-                link = self._links[key] = Link(hop, self.channel_to(hop), self._link_broken)
+                if self.link_to is not None:
+                    link = self.link_to(hop, self._link_broken)
+                else:
+                    assert self.channel_to is not None
+                    link = Link(hop, self.channel_to(hop), self._link_broken)
+                self._links[key] = link
             return link
 
     def _link_broken(self, link: Link, lost: list[Any]) -> None:
