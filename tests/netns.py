@@ -175,15 +175,16 @@ def start_cluster(hosts: Hosts, raw: dict, workdir: Path, delay_ms: float = 0.0,
     for i, n in enumerate(raw["nodes"], start=1):
         port = n["address"].rsplit(":", 1)[1]
         args = [*py, "node", "--id", n["id"], "--config", str(cfg_file)]
+        inner = f"127.0.0.1:{int(port) - 30000}"  # below the ephemeral range: a proxy's connect can't take it
         if delay_ms > 0 or proxy:
-            inner = f"127.0.0.1:{int(port) + 10000}"
             args += ["--listen", inner]
+        hosts.spawn(f"n{i}", args, workdir / f"{n['id']}.log")  # the node binds before its proxy forwards
+        if delay_ms > 0 or proxy:
             hosts.spawn(
                 f"n{i}",
                 [sys.executable, "-m", "tests.netns", "proxy", n["address"], inner, str(delay_ms)],
                 workdir / f"proxy{i}.log",
             )
-        hosts.spawn(f"n{i}", args, workdir / f"{n['id']}.log")
     hosts.spawn("front", [*py, "coordinator", "--config", str(cfg_file)], workdir / "coordinator.log")
     return cfg_file
 
