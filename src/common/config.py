@@ -96,7 +96,9 @@ class CoordinatorConfig(_Strict):
     recovery_wait_s: float = Field(
         3.0, ge=0, description="How long queued requests wait for a dead part to return."
     )
-    forward_timeout_s: float = Field(30.0, gt=0, description="Deadline of one Forward RPC.")
+    forward_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one step: a Forward RPC (hub), or a step's results (chain)."
+    )
     rpc_timeout_s: float = Field(3.0, gt=0, description="Deadline of Info/Release/tokenizer RPCs.")
     max_retries: int = Field(
         3, ge=0, description="Retries of a failed step (with failover) before the request fails."
