@@ -80,3 +80,29 @@ def test_a_cluster_with_layers_auto_places_itself_and_generates_the_reference(tm
         assert r.json()["choices"][0]["text"] == want
     finally:
         pc.stop()
+
+
+def test_a_restarted_coordinator_adopts_the_split_the_running_nodes_serve() -> None:
+    """With `layers: auto` and no Place calls (the nodes loaded before this coordinator started),
+    the first health check takes the layers the nodes report as the split, and Place answers it."""
+    import asyncio
+
+    from pipeserve.coordinator.cluster import Cluster
+    from pipeserve.proto import model_service_pb2 as pb
+    from tests.fake_stages import FakeStage, FakeTokenizer, fake_cluster_config
+
+    cfg = fake_cluster_config(3).model_copy(update={"layers": "auto"})
+    stages = {n.address: FakeStage(n.id, n.model_part, 3, layers_per_part=2) for n in cfg.nodes}
+
+    async def main() -> None:
+        cluster = Cluster(cfg, node_client=stages.__getitem__, tokenizer=FakeTokenizer())  # type: ignore[arg-type]
+        assert cluster.part_layers(1) is None
+        await cluster.refresh()
+        assert cluster.ready, cluster.problems
+        assert [cluster.part_layers(p) for p in range(3)] == [(0, 2), (2, 4), (4, 6)]
+        late = pb.PlaceRequest(
+            node_id="node2b", model_part=1, n_layers=6, capacity=pb.Capacity(ms_per_layer=1.0)
+        )
+        assert await cluster.place(late, wait_s=1) == (2, 4)  # a replica gets the running split
+
+    asyncio.run(main())
