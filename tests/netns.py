@@ -176,10 +176,11 @@ def start_cluster(hosts: Hosts, raw: dict, workdir: Path, delay_ms: float = 0.0,
         port = n["address"].rsplit(":", 1)[1]
         args = [*py, "node", "--id", n["id"], "--config", str(cfg_file)]
         inner = f"127.0.0.1:{int(port) - 30000}"  # below the ephemeral range: a proxy's connect can't take it
-        if delay_ms > 0 or proxy:
+        proxied = delay_ms > 0 or proxy
+        if proxied:
             args += ["--listen", inner]
         hosts.spawn(f"n{i}", args, workdir / f"{n['id']}.log")  # the node binds before its proxy forwards
-        if delay_ms > 0 or proxy:
+        if proxied:
             hosts.spawn(
                 f"n{i}",
                 [sys.executable, "-m", "tests.netns", "proxy", n["address"], inner, str(delay_ms)],

@@ -101,8 +101,7 @@ class ChainWorker:
         self.runner, self.node_id, self.part = runner, node_id, runner.part
         self.channel_to, self.report, self.link_to = channel_to, report, link_to
         self.is_last = runner.loaded.shard.is_last
-        self.steps = 0  # steps run (tests and Info)
-        self.forwarded_bytes = 0  # bytes of the steps sent on to next nodes
+        self.steps = 0  # steps run (tests read it)
         self._q: queue.Queue[tuple[pb.ChainStep, float, int] | None] = queue.Queue(MAX_QUEUED_STEPS)
         self._links: dict[tuple[str, str], Link] = {}
         self._links_lock = threading.Lock()
@@ -166,9 +165,7 @@ class ChainWorker:
             return
         assert out.hidden is not None
         wire_dtype = codec.WIRE_TORCH.get(msg.output_dtype, torch.float32)
-        rows = wire.split_rows(
-            codec.encode_tensor(out.hidden.to(wire_dtype)), [len(c.token_ids) for c in msg.chunks]
-        )
+        encoded = codec.encode_tensor(out.hidden.to(wire_dtype))
         routes = {r.request_id: r for r in msg.routes}
         by_next: dict[tuple[str, str], list[int]] = {}
         hops: dict[tuple[str, str], pb.RouteHop] = {}
@@ -177,19 +174,20 @@ class ChainWorker:
             key = (hop.node_id, hop.address)
             by_next.setdefault(key, []).append(i)
             hops[key] = hop
+        # one next node (no replicas in play): the whole output goes on as it is, without cutting
+        rows = None if len(by_next) == 1 else wire.split_rows(encoded, [len(c.token_ids) for c in msg.chunks])
         for key, idx in by_next.items():
             nxt = pb.ChainStep(
                 step_id=msg.step_id,
                 coordinator_id=msg.coordinator_id,
                 part=self.part + 1,
                 chunks=[msg.chunks[i] for i in idx],
-                hidden=wire.join_rows([rows[i] for i in idx]),
+                hidden=encoded if rows is None else wire.join_rows([rows[i] for i in idx]),
                 output_dtype=msg.output_dtype,
                 routes=[routes[msg.chunks[i].request_id] for i in idx],
                 timings=timings,
                 sent_unix_ms=time.time() * 1e3,
             )
-            self.forwarded_bytes += nxt.ByteSize()
             try:
                 self._link(hops[key]).send(nxt)
             except Exception as exc:

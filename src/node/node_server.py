@@ -194,7 +194,6 @@ class NodeServer:
         self.threads = (known.threads if known else None) or cfg.node_defaults.threads
         self.budget = (known.cache_budget_tokens if known else None) or cfg.node_defaults.cache_budget_tokens
         self.layers = layers
-        self.capacity: pb.Capacity | None = None
         self.runner: StageRunner | None = None
         self.loaded_event = threading.Event()
         self.error: BaseException | None = None
@@ -222,9 +221,8 @@ class NodeServer:
             source = resolve_model(self.cfg.model_name)
             n_layers = read_config(source).n_layers
             if self.layers is None and self.cfg.layers == "auto":
-                self.capacity = measure_capacity(source, n_layers)
-                self.servicer.capacity = self.capacity
-                layers = self._place(self.capacity, n_layers)
+                self.servicer.capacity = measure_capacity(source, n_layers)
+                layers = self._place(self.servicer.capacity, n_layers)
             else:
                 layers = self.layers or self.cfg.part_layers(self.part, n_layers)
             loaded = load_stage(source, layers)
