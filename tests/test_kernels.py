@@ -90,17 +90,17 @@ def test_kernel_matches_reference_random_blocks(name, isa, threads):
         qt = random_qtensor(name, N, K, seed=N + K)
         w = qt.dequantize().double()
         lin = QLinear([qt])
-        for T in (*BATCHES, 3, 70):
+        for T in (*BATCHES, 3, 8, 70, 200):  # every loop shape (qk_simd.h), partial chunks
             x = torch.randn(T, K)
             err = rel_err(lin(x), x.double() @ w.t())
             assert err <= TOL, f"{isa} {name} [{N}, {K}] T={T}: {err:.2e}"
 
 
 def test_accumulate_adds_into_the_output(isa, threads):
-    """add_to: out += x @ W^T, on every loop shape (T = 1, small, panel-sized)."""
+    """add_to: out += x @ W^T, on every loop shape (T = 1, dot tiles, k-major x, panels)."""
     qt = random_qtensor("Q4_K", 70, 512, seed=5)
     lin, w = QLinear([qt]), qt.dequantize().double()
-    for T in (1, 7, 64):
+    for T in (1, 7, 16, 64, 200):
         x, base = torch.randn(T, 512), torch.randn(T, 70)
         out = lin.add_to(x, base.clone())
         assert rel_err(out, base.double() + x.double() @ w.t()) <= TOL

@@ -289,7 +289,7 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int64_t K = self->K, G = K / 32;
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> xsum;
-  if (self->needs_xsum) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K
+  if (self->needs_xsum && T == 1) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (T == 1 path)
     xsum.resize(T * G);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < G; ++g) {
@@ -297,6 +297,12 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
         for (int e = 0; e < 32; ++e) s += x[t * K + g * 32 + e];
         xsum[t * G + g] = s;
       }
+  }
+  std::vector<float> xt;  // x k-major for the batched-decode shape (qk_types.h: make_xt)
+  const int64_t cw = xt_width(T, g_isa == ISA_AVX512 ? 16 : 8);
+  if (g_isa != ISA_GENERIC && T >= XT_MIN_T && T < PANEL_MIN_T) {
+    xt.resize(xt_floats(T, K, cw));
+    make_xt(x, T, K, cw, xt.data());
   }
   std::vector<Job> jobs;
   std::vector<int64_t> items;
@@ -306,8 +312,8 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int threads = lk.owns_lock() ? g_pool->size() : 1;
   int64_t col = 0;
   for (const Segment& s : *self->segs) {
-    Job jb{s.type, s.w, s.row_bytes, K, x, self->needs_xsum ? xsum.data() : nullptr, T, y + col, self->N, nullptr,
-           accumulate};
+    Job jb{s.type, s.w, s.row_bytes, K, x, xsum.empty() ? nullptr : xsum.data(), T, y + col, self->N, nullptr,
+           accumulate, xt.empty() ? nullptr : xt.data(), cw};
     const int64_t j = (int64_t)jobs.size();
     jobs.push_back(jb);
     // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4

@@ -3,17 +3,21 @@
 // qk_avx512.cpp: 16). Nothing here may be an external inline symbol: the same names are compiled
 // for several ISAs into one library, so everything is `static` inside the includer's namespace.
 //
-// Two loop shapes (see ../../README.md "Quantized engine"):
+// Four loop shapes (see ../../README.md "Quantized engine"):
 // - T == 1 (decode): each group of 32 weights is decoded to small integers in registers and
 //   dotted with x; the group's scale multiplies that dot and its min multiplies the group's sum of
 //   x (precomputed once per call): sum((a*q + c) * x) = a * sum(q*x) + c * sum(x). Four weight
 //   rows share every load of x.
-// - T >= PANEL_MIN_T (prefill chunks, big batches): a panel of P = 2 * S::L weight rows is dequantized once into
-//   an fp32 scratch stored k-major ([K][P]), then a 6 x P register tile (6 activation rows x P
-//   outputs, each activation broadcast) runs over a block of activation rows that stays in L2: the
-//   classic GEMM micro-kernel shape, ~2/3 of a load per FMA and no horizontal sums.
-// - smaller T (batched decode), and rows left over after the panels: two rows dequantized into
-//   scratch, then a 2 x 4 dot-product tile (2 weight rows x 4 activation rows) over the batch.
+// - 2 <= T < XT_MIN_T (small batches): two rows dequantized into scratch, then a 2 x 4
+//   dot-product tile (2 weight rows x 4 activation rows) over the batch.
+// - XT_MIN_T <= T < PANEL_MIN_T (batched decode, prefill chunks beside decodes): x arrives
+//   k-major (Job::xt, 16 activation rows per chunk); 6 (or 12) dequantized weight rows are each
+//   broadcast into one or two vectors of activations: 6 x 2 register accumulators, 2/3 of a load
+//   per FMA, no horizontal sums, and x streams from L2 once per 6 rows.
+// - T >= PANEL_MIN_T (long prefill chunks): a panel of P = 2 * S::L weight rows is dequantized
+//   once into an fp32 scratch stored k-major ([K][P]), then a 6 x P register tile (6 activation
+//   rows x P outputs, each activation broadcast) runs over a block of activation rows that stays
+//   in L2: the classic GEMM micro-kernel shape; rows left over after the panels take the dot tiles.
 // Activations and accumulation are fp32 throughout.
 
 static constexpr int NV = 32 / S::L;  // vectors per group of 32
@@ -208,8 +212,6 @@ static inline void prefetch_bytes(const uint8_t* p, int64_t n) {
 static constexpr int64_t T_BLOCK = 64;  // activation rows kept hot in L2 while rows stream past
 static constexpr int P = 2 * S::L;      // weight rows per panel
 static constexpr int MT = 6;            // activation rows per micro-tile
-// Below this many activation rows the panel's k-major copy costs more than it saves.
-static constexpr int64_t PANEL_MIN_T = 24;
 
 // y[t, 0..P) for NT activation rows, from the k-major panel wp [K][P].
 template <int NT>
@@ -248,8 +250,80 @@ static inline void micro_rows(const float* wp, int64_t K, const float* x, int64_
   }
 }
 
+// Batched decode from k-major activations (Job::xt, chunk width cw): NR dequantized rows w[NR][K]
+// against one chunk of nt activation rows held as NVT vectors per k. Per k: NVT loads of x, NR
+// broadcasts of a weight, NR * NVT FMAs into register accumulators; x streams from L2 once per NR
+// rows, and there are no horizontal sums. Lane t of acc[r][.] is y[t, r].
+template <int NR, int NVT>
+static inline void tile_xt(const float* w, int64_t K, const float* xt, int64_t cw, float* y, int64_t ldy, int64_t nt,
+                           bool a) {
+  using F = typename S::F;
+  F acc[NR][NVT];
+  _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < NVT; ++v) acc[r][v] = S::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    F xv[NVT];
+    _Pragma("GCC unroll 4") for (int v = 0; v < NVT; ++v) xv[v] = S::f32(xt + k * cw + v * S::L);
+    _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r) {
+      const F wb = S::bcast(w + r * K + k);
+      _Pragma("GCC unroll 4") for (int v = 0; v < NVT; ++v) acc[r][v] = S::fma(wb, xv[v], acc[r][v]);
+    }
+  }
+  // (every acc index constant, so the accumulators stay in registers through the loop above)
+  float out[NR][NVT * S::L];
+  _Pragma("GCC unroll 16") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < NVT; ++v) S::store(out[r] + v * S::L, acc[r][v]);
+  for (int r = 0; r < NR; ++r)
+    for (int64_t t = 0; t < nt; ++t) y[t * ldy + r] = a ? y[t * ldy + r] + out[r][t] : out[r][t];
+}
+
+// Rows per tile_xt pass: as many as the 16 (AVX2) or 32 (AVX-512) vector registers allow.
+template <int NVT>
+static constexpr int xt_rows() { return NVT == 1 ? 12 : 6; }
+
+template <int NVT>
+static inline void tile_xt_n(int nr, const float* w, int64_t K, const float* xt, int64_t cw, float* y, int64_t ldy,
+                             int64_t nt, bool a) {
+  if constexpr (xt_rows<NVT>() >= 12) {
+    if (nr == 12) return tile_xt<12, NVT>(w, K, xt, cw, y, ldy, nt, a);
+  }
+  int r = 0;  // a full pass above; the rows left at the end of a range below
+  for (; r + 6 <= nr; r += 6) tile_xt<6, NVT>(w + r * K, K, xt, cw, y + r, ldy, nt, a);
+  for (; r + 4 <= nr; r += 4) tile_xt<4, NVT>(w + r * K, K, xt, cw, y + r, ldy, nt, a);
+  for (; r + 2 <= nr; r += 2) tile_xt<2, NVT>(w + r * K, K, xt, cw, y + r, ldy, nt, a);
+  if (r < nr) tile_xt<1, NVT>(w + r * K, K, xt, cw, y + r, ldy, nt, a);
+}
+
+template <int TY>
+static void rows_xt(const Job& jb, int64_t r0, int64_t r1) {
+  const int64_t K = jb.K, cw = jb.cw;
+  const int nvt_max = (int)(cw / S::L);  // 1 or 2 vectors per full chunk
+  const int nr_max = nvt_max == 1 ? xt_rows<1>() : xt_rows<2>();
+  float* w = jb.scratch;  // [nr_max][K] dequantized rows
+  // Blocks of T_BLOCK activation rows (<= 64 * K floats of xt) stay in L2 while the rows stream
+  // past; a weight row is dequantized once per block.
+  for (int64_t tb = 0; tb < jb.T; tb += T_BLOCK) {
+    const int64_t te = jb.T - tb < T_BLOCK ? jb.T : tb + T_BLOCK;
+    for (int64_t r = r0; r < r1; r += nr_max) {
+      const int nr = r1 - r < nr_max ? (int)(r1 - r) : nr_max;
+      for (int i = 0; i < nr; ++i) {
+        if (r + nr + i < r1) prefetch_bytes(jb.w + (r + nr + i) * jb.row_bytes, jb.row_bytes);  // the next pass
+        dequant_row<TY>(jb, jb.w + (r + i) * jb.row_bytes, w + i * K);
+      }
+      for (int64_t t0 = tb; t0 < te; t0 += cw) {
+        const int64_t nt = te - t0 < cw ? te - t0 : cw;
+        const float* xt = jb.xt + t0 * K;  // chunk t0 / cw
+        float* y = jb.y + t0 * jb.ldy + r;
+        if (nt > S::L) tile_xt_n<2>(nr, w, K, xt, cw, y, jb.ldy, nt, jb.accumulate);
+        else tile_xt_n<1>(nr, w, K, xt, cw, y, jb.ldy, nt, jb.accumulate);
+      }
+    }
+  }
+}
+
 template <int TY>
 static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
+  if (jb.xt != nullptr && jb.T < PANEL_MIN_T) return rows_xt<TY>(jb, r0, r1);
   if (jb.T == 1) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) mv_rows<TY, 4>(jb, jb.w + r * jb.row_bytes, jb.y + r);

@@ -167,7 +167,32 @@ struct Job {
   int64_t ldy;
   float* scratch;     // per-thread buffer (see qk.cpp for its size)
   bool accumulate;    // y += x @ W^T instead of y = (a residual add fused into the matmul)
+  const float* xt = nullptr;  // x transposed in chunks of `cw` rows (make_xt), for the batched-decode shape
+  int64_t cw = 0;
 };
+
+// From this many activation rows on, matmuls run on k-major weight panels (qk_simd.h); from
+// XT_MIN_T to here, on k-major activations (measured on SmolLM2's matmuls, 2 AVX2 threads: at
+// T = 16 the k-major x path takes 52 ms where 2 x 4 dot tiles took 62-66 and panels ~70; at T = 256
+// panels win by ~10%; below T = 8 the dot tiles win).
+static constexpr int64_t PANEL_MIN_T = 192;
+// Batched decode (XT_MIN_T <= T < PANEL_MIN_T) reads x k-major: chunk c holds the
+// activation rows [c * cw, c * cw + cw) as xt[c][k][cw] (rows past T are zero), so the kernel loads
+// one vector of cw activations per k and broadcasts each dequantized weight into it. Made once per
+// call (Plan_run) and shared by every thread; cw is 8 or 16 (the SIMD width, or two AVX2 vectors).
+static constexpr int64_t XT_MIN_T = 8;
+static inline int64_t xt_width(int64_t T, int lanes) { return lanes >= 16 || T > 8 ? 16 : 8; }
+static inline int64_t xt_floats(int64_t T, int64_t K, int64_t cw) { return (T + cw - 1) / cw * cw * K; }
+static inline void make_xt(const float* x, int64_t T, int64_t K, int64_t cw, float* xt) {
+  for (int64_t c = 0; c * cw < T; ++c) {
+    float* out = xt + c * K * cw;
+    const int64_t n = T - c * cw < cw ? T - c * cw : cw;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t t = 0; t < n; ++t) out[k * cw + t] = x[(c * cw + t) * K + k];
+      for (int64_t t = n; t < cw; ++t) out[k * cw + t] = 0.f;
+    }
+  }
+}
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
 // Decode attention over one sequence's paged cache (generic::attend_decode has the contract).

@@ -56,11 +56,14 @@ int main(){
       if(t==F16||t==BF16) for(size_t i=1;i<w.size();i+=2) w[i]&=0x3b;
       else for(int64_t b=0;b<(int64_t)w.size()/bi.bytes;b++){ uint8_t*p=&w[b*bi.bytes]; if(t==Q6_K) p[209]&=0x3b; else {p[1]&=0x3b; if(t==Q4_1||t==Q5_1||t==Q4_K||t==Q5_K) p[3]&=0x3b;} }
     }
-    for(int T: {1,2,3,7,16,70}){
+    // T: decode, dot tiles, the k-major x path (one chunk, a partial chunk, several T blocks), panels
+    for(int T: {1,2,3,7,8,16,70,131,200}){
       std::vector<float> x(T*K), xs(T*(K/32)), y1(T*N), y2(T*N), scr(34*K);
       for(auto&v:x) v=(rand()/(float)RAND_MAX)-0.5f;
       for(int a=0;a<T;a++) for(int g=0;g<K/32;g++){float s=0; for(int e=0;e<32;e++) s+=x[a*K+g*32+e]; xs[a*(K/32)+g]=s;}
+      const int64_t cw=xt_width(T,16); std::vector<float> xt(xt_floats(T,K,cw)); make_xt(x.data(),T,K,cw,xt.data());
       Job j{t,w.data(),rb,K,x.data(),xs.data(),T,y1.data(),N,scr.data(),false};
+      if(T>=XT_MIN_T && T<PANEL_MIN_T){ j.xt=xt.data(); j.cw=cw; }
       emu::rows_fn(t)(j,0,N); j.y=y2.data(); generic::get(t)(j,0,N);
       double num=0,den=0; for(int i=0;i<T*N;i++){num+=(y1[i]-y2[i])*(double)(y1[i]-y2[i]); den+=y2[i]*(double)y2[i];}
       double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL type %d T %d err %g\n",t,T,e);
