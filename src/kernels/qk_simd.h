@@ -384,6 +384,8 @@ static float softmax_exp_v(float* scores, int64_t n, float mx) {
   return den;
 }
 
+static constexpr int64_t ATT_PREFETCH = 8;  // positions (rows of K and V) fetched ahead
+
 // HG query heads (qh[0..HG)) sharing one kv head: scores and softmax weights into sc[i][0..n),
 // then out[i] = sum_p w[i][p] * V[p]. Every K and V row is loaded once for all HG heads.
 template <int HG>
@@ -398,6 +400,14 @@ static void attend_group(const float* const* qh, float* const* oh, float* const*
     const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
     const float* kr = Kb[j] + kv_off + (p - j * bs) * hd;
     for (; p < end; ++p, kr += hd) {
+      // The cache is paged: a block's rows of one layer and kv head are contiguous, but the next
+      // block is elsewhere, so the hardware prefetcher loses the stream at every block (and 4 KiB
+      // page). Fetch the K and V rows ATT_PREFETCH positions ahead ourselves.
+      if (p + ATT_PREFETCH < L) {
+        const int64_t q = p + ATT_PREFETCH, off = kv_off + (q % bs) * hd;
+        prefetch_bytes((const uint8_t*)(Kb[q / bs] + off), hd * (int64_t)sizeof(float));
+        prefetch_bytes((const uint8_t*)(Vb[q / bs] + off), hd * (int64_t)sizeof(float));
+      }
       F acc[HG];
       for (int i = 0; i < HG; ++i) acc[i] = S::zero();
       for (int64_t d = 0; d < hd; d += S::L) {
