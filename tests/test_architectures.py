@@ -377,6 +377,47 @@ HF_REFUSALS = [
     ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping", "50.0"),
     ("llama", {"hidden_act": "relu2"}, "hidden_act", "relu2"),
     ("llama", {"model_type": "mamba"}, "model_type", "mamba"),
+    ("llama", {"pretraining_tp": 2}, "pretraining_tp", "2"),
+    (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta_fast": 32, "rope_theta": 1e4}},
+        "beta_fast",
+        "32",
+    ),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "factor", "None"),
+    (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "rope_theta": 1e4,
+            }
+        },
+        "original_max_position_embeddings",
+        "None",
+    ),
+    # the older `rope_scaling` form is read (and refused) the same way; both at odds: refused
+    (
+        "llama",
+        {"rope_parameters": None, "rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+        "rope_scaling.rope_type",
+        "dynamic",
+    ),
+    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling", "disagrees"),
+    ("llama", {"head_dim": 15}, "head_dim", "15"),
+    ("llama", {"num_key_value_heads": 3}, "n_kv_heads", "3"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention", "True"),
+    ("gemma3", {"layer_types": ["chunked_attention"] * 6}, "layer_types", "chunked_attention"),
+    ("gemma3", {"layer_types": ["sliding_attention"] * 5}, "layer_types", "5"),
+    ("gemma3", {"sliding_window": None}, "sliding_window", "None"),
+    ("mistral", {"layer_types": ["full_attention"] * 4}, "layer_types", "mistral"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx", "True"),
+    ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn", "True"),
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention", "True"),
+    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights", "False"),
 ]
 
 
@@ -391,6 +432,9 @@ GGUF_REFUSALS = [
     ("llama", {"llama.attn_logit_softcapping": 50.0}, "llama.attn_logit_softcapping", "50.0"),
     ("llama", {"llama.rope.scaling.type": "longrope"}, "llama.rope.scaling.type", "longrope"),
     ("gemma3", {"gemma3.final_logit_softcapping": 30.0}, "gemma3.final_logit_softcapping", "30.0"),
+    ("llama", {"llama.rope.dimension_count": 8}, "llama.rope.dimension_count", "8"),
+    ("llama", {"llama.attention.value_length": 8}, "llama.attention.value_length", "8"),
+    ("llama", {"general.architecture": "mamba"}, "general.architecture", "mamba"),
 ]
 
 
@@ -418,9 +462,49 @@ def test_unknown_tensor_in_the_stage_range_is_refused(zoo, tmp_path):
     assert_refused(path, "blk.0.foo.weight", layers=(0, 2))
 
 
+def test_longrope_factor_tensors_in_a_gguf_are_refused(zoo, tmp_path):
+    """Phi-3's LongRoPE GGUFs carry rope_factors_long/short: refused, not ignored."""
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        path = write_gguf(zoo.folder("phi3"), tmp_path / f"{name}.gguf", extra_tensors={name: np.ones(8)})
+        assert_refused(path, name, "LongRoPE")
+
+
+def test_gemma3_27b_gguf_scales_attention_as_llama_cpp_does():
+    """A Gemma 3 GGUF has no query_pre_attn_scalar: llama.cpp takes head_dim, except for the
+    27B model (62 layers), whose scalar is hidden / heads (168, not head_dim 128)."""
+    from pipeserve.modeling.config import ModelConfig
+
+    def cfg(layers: int, hidden: int, heads: int) -> ModelConfig:
+        fields = {
+            "general.architecture": "gemma3",
+            "gemma3.embedding_length": hidden,
+            "gemma3.attention.head_count": heads,
+            "gemma3.attention.head_count_kv": heads // 2,
+            "gemma3.attention.key_length": 128,
+            "gemma3.attention.value_length": 128,
+            "gemma3.block_count": layers,
+            "gemma3.context_length": 1024,
+            "gemma3.feed_forward_length": 4 * hidden,
+            "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+            "gemma3.attention.sliding_window": 1024,
+            "gemma3.rope.freq_base": 1e6,
+        }
+        return ModelConfig.from_gguf(fields, {"token_embd.weight"})
+
+    assert cfg(62, 5376, 32).attn_scale == pytest.approx(168**-0.5)
+    assert cfg(34, 2560, 8).attn_scale == pytest.approx(128**-0.5)  # 4B: head_dim
+
+
 def test_more_parts_than_layers_is_refused():
     from pipeserve.modeling.config import Shard
 
     with pytest.raises(ValueError) as info:
         Shard.even(4, 5, 0)
     assert "4" in str(info.value) and "5" in str(info.value)
+    # the cluster config says it with the numbers before any node loads
+    from fake_stages import fake_cluster_config
+
+    from pipeserve.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="the config has 5 parts but the model has only 4 layers"):
+        fake_cluster_config(5).part_layers(0, 4)

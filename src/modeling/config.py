@@ -158,8 +158,13 @@ class _Keys:
     def rope(self, params: Mapping[str, Any] | None = None, key: str = "rope_parameters") -> RopeConfig:
         """A RopeConfig from `rope_parameters` (transformers 5) or the older rope_theta + rope_scaling."""
         if params is None:
-            params = self.cfg.get("rope_parameters") or self.cfg.get("rope_scaling") or {}
-            key = "rope_parameters" if self.cfg.get("rope_parameters") else "rope_scaling"
+            new, old = self.cfg.get("rope_parameters"), self.cfg.get("rope_scaling")
+            if new and old and (old.get("rope_type") or old.get("type")) != new.get("rope_type", "default"):
+                raise ModelFormatError(  # which one a library would follow is not ours to guess
+                    f"rope_scaling={old!r} disagrees with rope_parameters={new!r}: keep one of them"
+                )
+            params = new or old or {}
+            key = "rope_parameters" if new else "rope_scaling"
         theta = float(params.get("rope_theta") or self.cfg.get("rope_theta") or 10000.0)
         return rope_from_params(params, theta, key, self.cfg.get("max_position_embeddings"))
 
@@ -571,7 +576,9 @@ def _from_gguf(arch: str, f: Mapping[str, Any], names: set[str]) -> ModelConfig:
             "rope_local": RopeConfig(theta=float(swa_theta or 10000.0)),
             "qk_norm": True,
             "hidden_act": "gelu_pytorch_tanh",
-            "attn_scale": head_dim**-0.5,  # llama.cpp: query_pre_attn_scalar = head_dim (all but 27B)
+            # The file has no query_pre_attn_scalar; llama.cpp takes it to be head_dim, except for
+            # the 27B model (62 layers), whose scalar is hidden / heads. We do the same.
+            "attn_scale": (h // nh if n_layers == 62 else head_dim) ** -0.5,
             "embed_scale": h**0.5,
             "norm_offset": 1.0,
         }
