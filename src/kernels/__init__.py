@@ -215,6 +215,19 @@ class DecodeAttention:
         self.starts = (
             (self.lengths - window).clamp(min=0) if window is not None else torch.zeros_like(self.lengths)
         )
+        # what every layer's call shares, taken once per step (each layer then adds only its own)
+        pool = self.k_pool
+        self._layer_stride = pool.stride(1)
+        self._pools = (pool.data_ptr(), self.v_pool.data_ptr(), pool.stride(0))
+        self._seqs = (
+            pool.stride(2),
+            self.bs,
+            self.tables.data_ptr(),
+            self.tables.shape[1],
+            self.lengths.data_ptr(),
+            self.starts.data_ptr(),
+            self.B,
+        )
 
     def __call__(
         self,
@@ -225,17 +238,22 @@ class DecodeAttention:
         rows: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> torch.Tensor:
-        nh, hd = q.shape[1], q.shape[2]
-        stride = q.stride(0)
-        for t in (q, k, v):
-            if t.dtype != torch.float32 or t.stride(0) != stride or t.stride()[1:] != (hd, 1):
-                raise ValueError("q, k, v must be fp32 views of one [T, heads, hd] projection")
+        _, nh, hd = q.shape
+        stride, ok = q.stride(0), (hd, 1)
+        if (
+            q.stride()[1:] != ok
+            or k.stride() != (stride, *ok)
+            or v.stride() != (stride, *ok)
+            or q.dtype != torch.float32
+            or k.dtype != torch.float32
+            or v.dtype != torch.float32
+        ):
+            raise ValueError("q, k, v must be fp32 views of one [T, heads, hd] projection")
         if rows is not None and (rows.dtype != torch.int64 or rows.numel() != self.B):
             raise ValueError(f"rows must be int64 [{self.B}]")
         if not 0 <= layer < self.n_layers or hd != self.hd or k.shape[1] != self.n_kv:
             raise ValueError(f"layer {layer} / heads {k.shape[1]}x{hd} do not match the pool")
         out = torch.empty(self.B, nh, hd)
-        block_stride = self.k_pool.stride(0)
         _qk.attend_decode(
             q.data_ptr(),
             k.data_ptr(),
@@ -243,17 +261,9 @@ class DecodeAttention:
             stride,
             0 if rows is None else rows.data_ptr(),
             out.data_ptr(),
-            self.k_pool.data_ptr(),
-            self.v_pool.data_ptr(),
-            block_stride,
-            layer * self.k_pool.stride(1),
-            self.k_pool.stride(2),
-            self.bs,
-            self.tables.data_ptr(),
-            self.tables.shape[1],
-            self.lengths.data_ptr(),
-            self.starts.data_ptr(),
-            self.B,
+            *self._pools,
+            layer * self._layer_stride,
+            *self._seqs,
             nh,
             self.n_kv,
             hd,

@@ -58,7 +58,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
-        qkv = self.qkv_proj(x)  # [T, (nh + 2 nkv) hd]
+        qkv = self.qkv_proj.forward(x)  # [T, (nh + 2 nkv) hd]
         if self.q_norm is not None and self.k_norm is not None:  # per head, before RoPE
             qkv[:, : nh * hd] = self.q_norm(qkv[:, : nh * hd].reshape(T * nh, hd)).view(T, nh * hd)
             qkv[:, nh * hd : (nh + nkv) * hd] = self.k_norm(
@@ -81,7 +81,7 @@ class GatedMLP(nn.Module):
         self.down_proj: QLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gated_act(self.gate_up_proj(x), self.act)
+        return gated_act(self.gate_up_proj.forward(x), self.act)
 
 
 class LlamaLayer(nn.Module):
@@ -94,9 +94,11 @@ class LlamaLayer(nn.Module):
         self.mlp = GatedMLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), rope, meta, layer)  # x: [T, C]
-        x = self.self_attn.o_proj.add_to(a, x)  # x += o(attn), in place
-        return self.mlp.down_proj.add_to(self.mlp(self.post_attention_layernorm(x)), x)
+        # (.forward: the hot path skips nn.Module.__call__'s hook machinery, unused here)
+        attn, mlp = self.self_attn, self.mlp
+        a = attn.forward(self.input_layernorm.forward(x), rope, meta, layer)  # x: [T, C]
+        x = attn.o_proj.add_to(a, x)  # x += o(attn), in place
+        return mlp.down_proj.add_to(mlp.forward(self.post_attention_layernorm.forward(x)), x)
 
 
 class LlamaStage(nn.Module):
@@ -135,7 +137,7 @@ class LlamaStage(nn.Module):
                 f"position {int(meta.positions.max())} is past the model's {self.cfg.max_position}"
             )
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, meta, i)
+            x = layer.forward(x, self.rope, meta, i)
         if self.norm is None or self.lm_head is None:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
