@@ -26,9 +26,12 @@ from tests.tiny_models import KINDS, N_LAYERS, llama3_rope_factors, make_tiny, w
 ARCH_KINDS = [k for k in KINDS if k != "gemma3_gguf"]
 # kind -> the checkpoint its GGUF is written from (a GGUF cannot say query_pre_attn_scalar=24)
 GGUF_SOURCE = {"gemma3": "gemma3_gguf"}
-NO_GGUF = {"llama_gelu": "a llama GGUF has no activation key: llama.cpp always computes SiLU"}
+NO_GGUF = {
+    "llama_gelu": "a llama GGUF has no activation key: llama.cpp always computes SiLU",
+    "qwen2_window": "a qwen2 GGUF has no sliding-window key: llama.cpp runs Qwen2 with full attention",
+}
 CASES = [(k, "safetensors") for k in ARCH_KINDS] + [(k, "gguf") for k in ARCH_KINDS if k not in NO_GGUF]
-WINDOWED = [c for c in CASES if c[0] in ("mistral", "gemma3")]  # sliding_window=8
+WINDOWED = [c for c in CASES if c[0] in ("mistral", "gemma3", "phi3_window", "qwen2_window")]  # window 8
 PROMPT = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(12)).tolist()
 N_NEW = 16
 
@@ -242,8 +245,9 @@ def test_gguf_fixtures_load_in_transformers(kind, zoo):
     ref = zoo.hf(src)
     expected = zoo.ref_logits(src, tuple(PROMPT))
     kwargs: dict[str, Any] = {"config": ref.config} if kind in TRANSFORMERS_GGUF_GAPS else {}
-    if kind == "mistral":
-        # a llama GGUF comes back as LlamaForCausalLM, without the window: compare with no window
+    if kind in ("mistral", "phi3_window"):
+        # transformers' GGUF reader drops the window (a llama GGUF comes back as LlamaForCausalLM,
+        # a phi3 one without sliding_window): compare with no window
         unwindowed = transformers.AutoModelForCausalLM.from_pretrained(
             zoo.folder(kind), dtype=torch.float32, sliding_window=None
         ).eval()
@@ -279,6 +283,8 @@ def _with_feature_removed(zoo: Zoo, kind: str) -> Any:
         "llama_rope_yarn": {"rope_parameters": default_rope},
         "llama_gelu": {"hidden_act": "silu"},
         "mistral": {"sliding_window": None},
+        "phi3_window": {"sliding_window": None},
+        "qwen2_window": {"layer_types": ["full_attention"] * 4},
         "gemma3": {"query_pre_attn_scalar": 32},
     }
     overrides = removed.get(kind, {})
@@ -301,6 +307,8 @@ def _with_feature_removed(zoo: Zoo, kind: str) -> Any:
         "llama_rope_yarn",
         "llama_gelu",
         "mistral",
+        "phi3_window",
+        "qwen2_window",
         "qwen2",
         "qwen3",
         "gemma3",
@@ -318,6 +326,8 @@ def test_gguf_writer_refuses_what_a_gguf_cannot_say(zoo, tmp_path):
         write_gguf(zoo.folder("llama_gelu"), tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="query_pre_attn_scalar=24"):
         write_gguf(zoo.folder("gemma3"), tmp_path / "y.gguf")
+    with pytest.raises(ValueError, match="use_sliding_window=True"):
+        write_gguf(zoo.folder("qwen2_window"), tmp_path / "z.gguf")
 
 
 # ---------------------------------------------------------------------------------------------

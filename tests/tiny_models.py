@@ -76,6 +76,18 @@ KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(original_max_position_embeddings=256)),
+    # the sliding windows the README claims for Phi-3 (every layer) and Qwen2 (layers from
+    # max_window_layers on, when use_sliding_window)
+    "phi3_window": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(original_max_position_embeddings=256, sliding_window=8),
+    ),
+    "qwen2_window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    ),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
 }
 # A GGUF has no key for query_pre_attn_scalar: llama.cpp scales Gemma 3 attention by
@@ -184,6 +196,8 @@ def write_gguf(
     arch = GGUF_ARCH[mt]
     if arch == "llama" and hp.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hp['hidden_act']!r}: llama.cpp's llama arch always uses SiLU")
+    if arch == "qwen2" and hp.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=True: llama.cpp's qwen2 arch has no sliding-window key")
     if arch == "gemma3" and hp["query_pre_attn_scalar"] != hp["head_dim"]:
         raise ValueError(
             f"query_pre_attn_scalar={hp['query_pre_attn_scalar']!r}: a GGUF has no key for it "
