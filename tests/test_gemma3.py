@@ -55,3 +55,23 @@ def test_gemma3_nodes_hold_blocks_not_fp32(cluster, gemma_path):
     assert held <= 1.05 * (
         file_bytes + sum(t.n_bytes for t in open_gguf(gemma_path).tensors if t.name == "token_embd.weight")
     )
+
+
+def test_gemma3_without_chat_template_serves_completions_and_refuses_chat(cluster):
+    """Gemma 3 270M's GGUF has no chat template: /v1/completions works through the API, and a chat
+    request is a 400 with reason model_refused naming `messages`, not a guessed template."""
+    import httpx
+
+    from tests.test_api import ApiServer
+
+    with ApiServer(cluster.cfg) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+        ok = http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["usage"]["completion_tokens"] == 4
+        chat = http.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        )
+        assert chat.status_code == 400, chat.text
+        err = chat.json()["error"]
+        assert (err["code"], err["param"]) == ("model_refused", "messages"), err
+        assert "chat template" in err["message"], err
