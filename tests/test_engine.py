@@ -281,3 +281,43 @@ def test_16_bit_checkpoints_stay_16_bit(dtype, tiny_llama, tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ours = prefill([StageEngine(loaded)], prompts)
     assert (ours - last_logits_ref(ref, prompts)).abs().max().item() <= 1e-4
+
+
+def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama):
+    """Decode steps of plain Llama layers run as native calls on raw pointers (LlamaStage's fast
+    path): logits equal the module path exactly, on the real model and a split, at batch 1 and
+    a batch of sequences at different lengths; a stage whose layers do not qualify (biases)
+    keeps the modules."""
+    from pipeserve.modeling.llama import LlamaStage
+
+    def trace(loaded, fast: bool) -> list[torch.Tensor]:
+        model = loaded.model
+        assert isinstance(model, LlamaStage)
+        model.fast_decode = fast
+        eng = StageEngine(loaded)
+        prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2][:2]]
+        out = run_stages([eng], [SeqChunk(f"s{i}", 0, p, GREEDY) for i, p in enumerate(prompts)])
+        logits = [out]
+        nxt = [int(r.argmax()) for r in out]
+        for step in range(6):
+            chunks = [SeqChunk(f"s{i}", len(p) + step, [nxt[i]], GREEDY) for i, p in enumerate(prompts)]
+            out = run_stages([eng], chunks)
+            logits.append(out)
+            nxt = [int(r.argmax()) for r in out]
+        single = run_stages([eng], [SeqChunk("s0", len(prompts[0]) + 6, [nxt[0]], GREEDY)])  # B = 1
+        return [*logits, single]
+
+    model = smol_full.model
+    assert model._decode_plan() is not None  # SmolLM2's layers qualify
+    try:
+        fast, slow = trace(smol_full, True), trace(smol_full, False)
+    finally:
+        model.fast_decode = True
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    assert model.fast_decode  # restored for the other tests
+
+    biased = load_stage(str(tiny_llama))  # the module path stays for layers with a bias
+    lin = biased.model.layers[0].self_attn.qkv_proj
+    lin.bias = torch.zeros(lin.out_features)
+    biased.model._plan = False
+    assert biased.model._decode_plan() is None

@@ -271,6 +271,31 @@ class DecodeAttention:
         )
         return out
 
+    def run(
+        self, layer: int, qkv_ptr: int, row_stride: int, n_heads: int, out_ptr: int, scale: float
+    ) -> None:
+        """The same call on raw pointers, for a caller that checked the shapes once per step:
+        rows 0..B-1 of a contiguous fp32 q|k|v projection [B, row_stride] at `qkv_ptr` (q: n_heads
+        heads, then n_kv of k and of v) -> out [B, n_heads, hd] at `out_ptr`."""
+        hd, nkv = self.hd, self.n_kv
+        if not 0 <= layer < self.n_layers or row_stride != (n_heads + 2 * nkv) * hd:
+            raise ValueError(f"layer {layer} / row stride {row_stride} do not match the pool")
+        _qk.attend_decode(
+            qkv_ptr,
+            qkv_ptr + 4 * n_heads * hd,
+            qkv_ptr + 4 * (n_heads + nkv) * hd,
+            row_stride,
+            0,
+            out_ptr,
+            *self._pools,
+            layer * self._layer_stride,
+            *self._seqs,
+            n_heads,
+            nkv,
+            hd,
+            scale,
+        )
+
 
 class QLinear(nn.Module):
     """y = x @ W^T (+ b), W = the row-wise concatenation of `parts` (kept in block form).

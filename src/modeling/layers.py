@@ -61,13 +61,17 @@ class DecodeBatch:
     ) -> torch.Tensor:
         """q: [T, nh, hd]; k, v: [T, n_kv, hd], views of one fused q|k|v projection (all rows)
         ->  [B, nh, hd] for the decode rows."""
+        return self.attention(window)(layer, q, k, v, self.rows, scale)
+
+    def attention(self, window: int | None) -> DecodeAttention:
+        """The step's native attention for layers with this window (built once per step)."""
         attention = self._attention.get(window)
         if attention is None:
             pool = self.slots[0].pool
             lengths = [x.start_pos + 1 for x in self.slots]
             attention = DecodeAttention(pool.k, pool.v, self.tables, lengths, window=window)
             self._attention[window] = attention
-        return attention(layer, q, k, v, self.rows, scale)
+        return attention
 
 
 @dataclass
