@@ -319,5 +319,5 @@ def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama):
     biased = load_stage(str(tiny_llama))  # the module path stays for layers with a bias
     lin = biased.model.layers[0].self_attn.qkv_proj
     lin.bias = torch.zeros(lin.out_features)
-    biased.model._plan = False
+    biased.model._plan_built = False
     assert biased.model._decode_plan() is None

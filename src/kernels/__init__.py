@@ -254,21 +254,9 @@ class DecodeAttention:
         if not 0 <= layer < self.n_layers or hd != self.hd or k.shape[1] != self.n_kv:
             raise ValueError(f"layer {layer} / heads {k.shape[1]}x{hd} do not match the pool")
         out = torch.empty(self.B, nh, hd)
-        _qk.attend_decode(
-            q.data_ptr(),
-            k.data_ptr(),
-            v.data_ptr(),
-            stride,
-            0 if rows is None else rows.data_ptr(),
-            out.data_ptr(),
-            *self._pools,
-            layer * self._layer_stride,
-            *self._seqs,
-            nh,
-            self.n_kv,
-            hd,
-            hd**-0.5 if scale is None else scale,
-        )
+        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+        rows_ptr = 0 if rows is None else rows.data_ptr()
+        self._attend(layer, ptrs, stride, rows_ptr, out.data_ptr(), nh, hd**-0.5 if scale is None else scale)
         return out
 
     def run(
@@ -280,19 +268,23 @@ class DecodeAttention:
         hd, nkv = self.hd, self.n_kv
         if not 0 <= layer < self.n_layers or row_stride != (n_heads + 2 * nkv) * hd:
             raise ValueError(f"layer {layer} / row stride {row_stride} do not match the pool")
+        ptrs = (qkv_ptr, qkv_ptr + 4 * n_heads * hd, qkv_ptr + 4 * (n_heads + nkv) * hd)
+        self._attend(layer, ptrs, row_stride, 0, out_ptr, n_heads, scale)
+
+    def _attend(
+        self, layer: int, qkv: tuple[int, int, int], stride: int, rows: int, out: int, nh: int, scale: float
+    ) -> None:
         _qk.attend_decode(
-            qkv_ptr,
-            qkv_ptr + 4 * n_heads * hd,
-            qkv_ptr + 4 * (n_heads + nkv) * hd,
-            row_stride,
-            0,
-            out_ptr,
+            *qkv,
+            stride,
+            rows,
+            out,
             *self._pools,
             layer * self._layer_stride,
             *self._seqs,
-            n_heads,
-            nkv,
-            hd,
+            nh,
+            self.n_kv,
+            self.hd,
             scale,
         )
 

@@ -12,7 +12,7 @@ native call each, whatever their types.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch import nn
 from pipeserve.common.errors import InvalidInputError, ModelFormatError
 from pipeserve.kernels import QLinear, QTensor, _qk, rms_norm, rope_
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend, gated_act, rope_tables
+from pipeserve.modeling.layers import BatchMeta, DecodeBatch, QEmbedding, attend, gated_act, rope_tables
 
 Weights = dict[str, "QTensor | torch.Tensor"]  # matrices as QTensor, vectors (norms, biases) fp32
 RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin) [P, hd/2]
@@ -157,44 +157,26 @@ class LlamaStage(nn.Module):
     # Python and torch overhead (~80 us a layer at batch 1, a fifth of a step). Anything else
     # takes the modules. `fast_decode = False` turns it off (tests compare the two).
     fast_decode = True
-    _plan: list[tuple] | bool | None = False  # False: not built yet; None: the layers do not qualify
+    _plan: list[_LayerPlan] | None = None
+    _plan_built = False
 
-    def _decode_plan(self) -> list[tuple] | None:
-        if self._plan is False:
-            plan: list[tuple] | None = []
-            for layer in self.layers:
-                if type(layer) is not LlamaLayer:
-                    plan = None
-                    break
-                a, m = layer.self_attn, layer.mlp
-                norms = (layer.input_layernorm, layer.post_attention_layernorm)
-                lins = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-                if a.q_norm is not None or m.act != "silu" or any(n.offset for n in norms):
-                    plan = None
-                    break
-                cfg = self.cfg
-                n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-                shapes = (a.qkv_proj.out_features, m.gate_up_proj.out_features)
-                if any(lin.bias is not None for lin in lins) or shapes != (n_qkv, 2 * cfg.intermediate_size):
-                    plan = None
-                    break
-                assert plan is not None
-                scale = a.scale if a.scale is not None else a.hd**-0.5
-                plan.append(
-                    (norms[0].weight.data_ptr(), norms[0].eps, a.qkv_proj.plan, a.o_proj.plan,
-                     norms[1].weight.data_ptr(), norms[1].eps, m.gate_up_proj.plan, m.down_proj.plan,
-                     a.window, float(scale), a.rope_kind)
-                )  # fmt: skip
-            self._plan = plan
-        return self._plan  # type: ignore[return-value]
+    def _decode_plan(self) -> list[_LayerPlan] | None:
+        """Per layer what the fast path calls, or None when some layer does not qualify."""
+        if not self._plan_built:
+            entries = [_LayerPlan.of(layer, self.cfg) for layer in self.layers]
+            self._plan = None if any(e is None for e in entries) else entries  # type: ignore[assignment]
+            self._plan_built = True
+        return self._plan
 
-    def _decode_layers(self, x: torch.Tensor, plan: list[tuple], meta: BatchMeta, d: Any) -> None:
+    def _decode_layers(
+        self, x: torch.Tensor, plan: list[_LayerPlan], meta: BatchMeta, d: DecodeBatch
+    ) -> None:
         T, C = x.shape
         cfg = self.cfg
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        n_qkv, two_i = (nh + 2 * nkv) * hd, 2 * cfg.intermediate_size  # checked in _decode_plan
+        n_qkv, n_i = (nh + 2 * nkv) * hd, cfg.intermediate_size  # checked by _LayerPlan.of
         h, qkv, att = torch.empty(T, C), torch.empty(T, n_qkv), torch.empty(T, nh * hd)
-        gu, act = torch.empty(T, two_i), torch.empty(T, two_i // 2)
+        gu, act = torch.empty(T, 2 * n_i), torch.empty(T, n_i)
         xp, hp, qp, ap, gp, up = (t.data_ptr() for t in (x, h, qkv, att, gu, act))
         pos = meta.positions
         if pos.dtype != torch.int64 or not pos.is_contiguous() or pos.numel() != T:
@@ -202,17 +184,58 @@ class LlamaStage(nn.Module):
         pp = pos.data_ptr()
         tables = {k: (cos.data_ptr(), sin.data_ptr()) for k, (cos, sin) in self.rope.items()}
         norm, rope, silu = _qk.rms_norm, _qk.rope, _qk.silu_mul
-        for i, (w1, e1, qkv_p, o_p, w2, e2, gu_p, down_p, window, scale, kind) in enumerate(plan):
-            norm(xp, w1, hp, T, C, e1, 0.0)
-            qkv_p.run(hp, T, qp)
-            cos, sin = tables[kind]
+        for i, p in enumerate(plan):
+            norm(xp, p.norm1, hp, T, C, p.eps1, 0.0)
+            p.qkv.run(hp, T, qp)
+            cos, sin = tables[p.rope_kind]
             rope(qp, T, n_qkv, nh + nkv, hd, pp, cos, sin)  # q and k heads, in place
-            d.attention(window).run(i, qp, n_qkv, nh, ap, scale)  # writes k/v rows, attends
-            o_p.run(ap, T, xp, True)  # x += o(attn)
-            norm(xp, w2, hp, T, C, e2, 0.0)
-            gu_p.run(hp, T, gp)
-            silu(gp, up, T, two_i // 2)
-            down_p.run(up, T, xp, True)  # x += down(silu(gate) * up)
+            d.attention(p.window).run(i, qp, n_qkv, nh, ap, p.scale)  # writes k/v rows, attends
+            p.o.run(ap, T, xp, True)  # x += o(attn)
+            norm(xp, p.norm2, hp, T, C, p.eps2, 0.0)
+            p.gate_up.run(hp, T, gp)
+            silu(gp, up, T, n_i)
+            p.down.run(up, T, xp, True)  # x += down(silu(gate) * up)
+
+
+class _LayerPlan(NamedTuple):
+    """One plain Llama layer as the decode fast path calls it: norm weight pointers, the native
+    matmul plans, the attention window and scale, the rope table."""
+
+    norm1: int
+    eps1: float
+    qkv: Any  # _qk.Plan
+    o: Any
+    norm2: int
+    eps2: float
+    gate_up: Any
+    down: Any
+    window: int | None
+    scale: float
+    rope_kind: str
+
+    @classmethod
+    def of(cls, layer: nn.Module, cfg: ModelConfig) -> _LayerPlan | None:
+        if type(layer) is not LlamaLayer:
+            return None
+        a, m = layer.self_attn, layer.mlp
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        lins = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+        n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        shapes = (a.qkv_proj.out_features, m.gate_up_proj.out_features)
+        if (
+            a.q_norm is not None
+            or m.act != "silu"
+            or n1.offset
+            or n2.offset
+            or any(lin.bias is not None for lin in lins)
+            or shapes != (n_qkv, 2 * cfg.intermediate_size)
+        ):
+            return None
+        scale = a.scale if a.scale is not None else a.hd**-0.5
+        return cls(
+            n1.weight.data_ptr(), n1.eps, a.qkv_proj.plan, a.o_proj.plan, n2.weight.data_ptr(), n2.eps,
+            m.gate_up_proj.plan, m.down_proj.plan, a.window, float(scale), a.rope_kind,
+        )  # fmt: skip
 
 
 def end_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
