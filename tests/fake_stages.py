@@ -142,7 +142,7 @@ class FakeStage:
             cache_used_tokens=self.pool.used_tokens,
             cache_block_size=self.pool.block_size,
             cache_blocks_total=self.pool.n_blocks,
-            cache_blocks_free=len(self.pool.free),
+            cache_blocks_free=self.pool.free_blocks,
             cached_request_ids=sorted(self.pool.seqs),
         )
 

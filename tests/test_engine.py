@@ -208,6 +208,36 @@ def test_stage_holds_only_its_layers_in_block_form(smol_full):
     assert smol_full.param_bytes == whole_file
 
 
+def _mapping_of(addr: int) -> str:
+    """The path of the mapping that holds address `addr` in this process ('' if anonymous)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                parts = line.split()
+                return parts[5] if len(parts) > 5 else ""
+    raise AssertionError(f"address {addr:#x} is not mapped")
+
+
+def test_a_first_stage_maps_its_embedding_and_a_tied_head_holds_it(smol_full):
+    """A first stage only looks its embedding up by row: the blocks stay in a private map of the
+    file (pages become resident as rows are used), and lookups equal the whole model's copy. A
+    stage that also holds the tied head keeps its own copy (the head reads every row)."""
+    first = load_stage("smollm2-135m-instruct", (0, 10))
+    mapped = first.model.embed_tokens.weight
+    assert _mapping_of(mapped.data.data_ptr()).endswith(".gguf")
+    held = smol_full.model.embed_tokens.weight
+    assert not _mapping_of(held.data.data_ptr()).endswith(".gguf")
+    layer_q = first.model.layers[0].self_attn.qkv_proj.parts[0]
+    assert not _mapping_of(layer_q.data.data_ptr()).endswith(".gguf")  # matrices are copied
+    # the mapped blocks still count as the stage's weights (what it may touch), as the copy did
+    emb_bytes = gguf_tensor_bytes({"token_embd.weight"})["token_embd.weight"]
+    assert first.param_bytes == emb_bytes + load_stage("smollm2-135m-instruct", (10, 20)).param_bytes
+    ids = torch.tensor([0, 1, 2, 17, 4095, 30000, 49151, 17])
+    assert torch.equal(mapped.rows(ids), held.rows(ids))
+    assert torch.equal(mapped.data, held.data)
+
+
 def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
     with pytest.raises(ModelNotFoundError, match="no-such-model"):
         resolve_model("./no-such-model.gguf")

@@ -82,6 +82,53 @@ def test_eviction_reuses_the_least_recently_freed_and_forgets_its_hash():
     p.check()
 
 
+def test_new_blocks_come_from_blank_then_never_written_then_least_recently_used():
+    p = pool(blocks=6)
+    one_block = 2 * p.block_bytes  # k and v
+    (a,) = p.reserve([("a", 0, 6)])  # a full block and a partly filled one
+    p.commit(a, 0, list(range(6)))
+    assert a.blocks == [0, 1] and p.resident_bytes == 2 * one_block
+    p.release(["a"])  # block 0 stays cached (LRU), block 1 holds nothing (blank)
+    (b,) = p.reserve([("b", 0, 3)])
+    assert b.blocks == [1]  # the blank block is reused: no new memory
+    assert p.resident_bytes == 2 * one_block
+    p.commit(b, 0, [7, 7, 7])
+    (c,) = p.reserve([("c", 0, 16)])  # four blocks: the never-written ones, then the cached one
+    assert c.blocks == [2, 3, 4, 5] and p.cached_blocks == 1 and p.resident_bytes == 6 * one_block
+    p.release(["c"])
+    (d,) = p.reserve([("d", 0, 4)])
+    assert d.blocks == [2]  # blank (c committed nothing), the most recently freed (a tail goes first)
+    (e,) = p.reserve([("e", 0, 16)])
+    assert e.blocks == [3, 4, 5, 0] and p.cached_blocks == 0  # then a's cached block is forgotten
+    assert p.lookup_prefix("x", list(range(5))) == 0
+    p.check()
+
+
+def test_cold_free_blocks_are_forgotten_and_their_pages_handed_back():
+    # Blocks of 4 layers x 4 heads x 16 positions x 64 dims fp32 = 64 KiB: whole pages inside.
+    p = KVCachePool(4, 4, 64, 4 * 16, 1000, block_size=16)
+    (a,) = p.reserve([("a", 0, 32)])
+    p.commit(a, 0, list(range(32)))
+    held = list(a.blocks)
+    p.k[held] = 1.5
+    p.v[held] = -2.5
+    p.release(["a"])
+    assert p.forget_cold(3600.0) == 0  # freed just now: still warm, still cached
+    assert p.cached_blocks == 2 and p.resident_bytes == 4 * p.block_bytes
+    assert p.forget_cold(0.0) == 2
+    assert p.cached_blocks == 0 and p.resident_bytes == 0 and p.free_blocks == 4
+    assert p.lookup_prefix("b", list(range(33))) == 0
+    # The pages were given back: they read as zeros now, except a partial page at a block's end.
+    page_floats = 4096 // 4
+    assert p.k[held[0]].flatten()[page_floats:-page_floats].numel() > 8 * page_floats
+    inner_k = p.k[held[0]].flatten()[page_floats:-page_floats]
+    inner_v = p.v[held[1]].flatten()[page_floats:-page_floats]
+    assert inner_k.abs().max().item() == 0.0 and inner_v.abs().max().item() == 0.0
+    (c,) = p.reserve([("c", 0, 16)])
+    assert c.blocks == [0]  # the lowest block again, as in a fresh pool
+    p.check()
+
+
 # ----------------------------------------------------------------------------- through the engine
 
 

@@ -231,6 +231,7 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         prefix_hit_tokens=info.prefix_hit_tokens,
         backoff_s=round(n.backoff_s, 1),
         rss_bytes=info.rss_bytes,
+        cache_resident_bytes=info.cache_resident_bytes,
         weights_bytes=info.param_bytes,
         weight_types=dict(info.weight_types),
         kernel=f"{info.kernel_isa} x{info.kernel_threads}" if info.kernel_isa else "",

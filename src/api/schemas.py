@@ -391,6 +391,9 @@ class NodeView(BaseModel):
     prefix_hit_tokens: int = Field(description="Prompt positions served from cached blocks since start-up.")
     backoff_s: float = Field(description="Seconds before a node that failed is trusted again (0: trusted).")
     rss_bytes: int = Field(description="Resident memory of the node process.")
+    cache_resident_bytes: int = Field(
+        description="KV-cache bytes in memory: the pool's blocks written so far (never-written pages cost nothing; blocks unused for cache_ttl_s are handed back)."
+    )
     weights_bytes: int = Field(
         description="Weight bytes the node holds: its GGUF tensors in block form (or the checkpoint's dtype); 0 while loading."
     )

@@ -81,6 +81,7 @@ class Tensor:
 
 class GGUFFile:
     def __init__(self, path: Path) -> None:
+        self.path = path
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf = memoryview(self._mm)
@@ -119,6 +120,19 @@ class GGUFFile:
                 raise ValueError(f"tensor {name} ends at byte {start + n}, past the file's {len(whole)}")
             self.tensors.append(Tensor(name, qtype, tuple(int(d) for d in dims), n, start, whole))
         del self._buf  # the memory map stays open for the tensors' views
+
+    def mapped_rows(self, t: Tensor) -> np.ndarray:
+        """A tensor's bytes as writable uint8 [rows, row_bytes] over a private map of the file.
+
+        For a matrix that is only looked up by row (a first stage's token embedding): its pages
+        are read from the file when a row is first used and count in the process's memory only
+        then. The map is copy-on-write (nothing writes it) and read at random, without readahead.
+        """
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm.madvise(mmap.MADV_RANDOM)
+        rows = t.n_elements // t.shape[0]
+        return np.frombuffer(mm, dtype=np.uint8, count=t.n_bytes, offset=t.offset).reshape(rows, -1)
 
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
         out = struct.unpack_from(fmt, self._buf, self._off)

@@ -5,15 +5,23 @@ local layer (k, v: [n_blocks, layers, n_kv, block_size, head_dim] fp32, allocate
 OS has not touched cost no memory). A sequence (`SeqCache`, one per request id) owns a block table.
 Prefix caching (vLLM-style): each *full* block gets the hash of its tokens chained with the previous
 block's hash; a new request whose prompt starts with cached blocks takes them by reference (no
-copy; `lookup_prefix`). Blocks with no owner stay cached, in LRU order, until a new block is needed
-(then the least recently freed is reused and its hash forgotten). A block that is shared is never
-written: a sequence that rewrites positions inside it (a replay) first gets its own copy.
+copy; `lookup_prefix`). Blocks with no owner stay cached, in LRU order, until a new block is needed.
+A block that is shared is never written: a sequence that rewrites positions inside it (a replay)
+first gets its own copy.
+
+Where a new block comes from, so that resident memory follows use: first a free block that holds
+nothing cached (a request's partly filled last block), the most recently freed (its pages are
+resident and warm); then a block never written (memory grows); only then the least recently used
+cached block (its hash is forgotten). Free blocks unused for the cache TTL are forgotten and their
+pages handed back to the OS (`forget_cold`), so an idle node's memory shrinks back.
 The budget is the pool: asking for more blocks than are free raises CacheBudgetError with the
 numbers (the coordinator preempts), and the counters say what is held, cached and hit.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,10 +64,14 @@ class KVCachePool:
         shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, head_dim)
         self.k = torch.empty(shape)  # untouched pages are not resident: memory grows with use
         self.v = torch.empty(shape)
+        self.block_bytes = self.k[0].numel() * self.k.element_size()  # of k, and as much of v
         self.refs = [0] * self.n_blocks
         self.hash_of: list[bytes | None] = [None] * self.n_blocks
         self.cached: dict[bytes, int] = {}  # full-block hash -> block holding it
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.n_blocks))  # LRU first
+        # The free blocks, in three kinds (each block is in exactly one, or referenced):
+        self.fresh: list[int] = list(range(self.n_blocks - 1, -1, -1))  # never written (pop: lowest)
+        self.blank: OrderedDict[int, float] = OrderedDict()  # written, nothing cached -> time freed
+        self.lru: OrderedDict[int, float] = OrderedDict()  # holding a cached block, LRU first
         self.seqs: dict[str, SeqCache] = {}
         self.hit_tokens = 0  # prompt tokens served from cached blocks (lookup_prefix)
         self.lookup_tokens = 0  # prompt tokens looked up
@@ -67,8 +79,18 @@ class KVCachePool:
     # ------------------------------------------------------------------ counters
 
     @property
+    def free_blocks(self) -> int:
+        return len(self.fresh) + len(self.blank) + len(self.lru)
+
+    @property
     def used_blocks(self) -> int:
-        return self.n_blocks - len(self.free)
+        return self.n_blocks - self.free_blocks
+
+    @property
+    def resident_bytes(self) -> int:
+        """k and v bytes of the blocks written since their pages were last handed back (an upper
+        bound of what the pool costs in memory; never-written pages cost nothing)."""
+        return (self.n_blocks - len(self.fresh)) * 2 * self.block_bytes
 
     @property
     def used_tokens(self) -> int:
@@ -83,24 +105,33 @@ class KVCachePool:
     # ------------------------------------------------------------------ blocks
 
     def _take(self) -> int:
-        """A free block (the least recently freed); a cached prefix in it is forgotten."""
-        b, _ = self.free.popitem(last=False)
+        """A free block: blank (most recently freed), else never written, else the least recently
+        used cached one, whose prefix is forgotten."""
+        if self.blank:
+            b, _ = self.blank.popitem(last=True)
+        elif self.fresh:
+            b = self.fresh.pop()
+        else:
+            b, _ = self.lru.popitem(last=False)
+            self._forget(b)
+        self.refs[b] = 1
+        return b
+
+    def _forget(self, b: int) -> None:
         h = self.hash_of[b]
         if h is not None:
             del self.cached[h]
             self.hash_of[b] = None
-        self.refs[b] = 1
-        return b
 
     def _ref(self, b: int) -> None:
-        if self.refs[b] == 0:
-            del self.free[b]
+        if self.refs[b] == 0:  # only cached blocks are found again, so a free one is in the LRU
+            del self.lru[b]
         self.refs[b] += 1
 
     def _unref(self, b: int) -> None:
         self.refs[b] -= 1
-        if self.refs[b] == 0:
-            self.free[b] = None  # most recently freed: evicted last
+        if self.refs[b] == 0:  # most recently freed: evicted last
+            (self.blank if self.hash_of[b] is None else self.lru)[b] = time.monotonic()
 
     def _drop(self, seq: SeqCache, keep: int) -> None:
         """Give up the sequence's blocks past the first `keep` (the tail first, so that under
@@ -182,9 +213,9 @@ class KVCachePool:
             kept = min(len(cur.blocks), -(-start // bs)) if cur else 0
             cow = 1 if cur and start % bs and kept and self.refs[cur.blocks[kept - 1]] > 1 else 0
             need += max(0, -(-(start + n) // bs) - kept) + cow
-        if need > len(self.free):
+        if need > self.free_blocks:
             raise CacheBudgetError(
-                f"KV cache full: the batch needs {need} more blocks of {bs} tokens but {len(self.free)} of "
+                f"KV cache full: the batch needs {need} more blocks of {bs} tokens but {self.free_blocks} of "
                 f"{self.n_blocks} are free ({self.used_tokens} tokens held)"
             )
         out = []
@@ -239,10 +270,30 @@ class KVCachePool:
         return out
 
     def evict_idle(self, ttl_s: float) -> list[str]:
+        """Release the sequences idle for ttl_s, then forget the free blocks as old (`forget_cold`)."""
         cutoff = time.monotonic() - ttl_s
         stale = [rid for rid, s in self.seqs.items() if s.last_used < cutoff]
         self.release(stale)
+        self.forget_cold(ttl_s)
         return stale
+
+    def forget_cold(self, ttl_s: float) -> int:
+        """Free blocks unused for ttl_s lose their cached prefix and their pages go back to the OS
+        (they read as zeros when next written, as never-written ones do). Returns how many."""
+        cutoff = time.monotonic() - ttl_s
+        cold = []
+        for kind in (self.blank, self.lru):  # both are in order of the time freed
+            while kind and next(iter(kind.values())) < cutoff:
+                b, _ = kind.popitem(last=False)
+                self._forget(b)
+                cold.append(b)
+        for b in cold:
+            for t in (self.k, self.v):
+                _discard_pages(t[b].data_ptr(), self.block_bytes)
+        if cold:
+            self.fresh.extend(cold)
+            self.fresh.sort(reverse=True)  # the lowest block is taken first again
+        return len(cold)
 
     def check(self) -> None:
         """Invariants (tests): every block is free xor referenced, refcounts equal the tables."""
@@ -251,5 +302,29 @@ class KVCachePool:
             for b in s.blocks:
                 counts[b] += 1
         assert counts == self.refs, "refcounts differ from the block tables"
-        assert all((self.refs[b] == 0) == (b in self.free) for b in range(self.n_blocks))
+        kinds = [set(self.fresh), set(self.blank), set(self.lru)]
+        assert sum(map(len, kinds)) == len(self.fresh) + len(self.blank) + len(self.lru), "a block twice"
+        free = set().union(*kinds)
+        assert all((self.refs[b] == 0) == (b in free) for b in range(self.n_blocks))
+        assert all(self.hash_of[b] is None for b in kinds[0] | kinds[1]), "a fresh/blank block is cached"
+        assert all(self.hash_of[b] is not None for b in kinds[2]), "an LRU block holds nothing"
         assert all(self.hash_of[b] == h for h, b in self.cached.items())
+
+
+_MADV_DONTNEED = 4  # Linux: private anonymous pages read back as zeros
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux/glibc: memory stays with the process
+    _libc = None
+
+
+def _discard_pages(addr: int, n: int) -> None:
+    """Hand the whole pages inside [addr, addr + n) back to the OS (the pool's blocks need not be
+    page-aligned; a partial page at either end stays)."""
+    page = mmap.PAGESIZE
+    lo = -(-addr // page) * page
+    hi = (addr + n) // page * page
+    if _libc is not None and hi > lo:
+        _libc.madvise(lo, hi - lo, _MADV_DONTNEED)

@@ -249,7 +249,7 @@ def _read_gguf(
     path: Path, cfg: ModelConfig, shard: Shard, expected: dict[str, tuple[int, ...]]
 ) -> llama.Weights:
     """Read the stage's tensors once: matrices keep their blocks (a copy out of the memory map,
-    so the file's pages can go), vectors become fp32."""
+    so the file's pages can go; a lookup-only embedding stays mapped), vectors become fp32."""
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
@@ -265,6 +265,8 @@ def _read_gguf(
         raise ModelFormatError(f"{path}: tensor {stray[0]} is not part of a {cfg.model_type} model")
     _check_no_extra(path, set(tensors), {g for g, _ in names.values()}, cfg, shard, "blk.")
     out: llama.Weights = {}
+    # A first stage that is not also the tied head only looks its embedding up by row.
+    lookup_only = shard.is_first and not (shard.is_last and cfg.tie_word_embeddings)
     for hf_name, shape in expected.items():
         name, permute = names[hf_name]
         t = tensors.get(name)
@@ -293,10 +295,13 @@ def _read_gguf(
                 )
                 q = QTensor.from_dense(torch.from_numpy(arr))
             else:
-                raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1)
+                if name == "token_embd.weight" and lookup_only:
+                    raw = reader.mapped_rows(t)  # only the rows that are used become resident
+                else:
+                    raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1).copy()
                 if raw.size != t.n_bytes:
                     raise ValueError(f"{raw.size} bytes, expected {t.n_bytes}")
-                q = QTensor(torch.from_numpy(raw.copy()), TYPE_IDS[tname], (shape[0], shape[1]))
+                q = QTensor(torch.from_numpy(raw), TYPE_IDS[tname], (shape[0], shape[1]))
         except (ValueError, TypeError) as exc:  # truncated data or an unknown block layout
             raise ModelFormatError(f"{path}: cannot read {name} ({type(exc).__name__}: {exc})") from exc
         out[hf_name] = q.permute_rows(perm) if permute else q

@@ -167,6 +167,7 @@ def node_info(r: StageRunner) -> pb.NodeInfo:
         prefix_hit_tokens=snap.hit_tokens,
         prefix_lookup_tokens=snap.lookup_tokens,
         cached_request_ids=snap.request_ids,
+        cache_resident_bytes=snap.resident_bytes,
     )
 
 

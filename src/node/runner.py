@@ -28,6 +28,7 @@ class CacheSnapshot:
     hit_tokens: int
     lookup_tokens: int
     request_ids: tuple[str, ...]  # requests holding a cache
+    resident_bytes: int  # k/v bytes of the blocks written (untouched pages cost nothing)
 
 
 @dataclass
@@ -94,7 +95,13 @@ class StageRunner:
         Info never walks the cache while a forward changes it)."""
         c = self.engine.cache
         self._snap = CacheSnapshot(
-            c.used_tokens, len(c.free), c.cached_blocks, c.hit_tokens, c.lookup_tokens, tuple(c.seqs)
+            c.used_tokens,
+            c.free_blocks,
+            c.cached_blocks,
+            c.hit_tokens,
+            c.lookup_tokens,
+            tuple(c.seqs),
+            c.resident_bytes,
         )
 
     def cache_snapshot(self) -> CacheSnapshot:

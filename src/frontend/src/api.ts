@@ -112,6 +112,8 @@ export interface NodeStatus {
   /** Seconds before a node that failed is trusted again (0: trusted). */
   backoff_s: number;
   rss_bytes: number;
+  /** KV-cache bytes in memory (the pool's blocks written so far). */
+  cache_resident_bytes: number;
   /** Weight bytes held (GGUF blocks as stored). */
   weights_bytes: number;
   /** Weight matrices per storage type, e.g. {"Q4_1": 70}. */

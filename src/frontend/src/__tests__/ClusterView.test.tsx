@@ -27,6 +27,7 @@ describe("ClusterView", () => {
     expect(n2).toHaveTextContent("96 / 4,096 tok");
     expect(n2).toHaveTextContent("12 blocks · 320 tok hit");
     expect(n2).toHaveTextContent("512 MiB");
+    expect(n2).toHaveTextContent("24.0 MiB KV");
     expect(n2).toHaveTextContent("12.5 ms last");
     expect(n2).toHaveTextContent("10.3 ms mean");
     expect(within(n2).getByText("in flight").nextElementSibling).toHaveTextContent("2");

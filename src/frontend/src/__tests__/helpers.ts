@@ -165,6 +165,7 @@ export function node(id: string, part: number, layers: [number, number], over: P
     prefix_hit_tokens: 320,
     backoff_s: 0,
     rss_bytes: 512 * 1024 * 1024,
+    cache_resident_bytes: 24 * 1024 * 1024,
     weights_bytes: 22 * 1024 * 1024,
     weight_types: { Q4_1: 70 },
     kernel: "avx2 x1",

@@ -54,7 +54,12 @@ export function NodeCard({ node, nLayers, active }: Props) {
           {formatCount(node.prefix_cached_blocks)} blocks · {formatCount(node.prefix_hit_tokens)} tok hit
         </dd>
         <dt>memory</dt>
-        <dd>{formatBytes(node.rss_bytes)}</dd>
+        <dd>
+          {formatBytes(node.rss_bytes)}{" "}
+          <span className="muted" title="KV-cache pages in memory (blocks written so far)">
+            {formatBytes(node.cache_resident_bytes ?? 0)} KV
+          </span>
+        </dd>
         <dt>weights</dt>
         <dd title={Object.entries(node.weight_types ?? {}).map(([t, n]) => `${n} ${t}`).join(", ")}>
           {formatBytes(node.weights_bytes)}{" "}
