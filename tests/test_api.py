@@ -520,6 +520,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "prefix_hit_tokens",
         "backoff_s",
         "rss_bytes",
+        "cache_resident_bytes",
         "weights_bytes",
         "weight_types",
         "kernel",
@@ -539,6 +540,13 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         for n in nodes
     )
     assert all(n["cache_blocks_free"] <= n["cache_blocks_total"] and n["backoff_s"] == 0 for n in nodes)
+    # KV pages in memory: the blocks written so far, never more than the pool, never more than RSS
+    block_bytes = 2 * 16 * 10 * 3 * 64 * 4  # k and v: 16 positions x 10 layers x 3 kv heads x 64 dims fp32
+    assert all(
+        n["cache_resident_bytes"] % block_bytes == 0
+        and n["cache_resident_bytes"] <= min(n["cache_blocks_total"] * block_bytes, n["rss_bytes"])
+        for n in nodes
+    )
 
 
 def _samples(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
