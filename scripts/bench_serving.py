@@ -353,16 +353,13 @@ def bench_cluster(name: str, parts: int, threads: int, args: argparse.Namespace)
             )
             out["runs"][str(k)] = {"summary": summary, "requests": [asdict(r) for r in recs]}
             print(f"[{name}] K={k}: {_brief(summary)}", file=sys.stderr)
-        out["rss_mib"] = {
-            n: psutil.Process(p.pid).memory_info().rss / 2**20
-            for n, p in cluster.procs.items()
-            if p.poll() is None
-        }
+        live = {n: p for n, p in cluster.procs.items() if p.poll() is None}
+        out["rss_mib"] = {n: psutil.Process(p.pid).memory_info().rss / 2**20 for n, p in live.items()}
+        # PSS splits pages shared between processes (libtorch's code, mapped files) among them.
+        out["pss_mib"] = {n: psutil.Process(p.pid).memory_full_info().pss / 2**20 for n, p in live.items()}
         view = httpx.get(base + "/api/cluster", timeout=5.0, trust_env=False).json()
-        out["nodes"] = [
-            {k: n.get(k) for k in ("id", "part", "layers", "mean_forward_ms", "forwards_total")}
-            for n in view.get("nodes", [])
-        ]
+        keys = ("id", "part", "layers", "mean_forward_ms", "forwards_total", "weights_bytes")
+        out["nodes"] = [{k: n.get(k) for k in (*keys, "cache_resident_bytes")} for n in view.get("nodes", [])]
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         print(f"[{name}] FAILED: {out['error']}", file=sys.stderr)
@@ -699,6 +696,18 @@ def table(res: dict[str, Any]) -> str:
     ]
     if mem:
         lines += ["", "Resident memory after the runs: " + "; ".join(mem)]
+    for system, r in res["systems"].items():
+        nodes = [n for n in r.get("nodes", []) if n.get("cache_resident_bytes") is not None]
+        if nodes and r.get("pss_mib"):
+            node_pss = sum(v for n, v in r["pss_mib"].items() if n.startswith("node"))
+            lines += [""]
+            lines.append(
+                f"{system}'s nodes: weights "
+                + ", ".join(f"{n['id']} {n['weights_bytes'] / 2**20:.0f}" for n in nodes)
+                + " MiB; KV-cache pages "
+                + ", ".join(f"{n['id']} {n['cache_resident_bytes'] / 2**20:.0f}" for n in nodes)
+                + f" MiB; total node PSS (shared pages split) {node_pss:.0f} MiB"
+            )
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for name, v in res["ratios"].items():
         met = "-" if v["met"] is None else ("yes" if v["met"] else "NO")

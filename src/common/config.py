@@ -63,7 +63,11 @@ class NodeDefaults(_Strict):
     cache_budget_tokens: int = Field(
         32768, ge=1, description="KV-cache tokens a node holds over all requests."
     )
-    cache_ttl_s: float = Field(600.0, gt=0, description="Idle caches are evicted after this many seconds.")
+    cache_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        description="Idle caches are evicted after this many seconds; free KV blocks unused that long are forgotten and their pages handed back to the OS.",
+    )
     threads: int = Field(
         1,
         ge=1,
