@@ -248,9 +248,8 @@ class KVCachePool:
                 self.v[nb].copy_(self.v[b])
                 self._unref(b)
                 seq.blocks[keep - 1] = nb
-            elif self.hash_of[b] is not None:  # ours alone but published: its contents will change
-                del self.cached[self.hash_of[b]]  # type: ignore[arg-type]
-                self.hash_of[b] = None
+            else:  # ours alone; if published, its contents will change: forget its hash
+                self._forget(b)
 
     def commit(self, seq: SeqCache, start: int, token_ids: list[int]) -> None:
         """After a forward: positions start..start+len-1 hold these tokens' k/v."""
