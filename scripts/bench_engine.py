@@ -42,6 +42,27 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(100, 40000, (n, length), generator=g).tolist()
 
 
+def cpu_flags() -> list[str]:
+    """The SIMD extensions of this CPU that matter to the kernels and to llama.cpp."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    wanted = (
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_vnni",
+        "avx512_bf16",
+    )
+    return [f for f in wanted if f in flags]
+
+
 def median_time(fn: Callable[[], float], runs: int) -> float:
     """fn runs once to warm up, then `runs` times; each call returns the seconds it measured."""
     fn()
@@ -52,18 +73,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
+def _engine_timers(tokens: int) -> tuple[Any, Callable[..., float], Callable[[], float]]:
+    """Our engine on the whole model, with its decode(batch) and prefill() timers (seconds)."""
     from pipeserve import kernels
-    from pipeserve.kernels import QLinear
     from pipeserve.modeling.engine import SeqChunk, StageEngine
     from pipeserve.modeling.generate import GREEDY
     from pipeserve.modeling.loader import load_stage
 
     kernels.set_threads(torch.get_num_threads())  # the node's setting: kernels get the threads,
     torch.set_num_threads(1)  # torch's own pool (attention, norms) one
-    t0 = time.perf_counter()
     eng = StageEngine(load_stage(MODEL))
-    load_s = time.perf_counter() - t0
     n_run = 0
 
     def decode(batch: int, on_start: Callable[[], None] = lambda: None) -> float:
@@ -88,6 +107,17 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
         dt = time.perf_counter() - t
         eng.release(["prefill"])
         return dt
+
+    return eng, decode, prefill
+
+
+def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
+    from pipeserve import kernels
+    from pipeserve.kernels import QLinear
+
+    t0 = time.perf_counter()
+    eng, decode, prefill = _engine_timers(tokens)
+    load_s = time.perf_counter() - t0
 
     res = {
         "kernel_isa": kernels.get_isa(),
@@ -116,6 +146,33 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
         res[f"decode_b{batch}_ms_per_step"] = 1e3 * decode(batch) / tokens
         res[f"decode_b{batch}_matmul_ms_per_step"] = 1e3 * median_time(lambda b=batch: matmuls(b), 5)
     return res
+
+
+def bench_isas(tokens: int, runs: int) -> dict[str, Any]:
+    """Every SIMD path of ours that this CPU runs (the portable one excepted), in one process:
+    the paths take turns, run by run, so a slow minute of the machine hits them all alike."""
+    from pipeserve import kernels
+
+    isas = [i for i in kernels.supported_isas() if i != "generic"]
+    _, decode, prefill = _engine_timers(tokens)
+    times: dict[str, dict[str, list[float]]] = {i: {"b1": [], "bn": [], "pf": []} for i in isas}
+    for rep in range(runs + 1):  # the first round warms up
+        for isa in isas:
+            kernels.set_isa(isa)
+            b1, bn, pf = decode(1), decode(BATCH), prefill()
+            if rep:
+                times[isa]["b1"].append(b1)
+                times[isa]["bn"].append(bn)
+                times[isa]["pf"].append(pf)
+    med = statistics.median
+    return {
+        isa: {
+            "decode_b1_tok_s": tokens / med(t["b1"]),
+            f"decode_b{BATCH}_tok_s": BATCH * tokens / med(t["bn"]),
+            "prefill_tok_s": PREFILL_LEN / med(t["pf"]),
+        }
+        for isa, t in times.items()
+    }
 
 
 def bench_llamacpp(tokens: int, runs: int) -> dict[str, Any]:
@@ -277,7 +334,13 @@ def bench_stage(tokens: int, runs: int) -> dict[str, Any]:
     }
 
 
-BENCHES = {"ours": bench_ours, "hf": bench_hf, "stage": bench_stage, "llamacpp": bench_llamacpp}
+BENCHES = {
+    "ours": bench_ours,
+    "isas": bench_isas,
+    "hf": bench_hf,
+    "stage": bench_stage,
+    "llamacpp": bench_llamacpp,
+}
 
 
 def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -321,7 +384,16 @@ def table(res: dict[str, Any]) -> str:
             f"\nbatch {batch} decode step: {step:.2f} ms; its native matmuls alone (same shapes, in a loop) {mm:.2f} ms ({100 * mm / step:.0f}%), "
             f"everything else (attention, norms, RoPE, sampling, Python) {step - mm:.2f} ms"
         )
-    lines.append(f"\nkernels: {ours['kernel_isa']} x{ours['kernel_threads']} threads")
+    lines.append(
+        f"\nkernels: {ours['kernel_isa']} x{ours['kernel_threads']} threads (CPU: {', '.join(res['cpu_flags'])})"
+    )
+    if len(res["isas"]) > 1:
+        lines.append(
+            "\n| kernel path (taking turns in one process) | decode batch 1 | decode batch 16 | prefill 256 |"
+        )
+        lines.append("|---|---|---|---|")
+        for isa, r in res["isas"].items():
+            lines.append(f"| {isa} | {r['decode_b1_tok_s']:.1f} | {r[b]:.1f} | {r['prefill_tok_s']:.1f} |")
     if not have_lc:
         lines.append(f"llama.cpp skipped: {lc['skipped']}")
     return "\n".join(lines)
@@ -353,6 +425,7 @@ def main() -> None:
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu_flags": cpu_flags(),
     }
     for name in BENCHES:
         res[name] = run_child(name, args)

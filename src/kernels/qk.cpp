@@ -18,8 +18,8 @@
 #include "qk_types.h"
 
 namespace qk {
-namespace avx2 { RowsFn get(int type); AttendFn get_attend(); }
-namespace avx512 { RowsFn get(int type); AttendFn get_attend(); }
+namespace avx2 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); }
+namespace avx512 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); }
 namespace generic {
 RowsFn get(int type);
 void dequant_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* ids, int64_t n, float* out);
@@ -70,6 +70,14 @@ static AttendFn attend_for(int64_t hd) {
 #endif
   (void)hd;
   return generic::attend_decode;
+}
+
+static SiluFn silu_for() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (g_isa == ISA_AVX512) return avx512::get_silu();
+  if (g_isa == ISA_AVX2) return avx2::get_silu();
+#endif
+  return generic::silu_mul;
 }
 
 // ---------------------------------------------------------------- thread pool
@@ -467,16 +475,17 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     const float* gu;
     float* y;
     int64_t T, I, step;
-  } ctx{gu, y, T, I, T >= 2 ? (T + 1) / 2 : 1};
+    SiluFn fn;
+  } ctx{gu, y, T, I, T >= 2 ? (T + 1) / 2 : 1, silu_for()};
   Py_BEGIN_ALLOW_THREADS
   if (T * I < 16384) {
-    generic::silu_mul(gu, y, T, I);
+    ctx.fn(gu, y, T, I);
   } else {
     parallel_for(
         [](void* c, int64_t i) {
           const Ctx& x = *(const Ctx*)c;
           const int64_t t0 = i * x.step, n = t0 + x.step < x.T ? x.step : x.T - t0;
-          if (n > 0) generic::silu_mul(x.gu + t0 * 2 * x.I, x.y + t0 * x.I, n, x.I);
+          if (n > 0) x.fn(x.gu + t0 * 2 * x.I, x.y + t0 * x.I, n, x.I);
         },
         &ctx, (T + ctx.step - 1) / ctx.step);
   }

@@ -38,7 +38,11 @@ struct S {
   static inline F set1(float a) { return _mm256_set1_ps(a); }
   static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
   static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  // e^x for x <= 0 (softmax), Cephes' expf polynomial (~1 ulp); 0 below -87.3
+  static inline F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static inline F neg_abs(F a) { return _mm256_or_ps(a, _mm256_set1_ps(-0.f)); }
+  static inline F pick_neg(F s, F a, F b) { return _mm256_blendv_ps(a, b, s); }  // b where s < 0 (sign bit)
+  // e^x for x <= 0 (softmax, silu), Cephes' expf polynomial (~1 ulp); x is clamped at -87.3, so
+  // the smallest result is e^-87.3 = 1.2e-38 (the smallest normal float), never 0 or a subnormal
   static inline F exp_neg(F x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
     const F fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
@@ -68,6 +72,7 @@ struct S {
 
 RowsFn get(int type) { return rows_fn(type); }
 AttendFn get_attend() { return attend_one; }
+SiluFn get_silu() { return silu_mul_v; }
 
 }  // namespace avx2
 }  // namespace qk

@@ -40,7 +40,13 @@ struct S {
   static inline F set1(float a) { return _mm512_set1_ps(a); }
   static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
   static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  // e^x for x <= 0 (softmax), Cephes' expf polynomial (~1 ulp); 0 below -87.3
+  static inline F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static inline F neg_abs(F a) { return _mm512_or_ps(a, _mm512_set1_ps(-0.f)); }
+  static inline F pick_neg(F s, F a, F b) {  // b where s < 0 (sign bit)
+    return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(s)), a, b);
+  }
+  // e^x for x <= 0 (softmax, silu), Cephes' expf polynomial (~1 ulp); x is clamped at -87.3, so
+  // the smallest result is e^-87.3 = 1.2e-38 (the smallest normal float), never 0 or a subnormal
   static inline F exp_neg(F x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
     const F fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
@@ -66,6 +72,7 @@ struct S {
 
 RowsFn get(int type) { return rows_fn(type); }
 AttendFn get_attend() { return attend_one; }
+SiluFn get_silu() { return silu_mul_v; }
 
 }  // namespace avx512
 }  // namespace qk

@@ -384,6 +384,27 @@ static float softmax_exp_v(float* scores, int64_t n, float mx) {
   return den;
 }
 
+// y[T, I] = silu(g) * u for rows gu = [g | u] (generic::silu_mul has the contract), L at a time.
+// sigmoid(g) comes from e = exp(-|g|), which never overflows: 1 / (1 + e) for g >= 0 and
+// e / (1 + e) for g < 0, so a large negative g gives a tiny sigmoid, not 1 - 1 rounded.
+static void silu_mul_v(const float* gu, float* y, int64_t T, int64_t I) {
+  using F = typename S::F;
+  const F one = S::set1(1.f);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gu + t * 2 * I;
+    const float* u = g + I;
+    float* yr = y + t * I;
+    int64_t i = 0;
+    for (; i + S::L <= I; i += S::L) {
+      const F gv = S::f32(g + i);
+      const F e = S::exp_neg(S::neg_abs(gv));
+      const F sig = S::div(S::pick_neg(gv, one, e), S::add(one, e));
+      S::store(yr + i, S::mul(S::mul(gv, sig), S::f32(u + i)));
+    }
+    for (; i < I; ++i) yr[i] = g[i] / (1.f + __builtin_expf(-g[i])) * u[i];
+  }
+}
+
 static constexpr int64_t ATT_PREFETCH = 8;  // positions (rows of K and V) fetched ahead
 
 // HG query heads (qh[0..HG)) sharing one kv head: scores and softmax weights into sc[i][0..n),

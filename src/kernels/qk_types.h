@@ -200,6 +200,9 @@ typedef void (*AttendFn)(const float* q, float* out, const float* const* Kb, con
                          int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd,
                          float scale, float* scores);
 
+// y[T, I] = silu(gu[:, :I]) * gu[:, I:] (generic::silu_mul has the contract).
+typedef void (*SiluFn)(const float* gu, float* y, int64_t T, int64_t I);
+
 // scores[p] <- exp(scores[p] - mx) for p < L; returns their sum (the softmax denominator).
 static inline float softmax_exp(float* scores, int64_t L, float mx) {
   float den = 0.f;

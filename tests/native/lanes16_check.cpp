@@ -30,6 +30,9 @@ struct S {
   static F bcast(const float*p){return set1(*p);}
   static F add(F a,F b){for(int i=0;i<16;i++)a.v[i]+=b.v[i];return a;}
   static F mul(F a,F b){for(int i=0;i<16;i++)a.v[i]*=b.v[i];return a;}
+  static F div(F a,F b){for(int i=0;i<16;i++)a.v[i]/=b.v[i];return a;}
+  static F neg_abs(F a){for(auto&x:a.v)x=-fabsf(x);return a;}
+  static F pick_neg(F s,F a,F b){for(int i=0;i<16;i++)if(signbit(s.v[i]))a.v[i]=b.v[i];return a;}
   static F fma(F a,F b,F c){for(int i=0;i<16;i++)c.v[i]+=a.v[i]*b.v[i];return c;}
   static F exp_neg(F a){for(int i=0;i<16;i++)a.v[i]=expf(a.v[i]);return a;}  // the lane logic, not the polynomial
   static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
@@ -43,6 +46,7 @@ RowsFn get(int type);
 void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
                    int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
                    float* scores);
+void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
 }
 }
 using namespace qk;
@@ -82,5 +86,11 @@ int main(){
     double num=0,den=0; for(int i=0;i<nh*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}
     double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL attention hd %d err %g\n",hd,e);
   }
+  // silu(gate) * up at 16 lanes, a tail of 5 included, gates from -100 to 100
+  { const int T=3, I=37; std::vector<float> gu(T*2*I), y1(T*I), y2(T*I);
+    for(auto&f:gu) f=200.f*(rand()/(float)RAND_MAX)-100.f;
+    emu::silu_mul_v(gu.data(),y1.data(),T,I); generic::silu_mul(gu.data(),y2.data(),T,I);
+    double num=0,den=0; for(int i=0;i<T*I;i++){num+=(y1[i]-y2[i])*(double)(y1[i]-y2[i]); den+=y2[i]*(double)y2[i];}
+    double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL silu err %g\n",e); }
   printf("worst %g\n",worst);
 }
