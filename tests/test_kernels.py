@@ -80,6 +80,15 @@ def test_reference_matches_gguf_dequantize():
         assert np.array_equal(qt.dequantize().numpy(), ref), name
 
 
+def test_matmul_path_per_batch_size(isa):
+    """avx512 runs decode and long prefill chunks; 2..191 rows take the 8-lane loops, which win
+    there (qk.cpp: call_isa). Every other selection runs every size itself."""
+    want = {1: isa, 2: isa, 8: isa, 191: isa, 192: isa, 256: isa}
+    if isa == "avx512":
+        want.update({2: "avx2", 8: "avx2", 191: "avx2"})
+    assert {T: kernels.matmul_isa(T) for T in want} == want
+
+
 @pytest.mark.parametrize("name", list(reference.TYPE_IDS))
 def test_kernel_matches_reference_random_blocks(name, isa, threads):
     dense = reference.TYPES[reference.TYPE_IDS[name]][1] == 1

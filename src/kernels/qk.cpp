@@ -53,14 +53,26 @@ static bool cpu_has(Isa isa) {
 
 static Isa g_isa = ISA_GENERIC;
 
-static RowsFn rows_for(int type) {
-  switch (g_isa) {
+static RowsFn rows_for(int type, Isa isa) {
+  switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)
     case ISA_AVX512: return avx512::get(type);
     case ISA_AVX2: return avx2::get(type);
 #endif
     default: return generic::get(type);
   }
+}
+
+// The path a matmul of T activation rows runs on. AVX-512 runs decode (T == 1) and the weight
+// panels of long prefill chunks (T >= PANEL_MIN_T); from 2 to PANEL_MIN_T - 1 rows the 8-lane AVX2
+// code runs instead. Measured on SmolLM2's matmuls on a Zen 4 EPYC (1 thread, the two paths taking
+// turns in one process): 16-lane chunks of activations leave half their lanes empty when T % 16 is
+// 1..8 (T = 8: 56 ms against 37; T = 24: 106 against 92), the 2 x 4 dot tiles' 16-lane horizontal
+// sums cost more (T = 7: 48 against 39), and at T = 2, 4, 16, 32 the two were equal (a 512-bit
+// op is two 256-bit halves on that core). The 16-lane versions of those loops stay compiled (one
+// template for every width) and tests/native/lanes16_check.cpp keeps their logic checked.
+static Isa call_isa(int64_t T) {
+  return g_isa == ISA_AVX512 && T >= 2 && T < PANEL_MIN_T ? ISA_AVX2 : g_isa;
 }
 
 static AttendFn attend_for(int64_t hd) {
@@ -85,6 +97,7 @@ static SiluFn silu_for() {
 // then sleep on a condition variable, so an idle node or one waiting on the network costs no CPU.
 struct Task {
   std::vector<Job>* jobs = nullptr;
+  Isa isa = ISA_GENERIC;  // the path these jobs run on (Plan_run: call_isa)
   const std::vector<int64_t>* items = nullptr;  // triples (job index, r0, r1)
   // or, instead of jobs: fn(ctx, i) for i in [0, n_items) (attention, elementwise ops)
   void (*fn)(void* ctx, int64_t i) = nullptr;
@@ -156,7 +169,7 @@ class Pool {
       const int64_t* it = t->items->data() + 3 * i;
       Job jb = (*t->jobs)[it[0]];
       jb.scratch = scratch_[tid].data();
-      rows_for(jb.type)(jb, it[1], it[2]);
+      rows_for(jb.type, t->isa)(jb, it[1], it[2]);
     }
   }
   void loop(int tid) {
@@ -297,7 +310,7 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int64_t K = self->K, G = K / 32;
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> xsum;
-  if (self->needs_xsum && T == 1) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (T == 1 path)
+  if (self->needs_xsum && T <= MV_MAX_T) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
     xsum.resize(T * G);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < G; ++g) {
@@ -306,9 +319,10 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
         xsum[t * G + g] = s;
       }
   }
+  const Isa isa = call_isa(T);
   std::vector<float> xt;  // x k-major for the batched-decode shape (qk_types.h: make_xt)
-  const int64_t cw = xt_width(T, g_isa == ISA_AVX512 ? 16 : 8);
-  if (g_isa != ISA_GENERIC && T >= XT_MIN_T && T < PANEL_MIN_T) {
+  const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8);
+  if (isa != ISA_GENERIC && T >= XT_MIN_T && T < PANEL_MIN_T) {
     xt.resize(xt_floats(T, K, cw));
     make_xt(x, T, K, cw, xt.data());
   }
@@ -339,13 +353,14 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     Task task;
     task.jobs = &jobs;
     task.items = &items;
+    task.isa = isa;
     g_pool->run(&task, threads);
   } else {
     std::vector<float> scratch(34 * K);
     for (size_t i = 0; i < items.size(); i += 3) {
       Job jb = jobs[items[i]];
       jb.scratch = scratch.data();
-      rows_for(jb.type)(jb, items[i + 1], items[i + 2]);
+      rows_for(jb.type, isa)(jb, items[i + 1], items[i + 2]);
     }
   }
   Py_END_ALLOW_THREADS
@@ -391,6 +406,12 @@ static PyObject* py_set_isa(PyObject*, PyObject* arg) {
 }
 
 static PyObject* py_get_isa(PyObject*, PyObject*) { return PyUnicode_FromString(ISA_NAMES[g_isa]); }
+
+static PyObject* py_matmul_isa(PyObject*, PyObject* arg) {
+  const long long T = PyLong_AsLongLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  return PyUnicode_FromString(ISA_NAMES[call_isa(T)]);
+}
 
 static PyObject* py_supported(PyObject*, PyObject*) {
   PyObject* out = PyList_New(0);
@@ -610,6 +631,7 @@ static PyObject* py_block_info(PyObject*, PyObject* arg) {
 static PyMethodDef module_methods[] = {
     {"set_isa", py_set_isa, METH_O, "set_isa(name): force the generic, avx2 or avx512 kernels"},
     {"get_isa", py_get_isa, METH_NOARGS, "the kernels in use"},
+    {"matmul_isa", py_matmul_isa, METH_O, "matmul_isa(T): the path a matmul of T activation rows runs on"},
     {"supported_isas", py_supported, METH_NOARGS, "kernel paths this CPU can run, lowest first"},
     {"set_threads", py_set_threads, METH_O, "set_threads(n): size of the kernel thread pool"},
     {"get_threads", py_get_threads, METH_NOARGS, "size of the kernel thread pool"},

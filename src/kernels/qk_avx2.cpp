@@ -33,6 +33,12 @@ struct S {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
   }
   static inline float h2f(const uint8_t* p) { return _cvtsh_ss(rd16(p)); }
+  // two adjacent halves (a block's d and m) in one conversion
+  static inline void h2f2(const uint8_t* p, float& a, float& b) {
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)rd32(p)));
+    a = _mm_cvtss_f32(v);
+    b = _mm_cvtss_f32(_mm_movehdup_ps(v));
+  }
   static inline F zero() { return _mm256_setzero_ps(); }
   static inline F bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static inline F set1(float a) { return _mm256_set1_ps(a); }

@@ -35,6 +35,12 @@ struct S {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
   }
   static inline float h2f(const uint8_t* p) { return _cvtsh_ss(rd16(p)); }
+  // two adjacent halves (a block's d and m) in one conversion
+  static inline void h2f2(const uint8_t* p, float& a, float& b) {
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)rd32(p)));
+    a = _mm_cvtss_f32(v);
+    b = _mm_cvtss_f32(_mm_movehdup_ps(v));
+  }
   static inline F zero() { return _mm512_setzero_ps(); }
   static inline F bcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline F set1(float a) { return _mm512_set1_ps(a); }

@@ -4,12 +4,13 @@
 // for several ISAs into one library, so everything is `static` inside the includer's namespace.
 //
 // Four loop shapes (see ../../README.md "Quantized engine"):
-// - T == 1 (decode): each group of 32 weights is decoded to small integers in registers and
-//   dotted with x; the group's scale multiplies that dot and its min multiplies the group's sum of
-//   x (precomputed once per call): sum((a*q + c) * x) = a * sum(q*x) + c * sum(x). Four weight
-//   rows share every load of x.
-// - 2 <= T < XT_MIN_T (small batches): two rows dequantized into scratch, then a 2 x 4
-//   dot-product tile (2 weight rows x 4 activation rows) over the batch.
+// - T <= MV_MAX_T (decode, small batches): each group of 32 weights is decoded to small integers
+//   in registers and dotted with each activation row; the group's scale multiplies that dot and
+//   its min multiplies the group's sum of x (precomputed once per call):
+//   sum((a*q + c) * x) = a * sum(q*x) + c * sum(x). Four weight rows (two from 3 activation rows
+//   on) share every load of x.
+// - MV_MAX_T < T < XT_MIN_T: two rows dequantized into scratch, then a 2 x 4 dot-product tile
+//   (2 weight rows x 4 activation rows) over the batch.
 // - XT_MIN_T <= T < PANEL_MIN_T (batched decode, prefill chunks beside decodes): x arrives
 //   k-major (Job::xt, 16 activation rows per chunk); 6 (or 12) dequantized weight rows are each
 //   broadcast into one or two vectors of activations: 6 x 2 register accumulators, 2/3 of a load
@@ -31,8 +32,9 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
   if constexpr (TY == Q4_0 || TY == Q4_1) {
     const uint8_t* b = row + g * (TY == Q4_0 ? 18 : 20);
     const uint8_t* qs = b + (TY == Q4_0 ? 2 : 4);
-    a0 = a1 = S::h2f(b);
-    if constexpr (TY == Q4_1) c = S::h2f(b + 2);
+    if constexpr (TY == Q4_1) S::h2f2(b, a0, c);
+    else a0 = S::h2f(b);
+    a1 = a0;
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
       I iv = e < 16 ? S::and_(S::u8(qs + e), 15) : S::template srli<4>(S::u8(qs + e - 16));
@@ -44,8 +46,9 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     const uint8_t* hb = b + (TY == Q5_0 ? 2 : 4);
     const uint32_t qh = rd32(hb);
     const uint8_t* qs = hb + 4;
-    a0 = a1 = S::h2f(b);
-    if constexpr (TY == Q5_1) c = S::h2f(b + 2);
+    if constexpr (TY == Q5_1) S::h2f2(b, a0, c);
+    else a0 = S::h2f(b);
+    a1 = a0;
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
       I iv = e < 16 ? S::and_(S::u8(qs + e), 15) : S::template srli<4>(S::u8(qs + e - 16));
@@ -62,8 +65,10 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
     const int j = (int)(g % 8);
     int sc, m;
     k4_scale_min(j, sb + 4, &sc, &m);
-    a0 = a1 = S::h2f(sb) * (float)sc;
-    c = -(S::h2f(sb + 2) * (float)m);
+    float d, dmin;
+    S::h2f2(sb, d, dmin);
+    a0 = a1 = d * (float)sc;
+    c = -(dmin * (float)m);
     const uint8_t* qs = sb + (TY == Q4_K ? 16 : 48) + 32 * (j / 2);
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
       const int e = v * S::L;
@@ -100,19 +105,23 @@ static inline void decode(const uint8_t* row, int64_t g, typename S::F q[NV], fl
 template <int TY>
 static constexpr bool has_min() { return TY == Q4_1 || TY == Q5_1 || TY == Q4_K || TY == Q5_K; }
 
-// T == 1: y[r] for NR consecutive rows starting at `row`.
-template <int TY, int NR>
-static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
+// T <= MV_MAX_T: y[t, r] for NR consecutive weight rows starting at `row` and NT activation rows
+// from x_t (jb.x row t0 + t). Each group is decoded once into registers and dotted with every
+// activation row; each (t, r) is summed in the same order as at T == 1, so a row's result does not
+// depend on the batch it came in.
+template <int TY, int NR, int NT>
+static inline void mv_rows(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
   using F = typename S::F;
   const int64_t G = jb.K / 32;
   const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
   const int64_t step = (NR * jb.row_bytes + G - 1) / (G ? G : 1);  // bytes of the next block per group
-  F tot[NR];
-  float ct[NR];
-  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) { tot[r] = S::zero(); ct[r] = 0.f; }
+  const float* x0 = jb.x + t0 * jb.K;
+  const float* xs0 = jb.xsum ? jb.xsum + t0 * G : nullptr;
+  F tot[NR][NT];
+  float ct[NR][NT];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) { tot[r][t] = S::zero(); ct[r][t] = 0.f; }
   for (int64_t g = 0; g < G; ++g) {
-    F xv[NV];
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) xv[v] = S::f32(jb.x + g * 32 + v * S::L);
     // Prefetch a later block of NR rows at the pace this block is read, in the
     // contiguous weight stream, two blocks ahead (a row alone is shorter than RAM latency needs).
     S::prefetch(ahead + g * step);
@@ -121,32 +130,48 @@ static inline void mv_rows(const Job& jb, const uint8_t* row, float* y) {
       F q[NV];
       float a0, a1, c;
       decode<TY>(row + r * jb.row_bytes, g, q, a0, a1, c);
-      if constexpr (TY == Q6_K) {
-        F b0 = S::mul(q[0], xv[0]), b1 = S::mul(q[NV / 2], xv[NV / 2]);
-        _Pragma("GCC unroll 8") for (int v = 1; v < NV / 2; ++v) {
-          b0 = S::fma(q[v], xv[v], b0);
-          b1 = S::fma(q[NV / 2 + v], xv[NV / 2 + v], b1);
+      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+        const float* xg = x0 + t * jb.K + g * 32;
+        if constexpr (TY == Q6_K) {
+          F b0 = S::mul(q[0], S::f32(xg)), b1 = S::mul(q[NV / 2], S::f32(xg + 16));
+          _Pragma("GCC unroll 8") for (int v = 1; v < NV / 2; ++v) {
+            b0 = S::fma(q[v], S::f32(xg + v * S::L), b0);
+            b1 = S::fma(q[NV / 2 + v], S::f32(xg + 16 + v * S::L), b1);
+          }
+          tot[r][t] = S::fma(S::set1(a0), b0, tot[r][t]);
+          tot[r][t] = S::fma(S::set1(a1), b1, tot[r][t]);
+        } else if constexpr (is_float_type_c(TY)) {
+          _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) tot[r][t] = S::fma(q[v], S::f32(xg + v * S::L), tot[r][t]);
+        } else {
+          F b = S::mul(q[0], S::f32(xg));
+          _Pragma("GCC unroll 8") for (int v = 1; v < NV; ++v) b = S::fma(q[v], S::f32(xg + v * S::L), b);
+          tot[r][t] = S::fma(S::set1(a0), b, tot[r][t]);
+          if constexpr (has_min<TY>()) ct[r][t] += c * xs0[t * G + g];
         }
-        tot[r] = S::fma(S::set1(a0), b0, tot[r]);
-        tot[r] = S::fma(S::set1(a1), b1, tot[r]);
-      } else if constexpr (is_float_type_c(TY)) {
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) tot[r] = S::fma(q[v], xv[v], tot[r]);
-      } else {
-        F b = S::mul(q[0], xv[0]);
-        _Pragma("GCC unroll 8") for (int v = 1; v < NV; ++v) b = S::fma(q[v], xv[v], b);
-        tot[r] = S::fma(S::set1(a0), b, tot[r]);
-        if constexpr (has_min<TY>()) ct[r] += c * jb.xsum[g];
       }
     }
   }
-  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
-    float s = S::hsum(tot[r]) + ct[r];
-    if constexpr (is_float_type_c(TY)) {
-      const uint8_t* rw = row + r * jb.row_bytes;
-      for (int64_t k = G * 32; k < jb.K; ++k) s += float_weight(TY, rw, k) * jb.x[k];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      float s = S::hsum(tot[r][t]) + ct[r][t];
+      if constexpr (is_float_type_c(TY)) {
+        const uint8_t* rw = row + r * jb.row_bytes;
+        const float* xt = x0 + t * jb.K;
+        for (int64_t k = G * 32; k < jb.K; ++k) s += float_weight(TY, rw, k) * xt[k];
+      }
+      float* yt = y + (t0 + t) * jb.ldy + r;
+      *yt = jb.accumulate ? *yt + s : s;
     }
-    y[r] = jb.accumulate ? y[r] + s : s;
-  }
+}
+
+// Rows r0..r1 for the activation rows [t0, t0 + NT): four weight rows at a time (two from three
+// activation rows on, so the accumulators stay in registers), then one.
+template <int TY, int NT>
+static inline void mv_range(const Job& jb, int64_t r0, int64_t r1, int64_t t0) {
+  constexpr int NR = NT <= 2 ? 4 : 2;
+  int64_t r = r0;
+  for (; r + NR <= r1; r += NR) mv_rows<TY, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+  for (; r < r1; ++r) mv_rows<TY, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
 }
 
 // Dequantize one row into fp32 (K tail included for the float types).
@@ -324,10 +349,13 @@ static void rows_xt(const Job& jb, int64_t r0, int64_t r1) {
 template <int TY>
 static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
   if (jb.xt != nullptr && jb.T < PANEL_MIN_T) return rows_xt<TY>(jb, r0, r1);
-  if (jb.T == 1) {
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) mv_rows<TY, 4>(jb, jb.w + r * jb.row_bytes, jb.y + r);
-    for (; r < r1; ++r) mv_rows<TY, 1>(jb, jb.w + r * jb.row_bytes, jb.y + r);
+  if (jb.T <= MV_MAX_T) {
+    switch (jb.T) {
+      case 1: mv_range<TY, 1>(jb, r0, r1, 0); break;
+      case 2: mv_range<TY, 2>(jb, r0, r1, 0); break;
+      case 3: mv_range<TY, 3>(jb, r0, r1, 0); break;
+      default: mv_range<TY, 4>(jb, r0, r1, 0); break;
+    }
     return;
   }
   const int64_t K = jb.K;

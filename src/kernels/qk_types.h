@@ -181,6 +181,13 @@ static constexpr int64_t PANEL_MIN_T = 192;
 // one vector of cw activations per k and broadcasts each dequantized weight into it. Made once per
 // call (Plan_run) and shared by every thread; cw is 8 or 16 (the SIMD width, or two AVX2 vectors).
 static constexpr int64_t XT_MIN_T = 8;
+// Up to this many activation rows, each weight group is decoded in registers once and dotted with
+// every row (the T == 1 loop, several rows at a time): no dequantized scratch row, and every row's
+// result is the one it gets alone. Measured on SmolLM2's matmuls (1 thread, Zen 4), against the
+// 2 x 4 dot tiles on dequantized rows used before: T = 2 12.2 ms against 24.5 (T = 1: 8.9), T = 4
+// 21.1 against 26.4. From 5 rows on, passes of 4 were no faster than the tiles on this noisy box
+// (T = 7: 37-46 ms against 39-41), so 5..7 keep the tiles.
+static constexpr int64_t MV_MAX_T = 4;
 static inline int64_t xt_width(int64_t T, int lanes) { return lanes >= 16 || T > 8 ? 16 : 8; }
 static inline int64_t xt_floats(int64_t T, int64_t K, int64_t cw) { return (T + cw - 1) / cw * cw * K; }
 static inline void make_xt(const float* x, int64_t T, int64_t K, int64_t cw, float* xt) {

@@ -25,6 +25,7 @@ struct S {
   static F h16(const uint8_t*p){F r;for(int i=0;i<16;i++)r.v[i]=f16_to_f32(rd16(p+2*i));return r;}
   static F bf16(const uint8_t*p){F r;for(int i=0;i<16;i++)r.v[i]=bf16_to_f32(rd16(p+2*i));return r;}
   static float h2f(const uint8_t*p){return f16_to_f32(rd16(p));}
+  static void h2f2(const uint8_t*p,float&a,float&b){a=h2f(p);b=h2f(p+2);}
   static F zero(){F r;for(auto&x:r.v)x=0;return r;}
   static F set1(float a){F r;for(auto&x:r.v)x=a;return r;}
   static F bcast(const float*p){return set1(*p);}
