@@ -14,6 +14,7 @@ status details included), so the scheduler's failover policy sees what it sees i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -78,6 +79,7 @@ class FakeStage:
         self.poison: set[int] = set()  # a chunk with one of these tokens fails with INTERNAL
         self.down = False  # every call fails as if the process were gone
         self.delay_s = 0.0
+        self.on_lookup: Callable[[str], None] | None = None  # runs as a LookupPrefix arrives (interleavings)
         self.forwards = 0
         self.max_batch = 0  # most sequences seen in one forward
 
@@ -156,6 +158,8 @@ class FakeStage:
 
     async def lookup_prefix(self, request_id: str, token_ids: list[int]) -> int:
         self._check_up()
+        if self.on_lookup is not None:
+            self.on_lookup(request_id)
         return self.pool.lookup_prefix(request_id, list(token_ids))
 
     async def close(self) -> None:

@@ -435,6 +435,40 @@ def test_shared_prefix_starts_on_cached_blocks_of_every_stage() -> None:
     run(main())
 
 
+def test_a_request_preempted_while_its_prefix_lookup_is_in_flight_still_completes() -> None:
+    """Another group's step may preempt a request while its LookupPrefix calls are out (seen in
+    tests/test_scheduler.py::test_preemption_instead_of_failure: the group's step crashed on the
+    emptied route, failing the request, and the hits of the requests after it were misread).
+    Here the stage preempts the first request as its lookup arrives: both requests still finish
+    with their exact tokens, and the preempted one looks up again when it is re-admitted."""
+
+    async def main() -> None:
+        async with FakeCluster(parts=2, micro_batches=1) as fc:  # a and b in one group
+            system = prompt_of(9, 32)  # two full blocks, cached by a first request
+            await collect(fc.submit([*system, 1], 4))
+            a = fc.submit([*system, 5, 6], 6)
+            b = fc.submit([*system, 7, 8, 9], 6)
+            hit: list[str] = []
+
+            def preempt_a_once(rid: str) -> None:
+                if rid == a.id and not hit:
+                    hit.append(rid)
+                    fc.scheduler._preempt(a)
+                    # keep it out of admission until its group has read the lookups' answers
+                    fc.scheduler.waiting.remove(a)
+                    asyncio.get_running_loop().call_later(0.1, fc.scheduler.waiting.appendleft, a)
+
+            fc.stages["node2"].on_lookup = preempt_a_once
+            outs = await asyncio.gather(collect(a), collect(b))
+            assert hit == [a.id] and a.preemptions == 1
+            assert outs[0] == (reference([*system, 5, 6], 6), outs[0][1], "length")
+            assert outs[1][0] == reference([*system, 7, 8, 9], 6) and outs[1][2] == "length"
+            assert b.cached_tokens == 32 and a.cached_tokens == 32  # a's second lookup hit too
+            await fc.settle()
+
+    run(main())
+
+
 def test_orphan_caches_are_released_after_a_coordinator_restart() -> None:
     async def main() -> None:
         async with FakeCluster() as fc:

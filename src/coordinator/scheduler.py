@@ -293,16 +293,25 @@ class Scheduler:
             return
         for r in todo:
             r.needs_lookup = False
+        # The routes as asked: while the lookups are in flight another group's step may preempt or
+        # reroute one of these requests (its route then changes or empties).
+        routes = [dict(r.route) for r in todo]
         results = await asyncio.gather(
-            *(n.client.lookup_prefix(r.id, r.tokens) for r in todo for n in r.route.values()),
+            *(
+                n.client.lookup_prefix(r.id, r.tokens)
+                for r, route in zip(todo, routes, strict=True)
+                for n in route.values()
+            ),
             return_exceptions=True,
         )
         it = iter(results)
-        for r in todo:
-            hits = [next(it) for _ in r.route]
+        for r, route in zip(todo, routes, strict=True):
+            hits = [next(it) for _ in route]
+            if r.route != route or r.n_computed != 0:
+                continue  # moved meanwhile: it prefills from 0 (or looks up again once re-admitted)
             good = [h for h in hits if isinstance(h, int)]
             # a stage that failed the lookup holds nothing: start at 0 (the others truncate)
-            r.n_computed = min(good) if len(good) == len(hits) else 0
+            r.n_computed = min(good) if good and len(good) == len(hits) else 0
             r.cached_tokens = r.n_computed
             self.prefix_hit_tokens += r.n_computed
             self.prefix_lookup_tokens += len(r.tokens)
