@@ -343,9 +343,22 @@ def test_prompt_longer_than_context(small: tuple[InProcessCluster, httpx.Client]
     assert m and int(m.group(1)) > 64, msg
 
 
-def test_queue_full_is_429_with_retry_after(small: tuple[InProcessCluster, httpx.Client]) -> None:
-    cluster, http = small
-    long = {"prompt": "Count:", "max_tokens": 50, "ignore_eos": True, "stream": True}
+@pytest.fixture(scope="module")
+def one_slot() -> Iterator[tuple[InProcessCluster, httpx.Client]]:
+    """One node with room for one running request and none waiting, and context enough for a
+    request that holds the slot for seconds (50 tokens in `small`'s 64-token context took ~0.5 s,
+    short enough for a loaded CI machine to finish it before the second request arrived)."""
+    c = start_cluster(EMBEDDED, parts=1, max_context=512, coordinator={"max_running": 1, "max_waiting": 0})
+    try:
+        with ApiServer(c.cfg) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+            yield c, client
+    finally:
+        c.stop()
+
+
+def test_queue_full_is_429_with_retry_after(one_slot: tuple[InProcessCluster, httpx.Client]) -> None:
+    cluster, http = one_slot
+    long = {"prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=long) as resp:
         assert resp.status_code == 200
         next(sse_events(resp))  # running now: the one slot is taken and nothing may wait
