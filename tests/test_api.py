@@ -142,15 +142,22 @@ def oai(api: ApiServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{api.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def small() -> Iterator[tuple[InProcessCluster, httpx.Client]]:
-    """One node, a 64-token context and room for one request: for 400, 429 and a part down."""
-    c = start_cluster(EMBEDDED, parts=1, max_context=64, coordinator={"max_running": 1, "max_waiting": 0})
+def one_request_cluster(max_context: int) -> Iterator[tuple[InProcessCluster, httpx.Client]]:
+    """One node with room for one running request and none waiting, behind the API."""
+    c = start_cluster(
+        EMBEDDED, parts=1, max_context=max_context, coordinator={"max_running": 1, "max_waiting": 0}
+    )
     try:
         with ApiServer(c.cfg) as server, httpx.Client(base_url=server.url, timeout=60) as client:
             yield c, client
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[tuple[InProcessCluster, httpx.Client]]:
+    """A 64-token context and room for one request: for 400, 429 and a part down."""
+    yield from one_request_cluster(64)
 
 
 # ---- the spec endpoint ---------------------------------------------------------------------------
@@ -347,13 +354,8 @@ def test_prompt_longer_than_context(small: tuple[InProcessCluster, httpx.Client]
 def one_slot() -> Iterator[tuple[InProcessCluster, httpx.Client]]:
     """One node with room for one running request and none waiting, and context enough for a
     request that holds the slot for seconds (50 tokens in `small`'s 64-token context took ~0.5 s,
-    short enough for a loaded CI machine to finish it before the second request arrived)."""
-    c = start_cluster(EMBEDDED, parts=1, max_context=512, coordinator={"max_running": 1, "max_waiting": 0})
-    try:
-        with ApiServer(c.cfg) as server, httpx.Client(base_url=server.url, timeout=60) as client:
-            yield c, client
-    finally:
-        c.stop()
+    short enough, we thought, for a loaded CI machine to finish it first: see the test)."""
+    yield from one_request_cluster(512)
 
 
 def test_queue_full_is_429_with_retry_after(one_slot: tuple[InProcessCluster, httpx.Client]) -> None:
