@@ -85,15 +85,14 @@ def _engine_timers(tokens: int) -> tuple[Any, Callable[..., float], Callable[[],
     eng = StageEngine(load_stage(MODEL))
     n_run = 0
 
-    def decode(batch: int, on_start: Callable[[], None] = lambda: None) -> float:
+    def decode(batch: int) -> float:
         nonlocal n_run
         n_run += 1
         rids = [f"r{n_run}-{i}" for i in range(batch)]
         ps = prompts(batch, PROMPT_LEN, seed=n_run)
         out = eng.forward([SeqChunk(r, 0, p, GREEDY) for r, p in zip(rids, ps, strict=True)])
         nxt = [s.token_id for s in out.samples]
-        on_start()  # the prompt's prefill is not part of the decode figures
-        t = time.perf_counter()
+        t = time.perf_counter()  # the prompt's prefill is not part of the decode figures
         for step in range(tokens):
             chunks = [SeqChunk(r, PROMPT_LEN + step, [tok], GREEDY) for r, tok in zip(rids, nxt, strict=True)]
             nxt = [s.token_id for s in eng.forward(chunks).samples]
