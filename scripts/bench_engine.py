@@ -12,6 +12,7 @@ Ours also reports where a decode step's time goes: the step against its native m
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -27,19 +28,19 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch
+import numpy as np
 
 MODEL = "smollm2-135m-instruct"
 PROMPT_LEN = 64  # tokens cached before decode starts
 PREFILL_LEN = 256
 BATCH = 16
+THREADS = 2  # --threads: the kernels' pool (ours, llama.cpp's -t, transformers' torch threads)
 STAGE = (10, 20)  # the middle stage of three
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     """Deterministic token ids well inside the vocabulary, away from the special tokens."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, 40000, (n, length), generator=g).tolist()
+    return np.random.default_rng(seed).integers(100, 40000, (n, length)).tolist()
 
 
 def cpu_flags() -> list[str]:
@@ -80,8 +81,7 @@ def _engine_timers(tokens: int) -> tuple[Any, Callable[..., float], Callable[[],
     from pipeserve.modeling.generate import GREEDY
     from pipeserve.modeling.loader import load_stage
 
-    kernels.set_threads(torch.get_num_threads())  # the node's setting: kernels get the threads,
-    torch.set_num_threads(1)  # torch's own pool (attention, norms) one
+    kernels.set_threads(THREADS)  # the node's setting: every op runs on the kernels' pool
     eng = StageEngine(load_stage(MODEL))
     n_run = 0
 
@@ -113,6 +113,7 @@ def _engine_timers(tokens: int) -> tuple[Any, Callable[..., float], Callable[[],
 def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
     from pipeserve import kernels
     from pipeserve.kernels import QLinear
+    from pipeserve.modeling.layers import modules
 
     t0 = time.perf_counter()
     eng, decode, prefill = _engine_timers(tokens)
@@ -131,10 +132,11 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
     # native matmuls alone (every linear layer of the model at the step's batch size, called in a
     # loop); the rest is attention, norms, RoPE, sampling and Python. (The decode fast path calls
     # the kernels without the QLinear modules, so they cannot be clocked from inside a step.)
-    lins = [m for m in eng.model.modules() if isinstance(m, QLinear)]
+    lins = [m for m in modules(eng.model) if isinstance(m, QLinear)]
 
     def matmuls(batch: int) -> float:
-        xs = [torch.randn(batch, lin.in_features) for lin in lins]
+        rng = np.random.default_rng(0)
+        xs = [rng.standard_normal((batch, lin.in_features), np.float32) for lin in lins]
         t = time.perf_counter()
         for lin, x in zip(lins, xs, strict=True):
             lin(x)
@@ -183,7 +185,7 @@ def bench_llamacpp(tokens: int, runs: int) -> dict[str, Any]:
     if found.returncode != 0:
         return {"skipped": f"llama.cpp could not be built: {found.stderr[-500:]}"}
     bin_dir = Path(found.stdout.strip().splitlines()[-1])
-    gguf, threads = str(embedded_gguf_path()), str(torch.get_num_threads())
+    gguf, threads = str(embedded_gguf_path()), str(THREADS)
     out = subprocess.run(
         [
             str(bin_dir / "llama-bench"),
@@ -244,7 +246,10 @@ def bench_llamacpp(tokens: int, runs: int) -> dict[str, Any]:
 
 
 def bench_hf(tokens: int, runs: int) -> dict[str, Any]:
+    import torch  # only here: our engine's processes do not import it (their RSS is the node's)
     import transformers
+
+    torch.set_num_threads(THREADS)
 
     from pipeserve.modeling.source import embedded_gguf_path
 
@@ -316,10 +321,11 @@ def bench_stage(tokens: int, runs: int) -> dict[str, Any]:
         nonlocal n_run
         n_run += 1
         rid = f"s{n_run}"
-        eng.forward([SeqChunk(rid, 0, [0] * PROMPT_LEN)], torch.randn(PROMPT_LEN, C))
+        rng = np.random.default_rng(n_run)
+        eng.forward([SeqChunk(rid, 0, [0] * PROMPT_LEN)], rng.standard_normal((PROMPT_LEN, C), np.float32))
         t = time.perf_counter()
         for step in range(tokens):
-            eng.forward([SeqChunk(rid, PROMPT_LEN + step, [0])], torch.randn(1, C))
+            eng.forward([SeqChunk(rid, PROMPT_LEN + step, [0])], rng.standard_normal((1, C), np.float32))
         dt = time.perf_counter() - t
         eng.release([rid])
         return dt
@@ -408,7 +414,8 @@ def main() -> None:
         "--only", choices=sorted(BENCHES), help="measure one engine and print its JSON (internal)"
     )
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    global THREADS
+    THREADS = args.threads
     if args.only:
         print(json.dumps(BENCHES[args.only](args.tokens, args.runs)))
         return
@@ -421,7 +428,7 @@ def main() -> None:
         "prompt_len_for_decode": PROMPT_LEN,
         "prefill_len": PREFILL_LEN,
         "batch": BATCH,
-        "torch": torch.__version__,
+        "torch": importlib.metadata.version("torch"),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "cpu_flags": cpu_flags(),

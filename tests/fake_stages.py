@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import torch
+import numpy as np
 
 from pipeserve.common import codec
 from pipeserve.common.errors import PipeserveError
@@ -117,13 +117,13 @@ class FakeStage:
                 tokens.append(pb.SampledToken(request_id=c.request_id, token_id=next_token(toks)))
         if self.part > 0:  # what the previous stage computed for exactly these positions
             got = codec.decode_tensor(msg.hidden)
-            want = torch.tensor(rows) - torch.tensor([0.0, 0.0, 1.0])
-            if got.shape != want.shape or not torch.equal(got, want):
+            want = np.array(rows, np.float32) - np.array([0.0, 0.0, 1.0], np.float32)
+            if got.shape != want.shape or not np.array_equal(got, want):
                 self.pool.release([c.request_id for c in msg.chunks])
                 raise rpc_error(grpc.StatusCode.INTERNAL, f"{self.node_id}: hidden states do not match")
         for c, seq in zip(msg.chunks, seqs, strict=True):
             self.pool.commit(seq, c.start_pos, list(c.token_ids))
-        hidden = None if self.is_last else codec.encode_tensor(torch.tensor(rows))
+        hidden = None if self.is_last else codec.encode_tensor(np.array(rows, np.float32))
         return pb.ForwardResponse(
             hidden=hidden, tokens=tokens, forward_ms=0.1, cache_used_tokens=self.pool.used_tokens
         )

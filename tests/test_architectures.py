@@ -19,8 +19,9 @@ import torch
 
 from pipeserve.common.errors import ModelFormatError
 from pipeserve.modeling.engine import SeqChunk, StageEngine
-from pipeserve.modeling.generate import GREEDY, generate, run_stages
+from pipeserve.modeling.generate import GREEDY, generate
 from pipeserve.modeling.loader import load_stage
+from tests.engine_torch import run_stages
 from tests.tiny_models import KINDS, N_LAYERS, llama3_rope_factors, make_tiny, write_gguf
 
 ARCH_KINDS = [k for k in KINDS if k != "gemma3_gguf"]

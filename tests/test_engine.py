@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,9 +19,10 @@ from pipeserve.common.errors import (
     UnknownRequestError,
 )
 from pipeserve.modeling.engine import SeqChunk, StageEngine
-from pipeserve.modeling.generate import GREEDY, generate, run_stages
+from pipeserve.modeling.generate import GREEDY, generate
 from pipeserve.modeling.loader import load_stage
 from pipeserve.modeling.source import resolve_model
+from tests.engine_torch import run_stages
 
 PROMPTS = [
     [1, 504, 3458, 282, 4649, 314, 216],
@@ -225,17 +227,17 @@ def test_a_first_stage_maps_its_embedding_and_a_tied_head_holds_it(smol_full):
     stage that also holds the tied head keeps its own copy (the head reads every row)."""
     first = load_stage("smollm2-135m-instruct", (0, 10))
     mapped = first.model.embed_tokens.weight
-    assert _mapping_of(mapped.data.data_ptr()).endswith(".gguf")
+    assert _mapping_of(mapped.data.ctypes.data).endswith(".gguf")
     held = smol_full.model.embed_tokens.weight
-    assert not _mapping_of(held.data.data_ptr()).endswith(".gguf")
+    assert not _mapping_of(held.data.ctypes.data).endswith(".gguf")
     layer_q = first.model.layers[0].self_attn.qkv_proj.parts[0]
-    assert not _mapping_of(layer_q.data.data_ptr()).endswith(".gguf")  # matrices are copied
+    assert not _mapping_of(layer_q.data.ctypes.data).endswith(".gguf")  # matrices are copied
     # the mapped blocks still count as the stage's weights (what it may touch), as the copy did
     emb_bytes = gguf_tensor_bytes({"token_embd.weight"})["token_embd.weight"]
     assert first.param_bytes == emb_bytes + load_stage("smollm2-135m-instruct", (10, 20)).param_bytes
-    ids = torch.tensor([0, 1, 2, 17, 4095, 30000, 49151, 17])
-    assert torch.equal(mapped.rows(ids), held.rows(ids))
-    assert torch.equal(mapped.data, held.data)
+    ids = np.array([0, 1, 2, 17, 4095, 30000, 49151, 17])
+    assert np.array_equal(mapped.rows(ids), held.rows(ids))
+    assert np.array_equal(mapped.data, held.data)
 
 
 def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
@@ -285,9 +287,9 @@ def test_bad_inputs_raise_named_errors(tiny_llama, tmp_path, smol_full):
     assert eng.release(["a", "nope"]) == {"a": 3, "nope": 0}
     mid = StageEngine(load_stage(str(tiny_llama), (2, 4)))
     with pytest.raises(InvalidInputError, match="float32"):
-        mid.forward([SeqChunk("a", 0, [1, 2])], torch.zeros(2, 64, dtype=torch.float64))
+        mid.forward([SeqChunk("a", 0, [1, 2])], np.zeros((2, 64), np.float64))
     with pytest.raises(InvalidInputError, match=r"\[2, 64\]"):
-        mid.forward([SeqChunk("a", 0, [1, 2])], torch.zeros(3, 64))
+        mid.forward([SeqChunk("a", 0, [1, 2])], np.zeros((3, 64), np.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -348,6 +350,6 @@ def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama):
 
     biased = load_stage(str(tiny_llama))  # the module path stays for layers with a bias
     lin = biased.model.layers[0].self_attn.qkv_proj
-    lin.bias = torch.zeros(lin.out_features)
+    lin.bias = np.zeros(lin.out_features, np.float32)
     biased.model._plan_built = False
     assert biased.model._decode_plan() is None

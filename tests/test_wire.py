@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -18,24 +19,46 @@ from tests.harness import start_cluster
 EMBEDDED = "smollm2-135m-instruct"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_split_and_join_rows_are_byte_exact(dtype: torch.dtype) -> None:
-    t = torch.randn(9, 5).to(dtype)
-    parts = wire.split_rows(codec.encode_tensor(t), [2, 0, 4, 3])
+WIRE = {pb.DTYPE_FLOAT32: torch.float32, pb.DTYPE_FLOAT16: torch.float16, pb.DTYPE_BFLOAT16: torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", list(WIRE))
+def test_split_and_join_rows_are_byte_exact(dtype: int) -> None:
+    x = torch.randn(9, 5)
+    t = x.to(WIRE[dtype]).float()  # what the wire dtype keeps, rounded as torch rounds it
+    parts = wire.split_rows(codec.encode_tensor(x.numpy(), dtype), [2, 0, 4, 3])
     assert [list(p.shape) for p in parts] == [[2, 5], [0, 5], [4, 5], [3, 5]]
-    assert torch.equal(codec.decode_tensor(parts[2]), t[2:6])
+    assert torch.equal(torch.from_numpy(codec.decode_tensor(parts[2])), t[2:6])
     back = wire.join_rows([parts[3], parts[0]])
-    assert torch.equal(codec.decode_tensor(back), torch.cat([t[6:9], t[0:2]]))
+    assert torch.equal(torch.from_numpy(codec.decode_tensor(back)), torch.cat([t[6:9], t[0:2]]))
+
+
+def test_bfloat16_rounds_to_nearest_even_as_torch_does() -> None:
+    """Every rounding case of float32 -> bfloat16: ties (to even), just above/below, subnormals,
+    infinities, the largest finite values (which round to inf), NaN."""
+    bits = np.array(
+        [0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x00000001, 0x007FFFFF, 0x7F7FFFFF,
+         0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x80000000, 0x7FC00000, 0x7F800001],
+        dtype=np.uint32,
+    )  # fmt: skip
+    x = np.concatenate(
+        [bits.view(np.float32), np.random.default_rng(0).standard_normal(1000, np.float32) * 1e3]
+    )
+    got = torch.from_numpy(codec.decode_tensor(codec.encode_tensor(x, pb.DTYPE_BFLOAT16)))
+    want = torch.from_numpy(x).to(torch.bfloat16).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(got[ok], want[ok])
 
 
 def test_bad_row_messages_are_refused_by_name() -> None:
-    t = codec.encode_tensor(torch.zeros(4, 3))
+    t = codec.encode_tensor(np.zeros((4, 3), np.float32))
     with pytest.raises(InvalidInputError, match="returned 4 rows for a batch of 5 tokens"):
         wire.split_rows(t, [2, 3])
     short = pb.Tensor(data=t.data[:-4], shape=[4, 3], dtype=pb.DTYPE_FLOAT32)
     with pytest.raises(InvalidInputError, match=r"needs 48 bytes, got 44"):
         wire.split_rows(short, [4])
-    half = codec.encode_tensor(torch.zeros(1, 3, dtype=torch.float16))
+    half = codec.encode_tensor(np.zeros((1, 3), np.float32), pb.DTYPE_FLOAT16)
     with pytest.raises(InvalidInputError, match="differ in dtype"):
         wire.join_rows([t, half])
     with pytest.raises(InvalidInputError, match=r"must be \[tokens, hidden\]"):

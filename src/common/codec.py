@@ -1,8 +1,10 @@
-"""The only place that converts between the wire `Tensor` message and torch tensors (on nodes;
+"""The only place that converts between the wire `Tensor` message and numpy arrays (on nodes;
 the coordinator moves tensors as bytes with `wire`).
 
-Tensors travel as raw little-endian bytes (a `repeated float` field costs ~10x more to encode).
-Decoding validates size against shape and dtype, so a malformed tensor is INVALID_ARGUMENT.
+Tensors travel as raw little-endian bytes (a `repeated float` field costs ~10x more to encode), in
+float32, float16 or bfloat16 (the stage computes in float32: `encode_tensor` rounds to the wire
+dtype, `decode_tensor` widens back). Decoding validates size against shape and dtype, so a
+malformed tensor is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -10,50 +12,69 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-import torch
 
 from pipeserve.common.errors import InvalidInputError
 from pipeserve.common.wire import sampling_from_pb, sampling_to_pb  # noqa: F401 (nodes use them from here)
 from pipeserve.modeling.engine import SampledToken, SeqChunk
 from pipeserve.proto import model_service_pb2 as pb
 
-_TO_WIRE = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.float16: pb.DTYPE_FLOAT16,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-}
-_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
-# the dtype a stage is asked to send its hidden states in (DTYPE_UNSPECIFIED: float32)
-WIRE_TORCH = {**_FROM_WIRE, pb.DTYPE_UNSPECIFIED: torch.float32}
+_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 
 
-def encode_tensor(t: torch.Tensor) -> pb.Tensor:
-    if t.dtype not in _TO_WIRE:
-        raise InvalidInputError(f"cannot send a {t.dtype} tensor (supported: float32, float16, bfloat16)")
-    t = t.detach().contiguous()
-    data = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-    return pb.Tensor(data=data, shape=list(t.shape), dtype=_TO_WIRE[t.dtype])
+def wire_dtype(requested: int) -> int:
+    """The dtype a stage is asked to send its hidden states in (DTYPE_UNSPECIFIED: float32)."""
+    if requested == pb.DTYPE_UNSPECIFIED:
+        return pb.DTYPE_FLOAT32
+    if requested not in _ITEMSIZE:
+        raise InvalidInputError(f"output dtype {requested} is not supported (float32, float16, bfloat16)")
+    return requested
 
 
-def decode_tensor(msg: pb.Tensor) -> torch.Tensor:
-    dtype = _FROM_WIRE.get(msg.dtype)
-    if dtype is None:
+def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> the uint16 bits of bfloat16, rounded to nearest even (as torch's .to(bfloat16));
+    NaN stays a (quiet) NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded = np.where(nan, (bits >> np.uint32(16)) | np.uint32(0x40), rounded)
+    return rounded.astype(np.uint16)
+
+
+def encode_tensor(x: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> pb.Tensor:
+    """A float array on the wire in `dtype` (pb.DTYPE_*)."""
+    dtype = wire_dtype(dtype)
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        got = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise InvalidInputError(f"cannot send a {got} tensor (a float array is needed)")
+    if dtype == pb.DTYPE_FLOAT32:
+        data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    elif dtype == pb.DTYPE_FLOAT16:
+        data = np.ascontiguousarray(x, dtype="<f2").tobytes()
+    else:
+        data = to_bfloat16_bits(x).astype("<u2").tobytes()
+    return pb.Tensor(data=data, shape=list(x.shape), dtype=dtype)
+
+
+def decode_tensor(msg: pb.Tensor) -> np.ndarray:
+    """A wire tensor as a float32 array it owns (float16 / bfloat16 are widened exactly)."""
+    itemsize = _ITEMSIZE.get(msg.dtype)
+    if itemsize is None:
         raise InvalidInputError(f"tensor dtype {pb.DType.Name(msg.dtype)} is not supported")
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"tensor shape {list(shape)} has a negative dimension")
-    itemsize = torch.empty((), dtype=dtype).element_size()
     expected = int(np.prod(shape, dtype=np.int64)) * itemsize
     if len(msg.data) != expected:
         raise InvalidInputError(
             f"tensor of shape {list(shape)} and dtype {pb.DType.Name(msg.dtype)} needs {expected} bytes, got {len(msg.data)}"
         )
-    np_dtype = (
-        np.int16 if dtype == torch.bfloat16 else {torch.float32: np.float32, torch.float16: np.float16}[dtype]
-    )
-    arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
-    t = torch.from_numpy(arr.copy())  # own the memory: the message buffer is read-only
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    if msg.dtype == pb.DTYPE_FLOAT32:
+        return np.frombuffer(msg.data, dtype="<f4").astype(np.float32).reshape(shape)  # a copy
+    if msg.dtype == pb.DTYPE_FLOAT16:
+        return np.frombuffer(msg.data, dtype="<f2").astype(np.float32).reshape(shape)
+    bits = np.frombuffer(msg.data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+    return bits.view(np.float32).reshape(shape)
 
 
 def chunks_from_pb(chunks: Iterable[pb.SequenceChunk]) -> list[SeqChunk]:

@@ -71,7 +71,7 @@ class NodeDefaults(_Strict):
     threads: int = Field(
         1,
         ge=1,
-        description="Native-kernel threads per node process (nodes share the machine's cores; torch itself runs one).",
+        description="Native-kernel threads per node process (nodes share the machine's cores); every op of a forward runs on it.",
     )
     max_message_mb: int = Field(64, ge=1, description="Largest gRPC message a node accepts or sends, MiB.")
 

@@ -1,7 +1,7 @@
 """The wire forms the coordinator handles without torch: sampling parameters, and hidden states
 as rows of bytes. The coordinator never decodes activations: it cuts a stage's [tokens, hidden]
 tensor into each request's rows and joins the rows of the next stage's batch, byte for byte, in
-whatever dtype the nodes send (`wire_dtype`). Tensor <-> torch conversion is `codec`'s, on nodes.
+whatever dtype the nodes send (`wire_dtype`). Tensor <-> array conversion is `codec`'s, on nodes.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 `QTensor` is a weight matrix kept in its on-disk block form ([N rows, row_bytes] uint8, each row K
 weights); `QLinear` is the linear layer the model files use: y = x @ W^T (+ b) over one or more
 QTensors stacked by rows (fused q|k|v, gate|up), computed by one native call on fp32 activations.
-`reference.py` has the pure-torch version of every kernel; tests compare the two on every path
-the CPU can run (`set_isa`). `PIPESERVE_KERNEL_ISA=generic|avx2|avx512` forces a path at import.
+Arrays are numpy (C-contiguous float32 activations): the node runtime does not import torch.
+`reference.py` has the pure-torch version of every kernel (tests only); tests compare the two on
+every path the CPU can run (`set_isa`). `PIPESERVE_KERNEL_ISA=generic|avx2|avx512` forces a path
+at import.
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import nn
+import numpy as np
 
-from pipeserve.kernels import reference
-from pipeserve.kernels.reference import TYPE_IDS, TYPES
+from pipeserve.kernels.types import TYPE_IDS, TYPES
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,13 @@ if os.environ.get("PIPESERVE_KERNEL_ISA"):
     _qk.set_isa(os.environ["PIPESERVE_KERNEL_ISA"])
 
 KERNEL_TYPES = tuple(name for name, _, _ in TYPES.values())  # every type with a native kernel
+
+addr = _qk.addr  # addr(array) -> its data pointer; raises (ValueError from numpy) unless C-contiguous
+
+
+def f32(x: np.ndarray) -> np.ndarray:
+    """x as a C-contiguous float32 array (no copy when it is one already)."""
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def supported_isas() -> list[str]:
@@ -66,10 +73,11 @@ def get_threads() -> int:
 
 @dataclass(eq=False)
 class QTensor:
-    """A [N, K] weight matrix in GGUF block form: `data` is uint8 [N, row_bytes], row-major."""
+    """A [N, K] weight matrix in GGUF block form: `data` is uint8 [N, row_bytes], row-major (it may
+    be a read-only view of a memory-mapped file)."""
 
-    data: torch.Tensor
-    qtype: int  # ggml type id (reference.TYPES)
+    data: np.ndarray
+    qtype: int  # ggml type id (types.TYPES)
     shape: tuple[int, int]
 
     def __post_init__(self) -> None:
@@ -78,10 +86,15 @@ class QTensor:
         if K % elems:
             raise ValueError(f"{name} rows need a multiple of {elems} weights, got K={K}")
         want = (N, K // elems * nbytes)
-        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want or not self.data.is_contiguous():
-            raise ValueError(
-                f"{name} [{N}, {K}] needs contiguous uint8 data {list(want)}, got {self.data.dtype} {list(self.data.shape)}"
-            )
+        d = self.data
+        if (
+            not isinstance(d, np.ndarray)
+            or d.dtype != np.uint8
+            or d.shape != want
+            or not d.flags.c_contiguous
+        ):
+            got = f"{d.dtype} {list(d.shape)}" if isinstance(d, np.ndarray) else type(d).__name__
+            raise ValueError(f"{name} [{N}, {K}] needs contiguous uint8 data {list(want)}, got {got}")
 
     @property
     def type_name(self) -> str:
@@ -89,180 +102,203 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel()
+        return int(self.data.size)
 
     @classmethod
-    def from_dense(cls, w: torch.Tensor) -> QTensor:
-        """A 2-D float tensor kept in its own dtype (fp32, fp16 or bf16), as the checkpoint stored it."""
-        names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-        if w.dtype not in names or w.dim() != 2:
-            raise ValueError(f"expected a 2-D fp32/fp16/bf16 tensor, got {w.dtype} {list(w.shape)}")
-        w = w.contiguous()
-        return cls(
-            w.view(torch.uint8).reshape(w.shape[0], -1), TYPE_IDS[names[w.dtype]], (w.shape[0], w.shape[1])
+    def from_dense(cls, w: np.ndarray, type_name: str | None = None) -> QTensor:
+        """A 2-D float matrix kept in its own dtype: float32 (F32), float16 (F16), or the raw
+        uint16 bits of a bfloat16 matrix with type_name="BF16" (numpy has no bfloat16)."""
+        names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+        name = type_name or names.get(w.dtype)
+        ok = (name in ("F32", "F16") and names.get(w.dtype) == name) or (
+            name == "BF16" and w.dtype == np.uint16
         )
+        if not ok or w.ndim != 2:
+            raise ValueError(
+                f"expected a 2-D float32/float16 (or BF16 uint16) matrix, got {w.dtype} {list(w.shape)}"
+            )
+        w = np.ascontiguousarray(w)
+        return cls(w.view(np.uint8).reshape(w.shape[0], -1), TYPE_IDS[name], (w.shape[0], w.shape[1]))
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self) -> np.ndarray:
         """fp32 copy of the whole matrix (tests and load-time conversions, never the hot path)."""
-        return reference.dequantize(self.data, self.qtype, self.shape)
+        return self.rows(np.arange(self.shape[0], dtype=np.int64))
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, ids: np.ndarray) -> np.ndarray:
         """fp32 [len(ids), K] of the given rows: the embedding lookup, exact as the reference."""
-        ids = ids.to(torch.int64).contiguous()
-        out = torch.empty(ids.numel(), self.shape[1])
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((ids.size, self.shape[1]), np.float32)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.shape[0]):
+            raise IndexError(f"row ids outside [0, {self.shape[0]})")
         _qk.dequant_rows(
-            self.data.data_ptr(),
-            self.qtype,
-            self.data.shape[1],
-            self.shape[1],
-            ids.data_ptr(),
-            ids.numel(),
-            out.data_ptr(),
+            addr(self.data), self.qtype, self.data.shape[1], self.shape[1], addr(ids), ids.size, addr(out)
         )
         return out
 
     def transposed(self) -> QTensor:
         """[K, N] copy of a dense float matrix in its own dtype (GPT-2's Conv1D weights are [in, out])."""
-        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
         if self.type_name not in dtypes:
             raise ValueError(f"only dense float matrices can be transposed, not {self.type_name}")
         dense = self.data.view(dtypes[self.type_name]).reshape(self.shape)
-        return QTensor.from_dense(dense.t().contiguous())
+        return QTensor.from_dense(np.ascontiguousarray(dense.T), self.type_name)
 
-    def permute_rows(self, perm: torch.Tensor) -> QTensor:
+    def permute_rows(self, perm: np.ndarray) -> QTensor:
         """The matrix with its rows reordered (a row holds whole blocks, so this is exact)."""
-        return QTensor(self.data[perm].contiguous(), self.qtype, self.shape)
+        return QTensor(np.ascontiguousarray(self.data[perm]), self.qtype, self.shape)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, weight_offset: float = 0.0) -> np.ndarray:
     """x [T, C] fp32 -> x * rsqrt(mean(x^2) + eps) * (weight + weight_offset), one native pass."""
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    _qk.rms_norm(
-        x.data_ptr(),
-        weight.data_ptr(),
-        y.data_ptr(),
-        x.shape[0],
-        x.shape[1],
-        float(eps),
-        float(weight_offset),
-    )
+    x = f32(x)
+    if weight.dtype != np.float32 or weight.shape != (x.shape[1],):
+        raise ValueError(
+            f"norm weight must be float32 [{x.shape[1]}], got {weight.dtype} {list(weight.shape)}"
+        )
+    y = np.empty_like(x)
+    _qk.rms_norm(addr(x), addr(weight), addr(y), x.shape[0], x.shape[1], float(eps), float(weight_offset))
     return y
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def _gate_up(gate_up: np.ndarray) -> np.ndarray:
+    if gate_up.ndim != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate|up must be [T, 2I], got {list(gate_up.shape)}")
+    return f32(gate_up)
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     """gate_up [T, 2I] (gate | up, as the fused projection returns it) -> silu(gate) * up [T, I]."""
-    gate_up = gate_up.contiguous()
+    gate_up = _gate_up(gate_up)
     T, two_i = gate_up.shape
-    y = torch.empty(T, two_i // 2)
-    _qk.silu_mul(gate_up.data_ptr(), y.data_ptr(), T, two_i // 2)
+    y = np.empty((T, two_i // 2), np.float32)
+    _qk.silu_mul(addr(gate_up), addr(y), T, two_i // 2)
+    return y
+
+
+def gelu(x: np.ndarray, approximate: bool) -> np.ndarray:
+    """gelu(x) for x [T, I] fp32: exact (erf), or torch's approximate="tanh" form."""
+    x = f32(x)
+    T, n = x.shape
+    y = np.empty_like(x)
+    _qk.gelu(addr(x), addr(y), T, n, n, 0, 0, int(approximate))
+    return y
+
+
+def gelu_mul(gate_up: np.ndarray, approximate: bool) -> np.ndarray:
+    """gate_up [T, 2I] (gate | up) -> gelu(gate) * up [T, I] (exact, or the tanh form)."""
+    gate_up = _gate_up(gate_up)
+    T, two_i = gate_up.shape
+    n = two_i // 2
+    y = np.empty((T, n), np.float32)
+    a = addr(gate_up)
+    _qk.gelu(a, addr(y), T, n, two_i, a + 4 * n, two_i, int(approximate))
     return y
 
 
 def rope_(
-    x: torch.Tensor,
+    x: np.ndarray,
     n_heads: int,
     head_dim: int,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    positions: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
 ) -> None:
     """Rotate-half RoPE in place on the first `n_heads` heads of each row of x [T, >= n_heads*hd]
     (contiguous rows); cos, sin: [max_position, hd/2] fp32 tables; positions: int64 [T], every one
     below max_position (the caller checks that once per batch: this runs once per layer)."""
-    if not (x.is_contiguous() and positions.dtype == torch.int64 and positions.is_contiguous()):
-        raise ValueError("rope_ needs contiguous x and int64 positions")
-    _qk.rope(
-        x.data_ptr(),
-        x.shape[0],
-        x.stride(0),
-        n_heads,
-        head_dim,
-        positions.data_ptr(),
-        cos.data_ptr(),
-        sin.data_ptr(),
-    )
+    if x.dtype != np.float32 or positions.dtype != np.int64 or positions.shape != (x.shape[0],):
+        raise ValueError("rope_ needs float32 x [T, ...] and int64 positions [T]")
+    if not x.flags.writeable or x.shape[1] < n_heads * head_dim:
+        raise ValueError(
+            f"rope_ rotates x [T, >= {n_heads * head_dim}] in place: got a read-only or narrower array"
+        )
+    for t in (cos, sin):
+        if t.dtype != np.float32 or t.ndim != 2 or t.shape[1] != head_dim // 2:
+            raise ValueError(
+                f"rope tables must be float32 [max_position, {head_dim // 2}], got {t.dtype} {list(t.shape)}"
+            )
+    _qk.rope(addr(x), x.shape[0], x.shape[1], n_heads, head_dim, addr(positions), addr(cos), addr(sin))
 
 
-class DecodeAttention:
-    """Decode attention for B single-token sequences over a paged KV cache, read in place.
+class PagedAttention:
+    """Causal attention of a flat batch's rows over a paged KV cache, read in place.
 
-    `k_pool` / `v_pool`: fp32 [n_blocks, layers, n_kv, block_size, hd] (contiguous); `tables`:
-    int64 [B, max_blocks], sequence b's block ids in position order; its new token sits at position
-    lengths[b] - 1. Tables are built once per step; each layer is then one native call that writes
-    the new k/v rows into their blocks and attends: `__call__(layer, q, k, v, rows, scale)` with
-    q [T, nh, hd] and k, v [T, n_kv, hd] views of one fused q|k|v projection, `rows` the B batch
-    rows (None: rows 0..B-1). With `window` W, each sequence attends to its last W positions only.
+    `k_pool` / `v_pool`: fp32 [n_blocks, layers, n_kv, block_size, hd] (contiguous). Row b of the
+    batch belongs to a sequence whose block ids (in position order) are tables[b] (int64
+    [B, max_blocks]) and sits at position lengths[b] - 1: a decode step is one row per sequence;
+    a prefill chunk of t tokens is t rows with the same table and consecutive lengths. Each layer
+    is one native call (`run`) that first writes every row's new k/v into its block, then lets
+    each row attend to positions [starts[b], lengths[b]) (with `window` W: its last W positions).
+    Built once per step (and per window size), not per layer.
     """
 
     def __init__(
         self,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
-        tables: torch.Tensor,
-        lengths: Sequence[int],
+        k_pool: np.ndarray,
+        v_pool: np.ndarray,
+        tables: np.ndarray,
+        lengths: Sequence[int] | np.ndarray,
         window: int | None = None,
     ) -> None:
-        if k_pool.dtype != torch.float32 or not k_pool.is_contiguous() or k_pool.shape != v_pool.shape:
-            raise ValueError(
-                f"KV pools need contiguous fp32 [blocks, layers, n_kv, bs, hd], got {k_pool.dtype}"
-            )
-        if not v_pool.is_contiguous() or v_pool.dtype != torch.float32:
-            raise ValueError("KV pools need contiguous fp32 [blocks, layers, n_kv, bs, hd]")
+        for pool in (k_pool, v_pool):
+            if (
+                pool.dtype != np.float32
+                or not pool.flags.c_contiguous
+                or not pool.flags.writeable
+                or pool.ndim != 5
+            ):
+                raise ValueError(
+                    f"KV pools need contiguous fp32 [blocks, layers, n_kv, bs, hd], got {pool.dtype}"
+                )
+        if k_pool.shape != v_pool.shape:
+            raise ValueError(f"k and v pools differ: {k_pool.shape} vs {v_pool.shape}")
         self.k_pool, self.v_pool = k_pool, v_pool
-        self.B = tables.shape[0]
+        self.tables = np.ascontiguousarray(tables, dtype=np.int64)
+        if self.tables.ndim != 2:
+            raise ValueError(f"tables must be [B, max_blocks], got {list(self.tables.shape)}")
+        self.B = self.tables.shape[0]
         _, self.n_layers, self.n_kv, self.bs, self.hd = k_pool.shape
-        self.tables = tables.to(torch.int64).contiguous()
-        if self.tables.numel() and (int(self.tables.min()) < 0 or int(self.tables.max()) >= k_pool.shape[0]):
+        if self.tables.size and (int(self.tables.min()) < 0 or int(self.tables.max()) >= k_pool.shape[0]):
             raise ValueError(f"block ids outside the pool's {k_pool.shape[0]} blocks")
-        self.lengths = torch.tensor(list(lengths), dtype=torch.int64)
-        if self.lengths.numel() != self.B or (self.lengths <= 0).any():
-            raise ValueError(f"lengths {list(lengths)} do not match {self.B} sequences")
+        self.lengths = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
+        if self.lengths.size != self.B or (self.lengths <= 0).any():
+            raise ValueError(f"lengths {self.lengths.tolist()} do not match {self.B} rows")
+        if (self.lengths > self.tables.shape[1] * self.bs).any():
+            raise ValueError(f"lengths {self.lengths.tolist()} do not fit {self.tables.shape[1]} blocks")
+        if window is not None and window < 1:
+            raise ValueError(f"a sliding window must hold at least one position, got {window}")
         self.starts = (
-            (self.lengths - window).clamp(min=0) if window is not None else torch.zeros_like(self.lengths)
+            np.maximum(self.lengths - window, 0) if window is not None else np.zeros_like(self.lengths)
         )
         # what every layer's call shares, taken once per step (each layer then adds only its own)
-        pool = self.k_pool
-        self._layer_stride = pool.stride(1)
-        self._pools = (pool.data_ptr(), self.v_pool.data_ptr(), pool.stride(0))
+        isz = 4
+        strides = [s // isz for s in k_pool.strides]
+        self._layer_stride = strides[1]
+        self._pools = (addr(k_pool), addr(v_pool), strides[0])
         self._seqs = (
-            pool.stride(2),
+            strides[2],
             self.bs,
-            self.tables.data_ptr(),
+            addr(self.tables),
             self.tables.shape[1],
-            self.lengths.data_ptr(),
-            self.starts.data_ptr(),
+            addr(self.lengths),
+            addr(self.starts),
             self.B,
         )
 
-    def __call__(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        scale: float | None = None,
-    ) -> torch.Tensor:
-        _, nh, hd = q.shape
-        stride, ok = q.stride(0), (hd, 1)
+    def __call__(self, layer: int, qkv: np.ndarray, n_heads: int, scale: float | None = None) -> np.ndarray:
+        """qkv: fp32 [B, (n_heads + 2 n_kv) hd], one fused projection (q heads, then k, then v)
+        -> [B, n_heads * hd]."""
+        hd, nkv = self.hd, self.n_kv
         if (
-            q.stride()[1:] != ok
-            or k.stride() != (stride, *ok)
-            or v.stride() != (stride, *ok)
-            or q.dtype != torch.float32
-            or k.dtype != torch.float32
-            or v.dtype != torch.float32
+            qkv.dtype != np.float32
+            or not qkv.flags.c_contiguous
+            or qkv.shape != (self.B, (n_heads + 2 * nkv) * hd)
         ):
-            raise ValueError("q, k, v must be fp32 views of one [T, heads, hd] projection")
-        if rows is not None and (rows.dtype != torch.int64 or rows.numel() != self.B):
-            raise ValueError(f"rows must be int64 [{self.B}]")
-        if not 0 <= layer < self.n_layers or hd != self.hd or k.shape[1] != self.n_kv:
-            raise ValueError(f"layer {layer} / heads {k.shape[1]}x{hd} do not match the pool")
-        out = torch.empty(self.B, nh, hd)
-        ptrs = (q.data_ptr(), k.data_ptr(), v.data_ptr())
-        rows_ptr = 0 if rows is None else rows.data_ptr()
-        self._attend(layer, ptrs, stride, rows_ptr, out.data_ptr(), nh, hd**-0.5 if scale is None else scale)
+            raise ValueError(
+                f"qkv must be contiguous fp32 [{self.B}, {(n_heads + 2 * nkv) * hd}], got {qkv.dtype} {list(qkv.shape)}"
+            )
+        out = np.empty((self.B, n_heads * hd), np.float32)
+        self.run(layer, addr(qkv), qkv.shape[1], n_heads, addr(out), hd**-0.5 if scale is None else scale)
         return out
 
     def run(
@@ -274,74 +310,75 @@ class DecodeAttention:
         hd, nkv = self.hd, self.n_kv
         if not 0 <= layer < self.n_layers or row_stride != (n_heads + 2 * nkv) * hd:
             raise ValueError(f"layer {layer} / row stride {row_stride} do not match the pool")
-        ptrs = (qkv_ptr, qkv_ptr + 4 * n_heads * hd, qkv_ptr + 4 * (n_heads + nkv) * hd)
-        self._attend(layer, ptrs, row_stride, 0, out_ptr, n_heads, scale)
-
-    def _attend(
-        self, layer: int, qkv: tuple[int, int, int], stride: int, rows: int, out: int, nh: int, scale: float
-    ) -> None:
         _qk.attend_decode(
-            *qkv,
-            stride,
-            rows,
-            out,
+            qkv_ptr,
+            qkv_ptr + 4 * n_heads * hd,
+            qkv_ptr + 4 * (n_heads + nkv) * hd,
+            row_stride,
+            0,
+            out_ptr,
             *self._pools,
             layer * self._layer_stride,
             *self._seqs,
-            nh,
-            self.n_kv,
-            self.hd,
+            n_heads,
+            nkv,
+            hd,
             scale,
         )
 
 
-class QLinear(nn.Module):
+class QLinear:
     """y = x @ W^T (+ b), W = the row-wise concatenation of `parts` (kept in block form).
 
     x: [T, K] fp32 -> y: [T, sum of parts' N]. One native call per forward whatever the parts'
     types are; the pool's threads split the output rows.
     """
 
-    def __init__(self, parts: Sequence[QTensor], bias: torch.Tensor | None = None) -> None:
-        super().__init__()
+    def __init__(self, parts: Sequence[QTensor], bias: np.ndarray | None = None) -> None:
         K = parts[0].shape[1]
         if any(p.shape[1] != K for p in parts):
             raise ValueError(f"fused parts must share K, got {[p.shape for p in parts]}")
         self.parts = list(parts)
         self.in_features, self.out_features = K, sum(p.shape[0] for p in parts)
-        self.plan = _qk.Plan([(p.data.data_ptr(), p.qtype, p.shape[0], p.data.shape[1]) for p in parts], K)
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
+        self.plan = _qk.Plan([(addr(p.data), p.qtype, p.shape[0], p.data.shape[1]) for p in parts], K)
+        if bias is not None and bias.shape != (self.out_features,):
             raise ValueError(f"bias has shape {list(bias.shape)}, expected [{self.out_features}]")
-        self.bias = None if bias is None else bias.to(torch.float32).contiguous()
+        self.bias = None if bias is None else f32(bias)
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.numel() * 4)
+        return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.size * 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
-        self.plan.run(x.data_ptr(), x.shape[0], y.data_ptr())
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = f32(x)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"input must be [T, {self.in_features}], got {list(x.shape)}")
+        y = np.empty((x.shape[0], self.out_features), np.float32)
+        self.plan.run(addr(x), x.shape[0], addr(y))
         if self.bias is not None:
             y += self.bias
         return y
 
-    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def add_to(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out += x @ W^T (+ b), in place: the residual add fused into the matmul. out: [T, N] fp32, contiguous."""
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.to(torch.float32).contiguous()
+        x = f32(x)
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"input must be [T, {self.in_features}], got {list(x.shape)}")
         if (
-            out.dtype != torch.float32
-            or not out.is_contiguous()
-            or tuple(out.shape) != (x.shape[0], self.out_features)
+            out.dtype != np.float32
+            or not out.flags.c_contiguous
+            or not out.flags.writeable
+            or out.shape != (x.shape[0], self.out_features)
         ):
             raise ValueError(f"out must be contiguous fp32 [{x.shape[0]}, {self.out_features}]")
-        self.plan.run(x.data_ptr(), x.shape[0], out.data_ptr(), True)
+        self.plan.run(addr(x), x.shape[0], addr(out), True)
         if self.bias is not None:
             out += self.bias
         return out
 
-    def extra_repr(self) -> str:
+    def __repr__(self) -> str:
         types = "|".join(p.type_name for p in self.parts)
-        return f"in={self.in_features}, out={self.out_features}, types={types}"
+        return f"QLinear(in={self.in_features}, out={self.out_features}, types={types})"

@@ -577,6 +577,17 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
     }
   }
   Py_BEGIN_ALLOW_THREADS
+  // First every row's new k/v goes to position lengths[b] - 1 of its blocks, then the rows attend
+  // (in parallel). Written first, rows that share a block table see each other's keys: a prefill
+  // chunk of t tokens is t rows over the same table with lengths start+1 .. start+t (causal).
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t r = c.rows ? c.rows[b] : b, p = c.lengths[b] - 1;
+    const int64_t off = c.tables[b * c.max_blocks + p / c.bs] * c.block_stride + c.layer_offset + (p % c.bs) * c.hd;
+    for (int64_t j = 0; j < c.nkv; ++j) {
+      memcpy(c.k_pool + off + j * c.head_stride, c.k + r * c.row_stride + j * c.hd, c.hd * sizeof(float));
+      memcpy(c.v_pool + off + j * c.head_stride, c.v + r * c.row_stride + j * c.hd, c.hd * sizeof(float));
+    }
+  }
   parallel_for(
       [](void* p, int64_t b) {
         const Ctx& x = *(const Ctx*)p;
@@ -588,18 +599,65 @@ static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t n
           kb[j] = x.k_pool + table[j] * x.block_stride + x.layer_offset;
           vb[j] = x.v_pool + table[j] * x.block_stride + x.layer_offset;
         }
-        const int64_t last = (L - 1) % x.bs;  // the new token's k/v rows go to position L - 1
-        for (int64_t j = 0; j < x.nkv; ++j) {
-          memcpy((float*)kb[nblk - 1] + j * x.head_stride + last * x.hd, x.k + r * x.row_stride + j * x.hd,
-                 x.hd * sizeof(float));
-          memcpy((float*)vb[nblk - 1] + j * x.head_stride + last * x.hd, x.v + r * x.row_stride + j * x.hd,
-                 x.hd * sizeof(float));
-        }
         std::vector<float> scores(x.nh * (L - s0));
         attend_for(x.hd)(x.q + r * x.row_stride, x.out + b * x.nh * x.hd, kb.data(), vb.data(), x.bs, x.head_stride,
                          s0, L, x.nh, x.nkv, x.hd, x.scale, scores.data());
       },
       &c, c.B);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+// addr(buffer): the address of a C-contiguous buffer (a numpy array): what the kernels take as
+// x_ptr etc. (numpy's own `.ctypes.data` costs ~5 us a call; this ~0.1 us).
+static PyObject* py_addr(PyObject*, PyObject* obj) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) != 0) return nullptr;
+  void* p = view.buf;
+  PyBuffer_Release(&view);
+  return PyLong_FromVoidPtr(p);
+}
+
+// gelu(x_ptr, y_ptr, T, I, x_stride, up_ptr, up_stride, approximate): y[T, I] = gelu(x) (* up when
+// up_ptr is not 0); x rows x_stride floats apart, up rows up_stride apart (a fused gate|up: x =
+// gu, up = gu + I, both strides 2I). approximate 0: x/2 (1 + erf(x/sqrt 2)); 1: the tanh form
+// x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as torch's gelu(approximate="tanh"). Scalar libm
+// (erff, tanhf): exact to float rounding; rows split over the pool.
+static PyObject* py_gelu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "gelu(x_ptr, y_ptr, T, I, x_stride, up_ptr, up_stride, approximate)");
+    return nullptr;
+  }
+  struct Ctx {
+    const float *x, *up;
+    float* y;
+    int64_t T, I, xs, us;
+    int approx;
+  } c;
+  c.x = (const float*)PyLong_AsUnsignedLongLong(args[0]);
+  c.y = (float*)PyLong_AsUnsignedLongLong(args[1]);
+  c.T = PyLong_AsLongLong(args[2]);
+  c.I = PyLong_AsLongLong(args[3]);
+  c.xs = PyLong_AsLongLong(args[4]);
+  c.up = (const float*)PyLong_AsUnsignedLongLong(args[5]);
+  c.us = PyLong_AsLongLong(args[6]);
+  c.approx = (int)PyLong_AsLong(args[7]);
+  if (PyErr_Occurred()) return nullptr;
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(
+      [](void* p, int64_t t) {
+        const Ctx& c = *(const Ctx*)p;
+        const float* x = c.x + t * c.xs;
+        float* y = c.y + t * c.I;
+        const float k0 = 0.7978845608028654f, inv_sqrt2 = 0.7071067811865476f;  // sqrt(2/pi), 1/sqrt(2)
+        for (int64_t i = 0; i < c.I; ++i) {
+          const float v = x[i];
+          const float g = c.approx ? 0.5f * v * (1.0f + tanhf(k0 * (v + 0.044715f * v * v * v)))
+                                   : 0.5f * v * (1.0f + erff(v * inv_sqrt2));
+          y[i] = c.up ? g * c.up[t * c.us + i] : g;
+        }
+      },
+      &c, c.T);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -642,6 +700,9 @@ static PyMethodDef module_methods[] = {
      "attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, layer_offset, head_stride, bs, tables, "
      "max_blocks, lengths, starts, B, nh, nkv, hd, scale)"},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, T, row_stride, n_heads, hd, pos, cos, sin)"},
+    {"addr", py_addr, METH_O, "addr(buffer) -> the address of a C-contiguous buffer"},
+    {"gelu", (PyCFunction)(void (*)(void))py_gelu, METH_FASTCALL,
+     "gelu(x, y, T, I, x_stride, up, up_stride, approximate): y = gelu(x) (* up)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 

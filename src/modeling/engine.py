@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from pipeserve.common.errors import InvalidInputError
 from pipeserve.modeling.kv_cache import BLOCK_SIZE, KVCachePool
@@ -42,10 +42,10 @@ class SampledToken:
 
 @dataclass
 class StageOutput:
-    hidden: torch.Tensor | None  # [T, C] for the next stage; None on the last stage
+    hidden: np.ndarray | None  # [T, C] for the next stage; None on the last stage
     samples: list[SampledToken]  # last stage only, in batch order of the chunks that asked
     forward_ms: float
-    logits: torch.Tensor | None = None  # [S, V] last stage: next-token logits of the chunks that asked
+    logits: np.ndarray | None = None  # [S, V] last stage: next-token logits of the chunks that asked
 
 
 class StageEngine:
@@ -69,8 +69,7 @@ class StageEngine:
             block_size,
         )
 
-    @torch.inference_mode()
-    def forward(self, chunks: Sequence[SeqChunk], hidden: torch.Tensor | None = None) -> StageOutput:
+    def forward(self, chunks: Sequence[SeqChunk], hidden: np.ndarray | None = None) -> StageOutput:
         t0 = time.perf_counter()
         x = self._validate(chunks, hidden)
         new_ids = [c.request_id for c in chunks if c.request_id not in self.cache.seqs]
@@ -112,7 +111,7 @@ class StageEngine:
                 )
         return StageOutput(None, samples, (time.perf_counter() - t0) * 1e3, out)
 
-    def _validate(self, chunks: Sequence[SeqChunk], hidden: torch.Tensor | None) -> torch.Tensor:
+    def _validate(self, chunks: Sequence[SeqChunk], hidden: np.ndarray | None) -> np.ndarray:
         if not chunks:
             raise InvalidInputError("empty batch: a forward needs at least one sequence")
         n_tokens = sum(len(c.token_ids) for c in chunks)
@@ -128,17 +127,19 @@ class StageEngine:
                 raise InvalidInputError(
                     f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})"
                 )
-            return torch.tensor(ids, dtype=torch.long)
+            return np.asarray(ids, dtype=np.int64)
         want = (n_tokens, self.cfg.hidden_size)
         if hidden is None:
             raise InvalidInputError(
                 f"stage [{self.shard.start_layer}, {self.shard.end_layer}) needs hidden states {want}"
             )
-        if hidden.dtype != torch.float32 or tuple(hidden.shape) != want:
-            raise InvalidInputError(
-                f"hidden states must be float32 {list(want)}, got {str(hidden.dtype).removeprefix('torch.')} "
-                f"{list(hidden.shape)}"
+        if not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32 or tuple(hidden.shape) != want:
+            got = (
+                f"{hidden.dtype} {list(hidden.shape)}"
+                if isinstance(hidden, np.ndarray)
+                else type(hidden).__name__
             )
+            raise InvalidInputError(f"hidden states must be float32 {list(want)}, got {got}")
         return hidden
 
     def release(self, request_ids: list[str]) -> dict[str, int]:

@@ -9,17 +9,15 @@ the softmax scale is query_pre_attn_scalar ** -0.5; the MLP is GELU-tanh gated; 
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import numpy as np
 
 from pipeserve.kernels import QLinear
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta
+from pipeserve.modeling.layers import BatchMeta, RMSNorm
 from pipeserve.modeling.llama import (
     Attention,
     GatedMLP,
     LlamaStage,
-    RMSNorm,
     RopeTables,
     Weights,
     attention_shapes,
@@ -39,9 +37,8 @@ _NORMS = (
 )
 
 
-class Gemma3Layer(nn.Module):
+class Gemma3Layer:
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
         C, eps = cfg.hidden_size, cfg.norm_eps
         self.input_layernorm = RMSNorm(C, eps, 1.0)
         self.self_attn = Attention(cfg, layer)
@@ -50,7 +47,7 @@ class Gemma3Layer(nn.Module):
         self.mlp = GatedMLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(C, eps, 1.0)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
+    def forward(self, x: np.ndarray, rope: RopeTables, meta: BatchMeta, layer: int) -> np.ndarray:
         a = self.self_attn.o_proj(self.self_attn(self.input_layernorm(x), rope, meta, layer))  # [T, C]
         x = x + self.post_attention_layernorm(a)
         m = self.mlp.down_proj(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -77,7 +74,6 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
     return shapes
 
 
-@torch.inference_mode()
 def load_hf_weights(stage: Gemma3Stage, w: Weights) -> None:
     cfg, shard = stage.cfg, stage.shard
     check_shapes(w, hf_weight_shapes(cfg, shard))
@@ -86,7 +82,7 @@ def load_hf_weights(stage: Gemma3Stage, w: Weights) -> None:
         assert isinstance(layer, Gemma3Layer)
         p = f"model.layers.{shard.start_layer + j}."
         for n in _NORMS:
-            getattr(layer, n).weight.copy_(vector(w, p + n + ".weight"))
+            getattr(layer, n).weight[:] = vector(w, p + n + ".weight")
         load_attention(layer.self_attn, w, p + "self_attn.", cfg)
         m = p + "mlp."
         layer.mlp.gate_up_proj = QLinear([matrix(w, m + "gate_proj.weight"), matrix(w, m + "up_proj.weight")])

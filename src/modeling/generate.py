@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.sampling import SamplingParams
@@ -17,7 +17,7 @@ from pipeserve.modeling.sampling import SamplingParams
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def run_stages(engines: Sequence[StageEngine], chunks: list[SeqChunk]) -> torch.Tensor:
+def run_stages(engines: Sequence[StageEngine], chunks: list[SeqChunk]) -> np.ndarray:
     """One forward through every stage; returns the last stage's logits [S, V]."""
     hidden = None
     for eng in engines:

@@ -8,47 +8,42 @@ once at load (dense, in the checkpoint's dtype).
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import numpy as np
 
-from pipeserve.kernels import QLinear
+from pipeserve.kernels import QLinear, gelu
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, QEmbedding, attend
+from pipeserve.modeling.layers import BatchMeta, LayerNorm, QEmbedding, attend
 from pipeserve.modeling.llama import Weights, check_shapes, matrix
 
 
-class GPT2Block(nn.Module):
+class GPT2Block:
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
         C = cfg.hidden_size
         self.nh, self.hd = cfg.n_heads, cfg.head_dim
-        self.ln_1 = nn.LayerNorm(C, eps=cfg.norm_eps)
-        self.ln_2 = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.ln_1 = LayerNorm(C, cfg.norm_eps)
+        self.ln_2 = LayerNorm(C, cfg.norm_eps)
         self.c_attn: QLinear  # set by load_hf_weights, with their biases
         self.c_proj: QLinear
         self.c_fc: QLinear
         self.mlp_c_proj: QLinear
 
-    def forward(self, x: torch.Tensor, meta: BatchMeta, layer: int) -> torch.Tensor:
-        T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=-1)  # [T, C] each
-        shape = (T, self.nh, self.hd)
-        x = x + self.c_proj(attend(q.view(shape), k.view(shape), v.view(shape), meta, layer))
-        return x + self.mlp_c_proj(nn.functional.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+    def __call__(self, x: np.ndarray, meta: BatchMeta, layer: int) -> np.ndarray:
+        qkv = self.c_attn(self.ln_1(x))  # [T, 3C]: q | k | v, n_heads each
+        x = x + self.c_proj(attend(qkv, self.nh, meta, layer))
+        return x + self.mlp_c_proj(gelu(self.c_fc(self.ln_2(x)), approximate=True))
 
 
-class GPT2Stage(nn.Module):
+class GPT2Stage:
     def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
-        super().__init__()
         self.cfg, self.shard = cfg, shard
         C = cfg.hidden_size
         self.wte: QEmbedding | None = None  # first stage, set by load_hf_weights
         self.wpe: QEmbedding | None = None
-        self.h = nn.ModuleList(GPT2Block(cfg) for _ in range(shard.n_local))
-        self.ln_f = nn.LayerNorm(C, eps=cfg.norm_eps) if shard.is_last else None
+        self.h = [GPT2Block(cfg) for _ in range(shard.n_local)]
+        self.ln_f = LayerNorm(C, cfg.norm_eps) if shard.is_last else None
         self.lm_head: QLinear | None = None  # last stage: tied to wte's QTensor
 
-    def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    def __call__(self, x: np.ndarray, meta: BatchMeta) -> np.ndarray:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
         stage logits [S, V] for meta.sample_rows."""
         if self.wte is not None and self.wpe is not None:
@@ -91,7 +86,6 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
     return shapes
 
 
-@torch.inference_mode()
 def load_hf_weights(stage: GPT2Stage, w: Weights) -> None:
     cfg, shard = stage.cfg, stage.shard
     check_shapes(w, hf_weight_shapes(cfg, shard))
@@ -101,8 +95,8 @@ def load_hf_weights(stage: GPT2Stage, w: Weights) -> None:
     for j, b in enumerate(stage.h):
         p = f"h.{shard.start_layer + j}."
         for ln, name in ((b.ln_1, "ln_1"), (b.ln_2, "ln_2")):
-            ln.weight.copy_(w[p + name + ".weight"])
-            ln.bias.copy_(w[p + name + ".bias"])
+            ln.weight[:] = w[p + name + ".weight"]
+            ln.bias[:] = w[p + name + ".bias"]
         for attr, name in (
             ("c_attn", "attn.c_attn"),
             ("c_proj", "attn.c_proj"),
@@ -110,9 +104,9 @@ def load_hf_weights(stage: GPT2Stage, w: Weights) -> None:
             ("mlp_c_proj", "mlp.c_proj"),
         ):
             bias = w[p + name + ".bias"]
-            assert isinstance(bias, torch.Tensor)
+            assert isinstance(bias, np.ndarray)
             setattr(b, attr, QLinear([matrix(w, p + name + ".weight")], bias))
     if stage.ln_f is not None:
-        stage.ln_f.weight.copy_(w["ln_f.weight"])
-        stage.ln_f.bias.copy_(w["ln_f.bias"])
+        stage.ln_f.weight[:] = w["ln_f.weight"]
+        stage.ln_f.bias[:] = w["ln_f.bias"]
         stage.lm_head = QLinear([matrix(w, "wte.weight" if cfg.tie_word_embeddings else "lm_head.weight")])

@@ -1,8 +1,8 @@
 """Paged KV caches of one pipeline stage: one preallocated pool of fixed-size blocks, shared prefixes.
 
 Owned by `StageEngine`. The pool holds `n_blocks` blocks of `block_size` token positions for every
-local layer (k, v: [n_blocks, layers, n_kv, block_size, head_dim] fp32, allocated once; pages the
-OS has not touched cost no memory). A sequence (`SeqCache`, one per request id) owns a block table.
+local layer (k, v: [n_blocks, layers, n_kv, block_size, head_dim] fp32 numpy arrays over anonymous memory
+maps, allocated once; pages the OS has not touched cost no memory). A sequence (`SeqCache`, one per request id) owns a block table.
 Prefix caching (vLLM-style): each *full* block gets the hash of its tokens chained with the previous
 block's hash; a new request whose prompt starts with cached blocks takes them by reference (no
 copy; `lookup_prefix`). Blocks with no owner stay cached, in LRU order, until a new block is needed.
@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from pipeserve.common.errors import (
     CacheBudgetError,
@@ -62,9 +62,9 @@ class KVCachePool:
         self.budget_tokens = self.n_blocks * block_size
         self.max_context = max_context
         shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, head_dim)
-        self.k = torch.empty(shape)  # untouched pages are not resident: memory grows with use
-        self.v = torch.empty(shape)
-        self.block_bytes = self.k[0].numel() * self.k.element_size()  # of k, and as much of v
+        self.k = _lazy_zeros(shape)  # untouched pages are not resident: memory grows with use
+        self.v = _lazy_zeros(shape)
+        self.block_bytes = self.k[0].nbytes  # of k, and as much of v
         self.refs = [0] * self.n_blocks
         self.hash_of: list[bytes | None] = [None] * self.n_blocks
         self.cached: dict[bytes, int] = {}  # full-block hash -> block holding it
@@ -244,8 +244,8 @@ class KVCachePool:
             b = seq.blocks[keep - 1]  # the block that will be partly rewritten
             if self.refs[b] > 1:  # shared: copy on write
                 nb = self._take()
-                self.k[nb].copy_(self.k[b])
-                self.v[nb].copy_(self.v[b])
+                self.k[nb] = self.k[b]
+                self.v[nb] = self.v[b]
                 self._unref(b)
                 seq.blocks[keep - 1] = nb
             else:  # ours alone; if published, its contents will change: forget its hash
@@ -288,7 +288,7 @@ class KVCachePool:
                 cold.append(b)
         for b in cold:
             for t in (self.k, self.v):
-                _discard_pages(t[b].data_ptr(), self.block_bytes)
+                _discard_pages(t[b].ctypes.data, self.block_bytes)
         if cold:
             self.fresh.extend(cold)
             self.fresh.sort(reverse=True)  # the lowest block is taken first again
@@ -308,6 +308,15 @@ class KVCachePool:
         assert all(self.hash_of[b] is None for b in kinds[0] | kinds[1]), "a fresh/blank block is cached"
         assert all(self.hash_of[b] is not None for b in kinds[2]), "an LRU block holds nothing"
         assert all(self.hash_of[b] == h for h, b in self.cached.items())
+
+
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array over its own anonymous memory map: zeros, and no page is resident before it
+    is written (numpy's allocator would ask for transparent huge pages on a large array, so a
+    written 16-token block would make 2 MiB resident)."""
+    n = int(np.prod(shape)) * 4
+    buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(buf, dtype=np.float32, count=n // 4).reshape(shape)
 
 
 _MADV_DONTNEED = 4  # Linux: private anonymous pages read back as zeros

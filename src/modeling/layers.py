@@ -1,22 +1,22 @@
 """Building blocks shared by the architecture files: the flat-batch metadata, the embedding over
-quantized rows, and attention against each sequence's own KV cache. Linear layers are
-`pipeserve.kernels.QLinear` (native kernels on the GGUF blocks).
+quantized rows, norms, and attention against each sequence's own KV cache. Linear layers are
+`pipeserve.kernels.QLinear` (native kernels on the GGUF blocks). Arrays are numpy float32.
 
 A batch is flat: T tokens from many sequences, each sequence a contiguous run of rows. Linear
-layers see the whole [T, C] matrix at once; attention runs per sequence against its own cache,
-with all single-token (decode) chunks of a step batched together (see `DecodeBatch`).
+layers see the whole [T, C] matrix at once; attention is one native call per layer for every row
+of the batch (decode steps and prefill chunks alike), each row against its own sequence's
+blocks (see `BatchMeta.attention`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import numpy as np
 
-from pipeserve.kernels import DecodeAttention, QTensor, silu_mul
+from pipeserve.kernels import PagedAttention, QLinear, QTensor, f32, gelu_mul, rms_norm, silu_mul
 from pipeserve.modeling.config import RopeConfig
 from pipeserve.modeling.kv_cache import KVCachePool, SeqCache
 
@@ -32,163 +32,178 @@ class SeqSlot:
     pool: KVCachePool
 
 
-class DecodeBatch:
-    """The batch's single-token chunks (decode steps), attended together by one native call per layer.
-
-    `kernels.DecodeAttention` writes each new k/v row into its sequence's last block and attends
-    over the sequence's blocks in place (no gather, no padding, no per-layer torch ops). The
-    block tables are packed once per step (and once per sliding window size), not per layer.
-    """
-
-    def __init__(self, slots: list[SeqSlot], n_tokens: int) -> None:
-        rows = [s.offset for s in slots]
-        self.rows = None if rows == list(range(n_tokens)) else torch.tensor(rows)  # None: every row
-        self.slots = slots
-        width = max(len(s.cache.blocks) for s in slots)
-        self.tables = torch.zeros(len(slots), width, dtype=torch.int64)  # [B, max_blocks]
-        for i, s in enumerate(slots):
-            self.tables[i, : len(s.cache.blocks)] = torch.tensor(s.cache.blocks)
-        self._attention: dict[int | None, DecodeAttention] = {}
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        layer: int,
-        window: int | None = None,
-        scale: float | None = None,
-    ) -> torch.Tensor:
-        """q: [T, nh, hd]; k, v: [T, n_kv, hd], views of one fused q|k|v projection (all rows)
-        ->  [B, nh, hd] for the decode rows."""
-        return self.attention(window)(layer, q, k, v, self.rows, scale)
-
-    def attention(self, window: int | None) -> DecodeAttention:
-        """The step's native attention for layers with this window (built once per step)."""
-        attention = self._attention.get(window)
-        if attention is None:
-            pool = self.slots[0].pool
-            lengths = [x.start_pos + 1 for x in self.slots]
-            attention = DecodeAttention(pool.k, pool.v, self.tables, lengths, window=window)
-            self._attention[window] = attention
-        return attention
-
-
 @dataclass
 class BatchMeta:
     slots: list[SeqSlot]
-    positions: torch.Tensor  # [T] int64, absolute position of every row
-    sample_rows: torch.Tensor  # [S] int64, rows whose next-token logits the last stage needs
-    decode: DecodeBatch | None = None  # the single-token chunks, attended together
-    prefill: list[SeqSlot] = field(default_factory=list)  # the longer chunks, attended one by one
+    positions: np.ndarray  # [T] int64, absolute position of every row
+    sample_rows: np.ndarray  # [S] int64, rows whose next-token logits the last stage needs
+    tables: np.ndarray  # [T, max_blocks] int64: row t's sequence's block table
+    _attention: dict[int | None, PagedAttention] = field(default_factory=dict)
 
     @classmethod
     def build(cls, slots: list[SeqSlot], sample_rows: list[int]) -> BatchMeta:
         n_tokens = sum(s.length for s in slots)
-        positions = torch.cat([torch.arange(s.start_pos, s.start_pos + s.length) for s in slots])
-        singles = [s for s in slots if s.length == 1]
-        return cls(
-            slots,
-            positions,
-            torch.tensor(sample_rows, dtype=torch.long),
-            DecodeBatch(singles, n_tokens) if singles else None,
-            [s for s in slots if s.length > 1],
+        positions = (
+            np.concatenate([np.arange(s.start_pos, s.start_pos + s.length, dtype=np.int64) for s in slots])
+            if slots
+            else np.zeros(0, np.int64)
         )
+        width = max((len(s.cache.blocks) for s in slots), default=1)
+        tables = np.zeros((n_tokens, width), np.int64)
+        for s in slots:
+            tables[s.offset : s.offset + s.length, : len(s.cache.blocks)] = s.cache.blocks
+        return cls(slots, positions, np.asarray(sample_rows, dtype=np.int64), tables)
 
+    @property
+    def is_decode(self) -> bool:
+        """Every chunk is a single token (a pure decode step)."""
+        return all(s.length == 1 for s in self.slots)
 
-class QEmbedding(nn.Module):
-    """Token (or position) embedding over a matrix kept in block form: only looked-up rows become fp32."""
-
-    def __init__(self, weight: QTensor) -> None:
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight.rows(ids)
+    def attention(self, window: int | None) -> PagedAttention:
+        """The step's native attention for layers with this window (built once per step): row t
+        writes its k/v at position positions[t] and attends causally over its sequence."""
+        attention = self._attention.get(window)
+        if attention is None:
+            pool = self.slots[0].pool
+            attention = PagedAttention(pool.k, pool.v, self.tables, self.positions + 1, window=window)
+            self._attention[window] = attention
+        return attention
 
 
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: np.ndarray,
+    n_heads: int,
     meta: BatchMeta,
     layer: int,
     window: int | None = None,
     scale: float | None = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Write this batch's k/v into each sequence's cache, then attend over its cached prefix.
 
-    q: [T, n_heads, hd]; k, v: [T, n_kv, hd]  ->  [T, n_heads * hd]. `layer` is the stage-local
-    index; `window` W limits a query at position i to keys j with i - W < j <= i (sliding-window
-    layers); `scale` is the softmax scale (None: hd ** -0.5).
+    qkv: [T, (n_heads + 2 n_kv) hd], one fused projection (q heads, then k, then v) -> [T, n_heads
+    * hd]. `layer` is the stage-local index; `window` W limits a query at position i to keys j with
+    i - W < j <= i (sliding-window layers); `scale` is the softmax scale (None: hd ** -0.5).
     """
-    T, nh, hd = q.shape
-    d = meta.decode
-    if d is not None and d.rows is None:  # a pure decode step: no per-sequence work at all
-        return d.attend(q, k, v, layer, window, scale).view(T, nh * hd)
-    out = torch.empty(T, nh, hd)
-    if d is not None:
-        out[d.rows] = d.attend(q, k, v, layer, window, scale)
-    for s in meta.prefill:
-        rows = slice(s.offset, s.offset + s.length)
-        end = s.start_pos + s.length
-        bs = s.pool.block_size
-        blocks = torch.tensor(s.cache.blocks, dtype=torch.int64)
-        pos = torch.arange(s.start_pos, end)
-        kp, vp = s.pool.k, s.pool.v  # [n_blocks, layers, n_kv, bs, hd]
-        kp[blocks[pos // bs], layer, :, pos % bs] = k[rows]  # [t, n_kv, hd] into their blocks
-        vp[blocks[pos // bs], layer, :, pos % bs] = v[rows]
-        first = 0 if window is None else max(0, s.start_pos - window + 1)  # oldest key any query sees
-        kpos = torch.arange(first, end)
-        ki = kp[blocks[kpos // bs], layer, :, kpos % bs].transpose(0, 1).unsqueeze(0)  # [1, n_kv, n, hd]
-        vi = vp[blocks[kpos // bs], layer, :, kpos % bs].transpose(0, 1).unsqueeze(0)
-        qi = q[rows].transpose(0, 1).unsqueeze(0)  # [1, nh, t, hd]
-        mask = None
-        causal = s.start_pos == 0 and (window is None or s.length <= window)
-        if not causal:  # a later chunk (causal offset by the prefix) or one longer than the window
-            qpos = pos.unsqueeze(1)
-            mask = kpos.unsqueeze(0) <= qpos  # [t, end - first]
-            if window is not None:
-                mask &= kpos.unsqueeze(0) > qpos - window
-        o = F.scaled_dot_product_attention(
-            qi, ki, vi, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=nh != ki.shape[1]
-        )
-        out[rows] = o[0].transpose(0, 1)
-    return out.view(T, nh * hd)
+    return meta.attention(window)(layer, f32(qkv), n_heads, scale)
+
+
+class QEmbedding:
+    """Token (or position) embedding over a matrix kept in block form: only looked-up rows become fp32."""
+
+    def __init__(self, weight: QTensor) -> None:
+        self.weight = weight
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.weight.rows(ids)
+
+
+class RMSNorm:
+    """x * rsqrt(mean(x^2) + eps) * (offset + weight); Gemma's norms have offset 1."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        self.weight = np.ones(dim, np.float32) - np.float32(offset)
+        self.eps, self.offset = eps, offset
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return rms_norm(x, self.weight, self.eps, self.offset)  # one native pass
+
+    forward = __call__
+
+
+class LayerNorm:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension (GPT-2), in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        self.weight, self.bias = np.ones(dim, np.float32), np.zeros(dim, np.float32)
+        self.eps = eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        mean = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+        d = x - mean
+        var = np.mean(d * d, axis=-1, keepdims=True, dtype=np.float32)
+        return d / np.sqrt(var + np.float32(self.eps)) * self.weight + self.bias
+
+
+def modules(obj: object) -> Iterator[object]:
+    """`obj` and every layer object reachable through its attributes and lists (each once)."""
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        yield o
+        if isinstance(o, (list, tuple)):
+            todo.extend(o)
+            continue
+        if isinstance(o, (QTensor, np.ndarray)) or not hasattr(o, "__dict__"):
+            continue
+        if type(o).__module__.startswith("pipeserve."):
+            todo.extend(v for v in vars(o).values() if isinstance(v, (list, tuple)) or hasattr(v, "__dict__"))
+
+
+def weight_bytes(stage: object) -> tuple[int, dict[str, int]]:
+    """Bytes of every weight the stage holds (each QTensor once, however many layers use it: a
+    tied head shares the embedding's) and how many matrices of each type."""
+    seen: dict[int, QTensor] = {}
+    dense = 0
+    for m in modules(stage):
+        if isinstance(m, QLinear):
+            seen |= {id(q): q for q in m.parts}
+            dense += 0 if m.bias is None else m.bias.size * 4
+        elif isinstance(m, QEmbedding):
+            seen[id(m.weight)] = m.weight
+        elif isinstance(m, RMSNorm):
+            dense += m.weight.nbytes
+        elif isinstance(m, LayerNorm):
+            dense += m.weight.nbytes + m.bias.nbytes
+    types: dict[str, int] = {}
+    for q in seen.values():
+        types[q.type_name] = types.get(q.type_name, 0) + 1
+    return dense + sum(q.nbytes for q in seen.values()), types
 
 
 def rope_tables(
-    rope: RopeConfig, head_dim: int, max_position: int, freq_factors: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    rope: RopeConfig, head_dim: int, max_position: int, freq_factors: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables [max_position, head_dim / 2] for rotate-half RoPE, as transformers computes
-    them (fp32 inverse frequencies, rescaled as `rope.kind` says; GGUF rope_freqs divide them)."""
+    them (fp32 inverse frequencies, rescaled as `rope.kind` says; GGUF rope_freqs divide them; the
+    fp32 angles' cos and sin rounded from float64)."""
     d = head_dim
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
+    f = np.float32
+    inv_freq: np.ndarray = f(1.0) / (
+        f(rope.theta) ** (np.arange(0, d, 2, dtype=np.int64).astype(f) / f(d))
+    )  # [d/2]
     if rope.kind == "linear":
-        inv_freq = inv_freq / rope.factor
+        inv_freq = inv_freq / f(rope.factor)
     elif rope.kind == "llama3":
         low_wavelen = rope.original_max_position / rope.low_freq_factor
         high_wavelen = rope.original_max_position / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        wavelen = f(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > f(low_wavelen), inv_freq / f(rope.factor), inv_freq)
+        smooth = (f(rope.original_max_position) / wavelen - f(rope.low_freq_factor)) / f(
             rope.high_freq_factor - rope.low_freq_factor
         )
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        inv_freq = torch.where(medium, smoothed, scaled)
+        smoothed = (f(1) - smooth) * scaled / f(rope.factor) + smooth * scaled
+        medium = ~(wavelen < f(high_wavelen)) & ~(wavelen > f(low_wavelen))
+        inv_freq = np.where(medium, smoothed, scaled)
     elif rope.kind == "yarn":
         inv_freq = _yarn_inv_freq(rope, d)
+    inv_freq = inv_freq.astype(f)
     if freq_factors is not None:
-        if tuple(freq_factors.shape) != (d // 2,):
+        if freq_factors.shape != (d // 2,):
             raise ValueError(f"rope_freqs has shape {list(freq_factors.shape)}, expected [{d // 2}]")
-        inv_freq = inv_freq / freq_factors
-    angles = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq.float())  # [P, d/2]
+        inv_freq = inv_freq / freq_factors.astype(f)
+    angles = np.outer(np.arange(max_position, dtype=f), inv_freq).astype(f)  # [P, d/2], fp32 products
     scale = rope.attention_factor if rope.kind == "yarn" else 1.0
-    return (angles.cos() * scale).contiguous(), (angles.sin() * scale).contiguous()
+    a64 = angles.astype(np.float64)
+    return (np.cos(a64) * scale).astype(f), (np.sin(a64) * scale).astype(f)
 
 
-def _yarn_inv_freq(rope: RopeConfig, d: int) -> torch.Tensor:
+def _yarn_inv_freq(rope: RopeConfig, d: int) -> np.ndarray:
+    f = np.float32
+
     def correction_dim(rotations: float) -> float:
         return (d * math.log(rope.original_max_position / (rotations * 2 * math.pi))) / (
             2 * math.log(rope.theta)
@@ -200,17 +215,15 @@ def _yarn_inv_freq(rope: RopeConfig, d: int) -> torch.Tensor:
     low, high = max(low, 0), min(high, d - 1)
     if low == high:
         high += 0.001  # no zero-width ramp
-    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = rope.theta ** (torch.arange(0, d, 2).float() / d)
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (rope.factor * pos_freqs)
-    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
-    return interpolation * (1 - keep) + extrapolation * keep
+    ramp = np.clip((np.arange(d // 2, dtype=f) - f(low)) / f(high - low), 0, 1).astype(f)
+    pos_freqs = f(rope.theta) ** (np.arange(0, d, 2).astype(f) / f(d))
+    extrapolation, interpolation = f(1.0) / pos_freqs, f(1.0) / (f(rope.factor) * pos_freqs)
+    keep = f(1) - ramp  # 1: extrapolate (high frequencies), 0: interpolate
+    return (interpolation * (f(1) - keep) + extrapolation * keep).astype(f)
 
 
-def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
-    """gate_up [T, 2I] (gate | up) -> act(gate) * up [T, I]; silu is one native pass."""
+def gated_act(gate_up: np.ndarray, act: str) -> np.ndarray:
+    """gate_up [T, 2I] (gate | up) -> act(gate) * up [T, I]: one native pass."""
     if act == "silu":
         return silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    approximate = "none" if act == "gelu" else "tanh"  # gelu_pytorch_tanh, gelu_new
-    return F.gelu(gate, approximate=approximate) * up
+    return gelu_mul(gate_up, approximate=act != "gelu")  # gelu_pytorch_tanh, gelu_new: the tanh form

@@ -14,31 +14,18 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
-from torch import nn
+import numpy as np
 
 from pipeserve.common.errors import InvalidInputError, ModelFormatError
-from pipeserve.kernels import QLinear, QTensor, _qk, rms_norm, rope_
+from pipeserve.kernels import QLinear, QTensor, _qk, addr, rope_
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, DecodeBatch, QEmbedding, attend, gated_act, rope_tables
+from pipeserve.modeling.layers import BatchMeta, QEmbedding, RMSNorm, attend, gated_act, rope_tables
 
-Weights = dict[str, "QTensor | torch.Tensor"]  # matrices as QTensor, vectors (norms, biases) fp32
-RopeTables = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin) [P, hd/2]
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * (offset + weight); Gemma's norms have offset 1."""
-
-    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim) - offset, requires_grad=False)
-        self.eps, self.offset = eps, offset
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.offset)  # one native pass
+Weights = dict[str, "QTensor | np.ndarray"]  # matrices as QTensor, vectors (norms, biases) fp32
+RopeTables = dict[str, tuple[np.ndarray, np.ndarray]]  # layer type -> (cos, sin) [P, hd/2]
 
 
-class Attention(nn.Module):
+class Attention:
     """q|k|v projection, optional per-head q/k RMSNorm, RoPE, attention over the KV cache.
 
     forward returns the attention output [T, nh * hd] before o_proj, so that each architecture
@@ -46,7 +33,6 @@ class Attention(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
         self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.window(layer)  # None: full attention
         self.rope_kind = cfg.layer_type(layer)  # which rope table (Gemma 3's local layers have their own)
@@ -57,65 +43,63 @@ class Attention(nn.Module):
         self.qkv_proj: QLinear  # q, k, v fused: [T, C] -> [T, (nh + 2 nkv) hd]
         self.o_proj: QLinear
 
-    def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
+    def forward(self, x: np.ndarray, rope: RopeTables, meta: BatchMeta, layer: int) -> np.ndarray:
         T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = self.qkv_proj.forward(x)  # [T, (nh + 2 nkv) hd]
         if self.q_norm is not None and self.k_norm is not None:  # per head, before RoPE
-            qkv[:, : nh * hd] = self.q_norm(qkv[:, : nh * hd].reshape(T * nh, hd)).view(T, nh * hd)
+            qkv[:, : nh * hd] = self.q_norm(qkv[:, : nh * hd].reshape(T * nh, hd)).reshape(T, nh * hd)
             qkv[:, nh * hd : (nh + nkv) * hd] = self.k_norm(
                 qkv[:, nh * hd : (nh + nkv) * hd].reshape(T * nkv, hd)
-            ).view(T, nkv * hd)
+            ).reshape(T, nkv * hd)
         cos, sin = rope[self.rope_kind]
         rope_(qkv, nh + nkv, hd, meta.positions, cos, sin)  # q and k heads, in place
-        qkv = qkv.view(T, nh + 2 * nkv, hd)
-        q, k, v = qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :]
-        return attend(q, k, v, meta, layer, self.window, self.scale)
+        return attend(qkv, nh, meta, layer, self.window, self.scale)
+
+    __call__ = forward
 
 
-class GatedMLP(nn.Module):
+class GatedMLP:
     """act(x W_gate) * (x W_up), before down_proj: [T, C] -> [T, I]."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
         self.act = cfg.hidden_act
         self.gate_up_proj: QLinear  # gate, up fused: [T, C] -> [T, 2I]
         self.down_proj: QLinear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: np.ndarray) -> np.ndarray:
         return gated_act(self.gate_up_proj.forward(x), self.act)
 
+    __call__ = forward
 
-class LlamaLayer(nn.Module):
+
+class LlamaLayer:
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
         C = cfg.hidden_size
         self.input_layernorm = RMSNorm(C, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
         self.mlp = GatedMLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables, meta: BatchMeta, layer: int) -> torch.Tensor:
-        # (.forward: the hot path skips nn.Module.__call__'s hook machinery, unused here)
+    def forward(self, x: np.ndarray, rope: RopeTables, meta: BatchMeta, layer: int) -> np.ndarray:
         attn, mlp = self.self_attn, self.mlp
         a = attn.forward(self.input_layernorm.forward(x), rope, meta, layer)  # x: [T, C]
         x = attn.o_proj.add_to(a, x)  # x += o(attn), in place
         return mlp.down_proj.add_to(mlp.forward(self.post_attention_layernorm.forward(x)), x)
 
 
-class LlamaStage(nn.Module):
-    layer_cls: type[nn.Module] = LlamaLayer
+class LlamaStage:
+    layer_cls: type = LlamaLayer
 
     def __init__(self, cfg: ModelConfig, shard: Shard) -> None:
-        super().__init__()
         self.cfg, self.shard = cfg, shard
         self.embed_tokens: QEmbedding | None = None  # first stage, set by load_hf_weights
-        self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(shard.start_layer, shard.end_layer))
+        self.layers = [self.layer_cls(cfg, i) for i in range(shard.start_layer, shard.end_layer)]
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset) if shard.is_last else None
         self.lm_head: QLinear | None = None  # last stage; a tied head shares the embedding's QTensor
         self.set_rope(None)
 
-    def set_rope(self, freq_factors: torch.Tensor | None) -> None:
+    def set_rope(self, freq_factors: np.ndarray | None) -> None:
         """RoPE tables per layer type in this stage; `freq_factors`: a GGUF rope_freqs tensor."""
         cfg = self.cfg
         kinds = {cfg.layer_type(i) for i in range(self.shard.start_layer, self.shard.end_layer)}
@@ -124,25 +108,23 @@ class LlamaStage(nn.Module):
             rope = cfg.rope_local if kind == "sliding" and cfg.rope_local is not None else cfg.rope
             self.rope[kind] = rope_tables(rope, cfg.head_dim, cfg.max_position, freq_factors)
 
-    def forward(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+    def forward(self, x: np.ndarray, meta: BatchMeta) -> np.ndarray:
         """x: token ids [T] (first stage) or hidden [T, C]. Returns hidden [T, C], or on the last
         stage logits [S, V] for meta.sample_rows."""
         # the layers add into their residual stream in place, so a received hidden state is copied once
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
             if self.cfg.embed_scale != 1.0:
-                x *= torch.tensor(self.cfg.embed_scale, dtype=torch.float32)
+                x *= np.float32(self.cfg.embed_scale)
         else:
-            x = x.clone()
-        if meta.positions.numel() and int(meta.positions.max()) >= self.cfg.max_position:
+            x = np.array(x, dtype=np.float32, order="C")  # a copy
+        if meta.positions.size and int(meta.positions.max()) >= self.cfg.max_position:
             raise InvalidInputError(
                 f"position {int(meta.positions.max())} is past the model's {self.cfg.max_position}"
             )
-        d = meta.decode
-        plan = self._decode_plan() if self.fast_decode and d is not None and d.rows is None else None
-        if plan is not None and d is not None:
-            x = x.contiguous()
-            self._decode_layers(x, plan, meta, d)  # x is updated in place
+        plan = self._decode_plan() if self.fast_decode else None
+        if plan is not None:
+            self._fast_layers(x, plan, meta)  # x is updated in place
         else:
             for i, layer in enumerate(self.layers):
                 x = layer.forward(x, self.rope, meta, i)
@@ -150,12 +132,14 @@ class LlamaStage(nn.Module):
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
 
-    # A step of single-token sequences only (decode) on plain Llama layers (no biases, no q/k
-    # norms, SiLU, norm offset 0: SmolLM2, Llama, Mistral, TinyLlama) runs each layer as ten
-    # native calls on raw pointers into buffers made once per step: the same kernels in the
-    # same order as the modules above (bit for bit the same result), without the per-op
-    # Python and torch overhead (~80 us a layer at batch 1, a fifth of a step). Anything else
-    # takes the modules. `fast_decode = False` turns it off (tests compare the two).
+    __call__ = forward
+
+    # Plain Llama layers (no biases, no q/k norms, SiLU, norm offset 0: SmolLM2, Llama, Mistral,
+    # TinyLlama) run each layer as ten native calls on raw pointers into buffers made once per
+    # step: the same kernels in the same order as the layer objects above (bit for bit the same
+    # result), without the per-op Python overhead (~80 us a layer at batch 1, a fifth of a
+    # step). Anything else takes the layer objects. `fast_decode = False` turns it off (tests
+    # compare the two).
     fast_decode = True
     _plan: list[_LayerPlan] | None = None
     _plan_built = False
@@ -168,28 +152,27 @@ class LlamaStage(nn.Module):
             self._plan_built = True
         return self._plan
 
-    def _decode_layers(
-        self, x: torch.Tensor, plan: list[_LayerPlan], meta: BatchMeta, d: DecodeBatch
-    ) -> None:
+    def _fast_layers(self, x: np.ndarray, plan: list[_LayerPlan], meta: BatchMeta) -> None:
         T, C = x.shape
         cfg = self.cfg
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         n_qkv, n_i = (nh + 2 * nkv) * hd, cfg.intermediate_size  # checked by _LayerPlan.of
-        h, qkv, att = torch.empty(T, C), torch.empty(T, n_qkv), torch.empty(T, nh * hd)
-        gu, act = torch.empty(T, 2 * n_i), torch.empty(T, n_i)
-        xp, hp, qp, ap, gp, up = (t.data_ptr() for t in (x, h, qkv, att, gu, act))
+        e = np.empty
+        h, qkv, att = e((T, C), np.float32), e((T, n_qkv), np.float32), e((T, nh * hd), np.float32)
+        gu, act = e((T, 2 * n_i), np.float32), e((T, n_i), np.float32)
+        xp, hp, qp, ap, gp, up = (addr(t) for t in (x, h, qkv, att, gu, act))
         pos = meta.positions
-        if pos.dtype != torch.int64 or not pos.is_contiguous() or pos.numel() != T:
-            raise ValueError("decode positions must be contiguous int64, one per row")
-        pp = pos.data_ptr()
-        tables = {k: (cos.data_ptr(), sin.data_ptr()) for k, (cos, sin) in self.rope.items()}
+        if pos.dtype != np.int64 or pos.shape != (T,):
+            raise ValueError("positions must be int64, one per row")
+        pp = addr(pos)
+        tables = {k: (addr(cos), addr(sin)) for k, (cos, sin) in self.rope.items()}
         norm, rope, silu = _qk.rms_norm, _qk.rope, _qk.silu_mul
         for i, p in enumerate(plan):
             norm(xp, p.norm1, hp, T, C, p.eps1, 0.0)
             p.qkv.run(hp, T, qp)
             cos, sin = tables[p.rope_kind]
             rope(qp, T, n_qkv, nh + nkv, hd, pp, cos, sin)  # q and k heads, in place
-            d.attention(p.window).run(i, qp, n_qkv, nh, ap, p.scale)  # writes k/v rows, attends
+            meta.attention(p.window).run(i, qp, n_qkv, nh, ap, p.scale)  # writes k/v rows, attends
             p.o.run(ap, T, xp, True)  # x += o(attn)
             norm(xp, p.norm2, hp, T, C, p.eps2, 0.0)
             p.gate_up.run(hp, T, gp)
@@ -214,7 +197,7 @@ class _LayerPlan(NamedTuple):
     rope_kind: str
 
     @classmethod
-    def of(cls, layer: nn.Module, cfg: ModelConfig) -> _LayerPlan | None:
+    def of(cls, layer: object, cfg: ModelConfig) -> _LayerPlan | None:
         if type(layer) is not LlamaLayer:
             return None
         a, m = layer.self_attn, layer.mlp
@@ -233,7 +216,7 @@ class _LayerPlan(NamedTuple):
             return None
         scale = a.scale if a.scale is not None else a.hd**-0.5
         return cls(
-            n1.weight.data_ptr(), n1.eps, a.qkv_proj.plan, a.o_proj.plan, n2.weight.data_ptr(), n2.eps,
+            addr(n1.weight), n1.eps, a.qkv_proj.plan, a.o_proj.plan, addr(n2.weight), n2.eps,
             m.gate_up_proj.plan, m.down_proj.plan, a.window, float(scale), a.rope_kind,
         )  # fmt: skip
 
@@ -291,23 +274,21 @@ def attention_shapes(cfg: ModelConfig, p: str, fused: bool) -> dict[str, tuple[i
     return s
 
 
-@torch.inference_mode()
 def load_attention(attn: Attention, w: Weights, p: str, cfg: ModelConfig, fused: bool = False) -> None:
     """Fill an Attention from the tensors under prefix p (q|k|v fused into one QLinear)."""
     parts = (
         [matrix(w, p + "qkv_proj.weight")] if fused else [matrix(w, p + f"{n}_proj.weight") for n in "qkv"]
     )
-    bias = torch.cat([vector(w, p + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
+    bias = np.concatenate([vector(w, p + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
     attn.qkv_proj = QLinear(parts, bias)
     attn.o_proj = QLinear(
         [matrix(w, p + "o_proj.weight")], vector(w, p + "o_proj.bias") if cfg.o_bias else None
     )
     if attn.q_norm is not None and attn.k_norm is not None:
-        attn.q_norm.weight.copy_(vector(w, p + "q_norm.weight"))
-        attn.k_norm.weight.copy_(vector(w, p + "k_norm.weight"))
+        attn.q_norm.weight[:] = vector(w, p + "q_norm.weight")
+        attn.k_norm.weight[:] = vector(w, p + "k_norm.weight")
 
 
-@torch.inference_mode()
 def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
     """Put checkpoint tensors into the stage, as they are: no dequantization, no transposed copy."""
     cfg, shard = stage.cfg, stage.shard
@@ -316,8 +297,8 @@ def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
     for j, layer in enumerate(stage.layers):
         assert isinstance(layer, LlamaLayer)
         p = f"model.layers.{shard.start_layer + j}."
-        layer.input_layernorm.weight.copy_(vector(w, p + "input_layernorm.weight"))
-        layer.post_attention_layernorm.weight.copy_(vector(w, p + "post_attention_layernorm.weight"))
+        layer.input_layernorm.weight[:] = vector(w, p + "input_layernorm.weight")
+        layer.post_attention_layernorm.weight[:] = vector(w, p + "post_attention_layernorm.weight")
         load_attention(layer.self_attn, w, p + "self_attn.", cfg)
         m = p + "mlp."
         b = (
@@ -326,11 +307,12 @@ def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
             else {}
         )
         gate_up = [matrix(w, m + "gate_proj.weight"), matrix(w, m + "up_proj.weight")]
-        layer.mlp.gate_up_proj = QLinear(gate_up, torch.cat([b["gate_proj"], b["up_proj"]]) if b else None)
+        layer.mlp.gate_up_proj = QLinear(
+            gate_up, np.concatenate([b["gate_proj"], b["up_proj"]]) if b else None
+        )
         layer.mlp.down_proj = QLinear([matrix(w, m + "down_proj.weight")], b.get("down_proj"))
 
 
-@torch.inference_mode()
 def load_ends(stage: LlamaStage, w: Weights) -> None:
     """The embedding (first stage), the final norm and head (last stage), the rope_freqs factors."""
     cfg = stage.cfg
@@ -339,7 +321,7 @@ def load_ends(stage: LlamaStage, w: Weights) -> None:
     if "rope_freqs.weight" in w:
         stage.set_rope(vector(w, "rope_freqs.weight"))
     if stage.norm is not None:
-        stage.norm.weight.copy_(vector(w, "model.norm.weight"))
+        stage.norm.weight[:] = vector(w, "model.norm.weight")
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         stage.lm_head = QLinear([matrix(w, head)])
 
@@ -351,11 +333,11 @@ def matrix(w: Weights, name: str) -> QTensor:
     return t
 
 
-def vector(w: Weights, name: str) -> torch.Tensor:
+def vector(w: Weights, name: str) -> np.ndarray:
     t = w[name]
-    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+    if not isinstance(t, np.ndarray) or t.ndim != 1:
         raise ModelFormatError(f"tensor {name} should be a vector, got {type(t).__name__}")
-    return t.to(torch.float32)
+    return t.astype(np.float32)
 
 
 def check_shapes(w: Weights, expected: dict[str, tuple[int, ...]]) -> None:

@@ -3,7 +3,8 @@
 Reads GGUF files (tensors by name, matrices kept in their block form as `QTensor`s; the few types
 without a native kernel are dequantized to fp32 here, with a log line) and Hugging Face checkpoint
 folders (config.json + *.safetensors, sharded index supported; keys by prefix; matrices keep their
-stored fp32/fp16/bf16 dtype). Vectors (norms, biases) become fp32 tensors.
+stored fp32/fp16/bf16 dtype). Vectors (norms, biases) become fp32 numpy arrays. No torch: the
+safetensors files are read by `_safetensors_tensors` (their format is a JSON header and raw bytes).
 Called by the node's StageRunner and by tests; the architecture files never touch files.
 """
 
@@ -19,20 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from pipeserve.common.errors import ModelFormatError
-from pipeserve.kernels import KERNEL_TYPES, QLinear, QTensor
-from pipeserve.kernels.reference import TYPE_IDS
+from pipeserve.kernels import KERNEL_TYPES, QTensor
+from pipeserve.kernels.types import TYPE_IDS
 from pipeserve.modeling import gemma3, gpt2, llama, phi3
 from pipeserve.modeling.config import ModelConfig, Shard
+from pipeserve.modeling.layers import weight_bytes
 from pipeserve.modeling.source import ModelSource, model_fingerprint, open_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 
 # arch -> (stage class, expected checkpoint tensors, weight import)
-ARCHS: dict[str, tuple[type[nn.Module], Callable[..., dict[str, tuple[int, ...]]], Callable[..., None]]] = {
+ARCHS: dict[str, tuple[type, Callable[..., dict[str, tuple[int, ...]]], Callable[..., None]]] = {
     "llama": (llama.LlamaStage, llama.hf_weight_shapes, llama.load_hf_weights),
     "phi3": (phi3.Phi3Stage, phi3.hf_weight_shapes, phi3.load_hf_weights),
     "gemma3": (gemma3.Gemma3Stage, gemma3.hf_weight_shapes, gemma3.load_hf_weights),
@@ -62,7 +62,7 @@ GGUF_TYPES = (
 class LoadedStage:
     cfg: ModelConfig
     shard: Shard
-    model: nn.Module
+    model: Any  # the architecture's stage object (llama.LlamaStage, ...)
     source: ModelSource
     checksum: str  # identifies the weights: every stage of one model reports the same value
     load_seconds: float
@@ -113,10 +113,8 @@ def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) 
         weights = _read_gguf(source.path, cfg, shard, expected)
     else:
         weights = _read_safetensors(source.path, cfg, shard, expected)
-    with torch.device("cpu"):
-        stage = stage_cls(cfg, shard)
+    stage = stage_cls(cfg, shard)
     import_fn(stage, weights)
-    stage.eval()
     nbytes, types = weight_bytes(stage)
     dt = time.perf_counter() - t0
     log.info(
@@ -131,23 +129,6 @@ def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) 
         dt,
     )
     return LoadedStage(cfg, shard, stage, source, model_fingerprint(source.path), dt, nbytes, types)
-
-
-def weight_bytes(stage: nn.Module) -> tuple[int, dict[str, int]]:
-    """Bytes of every weight the stage holds (each QTensor once, however many layers use it: a
-    tied head shares the embedding's) and how many matrices of each type."""
-    seen: dict[int, QTensor] = {}
-    dense = sum(p.numel() * p.element_size() for p in stage.parameters())  # norms
-    for m in stage.modules():
-        if isinstance(m, QLinear):
-            seen |= {id(q): q for q in m.parts}
-            dense += 0 if m.bias is None else m.bias.numel() * 4
-        elif isinstance(getattr(m, "weight", None), QTensor):  # QEmbedding
-            seen[id(m.weight)] = m.weight
-    types: dict[str, int] = {}
-    for q in seen.values():
-        types[q.type_name] = types.get(q.type_name, 0) + 1
-    return dense + sum(q.nbytes for q in seen.values()), types
 
 
 _MISSING = object()
@@ -280,12 +261,12 @@ def _read_gguf(
             raise ModelFormatError(f"{path}: tensor {name} has shape {got}, expected {shape}")
         heads = cfg.n_heads if permute == "q" else cfg.n_kv_heads
         # llama.cpp interleaves rotary halves in q and k; this order undoes it for rotate-half rope
-        perm = torch.arange(shape[0]).reshape(heads, shape[0] // heads // 2, 2).transpose(1, 2).reshape(-1)
+        perm = np.arange(shape[0]).reshape(heads, shape[0] // heads // 2, 2).transpose(0, 2, 1).reshape(-1)
         try:
             if len(shape) == 1 or tname not in KERNEL_TYPES:
                 arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
                 if len(shape) == 1:
-                    v = torch.from_numpy(arr)
+                    v = arr
                     if cfg.arch == "gemma3" and name.endswith("norm.weight"):
                         v = v - 1.0  # llama.cpp stores Gemma's (1 + w); the model adds the 1
                     out[hf_name] = v[perm] if permute else v
@@ -293,7 +274,7 @@ def _read_gguf(
                 log.warning(
                     "%s: tensor %s is %s, which has no kernel: dequantized to F32", path.name, name, tname
                 )
-                q = QTensor.from_dense(torch.from_numpy(arr))
+                q = QTensor.from_dense(arr)
             else:
                 if name == "token_embd.weight" and lookup_only:
                     raw = reader.mapped_rows(t)  # only the rows that are used become resident
@@ -301,7 +282,7 @@ def _read_gguf(
                     raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1).copy()
                 if raw.size != t.n_bytes:
                     raise ValueError(f"{raw.size} bytes, expected {t.n_bytes}")
-                q = QTensor(torch.from_numpy(raw), TYPE_IDS[tname], (shape[0], shape[1]))
+                q = QTensor(raw, TYPE_IDS[tname], (shape[0], shape[1]))
         except (ValueError, TypeError) as exc:  # truncated data or an unknown block layout
             raise ModelFormatError(f"{path}: cannot read {name} ({type(exc).__name__}: {exc})") from exc
         out[hf_name] = q.permute_rows(perm) if permute else q
@@ -311,8 +292,6 @@ def _read_gguf(
 def _read_safetensors(
     folder: Path, cfg: ModelConfig, shard: Shard, expected: dict[str, tuple[int, ...]]
 ) -> llama.Weights:
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -325,23 +304,70 @@ def _read_safetensors(
     layer_prefix = "h." if cfg.arch == "gpt2" else "model.layers."
     out: llama.Weights = {}
     for fname in files:
+        path = folder / fname
         try:
-            with safe_open(str(folder / fname), framework="pt") as f:
-                keys = {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): k for k in f.keys()}  # noqa: SIM118
-                _check_no_extra(folder / fname, set(keys), set(expected), cfg, shard, layer_prefix)
-                for name, key in keys.items():
-                    if name in expected and name not in out:
-                        t = _as_weight(f.get_tensor(key))
-                        if cfg.arch == "gpt2" and name.endswith(_CONV1D) and isinstance(t, QTensor):
-                            t = t.transposed()  # Conv1D stores [in, out]; the model takes [out, in]
-                        out[name] = t
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelFormatError(f"{folder / fname}: unreadable safetensors file ({exc})") from exc
+            tensors = _safetensors_tensors(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelFormatError(
+                f"{path}: unreadable safetensors file ({type(exc).__name__}: {exc})"
+            ) from exc
+        keys = {next((k[len(p) :] for p in prefixes if k.startswith(p)), k): k for k in tensors}
+        _check_no_extra(path, set(keys), set(expected), cfg, shard, layer_prefix)
+        for name, key in keys.items():
+            if name in expected and name not in out:
+                dtype, arr = tensors[key]
+                t = _as_weight(path, key, dtype, arr)
+                if cfg.arch == "gpt2" and name.endswith(_CONV1D) and isinstance(t, QTensor):
+                    t = t.transposed()  # Conv1D stores [in, out]; the model takes [out, in]
+                out[name] = t
     return out
 
 
-def _as_weight(t: torch.Tensor) -> QTensor | torch.Tensor:
-    """A checkpoint tensor as the model holds it: matrices keep fp32/fp16/bf16 (anything else -> fp32)."""
-    if t.dim() != 2:
-        return t.to(torch.float32)
-    return QTensor.from_dense(t if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.float())
+# safetensors dtype -> the numpy dtype its bytes are read as (BF16 as its raw uint16 bits)
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def _safetensors_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """name -> (dtype, array viewing the file's memory map) for every tensor of a safetensors file:
+    8 bytes of little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+    then the raw little-endian data."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    if data.size < 8:
+        raise ValueError("shorter than its 8-byte header length")
+    n = int(data[:8].view("<u8")[0])
+    if n > data.size - 8:
+        raise ValueError(f"header length {n} is past the end of the file")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    base = 8 + n
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (lo, hi) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        np_dtype = _ST_DTYPES.get(dtype)
+        if np_dtype is None:
+            raise ValueError(f"tensor {name} has dtype {dtype}, which is not supported")
+        count = int(np.prod(shape, dtype=np.int64))
+        if hi - lo != count * np.dtype(np_dtype).itemsize or base + hi > data.size:
+            raise ValueError(f"tensor {name}: {hi - lo} bytes at [{lo}, {hi}) do not hold {dtype} {shape}")
+        out[name] = (dtype, data[base + lo : base + hi].view(np_dtype).reshape(shape))
+    return out
+
+
+def _as_weight(path: Path, name: str, dtype: str, arr: np.ndarray) -> QTensor | np.ndarray:
+    """A checkpoint tensor as the model holds it (copied out of the file's map): matrices keep
+    fp32/fp16/bf16 (other dtypes become fp32); vectors become fp32."""
+    if dtype == "BF16":  # the bits of a bfloat16 are the high half of a float32's
+        if arr.ndim == 2:
+            return QTensor.from_dense(np.array(arr), "BF16")
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if arr.ndim == 2:
+        return QTensor.from_dense(np.array(arr) if dtype in ("F32", "F16") else arr.astype(np.float32))
+    if arr.ndim > 2:
+        raise ModelFormatError(
+            f"{path}: tensor {name} has {arr.ndim} dimensions; only vectors and matrices are used"
+        )
+    return arr.astype(np.float32)

@@ -8,8 +8,6 @@ embeddings are refused at load (config.py).
 
 from __future__ import annotations
 
-import torch
-
 from pipeserve.kernels import QLinear
 from pipeserve.modeling.config import ModelConfig, Shard
 from pipeserve.modeling.llama import (
@@ -40,7 +38,6 @@ def hf_weight_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...
     return shapes
 
 
-@torch.inference_mode()
 def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
     cfg, shard = stage.cfg, stage.shard
     check_shapes(w, hf_weight_shapes(cfg, shard))
@@ -48,8 +45,8 @@ def load_hf_weights(stage: LlamaStage, w: Weights) -> None:
     for j, layer in enumerate(stage.layers):
         assert isinstance(layer, LlamaLayer)
         p = f"model.layers.{shard.start_layer + j}."
-        layer.input_layernorm.weight.copy_(vector(w, p + "input_layernorm.weight"))
-        layer.post_attention_layernorm.weight.copy_(vector(w, p + "post_attention_layernorm.weight"))
+        layer.input_layernorm.weight[:] = vector(w, p + "input_layernorm.weight")
+        layer.post_attention_layernorm.weight[:] = vector(w, p + "post_attention_layernorm.weight")
         load_attention(layer.self_attn, w, p + "self_attn.", cfg, fused=True)
         layer.mlp.gate_up_proj = QLinear([matrix(w, p + "mlp.gate_up_proj.weight")])
         layer.mlp.down_proj = QLinear([matrix(w, p + "mlp.down_proj.weight")])

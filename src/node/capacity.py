@@ -10,8 +10,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import psutil
-import torch
 
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.loader import load_stage
@@ -23,7 +23,11 @@ def measure(source: ModelSource, n_layers: int, reps: int = 5) -> pb.Capacity:
     k = 1 if n_layers > 2 else 0
     stage = load_stage(source, (k, k + 1))
     engine = StageEngine(stage, cache_budget_tokens=256)
-    x = None if stage.shard.is_first else torch.randn(8, stage.cfg.hidden_size)
+    x = (
+        None
+        if stage.shard.is_first
+        else np.random.default_rng(0).standard_normal((8, stage.cfg.hidden_size), np.float32)
+    )
     times = []
     for i in range(reps + 1):
         t0 = time.perf_counter()

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import torch
 from grpc_status import rpc_status
 
 from pipeserve.common import codec, wire
@@ -140,7 +139,7 @@ class ChainWorker:
         self.steps += 1
         chunks = codec.chunks_from_pb(msg.chunks)
         try:
-            hidden = codec.decode_tensor(msg.hidden).float() if msg.HasField("hidden") else None
+            hidden = codec.decode_tensor(msg.hidden) if msg.HasField("hidden") else None
             out = self.runner.forward(chunks, hidden)
         except Exception as exc:
             self._fail(msg, self.part, self.node_id, exc)
@@ -164,8 +163,7 @@ class ChainWorker:
             self.report(msg.coordinator_id, result)
             return
         assert out.hidden is not None
-        wire_dtype = codec.WIRE_TORCH.get(msg.output_dtype, torch.float32)
-        encoded = codec.encode_tensor(out.hidden.to(wire_dtype))
+        encoded = codec.encode_tensor(out.hidden, codec.wire_dtype(msg.output_dtype))
         routes = {r.request_id: r for r in msg.routes}
         by_next: dict[tuple[str, str], list[int]] = {}
         hops: dict[tuple[str, str], pb.RouteHop] = {}

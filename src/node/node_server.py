@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import grpc
-import torch
 
 from pipeserve import kernels
 from pipeserve.common import codec, tls
@@ -89,11 +88,11 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         chunks = codec.chunks_from_pb(request.chunks)
-        hidden = codec.decode_tensor(request.hidden).float() if request.HasField("hidden") else None
-        out_dtype = codec.WIRE_TORCH.get(request.output_dtype, torch.float32)
+        hidden = codec.decode_tensor(request.hidden) if request.HasField("hidden") else None
+        out_dtype = codec.wire_dtype(request.output_dtype)
         out = self.runner.forward(chunks, hidden)
         return pb.ForwardResponse(
-            hidden=codec.encode_tensor(out.hidden.to(out_dtype)) if out.hidden is not None else None,
+            hidden=codec.encode_tensor(out.hidden, out_dtype) if out.hidden is not None else None,
             tokens=codec.samples_to_pb(out.samples),
             forward_ms=out.forward_ms,
             cache_used_tokens=self.runner.cache_used_tokens,
@@ -215,10 +214,7 @@ class NodeServer:
 
     def _load(self) -> None:
         try:
-            # The native kernels do the matrix work on `threads`; torch's own pool (attention, norms)
-            # stays at one thread so two spinning pools never compete for the same cores.
-            kernels.set_threads(self.threads)
-            torch.set_num_threads(1)
+            kernels.set_threads(self.threads)  # every op of a forward runs on the kernels' pool
             source = resolve_model(self.cfg.model_name)
             n_layers = read_config(source).n_layers
             if self.layers is None and self.cfg.layers == "auto":

@@ -1,7 +1,7 @@
 """StageRunner: a model node's plain-Python core (no gRPC), called by node_server.py and tests.
 
-Owns one StageEngine, serialises forwards on it (one forward at a time; torch uses the node's
-threads inside it), evicts idle caches after a TTL, and keeps the counters Info reports.
+Owns one StageEngine, serialises forwards on it (one forward at a time; the native kernels use the
+node's threads inside it), evicts idle caches after a TTL, and keeps the counters Info reports.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import psutil
-import torch
 
 from pipeserve.modeling.engine import SeqChunk, StageEngine, StageOutput
 from pipeserve.modeling.loader import LoadedStage
@@ -60,7 +60,7 @@ class StageRunner:
         self._evictor = threading.Thread(target=self._evict_loop, name="cache-evictor", daemon=True)
         self._evictor.start()
 
-    def forward(self, chunks: Sequence[SeqChunk], hidden: torch.Tensor | None) -> StageOutput:
+    def forward(self, chunks: Sequence[SeqChunk], hidden: np.ndarray | None) -> StageOutput:
         with self._stats_lock:
             self.stats.in_flight += 1
         try:
