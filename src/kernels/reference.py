@@ -103,7 +103,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def attend_decode(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
-    """Reference of kernels.DecodeAttention: q [B, nh, hd]; ks[b], vs[b] [n_kv, L_b, hd] -> [B, nh, hd]."""
+    """Reference of kernels.PagedAttention (one row per sequence): q [B, nh, hd]; ks[b], vs[b] [n_kv, L_b, hd] -> [B, nh, hd]."""
     out = []
     for b, (k, v) in enumerate(zip(ks, vs, strict=True)):
         nh, hd = q.shape[1], q.shape[2]

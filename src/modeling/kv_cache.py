@@ -20,7 +20,6 @@ numbers (the coordinator preempts), and the counters say what is held, cached an
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import time
 from collections import OrderedDict
@@ -62,8 +61,8 @@ class KVCachePool:
         self.budget_tokens = self.n_blocks * block_size
         self.max_context = max_context
         shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, head_dim)
-        self.k = _lazy_zeros(shape)  # untouched pages are not resident: memory grows with use
-        self.v = _lazy_zeros(shape)
+        # untouched pages are not resident: memory grows with use
+        (self._k_map, self.k), (self._v_map, self.v) = _lazy_zeros(shape), _lazy_zeros(shape)
         self.block_bytes = self.k[0].nbytes  # of k, and as much of v
         self.refs = [0] * self.n_blocks
         self.hash_of: list[bytes | None] = [None] * self.n_blocks
@@ -287,8 +286,8 @@ class KVCachePool:
                 self._forget(b)
                 cold.append(b)
         for b in cold:
-            for t in (self.k, self.v):
-                _discard_pages(t[b].ctypes.data, self.block_bytes)
+            for m in (self._k_map, self._v_map):
+                _discard_pages(m, b * self.block_bytes, self.block_bytes)
         if cold:
             self.fresh.extend(cold)
             self.fresh.sort(reverse=True)  # the lowest block is taken first again
@@ -310,29 +309,20 @@ class KVCachePool:
         assert all(self.hash_of[b] == h for h, b in self.cached.items())
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 array over its own anonymous memory map: zeros, and no page is resident before it
-    is written (numpy's allocator would ask for transparent huge pages on a large array, so a
-    written 16-token block would make 2 MiB resident)."""
+def _lazy_zeros(shape: tuple[int, ...]) -> tuple[mmap.mmap, np.ndarray]:
+    """A float32 array over its own anonymous memory map (returned with it): zeros, and no page is
+    resident before it is written (numpy's allocator would ask for transparent huge pages on a
+    large array, so a written 16-token block would make 2 MiB resident)."""
     n = int(np.prod(shape)) * 4
     buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(buf, dtype=np.float32, count=n // 4).reshape(shape)
+    return buf, np.frombuffer(buf, dtype=np.float32, count=n // 4).reshape(shape)
 
 
-_MADV_DONTNEED = 4  # Linux: private anonymous pages read back as zeros
-_libc: ctypes.CDLL | None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux/glibc: memory stays with the process
-    _libc = None
-
-
-def _discard_pages(addr: int, n: int) -> None:
-    """Hand the whole pages inside [addr, addr + n) back to the OS (the pool's blocks need not be
-    page-aligned; a partial page at either end stays)."""
+def _discard_pages(m: mmap.mmap, offset: int, n: int) -> None:
+    """Hand the whole pages inside [offset, offset + n) of the map back to the OS: they read as
+    zeros again (the pool's blocks need not be page-aligned; a partial page at either end stays)."""
     page = mmap.PAGESIZE
-    lo = -(-addr // page) * page
-    hi = (addr + n) // page * page
-    if _libc is not None and hi > lo:
-        _libc.madvise(lo, hi - lo, _MADV_DONTNEED)
+    lo = -(-offset // page) * page
+    hi = (offset + n) // page * page
+    if hi > lo and hasattr(m, "madvise"):  # not on every OS: memory then stays with the process
+        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

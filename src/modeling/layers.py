@@ -54,11 +54,6 @@ class BatchMeta:
             tables[s.offset : s.offset + s.length, : len(s.cache.blocks)] = s.cache.blocks
         return cls(slots, positions, np.asarray(sample_rows, dtype=np.int64), tables)
 
-    @property
-    def is_decode(self) -> bool:
-        """Every chunk is a single token (a pure decode step)."""
-        return all(s.length == 1 for s in self.slots)
-
     def attention(self, window: int | None) -> PagedAttention:
         """The step's native attention for layers with this window (built once per step): row t
         writes its k/v at position positions[t] and attends causally over its sequence."""
