@@ -6,9 +6,11 @@ the asyncio coordinator runs on an event loop in a background thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +102,31 @@ class InProcessCluster:
         for n in self.nodes:
             n.stop(0)
         self.tokenizer.stop(0)
+
+
+@contextlib.contextmanager
+def held_after_first_step(node: NodeServer, timeout_s: float = 30.0) -> Iterator[None]:
+    """While inside: `node` runs one forward (a request's prefill, which gives its first token)
+    and every later forward waits until the block exits, so a running request keeps its slot for
+    as long as a test needs it, however fast the machine (a request that merely runs long races
+    the test: it finished first on fast machines). The wait is bounded by timeout_s."""
+    runner = node.runner
+    assert runner is not None
+    real = runner.forward
+    passed, release = threading.Event(), threading.Event()
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        if passed.is_set():
+            release.wait(timeout_s)
+        passed.set()
+        return real(*args, **kw)
+
+    runner.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        release.set()
+        runner.forward = real  # type: ignore[method-assign]
 
 
 def start_cluster(model: str, parts: int = 3, **kw: Any) -> InProcessCluster:

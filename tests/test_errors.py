@@ -44,7 +44,7 @@ from pipeserve.common.grpc_util import (
     error_reason,
     sync_server,
 )
-from tests.harness import InProcessCluster, free_port, start_cluster
+from tests.harness import InProcessCluster, free_port, held_after_first_step, start_cluster
 from tests.test_api import EMBEDDED, ApiServer, sse_events, with_api
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -309,9 +309,12 @@ def provoke_all(cluster: InProcessCluster) -> dict[str, dict[str, Any]]:
             "a body over api.max_body_bytes",
         )
         long = {"prompt": "Count:", "max_tokens": 200, "ignore_eos": True, "stream": True}
-        with http.stream("POST", "/v1/completions", json=long) as running:
+        with (
+            held_after_first_step(cluster.nodes[0]),
+            http.stream("POST", "/v1/completions", json=long) as running,
+        ):
             assert running.status_code == 200
-            next(sse_events(running))  # it holds the one slot and nothing may wait
+            next(sse_events(running))  # it holds the one slot (its next step waits) and nothing may wait
             out["queue_full"] = case(
                 http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}),
                 "POST /v1/completions",

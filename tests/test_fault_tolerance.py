@@ -142,7 +142,12 @@ def test_sigkill_without_replica_then_restart(tmp_path):
         pc.start_node("node2")
         pc.wait_ready(30)
 
-        assert generate_once(cfg.coordinator.address, chat("Hello again.", 5)).completion_tokens == 5
+        try:
+            again = generate_once(cfg.coordinator.address, chat("Hello again.", 5))
+        except grpc.RpcError as exc:  # seen once under load (2026-12-02), not reproduced: keep the logs
+            logs = "\n".join(f"--- {n}:\n{pc.log(n, 40)}" for n in ("coordinator", "node1", "node2"))
+            raise AssertionError(f"after the restart: {exc}\n{logs}") from exc
+        assert again.completion_tokens == 5
     finally:
         pc.stop()
 
