@@ -79,6 +79,7 @@ struct S {
 RowsFn get(int type) { return rows_fn(type); }
 AttendFn get_attend() { return attend_one; }
 SiluFn get_silu() { return silu_mul_v; }
+GeluRowFn get_gelu_tanh() { return gelu_tanh_row_v; }
 
 }  // namespace avx512
 }  // namespace qk

@@ -75,6 +75,11 @@ void silu_mul(const float* gu, float* y, int64_t T, int64_t I) {
   }
 }
 
+// y[i] = gelu_tanh(x[i]) * (up ? up[i] : 1): one row (gelu_tanh_scalar, qk_types.h, has the formula)
+void gelu_tanh_row(const float* x, const float* up, float* y, int64_t I) {
+  for (int64_t i = 0; i < I; ++i) y[i] = gelu_tanh_scalar(x[i]) * (up ? up[i] : 1.f);
+}
+
 }  // namespace generic
 }  // namespace qk
 

@@ -433,6 +433,32 @@ static void silu_mul_v(const float* gu, float* y, int64_t T, int64_t I) {
   }
 }
 
+// One row of y = gelu_tanh(x) (* up), L at a time (gelu_tanh_scalar in qk_types.h has the formula).
+// The last partial vector goes through a padded copy, so an element's value never depends on
+// where it sits in the row.
+static inline typename S::F gelu_tanh_vec(typename S::F v) {
+  using F = typename S::F;
+  const F one = S::set1(1.f);
+  const F z = S::mul(v, S::fma(S::mul(S::set1(0.044715f * 1.5957691216057308f), v), v,
+                               S::set1(1.5957691216057308f)));  // 2 sqrt(2/pi) (v + 0.044715 v^3)
+  const F e = S::exp_neg(S::neg_abs(z));
+  return S::mul(v, S::div(S::pick_neg(z, one, e), S::add(one, e)));
+}
+
+static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I) {
+  int64_t i = 0;
+  for (; i + S::L <= I; i += S::L) {
+    const typename S::F g = gelu_tanh_vec(S::f32(x + i));
+    S::store(y + i, up ? S::mul(g, S::f32(up + i)) : g);
+  }
+  if (i < I) {
+    float xb[S::L] = {0.f}, ub[S::L] = {0.f}, yb[S::L];
+    for (int64_t j = i; j < I; ++j) xb[j - i] = x[j], ub[j - i] = up ? up[j] : 1.f;
+    S::store(yb, S::mul(gelu_tanh_vec(S::f32(xb)), S::f32(ub)));
+    for (int64_t j = i; j < I; ++j) y[j] = yb[j - i];
+  }
+}
+
 static constexpr int64_t ATT_PREFETCH = 8;  // positions (rows of K and V) fetched ahead
 
 // HG query heads (qh[0..HG)) sharing one kv head: scores and softmax weights into sc[i][0..n),

@@ -209,6 +209,18 @@ typedef void (*AttendFn)(const float* q, float* out, const float* const* Kb, con
 
 // y[T, I] = silu(gu[:, :I]) * gu[:, I:] (generic::silu_mul has the contract).
 typedef void (*SiluFn)(const float* gu, float* y, int64_t T, int64_t I);
+// One row of the tanh-form GELU: y[i] = gelu_tanh(x[i]) * (up ? up[i] : 1) (generic::gelu_tanh_row).
+typedef void (*GeluRowFn)(const float* x, const float* up, float* y, int64_t I);
+
+// gelu_tanh(v) = v/2 (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3), computed as v * sigmoid(2u)
+// (the same number: 1 + tanh(u) = 2 sigmoid(2u)); the sigmoid from e = exp(-|2u|), which never
+// overflows, as silu's: so far out on the negative side the result is a tiny product, not the
+// rounding error of 1 + tanh(u) ~ 1 - 1 that the tanh form keeps.
+static inline float gelu_tanh_scalar(float v) {
+  const float z = 1.5957691216057308f * (v + 0.044715f * v * v * v);  // 2 sqrt(2/pi) (v + 0.044715 v^3)
+  const float e = __builtin_expf(-__builtin_fabsf(z));
+  return v * (z >= 0.f ? 1.f : e) / (1.f + e);
+}
 
 // scores[p] <- exp(scores[p] - mx) for p < L; returns their sum (the softmax denominator).
 static inline float softmax_exp(float* scores, int64_t L, float mx) {
