@@ -6,7 +6,11 @@
 2. Gemma 3 270M (`gemma3-270m`, Q4_K_M) on a real 3-node loopback cluster (processes, 1 kernel thread each): each node's
    RSS and resident weight bytes, and streamed decode tok/s through /v1/completions (1 and 4
    concurrent greedy streams of 64 tokens), with llama.cpp's llama-bench tg64 on the same file
-   and thread count beside it when llama.cpp is built (scripts/build_llamacpp.sh).
+   and thread count beside it when llama.cpp is built (scripts/build_llamacpp.sh), run before and
+   after the cluster.
+3. Gemma 3 270M in our engine alone (one process) at 1 and 2 kernel threads: decode at batch 1 and
+   4 and a 256-token prefill, beside llama-bench's tg64 and pp256 at the same thread count.
+`--skip tiny|engine|gemma` leaves a part out and keeps its figures from the last file.
 Writes bench/models.json and prints markdown tables (the README's).
 """
 
@@ -74,7 +78,7 @@ def tiny_table(root: Path) -> list[dict[str, Any]]:
                 | {
                     "loads": True,
                     "model_type": ld.cfg.model_type,
-                    "max_logit_diff": float((ours - ref_logits).abs().max()),
+                    "max_logit_diff": float((torch.from_numpy(ours) - ref_logits).abs().max()),
                     "greedy_equal": greedy == ref_greedy.tolist(),
                 }
             )
@@ -160,7 +164,59 @@ def gemma_cluster(threads: int, max_tokens: int) -> dict[str, Any]:
     return out
 
 
-def llama_bench(gguf: Path, threads: int) -> dict[str, Any]:
+def gemma_engine(threads: int, runs: int = 3, tokens: int = 32) -> dict[str, Any]:
+    """Our engine alone on the whole Gemma 3 270M (one process, `threads` kernel threads): decode
+    steps after a 64-token prompt at batch 1 and 4, and a 256-token prefill; medians of `runs`."""
+    import statistics
+
+    import numpy as np
+
+    from pipeserve import kernels
+    from pipeserve.modeling.engine import SeqChunk, StageEngine
+    from pipeserve.modeling.generate import GREEDY
+    from pipeserve.modeling.loader import load_stage
+
+    kernels.set_threads(threads)
+    eng = StageEngine(load_stage("gemma3-270m"))
+    rng = np.random.default_rng(0)
+    n_run = 0
+
+    def decode(batch: int) -> float:
+        nonlocal n_run
+        n_run += 1
+        rids = [f"r{n_run}-{i}" for i in range(batch)]
+        out = eng.forward([SeqChunk(r, 0, rng.integers(100, 40000, 64).tolist(), GREEDY) for r in rids])
+        nxt = [s.token_id for s in out.samples]
+        t = time.perf_counter()
+        for step in range(tokens):
+            chunks = [SeqChunk(r, 64 + step, [k], GREEDY) for r, k in zip(rids, nxt, strict=True)]
+            nxt = [s.token_id for s in eng.forward(chunks).samples]
+        dt = time.perf_counter() - t
+        eng.release(rids)
+        return dt
+
+    def prefill() -> float:
+        ids = rng.integers(100, 40000, 256).tolist()
+        t = time.perf_counter()
+        eng.forward([SeqChunk("pf", 0, ids, GREEDY)])
+        dt = time.perf_counter() - t
+        eng.release(["pf"])
+        return dt
+
+    def med(fn: Any) -> float:
+        fn()  # warm-up
+        return statistics.median(fn() for _ in range(runs))
+
+    return {
+        "threads": threads,
+        "kernel_isa": kernels.get_isa(),
+        "decode_b1_tok_s": tokens / med(lambda: decode(1)),
+        "decode_b4_tok_s": 4 * tokens / med(lambda: decode(4)),
+        "prefill256_tok_s": 256 / med(prefill),
+    }
+
+
+def llama_bench(gguf: Path, threads: int, prefill: int = 0) -> dict[str, Any]:
     build = Path(__file__).with_name("build_llamacpp.sh")
     found = subprocess.run(["bash", str(build)], capture_output=True, text=True, check=False)
     if found.returncode != 0:
@@ -174,7 +230,7 @@ def llama_bench(gguf: Path, threads: int) -> dict[str, Any]:
             "-t",
             str(threads),
             "-p",
-            "0",
+            str(prefill),
             "-n",
             "64",
             "-r",
@@ -189,7 +245,30 @@ def llama_bench(gguf: Path, threads: int) -> dict[str, Any]:
     if run.returncode != 0:
         return {"skipped": f"llama-bench failed: {run.stderr[-300:]}"}
     rows = json.loads(run.stdout)
-    return {"tg64_tok_s": next(r["avg_ts"] for r in rows if r["n_gen"] == 64)}
+    out = {"tg64_tok_s": next(r["avg_ts"] for r in rows if r["n_gen"] == 64)}
+    if prefill:
+        out[f"pp{prefill}_tok_s"] = next(r["avg_ts"] for r in rows if r["n_prompt"] == prefill)
+    return out
+
+
+def engine_markdown(res: dict[str, Any]) -> list[str]:
+    lines = [
+        "| Gemma 3 270M, one process | threads | ours | llama.cpp (llama-bench) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for row in res.get("engine", []):
+        ours, lb = row["ours"], row["llama_bench"]
+        for label, key, lkey in (
+            ("decode, batch 1 (tok/s)", "decode_b1_tok_s", "tg64_tok_s"),
+            ("prefill 256 (tok/s)", "prefill256_tok_s", "pp256_tok_s"),
+            ("decode, batch 4, aggregate (tok/s)", "decode_b4_tok_s", None),
+        ):
+            theirs = lb.get(lkey) if lkey else None
+            ratio = f"{ours[key] / theirs:.2f}x" if theirs else ""
+            lines.append(
+                f"| {label} | {ours['threads']} | {ours[key]:.1f} | {f'{theirs:.1f}' if theirs else ''} | {ratio} |"
+            )
+    return lines
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -216,10 +295,15 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{run['per_stream_decode_tok_s']:.1f} / {run['aggregate_tok_s']:.1f} |"
             )
         lb = res.get("llama_bench", {})
-        if "tg64_tok_s" in lb:
+        runs = [lb[k]["tg64_tok_s"] for k in ("before", "after") if "tg64_tok_s" in lb.get(k, {})]
+        if runs:
             lines.append(
-                f"| llama-bench tg64, same file and threads (one process) | {lb['tg64_tok_s']:.1f} |"
+                "| llama-bench tg64, same file and threads (one process; before / after the cluster) | "
+                + " / ".join(f"{r:.1f}" for r in runs)
+                + " |"
             )
+    if res.get("engine"):
+        lines += ["", *engine_markdown(res)]
     return "\n".join(lines)
 
 
@@ -229,17 +313,30 @@ def main() -> None:
     # 3 nodes share this box's 2 cores: 1 kernel thread each (as bench_serving.py's 3-node system)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--skip", choices=["tiny", "gemma"], action="append", default=[])
+    ap.add_argument("--skip", choices=["tiny", "engine", "gemma"], action="append", default=[])
     args = ap.parse_args()
     torch.set_num_threads(2)
-    res: dict[str, Any] = {}
+    # a part skipped keeps its figures from the last run's file
+    res: dict[str, Any] = json.loads(args.out.read_text()) if args.skip and args.out.exists() else {}
     if "tiny" not in args.skip:
         res["tiny"] = tiny_table(Path(tempfile.mkdtemp(prefix="bench-models-")))
+    if "engine" not in args.skip:
+        from pipeserve.modeling.source import resolve_model
+
+        gguf = resolve_model("gemma3-270m").path
+        res["engine"] = [
+            {"ours": gemma_engine(t), "llama_bench": llama_bench(gguf, t, prefill=256)} for t in (1, 2)
+        ]
     if "gemma" not in args.skip:
         from pipeserve.modeling.source import resolve_model
 
+        # llama-bench before and after the cluster: on a shared 2-core VM one run of it moved by
+        # 2x between minutes, so both are kept and the table shows the range
+        gguf = resolve_model("gemma3-270m").path
+        before = llama_bench(gguf, args.threads)
         res["gemma"] = gemma_cluster(args.threads, args.max_tokens)
-        res["llama_bench"] = llama_bench(resolve_model("gemma3-270m").path, args.threads)
+        after = llama_bench(gguf, args.threads)
+        res["llama_bench"] = {"before": before, "after": after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(markdown(res))
