@@ -105,20 +105,26 @@ class InProcessCluster:
 
 
 @contextlib.contextmanager
-def held_after_first_step(node: NodeServer, timeout_s: float = 30.0) -> Iterator[None]:
-    """While inside: `node` runs one forward (a request's prefill, which gives its first token)
-    and every later forward waits until the block exits, so a running request keeps its slot for
-    as long as a test needs it, however fast the machine (a request that merely runs long races
-    the test: it finished first on fast machines). The wait is bounded by timeout_s."""
+def held(node: NodeServer, after_steps: int = 1, timeout_s: float = 30.0) -> Iterator[None]:
+    """While inside: `node` runs `after_steps` forwards (1: a request's prefill, which gives its
+    first token) and every later forward waits until the block exits, so running requests keep
+    their slots for as long as a test needs them, however fast the machine (a request that merely
+    runs long races the test: it finished first on fast machines). The wait is bounded by
+    timeout_s."""
     runner = node.runner
     assert runner is not None
     real = runner.forward
-    passed, release = threading.Event(), threading.Event()
+    release = threading.Event()
+    passed = 0
+    lock = threading.Lock()
 
     def forward(*args: Any, **kw: Any) -> Any:
-        if passed.is_set():
+        nonlocal passed
+        with lock:
+            wait = passed >= after_steps
+            passed += 1
+        if wait:
             release.wait(timeout_s)
-        passed.set()
         return real(*args, **kw)
 
     runner.forward = forward  # type: ignore[method-assign]
@@ -126,6 +132,27 @@ def held_after_first_step(node: NodeServer, timeout_s: float = 30.0) -> Iterator
         yield
     finally:
         release.set()
+        runner.forward = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def paced(node: NodeServer, step_s: float = 0.05) -> Iterator[None]:
+    """While inside: every forward of `node` first sleeps step_s, so a request of N steps takes
+    at least N x step_s however fast the engine is. Tests that need a request still running at
+    some moment (a deadline, a disconnect, a newcomer arriving) count steps this way, and a bound
+    like "freed within 5 s, where generating would take 20" stays one that can fail."""
+    runner = node.runner
+    assert runner is not None
+    real = runner.forward
+
+    def forward(*args: Any, **kw: Any) -> Any:
+        time.sleep(step_s)
+        return real(*args, **kw)
+
+    runner.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
         runner.forward = real  # type: ignore[method-assign]
 
 

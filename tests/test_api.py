@@ -30,7 +30,7 @@ from pipeserve.api.errors import HTTP_STATUS
 from pipeserve.common.config import Config
 from pipeserve.common.errors import Reason
 from pipeserve.coordinator.coordinator_server import CoordinatorServer
-from tests.harness import InProcessCluster, free_port, held_after_first_step, start_cluster
+from tests.harness import InProcessCluster, free_port, held, paced, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -349,7 +349,7 @@ def test_queue_full_is_429_with_retry_after(small: tuple[InProcessCluster, httpx
     long = {"prompt": "Count:", "max_tokens": 50, "ignore_eos": True, "stream": True}
     # The running request must not finish before the second one arrives: its steps after the
     # first wait (merely asking for many tokens raced the test and lost on fast machines).
-    with held_after_first_step(cluster.nodes[0]), http.stream("POST", "/v1/completions", json=long) as resp:
+    with held(cluster.nodes[0]), http.stream("POST", "/v1/completions", json=long) as resp:
         assert resp.status_code == 200
         next(sse_events(resp))  # running now: the one slot is taken and nothing may wait
         busy = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
@@ -399,6 +399,7 @@ def test_api_key(cluster: InProcessCluster) -> None:
 
 def test_deadline_is_504_and_frees_caches(cluster: InProcessCluster, http: httpx.Client) -> None:
     with (
+        paced(cluster.nodes[0]),  # 300 tokens take >= 15 s: the deadline comes first on any machine
         ApiServer(with_api(cluster.cfg, request_timeout_s=0.3)) as server,
         httpx.Client(base_url=server.url) as fast,
     ):
@@ -410,6 +411,7 @@ def test_deadline_is_504_and_frees_caches(cluster: InProcessCluster, http: httpx
 
 def test_error_mid_stream_is_an_event(cluster: InProcessCluster) -> None:
     with (
+        paced(cluster.nodes[0]),  # >= 15 s for 300 tokens, ~20 of them before the 1.5 s deadline
         ApiServer(with_api(cluster.cfg, request_timeout_s=1.5)) as server,
         httpx.Client(base_url=server.url, timeout=30) as http,
     ):
@@ -459,24 +461,26 @@ def test_client_disconnect_mid_stream_frees_caches(cluster: InProcessCluster, ap
         "ignore_eos": True,
         "stream": True,
     }
-    with (
-        httpx.Client(base_url=api.url, timeout=30) as http,
-        http.stream("POST", "/v1/completions", json=body) as resp,
-    ):
-        events = sse_events(resp)
-        for _ in range(3):
-            next(events)
-        assert any(cluster.cache_used().values())
-    t_disconnect = time.monotonic()
-    freed_in = wait_idle(cluster, timeout_s=5)
-    assert time.monotonic() - t_disconnect < 5 and freed_in < 5  # 400 tokens would take far longer
+    with paced(cluster.nodes[0]):  # 400 tokens take >= 20 s, so freeing in < 5 s is the cancel's doing
+        with (
+            httpx.Client(base_url=api.url, timeout=30) as http,
+            http.stream("POST", "/v1/completions", json=body) as resp,
+        ):
+            events = sse_events(resp)
+            for _ in range(3):
+                next(events)
+            assert any(cluster.cache_used().values())
+        t_disconnect = time.monotonic()
+        freed_in = wait_idle(cluster, timeout_s=5)
+        assert time.monotonic() - t_disconnect < 5 and freed_in < 5
 
 
 def test_client_disconnect_non_streamed_frees_caches(cluster: InProcessCluster, api: ApiServer) -> None:
     body = {"text": "Count to a thousand:", "max_tokens": 400, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=api.url, timeout=1.5) as http:
-        http.post("/api/model/process", json=body)
-    wait_idle(cluster, timeout_s=5)
+    with paced(cluster.nodes[0]):  # >= 20 s: the client gives up first, and only a cancel frees in 5 s
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=api.url, timeout=1.5) as http:
+            http.post("/api/model/process", json=body)
+        wait_idle(cluster, timeout_s=5)
 
 
 # ---- ops: readiness, cluster view, metrics, OpenAPI ----------------------------------------------

@@ -44,7 +44,7 @@ from pipeserve.common.grpc_util import (
     error_reason,
     sync_server,
 )
-from tests.harness import InProcessCluster, free_port, held_after_first_step, start_cluster
+from tests.harness import InProcessCluster, free_port, held, paced, start_cluster
 from tests.test_api import EMBEDDED, ApiServer, sse_events, with_api
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def provoke_all(cluster: InProcessCluster) -> dict[str, dict[str, Any]]:
         )
         long = {"prompt": "Count:", "max_tokens": 200, "ignore_eos": True, "stream": True}
         with (
-            held_after_first_step(cluster.nodes[0]),
+            held(cluster.nodes[0]),
             http.stream("POST", "/v1/completions", json=long) as running,
         ):
             assert running.status_code == 200
@@ -342,7 +342,12 @@ def provoke_all(cluster: InProcessCluster) -> dict[str, dict[str, Any]]:
     with ApiServer(with_api(cfg, api_key="sekrit")) as api, httpx.Client(base_url=api.url) as http:
         out["unauthorized"] = case(http.get("/v1/models"), "GET /v1/models", "no API key where one is set")
 
-    with ApiServer(with_api(cfg, request_timeout_s=0.3)) as api, httpx.Client(base_url=api.url) as http:
+    # paced: 200 tokens take >= 10 s, so the deadlines below come first on any machine
+    with (
+        paced(cluster.nodes[0]),
+        ApiServer(with_api(cfg, request_timeout_s=0.3)) as api,
+        httpx.Client(base_url=api.url) as http,
+    ):
         body = {"prompt": "Once", "max_tokens": 200, "ignore_eos": True}
         out["timeout"] = case(
             http.post("/v1/completions", json=body, timeout=30),
@@ -351,7 +356,11 @@ def provoke_all(cluster: InProcessCluster) -> dict[str, dict[str, Any]]:
         )
     wait_until(lambda: not any(cluster.cache_used().values()), "freeing the timed-out request's caches")
 
-    with ApiServer(with_api(cfg, request_timeout_s=1.0)) as api, httpx.Client(base_url=api.url) as http:
+    with (
+        paced(cluster.nodes[0]),
+        ApiServer(with_api(cfg, request_timeout_s=1.0)) as api,
+        httpx.Client(base_url=api.url) as http,
+    ):
         body = {"prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True}
         with http.stream("POST", "/v1/completions", json=body, timeout=30) as resp:
             assert resp.status_code == 200, (

@@ -26,7 +26,7 @@ from pipeserve.proto import tokenizer_service_pb2 as tpb
 from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
 from pipeserve.tokenizer.core import TokenizerCore
 from pipeserve.tokenizer.tokenizer_server import TokenizerServer
-from tests.harness import InProcessCluster, cluster_config, start_cluster
+from tests.harness import InProcessCluster, cluster_config, paced, start_cluster
 
 EMBEDDED = "smollm2-135m-instruct"
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write one sentence about rain."]
@@ -124,8 +124,11 @@ def test_caches_released_after_completion_cancel_and_disconnect(cluster):
                     call2.cancel()  # the client goes away mid-stream
                     break
 
-    asyncio.run(cancel_and_disconnect())
-    assert wait_caches_empty(cluster) == {"node1": 0, "node2": 0, "node3": 0}
+    # paced: each 200-token story takes >= 10 s, so only the cancel and the disconnect can free
+    # the caches within wait_caches_empty's bound
+    with paced(cluster.nodes[0]):
+        asyncio.run(cancel_and_disconnect())
+        assert wait_caches_empty(cluster) == {"node1": 0, "node2": 0, "node3": 0}
 
 
 def test_bad_rpc_input_is_invalid_argument_and_node_keeps_serving(cluster):

@@ -16,7 +16,7 @@ from pipeserve.common.grpc_util import error_from_rpc
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
-from tests.harness import start_cluster
+from tests.harness import held, paced, start_cluster
 
 pytestmark = pytest.mark.slow
 TOPICS = [
@@ -91,7 +91,9 @@ def test_newcomer_is_not_blocked_by_running_requests(cluster):
             results = await asyncio.gather(*long)
             return first_token_of_newcomer, min(r[1][-1] for r in results)
 
-    newcomer_first, long_done = asyncio.run(run())
+    # paced: the 8 take >= 3.2 s (64 steps), so they still decode when the newcomer comes at 1.5 s
+    with paced(cluster.nodes[0]):
+        newcomer_first, long_done = asyncio.run(run())
     assert newcomer_first < long_done
 
 
@@ -99,16 +101,23 @@ def test_full_queue_is_resource_exhausted_and_accepted_requests_finish(cluster):
     async def run() -> tuple[list, list]:
         async with grpc.aio.insecure_channel(cluster.cfg.coordinator.address) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
-            accepted = [
-                asyncio.create_task(collect(stub, req(t, 16))) for t in TOPICS + TOPICS[:4]
-            ]  # 16 run + 4 wait
-            await asyncio.sleep(0.5)
             rejected = []
-            for t in TOPICS[:3]:
-                try:
-                    await collect(stub, req(t, 4))
-                except grpc.aio.AioRpcError as exc:
-                    rejected.append(exc)
+            # node1's steps wait (after the first) until the 3 extra requests are answered, so
+            # none of the 16 running can finish and free a slot first, however fast the engine
+            with held(cluster.nodes[0]):
+                accepted = [
+                    asyncio.create_task(collect(stub, req(t, 16))) for t in TOPICS + TOPICS[:4]
+                ]  # 16 run + 4 wait
+                sch = cluster.coordinator.scheduler
+                deadline = time.monotonic() + 30
+                while (sch.running, len(sch.waiting)) != (16, 4):
+                    assert time.monotonic() < deadline, (sch.running, len(sch.waiting))
+                    await asyncio.sleep(0.02)
+                for t in TOPICS[:3]:
+                    try:
+                        await collect(stub, req(t, 4))
+                    except grpc.aio.AioRpcError as exc:
+                        rejected.append(exc)
             return await asyncio.gather(*accepted), rejected
 
     done, rejected = asyncio.run(run())
