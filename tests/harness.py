@@ -105,34 +105,46 @@ class InProcessCluster:
 
 
 @contextlib.contextmanager
-def held(node: NodeServer, after_steps: int = 1, timeout_s: float = 30.0) -> Iterator[None]:
-    """While inside: `node` runs `after_steps` forwards (1: a request's prefill, which gives its
-    first token) and every later forward waits until the block exits, so running requests keep
-    their slots for as long as a test needs them, however fast the machine (a request that merely
-    runs long races the test: it finished first on fast machines). The wait is bounded by
-    timeout_s."""
+def _forward_wrapped(node: NodeServer, before: Any) -> Iterator[None]:
+    """While inside: every forward of `node` calls before() first (on the node's thread)."""
     runner = node.runner
     assert runner is not None
     real = runner.forward
-    release = threading.Event()
-    passed = 0
-    lock = threading.Lock()
 
     def forward(*args: Any, **kw: Any) -> Any:
-        nonlocal passed
-        with lock:
-            wait = passed >= after_steps
-            passed += 1
-        if wait:
-            release.wait(timeout_s)
+        before()
         return real(*args, **kw)
 
     runner.forward = forward  # type: ignore[method-assign]
     try:
         yield
     finally:
-        release.set()
         runner.forward = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def held(node: NodeServer, after_steps: int = 1, timeout_s: float = 30.0) -> Iterator[None]:
+    """While inside: `node` runs `after_steps` forwards (1: a request's prefill, which gives its
+    first token) and every later forward waits until the block exits, so running requests keep
+    their slots for as long as a test needs them, however fast the machine (a request that merely
+    runs long races the test: it finished first on fast machines). The wait is bounded by
+    timeout_s."""
+    release, lock = threading.Event(), threading.Lock()
+    passed = 0
+
+    def wait_past_the_first() -> None:
+        nonlocal passed
+        with lock:
+            wait = passed >= after_steps
+            passed += 1
+        if wait:
+            release.wait(timeout_s)
+
+    try:
+        with _forward_wrapped(node, wait_past_the_first):
+            yield
+    finally:
+        release.set()
 
 
 @contextlib.contextmanager
@@ -141,19 +153,8 @@ def paced(node: NodeServer, step_s: float = 0.05) -> Iterator[None]:
     at least N x step_s however fast the engine is. Tests that need a request still running at
     some moment (a deadline, a disconnect, a newcomer arriving) count steps this way, and a bound
     like "freed within 5 s, where generating would take 20" stays one that can fail."""
-    runner = node.runner
-    assert runner is not None
-    real = runner.forward
-
-    def forward(*args: Any, **kw: Any) -> Any:
-        time.sleep(step_s)
-        return real(*args, **kw)
-
-    runner.forward = forward  # type: ignore[method-assign]
-    try:
+    with _forward_wrapped(node, lambda: time.sleep(step_s)):
         yield
-    finally:
-        runner.forward = real  # type: ignore[method-assign]
 
 
 def start_cluster(model: str, parts: int = 3, **kw: Any) -> InProcessCluster:
