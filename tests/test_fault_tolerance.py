@@ -18,6 +18,7 @@ from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 from tests.harness import cluster_config, free_port
+from tests.paced_node import PACED_NODE
 
 EMBEDDED = "smollm2-135m-instruct"
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def status(address: str) -> pb.ClusterStatusResponse:
 
 def test_sigkill_with_replica_loses_nothing(tmp_path):
     cfg = cluster_config(EMBEDDED, 3, replicas={1: 2})
-    pc = ProcessCluster(cfg, tmp_path).start()
+    pc = ProcessCluster(cfg, tmp_path, node_module=PACED_NODE).start()
     try:
         questions = [f"Tell me about the number {i}." for i in range(8)]
 
@@ -113,7 +114,7 @@ def test_sigkill_with_replica_loses_nothing(tmp_path):
 
 def test_sigkill_without_replica_then_restart(tmp_path):
     cfg = cluster_config(EMBEDDED, 3, coordinator={"recovery_wait_s": 2.0})
-    pc = ProcessCluster(cfg, tmp_path).start()
+    pc = ProcessCluster(cfg, tmp_path, node_module=PACED_NODE).start()
     try:
 
         async def scenario() -> None:
@@ -214,7 +215,7 @@ def test_join_takes_load_and_leave_drains(tmp_path):
 
 def test_cancel_frees_every_stage_and_tokenizer_restart(tmp_path):
     cfg = cluster_config(EMBEDDED, 3)
-    pc = ProcessCluster(cfg, tmp_path).start()
+    pc = ProcessCluster(cfg, tmp_path, node_module=PACED_NODE).start()
     try:
 
         async def cancel_mid_stream() -> None:

@@ -20,6 +20,7 @@ import pytest
 from pipeserve.launcher.frontend import DIST
 from pipeserve.launcher.procs import ProcessCluster, _http_ok
 from tests.harness import cluster_config, free_port
+from tests.paced_node import PACED_NODE
 
 CHROMIUM = "/usr/bin/chromium"
 OUT = Path("test-output/e2e")
@@ -44,7 +45,8 @@ def system(tmp_path_factory):
         api={"port": free_port(), "api_key": API_KEY},
         frontend={"port": free_port()},
     )
-    pc = ProcessCluster(cfg, tmp_path_factory.mktemp("e2e"), with_api=True).start()
+    # paced nodes: a 400-token story takes >= 24 s, so it is still streaming when Stop is clicked
+    pc = ProcessCluster(cfg, tmp_path_factory.mktemp("e2e"), with_api=True, node_module=PACED_NODE).start()
     ui = subprocess.Popen(
         [sys.executable, "-m", "pipeserve.cli", "frontend", "--config", str(pc.config_file)],
         stdout=subprocess.DEVNULL,

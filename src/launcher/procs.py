@@ -20,8 +20,13 @@ from pipeserve.common.grpc_util import probe
 
 
 class ProcessCluster:
-    def __init__(self, cfg: Config, workdir: Path, with_api: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, workdir: Path, with_api: bool = False, node_module: str = "pipeserve.cli"
+    ) -> None:
+        """`node_module`: what nodes run as (`python -m <it> node ...`); tests pass a wrapper of
+        the CLI (tests/paced_node.py) whose steps take a fixed minimum time."""
         self.cfg = cfg
+        self.node_module = node_module
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "config.json"
@@ -32,8 +37,9 @@ class ProcessCluster:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child process
         env = {**os.environ, "PIPESERVE_LOG_LEVEL": "INFO"}
+        module = self.node_module if args[:1] == ("node",) else "pipeserve.cli"
         p = subprocess.Popen(
-            [sys.executable, "-m", "pipeserve.cli", *args, "--config", str(self.config_file)],
+            [sys.executable, "-m", module, *args, "--config", str(self.config_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
