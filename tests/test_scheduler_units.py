@@ -345,6 +345,48 @@ def test_failover_to_a_replica_mid_generation_gives_the_same_tokens() -> None:
     run(main())
 
 
+def test_a_node_back_from_a_failure_waits_its_backoff_while_a_replica_serves() -> None:
+    async def main() -> None:
+        async with FakeCluster(replicas={1: 2}, stage={"*": {}}) as fc:
+            node2, node2b = (n for n in fc.cluster.nodes if n.part == 1)
+            fc.stages[node2.id].down = True
+            await fc.cluster.refresh()
+            assert not node2.healthy and node2.failures == 1 and node2.backoff_s > 0
+            fc.stages[node2.id].down = False  # it answers again within its 1 s backoff
+            await fc.cluster.refresh()
+            assert not node2.healthy and "trusted in" in node2.error and node2b.healthy
+            before = fc.stages[node2.id].forwards
+            toks, _, reason = await collect(fc.submit(prompt_of(1, 8), 6))
+            assert reason == "length" and toks == reference(prompt_of(1, 8), 6)
+            assert fc.stages[node2.id].forwards == before  # the replica took it
+
+    run(main())
+
+
+def test_the_last_node_of_a_part_is_trusted_early_rather_than_failing_its_requests() -> None:
+    """node2 answers again but is in its backoff (or banned as flapping) when node2b, the part's
+    other node, dies: node2 is trusted at once, and requests are served instead of failing."""
+
+    async def main() -> None:
+        async with FakeCluster(replicas={1: 2}, stage={"*": {}}) as fc:
+            node2, node2b = (n for n in fc.cluster.nodes if n.part == 1)
+            for _ in range(3):  # three downs within a minute: banned for 60 s as flapping
+                fc.stages[node2.id].down = True
+                await fc.cluster.refresh()
+                fc.stages[node2.id].down = False
+                node2.trust_after = 0.0  # skip the short backoff, so it is healthy in between
+                await fc.cluster.refresh()
+            assert not node2.healthy and "banned" in node2.error and node2.backoff_s > 50
+            assert fc.cluster.ready  # node2b serves part 1
+            fc.stages[node2b.id].down = True
+            await fc.cluster.refresh()
+            assert not node2b.healthy and node2.healthy and fc.cluster.ready, fc.cluster.problems
+            toks, _, reason = await collect(fc.submit(prompt_of(2, 8), 6))
+            assert reason == "length" and toks == reference(prompt_of(2, 8), 6)
+
+    run(main())
+
+
 def test_a_stage_that_lost_its_caches_gets_them_replayed() -> None:
     async def main() -> None:
         async with FakeCluster() as fc:

@@ -232,6 +232,7 @@ class Cluster:
         if self.cfg.layers == "auto" and self.auto_layers is None and answered:
             self._adopt_layers(answered)
         became_healthy = False
+        waiting: list[NodeHandle] = []  # answer well but are not trusted yet (backoff or ban)
         for n, info in zip(self.nodes, infos, strict=True):
             if not isinstance(info, pb.NodeInfo):
                 n.mark_down(_rpc_error_text(info) if isinstance(info, grpc.RpcError) else str(info))
@@ -244,18 +245,38 @@ class Cluster:
                 n.error = f"answers again; trusted in {n.backoff_s:.1f} s ({n.failures} recent failures)"
                 if n.banned_until > time.monotonic():
                     n.error = f"banned for {n.banned_until - time.monotonic():.0f} s: flapping ({n.error})"
+                waiting.append(n)
             elif not n.healthy:
                 log.info("node %s (part %d) is healthy", n.id, n.part)
-                n.healthy, n.error, n.down_since = True, "", None
-                n.healthy_since = time.monotonic()
+                self._trust(n)
                 became_healthy = True
-            if n.healthy and self.known_requests is not None:
+        # The backoff and the ban steer requests away from a node that failed while a replica can
+        # take them; when its part has no other healthy node, failing every request of that part
+        # is worse than trying it: the one that failed least lately is trusted early.
+        for part in {n.part for n in waiting}:
+            if not any(n.healthy for n in self.nodes if n.part == part):
+                n = min((w for w in waiting if w.part == part), key=lambda w: (len(w.downs), w.failures))
+                log.warning(
+                    "node %s (part %d) trusted early: the part has no other healthy node (%s)",
+                    n.id,
+                    n.part,
+                    n.error,
+                )
+                self._trust(n)
+                became_healthy = True
+        for n, info in zip(self.nodes, infos, strict=True):
+            if isinstance(info, pb.NodeInfo) and n.healthy and self.known_requests is not None:
                 orphans = [r for r in info.cached_request_ids if r not in self.known_requests()]
                 if orphans:  # caches no request of ours owns (a coordinator restart): free them
                     self._orphans(n, orphans)
         self.problems = self._problems()
         if became_healthy:
             self.changed.set()
+
+    @staticmethod
+    def _trust(n: NodeHandle) -> None:
+        n.healthy, n.error, n.down_since = True, "", None
+        n.healthy_since = time.monotonic()
 
     def _node_problem(self, n: NodeHandle, info: pb.NodeInfo) -> str:
         if info.model_checksum != self.model_checksum:
