@@ -40,7 +40,7 @@ def main() -> None:
 
     from pipeserve.launcher.procs import ProcessCluster
 
-    cfg = bs.cluster_config(3, 1)
+    cfg = bs.cluster_config(3, 2, micro_batches=1)  # the serving benchmark's 3-node setting
     base = f"http://127.0.0.1:{cfg.api.port}"
     cluster = ProcessCluster(cfg, Path(tempfile.mkdtemp(prefix="node-memory-")), with_api=True)
     cluster.start(timeout_s=bs.READY_TIMEOUT_S)
