@@ -253,16 +253,16 @@ class Cluster:
         # The backoff and the ban steer requests away from a node that failed while a replica can
         # take them; when its part has no other healthy node, failing every request of that part
         # is worse than trying it: the one that failed least lately is trusted early.
-        for part in {n.part for n in waiting}:
-            if not any(n.healthy for n in self.nodes if n.part == part):
-                n = min((w for w in waiting if w.part == part), key=lambda w: (len(w.downs), w.failures))
+        for part in {w.part for w in waiting}:
+            if not any(h.healthy for h in self.nodes if h.part == part):
+                pick = min((w for w in waiting if w.part == part), key=lambda w: (len(w.downs), w.failures))
                 log.warning(
                     "node %s (part %d) trusted early: the part has no other healthy node (%s)",
-                    n.id,
-                    n.part,
-                    n.error,
+                    pick.id,
+                    part,
+                    pick.error,
                 )
-                self._trust(n)
+                self._trust(pick)
                 became_healthy = True
         for n, info in zip(self.nodes, infos, strict=True):
             if isinstance(info, pb.NodeInfo) and n.healthy and self.known_requests is not None:

@@ -352,10 +352,14 @@ class QLinear:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def _input(self, x: np.ndarray) -> np.ndarray:
         x = f32(x)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"input must be [T, {self.in_features}], got {list(x.shape)}")
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = self._input(x)
         y = np.empty((x.shape[0], self.out_features), np.float32)
         self.plan.run(addr(x), x.shape[0], addr(y))
         if self.bias is not None:
@@ -364,9 +368,7 @@ class QLinear:
 
     def add_to(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out += x @ W^T (+ b), in place: the residual add fused into the matmul. out: [T, N] fp32, contiguous."""
-        x = f32(x)
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"input must be [T, {self.in_features}], got {list(x.shape)}")
+        x = self._input(x)
         if (
             out.dtype != np.float32
             or not out.flags.c_contiguous

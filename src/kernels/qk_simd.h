@@ -439,8 +439,7 @@ static void silu_mul_v(const float* gu, float* y, int64_t T, int64_t I) {
 static inline typename S::F gelu_tanh_vec(typename S::F v) {
   using F = typename S::F;
   const F one = S::set1(1.f);
-  const F z = S::mul(v, S::fma(S::mul(S::set1(0.044715f * 1.5957691216057308f), v), v,
-                               S::set1(1.5957691216057308f)));  // 2 sqrt(2/pi) (v + 0.044715 v^3)
+  const F z = S::mul(v, S::fma(S::mul(S::set1(GELU_K3), v), v, S::set1(GELU_K1)));  // v (K1 + K3 v^2)
   const F e = S::exp_neg(S::neg_abs(z));
   return S::mul(v, S::div(S::pick_neg(z, one, e), S::add(one, e)));
 }

@@ -216,8 +216,9 @@ typedef void (*GeluRowFn)(const float* x, const float* up, float* y, int64_t I);
 // (the same number: 1 + tanh(u) = 2 sigmoid(2u)); the sigmoid from e = exp(-|2u|), which never
 // overflows, as silu's: so far out on the negative side the result is a tiny product, not the
 // rounding error of 1 + tanh(u) ~ 1 - 1 that the tanh form keeps.
+static constexpr float GELU_K1 = 1.5957691216057308f, GELU_K3 = 0.044715f * GELU_K1;  // 2 sqrt(2/pi), its cubic term
 static inline float gelu_tanh_scalar(float v) {
-  const float z = 1.5957691216057308f * (v + 0.044715f * v * v * v);  // 2 sqrt(2/pi) (v + 0.044715 v^3)
+  const float z = v * (GELU_K1 + GELU_K3 * v * v);  // 2 sqrt(2/pi) (v + 0.044715 v^3)
   const float e = __builtin_expf(-__builtin_fabsf(z));
   return v * (z >= 0.f ? 1.f : e) / (1.f + e);
 }
