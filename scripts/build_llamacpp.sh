@@ -2,7 +2,8 @@
 # Builds llama.cpp's llama-server, ggml-rpc-server, llama-bench and llama-batched-bench from the sources
 # vendored in the PyPI sdist of llama-cpp-python, cached outside the repository. Benchmarks only: the
 # tests and `make up` never need it. ~15 min on 2 cores; a second run finds the cache and exits.
-# GGML_NATIVE=ON is right here: these binaries are anchors measured on this machine, never shipped.
+# SIMD flags are explicit, read from /proc/cpuinfo: GGML_NATIVE=ON also turns on AMX where the CPU
+# flags it, and AMX faults in these VMs (llama-bench dies with SIGILL). AMX stays off.
 set -euo pipefail
 VERSION=0.3.36
 CACHE=${LLAMA_CPP_CACHE:-$HOME/.cache/pipeserve/llamacpp}
@@ -17,7 +18,12 @@ cd "$CACHE"
 [ -f "llama_cpp_python-$VERSION.tar.gz" ] || python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
 [ -d "llama_cpp_python-$VERSION" ] || tar xzf "llama_cpp_python-$VERSION.tar.gz"
 cd "$SRC"
-cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF >&2
+flag() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+AVX512=$(flag avx512f); [ "$(flag avx512bw)" = ON ] || AVX512=OFF
+cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+  -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512="$AVX512" -DGGML_AVX512_VBMI="$(flag avx512vbmi)" \
+  -DGGML_AVX512_VNNI="$(flag avx512_vnni)" -DGGML_AVX512_BF16="$(flag avx512_bf16)" -DGGML_AVX_VNNI="$(flag avx_vnni)" \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_OPENSSL=OFF >&2
 cmake --build build -j"$(nproc)" --target llama-server ggml-rpc-server llama-bench llama-batched-bench >&2
 echo "$BIN"

@@ -164,12 +164,163 @@ static inline void mv_rows(const Job& jb, const uint8_t* row, int64_t t0, float*
     }
 }
 
+// ---- K-quant super-blocks (Q4_K, Q5_K, Q6_K) decoded whole, with byte operations
+// A super-block holds 256 weights in 8 groups of 32. Decoding one group at a time (decode<TY>
+// above) repeats the scale unpacking and works on 32-bit lanes; here the 8 scales and mins are
+// unpacked once per super-block (straight-line code) and the quants of a group come out as 32
+// signed bytes by a few 256-bit byte operations, widened to floats only for the dot product.
+// Dequantized weights are the same numbers as decode<TY>'s.
+template <int TY>
+static constexpr bool is_kquant() { return TY == Q4_K || TY == Q5_K || TY == Q6_K; }
+
+// q[j]: group j's quants (Q4_K 0..15, Q5_K 0..31, Q6_K -32..31); a[2j], a[2j + 1]: the scales of
+// its two halves (equal except in Q6_K); c[j]: its min term (Q4_K / Q5_K; w = a * q + c).
+// The 8 scales and mins of a Q4_K / Q5_K super-block (12 bytes of 6-bit fields, k4_scale_min's
+// packing) unpacked with 32-bit word operations (llama.cpp's trick): sc8[j], m8[j].
+static inline void k4_scales_mins(const uint8_t* q, uint8_t sc8[8], uint8_t m8[8]) {
+  const uint32_t m6 = 0x3f3f3f3fu, m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
+  const uint32_t u0 = rd32(q), u1 = rd32(q + 4), u2 = rd32(q + 8);
+  const uint32_t s0 = u0 & m6, s1 = (u2 & m4) | (((u0 >> 6) & m2) << 4);
+  const uint32_t n0 = u1 & m6, n1 = ((u2 >> 4) & m4) | (((u1 >> 6) & m2) << 4);
+  memcpy(sc8, &s0, 4);
+  memcpy(sc8 + 4, &s1, 4);
+  memcpy(m8, &n0, 4);
+  memcpy(m8 + 4, &n1, 4);
+}
+
+// a[2j], a[2j + 1]: the scales of group j's two halves of 16 weights (equal except in Q6_K);
+// c[j]: its min term (Q4_K / Q5_K: w = a * q + c), 8 lanes at a time.
+template <int TY>
+static inline void kq_scales(const uint8_t* sb, float a[16], float c[8]) {
+  if constexpr (TY == Q6_K) {
+    const float d = S::h2f(sb + 208);
+    S::h_st(a, S::h_i8((const int8_t*)(sb + 192), d));
+    S::h_st(a + 8, S::h_i8((const int8_t*)(sb + 200), d));
+  } else {
+    float d, dmin;
+    S::h2f2(sb, d, dmin);
+    uint8_t sc8[8], m8[8];
+    k4_scales_mins(sb + 4, sc8, m8);
+    float a8[8];
+    S::h_st(a8, S::h_u8(sc8, d));
+    S::h_st(c, S::h_u8(m8, -dmin));  // -(dmin * m): the same number
+    _Pragma("GCC unroll 16") for (int j = 0; j < 16; ++j) a[j] = a8[j / 2];
+  }
+}
+
+// Q6_K: the 8 groups of a super-block as 32 signed bytes each (-32..31), by 256-bit byte
+// operations on ql / qh (the same integers as decode<Q6_K>).
+static inline void q6k_quants(const uint8_t* sb, typename S::B q[8]) {
+  using B = typename S::B;
+  _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
+    const B l0 = S::ld32(sb + 64 * n), l1 = S::ld32(sb + 64 * n + 32), h = S::ld32(sb + 128 + 32 * n);
+    // 16-bit shifts carry bits across bytes; each mask keeps only the byte's own bits
+    q[4 * n + 0] = S::bsub(S::bor(S::band(l0, 15), S::band(S::template sl16<4>(h), 0x30)), 32);
+    q[4 * n + 1] = S::bsub(S::bor(S::band(l1, 15), S::band(S::template sl16<2>(h), 0x30)), 32);
+    q[4 * n + 2] = S::bsub(S::bor(S::band(S::template sr16<4>(l0), 15), S::band(h, 0x30)), 32);
+    q[4 * n + 3] = S::bsub(S::bor(S::band(S::template sr16<4>(l1), 15), S::band(S::template sr16<2>(h), 0x30)), 32);
+  }
+}
+
+// Q4_K / Q5_K: the quants of groups 2i (low nibbles) and 2i + 1 (high nibbles) of a super-block
+// as NV float vectors each: one load-and-widen of L bytes serves both groups.
+template <int TY>
+static inline void k4_pair(const uint8_t* sb, int i, typename S::F lo[NV], typename S::F hi[NV]) {
+  using I = typename S::I;
+  const uint8_t* qs = sb + (TY == Q4_K ? 16 : 48) + 32 * i;
+  _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v) {
+    const I e = S::u8(qs + v * S::L);
+    I l = S::and_(e, 15), h = S::template srli<4>(e);
+    if constexpr (TY == Q5_K) {  // bit 4 of group j's quants is bit j of qh[l]
+      const I qh = S::u8(sb + 16 + v * S::L);
+      l = S::or_(l, S::template slli<4>(S::and_(S::srl(qh, 2 * i), 1)));
+      h = S::or_(h, S::template slli<4>(S::and_(S::srl(qh, 2 * i + 1), 1)));
+    }
+    lo[v] = S::cvt(l);
+    hi[v] = S::cvt(h);
+  }
+}
+
+// mv_rows for the K-quants: a super-block of each of NR rows at a time (the same dot products as
+// mv_rows; the min terms are summed 8 groups at a time).
+template <int TY, int NR, int NT>
+static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
+  using F = typename S::F;
+  constexpr int SB = TY == Q4_K ? 144 : TY == Q5_K ? 176 : 210;
+  const int64_t NB = jb.K / 256, G = jb.K / 32;
+  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
+  const int64_t step = NR * jb.row_bytes / (NB ? NB : 1);  // bytes of the block two ahead per super-block
+  const float* x0 = jb.x + t0 * jb.K;
+  const float* xs0 = jb.xsum ? jb.xsum + t0 * G : nullptr;
+  F tot[NR][NT];
+  typename S::H ct[NR][NT];  // the min terms, 8 groups' lanes apart
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) { tot[r][t] = S::zero(); ct[r][t] = S::h_zero(); }
+  // the group's dot product with each activation row, scaled into tot (a0 on the first half of
+  // the vectors, a1 on the second: one scale per 16 weights in Q6_K)
+  auto group = [&](int r, const F w[NV], int64_t k, float a0, float a1) {
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      const float* xg = x0 + t * jb.K + k;
+      if constexpr (TY == Q6_K) {
+        F b0 = S::mul(w[0], S::f32(xg)), b1 = S::mul(w[NV / 2], S::f32(xg + 16));
+        _Pragma("GCC unroll 8") for (int v = 1; v < NV / 2; ++v) {
+          b0 = S::fma(w[v], S::f32(xg + v * S::L), b0);
+          b1 = S::fma(w[NV / 2 + v], S::f32(xg + 16 + v * S::L), b1);
+        }
+        tot[r][t] = S::fma(S::set1(a0), b0, tot[r][t]);
+        tot[r][t] = S::fma(S::set1(a1), b1, tot[r][t]);
+      } else {
+        F bb = S::mul(w[0], S::f32(xg));
+        _Pragma("GCC unroll 8") for (int v = 1; v < NV; ++v) bb = S::fma(w[v], S::f32(xg + v * S::L), bb);
+        tot[r][t] = S::fma(S::set1(a0), bb, tot[r][t]);
+      }
+    }
+  };
+  for (int64_t b = 0; b < NB; ++b) {
+    for (int64_t o = 0; o < step + 64; o += 64) S::prefetch(ahead + b * step + o);
+    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+      const uint8_t* sb = row + r * jb.row_bytes + b * SB;
+      float a[16], c[8];
+      kq_scales<TY>(sb, a, c);
+      if constexpr (TY == Q6_K) {
+        typename S::B q[8];
+        q6k_quants(sb, q);
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; ++j) {
+          F w[NV];
+          S::widen(q[j], w);
+          group(r, w, b * 256 + j * 32, a[2 * j], a[2 * j + 1]);
+        }
+      } else {
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i) {
+          F lo[NV], hi[NV];
+          k4_pair<TY>(sb, i, lo, hi);
+          group(r, lo, b * 256 + i * 64, a[4 * i], a[4 * i]);
+          group(r, hi, b * 256 + i * 64 + 32, a[4 * i + 2], a[4 * i + 2]);
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)
+          ct[r][t] = S::h_fma(S::h_ld(c), S::h_ld(xs0 + t * G + b * 8), ct[r][t]);
+      }
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      const float s = S::hsum(tot[r][t]) + S::h_sum(ct[r][t]);
+      float* yt = y + (t0 + t) * jb.ldy + r;
+      *yt = jb.accumulate ? *yt + s : s;
+    }
+}
+
 // Rows r0..r1 for the activation rows [t0, t0 + NT): four weight rows at a time (two from three
 // activation rows on, so the accumulators stay in registers), then one.
 template <int TY, int NT>
 static inline void mv_range(const Job& jb, int64_t r0, int64_t r1, int64_t t0) {
   constexpr int NR = NT <= 2 ? 4 : 2;
   int64_t r = r0;
+  if constexpr (is_kquant<TY>()) {
+    for (; r + NR <= r1; r += NR) mv_rows_k<TY, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+    for (; r < r1; ++r) mv_rows_k<TY, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+    return;
+  }
   for (; r + NR <= r1; r += NR) mv_rows<TY, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
   for (; r < r1; ++r) mv_rows<TY, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
 }
@@ -179,6 +330,28 @@ template <int TY>
 static inline void dequant_row(const Job& jb, const uint8_t* row, float* out) {
   using F = typename S::F;
   const int64_t G = jb.K / 32;
+  if constexpr (is_kquant<TY>()) {  // a super-block at a time (kq_scales), the same numbers
+    constexpr int SB = TY == Q4_K ? 144 : TY == Q5_K ? 176 : 210;
+    for (int64_t b = 0; b < G / 8; ++b) {
+      const uint8_t* sb = row + b * SB;
+      float a[16], c[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      kq_scales<TY>(sb, a, c);
+      F w[8][NV];
+      if constexpr (TY == Q6_K) {
+        typename S::B q[8];
+        q6k_quants(sb, q);
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; ++j) S::widen(q[j], w[j]);
+      } else {
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i) k4_pair<TY>(sb, i, w[2 * i], w[2 * i + 1]);
+      }
+      _Pragma("GCC unroll 8") for (int j = 0; j < 8; ++j) {
+        const F A0 = S::set1(a[2 * j]), A1 = S::set1(a[2 * j + 1]), C = S::set1(c[j]);
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; ++v)
+          S::store(out + b * 256 + j * 32 + v * S::L, S::fma(w[j][v], v < NV / 2 ? A0 : A1, C));
+      }
+    }
+    return;
+  }
   for (int64_t g = 0; g < G; ++g) {
     F q[NV];
     float a0, a1, c;

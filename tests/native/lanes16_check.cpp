@@ -8,7 +8,7 @@
 #include <vector>
 #include "qk_types.h"
 namespace qk { namespace emu {
-struct F { float v[16]; }; struct I { int32_t v[16]; };
+struct F { float v[16]; }; struct I { int32_t v[16]; }; struct B8 { uint8_t v[32]; };
 struct S {
   static constexpr int L = 16; using F = emu::F; using I = emu::I;
   static I u8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=p[i]; return r;}
@@ -39,6 +39,23 @@ struct S {
   static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
   static void prefetch(const uint8_t*){}
   static float hsum(F a){float s=0;for(float x:a.v)s+=x;return s;}
+  struct H { float v[8]; };
+  static H h_zero(){H r;for(auto&x:r.v)x=0;return r;}
+  static H h_ld(const float*p){H r;for(int i=0;i<8;i++)r.v[i]=p[i];return r;}
+  static void h_st(float*p,H a){for(int i=0;i<8;i++)p[i]=a.v[i];}
+  static H h_fma(H a,H b,H c){for(int i=0;i<8;i++)c.v[i]+=a.v[i]*b.v[i];return c;}
+  static float h_sum(H a){float s=0;for(float x:a.v)s+=x;return s;}
+  static H h_u8(const uint8_t*p,float m){H r;for(int i=0;i<8;i++)r.v[i]=m*(float)p[i];return r;}
+  static H h_i8(const int8_t*p,float m){H r;for(int i=0;i<8;i++)r.v[i]=m*(float)p[i];return r;}
+  // bytes: 16-bit shifts over little-endian byte pairs, as the SIMD builds do
+  using B = B8;
+  static B ld32(const uint8_t*p){B r;for(int i=0;i<32;i++)r.v[i]=p[i];return r;}
+  static B band(B a,int m){for(auto&x:a.v)x&=m;return a;}
+  static B bor(B a,B b){for(int i=0;i<32;i++)a.v[i]|=b.v[i];return a;}
+  static B bsub(B a,int m){for(auto&x:a.v)x=(uint8_t)(x-m);return a;}
+  template<int N> static B sl16(B a){for(int i=0;i<32;i+=2){uint16_t w=(uint16_t)(a.v[i]|a.v[i+1]<<8);w=(uint16_t)(w<<N);a.v[i]=w&255;a.v[i+1]=w>>8;}return a;}
+  template<int N> static B sr16(B a){for(int i=0;i<32;i+=2){uint16_t w=(uint16_t)(a.v[i]|a.v[i+1]<<8);w=(uint16_t)(w>>N);a.v[i]=w&255;a.v[i+1]=w>>8;}return a;}
+  static void widen(B b,F out[2]){for(int i=0;i<32;i++)out[i/16].v[i%16]=(float)(int8_t)b.v[i];}
 };
 #include "qk_simd.h"
 }
