@@ -54,7 +54,7 @@ def get_isa() -> str:
 
 def matmul_isa(rows: int) -> str:
     """The path a matmul of `rows` activation rows runs on: the selected one, except that the
-    avx512 selection runs 2..191 rows on the 8-lane avx2 loops (faster there; qk.cpp: call_isa)."""
+    avx512 selection runs 5..8 rows on the 8-lane avx2 loops (faster there; qk.cpp: call_isa)."""
     return str(_qk.matmul_isa(int(rows)))
 
 

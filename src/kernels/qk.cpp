@@ -64,16 +64,14 @@ static RowsFn rows_for(int type, Isa isa) {
   }
 }
 
-// The path a matmul of T activation rows runs on. AVX-512 runs decode (T == 1) and the weight
-// panels of long prefill chunks (T >= PANEL_MIN_T); from 2 to PANEL_MIN_T - 1 rows the 8-lane AVX2
-// code runs instead. Measured on SmolLM2's matmuls on a Zen 4 EPYC (1 thread, the two paths taking
-// turns in one process): 16-lane chunks of activations leave half their lanes empty when T % 16 is
-// 1..8 (T = 8: 56 ms against 37; T = 24: 106 against 92), the 2 x 4 dot tiles' 16-lane horizontal
-// sums cost more (T = 7: 48 against 39), and at T = 2, 4, 16, 32 the two were equal (a 512-bit
-// op is two 256-bit halves on that core). The 16-lane versions of those loops stay compiled (one
-// template for every width) and tests/native/lanes16_check.cpp keeps their logic checked.
+// The path a matmul of T activation rows runs on: the selected one, except that the AVX-512
+// selection runs 5..8 rows on the 8-lane AVX2 code, where 16-lane chunks of activations would be
+// half empty. Measured on Qwen2.5-Coder-1.5B's ffn_gate (8960 x 1536, Q4_K; Zen 4, 2 threads, the
+// two paths in turn): AVX-512 took 1.2 / 1.6 / 1.5 / 1.6x less time at T = 2 / 4 / 16 / 64 and
+// about the same at T = 8. (On SmolLM2's small matrices with the older per-group decoding the two
+// were equal, and 2..191 rows ran on AVX2.)
 static Isa call_isa(int64_t T) {
-  return g_isa == ISA_AVX512 && T >= 2 && T < PANEL_MIN_T ? ISA_AVX2 : g_isa;
+  return g_isa == ISA_AVX512 && T >= 5 && T <= 8 ? ISA_AVX2 : g_isa;
 }
 
 static AttendFn attend_for(int64_t hd) {
