@@ -128,7 +128,7 @@ class FakeStage:
             hidden=hidden, tokens=tokens, forward_ms=0.1, cache_used_tokens=self.pool.used_tokens
         )
 
-    async def info(self) -> pb.NodeInfo:
+    async def info(self, host_sharing: int = 0) -> pb.NodeInfo:
         self._check_up()
         return pb.NodeInfo(
             node_id=self.node_id,

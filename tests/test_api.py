@@ -503,6 +503,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "max_running",
         "max_waiting",
         "micro_batches",
+        "micro_batches_reason",
     }
     assert (
         view["coordinator"]["healthy"] is True
@@ -531,6 +532,8 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "weights_bytes",
         "weight_types",
         "kernel",
+        "threads_reason",
+        "host_id",
         "last_forward_ms",
         "mean_forward_ms",
         "forwards_total",
@@ -541,6 +544,11 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
     assert nodes[0]["layers"][0] == 0 and nodes[-1]["layers"][1] == 30
     assert all(a["layers"][1] == b["layers"][0] for a, b in itertools.pairwise(nodes))
     assert all(n["healthy"] and n["error"] is None and n["rss_bytes"] > 0 for n in nodes)
+    # threads: auto on one host (loopback, one process): one group, so each node takes every core
+    assert view["coordinator"]["micro_batches"] == 1
+    assert "one host (by the host ids the nodes report)" in view["coordinator"]["micro_batches_reason"]
+    assert len({n["host_id"] for n in nodes}) == 1 and nodes[0]["host_id"]
+    assert all("take turns" in n["threads_reason"] for n in nodes)
     assert all(n["weights_bytes"] > 0 and n["weight_types"]["Q4_1"] == 70 for n in nodes)  # 10 layers x 7
     assert all(
         n["cache_block_size"] == 16 and n["cache_blocks_total"] * 16 == n["cache_budget_tokens"]

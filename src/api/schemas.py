@@ -355,6 +355,10 @@ class CoordinatorView(BaseModel):
     max_running: int
     max_waiting: int
     micro_batches: int = Field(description="Groups in flight through the pipeline.")
+    micro_batches_reason: str = Field(
+        description="Why that many: 'set to 2 in the config', or auto's choice from where the nodes run, "
+        "e.g. 'all 3 nodes on one host (by the host ids the nodes report): ...' ('' when unknown)."
+    )
 
 
 class TokenizerView(BaseModel):
@@ -399,6 +403,13 @@ class NodeView(BaseModel):
     )
     weight_types: dict[str, int] = Field(description="Weight matrices per storage type, e.g. {'Q4_1': 70}.")
     kernel: str = Field(description="Native kernel path and threads, e.g. 'avx2 x2' ('' while loading).")
+    threads_reason: str = Field(
+        description="Why the kernel pool has that many threads: 'set to 2 in the config', or auto's "
+        "arithmetic, e.g. 'auto: 16 cores (affinity) / 3 nodes computing at once (...)' ('' while loading)."
+    )
+    host_id: str = Field(
+        description="Hash naming the cores the node draws from: nodes with the same one share them ('' while loading)."
+    )
     last_forward_ms: float | None = Field(
         description="Compute time of its last Forward (null before the first)."
     )

@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeserve.common.errors import ConfigError
+from pipeserve.common.threads import MAX_THREADS, ThreadsSetting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.json"
 
@@ -43,6 +44,18 @@ class _Strict(BaseModel):
 Address = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]+:\d{1,5}$", description="host:port")]
 
 
+def _threads(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_THREADS:
+        return value
+    raise ValueError(f"must be 'auto' or a whole number from 1 to {MAX_THREADS}, got {value!r}")
+
+
+# "auto" (the node's cores divided among the nodes computing on them at once) or a fixed number.
+Threads = Annotated[ThreadsSetting, BeforeValidator(_threads)]
+
+
 class NodeConfig(_Strict):
     id: str = Field(min_length=1, description="Unique node name, e.g. node1.")
     address: Address = Field(description="host:port where the coordinator reaches this node's gRPC server.")
@@ -51,8 +64,9 @@ class NodeConfig(_Strict):
         None,
         description="Explicit half-open layer range [start, end); default: an even split over the parts.",
     )
-    threads: int | None = Field(
-        None, ge=1, description="Native-kernel threads for this node (default node_defaults.threads)."
+    threads: Threads | None = Field(
+        None,
+        description="Native-kernel threads for this node, 'auto' or a number (default node_defaults.threads).",
     )
     cache_budget_tokens: int | None = Field(
         None, ge=1, description="Override of node_defaults.cache_budget_tokens."
@@ -68,10 +82,11 @@ class NodeDefaults(_Strict):
         gt=0,
         description="Idle caches are evicted after this many seconds; free KV blocks unused that long are forgotten and their pages handed back to the OS.",
     )
-    threads: int = Field(
-        1,
-        ge=1,
-        description="Native-kernel threads per node process (nodes share the machine's cores); every op of a forward runs on it.",
+    threads: Threads = Field(
+        "auto",
+        description="Native-kernel threads per node process; every op of a forward runs on them. 'auto': the "
+        "cores the node's process may use (affinity, cgroup quota) divided among the nodes of the cluster that "
+        "compute on that host at the same time (src/common/threads.py); a number fixes it.",
     )
     max_message_mb: int = Field(64, ge=1, description="Largest gRPC message a node accepts or sends, MiB.")
 
@@ -86,7 +101,10 @@ class CoordinatorConfig(_Strict):
         "already holds (shared, not copied), and route it to the replica that holds them.",
     )
     micro_batches: int = Field(
-        0, ge=0, description="Groups in flight through the pipeline; 0 = one per part."
+        0,
+        ge=0,
+        description="Groups in flight through the pipeline; 0 = auto: one when every node runs on one host "
+        "(its stages take turns on all its cores), one per part when the nodes are on several hosts.",
     )
     max_batch_tokens: int = Field(
         256, ge=1, description="Tokens per forward step (prefill chunks + decodes)."

@@ -23,6 +23,7 @@ from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options
 from pipeserve.common.placement import Capacity, split_layers
+from pipeserve.common.threads import address_host, choose_micro_batches, sharing
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
@@ -51,8 +52,9 @@ class NodeClient:
     async def forward(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
         return await self.stub.Forward(req, timeout=self.forward_timeout_s)
 
-    async def info(self) -> pb.NodeInfo:
-        return await self.stub.Info(pb.InfoRequest(), timeout=self.rpc_timeout_s)
+    async def info(self, host_sharing: int = 0) -> pb.NodeInfo:
+        """The node's Info; `host_sharing` tells it how many nodes compute on its cores at once."""
+        return await self.stub.Info(pb.InfoRequest(host_sharing=host_sharing), timeout=self.rpc_timeout_s)
 
     async def release(self, request_ids: list[str]) -> pb.ReleaseResponse:
         return await self.stub.Release(pb.ReleaseRequest(request_ids=request_ids), timeout=self.rpc_timeout_s)
@@ -198,6 +200,10 @@ class Cluster:
         self.auto_layers: list[tuple[int, int]] | None = None
         self._placed = asyncio.Event()
         self._bg: set[asyncio.Task] = set()
+        # groups in flight and why, and per node id the nodes computing on its cores at once
+        self.micro_batches, self.micro_batches_reason = 1, ""
+        self.host_sharing: dict[str, int] = {}
+        self._share_hosts()
 
     def _client(self, address: str, name: str) -> NodeClient:
         if self._node_client is not None:
@@ -215,7 +221,9 @@ class Cluster:
     # ---- health -------------------------------------------------------------------------------
     async def refresh(self) -> None:
         """Ask every node and the tokenizer for Info; recompute health and the serving problems."""
-        infos = await asyncio.gather(*(n.client.info() for n in self.nodes), return_exceptions=True)
+        infos = await asyncio.gather(
+            *(n.client.info(self.host_sharing.get(n.id, 0)) for n in self.nodes), return_exceptions=True
+        )
         try:
             self.tokenizer_info = await self.tokenizer.info()
             self.tokenizer_healthy, self.tokenizer_error = True, ""
@@ -270,8 +278,28 @@ class Cluster:
                 if orphans:  # caches no request of ours owns (a coordinator restart): free them
                     self._orphans(n, orphans)
         self.problems = self._problems()
+        self._share_hosts()
         if became_healthy:
             self.changed.set()
+
+    def _share_hosts(self) -> None:
+        """Choose micro_batches (threads.choose_micro_batches) and count, for every node, the nodes
+        computing on its host at once (threads.sharing; sent with the next Info). Hosts are the host
+        ids the nodes report once every node has reported one (nodes on one machine under different
+        names, as Docker's, share it), until then the config's address hosts."""
+        ids = [n.info.host_id if n.info else "" for n in self.nodes]
+        reported = all(ids)
+        hosts = ids if reported else [address_host(n.address) for n in self.nodes]
+        source = "by the host ids the nodes report" if reported else "by the config's addresses"
+        choice = choose_micro_batches(self.cfg.coordinator.micro_batches, self.n_parts, hosts, source)
+        if choice[0] != self.micro_batches and self.micro_batches_reason:
+            log.info("micro-batch groups %d -> %d: %s", self.micro_batches, *choice)
+        self.micro_batches, self.micro_batches_reason = choice
+        self.host_sharing = {}
+        if reported:
+            for n, h in zip(self.nodes, hosts, strict=True):
+                parts = [m.part for m, hm in zip(self.nodes, hosts, strict=True) if hm == h]
+                self.host_sharing[n.id] = sharing(self.micro_batches, parts)[0]
 
     @staticmethod
     def _trust(n: NodeHandle) -> None:

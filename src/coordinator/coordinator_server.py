@@ -217,6 +217,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             max_running=sch.max_running,
             max_waiting=sch.max_waiting,
             micro_batches=sch.n_groups,
+            micro_batches_reason=cl.micro_batches_reason,
             model_name=info.model_name if info else self.cluster.cfg.model_name,
             model_checksum=cl.model_checksum,
             arch=info.arch if info else "",

@@ -65,8 +65,8 @@ class Scheduler:
         self.max_running, self.max_waiting = c.max_running, c.max_waiting
         self.max_batch_tokens = c.max_batch_tokens
         self.prefill_chunk_tokens = c.prefill_chunk_tokens
-        self.n_groups = c.micro_batches or cluster.n_parts
-        self.groups = [Group(i) for i in range(self.n_groups)]
+        # as many loops as micro_batches can ask for; admission uses the first n_groups
+        self.groups = [Group(i) for i in range(c.micro_batches or cluster.n_parts)]
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.running = 0
@@ -82,6 +82,12 @@ class Scheduler:
         self.prefix_lookup_tokens = 0
         self.preemptions = 0
         cluster.known_requests = lambda: self.requests
+
+    @property
+    def n_groups(self) -> int:
+        """Groups that take new requests: coordinator.micro_batches, or what the Cluster chose for
+        0 from where the nodes run (it may change as nodes report; a request stays in its group)."""
+        return max(1, min(len(self.groups), self.cluster.micro_batches))
 
     def start(self) -> None:
         for g in self.groups:
@@ -178,7 +184,7 @@ class Scheduler:
                 if prefix:
                     node.remember(prefix)
             req.admitted_at = time.monotonic()
-            g = min(self.groups, key=lambda g: len(g.requests))
+            g = min(self.groups[: self.n_groups], key=lambda g: len(g.requests))
             req.group = g.index
             g.requests.append(req)
             self.running += 1

@@ -18,6 +18,7 @@ import grpc
 
 from pipeserve import kernels
 from pipeserve.common import codec, tls
+from pipeserve.common import threads as host
 from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
@@ -34,9 +35,53 @@ log = logging.getLogger(__name__)
 SERVICE = "pipeserve.v1.ModelNode"
 
 
+class KernelThreads:
+    """A node's kernel-pool size and why (src/common/threads.py). Chosen at start from the config:
+    an explicit number, or `auto`: the process's usable cores divided among the nodes that compute
+    on this host at the same time, as the config's addresses tell (nodes on loopback, or on one
+    address host, share it). The coordinator sees more: every node reports the id of the cores it
+    draws from (`host_id`), which also joins nodes on one machine under different names (Docker
+    service names); once every node has reported, each health check carries its count and `adopt`
+    resizes the pool when the count differs. The pool is per process: nodes that share a process
+    (tests) compute the same count and set the same size."""
+
+    def __init__(self, setting: host.ThreadsSetting, first_sharing: tuple[int, str]) -> None:
+        self.setting = setting
+        self.cores, self.cores_why = host.usable_cores()
+        self.host_id = host.pool_id()
+        self.sharing = first_sharing[0]
+        self.threads, self.reason = host.choose_threads(
+            self.cores, first_sharing[0], setting, self.cores_why, first_sharing[1]
+        )
+        self._lock = threading.Lock()
+
+    def apply(self) -> None:
+        with self._lock:
+            kernels.set_threads(self.threads)
+
+    def adopt(self, sharing: int) -> None:
+        """The coordinator counts `sharing` nodes computing at once on this node's cores."""
+        with self._lock:
+            if self.setting != "auto" or sharing < 1 or sharing == self.sharing:
+                return
+            old = self.threads
+            self.sharing = sharing
+            self.threads, self.reason = host.choose_threads(
+                self.cores,
+                sharing,
+                self.setting,
+                self.cores_why,
+                "the coordinator's count, by the host ids the nodes report",
+            )
+            if self.threads != old:
+                log.info("kernel threads %d -> %d: %s", old, self.threads, self.reason)
+                kernels.set_threads(self.threads)
+
+
 class ModelNodeServicer(pb_grpc.ModelNodeServicer):
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, threads: KernelThreads | None = None) -> None:
         self.node_id = node_id
+        self.threads = threads  # adopts the coordinator's count of the nodes sharing this host
         self._runner: StageRunner | None = None  # set once the layers are loaded
         self.chain: ChainWorker | None = None  # the chain data path's worker, with the runner
         self.capacity: pb.Capacity | None = None  # measured before loading (`layers: auto`)
@@ -124,9 +169,13 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         )
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.NodeInfo:
+        if self.threads is not None and request.host_sharing:
+            self.threads.adopt(request.host_sharing)
         info = node_info(self.runner)
         if self.capacity is not None:
             info.capacity.CopyFrom(self.capacity)
+        if self.threads is not None:
+            info.host_id, info.threads_reason = self.threads.host_id, self.threads.reason
         return info
 
 
@@ -191,14 +240,19 @@ class NodeServer:
         if not self.address:
             raise ValueError(f"node {node_id!r} is not in the config: give its --address")
         self.part = part if part is not None else (known.model_part if known else 0)
-        self.threads = (known.threads if known else None) or cfg.node_defaults.threads
+        setting = (known.threads if known else None) or cfg.node_defaults.threads
+        configured = [(n.id, n.address, n.model_part) for n in cfg.nodes]
+        self.threads = KernelThreads(
+            setting,
+            host.config_sharing(configured, cfg.coordinator.micro_batches, node_id, self.address, self.part),
+        )
         self.budget = (known.cache_budget_tokens if known else None) or cfg.node_defaults.cache_budget_tokens
         self.layers = layers
         self.runner: StageRunner | None = None
         self.loaded_event = threading.Event()
         self.error: BaseException | None = None
         self.server = sync_server(16, "node-rpc", cfg.node_defaults.max_message_mb)
-        self.servicer = ModelNodeServicer(node_id)
+        self.servicer = ModelNodeServicer(node_id, self.threads)
         pb_grpc.add_ModelNodeServicer_to_server(self.servicer, self.server)
         bind = listen_address or self.address
         self.health, self.port = listen(self.server, SERVICE, bind, f"node {node_id}", cfg, node_id)
@@ -214,7 +268,10 @@ class NodeServer:
 
     def _load(self) -> None:
         try:
-            kernels.set_threads(self.threads)  # every op of a forward runs on the kernels' pool
+            self.threads.apply()  # every op of a forward runs on the kernels' pool
+            log.info(
+                "node %s: %d kernel threads, %s", self.node_id, self.threads.threads, self.threads.reason
+            )
             source = resolve_model(self.cfg.model_name)
             n_layers = read_config(source).n_layers
             if self.layers is None and self.cfg.layers == "auto":

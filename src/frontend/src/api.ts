@@ -120,6 +120,8 @@ export interface NodeStatus {
   weight_types: Record<string, number>;
   /** Native kernel path and threads, e.g. "avx2 x2". */
   kernel: string;
+  /** Why the kernel pool has that many threads, e.g. "auto: 16 cores (affinity) / 3 nodes computing at once (...)". */
+  threads_reason?: string;
   last_forward_ms: number | null;
   mean_forward_ms: number | null;
   forwards_total: number;
@@ -139,6 +141,8 @@ export interface ClusterStatus {
     max_running: number;
     max_waiting: number;
     micro_batches: number;
+    /** Why that many groups, e.g. "all 3 nodes on one host (...): one stage computes at a time, on all its cores". */
+    micro_batches_reason?: string;
   };
   tokenizer: { address: string; healthy: boolean; vocab_size: number; error: string | null };
   nodes: NodeStatus[];

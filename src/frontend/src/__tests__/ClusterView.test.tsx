@@ -34,6 +34,11 @@ describe("ClusterView", () => {
 
     expect(screen.getByTestId("cluster-ready")).toHaveTextContent("ready");
     expect(screen.getByTestId("coordinator-card")).toHaveTextContent("1 / 8");
+    expect(within(n2).getByText(/avx2 x1/)).toHaveAttribute("title", "auto: 2 cores (affinity) / 1 node computing at once");
+    expect(within(screen.getByTestId("coordinator-card")).getByText("micro-batches").nextElementSibling).toHaveAttribute(
+      "title",
+      "all 3 nodes on one host",
+    );
     expect(screen.getByTestId("tokenizer-card")).toHaveTextContent("49,152");
     expect(screen.getByTestId("cluster-model")).toHaveTextContent("smollm2-135m · llama · 30 layers");
     expect(screen.getByTestId("stage-0")).toHaveTextContent("node1");

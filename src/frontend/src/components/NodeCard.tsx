@@ -63,7 +63,7 @@ export function NodeCard({ node, nLayers, active }: Props) {
         <dt>weights</dt>
         <dd title={Object.entries(node.weight_types ?? {}).map(([t, n]) => `${n} ${t}`).join(", ")}>
           {formatBytes(node.weights_bytes)}{" "}
-          <span className="muted">{Object.keys(node.weight_types ?? {}).join(" ")}{node.kernel ? ` · ${node.kernel}` : ""}</span>
+          <span className="muted" title={node.threads_reason || undefined}>{Object.keys(node.weight_types ?? {}).join(" ")}{node.kernel ? ` · ${node.kernel}` : ""}</span>
         </dd>
         <dt>forward</dt>
         <dd>

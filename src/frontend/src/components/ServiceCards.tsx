@@ -31,7 +31,7 @@ export function CoordinatorCard({ c }: { c: ClusterStatus["coordinator"] }) {
           </span>
         </dd>
         <dt>micro-batches</dt>
-        <dd>{formatCount(c.micro_batches)}</dd>
+        <dd title={c.micro_batches_reason || undefined}>{formatCount(c.micro_batches)}</dd>
       </dl>
     </article>
   );
