@@ -1,6 +1,11 @@
-"""Engine benchmark: our single-process engine vs transformers vs llama.cpp, same GGUF, same threads.
+"""Engine benchmark: our single-process engine vs llama.cpp (and transformers), same GGUF, same threads.
 
-`make bench-engine` runs it. Each engine is measured in its own subprocess (the script re-invokes
+`make bench-engine` runs it on the embedded model; `make bench-engine MODEL=qwen2.5-coder-1.5b-instruct`
+on a named model (written to bench/engine-<model>.json). `--threads 1,2` measures each thread count
+in turn (ours, then llama.cpp's tools, per count), with the roofline of that count: the read
+bandwidth and FMA peak the machine reaches on that many threads (kernels' `probe`), against the
+bytes and flops a decode step and a prefill need. transformers runs on the embedded model only
+(`--hf` forces it; the 1.5B model would need ~7 GB in fp32). Each engine is measured in its own subprocess (the script re-invokes
 itself with `--only ours|hf|stage|llamacpp`, which prints one JSON line), so every peak RSS is clean.
 Load time is kept apart; every figure comes after a warm-up and is the median of `--runs` runs.
 Decode figures time only the decode steps, never the prefill. llama.cpp's own tools give its
@@ -176,16 +181,40 @@ def bench_isas(tokens: int, runs: int) -> dict[str, Any]:
     }
 
 
+def bench_roofline(tokens: int, runs: int) -> dict[str, Any]:
+    """What this machine reaches on THREADS threads: read bandwidth over a 1 GiB buffer, FMA peak
+    of the widest kernel path; and what a token needs: the bytes of every matrix a decode step
+    reads (all linear layers and the head), the flops of a prefill token (2 per weight, head
+    excluded: a prefill samples one row)."""
+    from pipeserve import kernels
+    from pipeserve.kernels import QLinear, _qk
+    from pipeserve.modeling.layers import modules
+    from pipeserve.modeling.loader import load_stage
+
+    kernels.set_threads(THREADS)
+    sec, nbytes = _qk.probe("read", 1 << 30)
+    fsec, flops = _qk.probe("fma", 20_000_000)
+    lins = [m for m in modules(load_stage(MODEL).model) if isinstance(m, QLinear)]
+    head = max(lins, key=lambda m: m.out_features)  # the LM head: the widest matrix
+    return {
+        "read_gb_s": nbytes / sec / 1e9,
+        "fma_gflop_s": flops / fsec / 1e9,
+        "decode_bytes_per_token": sum(m.nbytes for m in lins),
+        "prefill_flops_per_token": 2 * sum(m.in_features * m.out_features for m in lins if m is not head),
+        "isa": kernels.get_isa(),
+    }
+
+
 def bench_llamacpp(tokens: int, runs: int) -> dict[str, Any]:
     """llama.cpp's own benchmark tools on the same GGUF and thread count."""
-    from pipeserve.modeling.source import embedded_gguf_path
+    from pipeserve.modeling.source import resolve_model
 
     build = Path(__file__).with_name("build_llamacpp.sh")
     found = subprocess.run(["bash", str(build)], capture_output=True, text=True, check=False)
     if found.returncode != 0:
         return {"skipped": f"llama.cpp could not be built: {found.stderr[-500:]}"}
     bin_dir = Path(found.stdout.strip().splitlines()[-1])
-    gguf, threads = str(embedded_gguf_path()), str(THREADS)
+    gguf, threads = str(resolve_model(MODEL).path), str(THREADS)
     out = subprocess.run(
         [
             str(bin_dir / "llama-bench"),
@@ -251,10 +280,10 @@ def bench_hf(tokens: int, runs: int) -> dict[str, Any]:
 
     torch.set_num_threads(THREADS)
 
-    from pipeserve.modeling.source import embedded_gguf_path
+    from pipeserve.modeling.source import resolve_model
 
     t0 = time.perf_counter()
-    path = embedded_gguf_path()
+    path = resolve_model(MODEL).path
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     ).eval()
@@ -340,6 +369,7 @@ def bench_stage(tokens: int, runs: int) -> dict[str, Any]:
 
 
 BENCHES = {
+    "roofline": bench_roofline,
     "ours": bench_ours,
     "isas": bench_isas,
     "hf": bench_hf,
@@ -348,95 +378,118 @@ BENCHES = {
 }
 
 
-def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--only", name, "--threads", str(args.threads)]
+def run_child(name: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--only", name, "--threads", str(threads), "--model", args.model]
     cmd += ["--tokens", str(args.tokens), "--runs", str(args.runs)]
-    print(f"running {name} ...", file=sys.stderr, flush=True)
+    print(f"running {name} at {threads} threads ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         sys.exit(f"{name} benchmark failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
 def table(res: dict[str, Any]) -> str:
-    ours, hf, stage, lc = res["ours"], res["hf"], res["stage"], res["llamacpp"]
-    have_lc = "skipped" not in lc
+    """The README's tables: one per thread count (ours against llama.cpp and, where run,
+    transformers), the roofline, and where a decode step goes."""
     b = f"decode_b{BATCH}_tok_s"
-    rows = [
-        ("decode batch 1 (tok/s)", "decode_b1_tok_s", "llama-bench tg64"),
-        (f"decode batch {BATCH}, aggregate (tok/s)", b, f"llama-batched-bench B={BATCH}"),
-        (f"prefill {PREFILL_LEN} tokens (tok/s)", "prefill_tok_s", f"llama-bench pp{PREFILL_LEN}"),
-        ("peak RSS (MiB)", "peak_rss_mib", "llama-bench"),
-    ]
-    lines = [
-        "| metric | pipeserve | transformers | llama.cpp | ours / transformers | ours / llama.cpp |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, key, lc_label in rows:
-        lc_val = f"{lc[key]:.1f} ({lc_label})" if have_lc else "-"
-        lc_ratio = f"{ours[key] / lc[key]:.2f}x" if have_lc else "-"
-        lines.append(
-            f"| {label} | {ours[key]:.1f} | {hf[key]:.1f} | {lc_val} | {ours[key] / hf[key]:.2f}x | {lc_ratio} |"
+    out: list[str] = []
+    for th, r in res["runs"].items():
+        ours, lc, hf, roof = r["ours"], r["llamacpp"], r.get("hf"), r["roofline"]
+        have_lc = "skipped" not in lc
+        rows = [
+            ("decode batch 1 (tok/s)", "decode_b1_tok_s", "llama-bench tg64"),
+            (f"decode batch {BATCH}, aggregate (tok/s)", b, f"llama-batched-bench B={BATCH}"),
+            (f"prefill {PREFILL_LEN} tokens (tok/s)", "prefill_tok_s", f"llama-bench pp{PREFILL_LEN}"),
+            ("peak RSS (MiB)", "peak_rss_mib", "llama-bench"),
+        ]
+        hf_head = " transformers | ours / transformers |" if hf else ""
+        out += [
+            f"\n**{th} thread{'s' if th != '1' else ''}** ({res['model']})\n",
+            f"| metric | pipeserve | llama.cpp | ours / llama.cpp |{hf_head}",
+            "|---|---|---|---|" + ("---|---|" if hf else ""),
+        ]
+        for label, key, lc_label in rows:
+            lc_val = f"{lc[key]:.1f} ({lc_label})" if have_lc else "-"
+            hf_cols = f" {hf[key]:.1f} | {ratio(ours[key], hf[key])} |" if hf else ""
+            out.append(
+                f"| {label} | {ours[key]:.1f} | {lc_val} | {ratio(ours[key], lc[key]) if have_lc else '-'} |{hf_cols}"
+            )
+        gb = roof["decode_bytes_per_token"] / 1e9
+        gf = roof["prefill_flops_per_token"] / 1e9
+        lc_bw = f"{gb * lc['decode_b1_tok_s']:.1f}" if have_lc else "-"
+        lc_fl = f"{gf * lc['prefill_tok_s']:.0f}" if have_lc else "-"
+        out.append(
+            f"\nroofline at {th} thread(s): read bandwidth {roof['read_gb_s']:.1f} GB/s, FMA peak "
+            f"{roof['fma_gflop_s']:.0f} GFLOP/s ({roof['isa']}); a decode token reads {gb:.3f} GB of "
+            f"weights: ours {gb * ours['decode_b1_tok_s']:.1f} GB/s, llama.cpp {lc_bw} GB/s; a prefill "
+            f"token is {gf:.2f} GFLOP: ours {gf * ours['prefill_tok_s']:.0f} GFLOP/s, llama.cpp {lc_fl} GFLOP/s "
+            "(llama.cpp computes in int8 after rounding the activations)"
         )
-    lines.append(f"| load (s) | {ours['load_s']:.1f} | {hf['load_s']:.1f} | | | |")
-    lines.append(
-        f"| stage [{STAGE[0]},{STAGE[1]}) of 3 | RSS {stage['peak_rss_mib']:.0f} MiB, weights {stage['param_mib']:.1f} MiB, "
-        f"{stage['decode_b1_ms_per_step']:.2f} ms per decode step | | | | |"
-    )
-    for batch in (1, BATCH):
-        step, mm = ours[f"decode_b{batch}_ms_per_step"], ours[f"decode_b{batch}_matmul_ms_per_step"]
-        lines.append(
-            f"\nbatch {batch} decode step: {step:.2f} ms; its native matmuls alone (same shapes, in a loop) {mm:.2f} ms ({100 * mm / step:.0f}%), "
-            f"everything else (attention, norms, RoPE, sampling, Python) {step - mm:.2f} ms"
-        )
-    lines.append(
-        f"\nkernels: {ours['kernel_isa']} x{ours['kernel_threads']} threads (CPU: {', '.join(res['cpu_flags'])})"
-    )
-    if len(res["isas"]) > 1:
-        lines.append(
-            "\n| kernel path (taking turns in one process) | decode batch 1 | decode batch 16 | prefill 256 |"
-        )
-        lines.append("|---|---|---|---|")
-        for isa, r in res["isas"].items():
-            lines.append(f"| {isa} | {r['decode_b1_tok_s']:.1f} | {r[b]:.1f} | {r['prefill_tok_s']:.1f} |")
-    if not have_lc:
-        lines.append(f"llama.cpp skipped: {lc['skipped']}")
-    return "\n".join(lines)
+        for batch in (1, BATCH):
+            step, mm = ours[f"decode_b{batch}_ms_per_step"], ours[f"decode_b{batch}_matmul_ms_per_step"]
+            out.append(
+                f"\nbatch {batch} decode step: {step:.2f} ms; its native matmuls alone (same shapes, in a loop) "
+                f"{mm:.2f} ms ({100 * mm / step:.0f}%), everything else {step - mm:.2f} ms"
+            )
+        if not have_lc:
+            out.append(f"llama.cpp skipped: {lc['skipped']}")
+    out.append(f"\nkernels: {', '.join(res['cpu_flags'])}")
+    return "\n".join(out)
 
 
 def main() -> None:
+    global THREADS, MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("bench/engine.json"))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=MODEL, help="model_name (default: the embedded model)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default bench/engine.json (bench/engine-<model>.json)"
+    )
+    ap.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per figure (median reported)")
+    ap.add_argument("--hf", action="store_true", help="also run transformers (default: embedded model only)")
     ap.add_argument(
         "--only", choices=sorted(BENCHES), help="measure one engine and print its JSON (internal)"
     )
     args = ap.parse_args()
-    global THREADS
-    THREADS = args.threads
+    MODEL = args.model
     if args.only:
+        THREADS = int(args.threads)
         print(json.dumps(BENCHES[args.only](args.tokens, args.runs)))
         return
+    out = args.out or Path(
+        "bench/engine.json" if MODEL == "smollm2-135m-instruct" else f"bench/engine-{MODEL}.json"
+    )
     res: dict[str, Any] = {
         "model": MODEL,
-        "weights": "GGUF blocks as stored (Q4_1, Q8_0 head); fp32 activations",
-        "threads": args.threads,
+        "weights": "GGUF blocks as stored; fp32 activations",
         "decode_tokens": args.tokens,
         "runs": args.runs,
         "prompt_len_for_decode": PROMPT_LEN,
         "prefill_len": PREFILL_LEN,
         "batch": BATCH,
-        "torch": importlib.metadata.version("torch"),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "cpu_flags": cpu_flags(),
+        "runs_by_threads": None,
     }
-    for name in BENCHES:
-        res[name] = run_child(name, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    with_hf = args.hf or MODEL == "smollm2-135m-instruct"
+    runs: dict[str, dict[str, Any]] = {}
+    for th in (int(t) for t in args.threads.split(",")):
+        r = {name: run_child(name, args, th) for name in ("roofline", "ours", "llamacpp")}
+        if with_hf:
+            r["hf"] = run_child("hf", args, th)
+        runs[str(th)] = r
+    res.pop("runs_by_threads")
+    res["runs"] = runs
+    if with_hf:
+        res["torch"] = importlib.metadata.version("torch")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
     print(table(res))
 
 

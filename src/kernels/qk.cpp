@@ -18,8 +18,10 @@
 #include "qk_types.h"
 
 namespace qk {
-namespace avx2 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); GeluRowFn get_gelu_tanh(); }
-namespace avx512 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); GeluRowFn get_gelu_tanh(); }
+namespace avx2 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
+                 ProbeReadFn get_probe_read(); ProbeFmaFn get_probe_fma(); }
+namespace avx512 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
+                   ProbeReadFn get_probe_read(); ProbeFmaFn get_probe_fma(); }
 namespace generic {
 RowsFn get(int type);
 void dequant_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, const int64_t* ids, int64_t n, float* out);
@@ -693,6 +695,73 @@ static PyObject* py_rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// probe(kind, n) -> (seconds, units): the roofline probes on every thread of the pool at once
+// (scripts/bench_engine.py). kind "read": each thread sums its share of an n-byte buffer
+// (allocated and written first), 3 passes, the fastest counted: units = bytes read. kind "fma":
+// each thread runs n iterations of 12 FMA chains of the selected ISA's width: units = flops.
+static PyObject* py_probe(PyObject*, PyObject* args) {
+  const char* kind;
+  long long n;
+  if (!PyArg_ParseTuple(args, "sL", &kind, &n)) return nullptr;
+  const std::string k(kind);
+  if ((k != "read" && k != "fma") || n <= 0 || g_isa == ISA_GENERIC) {
+    PyErr_Format(PyExc_ValueError, "probe(kind, n): kind read or fma, n > 0, on a SIMD path (got %s, %lld, %s)", kind, n,
+                 ISA_NAMES[g_isa]);
+    return nullptr;
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  const bool wide = g_isa == ISA_AVX512;
+  struct Ctx {
+    const float* p;
+    int64_t per;  // floats (read) or iterations (fma) per thread
+    ProbeReadFn rd;
+    ProbeFmaFn fm;
+    float sink[256];
+  } c{};
+  c.rd = wide ? avx512::get_probe_read() : avx2::get_probe_read();
+  c.fm = wide ? avx512::get_probe_fma() : avx2::get_probe_fma();
+  const int lanes = wide ? 16 : 8;
+  double best = 1e30, units = 0;
+  std::vector<float> buf;
+  Py_BEGIN_ALLOW_THREADS
+  std::shared_lock<std::shared_mutex> use(g_pool_rw);
+  const int nt = g_pool->size();
+  if (k == "read") {
+    const int64_t floats = n / 4 / (nt * 4 * lanes) * (nt * 4 * lanes);
+    buf.assign(floats, 1.f);
+    c.p = buf.data();
+    c.per = floats / nt;
+    units = 4.0 * floats;
+  } else {
+    c.per = n;
+    units = 2.0 * 12 * lanes * n * nt;
+  }
+  for (int pass = 0; pass < 3; ++pass) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto body = [](void* p, int64_t i) {
+      Ctx& x = *(Ctx*)p;
+      x.sink[i % 256] = x.p ? x.rd(x.p + i * x.per, x.per) : x.fm(x.per);
+    };
+    if (nt == 1) {
+      body(&c, 0);
+    } else {
+      Task task;
+      task.fn = body;
+      task.ctx = &c;
+      task.n_items = nt;
+      g_pool->run(&task, nt);
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = dt < best ? dt : best;
+  }
+  Py_END_ALLOW_THREADS
+  return Py_BuildValue("(dd)", best, units);
+#else
+  PyErr_SetString(PyExc_ValueError, "probe needs an x86-64 SIMD path");
+  return nullptr;
+#endif
+}
+
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
   if (PyErr_Occurred()) return nullptr;
@@ -717,6 +786,7 @@ static PyMethodDef module_methods[] = {
     {"addr", py_addr, METH_O, "addr(buffer) -> the address of a C-contiguous buffer"},
     {"gelu", (PyCFunction)(void (*)(void))py_gelu, METH_FASTCALL,
      "gelu(x, y, T, I, x_stride, up, up_stride, approximate): y = gelu(x) (* up)"},
+    {"probe", py_probe, METH_VARARGS, "probe(kind, n) -> (seconds, units): read bandwidth or FMA peak on the pool"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 

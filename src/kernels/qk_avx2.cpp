@@ -113,6 +113,8 @@ RowsFn get(int type) { return rows_fn(type); }
 AttendFn get_attend() { return attend_one; }
 SiluFn get_silu() { return silu_mul_v; }
 GeluRowFn get_gelu_tanh() { return gelu_tanh_row_v; }
+ProbeReadFn get_probe_read() { return probe_read; }
+ProbeFmaFn get_probe_fma() { return probe_fma; }
 
 }  // namespace avx2
 }  // namespace qk

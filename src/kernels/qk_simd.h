@@ -742,6 +742,32 @@ static void attend_one(const float* q, float* __restrict out, const float* const
   }
 }
 
+// Roofline probes (scripts/bench_engine.py): what one thread of this ISA reaches reading memory
+// and issuing FMAs; qk.cpp's `probe` runs them on every thread of the pool at once.
+static float probe_read(const float* p, int64_t n) {  // the sum of n floats (n % (4 L) == 0)
+  using F = typename S::F;
+  F a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
+  for (int64_t i = 0; i < n; i += 4 * S::L) {
+    a0 = S::add(a0, S::f32(p + i));
+    a1 = S::add(a1, S::f32(p + i + S::L));
+    a2 = S::add(a2, S::f32(p + i + 2 * S::L));
+    a3 = S::add(a3, S::f32(p + i + 3 * S::L));
+  }
+  return S::hsum(S::add(S::add(a0, a1), S::add(a2, a3)));
+}
+
+static float probe_fma(int64_t iters) {  // iters x 12 independent FMA chains of S::L lanes
+  using F = typename S::F;
+  F acc[12];
+  const F m = S::set1(0.999999f), c = S::set1(1e-7f);
+  for (int i = 0; i < 12; ++i) acc[i] = S::set1((float)i);
+  for (int64_t it = 0; it < iters; ++it)
+    _Pragma("GCC unroll 12") for (int i = 0; i < 12; ++i) acc[i] = S::fma(acc[i], m, c);
+  F s = acc[0];
+  for (int i = 1; i < 12; ++i) s = S::add(s, acc[i]);
+  return S::hsum(s);
+}
+
 static RowsFn rows_fn(int type) {
   switch (type) {
     case F32: return rows_impl<F32>;

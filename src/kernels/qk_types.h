@@ -211,6 +211,9 @@ typedef void (*AttendFn)(const float* q, float* out, const float* const* Kb, con
 typedef void (*SiluFn)(const float* gu, float* y, int64_t T, int64_t I);
 // One row of the tanh-form GELU: y[i] = gelu_tanh(x[i]) * (up ? up[i] : 1) (generic::gelu_tanh_row).
 typedef void (*GeluRowFn)(const float* x, const float* up, float* y, int64_t I);
+// Roofline probes (qk_simd.h): a sum of n floats; iters x 12 FMA chains of the ISA's width.
+typedef float (*ProbeReadFn)(const float* p, int64_t n);
+typedef float (*ProbeFmaFn)(int64_t iters);
 
 // gelu_tanh(v) = v/2 (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3), computed as v * sigmoid(2u)
 // (the same number: 1 + tanh(u) = 2 sigmoid(2u)); the sigmoid from e = exp(-|2u|), which never
