@@ -119,8 +119,9 @@ bench-tls: deps kernels proto
 bench-wire: deps kernels proto
 	$(BIN)/python scripts/bench_wire.py --out bench/wire.json
 
-bench-engine: deps kernels proto
-	$(BIN)/python scripts/bench_engine.py --out bench/engine.json
+# MODEL=qwen2.5-coder-1.5b-instruct (a named model) writes bench/engine-<model>.json
+bench-engine: deps kernels proto $(if $(MODEL),models)
+	$(BIN)/python scripts/bench_engine.py $(if $(MODEL),--model $(MODEL))
 
 bench: deps kernels proto
 	$(BIN)/python scripts/bench_serving.py --out bench/serving.json

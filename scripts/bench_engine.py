@@ -437,7 +437,20 @@ def table(res: dict[str, Any]) -> str:
             )
         if not have_lc:
             out.append(f"llama.cpp skipped: {lc['skipped']}")
-    out.append(f"\nkernels: {', '.join(res['cpu_flags'])}")
+    st = res["stage"]
+    out.append(
+        f"\none stage [{st['layers'][0]},{st['layers'][1]}) at {res['isas_threads']} threads: weights "
+        f"{st['param_mib']:.1f} MiB, RSS {st['peak_rss_mib']:.0f} MiB, {st['decode_b1_ms_per_step']:.2f} ms per batch-1 decode step"
+    )
+    if len(res["isas"]) > 1:
+        out += [
+            f"\n| kernel path (taking turns in one process, {res['isas_threads']} threads) | decode batch 1 | "
+            f"decode batch {BATCH} | prefill {PREFILL_LEN} |",
+            "|---|---|---|---|",
+        ]
+        for isa, r in res["isas"].items():
+            out.append(f"| {isa} | {r['decode_b1_tok_s']:.1f} | {r[b]:.1f} | {r['prefill_tok_s']:.1f} |")
+    out.append(f"\nCPU flags: {', '.join(res['cpu_flags'])}")
     return "\n".join(out)
 
 
@@ -486,6 +499,9 @@ def main() -> None:
         runs[str(th)] = r
     res.pop("runs_by_threads")
     res["runs"] = runs
+    last = int(args.threads.split(",")[-1])  # the kernel paths in turn, and one stage, at the last count
+    res["isas"], res["stage"] = run_child("isas", args, last), run_child("stage", args, last)
+    res["isas_threads"] = last
     if with_hf:
         res["torch"] = importlib.metadata.version("torch")
     out.parent.mkdir(parents=True, exist_ok=True)
