@@ -126,6 +126,14 @@ def test_each_node_holds_only_its_share(tmp_path):
             if all(n["weights_bytes"] for n in view["nodes"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        # the nodes read their weights in place from the file's map: pages count once read, so one
+        # request first (node3 then has read every row of the tied head)
+        done = httpx.post(
+            f"http://127.0.0.1:{cfg.api.port}/v1/completions",
+            json={"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0},
+            timeout=60,
+        )
+        assert done.status_code == 200, done.text
         rss = {n: three.rss_mib(n) for n in ("node1", "node2", "node3")}
         print(
             f"weights: {[(n['id'], n['weights_bytes'], n['weight_types']) for n in view['nodes']]}; RSS MiB {rss}"

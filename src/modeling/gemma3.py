@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeserve.kernels import QLinear
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, RMSNorm
+from pipeserve.modeling.layers import BatchMeta, RMSNorm, row_chunks
 from pipeserve.modeling.llama import (
     Attention,
     GatedMLP,
@@ -50,8 +50,10 @@ class Gemma3Layer:
     def forward(self, x: np.ndarray, rope: RopeTables, meta: BatchMeta, layer: int) -> np.ndarray:
         a = self.self_attn.o_proj(self.self_attn(self.input_layernorm(x), rope, meta, layer))  # [T, C]
         x = x + self.post_attention_layernorm(a)
-        m = self.mlp.down_proj(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x + self.post_feedforward_layernorm(m)
+        for xr in row_chunks(x):  # MLP_ROWS rows a call, added into x in place
+            m = self.mlp.down_proj(self.mlp(self.pre_feedforward_layernorm(xr)))
+            xr += self.post_feedforward_layernorm(m)
+        return x
 
 
 class Gemma3Stage(LlamaStage):

@@ -48,15 +48,54 @@ _NUMPY = {
 }
 
 
+# Arrays at least this long (a tokenizer's vocabulary, merges, token types) stay in the map until
+# asked for: Qwen2.5's 152k tokens and 151k merges are ~25 MiB as Python objects, which a process
+# that only loads weights (a node, the engine benchmark) would otherwise hold.
+_LAZY_MIN = 1024
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A long array of numbers or strings, read from the map by each `Field.contents()` call."""
+
+    buf: mmap.mmap
+    etype: int  # the element's value type
+    count: int
+    offset: int  # of its first element, in the file
+
+    def read(self) -> list[Any]:
+        return _array(self.buf, self.offset, self.etype, self.count)[0]
+
+
 @dataclass(frozen=True)
 class Field:
-    """One metadata value, already decoded (scalars, str, lists)."""
+    """One metadata value: scalars, str and short lists decoded; long arrays on demand."""
 
     name: str
     value: Any
 
     def contents(self) -> Any:
-        return self.value
+        return self.value.read() if isinstance(self.value, _Deferred) else self.value
+
+
+def _array(buf: Any, off: int, etype: int, count: int, decode: bool = True) -> tuple[list[Any], int]:
+    """An array of numbers or strings at `off` -> (its list, the offset past it); with decode=False
+    only the offset (the list is empty)."""
+    if etype in _NUMPY:  # numbers: one frombuffer, then a list as gguf-py gives
+        dt = np.dtype(_NUMPY[etype])
+        end = off + count * dt.itemsize
+        if not decode:
+            return [], end
+        arr = np.frombuffer(buf, dtype=dt, count=count, offset=off)
+        return (arr.astype(bool).tolist() if etype == 7 else arr.tolist()), end
+    out: list[Any] = []
+    unpack = struct.Struct("<Q").unpack_from
+    for _ in range(count):
+        (n,) = unpack(buf, off)
+        if decode:
+            out.append(str(buf[off + 8 : off + 8 + n], "utf-8"))
+        off += 8 + n
+    return out, off
 
 
 @dataclass(frozen=True)
@@ -121,6 +160,16 @@ class GGUFFile:
             self.tensors.append(Tensor(name, qtype, tuple(int(d) for d in dims), n, start, whole))
         del self._buf  # the memory map stays open for the tensors' views
 
+    def advise(self, t: Tensor, advice: int) -> None:
+        """madvise the pages of the map that hold tensor t: MADV_WILLNEED reads them ahead (into
+        the page cache, not into this process); MADV_DONTNEED takes them out of this process's
+        resident set (the map is read-only and file-backed: a later read maps them again)."""
+        page = mmap.PAGESIZE
+        lo = t.offset // page * page
+        hi = min(-(-(t.offset + t.n_bytes) // page) * page, len(self._mm))
+        if hi > lo and hasattr(self._mm, "madvise"):  # not on every OS: then it is only slower
+            self._mm.madvise(advice, lo, hi - lo)
+
     def mapped_rows(self, t: Tensor) -> np.ndarray:
         """A tensor's bytes as writable uint8 [rows, row_bytes] over a private map of the file.
 
@@ -153,18 +202,8 @@ class GGUFFile:
         if vtype != 9:
             raise ValueError(f"unknown GGUF value type {vtype}")
         etype, count = self._unpack("<IQ")
-        if etype in _NUMPY:  # numbers: one frombuffer, then a list as gguf-py gives
-            dt = np.dtype(_NUMPY[etype])
-            arr = np.frombuffer(self._buf, dtype=dt, count=count, offset=self._off)
-            self._off += count * dt.itemsize
-            return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
-        if etype == 8:
-            buf, off, out = self._buf, self._off, []
-            unpack = struct.Struct("<Q").unpack_from
-            for _ in range(count):
-                (n,) = unpack(buf, off)
-                out.append(str(buf[off + 8 : off + 8 + n], "utf-8"))
-                off += 8 + n
-            self._off = off
-            return out
+        if etype in _NUMPY or etype == 8:
+            start, lazy = self._off, count >= _LAZY_MIN
+            out, self._off = _array(self._buf, start, etype, count, decode=not lazy)
+            return _Deferred(self._mm, etype, count, start) if lazy else out
         return [self._value(etype) for _ in range(count)]

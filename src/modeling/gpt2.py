@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeserve.kernels import QLinear, gelu
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, LayerNorm, QEmbedding, attend
+from pipeserve.modeling.layers import BatchMeta, LayerNorm, QEmbedding, attend, row_chunks
 from pipeserve.modeling.llama import Weights, check_shapes, matrix
 
 
@@ -30,7 +30,9 @@ class GPT2Block:
     def __call__(self, x: np.ndarray, meta: BatchMeta, layer: int) -> np.ndarray:
         qkv = self.c_attn(self.ln_1(x))  # [T, 3C]: q | k | v, n_heads each
         x = x + self.c_proj(attend(qkv, self.nh, meta, layer))
-        return x + self.mlp_c_proj(gelu(self.c_fc(self.ln_2(x)), approximate=True))
+        for xr in row_chunks(x):  # MLP_ROWS rows a call, added into x in place
+            xr += self.mlp_c_proj(gelu(self.c_fc(self.ln_2(xr)), approximate=True))
+        return x
 
 
 class GPT2Stage:

@@ -19,7 +19,16 @@ import numpy as np
 from pipeserve.common.errors import InvalidInputError, ModelFormatError
 from pipeserve.kernels import QLinear, QTensor, _qk, addr, rope_
 from pipeserve.modeling.config import ModelConfig, Shard
-from pipeserve.modeling.layers import BatchMeta, QEmbedding, RMSNorm, attend, gated_act, rope_tables
+from pipeserve.modeling.layers import (
+    MLP_ROWS,
+    BatchMeta,
+    QEmbedding,
+    RMSNorm,
+    attend,
+    gated_act,
+    rope_tables,
+    row_chunks,
+)
 
 Weights = dict[str, "QTensor | np.ndarray"]  # matrices as QTensor, vectors (norms, biases) fp32
 RopeTables = dict[str, tuple[np.ndarray, np.ndarray]]  # layer type -> (cos, sin) [P, hd/2]
@@ -85,7 +94,9 @@ class LlamaLayer:
         attn, mlp = self.self_attn, self.mlp
         a = attn.forward(self.input_layernorm.forward(x), rope, meta, layer)  # x: [T, C]
         x = attn.o_proj.add_to(a, x)  # x += o(attn), in place
-        return mlp.down_proj.add_to(mlp.forward(self.post_attention_layernorm.forward(x)), x)
+        for xr in row_chunks(x):  # x += down(act(gate_up(norm(x)))), in place, MLP_ROWS rows a call
+            mlp.down_proj.add_to(mlp.forward(self.post_attention_layernorm.forward(xr)), xr)
+        return x
 
 
 class LlamaStage:
@@ -157,9 +168,9 @@ class LlamaStage:
         cfg = self.cfg
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         n_qkv, n_i = (nh + 2 * nkv) * hd, cfg.intermediate_size  # checked by _LayerPlan.of
-        e = np.empty
+        e, R = np.empty, min(T, MLP_ROWS)  # the MLP runs R rows a call (see MLP_ROWS)
         h, qkv, att = e((T, C), np.float32), e((T, n_qkv), np.float32), e((T, nh * hd), np.float32)
-        gu, act = e((T, 2 * n_i), np.float32), e((T, n_i), np.float32)
+        gu, act = e((R, 2 * n_i), np.float32), e((R, n_i), np.float32)
         xp, hp, qp, ap, gp, up = (addr(t) for t in (x, h, qkv, att, gu, act))
         pos = meta.positions
         if pos.dtype != np.int64 or pos.shape != (T,):
@@ -175,9 +186,11 @@ class LlamaStage:
             meta.attention(p.window).run(i, qp, n_qkv, nh, ap, p.scale)  # writes k/v rows, attends
             p.o.run(ap, T, xp, True)  # x += o(attn)
             norm(xp, p.norm2, hp, T, C, p.eps2, 0.0)
-            p.gate_up.run(hp, T, gp)
-            silu(gp, up, T, n_i)
-            p.down.run(up, T, xp, True)  # x += down(silu(gate) * up)
+            for r in range(0, T, R):  # rows [r, r + n): x += down(silu(gate) * up)
+                n, off = min(R, T - r), 4 * r * C
+                p.gate_up.run(hp + off, n, gp)
+                silu(gp, up, n, n_i)
+                p.down.run(up, n, xp + off, True)
 
 
 class _LayerPlan(NamedTuple):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,8 +230,10 @@ def _check_no_extra(
 def _read_gguf(
     path: Path, cfg: ModelConfig, shard: Shard, expected: dict[str, tuple[int, ...]]
 ) -> llama.Weights:
-    """Read the stage's tensors once: matrices keep their blocks (a copy out of the memory map,
-    so the file's pages can go; a lookup-only embedding stays mapped), vectors become fp32."""
+    """Read the stage's tensors: matrices keep their blocks, read in place from the file's
+    read-only memory map (no copy: the stage's weights cost the file's pages, once, and processes
+    on one host share them); vectors become fp32. Only llama's q and k rows are copied, to undo
+    the converter's rotary interleave; the pages of the originals then leave the process."""
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
@@ -265,6 +268,7 @@ def _read_gguf(
         try:
             if len(shape) == 1 or tname not in KERNEL_TYPES:
                 arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+                reader.advise(t, mmap.MADV_DONTNEED)  # copied out: the mapped pages can go
                 if len(shape) == 1:
                     v = arr
                     if cfg.arch == "gemma3" and name.endswith("norm.weight"):
@@ -275,17 +279,19 @@ def _read_gguf(
                     "%s: tensor %s is %s, which has no kernel: dequantized to F32", path.name, name, tname
                 )
                 q = QTensor.from_dense(arr)
+            elif name == "token_embd.weight" and lookup_only:  # resident only as rows are used
+                q = QTensor(reader.mapped_rows(t), TYPE_IDS[tname], (shape[0], shape[1]))
             else:
-                if name == "token_embd.weight" and lookup_only:
-                    raw = reader.mapped_rows(t)  # only the rows that are used become resident
-                else:
-                    raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(shape[0], -1).copy()
-                if raw.size != t.n_bytes:
-                    raise ValueError(f"{raw.size} bytes, expected {t.n_bytes}")
-                q = QTensor(raw, TYPE_IDS[tname], (shape[0], shape[1]))
+                # a read-only view of the map: its pages become resident as the kernels read them
+                q = QTensor(t.data, TYPE_IDS[tname], (shape[0], shape[1]))
+                if not permute:
+                    reader.advise(t, mmap.MADV_WILLNEED)  # read ahead now, not in the first request
         except (ValueError, TypeError) as exc:  # truncated data or an unknown block layout
             raise ModelFormatError(f"{path}: cannot read {name} ({type(exc).__name__}: {exc})") from exc
-        out[hf_name] = q.permute_rows(perm) if permute else q
+        if permute:
+            q = q.permute_rows(perm)  # a copy in the rotate-half order
+            reader.advise(t, mmap.MADV_DONTNEED)
+        out[hf_name] = q
     return out
 
 
