@@ -316,11 +316,11 @@ def test_16_bit_checkpoints_stay_16_bit(dtype, tiny_llama, tmp_path):
     assert (ours - last_logits_ref(ref, prompts)).abs().max().item() <= 1e-4
 
 
-def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama):
+def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama, tmp_path):
     """Decode steps of plain Llama layers run as native calls on raw pointers (LlamaStage's fast
     path): logits equal the module path exactly, on the real model and a split, at batch 1 and
-    a batch of sequences at different lengths; a stage whose layers do not qualify (biases)
-    keeps the modules."""
+    a batch of sequences at different lengths, and on a Qwen2 (q|k|v biases); a stage whose layers
+    do not qualify (other biases) keeps the modules."""
     from pipeserve.modeling.llama import LlamaStage
 
     def trace(loaded, fast: bool) -> list[torch.Tensor]:
@@ -328,7 +328,8 @@ def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama):
         assert isinstance(model, LlamaStage)
         model.fast_decode = fast
         eng = StageEngine(loaded)
-        prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2][:2]]
+        v = loaded.cfg.vocab_size  # (the tiny model's is 320)
+        prompts = [[t % v for t in p] for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2][:2])]
         out = run_stages([eng], [SeqChunk(f"s{i}", 0, p, GREEDY) for i, p in enumerate(prompts)])
         logits = [out]
         nxt = [int(r.argmax()) for r in out]
@@ -349,8 +350,17 @@ def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama):
     assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
     assert model.fast_decode  # restored for the other tests
 
-    biased = load_stage(str(tiny_llama))  # the module path stays for layers with a bias
-    lin = biased.model.layers[0].self_attn.qkv_proj
+    biased = load_stage(str(tiny_llama))  # the module path stays for layers with a bias but q|k|v's
+    lin = biased.model.layers[0].self_attn.o_proj
     lin.bias = np.zeros(lin.out_features, np.float32)
     biased.model._plan_built = False
     assert biased.model._decode_plan() is None
+
+    # q|k|v biases (Qwen2) take the fast path, bit for bit the modules' result
+    from tests.tiny_models import make_tiny
+
+    qwen = load_stage(str(make_tiny("qwen2", tmp_path / "qwen2")))
+    assert qwen.model.layers[0].self_attn.qkv_proj.bias is not None
+    assert qwen.model._decode_plan() is not None
+    fast, slow = trace(qwen, True), trace(qwen, False)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))

@@ -145,8 +145,8 @@ class LlamaStage:
 
     __call__ = forward
 
-    # Plain Llama layers (no biases, no q/k norms, SiLU, norm offset 0: SmolLM2, Llama, Mistral,
-    # TinyLlama) run each layer as ten native calls on raw pointers into buffers made once per
+    # Plain Llama layers (no biases but q|k|v's, no q/k norms, SiLU, norm offset 0: SmolLM2, Llama,
+    # Mistral, TinyLlama, Qwen2) run each layer as ten native calls on raw pointers into buffers made once per
     # step: the same kernels in the same order as the layer objects above (bit for bit the same
     # result), without the per-op Python overhead (~80 us a layer at batch 1, a fifth of a
     # step). Anything else takes the layer objects. `fast_decode = False` turns it off (tests
@@ -181,6 +181,8 @@ class LlamaStage:
         for i, p in enumerate(plan):
             norm(xp, p.norm1, hp, T, C, p.eps1, 0.0)
             p.qkv.run(hp, T, qp)
+            if p.qkv_bias is not None:  # Qwen2: as QLinear.forward adds it, after the matmul
+                qkv += p.qkv_bias
             cos, sin = tables[p.rope_kind]
             rope(qp, T, n_qkv, nh + nkv, hd, pp, cos, sin)  # q and k heads, in place
             meta.attention(p.window).run(i, qp, n_qkv, nh, ap, p.scale)  # writes k/v rows, attends
@@ -208,6 +210,7 @@ class _LayerPlan(NamedTuple):
     window: int | None
     scale: float
     rope_kind: str
+    qkv_bias: np.ndarray | None  # q|k|v biases (Qwen2), added after the projection
 
     @classmethod
     def of(cls, layer: object, cfg: ModelConfig) -> _LayerPlan | None:
@@ -223,14 +226,14 @@ class _LayerPlan(NamedTuple):
             or m.act != "silu"
             or n1.offset
             or n2.offset
-            or any(lin.bias is not None for lin in lins)
+            or any(lin.bias is not None for lin in lins[1:])
             or shapes != (n_qkv, 2 * cfg.intermediate_size)
         ):
             return None
         scale = a.scale if a.scale is not None else a.hd**-0.5
         return cls(
             addr(n1.weight), n1.eps, a.qkv_proj.plan, a.o_proj.plan, addr(n2.weight), n2.eps,
-            m.gate_up_proj.plan, m.down_proj.plan, a.window, float(scale), a.rope_kind,
+            m.gate_up_proj.plan, m.down_proj.plan, a.window, float(scale), a.rope_kind, a.qkv_proj.bias,
         )  # fmt: skip
 
 
