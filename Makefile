@@ -58,7 +58,10 @@ KSO := src/kernels/.stamp-kernels
 
 kernels: $(KSO)
 
+# The old library is unlinked first, so a running process keeps its mapped copy (writing over it
+# in place would crash that process with SIGBUS).
 $(KSO): $(KSRC) $(VENV)/.stamp-deps
+	rm -f src/kernels/_qk*.so
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
