@@ -126,13 +126,19 @@ bench-wire: deps kernels proto
 bench-engine: deps kernels proto $(if $(MODEL),models)
 	$(BIN)/python scripts/bench_engine.py $(if $(MODEL),--model $(MODEL))
 
-bench: deps kernels proto
+# MODEL=qwen2.5-coder-1.5b-instruct (a named model) runs only the serving benchmark on it and
+# writes bench/serving-<model>.json/.md/.png; without MODEL every serving-side benchmark runs.
+bench: deps kernels proto $(if $(MODEL),models)
+ifdef MODEL
+	$(BIN)/python scripts/bench_serving.py --model $(MODEL)
+else
 	$(BIN)/python scripts/bench_serving.py --out bench/serving.json
 	$(BIN)/python scripts/bench_kv.py --out bench/kv.json
 	$(BIN)/python scripts/bench_wire.py --out bench/wire.json
 	$(BIN)/python scripts/bench_tls.py --out bench/tls.json
 	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python scripts/bench_hosts.py --out bench/hosts.json; \
 	else echo "bench-hosts skipped: network namespaces need root"; fi
+endif
 
 clean:
 	rm -rf build src/proto/*_pb2*.py src/kernels/_qk*.so $(KSO)
