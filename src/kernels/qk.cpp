@@ -347,9 +347,13 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
            accumulate, xt.empty() ? nullptr : xt.data(), cw};
     const int64_t j = (int64_t)jobs.size();
     jobs.push_back(jb);
-    // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4
+    // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4; from
+    // PANEL_MIN_T rows of x, a multiple of 32 (the widest panel), so that a row takes the same
+    // loop, and gets the same bits, whatever the thread count (rows past the last whole panel of
+    // a segment take the dot tiles, on one thread as on many)
+    const int64_t align = T >= PANEL_MIN_T ? 32 : 4;
     int64_t chunk = (s.rows + 4 * threads - 1) / (4 * threads);
-    chunk = chunk < 16 ? 16 : (chunk + 3) / 4 * 4;
+    chunk = ((chunk < 16 ? 16 : chunk) + align - 1) / align * align;
     if (threads == 1) chunk = s.rows;
     for (int64_t r = 0; r < s.rows; r += chunk) {
       items.push_back(j);
