@@ -12,8 +12,14 @@ setup(
     ext_modules=[
         Extension(
             "pipeserve.kernels._qk",
-            sources=[KERNELS + f for f in ("qk.cpp", "qk_avx2.cpp", "qk_avx512.cpp", "qk_generic.cpp")],
-            depends=[KERNELS + f for f in ("qk_types.h", "qk_simd.h")],
+            sources=[
+                KERNELS + f
+                for f in (
+                    *("qk.cpp", "qk_avx2.cpp", "qk_avx512.cpp", "qk_generic.cpp"),
+                    *("qk_q8.cpp", "qk_q8_avx2.cpp", "qk_q8_avx512.cpp"),  # the opt-in int8 mode
+                )
+            ],
+            depends=[KERNELS + f for f in ("qk_types.h", "qk_simd.h", "qk_q8.h", "qk_q8_simd.h")],
             extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
             language="c++",
         )

@@ -236,7 +236,11 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         cache_resident_bytes=info.cache_resident_bytes,
         weights_bytes=info.param_bytes,
         weight_types=dict(info.weight_types),
-        kernel=f"{info.kernel_isa} x{info.kernel_threads}" if info.kernel_isa else "",
+        kernel=(
+            f"{info.kernel_isa} x{info.kernel_threads}{' int8' if info.kernel_int8 else ''}"
+            if info.kernel_isa
+            else ""
+        ),
         threads_reason=info.threads_reason,
         host_id=info.host_id,
         last_forward_ms=info.last_forward_ms if info.forwards_total else None,

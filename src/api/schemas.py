@@ -402,7 +402,10 @@ class NodeView(BaseModel):
         description="Weight bytes the node holds: its GGUF tensors in block form (or the checkpoint's dtype); 0 while loading."
     )
     weight_types: dict[str, int] = Field(description="Weight matrices per storage type, e.g. {'Q4_1': 70}.")
-    kernel: str = Field(description="Native kernel path and threads, e.g. 'avx2 x2' ('' while loading).")
+    kernel: str = Field(
+        description="Native kernel path and threads, e.g. 'avx2 x2', or 'avx512 x2 int8' with the opt-in lossy "
+        "int8 mode (lossy_int8) on ('' while loading)."
+    )
     threads_reason: str = Field(
         description="Why the kernel pool has that many threads: 'set to 2 in the config', or auto's "
         "arithmetic, e.g. 'auto: 16 cores (affinity) / 3 nodes computing at once (...)' ('' while loading)."

@@ -62,6 +62,17 @@ def set_isa(name: str) -> None:
     _qk.set_isa(name)
 
 
+def int8_path() -> str:
+    """The kernels a QLinear in the lossy int8 mode runs on now (they follow set_isa): avx512-vnni,
+    avx2-vnni, avx2 (maddubs, for CPUs without VNNI) or generic (qk_q8.h)."""
+    return str(_qk.int8_path())
+
+
+def set_int8_vnni(on: bool) -> None:
+    """Tests: False runs the int8 kernels without VNNI (maddubs + madd) on a CPU that has it."""
+    _qk.set_int8_vnni(bool(on))
+
+
 def set_threads(n: int) -> None:
     """Threads of the process's kernel pool (the calling thread is one of them)."""
     _qk.set_threads(int(n))
@@ -348,6 +359,17 @@ class QLinear:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts) + (0 if self.bias is None else self.bias.size * 4)
+
+    @property
+    def lossy(self) -> bool:
+        """The opt-in int8 mode, off by default: x rounded to int8 (a scale per 32 values) and dotted
+        with the weight blocks in integers, as llama.cpp does (faster, not exact; qk_q8.h). Setting it
+        True takes effect only where every part is Q4_K or Q6_K (K % 256 == 0) or Q4_1: read it back."""
+        return bool(self.plan.lossy)
+
+    @lossy.setter
+    def lossy(self, on: bool) -> None:
+        self.plan.lossy = bool(on)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)

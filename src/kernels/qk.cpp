@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "qk_q8.h"
 #include "qk_types.h"
 
 namespace qk {
@@ -253,6 +254,7 @@ typedef struct {
   std::vector<Segment>* segs;
   int64_t K, N;
   bool needs_xsum;
+  bool int8_ok, lossy;  // every segment has int8 kernels (qk_q8.h); the opt-in lossy mode is on
 } PlanObject;
 
 static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
@@ -265,6 +267,8 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
   self->K = K;
   self->N = 0;
   self->needs_xsum = false;
+  self->int8_ok = true;
+  self->lossy = false;
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
     unsigned long long ptr;
     int type;
@@ -283,6 +287,7 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
     self->segs->push_back({(const uint8_t*)ptr, type, rows, rb});
     self->N += rows;
     if (type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K) self->needs_xsum = true;
+    self->int8_ok = self->int8_ok && q8::supports(type, K);
   }
   Py_DECREF(fast);
   if (34 * K > g_scratch_floats) {  // a panel of up to 32 rows [K][32] and one row (qk_simd.h)
@@ -316,6 +321,19 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   float* y = (float*)PyLong_AsUnsignedLongLong(args[2]);
   if (PyErr_Occurred()) return nullptr;
   if (T <= 0) Py_RETURN_NONE;
+  if (self->lossy) {  // the opt-in int8 mode: int8 activations (qk_q8.cpp)
+    std::vector<q8::Seg> segs;
+    for (const Segment& s : *self->segs) segs.push_back({s.w, s.type, s.rows, s.row_bytes});
+    Py_BEGIN_ALLOW_THREADS
+    int threads;
+    {
+      std::shared_lock<std::shared_mutex> use(g_pool_rw);
+      threads = g_pool->size();
+    }
+    q8::run(segs.data(), (int)segs.size(), self->K, x, T, y, self->N, accumulate, g_isa, threads, parallel_for);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+  }
   const int64_t K = self->K, G = K / 32;
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> xsum;
@@ -382,6 +400,14 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
 
 static PyObject* Plan_get_n(PlanObject* self, void*) { return PyLong_FromLongLong(self->N); }
 static PyObject* Plan_get_k(PlanObject* self, void*) { return PyLong_FromLongLong(self->K); }
+static PyObject* Plan_get_lossy(PlanObject* self, void*) { return PyBool_FromLong(self->lossy); }
+// Setting True takes effect only where every segment has int8 kernels (read it back to know).
+static int Plan_set_lossy(PlanObject* self, PyObject* v, void*) {
+  const int on = v ? PyObject_IsTrue(v) : 0;
+  if (on < 0) return -1;
+  self->lossy = on && self->int8_ok;
+  return 0;
+}
 
 static PyMethodDef Plan_methods[] = {
     {"run", (PyCFunction)(void (*)(void))Plan_run, METH_FASTCALL, "run(x_ptr, T, y_ptr[, accumulate]): y[T, N] = (or +=) x[T, K] @ W^T"},
@@ -389,6 +415,8 @@ static PyMethodDef Plan_methods[] = {
 static PyGetSetDef Plan_getset[] = {
     {"n", (getter)Plan_get_n, nullptr, "output features (rows of all segments)", nullptr},
     {"k", (getter)Plan_get_k, nullptr, "input features", nullptr},
+    {"lossy", (getter)Plan_get_lossy, (setter)Plan_set_lossy,
+     "the opt-in int8 mode (int8 activations, qk_q8.h); stays False where a segment has no int8 kernel", nullptr},
     {nullptr, nullptr, nullptr, nullptr, nullptr}};
 
 static PyType_Slot Plan_slots[] = {
@@ -766,6 +794,14 @@ static PyObject* py_probe(PyObject*, PyObject* args) {
 #endif
 }
 
+static PyObject* py_int8_path(PyObject*, PyObject*) { return PyUnicode_FromString(q8::path_name(g_isa)); }
+static PyObject* py_set_int8_vnni(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  q8::set_vnni(on);
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
   if (PyErr_Occurred()) return nullptr;
@@ -791,6 +827,8 @@ static PyMethodDef module_methods[] = {
     {"gelu", (PyCFunction)(void (*)(void))py_gelu, METH_FASTCALL,
      "gelu(x, y, T, I, x_stride, up, up_stride, approximate): y = gelu(x) (* up)"},
     {"probe", py_probe, METH_VARARGS, "probe(kind, n) -> (seconds, units): read bandwidth or FMA peak on the pool"},
+    {"int8_path", py_int8_path, METH_NOARGS, "the kernels a lossy Plan runs on now (qk_q8.h)"},
+    {"set_int8_vnni", py_set_int8_vnni, METH_O, "set_int8_vnni(False): the int8 kernels without VNNI (tests)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -119,3 +119,23 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     s = torch.cat([sin[positions], sin[positions]], -1).unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * c + torch.cat([-x2, x1], dim=-1) * s
+
+
+def quantize_int8(x: torch.Tensor) -> torch.Tensor:
+    """Reference of the lossy int8 mode's activations (qk_q8.h): x [T, K] fp32 (K % 32 == 0) -> the
+    values the kernels use, fp64 q * d, with per 32 values d = max|x| / 127 and
+    q = round-half-even(x * (127 / max|x|)), all in fp32 as the kernels compute them."""
+    T, K = x.shape
+    xb = x.float().reshape(T, K // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    # tensor / tensor: a true fp32 division (a scalar divisor may become a product by its reciprocal)
+    c127 = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c127 / torch.where(amax > 0, amax, 1.0), 0.0)
+    q = torch.round(xb * inv)  # half to even, as vcvtps2dq
+    return (q.double() * (amax / c127).double()).reshape(T, K)
+
+
+def matmul_int8(x: torch.Tensor, data: torch.Tensor, qtype: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The reference of a lossy-mode call: the int8-rounded x [T, K] @ dequantize(W)^T in fp64 (the
+    kernels' integer sums are exact; only their float steps round)."""
+    return quantize_int8(x) @ dequantize(data, qtype, shape).double().t()

@@ -159,6 +159,19 @@ def weight_bytes(stage: object) -> tuple[int, dict[str, int]]:
     return dense + sum(q.nbytes for q in seen.values()), types
 
 
+def set_lossy_int8(stage: object, on: bool) -> tuple[int, int]:
+    """The opt-in int8 mode (QLinear.lossy) on or off for the linear layers of a stage's blocks (a
+    node's `lossy_int8`); returns (layers now in it, linear layers). Types without int8 kernels stay
+    exact, and so does the LM head: it runs on one row per sequence (decode-shaped, where int8
+    gains nothing: a 151936-row Q6_K head took 1.6x longer at one row) and its logits are what
+    sampling sees."""
+    head = getattr(stage, "lm_head", None)
+    lins = [m for m in modules(stage) if isinstance(m, QLinear)]
+    for lin in lins:
+        lin.lossy = on and lin is not head
+    return sum(lin.lossy for lin in lins), len(lins)
+
+
 def rope_tables(
     rope: RopeConfig, head_dim: int, max_position: int, freq_factors: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

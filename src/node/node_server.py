@@ -22,6 +22,7 @@ from pipeserve.common import threads as host
 from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
+from pipeserve.modeling.layers import set_lossy_int8
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
 from pipeserve.node.capacity import measure as measure_capacity
@@ -85,6 +86,7 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         self._runner: StageRunner | None = None  # set once the layers are loaded
         self.chain: ChainWorker | None = None  # the chain data path's worker, with the runner
         self.capacity: pb.Capacity | None = None  # measured before loading (`layers: auto`)
+        self.int8 = False  # the opt-in lossy int8 mode is on for some of its layers (`lossy_int8`)
         self._subscribers: dict[str, queue.SimpleQueue[pb.StepResult | None]] = {}
         self._subs_lock = threading.Lock()
 
@@ -176,6 +178,8 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
             info.capacity.CopyFrom(self.capacity)
         if self.threads is not None:
             info.host_id, info.threads_reason = self.threads.host_id, self.threads.reason
+        if self.int8:
+            info.kernel_int8 = kernels.int8_path()
         return info
 
 
@@ -247,6 +251,8 @@ class NodeServer:
             host.config_sharing(configured, cfg.coordinator.micro_batches, node_id, self.address, self.part),
         )
         self.budget = (known.cache_budget_tokens if known else None) or cfg.node_defaults.cache_budget_tokens
+        lossy = known.lossy_int8 if known else None
+        self.lossy_int8 = cfg.node_defaults.lossy_int8 if lossy is None else lossy
         self.layers = layers
         self.runner: StageRunner | None = None
         self.loaded_event = threading.Event()
@@ -281,6 +287,16 @@ class NodeServer:
                 layers = self.layers or self.cfg.part_layers(self.part, n_layers)
             loaded = load_stage(source, layers)
             release_file_caches()
+            if self.lossy_int8:  # per node: it sets the flag on its own layers' matmuls only
+                on, total = set_lossy_int8(loaded.model, True)
+                self.servicer.int8 = on > 0
+                log.info(
+                    "node %s: lossy int8 mode on %d of %d linear layers (%s kernels; the rest exact)",
+                    self.node_id,
+                    on,
+                    total,
+                    kernels.int8_path(),
+                )
             self.runner = StageRunner(
                 self.node_id,
                 self.part,
