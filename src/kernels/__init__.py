@@ -6,7 +6,8 @@ QTensors stacked by rows (fused q|k|v, gate|up), computed by one native call on 
 Arrays are numpy (C-contiguous float32 activations): the node runtime does not import torch.
 `reference.py` has the pure-torch version of every kernel (tests only); tests compare the two on
 every path the CPU can run (`set_isa`). `PIPESERVE_KERNEL_ISA=generic|avx2|avx512` forces a path
-at import.
+at import. `quantize` (fp32 -> Q8_0 / Q4_K / Q6_K blocks, for synthetic models) is a separate,
+scalar module (quantize.cpp).
 """
 
 from __future__ import annotations
@@ -406,3 +407,36 @@ class QLinear:
     def __repr__(self) -> str:
         types = "|".join(p.type_name for p in self.parts)
         return f"QLinear(in={self.in_features}, out={self.out_features}, types={types})"
+
+
+QUANTIZE_TYPES = ("Q8_0", "Q4_K", "Q6_K")  # what `quantize` writes
+
+
+def quantize(x: np.ndarray, type_name: str, threads: int = 1) -> np.ndarray:
+    """fp32 x [N, K] (finite; K a multiple of the type's block) -> its GGUF blocks, uint8
+    [N, K / block * block_bytes], on `threads` threads. ggml's block layouts with our own scale
+    choices (quantize.cpp); `reference.quantize` is the same algorithm in numpy, byte for byte."""
+    try:
+        from pipeserve.kernels import _qk_quant  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - built by `make kernels` with _qk
+        raise ImportError(f"pipeserve.kernels._qk_quant is not built: run `make kernels` ({exc})") from exc
+    if type_name not in QUANTIZE_TYPES:
+        raise ValueError(f"no quantizer for {type_name} (have {', '.join(QUANTIZE_TYPES)})")
+    tid = TYPE_IDS[type_name]
+    _, elems, nbytes = TYPES[tid]
+    x = f32(x)
+    if x.ndim != 2 or x.shape[1] % elems:
+        raise ValueError(f"{type_name} needs [N, K] with K a multiple of {elems}, got {list(x.shape)}")
+    out = np.empty((x.shape[0], x.shape[1] // elems * nbytes), np.uint8)
+    _qk_quant.quantize(tid, addr(x), x.size // elems, addr(out), int(threads))
+    return out
+
+
+def to_f16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 -> IEEE half bits (uint16), rounded as the quantizer rounds its scales (tests)."""
+    from pipeserve.kernels import _qk_quant  # type: ignore[attr-defined]
+
+    x = f32(x).reshape(-1)
+    out = np.empty(x.size, np.uint16)
+    _qk_quant.to_f16(addr(x), x.size, addr(out))
+    return out

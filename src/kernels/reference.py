@@ -1,14 +1,16 @@
 """Pure-torch reference of every native kernel: dequantize GGUF blocks to fp32, then matmul.
 
 Written from the block layouts (ggml's `block_q4_1` etc.), independently of the C++ code and of the
-`gguf` package; tests check it against `gguf.quants.dequantize` and the kernels against it.
+`gguf` package; tests check it against `gguf.quants.dequantize` and the kernels against it. The
+quantizer's reference (`quantize`) is numpy: float32 operations in quantize.cpp's order.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from pipeserve.kernels.types import TYPE_IDS, TYPES  # noqa: F401 (re-exported)
+from pipeserve.kernels.types import TYPE_IDS, TYPES
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -139,3 +141,80 @@ def matmul_int8(x: torch.Tensor, data: torch.Tensor, qtype: int, shape: tuple[in
     """The reference of a lossy-mode call: the int8-rounded x [T, K] @ dequantize(W)^T in fp64 (the
     kernels' integer sums are exact; only their float steps round)."""
     return quantize_int8(x) @ dequantize(data, qtype, shape).double().t()
+
+
+def _as_f16_up(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scales as stored: (the smallest fp16 value >= v, 0 where v is not positive; its fp16 bits)."""
+    with np.errstate(over="ignore"):
+        h = v.astype(np.float16).view(np.uint16)
+    h = np.where(h.view(np.float16).astype(np.float32) < v, h + np.uint16(1), h)  # rounded down: next half up
+    h = np.where(v > 0, h, np.uint16(0)).astype(np.uint16)
+    return h.view(np.float16).astype(np.float32), h
+
+
+def _safe(d: np.ndarray) -> np.ndarray:
+    return np.where(d > 0, d, np.float32(1))  # a divisor for the lanes np.where discards
+
+
+def _u16_bytes(bits: np.ndarray) -> np.ndarray:
+    return bits.astype("<u2").view(np.uint8).reshape(-1, 2)
+
+
+def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
+    """Reference of kernels.quantize (quantize.cpp's algorithm, which its comment states): fp32 x
+    [N, K] -> uint8 [N, row_bytes] of Q8_0, Q4_K or Q6_K blocks."""
+    _, elems, nbytes = TYPES[TYPE_IDS[type_name]]
+    N, K = x.shape
+    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, elems)  # [blocks, elems]
+    out = np.zeros((xb.shape[0], nbytes), np.uint8)
+    f32 = np.float32
+    if type_name == "Q8_0":
+        d = np.abs(xb).max(-1) / f32(127)
+        inv = np.where(d != 0, f32(1) / _safe(d), f32(0))
+        v = xb * inv[:, None]
+        a = np.abs(v)  # roundf: half away from zero (gguf-py's np_roundf)
+        q = np.sign(v) * (np.floor(a) + np.floor(f32(2) * (a - np.floor(a))))
+        with np.errstate(over="ignore"):
+            out[:, 0:2] = _u16_bytes(d.astype(np.float16).view(np.uint16))
+        out[:, 2:34] = np.clip(q, -127, 127).astype(np.int8).view(np.uint8)
+    elif type_name == "Q4_K":
+        xs = xb.reshape(-1, 8, 32)
+        lo = np.minimum(xs.min(-1), f32(0))  # [B, 8]
+        hi = xs.max(-1)
+        dmin, dmin_bits = _as_f16_up(np.maximum((-lo).max(-1), f32(0)) / f32(63))
+        dm = dmin[:, None]
+        mn = np.where(dm > 0, np.clip(np.ceil(-lo / _safe(dm)), 0, 63), 0).astype(np.int32)
+        M = dm * mn.astype(f32)
+        t = hi + M
+        d, d_bits = _as_f16_up(np.maximum(t.max(-1), f32(0)) / f32(945))
+        dd = d[:, None]
+        sc = np.where(dd > 0, np.clip(np.ceil(t / _safe(f32(15) * dd)), 0, 63), 0).astype(np.int32)
+        step = (dd * sc.astype(f32))[..., None]
+        L = np.where(step > 0, np.clip(np.rint((xs + M[..., None]) / _safe(step)), 0, 15), 0).astype(np.uint8)
+        s = np.zeros((xb.shape[0], 12), np.int32)
+        s[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+        s[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+        s[:, 8:12] = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+        out[:, 0:2], out[:, 2:4], out[:, 4:16] = _u16_bytes(d_bits), _u16_bytes(dmin_bits), s
+        L = L.reshape(-1, 4, 2, 32)  # 4 chunks of 64: first 32 low nibbles, next 32 high
+        out[:, 16:144] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    elif type_name == "Q6_K":
+        xs = xb.reshape(-1, 16, 16)
+        s = np.abs(xs).max(-1) / f32(31)  # [B, 16]
+        d, d_bits = _as_f16_up(s.max(-1) / f32(127))
+        dd = d[:, None]
+        sc = np.where(dd > 0, np.clip(np.ceil(s / _safe(dd)), 0, 127), 0).astype(np.int32)
+        step = (dd * sc.astype(f32))[..., None]
+        q = np.where(step > 0, np.clip(np.rint(xs / _safe(step)), -32, 31), 0)
+        L = (q + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # [B, half, group of 32, l]
+        lo4 = L & 15
+        ql = np.concatenate([lo4[:, :, 0] | (lo4[:, :, 2] << 4), lo4[:, :, 1] | (lo4[:, :, 3] << 4)], -1)
+        qh = (
+            (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
+        )
+        out[:, 0:128], out[:, 128:192] = ql.reshape(-1, 128), qh.reshape(-1, 64)
+        out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
+        out[:, 208:210] = _u16_bytes(d_bits)
+    else:
+        raise ValueError(f"no quantizer for {type_name}")
+    return out.reshape(N, K // elems * nbytes)
