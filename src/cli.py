@@ -1,6 +1,7 @@
 """The `pipeserve` command: one role per process (`tokenizer`, `node`, `coordinator`, `api`,
 `frontend`), `up` to run them all on this machine, and `probe` for container health checks.
-Flags only pick the config file and the role; everything else lives in the config.
+Flags only pick the config file and the role; everything else lives in the config. Two tools sit
+beside them: `certs` (mTLS certificates for a config) and `synth` (a synthetic model file).
 """
 
 from __future__ import annotations
@@ -51,9 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         "--names", default="", help="extra service names, comma-separated (nodes that will join)"
     )
     certs.add_argument("--days", type=int, default=825, help="validity of the service certificates")
+    synth = sub.add_parser(
+        "synth", help="write a GGUF with a published model's layout and random weights (modeling/synth.py)"
+    )
+    synth.add_argument("--spec", required=True, help="e.g. llama-3.1-8b, qwen2.5-7b, llama-test, qwen-test")
+    synth.add_argument("--out", required=True, help="the .gguf file to write")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
+    synth.add_argument("--layers", type=int, help="cut the model to its first N layers")
     args = p.parse_args(argv)
     if args.role == "probe":
         return _probe(args.kind, args.target, args.name, getattr(args, "config", None))
+    if args.role == "synth":
+        return _synth(args.spec, args.out, args.seed, args.layers)
     try:
         return _run(p, args)
     except ConfigError as exc:
@@ -114,6 +124,31 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"wrote {Path(args.out) / 'ca.crt'} and {len(written)} certificates: {', '.join(p.stem for p in written)}"
         )
         print(f"keep {Path(args.out) / 'ca.key'} private: whoever has it can admit nodes")
+    return 0
+
+
+def _synth(spec: str, out: str, seed: int, layers: int | None) -> int:
+    import time
+    from pathlib import Path
+
+    from pipeserve.modeling import synth
+
+    if spec not in synth.SPECS:
+        print(f"pipeserve synth: unknown spec {spec!r} (have {', '.join(synth.SPECS)})", file=sys.stderr)
+        return 2
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done / 2**20:,.0f} / {total / 2**20:,.0f} MiB", end="", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        path = synth.write(spec, Path(out).expanduser(), seed, layers, progress=progress)
+    except (ValueError, PipeserveError) as exc:
+        print(f"\npipeserve synth: {exc}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    size = path.stat().st_size
+    print(f"{path}  {size:,} bytes ({size / 2**30:.2f} GiB)  {time.perf_counter() - t0:.1f} s")
     return 0
 
 
