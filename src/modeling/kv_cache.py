@@ -36,6 +36,11 @@ from pipeserve.common.errors import (
 from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
 
 
+def kv_token_layer_bytes(n_kv_heads: int, head_dim: int) -> int:
+    """Bytes one token position takes in one layer of the pool: k and v, fp32 (memory budgets)."""
+    return 2 * n_kv_heads * head_dim * 4
+
+
 @dataclass
 class SeqCache:
     request_id: str

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeserve.common.errors import ModelFormatError
+from pipeserve.common.memory import ModelWeights
 from pipeserve.kernels import KERNEL_TYPES, QTensor
 from pipeserve.kernels.types import TYPE_IDS
 from pipeserve.modeling import gemma3, gpt2, llama, phi3
@@ -130,6 +131,69 @@ def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) 
         dt,
     )
     return LoadedStage(cfg, shard, stage, source, model_fingerprint(source.path), dt, nbytes, types)
+
+
+def model_weights(source: ModelSource, cfg: ModelConfig | None = None) -> ModelWeights:
+    """The bytes each layer's weights and the two ends (embedding; final norm and head) take once
+    loaded, from the files' headers alone (no tensor data is read): `.stage(start, end)` equals
+    `load_stage(source, (start, end)).param_bytes`. GGUF matrices of a type with a kernel stay as
+    stored (read in place from the map), other matrices and every vector become fp32; checkpoint
+    matrices keep F32 / F16 / BF16 (other dtypes become fp32), vectors become fp32. Node servers
+    call it before mapping anything, to check their share against their memory limit."""
+    cfg = cfg or read_config(source)
+    n = cfg.n_layers
+    shapes_fn = ARCHS[cfg.arch][1]
+    names = shapes_fn(cfg, Shard(0, n, n)) | shapes_fn(cfg, Shard(n - 1, n, n))  # + a tied head
+    sizes = (
+        _gguf_sizes(source.path, cfg, names) if source.kind == "gguf" else _st_sizes(source.path, cfg, names)
+    )
+    prefix = "h." if cfg.arch == "gpt2" else "model.layers."
+    layers = [0] * n
+    for name, size in sizes.items():
+        if name.startswith(prefix):
+            layers[int(name[len(prefix) :].split(".", 1)[0])] += size
+
+    def ends(start: int, end: int) -> int:
+        return sum(sizes[k] for k in shapes_fn(cfg, Shard(start, end, n)) if not k.startswith(prefix))
+
+    both = ends(0, n)
+    if n == 1:
+        return ModelWeights(tuple(layers), both, both, both)
+    first, last = ends(0, 1), ends(n - 1, n)
+    return ModelWeights(tuple(layers), first, last, first + last - both)
+
+
+def _gguf_sizes(path: Path, cfg: ModelConfig, names: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """HF name -> bytes as `_read_gguf` holds the tensor, from the GGUF's tensor table."""
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    out = {}
+    for hf in names:
+        name, _ = _gguf_name(hf, cfg)
+        t = tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{path}: GGUF lacks tensor {name} (needed for {hf})")
+        kept = len(t.shape) > 1 and t.tensor_type.name in KERNEL_TYPES
+        out[hf] = t.n_bytes if kept else t.n_elements * 4
+    return out
+
+
+def _st_sizes(folder: Path, cfg: ModelConfig, names: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """HF name -> bytes as `_read_safetensors` holds the tensor, from the files' JSON headers."""
+    prefixes = ("transformer.",) if cfg.arch == "gpt2" else ()
+    kept = {"F32": 4, "F16": 2, "BF16": 2}
+    out: dict[str, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for key, info in header.items():
+            name = next((key[len(p) :] for p in prefixes if key.startswith(p)), key)
+            if name in names and name not in out:
+                count = int(np.prod(info["shape"], dtype=np.int64))
+                out[name] = count * (kept.get(info["dtype"], 4) if len(info["shape"]) == 2 else 4)
+    missing = sorted(set(names) - set(out))
+    if missing:
+        raise ModelFormatError(f"{folder}: the checkpoint lacks tensor {missing[0]}")
+    return out
 
 
 _MISSING = object()
