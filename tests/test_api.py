@@ -538,6 +538,8 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "mean_forward_ms",
         "forwards_total",
         "capacity",
+        "memory",
+        "load_s",
     }
     nodes = sorted(view["nodes"], key=lambda n: n["part"])
     assert [n["part"] for n in nodes] == [0, 1, 2] and all(set(n) == keys for n in nodes)
@@ -549,14 +551,25 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
     assert "one host (by the host ids the nodes report)" in view["coordinator"]["micro_batches_reason"]
     assert len({n["host_id"] for n in nodes}) == 1 and nodes[0]["host_id"]
     assert all("take turns" in n["threads_reason"] for n in nodes)
+    block_bytes = 2 * 16 * 10 * 3 * 64 * 4  # k and v: 16 positions x 10 layers x 3 kv heads x 64 dims fp32
     assert all(n["weights_bytes"] > 0 and n["weight_types"]["Q4_1"] == 70 for n in nodes)  # 10 layers x 7
+    # memory: the limit (auto: this machine's available memory / 3 nodes on loopback, or a cgroup's),
+    # what each share takes (its weights as loaded, its whole KV pool, the runtime allowance), what is left
+    for n in nodes:
+        m = n["memory"]
+        assert m["limit_source"] in ("machine", "cgroup") and m["limit_reason"].startswith("auto: ")
+        assert (
+            m["weights_bytes"] == n["weights_bytes"]
+            and m["kv_bytes"] == n["cache_blocks_total"] * block_bytes
+        )
+        assert m["need_bytes"] == m["weights_bytes"] + m["kv_bytes"] + m["runtime_bytes"]
+        assert m["left_bytes"] == m["limit_bytes"] - m["need_bytes"] >= 0 and n["load_s"] > 0
     assert all(
         n["cache_block_size"] == 16 and n["cache_blocks_total"] * 16 == n["cache_budget_tokens"]
         for n in nodes
     )
     assert all(n["cache_blocks_free"] <= n["cache_blocks_total"] and n["backoff_s"] == 0 for n in nodes)
     # KV pages in memory: the blocks written so far, never more than the pool, never more than RSS
-    block_bytes = 2 * 16 * 10 * 3 * 64 * 4  # k and v: 16 positions x 10 layers x 3 kv heads x 64 dims fp32
     assert all(
         n["cache_resident_bytes"] % block_bytes == 0
         and n["cache_resident_bytes"] <= min(n["cache_blocks_total"] * block_bytes, n["rss_bytes"])

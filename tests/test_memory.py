@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeserve.common import memory as m
+from pipeserve.common.config import parse_config
 from pipeserve.common.errors import ConfigError
 from pipeserve.common.memory import GiB, MiB
 
@@ -26,6 +27,17 @@ def test_sizes_parse_with_units_and_print_rounded() -> None:
     assert m.format_bytes(2.41 * GiB) == "2.41 GiB" and m.format_bytes(512 * MiB) == "512.0 MiB"
     assert m.format_bytes(GiB + 1) == "1.00 GiB" and m.format_bytes(GiB + 1, up=True) == "1.01 GiB"
     assert m.format_bytes(-3 * MiB) == "-3.0 MiB" and m.format_bytes(12) == "12 B"
+
+
+def test_config_takes_limits_with_units_and_auto() -> None:
+    node = {"id": "n", "address": "h:1", "model_part": 0}
+    cfg = parse_config({"nodes": [node | {"memory_limit": "2GiB", "cache_budget_tokens": 4096}]})
+    assert cfg.nodes[0].memory_limit == 2 * GiB and cfg.nodes[0].cache_budget_tokens == 4096
+    assert cfg.node_defaults.memory_limit == "auto" and cfg.node_defaults.cache_budget_tokens == "auto"
+    with pytest.raises(ConfigError, match=r"nodes\[0\].memory_limit \(node 'n'\): '2 parsecs' is not a size"):
+        parse_config({"nodes": [node | {"memory_limit": "2 parsecs"}]})
+    with pytest.raises(ConfigError, match=r"cache_budget_tokens.*'auto' or a whole number"):
+        parse_config({"nodes": [node], "node_defaults": {"cache_budget_tokens": 0}})
 
 
 # ---- the `auto` limit from a fake cgroup tree ----------------------------------------------------

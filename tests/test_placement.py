@@ -1,24 +1,37 @@
-"""`layers: auto`: the split by measured capacity (pure), and a cluster that places itself."""
+"""`layers: auto`: the split by measured capacity and memory budgets (pure), the coordinator's
+placement (waits for replicas, refuses with the shortfall), and a cluster that places itself."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import re
 
 import pytest
 
 from pipeserve.common.errors import ConfigError
-from pipeserve.common.placement import Capacity, split_layers
+from pipeserve.common.memory import GiB, MiB, ModelWeights, parse_bytes
+from pipeserve.common.placement import Capacity, _add_part, _Part, _raise_part, split_layers
 
-GiB = 1 << 30
+# a model of 30 layers of 100 MiB, a 50 MiB embedding (first stage) and a 60 MiB head (last)
+MODEL = ModelWeights(tuple([100 * MiB] * 30), 50 * MiB, 60 * MiB)
+KV = 10 * MiB  # KV pool per layer each node plans
+RUNTIME = 200 * MiB
 
 
-def cap(part: int, ms: float, free: int = 8 * GiB, layer: int = 10 << 20) -> Capacity:
-    return Capacity(f"node{part + 1}", part, free, layer, ms)
+def cap(
+    part: int, ms: float, limit: int = 8 * GiB, weights: ModelWeights = MODEL, node: str | None = None
+) -> Capacity:
+    return Capacity(node or f"node{part + 1}", part, limit, weights, ms, KV, RUNTIME)
+
+
+def need(layers: int, first: bool = False, last: bool = False) -> int:
+    """What a node of this model needs for `layers` layers (at the ends given)."""
+    return RUNTIME + MODEL.extra(first, last) + layers * (100 * MiB + KV)
 
 
 def test_equal_nodes_split_evenly_and_cover_every_layer() -> None:
     assert split_layers(30, [cap(0, 2.0), cap(1, 2.0), cap(2, 2.0)]) == [(0, 10), (10, 20), (20, 30)]
-    assert split_layers(31, [cap(0, 2.0), cap(1, 2.0), cap(2, 2.0)])[-1][1] == 31
 
 
 def test_a_twice_as_fast_node_gets_twice_the_layers() -> None:
@@ -26,25 +39,162 @@ def test_a_twice_as_fast_node_gets_twice_the_layers() -> None:
     assert ranges[0] == (0, 15) and sorted(e - s for s, e in ranges[1:]) == [7, 8] and ranges[-1][1] == 30
 
 
-def test_memory_caps_a_node_and_the_rest_goes_to_the_others() -> None:
-    small = cap(1, 0.5, free=2 * 40 << 20, layer=10 << 20)  # room for 4 layers at the 50% reserve
+def test_uneven_budgets_cap_a_node_and_the_rest_goes_to_the_others() -> None:
+    """node2 is the fastest but holds only 4 layers: the others take the rest evenly (the split
+    whose slowest part is fastest within the budgets)."""
+    small = cap(1, 0.5, limit=need(4))
     ranges = split_layers(30, [cap(0, 2.0), small, cap(2, 2.0)])
-    assert ranges[1][1] - ranges[1][0] == 4 and ranges[-1][1] == 30
-    assert [r[1] - r[0] for r in ranges] == [13, 4, 13]
+    assert [e - s for s, e in ranges] == [13, 4, 13]
+    # every part within its budget, the head and embedding counted where they are
+    caps = [
+        cap(0, 2.0, limit=need(9, first=True)),
+        cap(1, 2.0, limit=need(12)),
+        cap(2, 2.0, limit=need(9, last=True)),
+    ]
+    ranges = split_layers(30, caps)
+    assert ranges == [(0, 9), (9, 21), (21, 30)]
+    assert all(c.need(s, e) <= c.limit_bytes for c, (s, e) in zip(caps, ranges, strict=True))
+
+
+def test_layers_of_different_sizes_are_counted_one_by_one() -> None:
+    """A Q4_K_M file mixes Q4_K and Q6_K layers: the budget sees each layer's own bytes."""
+    mixed = ModelWeights(tuple((150 if i % 2 else 50) * MiB for i in range(10)), 0, 0)
+    limit = RUNTIME + 250 * MiB + 3 * KV  # [0, 3) is 50 + 150 + 50 = 250 MiB; [3, 6) is 350 MiB
+    caps = [cap(0, 1.0, limit, mixed), cap(1, 1.0, 4 * GiB, mixed)]
+    ranges = split_layers(10, caps)
+    assert ranges == [(0, 3), (3, 10)]
+
+
+def test_a_part_with_replicas_fits_its_smallest_node() -> None:
+    caps = [cap(0, 2.0), cap(1, 2.0), cap(1, 2.0, limit=need(6), node="node2b"), cap(2, 2.0)]
+    ranges = split_layers(30, caps)
+    assert ranges[1][1] - ranges[1][0] == 6 and [e - s for s, e in ranges] == [12, 6, 12]
+    # the slowest replica sets the part's speed
+    caps = [cap(0, 1.0), cap(0, 3.0, node="node1b"), cap(1, 1.0)]
+    assert split_layers(30, caps)[0][1] in (7, 8)  # 30 x (1/3) / (1/3 + 1) = 7.5
 
 
 def test_every_part_gets_a_layer_even_when_very_slow() -> None:
-    ranges = split_layers(4, [cap(0, 1.0), cap(1, 1000.0), cap(2, 1.0)])
+    four = ModelWeights((MiB,) * 4, 0, 0)
+    ranges = split_layers(
+        4, [cap(0, 1.0, weights=four), cap(1, 1000.0, weights=four), cap(2, 1.0, weights=four)]
+    )
     assert all(e > s for s, e in ranges) and ranges[-1][1] == 4
 
 
+def test_a_node_too_small_for_even_one_layer_is_named_with_the_numbers() -> None:
+    tiny = cap(1, 1.0, limit=300 * MiB)  # one layer needs 200 + 100 + 10 = 310 MiB
+    with pytest.raises(ConfigError) as err:
+        split_layers(30, [cap(0, 1.0), tiny, cap(2, 1.0)])
+    msg = str(err.value)
+    assert "node node2 (part 1) cannot hold even one layer" in msg
+    assert "needs 310.0 MiB there (weights 100.0 MiB + KV 10.0 MiB + runtime 200.0 MiB)" in msg
+    assert "its limit is 300.0 MiB: raise its memory_limit to at least 310.0 MiB" in msg
+    # the first part always holds the embedding with its first layer
+    with pytest.raises(ConfigError, match=r"node node1 \(part 0\) .* needs 360.0 MiB"):
+        split_layers(30, [cap(0, 1.0, limit=350 * MiB), cap(1, 1.0)])
+
+
+def test_the_shortfall_names_the_layers_the_bytes_and_the_smallest_fixes() -> None:
+    caps = [cap(0, 1.0, limit=1 * GiB), cap(1, 1.0, limit=1 * GiB), cap(2, 1.0, limit=1 * GiB)]
+    with pytest.raises(ConfigError) as err:
+        split_layers(30, caps)
+    msg = str(err.value)
+    # 1 GiB holds 7 layers with the embedding, 7 in the middle, 6 with the head
+    assert (
+        "cannot hold the model's 30 layers: they hold 20 (node1: 7 in 1.00 GiB, node2: 7 in 1.00 GiB, " in msg
+    )
+    assert "node3: 6 in 1.00 GiB), 10 layers short, 996.0 MiB more memory at the least" in msg
+    raise_to = re.search(r"raise node3's memory_limit to ([\d.]+ GiB)", msg)
+    add = re.search(r"add a node with memory_limit >= ([\d.]+ GiB) as a new part 3", msg)
+    assert raise_to and add, msg
+    # each fix works as stated: the split then fits
+    fixed = [*caps[:2], cap(2, 1.0, limit=parse_bytes(raise_to.group(1).replace(" ", "")))]
+    assert split_layers(30, fixed)[-1] == (14, 30)
+    added = [*caps, cap(3, 1.0, limit=parse_bytes(add.group(1).replace(" ", "")), node="new")]
+    assert split_layers(30, added)[-1][1] == 30
+    # and is the smallest: a byte less does not fit
+    parts = [_Part((c,)) for c in caps]
+    extra, limit, raised = _raise_part(30, parts, 2)  # type: ignore[misc]
+    assert [c.node_id for c in raised] == ["node3"] and extra == limit - 1 * GiB == 996 * MiB
+    with pytest.raises(ConfigError):
+        split_layers(30, [*caps[:2], cap(2, 1.0, limit=limit - 1)])
+    new_limit, where = _add_part(30, parts)  # type: ignore[misc]
+    assert where == 3 and new_limit == need(9, last=True)
+    with pytest.raises(ConfigError):
+        split_layers(30, [*caps, cap(3, 1.0, limit=new_limit - 1, node="new")])
+
+
+def test_one_node_that_cannot_hold_the_model_is_told_what_would() -> None:
+    with pytest.raises(ConfigError) as err:
+        split_layers(30, [cap(0, 1.0, limit=1 * GiB)])
+    msg = str(err.value)
+    assert "they hold 6 (node1: 6 in 1.00 GiB), 24 layers short" in msg
+    assert f"raise node1's memory_limit to {need(30, True, True) / GiB:.2f} GiB" in msg
+    assert "or add a node with memory_limit >= " in msg and "as a new part 1" in msg
+
+
 def test_impossible_placements_are_refused_with_the_numbers() -> None:
-    with pytest.raises(ConfigError, match="cannot hold the model's 30 layers"):
-        split_layers(30, [cap(0, 1.0, free=100 << 20), cap(1, 1.0, free=100 << 20)])
     with pytest.raises(ConfigError, match="3 parts cannot split a model of 2 layers"):
-        split_layers(2, [cap(0, 1.0), cap(1, 1.0), cap(2, 1.0)])
-    with pytest.raises(ConfigError, match="one capacity per part"):
+        small = ModelWeights((MiB, MiB), 0, 0)
+        split_layers(2, [cap(0, 1.0, weights=small), cap(1, 1.0, weights=small), cap(2, 1.0, weights=small)])
+    with pytest.raises(ConfigError, match="a capacity for every part"):
         split_layers(30, [cap(0, 1.0), cap(2, 1.0)])
+    with pytest.raises(ConfigError, match="reported a model of 30 layers, not 31"):
+        split_layers(31, [cap(0, 1.0), cap(1, 1.0)])
+
+
+def _place_req(node: str, part: int, limit: int, ms: float = 1.0) -> object:
+    from pipeserve.proto import model_service_pb2 as pb
+
+    c = pb.Capacity(
+        limit_bytes=limit,
+        ms_per_layer=ms,
+        layer_weight_bytes=list(MODEL.layers),
+        first_bytes=MODEL.first,
+        last_bytes=MODEL.last,
+        kv_layer_bytes=KV,
+        runtime_bytes=RUNTIME,
+    )
+    return pb.PlaceRequest(node_id=node, model_part=part, n_layers=30, capacity=c)
+
+
+def test_the_coordinator_waits_for_replicas_and_refuses_budgets_that_cannot_hold_the_model() -> None:
+    """Place: the split waits for every configured node (a replica's budget counts); a refusal
+    reaches every waiting node and the cluster's problems, and the next reports try again."""
+    from pipeserve.coordinator.cluster import Cluster
+    from tests.fake_stages import FakeTokenizer, fake_cluster_config
+
+    cfg = fake_cluster_config(2, replicas={1: 2}).model_copy(update={"layers": "auto"})
+
+    async def main() -> None:
+        cluster = Cluster(cfg, node_client=lambda a: None, tokenizer=FakeTokenizer())  # type: ignore[arg-type,return-value]
+        first = asyncio.create_task(cluster.place(_place_req("node1", 0, 8 * GiB), wait_s=5))  # type: ignore[arg-type]
+        second = asyncio.create_task(cluster.place(_place_req("node2", 1, 8 * GiB), wait_s=5))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        assert not first.done() and not second.done()  # node2b has not reported yet
+        small = _place_req("node2b", 1, need(5, last=True))
+        assert await cluster.place(small, wait_s=5) == (25, 30)  # type: ignore[arg-type]
+        assert await first == (0, 25) and await second == (25, 30)
+
+        refusing = Cluster(cfg, node_client=lambda a: None, tokenizer=FakeTokenizer())  # type: ignore[arg-type,return-value]
+        waits = [
+            asyncio.create_task(refusing.place(_place_req(n, p, 1 * GiB), wait_s=5, replicas_wait_s=0.2))  # type: ignore[arg-type]
+            for n, p in (("node1", 0), ("node2", 1))
+        ]
+        for w in waits:
+            with pytest.raises(ConfigError, match="cannot hold the model's 30 layers"):
+                await w
+        assert any("cannot hold the model's 30 layers" in p for p in refusing._problems())
+        # nodes restarted with larger limits are placed
+        again = [
+            asyncio.create_task(refusing.place(_place_req(n, p, 8 * GiB), wait_s=5, replicas_wait_s=0.2))  # type: ignore[arg-type]
+            for n, p in (("node1", 0), ("node2", 1))
+        ]
+        assert [await a for a in again] == [(0, 15), (15, 30)]
+        assert not any("cannot hold" in p for p in refusing._problems())
+
+    asyncio.run(main())
 
 
 def test_a_cluster_with_layers_auto_places_itself_and_generates_the_reference(tmp_path, smol_full) -> None:
@@ -67,7 +217,19 @@ def test_a_cluster_with_layers_auto_places_itself_and_generates_the_reference(tm
         assert ranges[0][0] == 0 and ranges[-1][1] == 30
         assert all(a[1] == b[0] and b[1] > b[0] for a, b in itertools.pairwise(ranges)), ranges
         caps = [n["capacity"] for n in nodes]
-        assert all(c and c["ms_per_layer"] > 0 and c["layer_bytes"] > 0 and c["free_bytes"] > 0 for c in caps)
+        assert all(
+            c and c["ms_per_layer"] > 0 and c["layer_bytes"] > 0 and c["limit_bytes"] > 0 for c in caps
+        )
+        # each node's limit, what its share takes and what is left
+        for n in nodes:
+            m = n["memory"]
+            assert m["limit_bytes"] == n["capacity"]["limit_bytes"] and m["limit_source"] in (
+                "machine",
+                "cgroup",
+            )
+            assert m["need_bytes"] == m["weights_bytes"] + m["kv_bytes"] + m["runtime_bytes"]
+            assert m["left_bytes"] == m["limit_bytes"] - m["need_bytes"] >= 0
+            assert m["weights_bytes"] == n["weights_bytes"] and n["load_s"] > 0
         assert "layers placed by capacity" in pc.log("coordinator", 200)
         body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         r = httpx.post(f"http://127.0.0.1:{cfg.api.port}/v1/completions", json=body, timeout=60)

@@ -247,10 +247,27 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         mean_forward_ms=info.forward_ms_total / info.forwards_total if info.forwards_total else None,
         forwards_total=info.forwards_total,
         capacity=s.CapacityView(
-            free_bytes=info.capacity.free_bytes,
+            limit_bytes=info.capacity.limit_bytes,
             layer_bytes=info.capacity.layer_bytes,
+            kv_tokens=info.capacity.kv_tokens,
             ms_per_layer=info.capacity.ms_per_layer,
         )
         if info.HasField("capacity")
         else None,
+        memory=_memory_view(info.memory) if info.HasField("memory") else None,
+        load_s=round(info.load_seconds, 3) if n.HasField("info") else None,
+    )
+
+
+def _memory_view(m: pb.MemoryBudget) -> s.MemoryView:
+    need = m.weights_bytes + m.kv_bytes + m.runtime_bytes
+    return s.MemoryView(
+        limit_bytes=m.limit_bytes,
+        limit_source=m.source,
+        limit_reason=m.reason,
+        weights_bytes=m.weights_bytes,
+        kv_bytes=m.kv_bytes,
+        runtime_bytes=m.runtime_bytes,
+        need_bytes=need,
+        left_bytes=m.limit_bytes - need,
     )

@@ -369,11 +369,29 @@ class TokenizerView(BaseModel):
 
 
 class CapacityView(BaseModel):
-    """What a node measured before loading, with `layers: auto` (its part's layers follow from it)."""
+    """What a node reported before loading, with `layers: auto` (its part's layers follow from it)."""
 
-    free_bytes: int = Field(description="Available memory on the node's machine.")
-    layer_bytes: int = Field(description="Weight bytes of one layer of the model.")
+    limit_bytes: int = Field(description="The node's memory limit, which its part's range must fit under.")
+    layer_bytes: int = Field(description="Weight bytes of the model's largest layer.")
+    kv_tokens: int = Field(
+        description="KV positions placement counts for it: cache_budget_tokens, or auto's minimum."
+    )
     ms_per_layer: float = Field(description="Time of one layer on a batch of 8 tokens, milliseconds.")
+
+
+class MemoryView(BaseModel):
+    """A node's memory limit and what its share takes under it (README: Memory budgets)."""
+
+    limit_bytes: int = Field(
+        description="Bytes the node may use (memory_limit); its share was checked against it."
+    )
+    limit_source: str = Field(description="Where the limit comes from: 'config', 'cgroup' or 'machine'.")
+    limit_reason: str = Field(description="How, e.g. 'auto: cgroup v2 memory.max of /: 2.00 GiB'.")
+    weights_bytes: int = Field(description="Its share's weights, from the model file's header.")
+    kv_bytes: int = Field(description="Its KV pool, whole (pages are touched as requests use them).")
+    runtime_bytes: int = Field(description="The runtime allowance: interpreter, threads, one step's scratch.")
+    need_bytes: int = Field(description="weights + KV + runtime: what the share takes at most.")
+    left_bytes: int = Field(description="limit - need: what is left under the limit.")
 
 
 class NodeView(BaseModel):
@@ -422,6 +440,12 @@ class NodeView(BaseModel):
     forwards_total: int
     capacity: CapacityView | None = Field(
         None, description="With `layers: auto`: what the node reported before loading (null otherwise)."
+    )
+    memory: MemoryView | None = Field(
+        None, description="Its memory limit, what its share takes and what is left (null while loading)."
+    )
+    load_s: float | None = Field(
+        None, description="Seconds its layers took to load at start-up (null while loading)."
     )
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeserve.common.errors import ConfigError
+from pipeserve.common.memory import MemorySetting, parse_bytes
 from pipeserve.common.threads import MAX_THREADS, ThreadsSetting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.json"
@@ -56,6 +57,24 @@ def _threads(value: Any) -> Any:
 Threads = Annotated[ThreadsSetting, BeforeValidator(_threads)]
 
 
+def _memory(value: Any) -> Any:
+    return value if value == "auto" else parse_bytes(value)
+
+
+# "auto" (the node's cgroup limit, else the machine's available memory) or bytes ("6GiB", 6442450944).
+MemoryLimitSetting = Annotated[MemorySetting, BeforeValidator(_memory)]
+
+
+def _cache_tokens(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"must be 'auto' or a whole number of tokens >= 1, got {value!r}")
+
+
+# "auto" (the KV pool takes what is left under the node's memory limit) or a number of positions.
+CacheTokens = Annotated[Literal["auto"] | int, BeforeValidator(_cache_tokens)]
+
+
 class NodeConfig(_Strict):
     id: str = Field(min_length=1, description="Unique node name, e.g. node1.")
     address: Address = Field(description="host:port where the coordinator reaches this node's gRPC server.")
@@ -68,15 +87,32 @@ class NodeConfig(_Strict):
         None,
         description="Native-kernel threads for this node, 'auto' or a number (default node_defaults.threads).",
     )
-    cache_budget_tokens: int | None = Field(
-        None, ge=1, description="Override of node_defaults.cache_budget_tokens."
+    cache_budget_tokens: CacheTokens | None = Field(
+        None, description="Override of node_defaults.cache_budget_tokens: 'auto' or a number of positions."
+    )
+    memory_limit: MemoryLimitSetting | None = Field(
+        None,
+        description="Override of node_defaults.memory_limit for this node: 'auto', bytes, or a size such as '6GiB'.",
     )
     lossy_int8: bool | None = Field(None, description="Override of node_defaults.lossy_int8 for this node.")
 
 
 class NodeDefaults(_Strict):
-    cache_budget_tokens: int = Field(
-        32768, ge=1, description="KV-cache tokens a node holds over all requests."
+    cache_budget_tokens: CacheTokens = Field(
+        "auto",
+        description="KV-cache positions a node holds over all requests (its block pool, allocated at start). "
+        "'auto': 90% of what is left under the node's memory_limit after its share's weights and the runtime "
+        "allowance, at most 32768 and at least coordinator.max_batch_tokens (common/memory.py); a number is "
+        "used as given, and a node whose weights + that pool + the runtime exceed its limit refuses to load.",
+    )
+    memory_limit: MemoryLimitSetting = Field(
+        "auto",
+        description="Bytes a node may use (a number, or a size: '6GiB', '512MiB', '6Gi'; '2GB' is 2e9). Before "
+        "mapping any weight a node checks that its share (weights from the file's header + its KV pool + a "
+        "runtime allowance) fits and refuses with the numbers otherwise; `layers: auto` places within the "
+        "limits. 'auto': the memory cgroup's limit (v2 memory.max / v1 memory.limit_in_bytes) when one applies "
+        "to the node's process, else the machine's available memory divided among the nodes the config puts "
+        "on its host.",
     )
     cache_ttl_s: float = Field(
         600.0,
@@ -206,8 +242,9 @@ class Config(_Strict):
     layers: Literal["even", "auto"] = Field(
         "even",
         description="How parts split the model's layers when no node gives `layers`: even, or auto (each "
-        "part's node measures its speed and free memory before loading and the coordinator splits in "
-        "proportion to speed, within memory).",
+        "node measures its speed and reports its memory limit and the model's bytes per layer before "
+        "loading; the coordinator splits in proportion to speed within every node's memory_limit, or "
+        "refuses the cluster naming the shortfall and the smallest fix).",
     )
     wire_dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32",

@@ -22,6 +22,7 @@ from pipeserve.common import tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options
+from pipeserve.common.memory import ModelWeights
 from pipeserve.common.placement import Capacity, split_layers
 from pipeserve.common.threads import address_host, choose_micro_batches, sharing
 from pipeserve.proto import model_service_pb2 as pb
@@ -30,6 +31,10 @@ from pipeserve.proto import tokenizer_service_pb2 as tpb
 from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
 
 log = logging.getLogger(__name__)
+
+# `layers: auto`: once every part has reported, how long placement waits for the config's other
+# nodes (replicas) to report too; a part's range must fit the smallest of its nodes that reported.
+PLACE_REPLICAS_WAIT_S = 5.0
 
 
 class NodeClient:
@@ -195,10 +200,14 @@ class Cluster:
         self.problems: list[str] = ["not checked yet"]
         self.changed = asyncio.Event()  # set when a node becomes healthy (wakes stalled requests)
         self.known_requests: Callable[[], Container[str]] | None = None  # set by the Scheduler
-        # `layers: auto`: what each part's first reporting node measured, and the split made from it
-        self.capacities: dict[int, Capacity] = {}
+        # `layers: auto`: what each node reported (by node id), the split made from it, and why the
+        # last attempt was refused (the nodes' budgets cannot hold the model)
+        self.capacities: dict[str, Capacity] = {}
         self.auto_layers: list[tuple[int, int]] | None = None
+        self.placement_error = ""
         self._placed = asyncio.Event()
+        self._all_reported = asyncio.Event()
+        self._placing: asyncio.Task | None = None
         self._bg: set[asyncio.Task] = set()
         # groups in flight and why, and per node id the nodes computing on its cores at once
         self.micro_batches, self.micro_batches_reason = 1, ""
@@ -339,9 +348,13 @@ class Cluster:
         return self.cfg.part_layers(part, self.n_layers)
 
     # ---- placement (`layers: auto`) ------------------------------------------------------------
-    async def place(self, req: pb.PlaceRequest, wait_s: float = 300.0) -> tuple[int, int]:
-        """The layers of req's part: split once every part has reported its capacity (the first
-        report of each part counts; later ones, replicas and restarts, get the same split)."""
+    async def place(
+        self, req: pb.PlaceRequest, wait_s: float = 300.0, replicas_wait_s: float = PLACE_REPLICAS_WAIT_S
+    ) -> tuple[int, int]:
+        """The layers of req's part. The split is made once every part has reported and either
+        every configured node has or `replicas_wait_s` more passed (a part's range must fit all
+        its replicas); later reports (replicas, restarts) get the same split. When the budgets
+        cannot hold the model every waiting node gets the error and the next reports try again."""
         if self.cfg.layers != "auto":
             raise ConfigError(
                 "the cluster's config has layers='even': nodes take their layers from the config"
@@ -351,31 +364,64 @@ class Cluster:
                 f"part {req.model_part} does not exist (the model is split into {self.n_parts} parts)"
             )
         if self.auto_layers is None:
-            c = req.capacity
-            self.capacities.setdefault(
-                req.model_part,
-                Capacity(req.node_id, req.model_part, c.free_bytes, c.layer_bytes, c.ms_per_layer),
-            )
-            if len(self.capacities) == self.n_parts:
-                self.auto_layers = split_layers(req.n_layers, list(self.capacities.values()))
-                log.info(
-                    "layers placed by capacity: %s",
-                    ", ".join(
-                        f"part {p} [{a}, {b}) ({self.capacities[p].node_id}: {self.capacities[p].ms_per_layer:.2f} ms/layer)"
-                        for p, (a, b) in enumerate(self.auto_layers)
-                    ),
-                )
-                self._placed.set()
-            else:
+            self.capacities[req.node_id] = capacity_from_pb(req.node_id, req.model_part, req.capacity)
+            if {n.id for n in self.cfg.nodes} <= set(self.capacities):
+                self._all_reported.set()
+            if self._placing is None and {c.part for c in self.capacities.values()} == set(
+                range(self.n_parts)
+            ):
+                self._placing = asyncio.create_task(self._split(req.n_layers, replicas_wait_s))
+            placing = self._placing
+            if placing is None:
                 try:
                     await asyncio.wait_for(self._placed.wait(), wait_s)
                 except TimeoutError:
-                    missing = sorted(set(range(self.n_parts)) - set(self.capacities))
+                    missing = sorted(set(range(self.n_parts)) - {c.part for c in self.capacities.values()})
                     raise StageUnavailableError(
                         f"placement waits for parts {missing} to report their capacity"
                     ) from None
-        assert self.auto_layers is not None
+            else:
+                await asyncio.shield(placing)  # raises the refusal, for every waiting node
+        if self.auto_layers is None:
+            raise ConfigError(self.placement_error or "the layers could not be placed")
         return self.auto_layers[req.model_part]
+
+    async def _split(self, n_layers: int, replicas_wait_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_reported.wait(), replicas_wait_s)
+        caps = list(self.capacities.values())
+        try:
+            self.auto_layers = split_layers(n_layers, caps)
+        except ConfigError as exc:
+            self.placement_error = f"layers: auto: {exc}"
+            log.error("placement refused: %s", exc)
+            # the nodes that reported exit with the error; the next reports start a new attempt
+            self.capacities.clear()
+            self._all_reported.clear()
+            self._placing = None
+            self._wake_waiters()
+            raise ConfigError(self.placement_error) from None
+        self.placement_error = ""
+        log.info(
+            "layers placed by capacity: %s",
+            ", ".join(
+                f"part {p} [{a}, {b}) ("
+                + ", ".join(
+                    f"{c.node_id}: {c.ms_per_layer:.2f} ms/layer, needs {c.need(a, b) / 2**30:.2f} of "
+                    f"{c.limit_bytes / 2**30:.2f} GiB"
+                    for c in caps
+                    if c.part == p
+                )
+                + ")"
+                for p, (a, b) in enumerate(self.auto_layers)
+            ),
+        )
+        self._placed.set()
+
+    def _wake_waiters(self) -> None:
+        """Let nodes waiting for a split that was refused see the refusal (their wait ends)."""
+        self._placed.set()
+        self._placed = asyncio.Event()
 
     def _adopt_layers(self, answered: list[tuple[NodeHandle, pb.NodeInfo]]) -> None:
         """After a coordinator restart with `layers: auto`: take the split the loaded nodes serve."""
@@ -399,6 +445,8 @@ class Cluster:
             and self.tokenizer_info.model_checksum != self.model_checksum
         ):
             out.append("the tokenizer belongs to another model")
+        if self.placement_error and self.auto_layers is None:
+            out.append(self.placement_error)
         for part in range(self.n_parts):
             if not any(n.healthy for n in self.nodes if n.part == part):
                 down = [f"{n.id} ({n.error})" for n in self.nodes if n.part == part]
@@ -463,6 +511,12 @@ class Cluster:
         await asyncio.gather(
             *(n.client.close() for n in self.nodes), self.tokenizer.close(), return_exceptions=True
         )
+
+
+def capacity_from_pb(node_id: str, part: int, c: pb.Capacity) -> Capacity:
+    """What a node reported for placement, as common/placement.py takes it."""
+    weights = ModelWeights(tuple(c.layer_weight_bytes), c.first_bytes, c.last_bytes, c.shared_bytes)
+    return Capacity(node_id, part, c.limit_bytes, weights, c.ms_per_layer, c.kv_layer_bytes, c.runtime_bytes)
 
 
 def _rpc_error_text(exc: BaseException) -> str:

@@ -1,25 +1,122 @@
-"""What a node measures before it loads its layers, for `layers: auto` (common/placement.py).
+"""What a node knows about its memory and speed before it loads its layers.
 
-It loads one layer of the model (a middle one when there is one), times a forward of 8 tokens on
-it (the median of 5 after a warm-up, with the node's kernel threads), and reads the machine's
-available memory. That one layer is dropped again before the real load.
+`NodeBudget` is its memory plan: its limit (common/memory.py: config, cgroup or machine), the
+model's weight bytes per layer from the file's header, and the KV pool it will allocate; the node
+server checks its share against it before mapping any weight. `measure` adds, for `layers: auto`
+(common/placement.py), how fast one layer runs: it loads one layer (a middle one when there is
+one), times a forward of 8 tokens on it (the median of 5 after a warm-up, with the node's kernel
+threads), and drops it again before the real load.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
-import psutil
 
+from pipeserve.common.kvblocks import BLOCK_SIZE
+from pipeserve.common.memory import (
+    RUNTIME_BYTES,
+    MemoryLimit,
+    ModelWeights,
+    ShareNeed,
+    check_share,
+    kv_pool_bytes,
+    share_need,
+)
+from pipeserve.modeling.config import ModelConfig
 from pipeserve.modeling.engine import SeqChunk, StageEngine
-from pipeserve.modeling.loader import load_stage
+from pipeserve.modeling.kv_cache import kv_token_layer_bytes
+from pipeserve.modeling.loader import load_stage, model_weights
 from pipeserve.modeling.source import ModelSource, release_file_caches
 from pipeserve.proto import model_service_pb2 as pb
 
 
-def measure(source: ModelSource, n_layers: int, reps: int = 5) -> pb.Capacity:
+@dataclass(frozen=True)
+class NodeBudget:
+    """A node's memory plan for any share of its model."""
+
+    node_id: str
+    part: int
+    limit: MemoryLimit
+    weights: ModelWeights
+    kv_token_layer_bytes: int  # k + v of one position of one layer
+    cache_tokens: int | Literal["auto"]  # the config's cache_budget_tokens
+    min_tokens: int  # the smallest pool `auto` gives: coordinator.max_batch_tokens
+    runtime: int = RUNTIME_BYTES
+
+    @classmethod
+    def of(
+        cls,
+        node_id: str,
+        part: int,
+        source: ModelSource,
+        cfg: ModelConfig,
+        limit: MemoryLimit,
+        cache_tokens: int | Literal["auto"],
+        min_tokens: int,
+    ) -> NodeBudget:
+        """The plan for `source`, from its files' headers only (no tensor data is read)."""
+        kv = kv_token_layer_bytes(cfg.n_kv_heads, cfg.head_dim)
+        return cls(node_id, part, limit, model_weights(source, cfg), kv, cache_tokens, min_tokens)
+
+    def need(self, layers: tuple[int, int]) -> ShareNeed:
+        start, end = layers
+        return share_need(
+            self.weights.stage(start, end),
+            end - start,
+            self.kv_token_layer_bytes,
+            BLOCK_SIZE,
+            self.cache_tokens,
+            self.limit.bytes,
+            self.min_tokens,
+            self.runtime,
+        )
+
+    def check(self, layers: tuple[int, int]) -> ShareNeed:
+        """The share's need; ConfigError with the numbers when it exceeds the limit."""
+        need = self.need(layers)
+        check_share(self.node_id, self.part, layers, need, self.limit, self.cache_tokens == "auto")
+        return need
+
+    @property
+    def plan_tokens(self) -> int:
+        """KV positions placement counts for this node: the configured pool, or auto's minimum."""
+        tokens = self.min_tokens if self.cache_tokens == "auto" else self.cache_tokens
+        return -(-tokens // BLOCK_SIZE) * BLOCK_SIZE
+
+    def capacity(self, ms_per_layer: float) -> pb.Capacity:
+        w = self.weights
+        return pb.Capacity(
+            limit_bytes=self.limit.bytes,
+            limit_reason=self.limit.reason,
+            layer_bytes=max(w.layers, default=0),
+            ms_per_layer=ms_per_layer,
+            layer_weight_bytes=list(w.layers),
+            first_bytes=w.first,
+            last_bytes=w.last,
+            shared_bytes=w.shared,
+            kv_layer_bytes=kv_pool_bytes(self.plan_tokens, 1, self.kv_token_layer_bytes, BLOCK_SIZE),
+            kv_tokens=self.plan_tokens,
+            runtime_bytes=self.runtime,
+        )
+
+    def to_pb(self, need: ShareNeed) -> pb.MemoryBudget:
+        return pb.MemoryBudget(
+            limit_bytes=self.limit.bytes,
+            source=self.limit.source,
+            reason=self.limit.reason,
+            weights_bytes=need.weights,
+            kv_bytes=need.kv,
+            runtime_bytes=need.runtime,
+        )
+
+
+def measure(source: ModelSource, n_layers: int, budget: NodeBudget, reps: int = 5) -> pb.Capacity:
+    """The node's capacity for `layers: auto`: its budget and the time one layer takes."""
     k = 1 if n_layers > 2 else 0
     stage = load_stage(source, (k, k + 1))
     engine = StageEngine(stage, cache_budget_tokens=256)
@@ -34,11 +131,6 @@ def measure(source: ModelSource, n_layers: int, reps: int = 5) -> pb.Capacity:
         engine.forward([SeqChunk(f"measure-{i}", 0, list(range(1, 9)))], x)
         times.append((time.perf_counter() - t0) * 1e3)
         engine.release([f"measure-{i}"])
-    cap = pb.Capacity(
-        free_bytes=psutil.virtual_memory().available,
-        layer_bytes=stage.param_bytes,
-        ms_per_layer=statistics.median(times[1:]),
-    )
     del engine, stage
     release_file_caches()
-    return cap
+    return budget.capacity(statistics.median(times[1:]))

@@ -20,11 +20,13 @@ from pipeserve import kernels
 from pipeserve.common import codec, tls
 from pipeserve.common import threads as host
 from pipeserve.common.config import Config
-from pipeserve.common.errors import ConfigError, StageUnavailableError
+from pipeserve.common.errors import ConfigError, PipeserveError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
+from pipeserve.common.memory import format_bytes, node_limit
 from pipeserve.modeling.layers import set_lossy_int8
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
+from pipeserve.node.capacity import NodeBudget
 from pipeserve.node.capacity import measure as measure_capacity
 from pipeserve.node.chain import ChainWorker
 from pipeserve.node.runner import StageRunner
@@ -86,6 +88,8 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         self._runner: StageRunner | None = None  # set once the layers are loaded
         self.chain: ChainWorker | None = None  # the chain data path's worker, with the runner
         self.capacity: pb.Capacity | None = None  # measured before loading (`layers: auto`)
+        self.memory: pb.MemoryBudget | None = None  # its limit and its share's need, once checked
+        self.load_error: PipeserveError | None = None  # why loading failed (Info answers with it)
         self.int8 = False  # the opt-in lossy int8 mode is on for some of its layers (`lossy_int8`)
         self._subscribers: dict[str, queue.SimpleQueue[pb.StepResult | None]] = {}
         self._subs_lock = threading.Lock()
@@ -130,6 +134,8 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
     @property
     def runner(self) -> StageRunner:
         if self._runner is None:
+            if self.load_error is not None:
+                raise self.load_error
             raise StageUnavailableError(f"node {self.node_id} is still loading its layers", node=self.node_id)
         return self._runner
 
@@ -176,6 +182,8 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
         info = node_info(self.runner)
         if self.capacity is not None:
             info.capacity.CopyFrom(self.capacity)
+        if self.memory is not None:
+            info.memory.CopyFrom(self.memory)
         if self.threads is not None:
             info.host_id, info.threads_reason = self.threads.host_id, self.threads.reason
         if self.int8:
@@ -251,6 +259,11 @@ class NodeServer:
             host.config_sharing(configured, cfg.coordinator.micro_batches, node_id, self.address, self.part),
         )
         self.budget = (known.cache_budget_tokens if known else None) or cfg.node_defaults.cache_budget_tokens
+        self.memory_limit = (known.memory_limit if known else None) or cfg.node_defaults.memory_limit
+        mine = host.address_host(self.address)  # nodes the config puts on this host share its memory
+        self.host_nodes = 1 + sum(
+            1 for n in cfg.nodes if n.id != node_id and host.address_host(n.address) == mine
+        )
         lossy = known.lossy_int8 if known else None
         self.lossy_int8 = cfg.node_defaults.lossy_int8 if lossy is None else lossy
         self.layers = layers
@@ -279,12 +292,34 @@ class NodeServer:
                 "node %s: %d kernel threads, %s", self.node_id, self.threads.threads, self.threads.reason
             )
             source = resolve_model(self.cfg.model_name)
-            n_layers = read_config(source).n_layers
+            model_cfg = read_config(source)
+            n_layers = model_cfg.n_layers
+            budget = NodeBudget.of(
+                self.node_id,
+                self.part,
+                source,
+                model_cfg,
+                node_limit(self.memory_limit, self.host_nodes),
+                self.budget,
+                self.cfg.coordinator.max_batch_tokens,
+            )
             if self.layers is None and self.cfg.layers == "auto":
-                self.servicer.capacity = measure_capacity(source, n_layers)
+                self.servicer.capacity = measure_capacity(source, n_layers, budget)
                 layers = self._place(self.servicer.capacity, n_layers)
             else:
                 layers = self.layers or self.cfg.part_layers(self.part, n_layers)
+            need = budget.check(layers)  # before any of its weights is mapped
+            self.servicer.memory = budget.to_pb(need)
+            log.info(
+                "node %s: part %d, layers [%d, %d) need %s under a limit of %s (%s): %s",
+                self.node_id,
+                self.part,
+                *layers,
+                format_bytes(need.total),
+                format_bytes(budget.limit.bytes),
+                budget.limit.reason,
+                need.describe(),
+            )
             loaded = load_stage(source, layers)
             release_file_caches()
             if self.lossy_int8:  # per node: it sets the flag on its own layers' matmuls only
@@ -301,7 +336,7 @@ class NodeServer:
                 self.node_id,
                 self.part,
                 loaded,
-                self.budget,
+                need.kv_tokens,
                 self.cfg.node_defaults.cache_ttl_s,
                 self.cfg.max_context,
             )
@@ -328,7 +363,15 @@ class NodeServer:
             )
         except BaseException as exc:  # keep the reason; health stays NOT_SERVING
             self.error = exc
-            log.exception("node %s failed to load", self.node_id)
+            self.servicer.load_error = (
+                exc
+                if isinstance(exc, PipeserveError)
+                else PipeserveError(f"node {self.node_id} failed to load: {exc}")
+            )
+            if isinstance(exc, ConfigError):  # a refusal (memory budget, placement): its text says it all
+                log.error("node %s cannot load: %s", self.node_id, exc)
+            else:
+                log.exception("node %s failed to load", self.node_id)
         finally:
             self.loaded_event.set()
 
@@ -337,10 +380,11 @@ class NodeServer:
         every part has reported); the coordinator may start after the nodes: retry until it answers."""
         req = pb.PlaceRequest(node_id=self.node_id, model_part=self.part, n_layers=n_layers, capacity=cap)
         log.info(
-            "node %s measured %.2f ms per layer, %.1f GiB free; asking the coordinator for its layers",
+            "node %s measured %.2f ms per layer, memory limit %s (%s); asking the coordinator for its layers",
             self.node_id,
             cap.ms_per_layer,
-            cap.free_bytes / 2**30,
+            format_bytes(cap.limit_bytes),
+            cap.limit_reason,
         )
         deadline = time.monotonic() + 600
         while True:
@@ -397,7 +441,8 @@ def serve_node(
     srv.start(background_load=False)
     if srv.error:
         srv.stop(0)
-        raise SystemExit(f"node {node_id}: {srv.error}")
+        why = str(srv.error)  # a budget or placement refusal already names the node
+        raise SystemExit(why if why.startswith(f"node {node_id}:") else f"node {node_id}: {why}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
