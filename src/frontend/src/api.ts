@@ -125,8 +125,26 @@ export interface NodeStatus {
   last_forward_ms: number | null;
   mean_forward_ms: number | null;
   forwards_total: number;
-  /** With `layers: auto`: what the node measured before loading (null otherwise). */
-  capacity?: { free_bytes: number; layer_bytes: number; ms_per_layer: number } | null;
+  /** With `layers: auto`: what the node reported before loading (null otherwise). */
+  capacity?: { limit_bytes: number; layer_bytes: number; kv_tokens: number; ms_per_layer: number } | null;
+  /** Its memory limit, what its share takes under it and what is left (null while loading). */
+  memory?: NodeMemory | null;
+  /** Seconds its layers took to load at start-up (null while loading). */
+  load_s?: number | null;
+}
+
+/** A node's memory budget: its share (weights + KV pool + runtime) was checked against the limit. */
+export interface NodeMemory {
+  limit_bytes: number;
+  /** Where the limit comes from. */
+  limit_source: "config" | "cgroup" | "machine";
+  /** How, e.g. "auto: cgroup v2 memory.max of /: 2.00 GiB". */
+  limit_reason: string;
+  weights_bytes: number;
+  kv_bytes: number;
+  runtime_bytes: number;
+  need_bytes: number;
+  left_bytes: number;
 }
 
 export interface ClusterStatus {

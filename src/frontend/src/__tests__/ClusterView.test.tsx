@@ -45,6 +45,34 @@ describe("ClusterView", () => {
     expect(screen.queryByTestId("nodes-down")).toBeNull();
   });
 
+  it("shows each node's memory limit, what its share takes and what is left", async () => {
+    const MiB = 1024 * 1024;
+    const memory = {
+      limit_bytes: 2048 * MiB,
+      limit_source: "cgroup" as const,
+      limit_reason: "auto: cgroup v2 memory.max of /: 2.00 GiB",
+      weights_bytes: 1024 * MiB,
+      kv_bytes: 256 * MiB,
+      runtime_bytes: 192 * MiB,
+      need_bytes: 1472 * MiB,
+      left_bytes: 576 * MiB,
+    };
+    const c = cluster([node("node1", 0, [0, 15], { memory, load_s: 1.25 }), node("node2", 1, [15, 30])]);
+    mockFetch({ "/api/cluster": () => jsonResponse(c) });
+    render(<ClusterView />);
+
+    const budget = await screen.findByTestId("node-budget-node1");
+    expect(budget).toHaveTextContent("1.4 GiB of 2.0 GiB (cgroup) · 576 MiB left");
+    expect(budget).toHaveAttribute(
+      "title",
+      "auto: cgroup v2 memory.max of /: 2.00 GiB; share: weights 1.0 GiB + KV pool 256 MiB + runtime 192 MiB",
+    );
+    expect(within(budget).getByRole("meter")).toHaveAttribute("aria-valuenow", String(1472 * MiB));
+    expect(screen.getByTestId("node-card-node1")).toHaveTextContent("loaded in 1250 ms");
+    // a node that reports no budget (an older node, or still loading) shows none
+    expect(screen.queryByTestId("node-budget-node2")).toBeNull();
+  });
+
   it("marks a dead node red and names it", async () => {
     const c = cluster(
       [

@@ -1,4 +1,5 @@
-// One model node: its slice of the model, health, load, cache and timings from GET /api/cluster.
+// One model node: its slice of the model, health, load, cache, memory budget and timings from
+// GET /api/cluster.
 import type { NodeStatus } from "../api";
 import { formatBytes, formatCount, formatLayers, formatMs } from "../format";
 import { Meter } from "./Meter";
@@ -60,10 +61,28 @@ export function NodeCard({ node, nLayers, active }: Props) {
             {formatBytes(node.cache_resident_bytes ?? 0)} KV
           </span>
         </dd>
+        {node.memory && (
+          <>
+            <dt>budget</dt>
+            <dd
+              data-testid={`node-budget-${node.id}`}
+              title={`${node.memory.limit_reason}; share: weights ${formatBytes(node.memory.weights_bytes)} + KV pool ${formatBytes(node.memory.kv_bytes)} + runtime ${formatBytes(node.memory.runtime_bytes)}`}
+            >
+              <Meter value={node.memory.need_bytes} max={node.memory.limit_bytes} />
+              <span className="small">
+                {formatBytes(node.memory.need_bytes)} of {formatBytes(node.memory.limit_bytes)}{" "}
+                <span className="muted">
+                  ({node.memory.limit_source}) · {formatBytes(node.memory.left_bytes)} left
+                </span>
+              </span>
+            </dd>
+          </>
+        )}
         <dt>weights</dt>
         <dd title={Object.entries(node.weight_types ?? {}).map(([t, n]) => `${n} ${t}`).join(", ")}>
           {formatBytes(node.weights_bytes)}{" "}
           <span className="muted" title={node.threads_reason || undefined}>{Object.keys(node.weight_types ?? {}).join(" ")}{node.kernel ? ` · ${node.kernel}` : ""}</span>
+          {node.load_s != null && <span className="muted"> · loaded in {formatMs(node.load_s * 1000)}</span>}
         </dd>
         <dt>forward</dt>
         <dd>
