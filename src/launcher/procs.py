@@ -21,12 +21,20 @@ from pipeserve.common.grpc_util import probe
 
 class ProcessCluster:
     def __init__(
-        self, cfg: Config, workdir: Path, with_api: bool = False, node_module: str = "pipeserve.cli"
+        self,
+        cfg: Config,
+        workdir: Path,
+        with_api: bool = False,
+        node_module: str = "pipeserve.cli",
+        node_prefix: Callable[[str], list[str]] | None = None,
     ) -> None:
         """`node_module`: what nodes run as (`python -m <it> node ...`); tests pass a wrapper of
-        the CLI (tests/paced_node.py) whose steps take a fixed minimum time."""
+        the CLI (tests/paced_node.py) whose steps take a fixed minimum time. `node_prefix(node_id)`:
+        a command that runs a node's command line (as `taskset` or `systemd-run` would; the memory
+        budget tests put each node into a cgroup of its own this way)."""
         self.cfg = cfg
         self.node_module = node_module
+        self.node_prefix = node_prefix
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "config.json"
@@ -37,9 +45,11 @@ class ProcessCluster:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child process
         env = {**os.environ, "PIPESERVE_LOG_LEVEL": "INFO"}
-        module = self.node_module if args[:1] == ("node",) else "pipeserve.cli"
+        node = args[:1] == ("node",)
+        module = self.node_module if node else "pipeserve.cli"
+        prefix = self.node_prefix(name) if node and self.node_prefix else []
         p = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--config", str(self.config_file)],
+            [*prefix, sys.executable, "-m", module, *args, "--config", str(self.config_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
