@@ -13,6 +13,9 @@ other on the same file and the same streaming client as `scripts/bench_serving.p
   the tensors into each server's memory) under one llama-server;
 - llama-server in one unlimited process (`-t 2 -np 16`).
 
+Prefix caching is off in every system (`coordinator.prefix_cache: false`, `cache_prompt: false`):
+the clients repeat the warm-up's prompts, and the caches keep different amounts of them.
+
 Needs root and a memory cgroup (v1 `memory` or v2 with the memory controller); writes
 bench/scale.json and bench/scale.md.
 """
@@ -53,7 +56,11 @@ def run_capped(name: str, parts: int, limit: int, args: argparse.Namespace) -> d
     from pipeserve.launcher.procs import ProcessCluster
 
     cfg = bs.cluster_config(parts)
-    cfg = parse_config({**cfg.model_dump(mode="json"), "layers": "auto"}, "bench config")
+    raw = cfg.model_dump(mode="json")
+    # prefix caching off (llama-server's prompt cache too): every timed prompt is prefilled in full
+    # (the clients repeat the warm-up's prompts, and the two caches keep different amounts of them)
+    raw["coordinator"]["prefix_cache"] = False
+    cfg = parse_config({**raw, "layers": "auto"}, "bench config")
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{name}-"))
     groups = {n.id: MemoryCgroup.create(limit, f"pipeserve-bench-{n.id}") for n in cfg.nodes}
     cluster = ProcessCluster(cfg, workdir, with_api=True, node_prefix=lambda nid: groups[nid].prefix())
@@ -67,7 +74,7 @@ def run_capped(name: str, parts: int, limit: int, args: argparse.Namespace) -> d
         Path("/proc/sys/vm/drop_caches").write_text("3")
     t0 = time.perf_counter()
     try:
-        cluster.start(timeout_s=bs.READY_TIMEOUT_S)
+        cluster.start(timeout_s=bs.READY_TIMEOUT_S, wait=parts > 1)
         if parts == 1:
             out["refusal"] = wait_refusal(cluster, cfg.nodes[0].id, base)
             print(f"[{name}] refused: {out['refusal']}", file=sys.stderr)
@@ -169,7 +176,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", default="2.5GiB", help="memory limit of every capped node")
     ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--systems", default="one,three,llama-rpc,llama-server")
     ap.add_argument("--out", type=Path, default=Path("bench/scale.json"))
@@ -182,6 +189,7 @@ def main() -> None:
     args = ap.parse_args()
     args.concurrency = [int(k) for k in args.concurrency.split(",")]
     args.quiet_wait = 0.0
+    args.llama_extra = {"cache_prompt": False}
     limit = parse_bytes(args.limit)
     models = Path(os.environ.get("PIPESERVE_MODELS_DIR", Path.home() / ".cache/pipeserve/models"))
     path = models / f"synth-{args.spec}-s{args.seed}.gguf"

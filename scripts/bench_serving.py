@@ -483,7 +483,8 @@ def bench_llamacpp(name: str, rpc: bool, args: argparse.Namespace) -> dict[str, 
         base = f"http://127.0.0.1:{port}"
         wait_http_ready(base + "/health", READY_TIMEOUT_S)
         pids = {n: p.pid for n, p in procs.items()} | {"bench_client": os.getpid()}
-        extra = {"stream_options": {"include_usage": True}}
+        # `llama_extra`: request fields a caller adds (bench_scale turns llama-server's prompt cache off)
+        extra = {"stream_options": {"include_usage": True}, **getattr(args, "llama_extra", {})}
         for k in (kmax, 1):
             recs, _ = asyncio.run(run_clients(base, k, 1, 8, extra))
             if errs := [r.error for r in recs if r.error]:

@@ -58,14 +58,17 @@ class ProcessCluster:
         self.procs[name] = p
         return p
 
-    def start(self, timeout_s: float = 180) -> ProcessCluster:
+    def start(self, timeout_s: float = 180, wait: bool = True) -> ProcessCluster:
+        """Start every process; `wait`: until the coordinator is ready (a cluster that must refuse
+        to load never gets there)."""
         self._spawn("tokenizer", "tokenizer")
         for n in self.cfg.nodes:
             self._spawn(n.id, "node", "--id", n.id)
         self._spawn("coordinator", "coordinator")
         if self.with_api:
             self._spawn("api", "api")
-        self.wait_ready(timeout_s)
+        if wait:
+            self.wait_ready(timeout_s)
         return self
 
     def start_node(self, node_id: str, timeout_s: float = 120) -> float:
