@@ -1,5 +1,5 @@
-"""What a node process holds beyond its weights and its KV pool: the runtime allowance
-(`pipeserve.common.memory.RUNTIME_BYTES`) a node's memory budget counts.
+"""What a node process holds beyond its weights and its KV pool: what the runtime allowance
+(`pipeserve.common.memory.runtime_bytes`) a node's memory budget counts must cover.
 
 Starts one node serving the whole embedded model (first and last stage at once: embedding, every
 layer, the head and the sampler) as a real process, samples its /proc/<pid>/status every 5 ms, and
@@ -8,14 +8,16 @@ drives the worst step the defaults allow: 32 requests at once (coordinator.max_r
 temperature, top-k, top-p and 20 top logprobs. Prints, idle and at the peak: resident anonymous
 memory, resident file pages other than the model file's, the weights' anonymous copies (llama's
 permuted q/k rows, fp32 vectors; from the GGUF header), the KV pages written
-(`cache_resident_bytes`), and what is left: the runtime. Writes nothing.
+(`cache_resident_bytes`), and what is left: the runtime; with --out, also as JSON.
 
-    .venv/bin/python scripts/runtime_memory.py [--model NAME_OR_GGUF]
+    .venv/bin/python scripts/runtime_memory.py [--model NAME_OR_GGUF] [--out bench/runtime-memory-<model>.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import socket
 import tempfile
 import threading
@@ -76,15 +78,17 @@ def anon_split(pid: int, kv_map_bytes: int) -> tuple[int, int]:
 
 
 def anon_weight_bytes(path: Path) -> int:
-    """Bytes of the weights a node copies out of the file's map: llama's q/k rows (re-ordered for
-    rotate-half rope) and every vector (fp32)."""
+    """Bytes of the weights a node copies out of the file's map: every vector (fp32) and, for the
+    llama architecture only, the q/k rows (re-ordered for rotate-half rope; modeling/loader.py)."""
     from pipeserve.modeling.source import open_gguf
 
+    reader = open_gguf(path)
+    llama = reader.fields["general.architecture"].contents() == "llama"
     total = 0
-    for t in open_gguf(path).tensors:
+    for t in reader.tensors:
         if len(t.shape) == 1:
             total += t.n_elements * 4
-        elif t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        elif llama and t.name.endswith(("attn_q.weight", "attn_k.weight")):
             total += t.n_bytes
     return total
 
@@ -93,13 +97,17 @@ def main() -> None:
     import httpx
 
     from pipeserve.common.config import parse_config
+    from pipeserve.common.memory import runtime_bytes
     from pipeserve.launcher.procs import ProcessCluster
     from pipeserve.modeling.loader import read_config
     from pipeserve.modeling.source import resolve_model
+    from pipeserve.node.capacity import rope_table_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a model name or a .gguf file")
-    model = resolve_model(ap.parse_args().model)
+    ap.add_argument("--out", help="also write the figures to this JSON file")
+    args = ap.parse_args()
+    model = resolve_model(args.model)
     port = free_port()
     cfg = parse_config(
         {
@@ -167,16 +175,61 @@ def main() -> None:
     print(
         f"weights: file pages {weights_file / MiB:.1f} MiB resident, anonymous copies {copies / MiB:.1f} MiB"
     )
+    rows = {}
     for tag, anon, kv, files in (
         ("idle", idle_anon, idle_kv, idle_file),
         ("peak", peak["anon"], peak["kv"], end_file),
     ):
+        rows[tag] = {
+            "anon_outside_kv_mib": round(anon / MiB, 1),
+            "kv_pages_mib": round(kv / MiB, 1),
+            "library_pages_mib": round(files / MiB, 1),
+            "runtime_mib": round((anon - copies + files) / MiB, 1),
+        }
         print(
             f"{tag}: anonymous outside the KV pool {anon / MiB:.1f} MiB (runtime {(anon - copies) / MiB:.1f} "
             f"MiB after the weight copies), KV pages {kv / MiB:.1f} MiB, other file pages (libraries) "
             f"{files / MiB:.1f} MiB -> runtime {(anon - copies + files) / MiB:.1f} MiB"
         )
     print(f"VmHWM (peak RSS, everything) {end['VmHWM'] / 1024:.1f} MiB")
+    allowance = runtime_bytes(
+        mc.hidden_size,
+        mc.intermediate_size,
+        mc.vocab_size,
+        rope_table_bytes(mc),
+        cfg.coordinator.max_batch_tokens,
+        cfg.coordinator.max_running,
+    )
+    print(f"the allowance for these shapes (common/memory.py runtime_bytes): {allowance / MiB:.1f} MiB")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": f"scripts/runtime_memory.py --model {args.model}",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "cpu": platform.processor() or platform.machine(),
+                    "model": model.name,
+                    "hidden_size": mc.hidden_size,
+                    "intermediate_size": mc.intermediate_size,
+                    "vocab_size": mc.vocab_size,
+                    "n_layers": mc.n_layers,
+                    "rope_table_bytes": rope_table_bytes(mc),
+                    "max_batch_tokens": cfg.coordinator.max_batch_tokens,
+                    "max_running": cfg.coordinator.max_running,
+                    "requests": len(prompts),
+                    "prompt_tokens": [min(prompts), max(prompts)],
+                    "new_tokens": 32,
+                    "seconds": round(took, 1),
+                    "weights_file_pages_mib": round(weights_file / MiB, 1),
+                    "weight_copies_mib": round(copies / MiB, 1),
+                    **rows,
+                    "vm_hwm_mib": round(end["VmHWM"] / 1024, 1),
+                    "allowance_mib": round(allowance / MiB, 1),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ model's bytes read from the file's header alone, equal to what loading holds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,27 @@ def test_auto_kv_takes_what_is_left_within_its_bounds() -> None:
     assert explicit.kv_tokens == 1008 and explicit.kv == 1008 * 10 * per  # whole blocks
 
 
+MEASURED = sorted((Path(__file__).resolve().parents[1] / "bench").glob("runtime-memory-*.json"))
+
+
+@pytest.mark.parametrize("path", MEASURED, ids=[p.stem for p in MEASURED])
+def test_the_runtime_allowance_covers_what_was_measured(path: Path) -> None:
+    """scripts/runtime_memory.py's worst step (bench/runtime-memory-*.json: SmolLM2-135M,
+    Qwen2.5-Coder-1.5B, Llama-3.1-8B's shapes) stays under the allowance for its shapes with a
+    fifth to spare."""
+    r = json.loads(path.read_text())
+    allowance = m.runtime_bytes(
+        r["hidden_size"],
+        r["intermediate_size"],
+        r["vocab_size"],
+        r["rope_table_bytes"],
+        r["max_batch_tokens"],
+        r["max_running"],
+    )
+    assert allowance >= 1.2 * r["peak"]["runtime_mib"] * MiB, (allowance / MiB, r["peak"])
+    assert len(MEASURED) >= 3
+
+
 def test_a_share_over_its_limit_is_refused_with_the_numbers() -> None:
     need = m.ShareNeed(weights=2 * GiB, kv=256 * MiB, kv_tokens=4096, runtime=224 * MiB)
     limit = m.MemoryLimit(2 * GiB, "cgroup", "auto: cgroup v2 memory.max of /: 2.00 GiB")
@@ -163,3 +185,26 @@ def test_the_kv_bytes_a_budget_counts_are_the_pools() -> None:
     pool = KVCachePool(7, 3, 64, 1000, 512)
     per = kv_token_layer_bytes(3, 64)
     assert 2 * pool.block_bytes * pool.n_blocks == m.kv_pool_bytes(1000, 7, per, 16) == 1008 * 7 * per
+
+
+def test_rope_tables_built_in_blocks_equal_the_one_shot_tables() -> None:
+    """The tables are computed ROPE_BLOCK positions at a time (the float64 temporaries of a
+    131072-position context would be ~4x the tables at load); every entry is what one pass over
+    all positions gives."""
+    import numpy as np
+
+    from pipeserve.modeling.config import RopeConfig
+    from pipeserve.modeling.layers import ROPE_BLOCK, rope_tables
+
+    rope = RopeConfig(theta=500000.0)
+    d, n = 128, 2 * ROPE_BLOCK + 123
+    cos, sin = rope_tables(rope, d, n)
+    inv = np.float32(1.0) / (
+        np.float32(rope.theta) ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d))
+    )
+    a64 = (
+        np.outer(np.arange(n, dtype=np.float32), inv.astype(np.float32)).astype(np.float32).astype(np.float64)
+    )
+    assert np.array_equal(cos, np.cos(a64).astype(np.float32)) and np.array_equal(
+        sin, np.sin(a64).astype(np.float32)
+    )

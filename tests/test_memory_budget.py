@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pipeserve.common.memory import RUNTIME_BYTES, MiB, format_bytes
+from pipeserve.common.memory import MiB, format_bytes, runtime_bytes
 from pipeserve.modeling import synth
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -45,6 +45,26 @@ N_NEW = 12
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synth.write("llama-test", tmp_path_factory.mktemp("budget") / "llama-test.gguf", 0, N_LAYERS)
+
+
+def _runtime(model: Path) -> int:
+    """The runtime allowance a node of this model counts, with the config's defaults."""
+    from pipeserve.common.config import CoordinatorConfig
+    from pipeserve.modeling.layers import MLP_ROWS
+    from pipeserve.modeling.loader import read_config
+    from pipeserve.modeling.source import resolve_model
+    from pipeserve.node.capacity import rope_table_bytes
+
+    mc, c = read_config(resolve_model(str(model))), CoordinatorConfig()
+    return runtime_bytes(
+        mc.hidden_size,
+        mc.intermediate_size,
+        mc.vocab_size,
+        rope_table_bytes(mc),
+        c.max_batch_tokens,
+        c.max_running,
+        MLP_ROWS,
+    )
 
 
 def _cgroup(limit: int) -> MemoryCgroup:
@@ -84,8 +104,9 @@ def test_one_node_is_refused_and_three_nodes_under_the_same_limit_serve_the_mode
     n = len(weights.layers)
     whole = weights.stage(0, n)
     third = max(weights.stage(p * n // 3, (p + 1) * n // 3) for p in range(3))  # the head's part
-    limit = (RUNTIME_BYTES + third + 24 * MiB) // 4096 * 4096  # a third fits, with room for KV; in pages
-    assert RUNTIME_BYTES + whole > limit + 16 * MiB, "the model must not fit one node"
+    runtime = _runtime(model)
+    limit = (runtime + third + 24 * MiB) // 4096 * 4096  # a third fits, with room for KV; in pages
+    assert runtime + whole > limit + 16 * MiB, "the model must not fit one node"
 
     # one node, the whole model: refused with the numbers, before it maps anything
     one = cluster_config(str(model), 1)
@@ -98,9 +119,7 @@ def test_one_node_is_refused_and_three_nodes_under_the_same_limit_serve_the_mode
         assert rc == 1, (rc, log)  # its own refusal (SystemExit), not the OOM killer's SIGKILL (-9)
         assert f"node node1: part 0, layers [0, {n}) needs " in log, log
         assert f"limit {format_bytes(limit)} (auto: cgroup v" in log
-        assert (
-            f"weights {format_bytes(whole)} + KV " in log and f"runtime {format_bytes(RUNTIME_BYTES)}" in log
-        )
+        assert f"weights {format_bytes(whole)} + KV " in log and f"runtime {format_bytes(runtime)}" in log
         assert cg.oom_kills() == 0
     finally:
         pc.stop()

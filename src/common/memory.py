@@ -24,20 +24,46 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # from 2^60 up is taken as no limit.
 NO_LIMIT = 1 << 60
 
-# What a node process holds beyond its weights and its KV pool, at its worst: the interpreter with
-# a node's imports (numpy, grpc, the native kernels), the gRPC server's and the kernel pool's
-# threads, and the scratch of one step at coordinator.max_batch_tokens = 256 (the MLP runs
-# MLP_ROWS = 256 rows a call; hidden states in, out and on the wire; logits and sampling for up to
-# max_running = 32 rows of the vocabulary). Measured with scripts/runtime_memory.py: one node
-# serving a whole model, 32 requests at once with 450-1200-token prompts (prefill chunks of 256),
-# sampled with top-k / top-p and 20 top logprobs; the peak of its anonymous memory outside the KV
-# pool, less the weights' anonymous copies, plus its resident library pages:
-#   SmolLM2-135M (hidden 576, MLP 1536, vocab 49152): 40 idle + 10 scratch + 41 libraries = 91 MiB;
-#   Qwen2.5-1.5B's shapes (hidden 1536, MLP 8960, vocab 151936; a random 2-layer Q8_0 GGUF):
-#   40 idle + 35 scratch + 41 libraries = 116 MiB.
-# The allowance is that with room for a larger model's scratch (a 7-8B model's MLP and logits rows
-# are about 1.5-2x Qwen2.5-1.5B's).
-RUNTIME_BYTES = 192 * MiB
+# The runtime allowance: what a node process holds beyond its weights and its KV pool, at its
+# worst (`runtime_bytes`). Measured with scripts/runtime_memory.py (bench/runtime-memory-*.json):
+# one node serving a whole model, 32 requests at once with ~450-token prompts (prefill chunks of
+# max_batch_tokens = 256), sampled with top-k / top-p and 20 top logprobs; the peak of its anonymous
+# memory outside the KV pool, less the weights' anonymous copies, plus its resident library pages:
+#                                   idle (rope tables)  + scratch + libraries = runtime (allowance)
+#   SmolLM2-135M                    40.2 (2 MiB)        + 9.5     + 39.5      = 89.1 MiB (117.9)
+#   Qwen2.5-Coder-1.5B              55.5 (16 MiB)       + 35.4    + 39.7      = 130.7 MiB (184.3)
+#   Llama-3.1-8B's shapes (synth)   104.5 (64 MiB)      + 61.1    + 39.7      = 205.3 MiB (257.3)
+# Three parts: the interpreter with a node's imports and threads (~40 MiB) and the libraries'
+# pages (~40 MiB), the same for every model: RUNTIME_BASE_BYTES; the RoPE tables (cos and sin,
+# [max_position, head_dim / 2] fp32 per layer type), exact; one step's scratch, which grows with
+# the shapes: the MLP's rows (MLP_ROWS = 256) x its width (gate, up, activation), the step's hidden
+# states (rows x hidden: residual, norms, q/k/v, attention out, the wire in and out) and the
+# logits of up to max_running sampled rows x the vocabulary (with the sampler's copy), counted
+# SCRATCH_* times: about twice the measured scratch, 1.25-1.4x each measured runtime in all
+# (tests/test_memory.py keeps every bench/runtime-memory-*.json figure a fifth under it).
+RUNTIME_BASE_BYTES = 96 * MiB
+SCRATCH_MLP, SCRATCH_HIDDEN, SCRATCH_LOGITS = 3, 6, 2
+
+
+def runtime_bytes(
+    hidden: int,
+    ffn: int,
+    vocab: int,
+    rope_table_bytes: int,
+    max_batch_tokens: int,
+    max_running: int,
+    mlp_rows: int = 256,
+) -> int:
+    """The runtime allowance of a node serving a model of these shapes (see RUNTIME_BASE_BYTES);
+    `mlp_rows`: the rows of one MLP call (modeling/layers.py MLP_ROWS)."""
+    rows = max_batch_tokens
+    scratch = (
+        SCRATCH_MLP * min(rows, mlp_rows) * ffn
+        + SCRATCH_HIDDEN * rows * hidden
+        + SCRATCH_LOGITS * min(max_running, rows) * vocab
+    ) * 4
+    return RUNTIME_BASE_BYTES + rope_table_bytes + scratch
+
 
 # `cache_budget_tokens: auto`: the KV pool takes this share of what is left under the limit after
 # the weights and the runtime allowance (the rest is headroom for what the allowance misses), at
@@ -284,7 +310,7 @@ def share_need(
     cache_tokens: int | Literal["auto"],
     limit: int,
     min_tokens: int,
-    runtime: int = RUNTIME_BYTES,
+    runtime: int,
 ) -> ShareNeed:
     """The need of a share with `weights` bytes and `n_local` layers; `cache_tokens` is the
     config's `cache_budget_tokens` (a number, or `auto`: sized by `auto_kv_tokens` under `limit`)."""
@@ -318,7 +344,7 @@ def check_share(
             f"or raise its memory_limit to {to}"
         )
     raise ConfigError(
-        f"node {node_id}: part {part}, layers [{layers[0]}, {layers[1]}) needs {format_bytes(need.total)}, "
+        f"node {node_id}: part {part}, layers [{layers[0]}, {layers[1]}) needs {format_bytes(need.total, up=True)}, "
         f"limit {format_bytes(limit.bytes)} ({limit.reason}): {need.describe()}; {hint}",
         node=node_id,
         part=part,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from pipeserve.common.errors import ConfigError
-from pipeserve.common.memory import RUNTIME_BYTES, ModelWeights, format_bytes
+from pipeserve.common.memory import RUNTIME_BASE_BYTES, ModelWeights, format_bytes
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Capacity:
     weights: ModelWeights  # the model's weight bytes per layer and at the ends
     ms_per_layer: float
     kv_layer_bytes: int = 0  # KV pool bytes per layer the node allocates at least
-    runtime_bytes: int = RUNTIME_BYTES
+    runtime_bytes: int = RUNTIME_BASE_BYTES
 
     def need(self, start: int, end: int) -> int:
         """Bytes this node needs to serve layers [start, end)."""

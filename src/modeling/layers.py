@@ -172,6 +172,9 @@ def set_lossy_int8(stage: object, on: bool) -> tuple[int, int]:
     return sum(lin.lossy for lin in lins), len(lins)
 
 
+ROPE_BLOCK = 4096  # positions of the rope tables computed at once
+
+
 def rope_tables(
     rope: RopeConfig, head_dim: int, max_position: int, freq_factors: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -203,10 +206,16 @@ def rope_tables(
         if freq_factors.shape != (d // 2,):
             raise ValueError(f"rope_freqs has shape {list(freq_factors.shape)}, expected [{d // 2}]")
         inv_freq = inv_freq / freq_factors.astype(f)
-    angles = np.outer(np.arange(max_position, dtype=f), inv_freq).astype(f)  # [P, d/2], fp32 products
     scale = rope.attention_factor if rope.kind == "yarn" else 1.0
-    a64 = angles.astype(np.float64)
-    return (np.cos(a64) * scale).astype(f), (np.sin(a64) * scale).astype(f)
+    cos, sin = np.empty((max_position, d // 2), f), np.empty((max_position, d // 2), f)
+    # in blocks of positions: the float64 temporaries stay a few MiB however long the context
+    # (a node's memory budget counts the tables, not 4x them at load); the same values per entry
+    for p in range(0, max_position, ROPE_BLOCK):
+        angles = np.outer(np.arange(p, min(p + ROPE_BLOCK, max_position), dtype=f), inv_freq).astype(f)
+        a64 = angles.astype(np.float64)  # [block, d/2] fp32 products, then cos/sin in float64
+        cos[p : p + len(a64)] = np.cos(a64) * scale
+        sin[p : p + len(a64)] = np.sin(a64) * scale
+    return cos, sin
 
 
 def _yarn_inv_freq(rope: RopeConfig, d: int) -> np.ndarray:

@@ -19,17 +19,18 @@ import numpy as np
 
 from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.memory import (
-    RUNTIME_BYTES,
     MemoryLimit,
     ModelWeights,
     ShareNeed,
     check_share,
     kv_pool_bytes,
+    runtime_bytes,
     share_need,
 )
 from pipeserve.modeling.config import ModelConfig
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.kv_cache import kv_token_layer_bytes
+from pipeserve.modeling.layers import MLP_ROWS
 from pipeserve.modeling.loader import load_stage, model_weights
 from pipeserve.modeling.source import ModelSource, release_file_caches
 from pipeserve.proto import model_service_pb2 as pb
@@ -46,7 +47,7 @@ class NodeBudget:
     kv_token_layer_bytes: int  # k + v of one position of one layer
     cache_tokens: int | Literal["auto"]  # the config's cache_budget_tokens
     min_tokens: int  # the smallest pool `auto` gives: coordinator.max_batch_tokens
-    runtime: int = RUNTIME_BYTES
+    runtime: int  # the runtime allowance for this model's shapes (common/memory.py runtime_bytes)
 
     @classmethod
     def of(
@@ -57,11 +58,24 @@ class NodeBudget:
         cfg: ModelConfig,
         limit: MemoryLimit,
         cache_tokens: int | Literal["auto"],
-        min_tokens: int,
+        max_batch_tokens: int,
+        max_running: int,
     ) -> NodeBudget:
-        """The plan for `source`, from its files' headers only (no tensor data is read)."""
+        """The plan for `source`, from its files' headers only (no tensor data is read);
+        `max_batch_tokens` and `max_running` (the coordinator's) bound one step's scratch, and the
+        smallest pool `auto` gives is one step."""
         kv = kv_token_layer_bytes(cfg.n_kv_heads, cfg.head_dim)
-        return cls(node_id, part, limit, model_weights(source, cfg), kv, cache_tokens, min_tokens)
+        runtime = runtime_bytes(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            rope_table_bytes(cfg),
+            max_batch_tokens,
+            max_running,
+            MLP_ROWS,
+        )
+        weights = model_weights(source, cfg)
+        return cls(node_id, part, limit, weights, kv, cache_tokens, max_batch_tokens, runtime)
 
     def need(self, layers: tuple[int, int]) -> ShareNeed:
         start, end = layers
@@ -113,6 +127,15 @@ class NodeBudget:
             kv_bytes=need.kv,
             runtime_bytes=need.runtime,
         )
+
+
+def rope_table_bytes(cfg: ModelConfig) -> int:
+    """Bytes of a stage's RoPE tables (cos and sin, [max_position, head_dim / 2] fp32, one pair per
+    layer type: Gemma 3 has two); GPT-2 has learned positions instead."""
+    if cfg.arch == "gpt2":
+        return 0
+    kinds = {cfg.layer_type(i) for i in range(cfg.n_layers)}
+    return len(kinds) * cfg.max_position * cfg.head_dim * 4
 
 
 def measure(source: ModelSource, n_layers: int, budget: NodeBudget, reps: int = 5) -> pb.Capacity:

@@ -302,6 +302,7 @@ class NodeServer:
                 node_limit(self.memory_limit, self.host_nodes),
                 self.budget,
                 self.cfg.coordinator.max_batch_tokens,
+                self.cfg.coordinator.max_running,
             )
             if self.layers is None and self.cfg.layers == "auto":
                 self.servicer.capacity = measure_capacity(source, n_layers, budget)
