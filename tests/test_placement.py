@@ -268,3 +268,41 @@ def test_a_restarted_coordinator_adopts_the_split_the_running_nodes_serve() -> N
         assert await cluster.place(late, wait_s=1) == (2, 4)  # a replica gets the running split
 
     asyncio.run(main())
+
+
+def _min_room(caps: list[Capacity], ranges: list[tuple[int, int]]) -> float:
+    return min(_Part((c,)).room(s, e) for c, (s, e) in zip(caps, ranges, strict=True))
+
+
+def test_one_group_in_flight_places_for_the_most_kv_room_on_the_tightest_node() -> None:
+    """balance='memory' (stages that take turns, one host): speeds do not matter, the split that
+    leaves the tightest part the most bytes per layer for its KV pool wins; checked against every
+    split of a small model, with uneven limits, ends of different sizes and noisy speeds."""
+    weights = ModelWeights(tuple([100 * MiB] * 12), 300 * MiB, 500 * MiB)  # a large head, as Llama 3's
+    for limits, speeds in (
+        ((3 * GiB, 3 * GiB, 3 * GiB), (97.0, 73.0, 62.0)),
+        ((2 * GiB, 4 * GiB, 3 * GiB), (1.0, 1.0, 1.0)),
+        ((5 * GiB, 1536 * MiB, 2 * GiB), (1.0, 3.0, 2.0)),
+    ):
+        caps = [cap(p, speeds[p], limit=limits[p], weights=weights) for p in range(3)]
+        got = split_layers(12, caps, balance="memory")
+        every = [
+            [(0, a), (a, b), (b, 12)]
+            for a, b in itertools.combinations(range(1, 12), 2)
+            if all(_Part((c,)).fits(s, e) for c, (s, e) in zip(caps, [(0, a), (a, b), (b, 12)], strict=True))
+        ]
+        assert got in every
+        assert _min_room(caps, got) == max(_min_room(caps, r) for r in every), (limits, got)
+    # equal limits and noisy speeds (three nodes measuring at once on two cores): the memory
+    # balance ignores the speeds; the speed balance gives the node measured fastest the most layers,
+    # and with it the head: the tightest room of the two splits
+    caps = [cap(p, (97.0, 73.0, 62.0)[p], limit=3 * GiB, weights=weights) for p in range(3)]
+    assert split_layers(12, caps, balance="memory") == [(0, 4), (4, 8), (8, 12)]
+    by_speed = split_layers(12, caps)
+    assert by_speed == [(0, 3), (3, 7), (7, 12)]
+    assert _min_room(caps, by_speed) < _min_room(caps, [(0, 4), (4, 8), (8, 12)])
+    # budgets that hold no split are refused the same way
+    with pytest.raises(ConfigError, match="cannot hold the model's 12 layers"):
+        split_layers(12, [cap(p, 1.0, limit=900 * MiB, weights=weights) for p in range(3)], balance="memory")
+    with pytest.raises(ConfigError, match=r"node3 \(part 2\) cannot hold even one layer"):
+        split_layers(12, [cap(p, 1.0, limit=700 * MiB, weights=weights) for p in range(3)], balance="memory")

@@ -7,14 +7,22 @@ must fit under the limit of every node serving it (replicas get the same split, 
 counts). Within the budgets, parts get layers in proportion to speed (1 / ms per layer, the
 slowest replica's), at least one each; when that does not fit, the split that makes the slowest
 part fastest within the budgets. When no split fits, the error names the shortfall and the
-smallest change that fixes it (a larger limit on one part's nodes, or one more node). Pure
-arithmetic: the coordinator runs it once every part has reported.
+smallest change that fixes it (a larger limit on one part's nodes, or one more node).
+
+With `balance="memory"` (the coordinator's choice when one micro-batch group is in flight, as on
+one host: the stages take turns, so the total time per step is the same for every split) the
+split is the one whose tightest part has the most memory left per layer for its KV pool (what
+`cache_budget_tokens: auto` sizes the pool from): the most KV positions the cluster can hold.
+Speeds measured by nodes that share a host's cores at the same moment are noise there anyway.
+Pure arithmetic: the coordinator runs it once every part has reported.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from pipeserve.common.errors import ConfigError
 from pipeserve.common.memory import RUNTIME_BASE_BYTES, ModelWeights, format_bytes
@@ -46,12 +54,20 @@ class _Part:
     def ms(self) -> float:
         return max(max(c.ms_per_layer for c in self.nodes), 1e-6)
 
+    def room(self, start: int, end: int) -> float:
+        """Bytes per layer left under the tightest replica's limit with layers [start, end)."""
+        return min(c.limit_bytes - c.need(start, end) for c in self.nodes) / (end - start)
+
     def names(self) -> str:
         return "/".join(c.node_id for c in self.nodes)
 
 
-def split_layers(n_layers: int, caps: Sequence[Capacity]) -> list[tuple[int, int]]:
-    """Half-open layer ranges, one per part in part order (caps: one or more per part)."""
+def split_layers(
+    n_layers: int, caps: Sequence[Capacity], balance: Literal["speed", "memory"] = "speed"
+) -> list[tuple[int, int]]:
+    """Half-open layer ranges, one per part in part order (caps: one or more per part). `balance`:
+    speed (layers in proportion to speed within the budgets) or memory (the most KV room on the
+    tightest part; for stages that take turns)."""
     n_parts = 1 + max((c.part for c in caps), default=-1)
     parts = [_Part(tuple(c for c in caps if c.part == p)) for p in range(n_parts)]
     missing = [p for p, part in enumerate(parts) if not part.nodes]
@@ -66,6 +82,11 @@ def split_layers(n_layers: int, caps: Sequence[Capacity]) -> list[tuple[int, int
         raise ConfigError(
             f"node {bad.node_id} reported a model of {len(bad.weights.layers)} layers, not {n_layers}"
         )
+    if balance == "memory":
+        roomiest = _roomiest(n_layers, parts)
+        if roomiest is None:
+            raise ConfigError(_shortfall(n_layers, parts))
+        return roomiest
     speed = [1.0 / p.ms for p in parts]
     want = [n_layers * s / sum(speed) for s in speed]
     ranges = _ranges(_proportional(n_layers, want))
@@ -131,6 +152,32 @@ def _fastest_within(n_layers: int, parts: Sequence[_Part]) -> list[tuple[int, in
 
     # the largest time lets every part take any count, so it fits
     return within(times[_smallest(0, len(times) - 1, lambda k: within(times[k]) is not None)])
+
+
+def _roomiest(n_layers: int, parts: Sequence[_Part]) -> list[tuple[int, int]] | None:
+    """The split within the budgets that maximizes the smallest `room` (bytes per layer left) over
+    the parts, by dynamic programming over (part, first layer); None when no split fits."""
+    n = len(parts)
+    # best[i][s]: the largest smallest-room of parts i.. when part i starts at layer s; nxt: its end
+    best = [[-math.inf] * (n_layers + 1) for _ in range(n + 1)]
+    nxt = [[0] * (n_layers + 1) for _ in range(n)]
+    best[n][n_layers] = math.inf
+    for i in reversed(range(n)):
+        last_end = n_layers - (n - 1 - i)  # every later part keeps at least one layer
+        for s in range(i, last_end):
+            for e in range(n_layers if i == n - 1 else s + 1, last_end + 1):
+                if best[i + 1][e] == -math.inf or not parts[i].fits(s, e):
+                    continue
+                v = min(parts[i].room(s, e), best[i + 1][e])
+                if v > best[i][s]:
+                    best[i][s], nxt[i][s] = v, e
+    if best[0][0] == -math.inf:
+        return None
+    out, s = [], 0
+    for i in range(n):
+        out.append((s, nxt[i][s]))
+        s = nxt[i][s]
+    return out
 
 
 def _shortfall(n_layers: int, parts: Sequence[_Part]) -> str:

@@ -15,6 +15,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 
@@ -390,8 +391,12 @@ class Cluster:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._all_reported.wait(), replicas_wait_s)
         caps = list(self.capacities.values())
+        self._share_hosts()  # micro_batches from the config's addresses while the nodes load
+        # one group in flight: the stages take turns, every split costs the same time per step,
+        # so the split leaves the most KV room; several groups: the slowest stage sets the pace
+        balance: Literal["speed", "memory"] = "memory" if self.micro_batches == 1 else "speed"
         try:
-            self.auto_layers = split_layers(n_layers, caps)
+            self.auto_layers = split_layers(n_layers, caps, balance)
         except ConfigError as exc:
             self.placement_error = f"layers: auto: {exc}"
             log.error("placement refused: %s", exc)
@@ -403,7 +408,9 @@ class Cluster:
             raise ConfigError(self.placement_error) from None
         self.placement_error = ""
         log.info(
-            "layers placed by capacity: %s",
+            "layers placed by capacity (%s: %s): %s",
+            balance,
+            "the most KV room, stages take turns" if balance == "memory" else "in proportion to speed",
             ", ".join(
                 f"part {p} [{a}, {b}) ("
                 + ", ".join(
