@@ -60,6 +60,8 @@ def run_capped(name: str, parts: int, limit: int, args: argparse.Namespace) -> d
     # prefix caching off (llama-server's prompt cache too): every timed prompt is prefilled in full
     # (the clients repeat the warm-up's prompts, and the two caches keep different amounts of them)
     raw["coordinator"]["prefix_cache"] = False
+    if args.lossy_int8:  # the opt-in lossy mode on every node (a study; the default is exact)
+        raw["node_defaults"] = {**raw.get("node_defaults", {}), "lossy_int8": True}
     cfg = parse_config({**raw, "layers": "auto"}, "bench config")
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{name}-"))
     groups = {n.id: MemoryCgroup.create(limit, f"pipeserve-bench-{n.id}") for n in cfg.nodes}
@@ -180,6 +182,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--systems", default="one,three,llama-rpc,llama-server")
     ap.add_argument("--out", type=Path, default=Path("bench/scale.json"))
+    ap.add_argument("--lossy-int8", action="store_true", help="run the nodes in the opt-in lossy int8 mode")
     ap.add_argument(
         "--no-drop-caches",
         dest="drop_caches",
@@ -200,6 +203,7 @@ def main() -> None:
         "model": {"spec": args.spec, "seed": args.seed, "path": str(path), "bytes": path.stat().st_size},
         "synth_s": time.perf_counter() - t,
         "limit_bytes": limit,
+        "lossy_int8": args.lossy_int8,
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,
         "machine": bs.machine_info(),
