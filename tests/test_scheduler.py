@@ -13,6 +13,7 @@ import gc
 import random
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import psutil
@@ -24,7 +25,7 @@ from pipeserve.modeling.generate import generate
 from pipeserve.modeling.loader import load_stage
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
-from tests.harness import InProcessCluster, start_cluster
+from tests.harness import InProcessCluster, held, start_cluster
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -46,6 +47,13 @@ def greedy(ids: list[int], n: int, rid: str = "") -> pb.GenerateRequest:
 
 def tokens_of(msgs: list[pb.GenerateResponse]) -> list[int]:
     return [t for m in msgs for t in m.token_ids]
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        time.sleep(0.01)
 
 
 def wait_idle(c: InProcessCluster, timeout: float = 10.0) -> None:
@@ -125,8 +133,12 @@ def test_preemption_instead_of_failure(tiny_llama, reference):
                 results[i] = exc
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
+        # every forward waits until all eight are in the scheduler: they overlap on any machine
+        # (otherwise a fast one could finish before the next arrives, and nobody be preempted)
+        with held(c.nodes[0], after_steps=0):
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(c.coordinator.scheduler.requests) == len(prompts), "all 8 submitted")
         for t in threads:
             t.join(120)
         assert results == want
@@ -137,8 +149,20 @@ def test_preemption_instead_of_failure(tiny_llama, reference):
 
 
 def burst(c: InProcessCluster, n: int, max_tokens: int) -> list[grpc.StatusCode | int]:
-    """n concurrent streams; each gives its token count, or its error code."""
+    """n concurrent streams; each gives its token count, or its error code. The first node's
+    forwards wait until a client has been refused: nothing can finish before that, so the batch
+    and the queue are full when the refusals come, however fast the machine."""
     codes: list[grpc.StatusCode | int] = []
+    with held(c.nodes[0], after_steps=0):
+        runner = threading.Thread(target=_burst, args=(c, n, max_tokens, codes))
+        runner.start()
+        wait_for(lambda: len(codes) > 0, "a client refused while the batch is held")
+    runner.join(180)
+    assert not runner.is_alive()
+    return codes
+
+
+def _burst(c: InProcessCluster, n: int, max_tokens: int, codes: list[grpc.StatusCode | int]) -> None:
 
     async def one(i: int, stub: pb_grpc.CoordinatorStub) -> None:
         try:
@@ -156,7 +180,6 @@ def burst(c: InProcessCluster, n: int, max_tokens: int) -> list[grpc.StatusCode 
             await asyncio.gather(*(one(i, stub) for i in range(n)))
 
     asyncio.run(run())
-    return codes
 
 
 @pytest.mark.parametrize(
