@@ -207,7 +207,7 @@ def bench_roofline(tokens: int, runs: int) -> dict[str, Any]:
 
 def bench_llamacpp(tokens: int, runs: int) -> dict[str, Any]:
     """llama.cpp's own benchmark tools on the same GGUF and thread count."""
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     build = Path(__file__).with_name("build_llamacpp.sh")
     found = subprocess.run(["bash", str(build)], capture_output=True, text=True, check=False)
@@ -280,7 +280,7 @@ def bench_hf(tokens: int, runs: int) -> dict[str, Any]:
 
     torch.set_num_threads(THREADS)
 
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     t0 = time.perf_counter()
     path = resolve_model(MODEL).path

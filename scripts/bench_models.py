@@ -321,14 +321,14 @@ def main() -> None:
     if "tiny" not in args.skip:
         res["tiny"] = tiny_table(Path(tempfile.mkdtemp(prefix="bench-models-")))
     if "engine" not in args.skip:
-        from pipeserve.modeling.source import resolve_model
+        from pipeserve.common.model_files import resolve_model
 
         gguf = resolve_model("gemma3-270m").path
         res["engine"] = [
             {"ours": gemma_engine(t), "llama_bench": llama_bench(gguf, t, prefill=256)} for t in (1, 2)
         ]
     if "gemma" not in args.skip:
-        from pipeserve.modeling.source import resolve_model
+        from pipeserve.common.model_files import resolve_model
 
         # llama-bench before and after the cluster: on a shared 2-core VM one run of it moved by
         # 2x between minutes, so both are kept and the table shows the range

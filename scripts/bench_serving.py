@@ -433,7 +433,7 @@ def bench_llamacpp(name: str, rpc: bool, args: argparse.Namespace) -> dict[str, 
     or (rpc) its layers over 3 ggml-rpc-servers on loopback (`--rpc ... -ngl 99`), 2 threads each."""
     import psutil
 
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     found = subprocess.run(
         ["bash", str(Path(__file__).with_name("build_llamacpp.sh"))],
@@ -557,7 +557,7 @@ def bench_transformers(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
     from pipeserve.tokenizer.core import TokenizerCore
 
     torch.set_num_threads(HF_THREADS)
@@ -967,7 +967,7 @@ def parse_overrides(spec: str) -> dict[str, int | str]:
 
 def main() -> None:
     global MODEL
-    from pipeserve.modeling.source import EMBEDDED_MODEL, resolve_model
+    from pipeserve.common.model_files import EMBEDDED_MODEL, resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(

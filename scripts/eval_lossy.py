@@ -163,7 +163,7 @@ def decode_speed(eng: Any, runs: int, steps: int = 16) -> dict[str, Any]:
 
 def llama_bench_pp(model: str, threads: int, runs: int) -> dict[str, Any]:
     """llama-bench pp256 on the same GGUF and threads (skipped when llama.cpp is not built)."""
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     found = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build_llamacpp.sh")], capture_output=True, text=True, check=False

@@ -80,7 +80,7 @@ def anon_split(pid: int, kv_map_bytes: int) -> tuple[int, int]:
 def anon_weight_bytes(path: Path) -> int:
     """Bytes of the weights a node copies out of the file's map: every vector (fp32) and, for the
     llama architecture only, the q/k rows (re-ordered for rotate-half rope; modeling/loader.py)."""
-    from pipeserve.modeling.source import open_gguf
+    from pipeserve.common.model_files import open_gguf
 
     reader = open_gguf(path)
     llama = reader.fields["general.architecture"].contents() == "llama"
@@ -98,9 +98,9 @@ def main() -> None:
 
     from pipeserve.common.config import parse_config
     from pipeserve.common.memory import runtime_bytes
+    from pipeserve.common.model_files import resolve_model
     from pipeserve.launcher.procs import ProcessCluster
     from pipeserve.modeling.loader import read_config
-    from pipeserve.modeling.source import resolve_model
     from pipeserve.node.capacity import rope_table_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

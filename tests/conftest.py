@@ -89,7 +89,7 @@ def smol_reference():
     """transformers' SmolLM2 loaded from the same GGUF file (dequantized to fp32)."""
     import transformers
 
-    from pipeserve.modeling.source import embedded_gguf_path
+    from pipeserve.common.model_files import embedded_gguf_path
 
     path = embedded_gguf_path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -111,7 +111,7 @@ GEMMA = "gemma3-270m"
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
     """The named model's GGUF (`make models` assembles it; `make test` depends on that)."""
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     return resolve_model(GEMMA).path  # ModelNotFoundError says to run `make models`
 

@@ -18,10 +18,10 @@ from pipeserve.common.errors import (
     ModelNotFoundError,
     UnknownRequestError,
 )
+from pipeserve.common.model_files import resolve_model
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY, generate
 from pipeserve.modeling.loader import load_stage
-from pipeserve.modeling.source import resolve_model
 from tests.engine_torch import run_stages
 
 PROMPTS = [
@@ -165,7 +165,7 @@ def gguf_tensor_bytes(names: set[str]) -> dict[str, int]:
     """Bytes each named tensor takes in the embedded GGUF file."""
     from gguf import GGUFReader
 
-    from pipeserve.modeling.source import embedded_gguf_path
+    from pipeserve.common.model_files import embedded_gguf_path
 
     return {t.name: int(t.n_bytes) for t in GGUFReader(embedded_gguf_path()).tensors if t.name in names}
 
@@ -204,7 +204,7 @@ def test_stage_holds_only_its_layers_in_block_form(smol_full):
     assert smol_full.tensor_types == {"Q4_1": 210, "Q8_0": 1}
     from gguf import GGUFReader
 
-    from pipeserve.modeling.source import embedded_gguf_path
+    from pipeserve.common.model_files import embedded_gguf_path
 
     whole_file = sum(int(t.n_bytes) for t in GGUFReader(embedded_gguf_path()).tensors)
     assert smol_full.param_bytes == whole_file

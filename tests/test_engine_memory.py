@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from pipeserve.common.model_files import embedded_gguf_path, open_gguf
 from pipeserve.kernels import QLinear
 from pipeserve.modeling import layers, llama
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY
 from pipeserve.modeling.layers import modules
-from pipeserve.modeling.source import embedded_gguf_path, open_gguf
 from tests.engine_torch import run_stages
 from tests.tiny_models import make_tiny
 

@@ -44,7 +44,7 @@ def test_gemma3_cluster_greedy_equals_transformers(cluster, gemma_reference, gem
 
 
 def test_gemma3_nodes_hold_blocks_not_fp32(cluster, gemma_path):
-    from pipeserve.modeling.source import open_gguf
+    from pipeserve.common.model_files import open_gguf
 
     types = {t.name: t.tensor_type.name for t in open_gguf(gemma_path).tensors}
     assert {"Q5_0", "Q4_K", "Q6_K", "Q8_0"} <= set(types.values())

@@ -107,7 +107,7 @@ def test_each_node_holds_only_its_share(tmp_path):
     import httpx
     from gguf import GGUFReader
 
-    from pipeserve.modeling.source import embedded_gguf_path
+    from pipeserve.common.model_files import embedded_gguf_path
 
     sizes = {t.name: int(t.n_bytes) for t in GGUFReader(embedded_gguf_path()).tensors}
 

@@ -149,8 +149,8 @@ def test_a_share_over_its_limit_is_refused_with_the_numbers() -> None:
 
 # ---- the model's bytes from its header -------------------------------------------------------
 def test_model_weights_from_the_header_equal_what_loading_holds() -> None:
+    from pipeserve.common.model_files import resolve_model
     from pipeserve.modeling.loader import load_stage, model_weights
-    from pipeserve.modeling.source import resolve_model
 
     src = resolve_model("smollm2-135m-instruct")
     w = model_weights(src)
@@ -163,8 +163,8 @@ def test_model_weights_from_the_header_equal_what_loading_holds() -> None:
 def test_model_weights_of_every_architecture_and_format(kind: str, tmp_path: Path) -> None:
     """fp32 checkpoint folders and their GGUF twins (F32 and Q8_0 matrices, fp32 vectors; llama's
     q/k rows permuted; tied and untied heads)."""
+    from pipeserve.common.model_files import resolve_model
     from pipeserve.modeling.loader import load_stage, model_weights
-    from pipeserve.modeling.source import resolve_model
     from tests.tiny_models import make_tiny, write_gguf
 
     folder = make_tiny(kind, tmp_path / kind)

@@ -50,9 +50,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _runtime(model: Path) -> int:
     """The runtime allowance a node of this model counts, with the config's defaults."""
     from pipeserve.common.config import CoordinatorConfig
+    from pipeserve.common.model_files import resolve_model
     from pipeserve.modeling.layers import MLP_ROWS
     from pipeserve.modeling.loader import read_config
-    from pipeserve.modeling.source import resolve_model
     from pipeserve.node.capacity import rope_table_bytes
 
     mc, c = read_config(resolve_model(str(model))), CoordinatorConfig()
@@ -93,11 +93,11 @@ def test_the_cgroup_limit_is_enforced_by_the_os() -> None:
 def test_one_node_is_refused_and_three_nodes_under_the_same_limit_serve_the_model(
     model: Path, tmp_path: Path
 ) -> None:
+    from pipeserve.common.model_files import resolve_model
     from pipeserve.launcher.procs import ProcessCluster
     from pipeserve.modeling.engine import StageEngine
     from pipeserve.modeling.generate import generate
     from pipeserve.modeling.loader import load_stage, model_weights
-    from pipeserve.modeling.source import resolve_model
     from tests.harness import cluster_config
 
     weights = model_weights(resolve_model(str(model)))
@@ -204,8 +204,8 @@ def test_a_node_reads_only_its_share_of_the_file(tmp_path: Path) -> None:
     are its header and that share's tensors, plus the kernel's read-around (the device's
     read_ahead_kb) at the share's two ends and around the checksum's 16 samples of 4 KiB: no
     whole-file hash or read."""
+    from pipeserve.common.model_files import open_gguf, release_file_caches
     from pipeserve.modeling.loader import load_stage
-    from pipeserve.modeling.source import open_gguf, release_file_caches
 
     # a file of its own: pages another test mapped in this process could not be dropped
     model = synth.write("llama-test", tmp_path / "share.gguf", 0, N_LAYERS)

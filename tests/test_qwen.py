@@ -29,7 +29,7 @@ CHAT = [{"role": "user", "content": "Write a Python function that checks whether
 @pytest.fixture(scope="module")
 def qwen_path() -> Path:
     """The named model's GGUF (`make models` assembles it; `make test` depends on that)."""
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     return resolve_model(QWEN).path  # ModelNotFoundError says to run `make models`
 
@@ -116,7 +116,7 @@ def _owned(name: str, shard) -> bool:
 
 
 def test_qwen_nodes_hold_blocks_not_fp32(cluster, qwen_path):
-    from pipeserve.modeling.source import open_gguf
+    from pipeserve.common.model_files import open_gguf
 
     tensors = open_gguf(qwen_path).tensors
     assert {"Q4_K", "Q6_K"} <= {t.tensor_type.name for t in tensors}

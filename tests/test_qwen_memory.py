@@ -56,7 +56,7 @@ def test_qwen_node_rss_is_weights_plus_kv_plus_a_fixed_allowance(tmp_path):
     returned. node1's figure counts its 125 MiB Q4_K embedding, of which only the rows looked up
     are resident, so its bound is the loosest of the three.
     """
-    from pipeserve.modeling.source import resolve_model
+    from pipeserve.common.model_files import resolve_model
 
     resolve_model(QWEN)  # ModelNotFoundError says to run `make models` (as tests/test_qwen.py)
     cfg = cluster_config(QWEN, 3, api={"port": free_port()})

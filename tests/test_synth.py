@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from pipeserve.cli import main
+from pipeserve.common.gguf_file import GGUFFile
+from pipeserve.common.model_files import ModelSource, resolve_model
 from pipeserve.modeling import synth
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY, generate
-from pipeserve.modeling.gguf_file import GGUFFile
 from pipeserve.modeling.loader import load_stage, read_config
-from pipeserve.modeling.source import ModelSource, resolve_model
 from pipeserve.tokenizer.core import TokenizerCore
 from tests.engine_torch import run_stages
 from tests.tiny_models import llama3_rope_factors

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeserve.common.errors import ConfigError, InvalidInputError, ModelFormatError, ModelNotFoundError
-from pipeserve.modeling.source import EMBEDDED_MODEL, embedded_gguf_path, model_fingerprint
+from pipeserve.common.model_files import EMBEDDED_MODEL, embedded_gguf_path, model_fingerprint
 from pipeserve.tokenizer.core import TokenizerCore
 
 TEXTS = [

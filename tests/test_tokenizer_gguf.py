@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeserve.common.errors import ConfigError, InvalidInputError, ModelFormatError
-from pipeserve.modeling.source import ModelSource, open_gguf
+from pipeserve.common.model_files import ModelSource, open_gguf
 from pipeserve.tokenizer.core import _GGUF_PRE_SPLITS, TokenizerCore, _from_gguf
 
 # ------------------------------------------------------------------- llama.cpp's SPM, as a reference

@@ -24,12 +24,12 @@ import numpy as np
 
 from pipeserve.common.errors import ModelFormatError
 from pipeserve.common.memory import ModelWeights
+from pipeserve.common.model_files import ModelSource, model_fingerprint, open_gguf, resolve_model
 from pipeserve.kernels import KERNEL_TYPES, QTensor
 from pipeserve.kernels.types import TYPE_IDS
 from pipeserve.modeling import gemma3, gpt2, llama, phi3
 from pipeserve.modeling.config import ModelConfig, Shard
 from pipeserve.modeling.layers import weight_bytes
-from pipeserve.modeling.source import ModelSource, model_fingerprint, open_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 

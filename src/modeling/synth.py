@@ -280,7 +280,7 @@ def _padded(tokens: list[str], types: list[int], vocab: int, origin: str) -> tup
 
 
 def _qwen_tokenizer(vocab: int) -> Metadata:
-    from pipeserve.modeling.source import open_gguf, resolve_model
+    from pipeserve.common.model_files import open_gguf, resolve_model
 
     path = resolve_model(_QWEN_SOURCE).path  # ModelNotFoundError says to run `make models`
     fields = open_gguf(path).fields
@@ -300,7 +300,7 @@ def _qwen_tokenizer(vocab: int) -> Metadata:
 
 
 def _llama3_tokenizer(vocab: int) -> Metadata:
-    from pipeserve.modeling.source import embedded_gguf_path, open_gguf
+    from pipeserve.common.model_files import embedded_gguf_path, open_gguf
 
     path = embedded_gguf_path()
     fields = open_gguf(path).fields

@@ -27,7 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from pipeserve.common.errors import ConfigError, InvalidInputError, ModelFormatError
-from pipeserve.modeling.source import ModelSource, model_fingerprint, open_gguf, resolve_model
+from pipeserve.common.model_files import ModelSource, model_fingerprint, open_gguf, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import grpc
 from pipeserve.common.config import Config
 from pipeserve.common.errors import StageUnavailableError
 from pipeserve.common.grpc_util import listen, set_serving, sync_server
-from pipeserve.modeling.source import release_file_caches
+from pipeserve.common.model_files import release_file_caches
 from pipeserve.proto import tokenizer_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2_grpc as pb_grpc
 from pipeserve.tokenizer.core import TokenizerCore
