@@ -1,7 +1,8 @@
-"""The docs say what the code and the manifests do: the README's table of error reasons is the
+"""The docs say what the code and the manifests do: docs/api.md's table of error reasons is the
 API's and the gRPC interceptor's mapping (the UI's vitest suite checks its UI columns), its
-example body has the body's keys, and the node layout that the README and deploy/k8s/README.md
-describe is the one deploy/k8s/nodes.yaml creates. Offline: no cluster, no network.
+example body has the body's keys, the node layout that docs/deployment.md and deploy/k8s/README.md
+describe is the one deploy/k8s/nodes.yaml creates, and every relative link of the README and
+docs/ leads to a file and heading that exist. Offline: no cluster, no network.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pipeserve.common.grpc_util import GRPC_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+API_DOC = (ROOT / "docs" / "api.md").read_text()
+DEPLOYMENT_DOC = (ROOT / "docs" / "deployment.md").read_text()
 K8S = ROOT / "deploy" / "k8s"
 K8S_README = (K8S / "README.md").read_text()
 
@@ -49,16 +52,16 @@ def ticks(cell: str) -> list[str]:
 
 
 # ---- errors --------------------------------------------------------------------------------------
-def test_readme_error_table_is_the_code_mapping() -> None:
-    rows = table(section(README, "### Errors"), "| reason (`code`) |")
+def test_error_table_is_the_code_mapping() -> None:
+    rows = table(section(API_DOC, "## Errors"), "| reason (`code`) |")
     got = {ticks(r[0])[0]: (int(r[1]), r[2]) for r in rows}
     assert len(rows) == len(got), "a reason is listed twice"
     want = {r.value: (HTTP_STATUS[r], GRPC_CODE[r].name) for r in Reason}
     assert got == want
 
 
-def test_readme_error_example_has_the_bodys_keys() -> None:
-    example = re.search(r"```json\n(.*?)```", section(README, "### Errors"), re.S)
+def test_error_example_has_the_bodys_keys() -> None:
+    example = re.search(r"```json\n(.*?)```", section(API_DOC, "## Errors"), re.S)
     assert example, "the Errors section has no JSON example"
     body = json.loads(example.group(1))
     real = error_body(PipeserveError("x", reason=Reason.STAGE_UNAVAILABLE, part=0, node="node1"))
@@ -149,15 +152,43 @@ def test_k8s_readme_pods_per_part_add_up() -> None:
     assert {int(p): int(n) for p, n in rows} == pods
 
 
-def test_top_readme_describes_the_same_layout() -> None:
-    text = section(README, "## Docker and Kubernetes")
+def test_deployment_doc_describes_the_same_layout() -> None:
+    text = section(DEPLOYMENT_DOC, "## Docker and Kubernetes")
     for name in node_deployments():
-        assert f"`{name}`" in text, f"the README's Kubernetes paragraph does not name {name}"
+        assert f"`{name}`" in text, f"docs/deployment.md's Kubernetes paragraph does not name {name}"
     assert "one Deployment per part (" not in text
     pods: dict[int, int] = {}
     for dep in node_deployments().values():
         part = int(dep["metadata"]["labels"]["pipeserve.io/part"])
         pods[part] = pods.get(part, 0) + dep["spec"]["replicas"]
     claims = re.findall(r"part (\d+) has (\d+) replicas as shipped", text)
-    assert claims, "the README does not say how many replicas part 1 has"
+    assert claims, "docs/deployment.md does not say how many replicas part 1 has"
     assert all(pods[int(p)] == int(n) for p, n in claims), (claims, pods)
+
+
+# ---- links -----------------------------------------------------------------------------------------
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, re.M)}
+
+
+def test_relative_links_lead_somewhere() -> None:
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(ROOT)}: {target}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{doc.relative_to(ROOT)}: {target}: no such heading")
+    assert not broken, "\n".join(broken)
