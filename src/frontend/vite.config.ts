@@ -13,7 +13,7 @@ export default defineConfig({
     port: 5173,
     strictPort: true,
     proxy: Object.fromEntries(proxied.map((path) => [path, { target: API, changeOrigin: true }])),
-    // Under vitest only: the tests read the repository's README (its table of error reasons).
+    // Under vitest only: the tests read the repository's docs/api.md (its table of error reasons).
     ...(process.env.VITEST ? { fs: { allow: ["../.."] } } : {}),
   },
   preview: {

@@ -1,7 +1,7 @@
 // Turns any failure into what the ErrorBanner shows, from the error's fields, never its text: a
 // title naming the part and node that failed, the server's message as the detail, a "what to do"
 // line per reason, and the seconds until a retry helps. The reasons are the API's `code` values
-// (src/common/errors.py: Reason); the README's error table lists the same titles and lines.
+// (src/common/errors.py: Reason); docs/api.md's error table lists the same titles and lines.
 import { ApiError } from "./api";
 
 export const REASONS = [

@@ -1,12 +1,12 @@
 // The error banner against the API's real error answers (the fixture tests/test_errors.py captures
-// from a running cluster) and against the README's table of reasons: the banner reads the body's
+// from a running cluster) and against docs/api.md's table of reasons: the banner reads the body's
 // fields, so these pin what each reason shows.
 import { act, render, screen } from "@testing-library/react";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { ApiError, streamChat } from "../api";
 import { ErrorBanner } from "../components/ErrorBanner";
 import { REASONS } from "../errors";
-import readme from "../../../../README.md?raw";
+import readme from "../../../../docs/api.md?raw";
 import { API_ERRORS, apiError, apiErrorEvent, chatChunk, mockFetch, NOT_PROVOKED, sse, sseResponse, type ApiErrorCase } from "./helpers";
 
 afterEach(() => {
@@ -100,7 +100,7 @@ interface Row {
   todo: string;
 }
 
-/** README.md's table of reasons → HTTP status → UI title and line. */
+/** docs/api.md's table of reasons → HTTP status → UI title and line. */
 function readmeRows(): Map<string, Row> {
   const rows = new Map<string, Row>();
   for (const line of readme.split("\n")) {
@@ -110,12 +110,12 @@ function readmeRows(): Map<string, Row> {
   return rows;
 }
 
-describe("the README's table of reasons", () => {
+describe("docs/api.md's table of reasons", () => {
   it("lists every reason once", () => {
     expect([...readmeRows().keys()].sort()).toEqual([...REASONS].sort());
   });
 
-  it.each([...REASONS])("%s: the banner shows the README's title and line", (reason) => {
+  it.each([...REASONS])("%s: the banner shows the docs' title and line", (reason) => {
     const row = readmeRows().get(reason)!;
     const waits = row.title.includes("{n}");
     const fill = (t: string) => t.replace("{part}", "1").replace("{node}", "node2").replace("{param}", "temperature").replace("{n}", "3");
