@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from pipeserve.common.errors import ConfigError, InvalidInputError, ModelFormatError
 from pipeserve.common.model_files import ModelSource, open_gguf
-from pipeserve.tokenizer.core import _GGUF_PRE_SPLITS, TokenizerCore, _from_gguf
+from pipeserve.tokenizer.core import TokenizerCore
+from pipeserve.tokenizer.gguf_vocab import GGUF_PRE_SPLITS
 
 # ------------------------------------------------------------------- llama.cpp's SPM, as a reference
 
@@ -375,7 +376,7 @@ def test_merge_outside_the_vocabulary_is_refused(tmp_path: Path) -> None:
 def test_pre_tokenizer_table_covers_the_common_families() -> None:
     # Llama 3.x, Qwen2/2.5/3, SmolLM, GPT-2, Mistral Nemo (tekken), Llama 4, Falcon 3, OLMo, Phi-2.
     for pre in ["llama-bpe", "qwen2", "smollm", "gpt-2", "tekken", "llama4", "falcon3", "olmo", "phi-2"]:
-        assert pre in _GGUF_PRE_SPLITS, pre
+        assert pre in GGUF_PRE_SPLITS, pre
 
 
 @pytest.mark.parametrize(
@@ -429,7 +430,7 @@ GEMMA_TEXTS = [
 
 @pytest.fixture(scope="module")
 def gemma(gemma_path: Path) -> TokenizerCore:
-    return _from_gguf(ModelSource("gemma3-270m", "gguf", gemma_path))
+    return TokenizerCore.from_source(ModelSource("gemma3-270m", "gguf", gemma_path))
 
 
 @pytest.fixture(scope="module")
