@@ -1,7 +1,7 @@
 """Simulated hosts (`make bench-hosts`): the embedded model on 3 nodes in separate network
 namespaces (tests/netns.py: a bridge, 1 Gbit/s tc tbf per link, a TCP delay proxy in front of each
-node adding D ms one way to every link), D = 0, 1 and 5 ms, for the chain and the hub data paths;
-and 1 node (D = 0) as the single-machine reference. Each row: greedy streams of 32 tokens driven
+node adding D ms one way to every link), D = 0, 1 and 5 ms, on the chain (the data path; the hub path it
+replaced was removed, its last figures are history in docs/benchmarks.md); and 1 node (D = 0) as the single-machine reference. Each row: greedy streams of 32 tokens driven
 through the coordinator's gRPC API from the front host; per-stream decode tok/s at 1 stream, and
 aggregate tok/s (all tokens / wall time) at 16 streams. 1 kernel thread per node (the machine has
 2 cores for 3 nodes). Needs root (namespaces). Writes bench/hosts.json and prints the table.
@@ -30,19 +30,17 @@ PROMPTS = [
 ]
 
 
-def measure(
-    data_path: str, delay_ms: float, n_nodes: int, tokens: int, work: Path, proxy: bool = True
-) -> dict[str, Any]:
+def measure(delay_ms: float, n_nodes: int, tokens: int, work: Path, proxy: bool = True) -> dict[str, Any]:
     names = ["front", *(f"n{i}" for i in range(1, n_nodes + 1))]
     hosts = Hosts(names, rate="1gbit")
     try:
-        raw = cluster_raw(hosts, data_path, threads=1) if n_nodes == 3 else _one_node(hosts, data_path)
+        raw = cluster_raw(hosts, threads=1) if n_nodes == 3 else _one_node(hosts)
         start_cluster(hosts, raw, work, delay_ms, proxy)
         address = raw["coordinator"]["address"]
         one = run_client(hosts, address, PROMPTS[:1], tokens, 1)
         many = run_client(hosts, address, PROMPTS, tokens, 16)
         return {
-            "data_path": data_path,
+            "data_path": "chain",
             "nodes": n_nodes,
             "delay_ms_per_link": delay_ms,
             "delay_proxy": proxy,
@@ -54,12 +52,12 @@ def measure(
         hosts.close()
 
 
-def _one_node(hosts: Hosts, data_path: str) -> dict[str, Any]:
+def _one_node(hosts: Hosts) -> dict[str, Any]:
     front = hosts.addr["front"]
     return {
         "model_name": "smollm2-135m-instruct",
         "nodes": [{"id": "node1", "address": f"{hosts.addr['n1']}:50051", "model_part": 0, "threads": 1}],
-        "coordinator": {"address": f"{front}:50050", "data_path": data_path, "health_interval_s": 0.5},
+        "coordinator": {"address": f"{front}:50050", "health_interval_s": 0.5},
         "tokenizer": {"address": f"{front}:50054"},
     }
 
@@ -74,14 +72,12 @@ def main() -> None:
         sys.exit(f"bench-hosts: {reason}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(measure("chain", 0.0, 1, args.tokens, Path(tmp) / "one", proxy=False))
-        for path in ("chain", "hub"):
-            rows.append(measure(path, 0.0, 3, args.tokens, Path(tmp) / f"{path}-direct", proxy=False))
-            print(json.dumps(rows[-1]), flush=True)
+        rows.append(measure(0.0, 1, args.tokens, Path(tmp) / "one", proxy=False))
+        rows.append(measure(0.0, 3, args.tokens, Path(tmp) / "direct", proxy=False))
+        print(json.dumps(rows[-1]), flush=True)
         for delay in (0.0, 1.0, 5.0):
-            for path in ("chain", "hub"):
-                rows.append(measure(path, delay, 3, args.tokens, Path(tmp) / f"{path}{delay}"))
-                print(json.dumps(rows[-1]), flush=True)
+            rows.append(measure(delay, 3, args.tokens, Path(tmp) / f"delay{delay}"))
+            print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "command": "make bench-hosts"}, indent=1))
     print("| nodes | data path | links | 1 stream tok/s | 16 streams aggregate tok/s |")

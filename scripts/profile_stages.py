@@ -27,11 +27,10 @@ from tests.harness import cluster_config
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--data-path", default="chain", choices=["chain", "hub"])
     args = ap.parse_args()
     n = args.tokens
     for parts in (1, 3):
-        cfg = cluster_config("smollm2-135m-instruct", parts, coordinator={"data_path": args.data_path})
+        cfg = cluster_config("smollm2-135m-instruct", parts)
         with tempfile.TemporaryDirectory() as tmp:
             pc = ProcessCluster(cfg, pathlib.Path(tmp)).start()
             try:

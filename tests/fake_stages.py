@@ -1,28 +1,32 @@
-"""In-process fake pipeline stages and tokenizer for unit tests of the scheduler (no gRPC server).
+"""In-process fake pipeline stages, path and tokenizer for unit tests of the scheduler: plain
+Python, no gRPC anywhere.
 
-A `FakeStage` has the node client's methods (forward, info, release, lookup_prefix, close) and
-keeps its caches in the real `KVCachePool` (tiny tensors: 1 layer, 1 head, head_dim 1), so block
-accounting, out-of-blocks, unknown requests and prefix sharing behave exactly as on a node. The
-"model" is a toy whose answers depend on every earlier token: stage s's hidden row for position p
-is [hash(tokens[:p+1]), p, s], each later stage checks the rows it receives against its own
-cache (a coordinator that routes hidden states wrongly makes it fail), and the last stage's next
-token is a function of that hash. `reference(prompt, n)` is the same toy run alone, for the
-equality checks. Failures are raised as the gRPC errors a real node's servicer sends (rich
-status details included), so the scheduler's failover policy sees what it sees in production.
+A `FakeStage` has the node client's methods (info, release, lookup_prefix, close) and `compute`,
+one stage's forward, and keeps its caches in the real `KVCachePool` (tiny tensors: 1 layer, 1
+head, head_dim 1), so block accounting, out-of-blocks, unknown requests and prefix sharing behave
+exactly as on a node. `FakePath` is the scheduler's `StagePath` over them: a step goes down each
+request's route part by part (as the chain takes it), a failure at a node ends its requests' step
+with that error, naming part and node. The "model" is a toy whose answers depend on every earlier
+token: stage s's hidden row for position p is [hash(tokens[:p+1]), p, s], each later stage checks
+the rows it receives against its own cache (a path that routes hidden states wrongly makes it
+fail), and the last stage's next token is a function of that hash. `reference(prompt, n)` is the
+same toy run alone, for the equality checks. Failures are the domain errors a real node reports
+(common/errors.py), so the scheduler's failover policy sees what it sees in production.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import grpc
 import numpy as np
 
-from pipeserve.common import codec
-from pipeserve.common.errors import PipeserveError
-from pipeserve.common.grpc_util import rich_status
+from pipeserve.common.errors import PipeserveError, StageUnavailableError
+from pipeserve.common.tokenizer_client import DecodeItem, DecodeResult
+from pipeserve.coordinator.cluster import NodeHandle
+from pipeserve.coordinator.requests import PlanItem
+from pipeserve.coordinator.stage_path import Outcome, Sampled, StageTime
 from pipeserve.modeling.kv_cache import KVCachePool
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2 as tpb
@@ -51,16 +55,6 @@ def reference(prompt: list[int], n: int) -> list[int]:
     return toks[len(prompt) :]
 
 
-def rpc_error(code: grpc.StatusCode, text: str, exc: PipeserveError | None = None) -> grpc.aio.AioRpcError:
-    """The exception a gRPC client raises for a failed call (with our status details for `exc`)."""
-    trailing = grpc.aio.Metadata()
-    if exc is not None:  # as the servicer's interceptor sends it: code and text from the status
-        status = rich_status(exc)
-        code, text = status.code, status.details
-        trailing = grpc.aio.Metadata(*status.trailing_metadata)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=text)
-
-
 class FakeStage:
     def __init__(
         self,
@@ -76,7 +70,7 @@ class FakeStage:
         self.layers = (part * layers_per_part, (part + 1) * layers_per_part, n_parts * layers_per_part)
         self.max_context = max_context
         self.pool = KVCachePool(1, 1, 1, budget_tokens, max_context, block_size)
-        self.poison: set[int] = set()  # a chunk with one of these tokens fails with INTERNAL
+        self.poison: set[int] = set()  # a chunk with one of these tokens fails (a bug: internal)
         self.down = False  # every call fails as if the process were gone
         self.delay_s = 0.0
         self.on_lookup: Callable[[str], None] | None = None  # runs as a LookupPrefix arrives (interleavings)
@@ -89,44 +83,40 @@ class FakeStage:
 
     def _check_up(self) -> None:
         if self.down:
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"failed to connect to {self.node_id}")
+            raise StageUnavailableError(f"failed to connect to {self.node_id}", node=self.node_id)
 
     def restart(self) -> None:
         """The process restarted: every cache is gone."""
         self.pool = KVCachePool(1, 1, 1, self.pool.budget_tokens, self.max_context, self.pool.block_size)
 
-    async def forward(self, msg: pb.ForwardRequest) -> pb.ForwardResponse:
+    async def compute(
+        self, chunks: list[tuple[str, int, list[int], bool]], hidden: np.ndarray | None
+    ) -> tuple[np.ndarray | None, dict[str, int]]:
+        """One forward over chunks (request id, start, tokens, sample): the hidden rows for the next
+        stage (None on the last) and, on the last, the next token of every chunk that asked."""
         self._check_up()
         await asyncio.sleep(self.delay_s)
         self._check_up()
         self.forwards += 1
-        self.max_batch = max(self.max_batch, len(msg.chunks))
-        if any(t in self.poison for c in msg.chunks for t in c.token_ids):
-            raise rpc_error(grpc.StatusCode.INTERNAL, f"{self.node_id}: kernel assertion failed")
-        plan = [(c.request_id, c.start_pos, len(c.token_ids)) for c in msg.chunks]
-        try:
-            seqs = self.pool.reserve(plan)
-        except PipeserveError as exc:
-            raise rpc_error(grpc.StatusCode.UNKNOWN, exc.message, exc) from None
-        rows, tokens = [], []
-        for c, seq in zip(msg.chunks, seqs, strict=True):
-            toks = seq.tokens[: c.start_pos] + list(c.token_ids)
-            for p in range(c.start_pos, c.start_pos + len(c.token_ids)):
+        self.max_batch = max(self.max_batch, len(chunks))
+        if any(t in self.poison for _, _, toks, _ in chunks for t in toks):
+            raise PipeserveError(f"{self.node_id}: kernel assertion failed")
+        seqs = self.pool.reserve([(rid, start, len(toks)) for rid, start, toks, _ in chunks])
+        rows, tokens = [], {}
+        for (rid, start, new, sample), seq in zip(chunks, seqs, strict=True):
+            toks = seq.tokens[:start] + list(new)
+            for p in range(start, start + len(new)):
                 rows.append([float(prefix_hash(toks[: p + 1])), float(p), float(self.part)])
-            if self.is_last and c.sample:
-                tokens.append(pb.SampledToken(request_id=c.request_id, token_id=next_token(toks)))
+            if self.is_last and sample:
+                tokens[rid] = next_token(toks)
         if self.part > 0:  # what the previous stage computed for exactly these positions
-            got = codec.decode_tensor(msg.hidden)
             want = np.array(rows, np.float32) - np.array([0.0, 0.0, 1.0], np.float32)
-            if got.shape != want.shape or not np.array_equal(got, want):
-                self.pool.release([c.request_id for c in msg.chunks])
-                raise rpc_error(grpc.StatusCode.INTERNAL, f"{self.node_id}: hidden states do not match")
-        for c, seq in zip(msg.chunks, seqs, strict=True):
-            self.pool.commit(seq, c.start_pos, list(c.token_ids))
-        hidden = None if self.is_last else codec.encode_tensor(np.array(rows, np.float32))
-        return pb.ForwardResponse(
-            hidden=hidden, tokens=tokens, forward_ms=0.1, cache_used_tokens=self.pool.used_tokens
-        )
+            if hidden is None or hidden.shape != want.shape or not np.array_equal(hidden, want):
+                self.pool.release([rid for rid, _, _, _ in chunks])
+                raise PipeserveError(f"{self.node_id}: hidden states do not match")
+        for (_, start, new, _), seq in zip(chunks, seqs, strict=True):
+            self.pool.commit(seq, start, list(new))
+        return (None if self.is_last else np.array(rows, np.float32)), tokens
 
     async def info(self, host_sharing: int = 0) -> pb.NodeInfo:
         self._check_up()
@@ -166,6 +156,65 @@ class FakeStage:
         pass
 
 
+class FakePath:
+    """The scheduler's StagePath over FakeStages: each part in turn runs the chunks routed to each
+    of its nodes (one batch per node, as the chain's messages are), passes the hidden rows on to
+    the next part's node of each request, and the last part's tokens come back. A node that fails
+    ends its requests' step with its error (part and node named); the others go on."""
+
+    def __init__(self, stages: dict[str, FakeStage]) -> None:
+        self.stages = stages
+
+    async def run(self, plan: list[PlanItem], timeout_s: float) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        hidden: dict[str, np.ndarray] = {}
+        timings: dict[str, list[StageTime]] = {r.id: [] for r, _, _ in plan}
+        alive = list(plan)
+        n_parts = len(plan[0][0].route) if plan else 0
+        for part in range(n_parts):
+            by_node: dict[NodeHandle, list[PlanItem]] = {}
+            for item in alive:
+                by_node.setdefault(item[0].route[part], []).append(item)
+            alive = []
+            for node, items in by_node.items():
+                chunks = [(r.id, s, r.tokens[s : s + n], s + n == len(r.tokens)) for r, s, n in items]
+                rows = np.concatenate([hidden[r.id] for r, _, _ in items]) if part > 0 else None
+                try:
+                    out, tokens = await asyncio.wait_for(
+                        self.stages[node.id].compute(chunks, rows), timeout_s
+                    )
+                except PipeserveError as exc:
+                    err = exc.fill(part=part, node=node.id)
+                    for r, _, _ in items:
+                        outcomes[r.id] = Outcome(False, node=node, part=part, error=err)
+                    continue
+                except TimeoutError:
+                    continue  # no outcome: the scheduler's step timeout
+                off = 0
+                for item in items:
+                    r, _, n = item
+                    timings[r.id].append(StageTime(part, node.id, 0.1, 0.0, 0))
+                    if out is not None:
+                        hidden[r.id] = out[off : off + n]
+                    off += n
+                    if r.id in tokens:
+                        outcomes[r.id] = Outcome(True, token=Sampled(tokens[r.id]))
+                    alive.append(item)
+        for r, _, _ in alive:
+            outcomes.setdefault(r.id, Outcome(True))
+            outcomes[r.id].timings = timings[r.id]
+        return outcomes
+
+    async def wait_live(self, nodes: Iterable[NodeHandle], timeout_s: float) -> bool:
+        return True
+
+    def ensure_streams(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
 def word(t: int) -> str:
     """The toy vocabulary: token t is the text "w<t> " (EOS is empty)."""
     return "" if t == EOS else f"w{t} "
@@ -179,23 +228,19 @@ class FakeTokenizer:
 
     async def info(self) -> tpb.TokenizerInfo:
         if self.down:
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "tokenizer is gone")
+            raise StageUnavailableError("tokenizer is gone")
         return tpb.TokenizerInfo(
             model_name="toy", model_checksum="toy", vocab_size=VOCAB, eos_token_ids=[EOS]
         )
 
-    async def decode_stream(self, items: list[tpb.DecodeStreamItem]) -> list[tpb.DecodeStreamResult]:
+    async def decode_stream(self, items: list[DecodeItem]) -> list[DecodeResult]:
         if self.down:
-            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "tokenizer is gone")
+            raise StageUnavailableError("tokenizer is gone")
         out = []
         for it in items:
             new = list(it.token_ids)[it.read_offset - it.prefix_offset :]
             end = it.prefix_offset + len(it.token_ids)
-            out.append(
-                tpb.DecodeStreamResult(
-                    request_id=it.request_id, text="".join(map(word, new)), prefix_offset=end, read_offset=end
-                )
-            )
+            out.append(DecodeResult("".join(map(word, new)), end, end))
         return out
 
     async def close(self) -> None:
@@ -218,7 +263,6 @@ def fake_cluster_config(parts: int, replicas: dict[int, int] | None = None, **co
             "coordinator": {
                 "recovery_wait_s": 2.0,
                 "health_interval_s": 0.05,
-                "data_path": "hub",
                 **coordinator,
             },
             "tokenizer": {"address": "fake-tokenizer:1"},

@@ -140,7 +140,7 @@ class Hosts:
 HOSTS = ["front", "n1", "n2", "n3"]  # tokenizer + coordinator on front, one node per n*
 
 
-def cluster_raw(hosts: Hosts, data_path: str = "chain", threads: int = 1) -> dict:
+def cluster_raw(hosts: Hosts, threads: int = 1) -> dict:
     """The config of a 3-node cluster of the embedded model on `hosts` (addresses in the test range)."""
     front = hosts.addr["front"]
     return {
@@ -154,7 +154,7 @@ def cluster_raw(hosts: Hosts, data_path: str = "chain", threads: int = 1) -> dic
             }
             for i in (1, 2, 3)
         ],
-        "coordinator": {"address": f"{front}:50050", "data_path": data_path, "health_interval_s": 0.5},
+        "coordinator": {"address": f"{front}:50050", "health_interval_s": 0.5},
         "tokenizer": {"address": f"{front}:50054"},
     }
 

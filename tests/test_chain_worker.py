@@ -9,9 +9,7 @@ import queue
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import pytest
-from google.rpc import status_pb2
 
 from pipeserve.common import wire
 from pipeserve.common.errors import InvalidInputError
@@ -125,7 +123,7 @@ def test_steps_down_the_chain_equal_the_whole_model_with_fan_out(chain) -> None:
 
 def test_a_failure_is_reported_where_it_happened(chain) -> None:
     workers, reports, down, _ = chain
-    # the stage's own error (a bad batch): reported by n1 with its status and details
+    # the stage's own error (a bad batch): reported by n1, as data (reason, message, param)
     real = workers["n1"].runner.forward
 
     def picky(chunks, hidden):  # type: ignore[no-untyped-def]
@@ -138,13 +136,15 @@ def test_a_failure_is_reported_where_it_happened(chain) -> None:
     out = collect(reports, "f1", 2)
     me, res = out["bad"]
     assert (me, res.failed, res.failed_part, res.failed_node) == ("n1", True, 1, "n1")
-    st = status_pb2.Status.FromString(res.status)
-    assert st.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "no thanks" in st.message
+    assert (res.error.reason, res.error.message, res.error.param) == (
+        "invalid_parameter",
+        "no thanks",
+        "prompt",
+    )
     assert out["ok"][0] == "n2" and not out["ok"][1].failed  # the replica's share went on
     # the next node unreachable: reported by the sender, naming the next node and part
     down.add("n2")
     workers["n0"].submit(step("f2", [("x", 0, [5, 6], True, "n1")]))
     me, res = collect(reports, "f2", 1)["x"]
     assert (me, res.failed_part, res.failed_node) == ("n1", 2, "n2")
-    assert status_pb2.Status.FromString(res.status).code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert "n2:1 is unreachable" in status_pb2.Status.FromString(res.status).message
+    assert res.error.reason == "stage_unavailable" and "n2:1 is unreachable" in res.error.message

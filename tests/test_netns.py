@@ -21,15 +21,14 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 PROMPTS = [[1, 2364, 314, 253, 6134, 288, 2], [1, 504, 3458, 282, 4052, 314], [1, 17, 18, 19, 20, 21, 22, 23]]
 
 
-@pytest.mark.parametrize("data_path", ["chain", "hub"])
-def test_a_cluster_across_namespaces_equals_the_engine(tmp_path, smol_full, data_path: str) -> None:
+def test_a_cluster_across_namespaces_equals_the_engine(tmp_path, smol_full) -> None:
     hosts = Hosts(HOSTS, rate="1gbit")
     try:
         assert (
             "unreachable"
             in subprocess.run(["ip", "route", "show", ROUTE], capture_output=True, text=True).stdout
         )
-        raw = cluster_raw(hosts, data_path)
+        raw = cluster_raw(hosts)
         start_cluster(hosts, raw, tmp_path, delay_ms=2.0)
         out = run_client(hosts, raw["coordinator"]["address"], PROMPTS, 12, streams=len(PROMPTS))
         engine = StageEngine(smol_full)

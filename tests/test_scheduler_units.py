@@ -13,15 +13,18 @@ import asyncio
 import contextlib
 from typing import Any
 
-import grpc
 import pytest
 
 from pipeserve.common.errors import (
     CacheBudgetError,
     ContextLengthError,
+    DeadlineError,
     InvalidInputError,
+    PipeserveError,
     QueueFullError,
     Reason,
+    ServiceUnavailableError,
+    StageUnavailableError,
     UnknownRequestError,
 )
 from pipeserve.coordinator import admission, output
@@ -31,7 +34,7 @@ from pipeserve.coordinator.planner import plan_step
 from pipeserve.coordinator.requests import ErrorEvent, FinalEvent, Request, TokenEvent
 from pipeserve.coordinator.scheduler import Scheduler
 from pipeserve.modeling.sampling import SamplingParams
-from tests.fake_stages import EOS, FakeStage, FakeTokenizer, fake_cluster_config, reference, rpc_error, word
+from tests.fake_stages import EOS, FakePath, FakeStage, FakeTokenizer, fake_cluster_config, reference, word
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -107,27 +110,21 @@ def test_stop_string_split_over_pieces_is_held_back_then_cut() -> None:
 
 # ---- failover -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("code", "kind"),
+    ("err", "kind"),
     [
-        (grpc.StatusCode.UNAVAILABLE, Failure.NODE_DOWN),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, Failure.NODE_DOWN),
-        (grpc.StatusCode.CANCELLED, Failure.NODE_DOWN),
-        (grpc.StatusCode.INTERNAL, Failure.BUG),
-        (grpc.StatusCode.UNKNOWN, Failure.BUG),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, Failure.CACHE_FULL),
-        (grpc.StatusCode.INVALID_ARGUMENT, Failure.REJECTED),
+        (StageUnavailableError("the link to node n2 broke"), Failure.NODE_DOWN),
+        (ServiceUnavailableError("the node n2 at x:1 is unreachable"), Failure.NODE_DOWN),
+        (DeadlineError("no answer in time"), Failure.NODE_DOWN),
+        (PipeserveError("ValueError: a bug"), Failure.BUG),
+        (PipeserveError("odd answer", reason=Reason.UPSTREAM_ERROR), Failure.BUG),
+        (CacheBudgetError("KV cache full"), Failure.CACHE_FULL),
+        (UnknownRequestError("no cache for request 'r'"), Failure.LOST_CACHE),
+        (InvalidInputError("bad positions", param="prompt"), Failure.REJECTED),
+        (ContextLengthError("too long"), Failure.REJECTED),
     ],
 )
-def test_classify_by_status_code(code: grpc.StatusCode, kind: Failure) -> None:
-    assert classify(rpc_error(code, "x")) is kind
-
-
-def test_classify_reads_the_status_details() -> None:
-    lost = rpc_error(grpc.StatusCode.UNKNOWN, "gone", UnknownRequestError("no cache for request 'r'"))
-    assert classify(lost) is Failure.LOST_CACHE
-    full = rpc_error(grpc.StatusCode.UNKNOWN, "full", CacheBudgetError("KV cache full"))
-    assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and classify(full) is Failure.CACHE_FULL
-    assert classify(ValueError("not a gRPC error at all")) is Failure.NODE_DOWN  # a broken channel
+def test_classify_by_reason(err: PipeserveError, kind: Failure) -> None:
+    assert classify(err) is kind
 
 
 def test_preemption_victim_is_the_youngest_live_request() -> None:
@@ -187,7 +184,7 @@ class FakeCluster:
         by_address = {n.address: self.stages[n.id] for n in self.cfg.nodes}
         self.tokenizer = FakeTokenizer()
         self.cluster = Cluster(self.cfg, node_client=by_address.__getitem__, tokenizer=self.tokenizer)  # type: ignore[arg-type]
-        self.scheduler = Scheduler(self.cfg, self.cluster)
+        self.scheduler = Scheduler(self.cfg, self.cluster, FakePath(self.stages))
         self._watch: asyncio.Task | None = None
         self._n = 0
 

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from pipeserve.api import convert
 from pipeserve.api import schemas as s
-from pipeserve.api.clients import CoordinatorClient, TokenizerClient
+from pipeserve.api.clients import CoordinatorClient
 from pipeserve.api.errors import install_handlers
 from pipeserve.api.metrics import ApiMetrics, MetricsMiddleware
 from pipeserve.api.middleware import OPEN_PATHS, GuardMiddleware
@@ -36,6 +36,7 @@ from pipeserve.api.streaming import (
 )
 from pipeserve.common.config import Config
 from pipeserve.common.errors import PipeserveError, Reason
+from pipeserve.common.tokenizer_client import TokenizerClient
 from pipeserve.proto import model_service_pb2 as pb
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -319,7 +320,7 @@ def create_app(cfg: Config) -> FastAPI:
         app.state.services = Services(
             cfg,
             CoordinatorClient(c.address, c.rpc_timeout_s, mb, cfg),
-            TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s, mb, cfg),
+            TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s, cfg, "api", mb),
             metrics,
         )
         try:

@@ -1,5 +1,6 @@
-"""Typed gRPC clients the API's routes call: the coordinator (Generate, Cancel, ClusterStatus) and
-the tokenizer (Info, token texts for logprobs). Every call carries a deadline; every failure leaves
+"""Typed gRPC clients the API's routes call: the coordinator (Generate, Cancel, ClusterStatus) here,
+the tokenizer (Info, token texts for logprobs) in common/tokenizer_client.py, shared with the
+coordinator. Every call carries a deadline; every failure leaves
 as the domain exception its status details carry (errors.from_rpc: reason, param, part, node,
 retry-after), so a route never sees a raw gRPC error. Channels reconnect by themselves when a
 service restarts; while it is away calls fail fast (service_unavailable -> 503).
@@ -9,17 +10,12 @@ from __future__ import annotations
 
 import grpc
 
-from pipeserve.api.errors import from_rpc
 from pipeserve.common import tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import PipeserveError
-from pipeserve.common.grpc_util import channel_options
+from pipeserve.common.grpc_util import channel_options, remote_error
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
-from pipeserve.proto import tokenizer_service_pb2 as tpb
-from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
-
-TOKEN_TEXT_CACHE = 65536  # token id -> text entries kept (a vocabulary's worth for small models)
 
 
 class _Client:
@@ -38,7 +34,7 @@ class _Client:
         )
 
     def error(self, exc: grpc.aio.AioRpcError, timeout_s: float | None = None) -> PipeserveError:
-        return from_rpc(exc, self.service, self.address, timeout_s=timeout_s)
+        return remote_error(exc, self.service, self.address, timeout_s=timeout_s)
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -94,40 +90,3 @@ class CoordinatorClient(_Client):
             )
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc, self.rpc_timeout_s) from None
-
-
-class TokenizerClient(_Client):
-    service = "tokenizer"
-
-    def __init__(
-        self, address: str, rpc_timeout_s: float, max_message_mb: int = 64, cfg: Config | None = None
-    ) -> None:
-        super().__init__(address, rpc_timeout_s, max_message_mb, cfg)
-        self.stub = tpb_grpc.TokenizerStub(self.channel)
-        self._texts: dict[int, str] = {}
-
-    async def info(self) -> tpb.TokenizerInfo:
-        try:
-            return await self.stub.Info(tpb.TokenizerInfoRequest(), timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self.error(exc, self.rpc_timeout_s) from None
-
-    async def token_texts(self, token_ids: list[int]) -> dict[int, str]:
-        """Each id's own text (special tokens included), for logprobs. One DecodeStream call decodes
-        every id not cached yet, each as a sequence of its own (so a leading space is kept)."""
-        if len(self._texts) > TOKEN_TEXT_CACHE:
-            self._texts.clear()
-        missing = sorted({t for t in token_ids if t not in self._texts})
-        if missing:
-            items = [
-                tpb.DecodeStreamItem(request_id=str(t), token_ids=[t], skip_special_tokens=False, final=True)
-                for t in missing
-            ]
-            try:
-                resp = await self.stub.DecodeStream(
-                    tpb.DecodeStreamRequest(items=items), timeout=self.rpc_timeout_s
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise self.error(exc, self.rpc_timeout_s) from None
-            self._texts.update(zip(missing, (r.text for r in resp.results), strict=True))
-        return {t: self._texts[t] for t in token_ids}

@@ -19,8 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeserve.common.errors import DeadlineError, PipeserveError, Reason, ServiceUnavailableError, make_error
-from pipeserve.common.grpc_util import RpcFailure, error_from_rpc, error_reason
+from pipeserve.common.errors import PipeserveError, Reason
+from pipeserve.common.grpc_util import remote_error
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +123,8 @@ def in_body_terms(err: PipeserveError, endpoint: str) -> PipeserveError:
     return err
 
 
-def from_rpc(
-    exc: RpcFailure, service: str, address: str, *, timeout_s: float | None = None
-) -> PipeserveError:
-    """The domain exception a failed call to `service` carries (its status details). A status
-    without our details came from the transport: the service is unreachable (UNAVAILABLE), the
-    deadline passed (DEADLINE_EXCEEDED), or something else answered."""
-    err = error_from_rpc(exc)
-    if error_reason(exc) is not None:
-        return err
-    details = exc.details() or exc.code().name
-    if err.reason == Reason.SERVICE_UNAVAILABLE:
-        return ServiceUnavailableError(f"the {service} at {address} is unreachable: {details}")
-    if err.reason == Reason.TIMEOUT:
-        within = f" within {timeout_s:g} s" if timeout_s is not None else " in time"
-        return DeadlineError(f"the {service} at {address} did not finish the request{within}")
-    return make_error(err.reason, f"the {service} at {address} failed with {exc.code().name}: {details}")
+# A failed gRPC call to a service, as the domain exception it carries (common/grpc_util.py).
+from_rpc = remote_error
 
 
 def describe_validation(exc: RequestValidationError) -> PipeserveError:

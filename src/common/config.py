@@ -164,23 +164,26 @@ class CoordinatorConfig(_Strict):
         3.0, ge=0, description="How long queued requests wait for a dead part to return."
     )
     forward_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline of one step: a Forward RPC (hub), or a step's results (chain)."
+        30.0, gt=0, description="Deadline of one step: every request's result back from the chain."
     )
     rpc_timeout_s: float = Field(3.0, gt=0, description="Deadline of Info/Release/tokenizer RPCs.")
     max_retries: int = Field(
         3, ge=0, description="Retries of a failed step (with failover) before the request fails."
-    )
-    data_path: Literal["chain", "hub"] = Field(
-        "chain",
-        description="chain: the coordinator sends a step to the first stage and each node forwards its "
-        "hidden states to the next node of the route, the last stage reporting the tokens; hub: every "
-        "stage's hidden states come back to the coordinator, which sends them on (the older design).",
     )
     join_token: str | None = Field(
         None,
         description="Shared secret a node must present to Join at run time. Without TLS, Join is refused "
         "unless this is set; with TLS (mTLS), the node's certificate admits it and a set token is checked too.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "data_path" in data:
+            raise ValueError(
+                f"data_path ({data['data_path']!r}) was removed: the chain is the only data path; delete the key"
+            )
+        return data
 
 
 class TokenizerConfig(_Strict):

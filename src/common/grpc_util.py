@@ -6,6 +6,7 @@ failed call to the same domain exception (`error_from_rpc`), channel options, ad
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
@@ -160,10 +161,63 @@ def _details(
 
 
 async def abort_with_details(context: grpc.aio.ServicerContext, exc: PipeserveError) -> None:
-    """End an asyncio servicer's call with `exc` as rich status (the aio twin of the interceptor)."""
+    """End an asyncio servicer's call with `exc` as rich status."""
     status = rich_status(exc)
     log.warning("call failed: %s", exc, extra={"code": status.code.name, "reason": exc.reason.value})
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The asyncio server's twin of ErrorInterceptor (the coordinator): an async servicer method
+    raises domain exceptions, unary or server-streaming, and this sends each as its rich status; a
+    bug is INTERNAL. Synchronous handlers (grpc's health service) pass as they are."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+            if not isinstance(exc, PipeserveError):
+                log.exception("%s crashed", method)
+                exc = PipeserveError(f"{type(exc).__name__}: {exc}")
+            await abort_with_details(context, exc)
+
+        if handler.unary_unary is not None and inspect.iscoroutinefunction(handler.unary_unary):
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for msg in inner_stream(request, context):
+                        yield msg
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await fail(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 def channel_options(max_message_mb: int = 64) -> list[tuple[str, Any]]:
@@ -273,3 +327,34 @@ def listen(
     if port == 0:
         raise OSError(f"{who}: cannot listen on {bind_address(address)} (address in use?)")
     return health_servicer, port
+
+
+def rpc_error_text(exc: BaseException) -> str:
+    """A failed call in one line for logs and messages ("UNAVAILABLE: ...", with a TLS hint)."""
+    from pipeserve.common import tls
+
+    if isinstance(exc, grpc.aio.AioRpcError):
+        text = f"{exc.code().name}: {exc.details()}"
+        return text + tls.describe_failure(text)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def remote_error(
+    exc: RpcFailure, service: str, address: str, *, timeout_s: float | None = None
+) -> PipeserveError:
+    """The domain exception a failed call to `service` at `address` carries (its status details,
+    so an error raised there arrives intact). A status without our details came from the
+    transport: the service is unreachable (UNAVAILABLE), the deadline passed (DEADLINE_EXCEEDED),
+    or something else answered. Every client turns failed calls into these: callers above the
+    clients never see a gRPC error."""
+    err = error_from_rpc(exc)
+    if error_reason(exc) is not None:
+        return err
+    details = rpc_error_text(exc).split(": ", 1)[-1] if isinstance(exc, grpc.aio.AioRpcError) else ""
+    details = details or exc.details() or exc.code().name
+    if err.reason == Reason.SERVICE_UNAVAILABLE:
+        return make_error(Reason.SERVICE_UNAVAILABLE, f"the {service} at {address} is unreachable: {details}")
+    if err.reason == Reason.TIMEOUT:
+        within = f" within {timeout_s:g} s" if timeout_s is not None else " in time"
+        return make_error(Reason.TIMEOUT, f"the {service} at {address} did not finish the request{within}")
+    return make_error(err.reason, f"the {service} at {address} failed with {exc.code().name}: {details}")

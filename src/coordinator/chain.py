@@ -1,13 +1,14 @@
-"""The coordinator's end of the chain data path (`coordinator.data_path: chain`, the default).
+"""The coordinator's end of the chain, the data path (a `StagePath`, stage_path.py).
 
 A step goes out once, to the first part's node(s), down a Relay link kept open to each; the nodes
 pass the hidden states along each request's route themselves, and the last part's nodes report
 the sampled tokens on the Subscribe stream the coordinator keeps open to every node. So per token
-the network carries (parts + 1) one-way hops instead of the hub's 2 x parts, and hidden states
-never reach the coordinator. Any node reports a failure it meets on its own stream, naming the
-part and node where it happened; a node whose stream closes is gone, and every pending step
-through it fails over. The outcome of each request in a step is the first report about it; later
-ones (a retry's, a broken link's) are ignored.
+the network carries (parts + 1) one-way hops, and hidden states never reach the coordinator. Any
+node reports a failure it meets on its own stream, as data (a StepError: reason, message, part,
+node); a node whose stream closes is gone, and every pending step through it fails over. The
+outcome of each request in a step is the first report about it; later ones (a retry's, a broken
+link's) are ignored. This module owns every wire message of a step: the scheduler sees domain
+types only.
 """
 
 from __future__ import annotations
@@ -21,35 +22,51 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
-from google.rpc import status_pb2
-from grpc_status import rpc_status
 
+from pipeserve.common import wire
+from pipeserve.common.errors import PipeserveError, Reason, StageUnavailableError, make_error
 from pipeserve.coordinator.cluster import Cluster, NodeHandle
+from pipeserve.coordinator.requests import PlanItem, Request
+from pipeserve.coordinator.stage_path import Outcome, Sampled, StageTime
 from pipeserve.proto import model_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
-def status_error(code: grpc.StatusCode, message: str, status: bytes = b"") -> grpc.aio.AioRpcError:
-    """The exception a unary call would have raised for this failure, rich details included (so
-    the failover policy classifies chain failures exactly as hub ones)."""
-    trailing = grpc.aio.Metadata()
-    if status:
-        st = status_pb2.Status.FromString(status)
-        code = next((c for c in grpc.StatusCode if c.value[0] == st.code), code)
-        message = st.message
-        trailing = grpc.aio.Metadata((rpc_status.GRPC_DETAILS_METADATA_KEY, status))
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=message)
+def step_failure(err: pb.StepError, part: int, node: str) -> PipeserveError:
+    """A failure a node reported, as the domain error (an unknown reason from a newer peer is an
+    upstream error: say what we can)."""
+    try:
+        reason = Reason(err.reason)
+    except ValueError:
+        reason = Reason.UPSTREAM_ERROR
+    return make_error(
+        reason,
+        err.message or f"node {node} failed",
+        param=err.param or None,
+        part=part,
+        node=node,
+        retry_after_s=err.retry_after_s or None,
+    )
 
 
-@dataclass
-class Outcome:
-    ok: bool
-    token: pb.SampledToken | None = None
-    timings: list[pb.StageTiming] = field(default_factory=list)
-    node: NodeHandle | None = None  # where it failed
-    part: int = 0
-    error: BaseException | None = None
+def sampled(t: pb.SampledToken) -> Sampled:
+    return Sampled(
+        t.token_id,
+        t.logprob if t.HasField("logprob") else None,
+        [(x.token_id, x.logprob) for x in t.top_logprobs],
+    )
+
+
+def chunk(req: Request, start: int, n: int, sample: bool) -> pb.SequenceChunk:
+    """Tokens start..start+n-1 of a request for a stage; the last stage samples after them when asked."""
+    return pb.SequenceChunk(
+        request_id=req.id,
+        start_pos=start,
+        token_ids=req.tokens[start : start + n],
+        sample=sample,
+        sampling=wire.sampling_to_pb(req.sampling) if sample else None,
+    )
 
 
 @dataclass
@@ -88,8 +105,9 @@ class _Link:
 
 
 class ChainPath:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, wire_dtype: str = "fp32") -> None:
         self.cluster = cluster
+        self.wire_dtype = wire.WIRE_DTYPES[wire_dtype]
         self.id = "coord-" + uuid.uuid4().hex[:12]
         self.pending: dict[str, PendingStep] = {}
         self.live: set[NodeHandle] = set()  # nodes whose results stream is open
@@ -128,7 +146,7 @@ class ChainPath:
         link = self._links.pop(node, None)
         if link is not None:
             link.close()
-        err = status_error(grpc.StatusCode.UNAVAILABLE, f"node {node.id}: {reason}")
+        err = StageUnavailableError(f"node {node.id}: {reason}", part=node.part, node=node.id)
         for step in self.pending.values():
             for rid, nodes in step.routes.items():
                 if node in nodes:
@@ -140,14 +158,15 @@ class ChainPath:
             return  # a step already settled (a late report after a failover)
         if res.failed:
             node = next((n for n in self.cluster.nodes if n.id == res.failed_node), None)
-            err = status_error(grpc.StatusCode.UNKNOWN, f"node {res.failed_node} failed", res.status)
+            err = step_failure(res.error, res.failed_part, res.failed_node)
             for rid in res.request_ids:
                 route_node = next((n for n in step.routes.get(rid, ()) if n.part == res.failed_part), None)
                 step.settle(rid, Outcome(False, node=node or route_node, part=res.failed_part, error=err))
             return
-        tokens = {t.request_id: t for t in res.tokens}
+        tokens = {t.request_id: sampled(t) for t in res.tokens}
+        timings = [StageTime(t.part, t.node_id, t.forward_ms, t.hop_ms, t.bytes_sent) for t in res.timings]
         for rid in res.request_ids:
-            step.settle(rid, Outcome(True, token=tokens.get(rid), timings=list(res.timings)))
+            step.settle(rid, Outcome(True, token=tokens.get(rid), timings=timings))
 
     async def wait_live(self, nodes: Iterable[NodeHandle], timeout_s: float) -> bool:
         """Until every node has its results stream open (a freshly healthy node needs a moment)."""
@@ -164,15 +183,23 @@ class ChainPath:
         return True
 
     # ---- steps -----------------------------------------------------------------------------------
-    async def run(
-        self,
-        step_id: str,
-        msgs: dict[NodeHandle, pb.ChainStep],
-        routes: dict[str, set[NodeHandle]],
-        timeout_s: float,
-    ) -> dict[str, Outcome]:
-        """Send one step (a message per first-part node) and wait for every request's outcome;
-        requests with none by `timeout_s` are missing from the result."""
+    async def run(self, plan: list[PlanItem], timeout_s: float) -> dict[str, Outcome]:
+        """Send one step (a message per first-part node, each request's route in it) and wait for
+        every request's outcome; requests with none by `timeout_s` are missing from the result."""
+        step_id = uuid.uuid4().hex[:12]
+        n_parts = self.cluster.n_parts
+        msgs: dict[NodeHandle, pb.ChainStep] = {}
+        routes: dict[str, set[NodeHandle]] = {}
+        for req, start, n in plan:
+            first = req.route[0]
+            m = msgs.setdefault(first, pb.ChainStep(step_id=step_id, part=0, output_dtype=self.wire_dtype))
+            m.chunks.append(chunk(req, start, n, start + n == len(req.tokens)))
+            hops = [
+                pb.RouteHop(part=p, node_id=req.route[p].id, address=req.route[p].address)
+                for p in range(n_parts)
+            ]
+            m.routes.append(pb.ChainRoute(request_id=req.id, hops=hops))
+            routes[req.id] = set(req.route.values())
         step = self.pending[step_id] = PendingStep(routes)
         try:
             for node, msg in msgs.items():

@@ -21,15 +21,15 @@ import grpc
 
 from pipeserve.common import tls
 from pipeserve.common.config import Config
-from pipeserve.common.errors import ConfigError, StageUnavailableError
-from pipeserve.common.grpc_util import channel_options
+from pipeserve.common.errors import ConfigError, PipeserveError, StageUnavailableError
+from pipeserve.common.grpc_util import channel_options, remote_error, rpc_error_text
 from pipeserve.common.memory import ModelWeights
 from pipeserve.common.placement import Capacity, split_layers
 from pipeserve.common.threads import address_host, choose_micro_batches, sharing
+from pipeserve.common.tokenizer_client import TokenizerClient
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
-from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -39,63 +39,33 @@ PLACE_REPLICAS_WAIT_S = 5.0
 
 
 class NodeClient:
-    """Typed client of one model node; every call carries a deadline."""
+    """Typed client of one model node's unary calls; every call carries a deadline and every
+    failure leaves as a domain exception (grpc_util.remote_error), never a gRPC error."""
 
     def __init__(
-        self,
-        address: str,
-        rpc_timeout_s: float,
-        forward_timeout_s: float,
-        max_message_mb: int,
-        cfg: Config,
-        name: str,
+        self, address: str, rpc_timeout_s: float, max_message_mb: int, cfg: Config, name: str
     ) -> None:
-        self.address = address
+        self.address, self.name = address, name
         self.channel = tls.aio_channel(cfg, "coordinator", name, address, channel_options(max_message_mb))
         self.stub = pb_grpc.ModelNodeStub(self.channel)
-        self.rpc_timeout_s, self.forward_timeout_s = rpc_timeout_s, forward_timeout_s
+        self.rpc_timeout_s = rpc_timeout_s
 
-    async def forward(self, req: pb.ForwardRequest) -> pb.ForwardResponse:
-        return await self.stub.Forward(req, timeout=self.forward_timeout_s)
+    async def _call(self, method: str, request: object) -> object:
+        try:
+            return await getattr(self.stub, method)(request, timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise remote_error(exc, f"node {self.name}", self.address, timeout_s=self.rpc_timeout_s) from None
 
     async def info(self, host_sharing: int = 0) -> pb.NodeInfo:
         """The node's Info; `host_sharing` tells it how many nodes compute on its cores at once."""
-        return await self.stub.Info(pb.InfoRequest(host_sharing=host_sharing), timeout=self.rpc_timeout_s)
+        return await self._call("Info", pb.InfoRequest(host_sharing=host_sharing))  # type: ignore[return-value]
 
     async def release(self, request_ids: list[str]) -> pb.ReleaseResponse:
-        return await self.stub.Release(pb.ReleaseRequest(request_ids=request_ids), timeout=self.rpc_timeout_s)
+        return await self._call("Release", pb.ReleaseRequest(request_ids=request_ids))  # type: ignore[return-value]
 
     async def lookup_prefix(self, request_id: str, token_ids: list[int]) -> int:
         req = pb.LookupPrefixRequest(request_id=request_id, token_ids=token_ids)
-        return (await self.stub.LookupPrefix(req, timeout=self.rpc_timeout_s)).cached_tokens
-
-    async def close(self) -> None:
-        await self.channel.close(grace=None)
-
-
-class TokenizerClient:
-    def __init__(self, address: str, rpc_timeout_s: float, cfg: Config) -> None:
-        self.address = address
-        self.channel = tls.aio_channel(cfg, "coordinator", "tokenizer", address, channel_options())
-        self.stub = tpb_grpc.TokenizerStub(self.channel)
-        self.timeout = rpc_timeout_s
-
-    async def info(self) -> tpb.TokenizerInfo:
-        return await self.stub.Info(tpb.TokenizerInfoRequest(), timeout=self.timeout)
-
-    async def encode(self, text: str, request_id: str) -> list[int]:
-        resp = await self.stub.Encode(
-            tpb.EncodeRequest(request_id=request_id, text=text, add_special_tokens=True), timeout=self.timeout
-        )
-        return list(resp.token_ids)
-
-    async def chat(self, messages: list[tpb.ChatMessage], request_id: str) -> list[int]:
-        req = tpb.ChatTemplateRequest(request_id=request_id, messages=messages, add_generation_prompt=True)
-        return list((await self.stub.ApplyChatTemplate(req, timeout=self.timeout)).token_ids)
-
-    async def decode_stream(self, items: list[tpb.DecodeStreamItem]) -> list[tpb.DecodeStreamResult]:
-        resp = await self.stub.DecodeStream(tpb.DecodeStreamRequest(items=items), timeout=self.timeout)
-        return list(resp.results)
+        return (await self._call("LookupPrefix", req)).cached_tokens  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         await self.channel.close(grace=None)
@@ -192,7 +162,9 @@ class Cluster:
             NodeHandle(n.id, n.address, n.model_part, self._client(n.address, n.id)) for n in cfg.nodes
         ]
         self.n_parts = cfg.n_parts
-        self.tokenizer = tokenizer or TokenizerClient(cfg.tokenizer.address, c.rpc_timeout_s, cfg)
+        self.tokenizer = tokenizer or TokenizerClient(
+            cfg.tokenizer.address, c.rpc_timeout_s, cfg, "coordinator"
+        )
         self.tokenizer_info: tpb.TokenizerInfo | None = None
         self.tokenizer_healthy = False
         self.tokenizer_error = "not contacted yet"
@@ -219,14 +191,7 @@ class Cluster:
         if self._node_client is not None:
             return self._node_client(address)
         c = self.cfg.coordinator
-        return NodeClient(
-            address,
-            c.rpc_timeout_s,
-            c.forward_timeout_s,
-            self.cfg.node_defaults.max_message_mb,
-            self.cfg,
-            name,
-        )
+        return NodeClient(address, c.rpc_timeout_s, self.cfg.node_defaults.max_message_mb, self.cfg, name)
 
     # ---- health -------------------------------------------------------------------------------
     async def refresh(self) -> None:
@@ -237,9 +202,9 @@ class Cluster:
         try:
             self.tokenizer_info = await self.tokenizer.info()
             self.tokenizer_healthy, self.tokenizer_error = True, ""
-        except grpc.RpcError as exc:
+        except PipeserveError as exc:
             self.tokenizer_healthy = False
-            self.tokenizer_error = _rpc_error_text(exc)
+            self.tokenizer_error = exc.message
         answered = [(n, i) for n, i in zip(self.nodes, infos, strict=True) if isinstance(i, pb.NodeInfo)]
         if answered:
             self.n_layers = Counter(i.layers.n_layers for _, i in answered).most_common(1)[0][0]
@@ -253,7 +218,7 @@ class Cluster:
         waiting: list[NodeHandle] = []  # answer well but are not trusted yet (backoff or ban)
         for n, info in zip(self.nodes, infos, strict=True):
             if not isinstance(info, pb.NodeInfo):
-                n.mark_down(_rpc_error_text(info) if isinstance(info, grpc.RpcError) else str(info))
+                n.mark_down(str(info) if isinstance(info, PipeserveError) else rpc_error_text(info))
                 continue
             n.info = info
             problem = self._node_problem(n, info)
@@ -334,7 +299,7 @@ class Cluster:
         log.warning("node %s holds caches of %d unknown requests: releasing %s", n.id, len(rids), rids[:5])
 
         async def release() -> None:
-            with contextlib.suppress(grpc.RpcError):
+            with contextlib.suppress(PipeserveError):
                 await n.client.release(rids)
 
         task = asyncio.create_task(release())
@@ -524,10 +489,3 @@ def capacity_from_pb(node_id: str, part: int, c: pb.Capacity) -> Capacity:
     """What a node reported for placement, as common/placement.py takes it."""
     weights = ModelWeights(tuple(c.layer_weight_bytes), c.first_bytes, c.last_bytes, c.shared_bytes)
     return Capacity(node_id, part, c.limit_bytes, weights, c.ms_per_layer, c.kv_layer_bytes, c.runtime_bytes)
-
-
-def _rpc_error_text(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        text = f"{exc.code().name}: {exc.details()}"
-        return text + tls.describe_failure(text)
-    return f"{type(exc).__name__}: {exc}"

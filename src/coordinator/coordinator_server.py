@@ -17,21 +17,16 @@ import grpc
 from pipeserve.common import tls, wire
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
-    ConfigError,
     InvalidInputError,
     ModelRefusedError,
     PipeserveError,
     Reason,
     StageUnavailableError,
+    make_error,
 )
-from pipeserve.common.grpc_util import (
-    abort_with_details,
-    channel_options,
-    error_from_rpc,
-    listen,
-    set_serving,
-)
-from pipeserve.coordinator.cluster import Cluster, _rpc_error_text
+from pipeserve.common.grpc_util import AsyncErrorInterceptor, channel_options, listen, set_serving
+from pipeserve.coordinator.chain import ChainPath
+from pipeserve.coordinator.cluster import Cluster
 from pipeserve.coordinator.scheduler import ErrorEvent, FinalEvent, Request, Scheduler, TokenEvent
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -64,9 +59,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 list(request.stop_token_ids),
                 request.ignore_eos,
             )
-        except PipeserveError as exc:
-            await _abort(context, exc)
-            return
+        except PipeserveError:
+            raise  # the error interceptor sends it as rich status
         log.info("request admitted", extra={"request_id": rid, "prompt_tokens": len(prompt_ids)})
         finished = False
         try:
@@ -114,8 +108,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 elif isinstance(ev, ErrorEvent):
                     finished = True
                     log.warning("request failed: %s", ev.error, extra={"request_id": rid})
-                    await _abort(context, ev.error)
-                    return
+                    raise ev.error
         finally:
             if not finished:  # the client went away: free the request everywhere
                 self.scheduler.cancel(rid)
@@ -131,16 +124,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if request.messages:
                 return await self.cluster.tokenizer.chat(list(request.messages), rid)
             return await self.cluster.tokenizer.encode(request.prompt, rid)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                err = error_from_rpc(exc, exc.details() or "the tokenizer rejected the prompt")
-                if request.messages and err.reason == Reason.INVALID_PARAMETER:
-                    err = ModelRefusedError(err.message)  # no chat template, or it rejects the messages
-                err.param = err.param or ("messages" if request.messages else "prompt")
-                raise err from exc
+        except InvalidInputError as exc:  # the tokenizer rejected the prompt
+            err: PipeserveError = exc
+            if request.messages and exc.reason == Reason.INVALID_PARAMETER:
+                err = ModelRefusedError(exc.message)  # no chat template, or it rejects the messages
+            err.param = err.param or ("messages" if request.messages else "prompt")
+            raise err from exc
+        except PipeserveError as exc:
             self.cluster.tokenizer_healthy = False
             raise StageUnavailableError(
-                f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {_rpc_error_text(exc)}"
+                f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {exc.message}"
             ) from exc
 
     def _final(self, req: Request, ev: FinalEvent) -> pb.GenerateResponse:
@@ -270,22 +263,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     async def Place(self, request: pb.PlaceRequest, context: grpc.aio.ServicerContext) -> pb.PlaceResponse:
-        try:
-            start, end = await self.cluster.place(request)
-        except ConfigError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            raise AssertionError("unreachable") from exc
-        except PipeserveError as exc:
-            await _abort(context, exc)
-            raise AssertionError("unreachable") from exc
+        start, end = await self.cluster.place(request)  # a refusal is ConfigError: FAILED_PRECONDITION
         return pb.PlaceResponse(start_layer=start, end_layer=end)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         await self._admit_member(request.node_id, request.join_token, context)
         node = next((n for n in self.cluster.nodes if n.id == request.node_id), None)
         if node is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.node_id!r}")
-            raise AssertionError("unreachable")
+            raise make_error(Reason.NOT_FOUND, f"no node {request.node_id!r}", param="node_id")
         node.draining = True
         drained = len(node.running)
         deadline = time.monotonic() + self.cluster.cfg.api.request_timeout_s
@@ -298,10 +283,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.LeaveResponse(drained_requests=drained)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: PipeserveError) -> None:
-    await abort_with_details(context, exc)
-
-
 class CoordinatorServer:
     def __init__(self, cfg: Config, address: str | None = None) -> None:
         if cfg.tls.enabled:  # before any channel: a bad certificate stops it with its name and file
@@ -309,9 +290,10 @@ class CoordinatorServer:
         self.cfg = cfg
         self.address = address or cfg.coordinator.address
         self.cluster = Cluster(cfg)
-        self.scheduler = Scheduler(cfg, self.cluster)
+        self.scheduler = Scheduler(cfg, self.cluster, ChainPath(self.cluster, cfg.wire_dtype))
         self.server = grpc.aio.server(
-            options=[*channel_options(cfg.node_defaults.max_message_mb), ("grpc.so_reuseport", 0)]
+            interceptors=[AsyncErrorInterceptor()],
+            options=[*channel_options(cfg.node_defaults.max_message_mb), ("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_CoordinatorServicer_to_server(
             CoordinatorServicer(self.cluster, self.scheduler), self.server

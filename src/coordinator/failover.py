@@ -1,14 +1,16 @@
-"""Failover policy: what a failed forward means, and who pays for it. Pure decisions; the
-scheduler applies them (marks nodes down, fails or replays requests, preempts).
+"""Failover policy: what a failed step means, and who pays for it. Pure decisions over the
+error's reason (common/errors.py); the scheduler applies them (marks nodes down, fails or replays
+requests, preempts).
 
 - the node lost our caches (it restarted: `unknown_request`): replay the requests from position 0;
-- RESOURCE_EXHAUSTED (the stage is out of KV blocks): never the request's fault: preempt the
+- `cache_exhausted` (the stage is out of KV blocks): never the request's fault: preempt the
   youngest request routed to that node, or wait when there is nobody to preempt;
-- INTERNAL / UNKNOWN (a bug the batch triggered): run the batch's requests one at a time; a
-  request that fails alone is the culprit and fails alone; the node stays up;
-- transport failures and deadlines (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, or no gRPC status):
-  the node is gone or stuck: mark it down (with backoff) and replay its requests on a replica;
-- anything else (INVALID_ARGUMENT ...): the node refused the batch: its requests fail with that
+- `internal` / `upstream_error` (a bug the batch triggered): run the batch's requests one at a
+  time; a request that fails alone is the culprit and fails alone; the node stays up;
+- the node gone or stuck (`stage_unavailable`, `service_unavailable`, `timeout`, `client_closed`:
+  a stream or link closed, a node unreachable or overloaded): mark it down (with backoff) and replay
+  its requests on a replica;
+- anything else (`invalid_parameter` ...): the node refused the batch: its requests fail with that
   error, which names the node and the part.
 """
 
@@ -17,18 +19,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-import grpc
-
-from pipeserve.common.errors import Reason
-from pipeserve.common.grpc_util import error_reason
+from pipeserve.common.errors import PipeserveError, Reason
 from pipeserve.coordinator.requests import Request
 
-NODE_FAILURE_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
+NODE_DOWN_REASONS = {
+    Reason.STAGE_UNAVAILABLE,
+    Reason.SERVICE_UNAVAILABLE,
+    Reason.TIMEOUT,
+    Reason.CLIENT_CLOSED,
 }
-BUG_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+BUG_REASONS = {Reason.INTERNAL, Reason.UPSTREAM_ERROR}
 
 
 class Failure(enum.Enum):
@@ -39,16 +39,15 @@ class Failure(enum.Enum):
     REJECTED = "rejected"
 
 
-def classify(exc: BaseException) -> Failure:
-    """What a forward's exception means (see the module docstring)."""
-    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-    if error_reason(exc) == Reason.UNKNOWN_REQUEST:
+def classify(err: PipeserveError) -> Failure:
+    """What a failed step's error means (see the module docstring)."""
+    if err.reason == Reason.UNKNOWN_REQUEST:
         return Failure.LOST_CACHE
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if err.reason == Reason.CACHE_EXHAUSTED:
         return Failure.CACHE_FULL
-    if code in BUG_CODES:
+    if err.reason in BUG_REASONS:
         return Failure.BUG
-    if code in NODE_FAILURE_CODES or code is None:
+    if err.reason in NODE_DOWN_REASONS:
         return Failure.NODE_DOWN
     return Failure.REJECTED
 

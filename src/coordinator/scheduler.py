@@ -9,9 +9,11 @@ sampling depends only on seed and position, so the output does not change).
 
 This module runs the loops and applies the policies of its neighbours, each a plain module:
 `requests` (the data), `admission` (checks, the queue's bound and Retry-After, routes with room),
-`planner` (which tokens a step computes), `failover` (what a failed forward means) and `output`
-(stop conditions and stop-string hold-back). `tests/test_scheduler_units.py` drives it over fake
-stage runners, without gRPC servers.
+`planner` (which tokens a step computes), `failover` (what a failed step's error means) and
+`output` (stop conditions and stop-string hold-back). Steps reach the stages through a
+`StagePath` (stage_path.py: the chain in production) that takes a plan and gives back each
+request's outcome in domain types, so this module imports no gRPC or protobuf;
+`tests/test_scheduler_units.py` drives it over plain-Python fake stages.
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ import time
 import uuid
 from collections import deque
 
-import grpc
-
-from pipeserve.common import wire
 from pipeserve.common.config import Config
 from pipeserve.common.errors import (
     CacheBudgetError,
@@ -33,14 +32,14 @@ from pipeserve.common.errors import (
     PipeserveError,
     QueueFullError,
     StageUnavailableError,
+    make_error,
 )
-from pipeserve.common.grpc_util import error_from_rpc
 from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.kvblocks import prefix_hashes as prompt_block_hashes
 from pipeserve.common.sampling_params import SamplingParams
+from pipeserve.common.tokenizer_client import DecodeItem
 from pipeserve.coordinator import admission, output
-from pipeserve.coordinator.chain import ChainPath
-from pipeserve.coordinator.cluster import Cluster, NodeHandle, _rpc_error_text
+from pipeserve.coordinator.cluster import Cluster, NodeHandle
 from pipeserve.coordinator.failover import Failure, classify, failovers_exhausted, preemption_victim
 from pipeserve.coordinator.planner import plan_step
 from pipeserve.coordinator.requests import (
@@ -52,15 +51,15 @@ from pipeserve.coordinator.requests import (
     StageStats,
     TokenEvent,
 )
-from pipeserve.proto import model_service_pb2 as pb
-from pipeserve.proto import tokenizer_service_pb2 as tpb
+from pipeserve.coordinator.stage_path import Outcome, Sampled, StagePath
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, cluster: Cluster) -> None:
-        self.cfg, self.cluster = cfg, cluster
+    def __init__(self, cfg: Config, cluster: Cluster, path: StagePath) -> None:
+        """`path` takes each step to the stages: the chain (chain.ChainPath) in production."""
+        self.cfg, self.cluster, self.path = cfg, cluster, path
         c = cfg.coordinator
         self.max_running, self.max_waiting = c.max_running, c.max_waiting
         self.max_batch_tokens = c.max_batch_tokens
@@ -75,8 +74,6 @@ class Scheduler:
         self.rate = admission.RateMeter()
         self._bg: set[asyncio.Task] = set()
         self.prefix_cache = cfg.coordinator.prefix_cache
-        self.wire_dtype = wire.WIRE_DTYPES[cfg.wire_dtype]
-        self.chain = ChainPath(cluster) if c.data_path == "chain" else None
         self.cache_full_backoff = False
         self.prefix_hit_tokens = 0  # prompt positions skipped thanks to cached prefix blocks
         self.prefix_lookup_tokens = 0
@@ -98,13 +95,11 @@ class Scheduler:
             if g.task:
                 g.task.cancel()
         await asyncio.gather(*(g.task for g in self.groups if g.task), return_exceptions=True)
-        if self.chain is not None:
-            await self.chain.close()
+        await self.path.close()
 
     def after_refresh(self) -> None:
-        """After a health check: open results streams to nodes that became healthy (chain)."""
-        if self.chain is not None:
-            self.chain.ensure_streams()
+        """After a health check: connect the path to nodes that became healthy."""
+        self.path.ensure_streams()
 
     # ---- admission ----------------------------------------------------------------------------
     def context_limit(self) -> int:
@@ -348,41 +343,19 @@ class Scheduler:
                     req.release_after_step = []
 
     async def _run_step(self, g: Group, plan: list[PlanItem]) -> None:
-        if self.chain is not None:
-            await self._run_step_chain(g, plan)
-        else:
-            await self._run_step_hub(g, plan)
-
-    async def _run_step_chain(self, g: Group, plan: list[PlanItem]) -> None:
-        """One step down the chain (chain.py): one message per first-part node, the nodes pass
-        the hidden states along, the last part reports; failures come back naming part and node."""
+        """One step through the path (the chain): the outcome of every request comes back naming
+        the part and node of a failure; the failover policy (failover.py) decides what it means."""
         plan = [item for item in plan if item[0].finish_reason is None and item[0].group == g.index]
         if not plan:
             return
-        assert self.chain is not None
         route_nodes = {n for req, _, _ in plan for n in req.route.values()}
-        if not await self.chain.wait_live(route_nodes, 2.0):
-            return  # a node's results stream is not open yet: the next step tries again (or reroutes)
-        step_id = uuid.uuid4().hex[:12]
-        n_parts = self.cluster.n_parts
-        msgs: dict[NodeHandle, pb.ChainStep] = {}
-        routes: dict[str, set[NodeHandle]] = {}
-        for req, start, n in plan:
-            sample = start + n == len(req.tokens)
-            first = req.route[0]
-            m = msgs.setdefault(first, pb.ChainStep(step_id=step_id, part=0, output_dtype=self.wire_dtype))
-            m.chunks.append(_chunk(req, start, n, sample))
-            hops = [
-                pb.RouteHop(part=p, node_id=req.route[p].id, address=req.route[p].address)
-                for p in range(n_parts)
-            ]
-            m.routes.append(pb.ChainRoute(request_id=req.id, hops=hops))
-            routes[req.id] = set(req.route.values())
+        if not await self.path.wait_live(route_nodes, 2.0):
+            return  # a node cannot take part yet: the next step tries again (or reroutes)
         timeout = self.cfg.coordinator.forward_timeout_s
-        outcomes = await self.chain.run(step_id, msgs, routes, timeout)
+        outcomes = await self.path.run(plan, timeout)
         ok: list[PlanItem] = []
-        sampled: dict[str, pb.SampledToken] = {}
-        failed: dict[tuple[NodeHandle, int, int], tuple[BaseException, list[PlanItem]]] = {}
+        sampled: dict[str, Sampled] = {}
+        failed: dict[tuple[NodeHandle, int, int], tuple[PipeserveError, list[PlanItem]]] = {}
         timed_out: list[PlanItem] = []
         for item in plan:
             req = item[0]
@@ -393,18 +366,13 @@ class Scheduler:
                 ok.append(item)
                 if o.token is not None:
                     sampled[req.id] = o.token
-                for t in o.timings:
-                    st = req.stage_stats.setdefault(t.part, StageStats())
-                    st.node_id = t.node_id
-                    st.forward_ms += t.forward_ms
-                    st.hop_ms += t.hop_ms
-                    st.bytes_sent += t.bytes_sent
+                _add_timings(req, o)
             else:
                 assert o.error is not None
                 node = o.node or req.route[o.part]
                 failed.setdefault((node, o.part, id(o.error)), (o.error, []))[1].append(item)
-        for (node, part, _), (exc, items) in failed.items():
-            self._on_forward_error(node, part, items, exc)
+        for (node, part, _), (err, items) in failed.items():
+            self._on_forward_error(node, part, items, err)
         if timed_out:
             await self._on_step_timeout(timed_out, timeout)
         self._apply_step(g, ok, sampled)
@@ -430,51 +398,7 @@ class Scheduler:
             elif dead & set(req.route.values()):
                 req.n_computed = 0  # replay on a new route
 
-    async def _run_step_hub(self, g: Group, plan: list[PlanItem]) -> None:
-        """One step through the coordinator (`data_path: hub`): a Forward per stage, the hidden
-        states coming back here and going out to the next stage."""
-        step_id = uuid.uuid4().hex[:12]
-        hidden: dict[str, pb.Tensor] = {}  # each request's rows of the last stage's output, as bytes
-        sampled: dict[str, pb.SampledToken] = {}
-        last = self.cluster.n_parts - 1
-        for part in range(self.cluster.n_parts):
-            # finished (or preempted by another group's step) meanwhile
-            plan = [item for item in plan if item[0].finish_reason is None and item[0].group == g.index]
-            if not plan:
-                return
-            by_node: dict[NodeHandle, list[PlanItem]] = {}
-            for item in plan:
-                by_node.setdefault(item[0].route[part], []).append(item)
-            results = await asyncio.gather(
-                *(
-                    self._forward(step_id, part, node, items, hidden, part == last)
-                    for node, items in by_node.items()
-                ),
-                return_exceptions=True,
-            )
-            failed = False
-            for (node, items), res in zip(by_node.items(), results, strict=True):
-                if isinstance(res, BaseException):
-                    failed = True
-                    self._on_forward_error(node, part, items, res)
-                    continue
-                resp, rpc_ms, nbytes = res
-                for req, _, _ in items:
-                    st = req.stage_stats.setdefault(part, StageStats())
-                    st.node_id = node.id
-                    st.forward_ms += resp.forward_ms
-                    st.hop_ms += max(0.0, rpc_ms - resp.forward_ms)
-                    st.bytes_sent += nbytes
-                if part == last:
-                    sampled.update((t.request_id, t) for t in resp.tokens)
-                else:
-                    rows = wire.split_rows(resp.hidden, [n for _, _, n in items])
-                    hidden.update((req.id, r) for (req, _, _), r in zip(items, rows, strict=True))
-            if failed:
-                return  # the loop retries next step: survivors resend the same chunk (idempotent)
-        self._apply_step(g, plan, sampled)
-
-    def _apply_step(self, g: Group, plan: list[PlanItem], sampled: dict[str, pb.SampledToken]) -> None:
+    def _apply_step(self, g: Group, plan: list[PlanItem], sampled: dict[str, Sampled]) -> None:
         """Requests whose chunk went through every stage: advance them, append sampled tokens, and
         stream the text while the next step already computes."""
         new_tokens: list[tuple[Request, int]] = []
@@ -495,46 +419,26 @@ class Scheduler:
         if new_tokens:  # detokenize and stream while the next step already computes
             g.emitting = asyncio.create_task(self._emit_in_order(g.emitting, new_tokens, sampled))
 
-    async def _forward(
-        self,
-        step_id: str,
-        part: int,
-        node: NodeHandle,
-        items: list[PlanItem],
-        hidden: dict[str, pb.Tensor],
-        is_last: bool,
-    ) -> tuple[pb.ForwardResponse, float, int]:
-        chunks = []
-        for req, start, n in items:
-            sample = is_last and start + n == len(req.tokens)
-            chunks.append(_chunk(req, start, n, sample))
-        msg = pb.ForwardRequest(request_id=step_id, chunks=chunks, output_dtype=self.wire_dtype)
-        if part > 0:
-            msg.hidden.CopyFrom(wire.join_rows([hidden[req.id] for req, _, _ in items]))
-        t0 = time.perf_counter()
-        resp = await node.client.forward(msg)
-        return resp, (time.perf_counter() - t0) * 1e3, msg.ByteSize()
-
     def _on_forward_error(
-        self, node: NodeHandle, part: int, items: list[PlanItem], exc: BaseException
+        self, node: NodeHandle, part: int, items: list[PlanItem], err: PipeserveError
     ) -> None:
-        """Apply the failover policy (failover.py) to a forward that failed on `node`."""
-        text = _rpc_error_text(exc)
-        kind = classify(exc)
+        """Apply the failover policy (failover.py) to a step that failed on `node`."""
+        text = f"{err.reason.value}: {err.message}"
+        kind = classify(err)
         if kind is Failure.LOST_CACHE:  # the node restarted and lost our caches: replay
             for req, _, _ in items:
                 req.n_computed = 0
         elif kind is Failure.CACHE_FULL:  # out of KV blocks: preempt, never fail
-            self._on_cache_full(
-                node, part, items, exc.details() if isinstance(exc, grpc.aio.AioRpcError) else text
-            )
+            self._on_cache_full(node, part, items, err.message)
         elif kind is Failure.BUG and len(items) == 1:  # alone and still failing: the culprit
             req = items[0][0]
             log.warning("node %s failed request %s alone (%s): failing it only", node.id, req.id, text)
             self._fail(
                 req,
                 PipeserveError(
-                    f"node {node.id} (part {part}) failed this request: {text}", part=part, node=node.id
+                    f"node {node.id} (part {part}) failed this request: {err.message}",
+                    part=part,
+                    node=node.id,
                 ),
             )
         elif kind is Failure.BUG:
@@ -544,11 +448,11 @@ class Scheduler:
             for req, _, _ in items:
                 req.suspect = True
         elif kind is Failure.NODE_DOWN:
-            node.mark_down(f"forward failed: {text}")
+            node.mark_down(f"forward failed: {err.message}")
             for req, _, _ in items:
                 req.failovers += 1
                 if failovers_exhausted(req, self.cfg.coordinator.max_retries, self.cluster.n_parts):
-                    msg = f"{self.cluster.part_down_message(part)} (last error: {text})"
+                    msg = f"{self.cluster.part_down_message(part)} (last error: {err.message})"
                     self._fail(req, StageUnavailableError(msg, part=part, node=node.id))
                     continue
                 req.n_computed = 0  # replay prompt + generated tokens on the new route
@@ -556,13 +460,16 @@ class Scheduler:
                 "node %s failed a forward (%s); %d requests will fail over", node.id, text, len(items)
             )
         else:  # REJECTED: the node refused the batch
-            err = (
-                error_from_rpc(exc, f"node {node.id} (part {part}) rejected the batch: {exc.details()}")
-                if isinstance(exc, grpc.aio.AioRpcError)
-                else PipeserveError(f"node {node.id} (part {part}): {text}")
-            ).fill(part=part, node=node.id)
+            rejected = make_error(
+                err.reason,
+                f"node {node.id} (part {part}) rejected the batch: {err.message}",
+                param=err.param,
+                part=part,
+                node=node.id,
+                retry_after_s=err.retry_after_s,
+            )
             for req, _, _ in items:
-                self._fail(req, err)
+                self._fail(req, rejected)
 
     def _on_cache_full(self, node: NodeHandle, part: int, items: list[PlanItem], text: str) -> None:
         """A stage ran out of KV blocks: preempt the youngest request routed to it (its blocks are
@@ -617,7 +524,7 @@ class Scheduler:
 
     # ---- output -------------------------------------------------------------------------------
     async def _emit_in_order(
-        self, prev: asyncio.Task | None, reqs: list[tuple[Request, int]], sampled: dict[str, pb.SampledToken]
+        self, prev: asyncio.Task | None, reqs: list[tuple[Request, int]], sampled: dict[str, Sampled]
     ) -> None:
         """Emit one step's tokens after the previous step's (text must stay in order)."""
         if prev is not None:
@@ -631,7 +538,7 @@ class Scheduler:
                     req, PipeserveError(f"internal error in the coordinator: {type(exc).__name__}: {exc}")
                 )
 
-    async def _emit(self, reqs: list[tuple[Request, int]], sampled: dict[str, pb.SampledToken]) -> None:
+    async def _emit(self, reqs: list[tuple[Request, int]], sampled: dict[str, Sampled]) -> None:
         """Detokenize each request's tokens up to `upto` (its length after that step) and stream them."""
         reqs = [(r, upto) for r, upto in reqs if r.finish_reason is None]
         if not reqs:
@@ -640,7 +547,7 @@ class Scheduler:
         for req, upto in reqs:
             gen = req.tokens[len(req.prompt_ids) : upto]
             items.append(
-                tpb.DecodeStreamItem(
+                DecodeItem(
                     request_id=req.id,
                     token_ids=gen[req.prefix_offset :],
                     prefix_offset=req.prefix_offset,
@@ -651,10 +558,10 @@ class Scheduler:
             )
         try:
             results = await self.cluster.tokenizer.decode_stream(items)
-        except grpc.RpcError as exc:
+        except PipeserveError as exc:
             self.cluster.tokenizer_healthy = False
             err = StageUnavailableError(
-                f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {_rpc_error_text(exc)}"
+                f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {exc.message}"
             )
             for req, _ in reqs:
                 self._fail(req, err)
@@ -664,9 +571,9 @@ class Scheduler:
             piece, reason = output.take_text(req, res.text, upto)
             tok = sampled[req.id]
             ev = TokenEvent([tok.token_id], piece)
-            if tok.HasField("logprob"):
+            if tok.logprob is not None:
                 ev.logprobs = [(tok.token_id, tok.logprob)]
-                ev.top_logprobs = [[(t.token_id, t.logprob) for t in tok.top_logprobs]]
+                ev.top_logprobs = [list(tok.top_logprobs)]
             req.events.put_nowait(ev)
             if reason is not None:
                 self._finish(req, reason)
@@ -702,20 +609,17 @@ class Scheduler:
         results = await asyncio.gather(*(n.client.release([rid]) for n in nodes), return_exceptions=True)
         for n, res in zip(nodes, results, strict=True):
             if isinstance(res, BaseException):
-                log.info(
-                    "release of %s on %s failed (%s); its TTL will evict it", rid, n.id, _rpc_error_text(res)
-                )
+                log.info("release of %s on %s failed (%s); its TTL will evict it", rid, n.id, res)
 
     def new_request_id(self) -> str:
         return "req-" + uuid.uuid4().hex[:16]
 
 
-def _chunk(req: Request, start: int, n: int, sample: bool) -> pb.SequenceChunk:
-    """Tokens start..start+n-1 of a request for a stage; the last stage samples after them when asked."""
-    return pb.SequenceChunk(
-        request_id=req.id,
-        start_pos=start,
-        token_ids=req.tokens[start : start + n],
-        sample=sample,
-        sampling=wire.sampling_to_pb(req.sampling) if sample else None,
-    )
+def _add_timings(req: Request, o: Outcome) -> None:
+    """Add a step's per-part times to the request's stage stats (the API's per-token figures)."""
+    for t in o.timings:
+        st = req.stage_stats.setdefault(t.part, StageStats())
+        st.node_id = t.node_id
+        st.forward_ms += t.forward_ms
+        st.hop_ms += t.hop_ms
+        st.bytes_sent += t.bytes_sent

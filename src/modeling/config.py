@@ -9,7 +9,7 @@ half-open layer range one node owns, used the same way by config, proto, node an
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,11 +119,11 @@ class ModelConfig:
     def from_gguf(cls, fields: Mapping[str, Any], tensor_names: set[str]) -> ModelConfig:
         """`fields`: the file's metadata (key -> value; tokenizer arrays may be left out)."""
         arch = fields.get("general.architecture")
-        if arch not in _GGUF_ARCHS:
+        if not isinstance(arch, str) or arch not in _GGUF_READERS:
             raise ModelFormatError(
-                f"GGUF general.architecture={arch!r} is not supported (supported: {', '.join(_GGUF_ARCHS)})"
+                f"GGUF general.architecture={arch!r} is not supported (supported: {', '.join(_GGUF_READERS)})"
             )
-        return _from_gguf(arch, fields, tensor_names)
+        return _GGUF_READERS[arch](_GGUFKeys(arch, fields, tensor_names))
 
 
 # ---------------------------------------------------------------------------------- config.json
@@ -453,8 +453,6 @@ _HF_READERS = {
 
 # ---------------------------------------------------------------------------------- GGUF
 
-_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma3", "gpt2")
-
 # `{arch}.` keys we read (or that do not change the math); any other `{arch}.` key is refused.
 _GGUF_KNOWN = {
     "context_length",
@@ -493,128 +491,189 @@ _GGUF_NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _from_gguf(arch: str, f: Mapping[str, Any], names: set[str]) -> ModelConfig:
-    p = arch + "."
-    for key, value in f.items():
-        if not key.startswith(p):
-            continue
-        sub = key[len(p) :]
-        if sub in _GGUF_KNOWN or (sub in _GGUF_NEUTRAL and value in _GGUF_NEUTRAL[sub]):
-            continue
-        raise ModelFormatError(f"GGUF {key}={value!r} is not supported")
+# llama.cpp's Gemma 3 settings for what a GGUF does not say (llama-model.cpp, LLM_ARCH_GEMMA3).
+GEMMA3_GLOBAL_EVERY = 6  # set_swa_pattern(6): layers 6, 12, ... attend globally, the others in the window
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # rope_freq_base_train_swa: the sliding layers' rope base
+# A GGUF has no query_pre_attn_scalar (the softmax scale is its -1/2 power). llama.cpp takes it to be
+# head_dim, which it is for Gemma 3 270M/1B/4B/12B (256), except for the 27B model, which llama.cpp
+# recognises by its layer count alone: there it is hidden / heads (5376 / 32 = 168; head_dim is 128).
+GEMMA3_27B_LAYERS = 62
 
-    def get(sub: str, default: Any = ModelFormatError) -> Any:
-        v = f.get(p + sub)
+
+class _GGUFKeys:
+    """A GGUF header's metadata with the checks every reader needs: an `{arch}.` key we neither read
+    nor know to be neutral is refused, and so is a missing key that has no default."""
+
+    def __init__(self, arch: str, fields: Mapping[str, Any], tensor_names: set[str]) -> None:
+        self.arch, self.f, self.names, self.p = arch, fields, tensor_names, arch + "."
+        for key, value in fields.items():
+            if not key.startswith(self.p):
+                continue
+            sub = key[len(self.p) :]
+            if sub in _GGUF_KNOWN or (sub in _GGUF_NEUTRAL and value in _GGUF_NEUTRAL[sub]):
+                continue
+            raise ModelFormatError(f"GGUF {key}={value!r} is not supported")
+        self.hidden = int(self.get("embedding_length"))
+        self.n_heads = int(self.get("attention.head_count"))
+        self.n_layers = int(self.get("block_count"))
+
+    def get(self, sub: str, default: Any = ModelFormatError) -> Any:
+        """`{arch}.{sub}`, or `default`; refused by name when absent without one."""
+        v = self.f.get(self.p + sub)
         if v is None:
             if default is ModelFormatError:
-                raise ModelFormatError(f"GGUF metadata lacks {p + sub}")
+                raise ModelFormatError(f"GGUF metadata lacks {self.p + sub}")
             return default
         return v
 
-    h, nh = int(get("embedding_length")), int(get("attention.head_count"))
-    n_layers = int(get("block_count"))
-    eos = f.get("tokenizer.ggml.eos_token_id")
-    if arch == "gpt2":
-        return ModelConfig(
-            arch="gpt2",
-            model_type="gpt2",
-            vocab_size=-1,
-            hidden_size=h,
-            n_layers=n_layers,
-            n_heads=nh,
-            n_kv_heads=nh,
-            head_dim=h // nh,
-            intermediate_size=int(get("feed_forward_length", 4 * h)),
-            max_position=int(get("context_length")),
-            norm_eps=float(get("attention.layer_norm_epsilon", 1e-5)),
-            tie_word_embeddings="output.weight" not in names,
-            bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=_ids(eos),
-            hidden_act="gelu_new",
-        )
-    head_dim = int(get("attention.key_length", get("rope.dimension_count", h // nh)))
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    def common(self) -> dict[str, Any]:
+        """The ModelConfig fields every architecture reads alike."""
+        return {
+            "model_type": self.arch,
+            "hidden_size": self.hidden,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "tie_word_embeddings": "output.weight" not in self.names,
+            "bos_token_id": self.f.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_ids": _ids(self.f.get("tokenizer.ggml.eos_token_id")),
+        }
+
+
+def _gguf_gpt2(g: _GGUFKeys) -> ModelConfig:
+    h, nh = g.hidden, g.n_heads
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=-1,
+        n_kv_heads=nh,
+        head_dim=h // nh,
+        intermediate_size=int(g.get("feed_forward_length", 4 * h)),
+        max_position=int(g.get("context_length")),
+        norm_eps=float(g.get("attention.layer_norm_epsilon", 1e-5)),
+        hidden_act="gelu_new",
+        **g.common(),
+    )
+
+
+@dataclass(frozen=True)
+class _GGUFRotary:
+    """What the rotary-attention architectures (all but GPT-2) read alike, checked."""
+
+    head_dim: int
+    rope: RopeConfig
+    window: int | None  # attention.sliding_window (None or 0: no sliding layers)
+    layer_types: tuple[LayerType, ...] | None  # from attention.sliding_window_pattern, where given
+    local_theta: float | None  # rope.freq_base_swa: the sliding layers' rope base, where given
+
+
+def _gguf_rotary(g: _GGUFKeys) -> _GGUFRotary:
+    head_dim = int(g.get("attention.key_length", g.get("rope.dimension_count", g.hidden // g.n_heads)))
+    if int(g.get("attention.value_length", head_dim)) != head_dim:
         raise ModelFormatError(
-            f"GGUF {p}attention.value_length={get('attention.value_length')} != key_length {head_dim}"
+            f"GGUF {g.p}attention.value_length={g.get('attention.value_length')} != key_length {head_dim}"
         )
-    rot = int(get("rope.dimension_count", head_dim))
+    rot = int(g.get("rope.dimension_count", head_dim))
     if rot != head_dim:
         raise ModelFormatError(
-            f"GGUF {p}rope.dimension_count={rot} is not supported (rotary on part of each head of {head_dim})"
+            f"GGUF {g.p}rope.dimension_count={rot} is not supported (rotary on part of each head of {head_dim})"
         )
-    theta = float(get("rope.freq_base", 10000.0))
-    rope = _gguf_rope(p, get, theta)
+    rope = _gguf_rope(g, float(g.get("rope.freq_base", 10000.0)))
     for t in ("rope_factors_long.weight", "rope_factors_short.weight"):
-        if t in names:
+        if t in g.names:
             raise ModelFormatError(f"GGUF tensor {t} (LongRoPE scaling) is not supported")
-    window = get("attention.sliding_window", None)
-    kw: dict[str, Any] = {}
-    pattern = get("attention.sliding_window_pattern", None)
+    window = g.get("attention.sliding_window", None)
+    pattern = g.get("attention.sliding_window_pattern", None)
     if pattern is not None and not window:
         raise ModelFormatError(
-            f"GGUF {p}attention.sliding_window_pattern={pattern!r} without a sliding window"
+            f"GGUF {g.p}attention.sliding_window_pattern={pattern!r} without a sliding window"
         )
-    swa_theta = get("rope.freq_base_swa", None)
-    if swa_theta is not None and not window:
-        raise ModelFormatError(f"GGUF {p}rope.freq_base_swa={swa_theta!r} without a sliding window")
+    local_theta = g.get("rope.freq_base_swa", None)
+    if local_theta is not None and not window:
+        raise ModelFormatError(f"GGUF {g.p}rope.freq_base_swa={local_theta!r} without a sliding window")
+    types: tuple[LayerType, ...] | None = None
     if isinstance(pattern, list):  # per layer: true = sliding
-        if len(pattern) != n_layers:
+        if len(pattern) != g.n_layers:
             raise ModelFormatError(
-                f"GGUF {p}attention.sliding_window_pattern has {len(pattern)} entries for {n_layers} layers"
+                f"GGUF {g.p}attention.sliding_window_pattern has {len(pattern)} entries for {g.n_layers} layers"
             )
-        types: tuple[LayerType, ...] | None = tuple("sliding" if b else "full" for b in pattern)
+        types = tuple("sliding" if b else "full" for b in pattern)
     elif pattern is not None:  # every pattern-th layer is global (llama.cpp's swa pattern)
-        types = tuple("sliding" if (i + 1) % int(pattern) else "full" for i in range(n_layers))
-    else:
-        types = None
-    if arch == "gemma3":
-        if window:  # llama.cpp's default Gemma 3 pattern: every 6th layer is global
-            kw["layer_types"] = types or tuple("sliding" if (i + 1) % 6 else "full" for i in range(n_layers))
-            kw["sliding_window"] = int(window)
-        kw |= {
-            # llama.cpp's base for Gemma 3's local layers, where the file does not give it
-            "rope_local": RopeConfig(theta=float(swa_theta or 10000.0)),
-            "qk_norm": True,
-            "hidden_act": "gelu_pytorch_tanh",
-            # The file has no query_pre_attn_scalar; llama.cpp takes it to be head_dim, except for
-            # the 27B model (62 layers), whose scalar is hidden / heads. We do the same.
-            "attn_scale": (h // nh if n_layers == 62 else head_dim) ** -0.5,
-            "embed_scale": h**0.5,
-            "norm_offset": 1.0,
-        }
-    elif window:
-        kw |= {"sliding_window": int(window), "layer_types": types or ("sliding",) * n_layers}
-        if swa_theta is not None:
-            kw["rope_local"] = RopeConfig(theta=float(swa_theta))
-    if arch == "qwen2":
-        kw["qkv_bias"] = True
-    if arch == "qwen3":
-        kw["qk_norm"] = True
-    if arch == "llama":  # llama.cpp's llama graph adds the biases it finds
-        kw["qkv_bias"] = "blk.0.attn_q.bias" in names
-        kw["o_bias"] = "blk.0.attn_output.bias" in names
-        kw["mlp_bias"] = "blk.0.ffn_up.bias" in names
+        types = _every_nth_global(g.n_layers, int(pattern))
+    return _GGUFRotary(head_dim, rope, window, types, local_theta)
+
+
+def _every_nth_global(n_layers: int, n: int) -> tuple[LayerType, ...]:
+    return tuple("sliding" if (i + 1) % n else "full" for i in range(n_layers))
+
+
+def _gguf_rotary_config(g: _GGUFKeys, r: _GGUFRotary, arch: Arch, **kw: Any) -> ModelConfig:
     return ModelConfig(
-        arch="phi3" if arch == "phi3" else "gemma3" if arch == "gemma3" else "llama",
-        model_type=arch,
-        vocab_size=int(get("vocab_size", -1)),
-        hidden_size=h,
-        n_layers=n_layers,
-        n_heads=nh,
-        n_kv_heads=int(get("attention.head_count_kv", nh)),
-        head_dim=head_dim,
-        intermediate_size=int(get("feed_forward_length")),
-        max_position=int(get("context_length", 2048)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope=rope,
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=_ids(eos),
+        arch=arch,
+        vocab_size=int(g.get("vocab_size", -1)),
+        n_kv_heads=int(g.get("attention.head_count_kv", g.n_heads)),
+        head_dim=r.head_dim,
+        intermediate_size=int(g.get("feed_forward_length")),
+        max_position=int(g.get("context_length", 2048)),
+        norm_eps=float(g.get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope=r.rope,
+        **g.common(),
         **kw,
     )
 
 
-def _gguf_rope(p: str, get: Any, theta: float) -> RopeConfig:
+def _gguf_llama_family(g: _GGUFKeys, arch: Arch, **kw: Any) -> ModelConfig:
+    """llama.py's block (and phi3's): with a window, every layer slides unless the file's pattern
+    says which, on its own rope base where the file gives one."""
+    r = _gguf_rotary(g)
+    if r.window:
+        kw |= {"sliding_window": int(r.window), "layer_types": r.layer_types or ("sliding",) * g.n_layers}
+        if r.local_theta is not None:
+            kw["rope_local"] = RopeConfig(theta=float(r.local_theta))
+    return _gguf_rotary_config(g, r, arch, **kw)
+
+
+def _gguf_gemma3(g: _GGUFKeys) -> ModelConfig:
+    r = _gguf_rotary(g)
+    kw: dict[str, Any] = {}
+    if r.window:
+        kw["layer_types"] = r.layer_types or _every_nth_global(g.n_layers, GEMMA3_GLOBAL_EVERY)
+        kw["sliding_window"] = int(r.window)
+    scalar = g.hidden // g.n_heads if g.n_layers == GEMMA3_27B_LAYERS else r.head_dim
+    return _gguf_rotary_config(
+        g,
+        r,
+        "gemma3",
+        **kw,
+        rope_local=RopeConfig(theta=float(r.local_theta or GEMMA3_LOCAL_ROPE_BASE)),
+        qk_norm=True,
+        hidden_act="gelu_pytorch_tanh",
+        attn_scale=scalar**-0.5,
+        embed_scale=g.hidden**0.5,
+        norm_offset=1.0,
+    )
+
+
+def _gguf_biases_found(g: _GGUFKeys) -> dict[str, bool]:
+    """llama.cpp's llama graph adds the biases it finds (layer 0 stands for all)."""
+    return {
+        "qkv_bias": "blk.0.attn_q.bias" in g.names,
+        "o_bias": "blk.0.attn_output.bias" in g.names,
+        "mlp_bias": "blk.0.ffn_up.bias" in g.names,
+    }
+
+
+# GGUF general.architecture -> its reader (llama.cpp's names: Mistral is "llama")
+_GGUF_READERS: dict[str, Callable[[_GGUFKeys], ModelConfig]] = {
+    "llama": lambda g: _gguf_llama_family(g, "llama", **_gguf_biases_found(g)),
+    "qwen2": lambda g: _gguf_llama_family(g, "llama", qkv_bias=True),
+    "qwen3": lambda g: _gguf_llama_family(g, "llama", qk_norm=True),
+    "phi3": lambda g: _gguf_llama_family(g, "phi3"),
+    "gemma3": _gguf_gemma3,
+    "gpt2": _gguf_gpt2,
+}
+
+
+def _gguf_rope(g: _GGUFKeys, theta: float) -> RopeConfig:
+    p, get = g.p, g.get
     kind = get("rope.scaling.type", None)
     factor = get("rope.scaling.factor", None)
     if kind is None and get("rope.scaling.linear", None) is not None:

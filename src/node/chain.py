@@ -5,9 +5,10 @@ nodes otherwise) and wait in one FIFO queue; one worker thread runs them in orde
 (micro-batches of different groups interleave exactly as they arrive). After a step, the worker
 cuts its hidden states into the rows of each next node (a request's route names the node of every
 part), and sends each its share down a link kept open to it; the last part instead reports the
-sampled tokens. Every failure is reported too, naming the part and node where it happened: the
-step's own error (a bad batch, a full cache, a bug) as that error's gRPC status, or the next node
-unreachable as UNAVAILABLE naming that node. Reports go to the coordinator's Subscribe stream.
+sampled tokens. Every failure is reported too, as data, naming the part and node where it
+happened: the step's own error (a bad batch, a full cache, a bug) with its reason, or the next
+node unreachable (stage_unavailable, naming that node). Reports go to the coordinator's
+Subscribe stream.
 """
 
 from __future__ import annotations
@@ -21,11 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_status import rpc_status
 
 from pipeserve.common import codec, wire
 from pipeserve.common.errors import PipeserveError, StageUnavailableError
-from pipeserve.common.grpc_util import rich_status
 from pipeserve.node.runner import StageRunner
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -36,12 +35,15 @@ MAX_QUEUED_STEPS = 1024  # the coordinator keeps one step per micro-batch group 
 MAX_LINKS = 64  # open links to next nodes (one per replica of the next part, in practice)
 
 
-def status_bytes(exc: BaseException) -> bytes:
-    """A failure as a serialized google.rpc.Status with our error details."""
+def step_error(exc: BaseException) -> pb.StepError:
+    """A failure as data: a domain error's fields; anything else is a bug (internal)."""
     err = exc if isinstance(exc, PipeserveError) else PipeserveError(f"{type(exc).__name__}: {exc}")
-    status = rich_status(err)
-    detail = dict(status.trailing_metadata).get(rpc_status.GRPC_DETAILS_METADATA_KEY)
-    return bytes(detail) if detail else b""
+    return pb.StepError(
+        reason=err.reason.value,
+        message=err.message,
+        param=err.param or "",
+        retry_after_s=err.retry_after_s or 0.0,
+    )
 
 
 class Link:
@@ -226,7 +228,7 @@ class ChainWorker:
                     failed=True,
                     failed_part=link.hop.part,
                     failed_node=link.hop.node_id,
-                    status=status_bytes(err),
+                    error=step_error(err),
                 ),
             )
 
@@ -242,6 +244,6 @@ class ChainWorker:
                 failed=True,
                 failed_part=part,
                 failed_node=node,
-                status=status_bytes(exc),
+                error=step_error(exc),
             ),
         )
