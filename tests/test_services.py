@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
-from pipeserve.common import codec
 from pipeserve.common.config import parse_config
 from pipeserve.common.errors import ConfigError
 from pipeserve.modeling.engine import StageEngine
 from pipeserve.modeling.generate import generate
+from pipeserve.node import codec
 from pipeserve.node.node_server import NodeServer
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeserve.common import codec, wire
+from pipeserve.common import wire
 from pipeserve.common.errors import InvalidInputError
 from pipeserve.modeling.engine import StageEngine
 from pipeserve.modeling.generate import generate
+from pipeserve.node import codec
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from tests.harness import start_cluster
@@ -28,9 +29,20 @@ def test_split_and_join_rows_are_byte_exact(dtype: int) -> None:
     t = x.to(WIRE[dtype]).float()  # what the wire dtype keeps, rounded as torch rounds it
     parts = wire.split_rows(codec.encode_tensor(x.numpy(), dtype), [2, 0, 4, 3])
     assert [list(p.shape) for p in parts] == [[2, 5], [0, 5], [4, 5], [3, 5]]
-    assert torch.equal(torch.from_numpy(codec.decode_tensor(parts[2])), t[2:6])
+    assert torch.equal(torch.from_numpy(np.array(codec.decode_tensor(parts[2]))), t[2:6])
     back = wire.join_rows([parts[3], parts[0]])
-    assert torch.equal(torch.from_numpy(codec.decode_tensor(back)), torch.cat([t[6:9], t[0:2]]))
+    assert torch.equal(torch.from_numpy(np.array(codec.decode_tensor(back))), torch.cat([t[6:9], t[0:2]]))
+
+
+def test_float32_hidden_states_are_read_in_place_from_the_message() -> None:
+    """A later stage reads float32 rows from the message's bytes without a copy (the model copies
+    them once, into its residual stream); the view is read-only, so nothing can write into it."""
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    msg = codec.encode_tensor(x)
+    got = codec.decode_tensor(msg)
+    assert np.array_equal(got, x) and not got.flags.writeable and not got.flags.owndata
+    wide = codec.decode_tensor(codec.encode_tensor(x, pb.DTYPE_FLOAT16))
+    assert np.array_equal(wide, x) and wide.dtype == np.float32
 
 
 def test_bfloat16_rounds_to_nearest_even_as_torch_does() -> None:

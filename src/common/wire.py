@@ -1,7 +1,8 @@
-"""The wire forms the coordinator handles without torch: sampling parameters, and hidden states
-as rows of bytes. The coordinator never decodes activations: it cuts a stage's [tokens, hidden]
-tensor into each request's rows and joins the rows of the next stage's batch, byte for byte, in
-whatever dtype the nodes send (`wire_dtype`). Tensor <-> array conversion is `codec`'s, on nodes.
+"""Wire forms shared by the coordinator and the nodes, without numpy or torch: sampling
+parameters, the hidden-state dtypes (`ITEMSIZE`, the one table of their sizes; `WIRE_DTYPES` by
+config name) and hidden states as rows of bytes, which a node cuts per next node and joins when a
+step fans out to replicas, byte for byte in whatever dtype it sends. Tensor <-> array conversion
+is node/codec.py's.
 """
 
 from __future__ import annotations

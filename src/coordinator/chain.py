@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ import grpc
 
 from pipeserve.common import wire
 from pipeserve.common.errors import PipeserveError, Reason, StageUnavailableError, make_error
+from pipeserve.common.sampling_params import SamplingParams
 from pipeserve.coordinator.cluster import Cluster, NodeHandle
 from pipeserve.coordinator.requests import PlanItem, Request
 from pipeserve.coordinator.stage_path import Outcome, Sampled, StageTime
@@ -58,6 +60,12 @@ def sampled(t: pb.SampledToken) -> Sampled:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _sampling_pb(p: SamplingParams) -> pb.SamplingParams:
+    """A request's sampling parameters on the wire, made once (not at every step)."""
+    return wire.sampling_to_pb(p)
+
+
 def chunk(req: Request, start: int, n: int, sample: bool) -> pb.SequenceChunk:
     """Tokens start..start+n-1 of a request for a stage; the last stage samples after them when asked."""
     return pb.SequenceChunk(
@@ -65,7 +73,7 @@ def chunk(req: Request, start: int, n: int, sample: bool) -> pb.SequenceChunk:
         start_pos=start,
         token_ids=req.tokens[start : start + n],
         sample=sample,
-        sampling=wire.sampling_to_pb(req.sampling) if sample else None,
+        sampling=_sampling_pb(req.sampling) if sample else None,
     )
 
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import grpc
 
-from pipeserve.common import codec, wire
+from pipeserve.common import wire
 from pipeserve.common.errors import PipeserveError, StageUnavailableError
+from pipeserve.node import codec
 from pipeserve.node.runner import StageRunner
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -139,7 +140,7 @@ class ChainWorker:
 
     def _run(self, msg: pb.ChainStep, arrived: float, nbytes: int) -> None:
         self.steps += 1
-        chunks = codec.chunks_from_pb(msg.chunks)
+        chunks = codec.chunks_from_pb(msg.chunks, self.is_last)
         try:
             hidden = codec.decode_tensor(msg.hidden) if msg.HasField("hidden") else None
             out = self.runner.forward(chunks, hidden)

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 
 from pipeserve import kernels
-from pipeserve.common import codec, tls
 from pipeserve.common import threads as host
+from pipeserve.common import tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, PipeserveError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
@@ -26,6 +26,7 @@ from pipeserve.common.memory import format_bytes, node_limit
 from pipeserve.modeling.layers import set_lossy_int8
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
+from pipeserve.node import codec
 from pipeserve.node.capacity import NodeBudget
 from pipeserve.node.capacity import measure as measure_capacity
 from pipeserve.node.chain import ChainWorker

@@ -1,5 +1,5 @@
-"""The only place that converts between the wire `Tensor` message and numpy arrays (on nodes;
-the coordinator moves tensors as bytes with `wire`).
+"""The only place that converts between the wire messages and a node's numpy arrays and engine
+types (the coordinator never decodes activations: it sends token ids and reads sampled tokens).
 
 Tensors travel as raw little-endian bytes (a `repeated float` field costs ~10x more to encode), in
 float32, float16 or bfloat16 (the stage computes in float32: `encode_tensor` rounds to the wire
@@ -14,18 +14,16 @@ from collections.abc import Iterable
 import numpy as np
 
 from pipeserve.common.errors import InvalidInputError
-from pipeserve.common.wire import sampling_from_pb, sampling_to_pb  # noqa: F401 (nodes use them from here)
+from pipeserve.common.wire import ITEMSIZE, sampling_from_pb
 from pipeserve.modeling.engine import SampledToken, SeqChunk
 from pipeserve.proto import model_service_pb2 as pb
-
-_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 
 
 def wire_dtype(requested: int) -> int:
     """The dtype a stage is asked to send its hidden states in (DTYPE_UNSPECIFIED: float32)."""
     if requested == pb.DTYPE_UNSPECIFIED:
         return pb.DTYPE_FLOAT32
-    if requested not in _ITEMSIZE:
+    if requested not in ITEMSIZE:
         raise InvalidInputError(f"output dtype {requested} is not supported (float32, float16, bfloat16)")
     return requested
 
@@ -57,8 +55,9 @@ def encode_tensor(x: np.ndarray, dtype: int = pb.DTYPE_FLOAT32) -> pb.Tensor:
 
 
 def decode_tensor(msg: pb.Tensor) -> np.ndarray:
-    """A wire tensor as a float32 array it owns (float16 / bfloat16 are widened exactly)."""
-    itemsize = _ITEMSIZE.get(msg.dtype)
+    """A wire tensor as a float32 array: float32 as a read-only view of the message's bytes (no
+    copy), float16 / bfloat16 widened exactly into an array of its own."""
+    itemsize = ITEMSIZE.get(msg.dtype)
     if itemsize is None:
         raise InvalidInputError(f"tensor dtype {pb.DType.Name(msg.dtype)} is not supported")
     shape = tuple(msg.shape)
@@ -69,19 +68,23 @@ def decode_tensor(msg: pb.Tensor) -> np.ndarray:
         raise InvalidInputError(
             f"tensor of shape {list(shape)} and dtype {pb.DType.Name(msg.dtype)} needs {expected} bytes, got {len(msg.data)}"
         )
-    if msg.dtype == pb.DTYPE_FLOAT32:
-        return np.frombuffer(msg.data, dtype="<f4").astype(np.float32).reshape(shape)  # a copy
+    if msg.dtype == pb.DTYPE_FLOAT32:  # a read-only view of the message's bytes: the model copies it
+        return np.frombuffer(msg.data, dtype="<f4").reshape(shape)  # once, into its residual stream
     if msg.dtype == pb.DTYPE_FLOAT16:
         return np.frombuffer(msg.data, dtype="<f2").astype(np.float32).reshape(shape)
     bits = np.frombuffer(msg.data, dtype="<u2").astype(np.uint32) << np.uint32(16)
     return bits.view(np.float32).reshape(shape)
 
 
-def chunks_from_pb(chunks: Iterable[pb.SequenceChunk]) -> list[SeqChunk]:
-    """A Forward's or a ChainStep's chunks as the engine takes them."""
+def chunks_from_pb(chunks: Iterable[pb.SequenceChunk], last: bool = True) -> list[SeqChunk]:
+    """A Forward's or a ChainStep's chunks as the engine takes them. Only the last stage samples,
+    so only there are the sampling parameters read (the others pass the message on as it is)."""
     return [
         SeqChunk(
-            c.request_id, c.start_pos, list(c.token_ids), sampling_from_pb(c.sampling) if c.sample else None
+            c.request_id,
+            c.start_pos,
+            list(c.token_ids),
+            sampling_from_pb(c.sampling) if c.sample and last else None,
         )
         for c in chunks
     ]
