@@ -13,6 +13,7 @@ from pipeserve.common import memory as m
 from pipeserve.common.config import parse_config
 from pipeserve.common.errors import ConfigError
 from pipeserve.common.memory import GiB, MiB
+from pipeserve.common.shard import Shard
 
 V1_UNLIMITED = "9223372036854771712\n"
 
@@ -137,14 +138,14 @@ def test_a_share_over_its_limit_is_refused_with_the_numbers() -> None:
     need = m.ShareNeed(weights=2 * GiB, kv=256 * MiB, kv_tokens=4096, runtime=224 * MiB)
     limit = m.MemoryLimit(2 * GiB, "cgroup", "auto: cgroup v2 memory.max of /: 2.00 GiB")
     with pytest.raises(ConfigError) as err:
-        m.check_share("node2", 1, (10, 20), need, limit, auto_kv=False)
+        m.check_share("node2", 1, Shard(10, 20, 30), need, limit, auto_kv=False)
     msg = str(err.value)
     assert msg.startswith(
         "node node2: part 1, layers [10, 20) needs 2.47 GiB, limit 2.00 GiB (auto: cgroup v2"
     )
     assert "weights 2.00 GiB + KV 256.0 MiB (4096 tokens) + runtime 224.0 MiB" in msg
     assert "lower cache_budget_tokens" in msg and err.value.node == "node2" and err.value.part == 1
-    m.check_share("node2", 1, (10, 20), need, m.MemoryLimit(3 * GiB, "config", ""), auto_kv=False)
+    m.check_share("node2", 1, Shard(10, 20, 30), need, m.MemoryLimit(3 * GiB, "config", ""), auto_kv=False)
 
 
 # ---- the model's bytes from its header -------------------------------------------------------

@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from pipeserve.common.errors import ConfigError
 from pipeserve.common.memory import MemorySetting, parse_bytes
+from pipeserve.common.shard import Shard
 from pipeserve.common.threads import MAX_THREADS, ThreadsSetting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.json"
@@ -322,21 +323,18 @@ class Config(_Strict):
                 return n
         raise ConfigError(f"no node with id {node_id!r} in the config (ids: {[n.id for n in self.nodes]})")
 
-    def part_layers(self, part: int, n_layers: int) -> tuple[int, int]:
-        """Layer range of a part: explicit, or part `part` of an even split."""
-        from pipeserve.modeling.config import Shard
-
+    def part_layers(self, part: int, n_layers: int) -> Shard:
+        """Layers of a part: explicit, or part `part` of an even split."""
         n = next(n for n in self.nodes if n.model_part == part)
         if n.layers is not None:
             if n.layers[1] > n_layers or (part == self.n_parts - 1 and n.layers[1] != n_layers):
                 raise ConfigError(
                     f"nodes[{self.nodes.index(n)}].layers={list(n.layers)} does not fit a model of {n_layers} layers"
                 )
-            return n.layers
+            return Shard(n.layers[0], n.layers[1], n_layers)
         if self.n_parts > n_layers:
             raise ConfigError(f"the config has {self.n_parts} parts but the model has only {n_layers} layers")
-        s = Shard.even(n_layers, self.n_parts, part)
-        return s.start_layer, s.end_layer
+        return Shard.even(n_layers, self.n_parts, part)
 
     def with_loopback_hosts(self) -> Config:
         """The same config with every host replaced by 127.0.0.1 (for `pipeserve up` on one machine)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeserve.common.errors import ConfigError
+from pipeserve.common.shard import Shard
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -326,7 +327,7 @@ def share_need(
 
 
 def check_share(
-    node_id: str, part: int, layers: tuple[int, int], need: ShareNeed, limit: MemoryLimit, auto_kv: bool
+    node_id: str, part: int, layers: Shard, need: ShareNeed, limit: MemoryLimit, auto_kv: bool
 ) -> None:
     """Refuse, before anything is mapped, a share whose need exceeds the node's limit: the error
     names the node, the part, the layers, the need against the limit and its breakdown."""
@@ -344,7 +345,7 @@ def check_share(
             f"or raise its memory_limit to {to}"
         )
     raise ConfigError(
-        f"node {node_id}: part {part}, layers [{layers[0]}, {layers[1]}) needs {format_bytes(need.total, up=True)}, "
+        f"node {node_id}: part {part}, layers {layers} needs {format_bytes(need.total, up=True)}, "
         f"limit {format_bytes(limit.bytes)} ({limit.reason}): {need.describe()}; {hint}",
         node=node_id,
         part=part,

@@ -26,6 +26,7 @@ from typing import Literal
 
 from pipeserve.common.errors import ConfigError
 from pipeserve.common.memory import RUNTIME_BASE_BYTES, ModelWeights, format_bytes
+from pipeserve.common.shard import Shard
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class _Part:
 
 def split_layers(
     n_layers: int, caps: Sequence[Capacity], balance: Literal["speed", "memory"] = "speed"
-) -> list[tuple[int, int]]:
-    """Half-open layer ranges, one per part in part order (caps: one or more per part). `balance`:
+) -> list[Shard]:
+    """The layers of every part, in part order (caps: one or more per part). `balance`:
     speed (layers in proportion to speed within the budgets) or memory (the most KV room on the
     tightest part; for stages that take turns)."""
     n_parts = 1 + max((c.part for c in caps), default=-1)
@@ -86,16 +87,20 @@ def split_layers(
         roomiest = _roomiest(n_layers, parts)
         if roomiest is None:
             raise ConfigError(_shortfall(n_layers, parts))
-        return roomiest
+        return _shards(n_layers, roomiest)
     speed = [1.0 / p.ms for p in parts]
     want = [n_layers * s / sum(speed) for s in speed]
     ranges = _ranges(_proportional(n_layers, want))
     if all(p.fits(s, e) for p, (s, e) in zip(parts, ranges, strict=True)):
-        return ranges
+        return _shards(n_layers, ranges)
     fitted = _fastest_within(n_layers, parts)
     if fitted is None:
         raise ConfigError(_shortfall(n_layers, parts))
-    return fitted
+    return _shards(n_layers, fitted)
+
+
+def _shards(n_layers: int, ranges: list[tuple[int, int]]) -> list[Shard]:
+    return [Shard(s, e, n_layers) for s, e in ranges]
 
 
 def _proportional(n_layers: int, want: list[float]) -> list[int]:

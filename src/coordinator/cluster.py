@@ -25,6 +25,7 @@ from pipeserve.common.errors import ConfigError, PipeserveError, StageUnavailabl
 from pipeserve.common.grpc_util import channel_options, remote_error, rpc_error_text
 from pipeserve.common.memory import ModelWeights
 from pipeserve.common.placement import Capacity, split_layers
+from pipeserve.common.shard import Shard
 from pipeserve.common.threads import address_host, choose_micro_batches, sharing
 from pipeserve.common.tokenizer_client import TokenizerClient
 from pipeserve.proto import model_service_pb2 as pb
@@ -176,7 +177,7 @@ class Cluster:
         # `layers: auto`: what each node reported (by node id), the split made from it, and why the
         # last attempt was refused (the nodes' budgets cannot hold the model)
         self.capacities: dict[str, Capacity] = {}
-        self.auto_layers: list[tuple[int, int]] | None = None
+        self.auto_layers: list[Shard] | None = None
         self.placement_error = ""
         self._placed = asyncio.Event()
         self._all_reported = asyncio.Event()
@@ -291,8 +292,8 @@ class Cluster:
             return f"node {n.id} serves model_part {info.model_part} but the config says {n.part}"
         want = self.part_layers(n.part)
         got = (info.layers.start_layer, info.layers.end_layer)
-        if want is not None and got != want:
-            return f"node {n.id} serves layers [{got[0]}, {got[1]}) but part {n.part} is layers [{want[0]}, {want[1]})"
+        if want is not None and got != want.range:
+            return f"node {n.id} serves layers [{got[0]}, {got[1]}) but part {n.part} is layers {want}"
         return ""
 
     def _orphans(self, n: NodeHandle, rids: list[str]) -> None:
@@ -306,7 +307,7 @@ class Cluster:
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
-    def part_layers(self, part: int) -> tuple[int, int] | None:
+    def part_layers(self, part: int) -> Shard | None:
         if self.cfg.layers == "auto":
             return self.auto_layers[part] if self.auto_layers else None
         if self.n_layers is None:
@@ -316,7 +317,7 @@ class Cluster:
     # ---- placement (`layers: auto`) ------------------------------------------------------------
     async def place(
         self, req: pb.PlaceRequest, wait_s: float = 300.0, replicas_wait_s: float = PLACE_REPLICAS_WAIT_S
-    ) -> tuple[int, int]:
+    ) -> Shard:
         """The layers of req's part. The split is made once every part has reported and either
         every configured node has or `replicas_wait_s` more passed (a part's range must fit all
         its replicas); later reports (replicas, restarts) get the same split. When the budgets
@@ -377,15 +378,15 @@ class Cluster:
             balance,
             "the most KV room, stages take turns" if balance == "memory" else "in proportion to speed",
             ", ".join(
-                f"part {p} [{a}, {b}) ("
+                f"part {p} {s} ("
                 + ", ".join(
-                    f"{c.node_id}: {c.ms_per_layer:.2f} ms/layer, needs {c.need(a, b) / 2**30:.2f} of "
+                    f"{c.node_id}: {c.ms_per_layer:.2f} ms/layer, needs {c.need(*s.range) / 2**30:.2f} of "
                     f"{c.limit_bytes / 2**30:.2f} GiB"
                     for c in caps
                     if c.part == p
                 )
                 + ")"
-                for p, (a, b) in enumerate(self.auto_layers)
+                for p, s in enumerate(self.auto_layers)
             ),
         )
         self._placed.set()
@@ -403,8 +404,13 @@ class Cluster:
         if len(by_part) < self.n_parts:
             return
         ranges = [by_part[p] for p in range(self.n_parts)]
-        if ranges[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ranges)):
-            self.auto_layers = ranges
+        n = self.n_layers or ranges[-1][1]
+        if (
+            ranges[0][0] == 0
+            and ranges[-1][1] == n
+            and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+        ):
+            self.auto_layers = [Shard(a, b, n) for a, b in ranges]
             self._placed.set()
 
     def _problems(self) -> list[str]:
@@ -432,7 +438,7 @@ class Cluster:
     def part_down_message(self, part: int) -> str:
         down = [n.id for n in self.nodes if n.part == part]
         layers = self.part_layers(part)
-        span = f" (layers [{layers[0]}, {layers[1]}))" if layers else ""
+        span = f" (layers {layers})" if layers else ""
         return f"model part {part}{span} is unavailable: node(s) {', '.join(down)} down"
 
     # ---- routing ------------------------------------------------------------------------------

@@ -192,7 +192,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
             if layers:
                 st.layers.CopyFrom(
-                    pb.LayerRange(start_layer=layers[0], end_layer=layers[1], n_layers=cl.n_layers or 0)
+                    pb.LayerRange(
+                        start_layer=layers.start_layer, end_layer=layers.end_layer, n_layers=layers.n_layers
+                    )
                 )
             if n.info:
                 st.info.CopyFrom(n.info)
@@ -263,8 +265,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
     async def Place(self, request: pb.PlaceRequest, context: grpc.aio.ServicerContext) -> pb.PlaceResponse:
-        start, end = await self.cluster.place(request)  # a refusal is ConfigError: FAILED_PRECONDITION
-        return pb.PlaceResponse(start_layer=start, end_layer=end)
+        shard = await self.cluster.place(request)  # a refusal is ConfigError: FAILED_PRECONDITION
+        return pb.PlaceResponse(start_layer=shard.start_layer, end_layer=shard.end_layer)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
         await self._admit_member(request.node_id, request.join_token, context)

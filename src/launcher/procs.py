@@ -79,7 +79,7 @@ class ProcessCluster:
         self._wait(
             lambda: probe(addr, 0.5, cfg=self.cfg, name=node_id),
             timeout_s,
-            f"{node_id} did not come up: {self.log(node_id)}",
+            lambda: f"{node_id} did not come up: {self.log(node_id)}",
         )
         return time.monotonic() - t0
 
@@ -87,14 +87,16 @@ class ProcessCluster:
         self._wait(
             lambda: probe(self.cfg.coordinator.address, 0.5, cfg=self.cfg, name="coordinator"),
             timeout_s,
-            "cluster not ready; coordinator log:\n" + self.log("coordinator"),
+            lambda: "cluster not ready; coordinator log:\n" + self.log("coordinator"),
         )
 
-    def _wait(self, cond: Callable[[], bool], timeout_s: float, message: str) -> None:
+    def _wait(self, cond: Callable[[], bool], timeout_s: float, message: str | Callable[[], str]) -> None:
+        """Until cond(); past the timeout, RuntimeError with the message (a callable is read then,
+        so a log it quotes is the log at the time of the failure)."""
         deadline = time.monotonic() + timeout_s
         while not cond():
             if time.monotonic() > deadline:
-                raise RuntimeError(message)
+                raise RuntimeError(message() if callable(message) else message)
             time.sleep(0.1)
 
     def kill(self, name: str) -> None:

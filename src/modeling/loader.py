@@ -103,12 +103,13 @@ def _gguf_metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
-def load_stage(model: str | ModelSource, layers: tuple[int, int] | None = None) -> LoadedStage:
-    """Load layers [start, end) (the whole model when None) of `model`."""
+def load_stage(model: str | ModelSource, layers: Shard | tuple[int, int] | None = None) -> LoadedStage:
+    """Load layers [start, end) (a Shard, or the range; the whole model when None) of `model`."""
     t0 = time.perf_counter()
     source = resolve_model(model) if isinstance(model, str) else model
     cfg = read_config(source)
-    shard = Shard(*(layers or (0, cfg.n_layers)), cfg.n_layers)
+    start, end = layers.range if isinstance(layers, Shard) else (layers or (0, cfg.n_layers))
+    shard = Shard(start, end, cfg.n_layers)
     stage_cls, shapes_fn, import_fn = ARCHS[cfg.arch]
     expected = shapes_fn(cfg, shard)
     if source.kind == "gguf":

@@ -27,6 +27,7 @@ from pipeserve.common.memory import (
     runtime_bytes,
     share_need,
 )
+from pipeserve.common.shard import Shard
 from pipeserve.modeling.config import ModelConfig
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.kv_cache import kv_token_layer_bytes
@@ -77,8 +78,8 @@ class NodeBudget:
         weights = model_weights(source, cfg)
         return cls(node_id, part, limit, weights, kv, cache_tokens, max_batch_tokens, runtime)
 
-    def need(self, layers: tuple[int, int]) -> ShareNeed:
-        start, end = layers
+    def need(self, layers: Shard) -> ShareNeed:
+        start, end = layers.range
         return share_need(
             self.weights.stage(start, end),
             end - start,
@@ -90,7 +91,7 @@ class NodeBudget:
             self.runtime,
         )
 
-    def check(self, layers: tuple[int, int]) -> ShareNeed:
+    def check(self, layers: Shard) -> ShareNeed:
         """The share's need; ConfigError with the numbers when it exceeds the limit."""
         need = self.need(layers)
         check_share(self.node_id, self.part, layers, need, self.limit, self.cache_tokens == "auto")

@@ -23,6 +23,7 @@ from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, PipeserveError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, listen, set_serving, sync_server
 from pipeserve.common.memory import format_bytes, node_limit
+from pipeserve.common.shard import Shard
 from pipeserve.modeling.layers import set_lossy_int8
 from pipeserve.modeling.loader import load_stage, read_config
 from pipeserve.modeling.source import release_file_caches, resolve_model
@@ -309,14 +310,18 @@ class NodeServer:
                 self.servicer.capacity = measure_capacity(source, n_layers, budget)
                 layers = self._place(self.servicer.capacity, n_layers)
             else:
-                layers = self.layers or self.cfg.part_layers(self.part, n_layers)
+                layers = (
+                    Shard(*self.layers, n_layers)
+                    if self.layers
+                    else self.cfg.part_layers(self.part, n_layers)
+                )
             need = budget.check(layers)  # before any of its weights is mapped
             self.servicer.memory = budget.to_pb(need)
             log.info(
-                "node %s: part %d, layers [%d, %d) need %s under a limit of %s (%s): %s",
+                "node %s: part %d, layers %s need %s under a limit of %s (%s): %s",
                 self.node_id,
                 self.part,
-                *layers,
+                layers,
                 format_bytes(need.total),
                 format_bytes(budget.limit.bytes),
                 budget.limit.reason,
@@ -354,9 +359,9 @@ class NodeServer:
             )
             set_serving(self.health, [SERVICE], True)
             log.info(
-                "node %s serving layers [%d, %d) of %d",
+                "node %s serving layers %s of %d",
                 self.node_id,
-                *layers,
+                layers,
                 n_layers,
                 extra={
                     "load_s": round(loaded.load_seconds, 2),
@@ -377,7 +382,7 @@ class NodeServer:
         finally:
             self.loaded_event.set()
 
-    def _place(self, cap: pb.Capacity, n_layers: int) -> tuple[int, int]:
+    def _place(self, cap: pb.Capacity, n_layers: int) -> Shard:
         """Report the capacity to the coordinator and wait for this part's layers (it answers once
         every part has reported); the coordinator may start after the nodes: retry until it answers."""
         req = pb.PlaceRequest(node_id=self.node_id, model_part=self.part, n_layers=n_layers, capacity=cap)
@@ -395,7 +400,7 @@ class NodeServer:
                     self.cfg, self.node_id, "coordinator", self.cfg.coordinator.address
                 ) as ch:
                     resp = pb_grpc.CoordinatorStub(ch).Place(req, timeout=330)
-                return resp.start_layer, resp.end_layer
+                return Shard(resp.start_layer, resp.end_layer, n_layers)
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
