@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeserve.common import env
 from pipeserve.common.errors import ConfigError, PipeserveError
 
 
@@ -154,12 +155,10 @@ def _synth(spec: str, out: str, seed: int, layers: int | None) -> int:
 
 def _probe(kind: str, target: str, name: str = "", config: str | None = None) -> int:
     if kind == "grpc":
-        import os
-
         from pipeserve.common.config import load_config
         from pipeserve.common.grpc_util import probe
 
-        cfg = load_config(config) if config or os.environ.get("PIPESERVE_CONFIG") else None
+        cfg = load_config(config) if config or env.get("PIPESERVE_CONFIG") else None
         if cfg is not None and cfg.tls.enabled and not name:
             print(
                 "pipeserve probe: TLS is enabled: --name must say which service's certificate to use",

@@ -2,41 +2,24 @@
 
 Every service reads it (`load_config`). The file keeps the spec's format (`model_name`,
 `nodes[{id, address, model_part}]`); every other field is optional and documented here.
-A few PIPESERVE_* environment variables override it (see ENV_OVERRIDES).
+A few PIPESERVE_* environment variables override it (common/env.py lists them).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from pipeserve.common import env
 from pipeserve.common.errors import ConfigError
 from pipeserve.common.memory import MemorySetting, parse_bytes
 from pipeserve.common.shard import Shard
 from pipeserve.common.threads import MAX_THREADS, ThreadsSetting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.json"
-
-# Environment overrides, applied after the file is read (Docker and Kubernetes use them).
-ENV_OVERRIDES = {
-    "PIPESERVE_CONFIG": "path of the config file (default src/config/config.json)",
-    "PIPESERVE_MODEL_NAME": "model_name",
-    "PIPESERVE_COORDINATOR_ADDRESS": "coordinator.address",
-    "PIPESERVE_TOKENIZER_ADDRESS": "tokenizer.address",
-    "PIPESERVE_API_HOST": "api.host",
-    "PIPESERVE_API_PORT": "api.port",
-    "PIPESERVE_API_KEY": "api.api_key",
-    "PIPESERVE_LOG_LEVEL": "log_level",
-    "PIPESERVE_JOIN_TOKEN": "coordinator.join_token",
-    "PIPESERVE_TLS_ENABLED": "tls.enabled",
-    "PIPESERVE_TLS_CA_FILE": "tls.ca_file",
-    "PIPESERVE_TLS_CERT_FILE": "tls.cert_file",
-    "PIPESERVE_TLS_KEY_FILE": "tls.key_file",
-}
 
 
 class _Strict(BaseModel):
@@ -352,7 +335,7 @@ class Config(_Strict):
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    path = Path(path or os.environ.get("PIPESERVE_CONFIG") or DEFAULT_CONFIG)
+    path = Path(path or env.get("PIPESERVE_CONFIG") or DEFAULT_CONFIG)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as exc:
@@ -384,23 +367,11 @@ def _describe(err: Any, raw: dict) -> str:
 
 
 def _apply_env(raw: dict) -> dict:
-    env = os.environ
-    if v := env.get("PIPESERVE_MODEL_NAME"):
-        raw["model_name"] = v
-    if v := env.get("PIPESERVE_LOG_LEVEL"):
-        raw["log_level"] = v
-    for key, section, field in (
-        ("PIPESERVE_COORDINATOR_ADDRESS", "coordinator", "address"),
-        ("PIPESERVE_TOKENIZER_ADDRESS", "tokenizer", "address"),
-        ("PIPESERVE_API_HOST", "api", "host"),
-        ("PIPESERVE_API_PORT", "api", "port"),
-        ("PIPESERVE_API_KEY", "api", "api_key"),
-        ("PIPESERVE_JOIN_TOKEN", "coordinator", "join_token"),
-        ("PIPESERVE_TLS_ENABLED", "tls", "enabled"),
-        ("PIPESERVE_TLS_CA_FILE", "tls", "ca_file"),
-        ("PIPESERVE_TLS_CERT_FILE", "tls", "cert_file"),
-        ("PIPESERVE_TLS_KEY_FILE", "tls", "key_file"),
-    ):
-        if v := env.get(key):
-            raw[section] = {**raw.get(section, {}), field: v}
+    """The PIPESERVE_* variables that override fields (common/env.py), over the file's values."""
+    for field, value in env.overrides().items():
+        section, _, key = field.rpartition(".")
+        if section:
+            raw[section] = {**raw.get(section, {}), key: value}
+        else:
+            raw[key] = value
     return raw

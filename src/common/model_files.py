@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeserve.common import env
 from pipeserve.common.errors import ModelFormatError, ModelNotFoundError
 from pipeserve.common.gguf_file import GGUFFile
 
@@ -42,7 +43,8 @@ NAMED_MODELS = {
 def models_dirs() -> list[Path]:
     """Where named models are looked for: $PIPESERVE_MODELS_DIR, then <venv>/share/pipeserve/models
     (where `make models` puts them), then ~/.cache/pipeserve/models."""
-    dirs = [Path(os.environ["PIPESERVE_MODELS_DIR"])] if os.environ.get("PIPESERVE_MODELS_DIR") else []
+    models_dir = env.get("PIPESERVE_MODELS_DIR")
+    dirs = [Path(models_dir)] if models_dir else []
     return [
         *dirs,
         Path(sys.prefix) / "share" / "pipeserve" / "models",

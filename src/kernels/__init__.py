@@ -13,12 +13,12 @@ scalar module (quantize.cpp).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeserve.common import env
 from pipeserve.kernels.types import TYPE_IDS, TYPES
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ except ImportError as exc:  # pragma: no cover - a source tree where `make` has 
         f"(or `pip install -e .`, which compiles src/kernels/*.cpp with g++) ({exc})"
     ) from exc
 
-if os.environ.get("PIPESERVE_KERNEL_ISA"):
-    _qk.set_isa(os.environ["PIPESERVE_KERNEL_ISA"])
+if isa := env.get("PIPESERVE_KERNEL_ISA"):
+    _qk.set_isa(isa)
 
 KERNEL_TYPES = tuple(name for name, _, _ in TYPES.values())  # every type with a native kernel
 

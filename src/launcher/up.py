@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from pipeserve.common import env
 from pipeserve.common.config import Config
 from pipeserve.common.grpc_util import probe
 
-LOG_DIR = Path(os.environ.get("PIPESERVE_LOG_DIR", ".pipeserve/logs"))
+LOG_DIR = Path(env.get("PIPESERVE_LOG_DIR", ".pipeserve/logs") or ".pipeserve/logs")
 
 
 @dataclass
