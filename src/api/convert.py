@@ -6,7 +6,9 @@ extension and OpenAI-style logprobs. Pure functions: no I/O (token texts are pas
 from __future__ import annotations
 
 from pipeserve.api import schemas as s
+from pipeserve.common import wire
 from pipeserve.common.errors import InvalidInputError
+from pipeserve.common.sampling_params import SamplingParams
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 
@@ -18,7 +20,9 @@ FINISH_REASONS = {
 
 
 def sampling(body: s.SamplingFields, logprobs: bool = False, top_logprobs: int = 0) -> pb.SamplingParams:
-    params = pb.SamplingParams(
+    """The body's sampling fields as the domain's SamplingParams, on the wire (common/wire.py holds
+    the one field-by-field conversion)."""
+    params = SamplingParams(
         temperature=body.temperature,
         top_k=body.top_k,
         top_p=body.top_p,
@@ -26,12 +30,11 @@ def sampling(body: s.SamplingFields, logprobs: bool = False, top_logprobs: int =
         repetition_penalty=body.repetition_penalty,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        seed=body.seed,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )
-    if body.seed is not None:
-        params.seed = body.seed
-    return params
+    return wire.sampling_to_pb(params)
 
 
 def _base(
