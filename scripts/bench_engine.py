@@ -135,7 +135,7 @@ def bench_ours(tokens: int, runs: int) -> dict[str, Any]:
     }
     # Where a decode step goes: the step's time (one more run) against the time of the same
     # native matmuls alone (every linear layer of the model at the step's batch size, called in a
-    # loop); the rest is attention, norms, RoPE, sampling and Python. (The decode fast path calls
+    # loop); the rest is attention, norms, RoPE, sampling and Python. (LlamaLayer.forward calls
     # the kernels without the QLinear modules, so they cannot be clocked from inside a step.)
     lins = [m for m in modules(eng.model) if isinstance(m, QLinear)]
 

@@ -316,19 +316,25 @@ def test_16_bit_checkpoints_stay_16_bit(dtype, tiny_llama, tmp_path):
     assert (ours - last_logits_ref(ref, prompts)).abs().max().item() <= 1e-4
 
 
-def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama, tmp_path):
-    """Decode steps of plain Llama layers run as native calls on raw pointers (LlamaStage's fast
-    path): logits equal the module path exactly, on the real model and a split, at batch 1 and
-    a batch of sequences at different lengths, and on a Qwen2 (q|k|v biases); a stage whose layers
-    do not qualify (other biases) keeps the modules."""
-    from pipeserve.modeling.llama import LlamaStage
+@pytest.mark.parametrize(
+    "kind", ["smollm2", "qwen2", "qwen3", "llama_bias", "llama_gelu", "llama_rope_yarn", "mistral", "phi3"]
+)
+def test_llama_layer_forward_equals_its_modules_bit_for_bit(kind, smol_full, tmp_path, monkeypatch):
+    """LlamaLayer.forward (native calls on raw pointers into buffers made once per step) gives
+    exactly the logits of the same layers composed from their modules (tests/layer_reference.py):
+    a ragged prefill, decode steps at batch 3 and at batch 1, for every variant of the family:
+    q|k|v biases (Qwen2), every bias, q/k norms (Qwen3), GELU, yarn rope, a sliding window
+    (Mistral), Phi-3's fused tensors."""
+    from pipeserve.modeling.llama import LlamaLayer
+    from tests.layer_reference import module_forward
+    from tests.tiny_models import make_tiny
 
-    def trace(loaded, fast: bool) -> list[torch.Tensor]:
-        model = loaded.model
-        assert isinstance(model, LlamaStage)
-        model.fast_decode = fast
+    loaded = smol_full if kind == "smollm2" else load_stage(str(make_tiny(kind, tmp_path / kind)))
+    assert all(type(layer) is LlamaLayer for layer in loaded.model.layers)
+
+    def trace() -> list[torch.Tensor]:
         eng = StageEngine(loaded)
-        v = loaded.cfg.vocab_size  # (the tiny model's is 320)
+        v = loaded.cfg.vocab_size  # (the tiny models' is 320)
         prompts = [[t % v for t in p] for p in (PROMPTS[0], PROMPTS[1], PROMPTS[2][:2])]
         out = run_stages([eng], [SeqChunk(f"s{i}", 0, p, GREEDY) for i, p in enumerate(prompts)])
         logits = [out]
@@ -341,26 +347,8 @@ def test_fast_decode_path_equals_the_modules_bit_for_bit(smol_full, tiny_llama, 
         single = run_stages([eng], [SeqChunk("s0", len(prompts[0]) + 6, [nxt[0]], GREEDY)])  # B = 1
         return [*logits, single]
 
-    model = smol_full.model
-    assert model._decode_plan() is not None  # SmolLM2's layers qualify
-    try:
-        fast, slow = trace(smol_full, True), trace(smol_full, False)
-    finally:
-        model.fast_decode = True
-    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
-    assert model.fast_decode  # restored for the other tests
-
-    biased = load_stage(str(tiny_llama))  # the module path stays for layers with a bias but q|k|v's
-    lin = biased.model.layers[0].self_attn.o_proj
-    lin.bias = np.zeros(lin.out_features, np.float32)
-    biased.model._plan_built = False
-    assert biased.model._decode_plan() is None
-
-    # q|k|v biases (Qwen2) take the fast path, bit for bit the modules' result
-    from tests.tiny_models import make_tiny
-
-    qwen = load_stage(str(make_tiny("qwen2", tmp_path / "qwen2")))
-    assert qwen.model.layers[0].self_attn.qkv_proj.bias is not None
-    assert qwen.model._decode_plan() is not None
-    fast, slow = trace(qwen, True), trace(qwen, False)
-    assert all(torch.equal(a, b) for a, b in zip(fast, slow, strict=True))
+    native = trace()
+    with monkeypatch.context() as m:
+        m.setattr(LlamaLayer, "forward", module_forward)
+        modules = trace()
+    assert all(torch.equal(a, b) for a, b in zip(native, modules, strict=True))

@@ -19,6 +19,7 @@ from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY
 from pipeserve.modeling.layers import modules
 from tests.engine_torch import run_stages
+from tests.layer_reference import module_forward
 from tests.tiny_models import make_tiny
 
 
@@ -80,8 +81,8 @@ def test_logits_only_for_the_rows_that_sample(tiny_llama):
 @pytest.mark.parametrize("kind", ["smollm2", "qwen2", "gemma3", "gpt2"])
 def test_mlp_in_row_chunks_equals_one_call(kind, smol_full, tiny_gpt2, tmp_path, monkeypatch):
     """A batch longer than MLP_ROWS runs its MLP in calls of MLP_ROWS rows (bounded scratch): the
-    logits equal one call's up to the kernels' summation order, and the decode fast path and the
-    layer modules still agree bit for bit."""
+    logits equal one call's up to the kernels' summation order, and LlamaLayer's native forward
+    still equals its modules (tests/layer_reference.py) bit for bit."""
     from pipeserve.modeling.loader import load_stage
 
     if kind == "smollm2":
@@ -91,21 +92,18 @@ def test_mlp_in_row_chunks_equals_one_call(kind, smol_full, tiny_gpt2, tmp_path,
     v = loaded.cfg.vocab_size
     prompts = [[(t * 37 + 5) % v for t in range(n)] for n in (7, 13, 5)]  # 25 rows
 
-    def logits(fast: bool = True) -> torch.Tensor:
-        loaded.model.fast_decode = fast
-        try:
-            chunks = [SeqChunk(f"s{i}", 0, p, GREEDY) for i, p in enumerate(prompts)]
-            return run_stages([StageEngine(loaded)], chunks)
-        finally:
-            loaded.model.fast_decode = True
+    def logits() -> torch.Tensor:
+        chunks = [SeqChunk(f"s{i}", 0, p, GREEDY) for i, p in enumerate(prompts)]
+        return run_stages([StageEngine(loaded)], chunks)
 
     whole = logits()
     monkeypatch.setattr(layers, "MLP_ROWS", 4)
     monkeypatch.setattr(llama, "MLP_ROWS", 4)
     chunked = logits()
     assert (chunked - whole).abs().max().item() <= 1e-4 * max(1.0, whole.abs().max().item())
-    if isinstance(loaded.model, llama.LlamaStage) and loaded.model._decode_plan() is not None:
-        assert torch.equal(logits(fast=False), chunked)
+    if isinstance(loaded.model, llama.LlamaStage) and type(loaded.model.layers[0]) is llama.LlamaLayer:
+        monkeypatch.setattr(llama.LlamaLayer, "forward", module_forward)
+        assert torch.equal(logits(), chunked)  # the native forward equals its modules, in chunks too
 
 
 _PEAK = """

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class BatchMeta:
     sample_rows: np.ndarray  # [S] int64, rows whose next-token logits the last stage needs
     tables: np.ndarray  # [T, max_blocks] int64: row t's sequence's block table
     _attention: dict[int | None, PagedAttention] = field(default_factory=dict)
+    # buffers a step's layers share (they run one after another), keyed by their owner and shapes
+    scratch: dict[tuple[object, ...], Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, slots: list[SeqSlot], sample_rows: list[int]) -> BatchMeta:

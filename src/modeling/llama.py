@@ -12,6 +12,7 @@ native call each, whatever their types.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,7 +28,6 @@ from pipeserve.modeling.layers import (
     attend,
     gated_act,
     rope_tables,
-    row_chunks,
 )
 
 Weights = dict[str, "QTensor | np.ndarray"]  # matrices as QTensor, vectors (norms, biases) fp32
@@ -45,7 +45,7 @@ class Attention:
         self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.window(layer)  # None: full attention
         self.rope_kind = cfg.layer_type(layer)  # which rope table (Gemma 3's local layers have their own)
-        self.scale = cfg.attn_scale
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.hd**-0.5  # softmax scale
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         # set by load_hf_weights: the matrices come in the form they are stored in
@@ -53,19 +53,25 @@ class Attention:
         self.o_proj: QLinear
 
     def forward(self, x: np.ndarray, rope: RopeTables, meta: BatchMeta, layer: int) -> np.ndarray:
-        T = x.shape[0]
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = self.qkv_proj.forward(x)  # [T, (nh + 2 nkv) hd]
-        if self.q_norm is not None and self.k_norm is not None:  # per head, before RoPE
-            qkv[:, : nh * hd] = self.q_norm(qkv[:, : nh * hd].reshape(T * nh, hd)).reshape(T, nh * hd)
-            qkv[:, nh * hd : (nh + nkv) * hd] = self.k_norm(
-                qkv[:, nh * hd : (nh + nkv) * hd].reshape(T * nkv, hd)
-            ).reshape(T, nkv * hd)
+        self.norm_qk_(qkv)
         cos, sin = rope[self.rope_kind]
         rope_(qkv, nh + nkv, hd, meta.positions, cos, sin)  # q and k heads, in place
         return attend(qkv, nh, meta, layer, self.window, self.scale)
 
     __call__ = forward
+
+    def norm_qk_(self, qkv: np.ndarray) -> None:
+        """The per-head q and k RMSNorms (Qwen3, Gemma 3), in place on qkv [T, (nh + 2 nkv) hd]
+        before RoPE; nothing for a model without them."""
+        if self.q_norm is None or self.k_norm is None:
+            return
+        T, nh, nkv, hd = qkv.shape[0], self.nh, self.nkv, self.hd
+        qkv[:, : nh * hd] = self.q_norm(qkv[:, : nh * hd].reshape(T * nh, hd)).reshape(T, nh * hd)
+        qkv[:, nh * hd : (nh + nkv) * hd] = self.k_norm(
+            qkv[:, nh * hd : (nh + nkv) * hd].reshape(T * nkv, hd)
+        ).reshape(T, nkv * hd)
 
 
 class GatedMLP:
@@ -83,20 +89,131 @@ class GatedMLP:
 
 
 class LlamaLayer:
+    """x += o(attn(norm1(x))); x += down(act(gate_up(norm2(x)))): the pre-norm block of the family."""
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         C = cfg.hidden_size
         self.input_layernorm = RMSNorm(C, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(C, cfg.norm_eps)
         self.mlp = GatedMLP(cfg)
+        # the buffer widths of a step (the loader checks the weights' shapes against cfg)
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.widths = _Widths(C, (nh + 2 * nkv) * hd, nh * hd, cfg.intermediate_size)
+        self.native: _Native | None = None  # set by the first forward, from the loaded modules
 
     def forward(self, x: np.ndarray, rope: RopeTables, meta: BatchMeta, layer: int) -> np.ndarray:
-        attn, mlp = self.self_attn, self.mlp
-        a = attn.forward(self.input_layernorm.forward(x), rope, meta, layer)  # x: [T, C]
-        x = attn.o_proj.add_to(a, x)  # x += o(attn), in place
-        for xr in row_chunks(x):  # x += down(act(gate_up(norm(x)))), in place, MLP_ROWS rows a call
-            mlp.down_proj.add_to(mlp.forward(self.post_attention_layernorm.forward(xr)), xr)
+        """x: the residual stream [T, C] (C-contiguous fp32), added to in place and returned.
+
+        Native calls on raw pointers into buffers made once per step (`_scratch`), in the order the
+        modules' own calls make them (Attention.forward, QLinear.add_to, GatedMLP.forward), so the
+        result is theirs bit for bit without their per-call Python (~80 us a layer at batch 1, a
+        fifth of a step). Biases are added after their matmul, as QLinear does.
+        """
+        p = self.native or self.bind()
+        C, n_qkv, _, n_i = w = self.widths
+        T, xp = x.shape[0], addr(x)
+        s = meta.scratch.get(w) or _scratch(meta, rope, w)
+        h, qkv, qkv_p, att, gate_up, gate_up_p, act, R, pos, rope_p, _ = s
+        _qk.rms_norm(xp, p.norm1, h, T, C, p.eps1, p.offset1)
+        p.qkv.run(h, T, qkv_p)
+        if p.qkv_bias is not None:
+            qkv += p.qkv_bias
+        if p.qk_norm is not None:
+            p.qk_norm(qkv)
+        cos, sin = rope_p[p.rope_kind]
+        _qk.rope(qkv_p, T, n_qkv, p.n_rotated, p.head_dim, pos, cos, sin)  # q and k heads, in place
+        meta.attention(p.window).run(layer, qkv_p, n_qkv, p.n_heads, att, p.scale)  # writes k/v, attends
+        p.o.run(att, T, xp, True)  # x += o(attn)
+        if p.o_bias is not None:
+            x += p.o_bias
+        _qk.rms_norm(xp, p.norm2, h, T, C, p.eps2, p.offset2)
+        for r in range(0, T, R):  # rows [r, r + n): x += down(act(gate_up(h))), in place
+            n, off = min(R, T - r), 4 * r * C
+            p.gate_up.run(h + off, n, gate_up_p)
+            if p.gate_up_bias is not None:
+                gate_up[:n] += p.gate_up_bias
+            if p.gelu is None:
+                _qk.silu_mul(gate_up_p, act, n, n_i)
+            else:
+                _qk.gelu(gate_up_p, act, n, n_i, 2 * n_i, gate_up_p + 4 * n_i, 2 * n_i, p.gelu)
+            p.down.run(act, n, xp + off, True)
+            if p.down_bias is not None:
+                x[r : r + n] += p.down_bias
         return x
+
+    def bind(self) -> _Native:
+        """Take what forward calls from the modules, once the loader has filled them (forward does
+        at its first call; code that replaces a module or a bias later calls bind again)."""
+        a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        self.native = _Native(
+            addr(n1.weight), n1.eps, n1.offset, a.qkv_proj.plan, a.qkv_proj.bias,
+            a.norm_qk_ if a.q_norm is not None else None, a.rope_kind, a.nh + a.nkv, a.hd, a.window,
+            a.nh, a.scale, a.o_proj.plan, a.o_proj.bias, addr(n2.weight), n2.eps, n2.offset,
+            m.gate_up_proj.plan, m.gate_up_proj.bias, None if m.act == "silu" else int(m.act != "gelu"),
+            m.down_proj.plan, m.down_proj.bias,
+        )  # fmt: skip
+        return self.native
+
+
+class _Native(NamedTuple):
+    """A LlamaLayer as its forward calls it, in one tuple. The modules' objects are scattered in
+    memory and leave the CPU caches while the matmuls stream the weights: reading them through
+    attribute chains (layer.self_attn.qkv_proj.plan, ...) on every call made SmolLM2's 30 layers
+    3% slower than reading this."""
+
+    norm1: int  # input_layernorm's weight [C] (address), eps, offset
+    eps1: float
+    offset1: float
+    qkv: Any  # _qk.Plan: q|k|v [C -> (nh + 2 nkv) hd]
+    qkv_bias: np.ndarray | None  # added after the matmul, as QLinear does
+    qk_norm: Callable[[np.ndarray], None] | None  # Attention.norm_qk_ (Qwen3), None without
+    rope_kind: str  # which rope table
+    n_rotated: int  # nh + nkv heads (q and k)
+    head_dim: int
+    window: int | None
+    n_heads: int
+    scale: float  # softmax scale
+    o: Any  # _qk.Plan
+    o_bias: np.ndarray | None
+    norm2: int
+    eps2: float
+    offset2: float
+    gate_up: Any  # _qk.Plan: gate|up [C -> 2I]
+    gate_up_bias: np.ndarray | None
+    gelu: int | None  # None: SiLU; 1: GELU's tanh form (gelu_pytorch_tanh, gelu_new); 0: erf (gelu)
+    down: Any  # _qk.Plan
+    down_bias: np.ndarray | None
+
+
+class _Widths(NamedTuple):
+    """A LlamaLayer's buffer widths; also the key of its step's scratch in BatchMeta.scratch."""
+
+    C: int  # hidden
+    qkv: int  # (nh + 2 nkv) hd
+    att: int  # nh hd
+    inter: int  # I, the MLP's width
+
+
+def _scratch(meta: BatchMeta, rope: RopeTables, w: _Widths) -> tuple[Any, ...]:
+    """One step's buffers for LlamaLayer.forward, made by the stage's first layer and reused by the
+    others (they run one after another; the step has one row per position of `meta`): addresses of
+    h [T, C] (a norm's output), q|k|v [T, (nh + 2 nkv) hd] (also as an array, for biases and q/k
+    norms), the attention output [T, nh hd], gate|up [R, 2I] (also as an array) and act [R, I] for
+    R = min(T, MLP_ROWS) rows a call, then R, the positions and the rope tables' (cos, sin) by
+    layer type, and last the arrays behind the addresses (kept alive with the step)."""
+    pos = meta.positions
+    if pos.dtype != np.int64 or pos.ndim != 1:
+        raise ValueError("positions must be int64, one per row")
+    T, e = pos.shape[0], np.empty
+    R = min(T, MLP_ROWS)
+    h, qkv, att = e((T, w.C), np.float32), e((T, w.qkv), np.float32), e((T, w.att), np.float32)
+    gate_up, act = e((R, 2 * w.inter), np.float32), e((R, w.inter), np.float32)
+    rope_p = {kind: (addr(cos), addr(sin)) for kind, (cos, sin) in rope.items()}
+    keep = (h, att, act, pos)
+    s = (addr(h), qkv, addr(qkv), addr(att), gate_up, addr(gate_up), addr(act), R, addr(pos), rope_p, keep)
+    meta.scratch[w] = s
+    return s
 
 
 class LlamaStage:
@@ -133,108 +250,13 @@ class LlamaStage:
             raise InvalidInputError(
                 f"position {int(meta.positions.max())} is past the model's {self.cfg.max_position}"
             )
-        plan = self._decode_plan() if self.fast_decode else None
-        if plan is not None:
-            self._fast_layers(x, plan, meta)  # x is updated in place
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer.forward(x, self.rope, meta, i)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward(x, self.rope, meta, i)
         if self.norm is None or self.lm_head is None:
             return x
         return self.lm_head(self.norm(x[meta.sample_rows]))
 
     __call__ = forward
-
-    # Plain Llama layers (no biases but q|k|v's, no q/k norms, SiLU, norm offset 0: SmolLM2, Llama,
-    # Mistral, TinyLlama, Qwen2) run each layer as ten native calls on raw pointers into buffers made once per
-    # step: the same kernels in the same order as the layer objects above (bit for bit the same
-    # result), without the per-op Python overhead (~80 us a layer at batch 1, a fifth of a
-    # step). Anything else takes the layer objects. `fast_decode = False` turns it off (tests
-    # compare the two).
-    fast_decode = True
-    _plan: list[_LayerPlan] | None = None
-    _plan_built = False
-
-    def _decode_plan(self) -> list[_LayerPlan] | None:
-        """Per layer what the fast path calls, or None when some layer does not qualify."""
-        if not self._plan_built:
-            entries = [_LayerPlan.of(layer, self.cfg) for layer in self.layers]
-            self._plan = None if any(e is None for e in entries) else entries  # type: ignore[assignment]
-            self._plan_built = True
-        return self._plan
-
-    def _fast_layers(self, x: np.ndarray, plan: list[_LayerPlan], meta: BatchMeta) -> None:
-        T, C = x.shape
-        cfg = self.cfg
-        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        n_qkv, n_i = (nh + 2 * nkv) * hd, cfg.intermediate_size  # checked by _LayerPlan.of
-        e, R = np.empty, min(T, MLP_ROWS)  # the MLP runs R rows a call (see MLP_ROWS)
-        h, qkv, att = e((T, C), np.float32), e((T, n_qkv), np.float32), e((T, nh * hd), np.float32)
-        gu, act = e((R, 2 * n_i), np.float32), e((R, n_i), np.float32)
-        xp, hp, qp, ap, gp, up = (addr(t) for t in (x, h, qkv, att, gu, act))
-        pos = meta.positions
-        if pos.dtype != np.int64 or pos.shape != (T,):
-            raise ValueError("positions must be int64, one per row")
-        pp = addr(pos)
-        tables = {k: (addr(cos), addr(sin)) for k, (cos, sin) in self.rope.items()}
-        norm, rope, silu = _qk.rms_norm, _qk.rope, _qk.silu_mul
-        for i, p in enumerate(plan):
-            norm(xp, p.norm1, hp, T, C, p.eps1, 0.0)
-            p.qkv.run(hp, T, qp)
-            if p.qkv_bias is not None:  # Qwen2: as QLinear.forward adds it, after the matmul
-                qkv += p.qkv_bias
-            cos, sin = tables[p.rope_kind]
-            rope(qp, T, n_qkv, nh + nkv, hd, pp, cos, sin)  # q and k heads, in place
-            meta.attention(p.window).run(i, qp, n_qkv, nh, ap, p.scale)  # writes k/v rows, attends
-            p.o.run(ap, T, xp, True)  # x += o(attn)
-            norm(xp, p.norm2, hp, T, C, p.eps2, 0.0)
-            for r in range(0, T, R):  # rows [r, r + n): x += down(silu(gate) * up)
-                n, off = min(R, T - r), 4 * r * C
-                p.gate_up.run(hp + off, n, gp)
-                silu(gp, up, n, n_i)
-                p.down.run(up, n, xp + off, True)
-
-
-class _LayerPlan(NamedTuple):
-    """One plain Llama layer as the decode fast path calls it: norm weight pointers, the native
-    matmul plans, the attention window and scale, the rope table."""
-
-    norm1: int
-    eps1: float
-    qkv: Any  # _qk.Plan
-    o: Any
-    norm2: int
-    eps2: float
-    gate_up: Any
-    down: Any
-    window: int | None
-    scale: float
-    rope_kind: str
-    qkv_bias: np.ndarray | None  # q|k|v biases (Qwen2), added after the projection
-
-    @classmethod
-    def of(cls, layer: object, cfg: ModelConfig) -> _LayerPlan | None:
-        if type(layer) is not LlamaLayer:
-            return None
-        a, m = layer.self_attn, layer.mlp
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-        lins = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-        n_qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        shapes = (a.qkv_proj.out_features, m.gate_up_proj.out_features)
-        if (
-            a.q_norm is not None
-            or m.act != "silu"
-            or n1.offset
-            or n2.offset
-            or any(lin.bias is not None for lin in lins[1:])
-            or shapes != (n_qkv, 2 * cfg.intermediate_size)
-        ):
-            return None
-        scale = a.scale if a.scale is not None else a.hd**-0.5
-        return cls(
-            addr(n1.weight), n1.eps, a.qkv_proj.plan, a.o_proj.plan, addr(n2.weight), n2.eps,
-            m.gate_up_proj.plan, m.down_proj.plan, a.window, float(scale), a.rope_kind, a.qkv_proj.bias,
-        )  # fmt: skip
 
 
 def end_shapes(cfg: ModelConfig, shard: Shard) -> dict[str, tuple[int, ...]]:
