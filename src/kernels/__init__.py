@@ -282,20 +282,7 @@ class PagedAttention:
         self.starts = (
             np.maximum(self.lengths - window, 0) if window is not None else np.zeros_like(self.lengths)
         )
-        # what every layer's call shares, taken once per step (each layer then adds only its own)
-        isz = 4
-        strides = [s // isz for s in k_pool.strides]
-        self._layer_stride = strides[1]
-        self._pools = (addr(k_pool), addr(v_pool), strides[0])
-        self._seqs = (
-            strides[2],
-            self.bs,
-            addr(self.tables),
-            self.tables.shape[1],
-            addr(self.lengths),
-            addr(self.starts),
-            self.B,
-        )
+        self._kv = _qk.PagedKV(k_pool, v_pool, self.tables, self.lengths, self.starts)  # native, per step
 
     def __call__(self, layer: int, qkv: np.ndarray, n_heads: int, scale: float | None = None) -> np.ndarray:
         """qkv: fp32 [B, (n_heads + 2 n_kv) hd], one fused projection (q heads, then k, then v)
@@ -318,25 +305,9 @@ class PagedAttention:
     ) -> None:
         """The same call on raw pointers, for a caller that checked the shapes once per step:
         rows 0..B-1 of a contiguous fp32 q|k|v projection [B, row_stride] at `qkv_ptr` (q: n_heads
-        heads, then n_kv of k and of v) -> out [B, n_heads, hd] at `out_ptr`."""
-        hd, nkv = self.hd, self.n_kv
-        if not 0 <= layer < self.n_layers or row_stride != (n_heads + 2 * nkv) * hd:
-            raise ValueError(f"layer {layer} / row stride {row_stride} do not match the pool")
-        _qk.attend_decode(
-            qkv_ptr,
-            qkv_ptr + 4 * n_heads * hd,
-            qkv_ptr + 4 * (n_heads + nkv) * hd,
-            row_stride,
-            0,
-            out_ptr,
-            *self._pools,
-            layer * self._layer_stride,
-            *self._seqs,
-            n_heads,
-            nkv,
-            hd,
-            scale,
-        )
+        heads, then n_kv of k and of v) -> out [B, n_heads, hd] at `out_ptr`. A layer outside the
+        pool or a row stride that is not (n_heads + 2 n_kv) hd raises ValueError."""
+        self._kv.attend(layer, qkv_ptr, row_stride, n_heads, out_ptr, scale)
 
 
 class QLinear:

@@ -1,20 +1,18 @@
-// pipeserve.kernels._qk: matrix x (small) matrix products on GGUF-quantized weights, fp32
-// activations. The Python side (kernels/__init__.py) owns the weight bytes and builds one `Plan`
-// per linear layer (several row segments, possibly of different types, e.g. fused q|k|v); a call
-// runs the plan on x [T, K] into y [T, N] on the process's thread pool. The SIMD path is chosen
-// at import from the CPU (avx512 > avx2 > generic) and can be forced with set_isa() for tests.
+// pipeserve.kernels._qk, the Python binding of the kernels: matrix x (small) matrix products on
+// GGUF-quantized weights, fp32 activations. The Python side (kernels/__init__.py) owns the weight
+// bytes and builds one `Plan` per linear layer (several row segments, possibly of different types,
+// e.g. fused q|k|v); a call runs the plan on x [T, K] into y [T, N] on the process's thread pool
+// (qk_pool.h). A `PagedKV` is one step's view of a paged KV cache, for attention. The SIMD path is
+// chosen at import from the CPU (avx512 > avx2 > generic) and can be forced with set_isa() for tests.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <mutex>
-#include <shared_mutex>
+#include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
+#include "qk_pool.h"
 #include "qk_q8.h"
 #include "qk_types.h"
 
@@ -102,146 +100,6 @@ static GeluRowFn gelu_tanh_for() {
   return generic::gelu_tanh_row;
 }
 
-// ---------------------------------------------------------------- thread pool
-// Workers spin briefly after each task (calls come every few microseconds inside a forward) and
-// then sleep on a condition variable, so an idle node or one waiting on the network costs no CPU.
-struct Task {
-  std::vector<Job>* jobs = nullptr;
-  Isa isa = ISA_GENERIC;  // the path these jobs run on (Plan_run: call_isa)
-  const std::vector<int64_t>* items = nullptr;  // triples (job index, r0, r1)
-  // or, instead of jobs: fn(ctx, i) for i in [0, n_items) (attention, elementwise ops)
-  void (*fn)(void* ctx, int64_t i) = nullptr;
-  void* ctx = nullptr;
-  int64_t n_items = 0;
-  std::atomic<int64_t> next{0};
-};
-
-class Pool {
- public:
-  explicit Pool(int n) : n_(n < 1 ? 1 : n) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
-      gen_.fetch_add(1);
-    }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-  int size() const { return n_; }
-  std::mutex& busy() { return busy_; }
-  float* scratch(int tid, int64_t floats) {
-    if ((int64_t)scratch_[tid].size() < floats) scratch_[tid].resize(floats);
-    return scratch_[tid].data();
-  }
-  void prepare(int64_t floats) {  // scratch for every thread, allocated before workers start
-    scratch_.resize(n_);
-    for (int i = 0; i < n_; ++i) scratch(i, floats);
-  }
-  void run(Task* task, int n_threads) {
-    if (n_threads > n_) n_threads = n_;
-    active_ = n_threads;
-    if (n_threads > 1) {
-      task_ = task;
-      done_.store(0);
-      gen_.fetch_add(1, std::memory_order_seq_cst);
-      if (sleeping_.load(std::memory_order_seq_cst) > 0) {
-        std::lock_guard<std::mutex> lk(m_);
-        cv_.notify_all();
-      }
-    }
-    work(task, 0);
-    if (n_threads > 1)
-      while (done_.load(std::memory_order_acquire) < n_ - 1) cpu_relax();
-  }
-
- private:
-  static inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-  void work(Task* t, int tid) {
-    if (tid >= active_) return;
-    if (t->fn) {
-      for (;;) {
-        const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
-        if (i >= t->n_items) return;
-        t->fn(t->ctx, i);
-      }
-    }
-    const int64_t n_items = (int64_t)t->items->size() / 3;
-    for (;;) {
-      const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n_items) break;
-      const int64_t* it = t->items->data() + 3 * i;
-      Job jb = (*t->jobs)[it[0]];
-      jb.scratch = scratch_[tid].data();
-      rows_for(jb.type, t->isa)(jb, it[1], it[2]);
-    }
-  }
-  void loop(int tid) {
-    uint64_t seen = 0;  // gen_ starts at 0; reading it here could miss a task posted before we ran
-    for (;;) {
-      auto t0 = std::chrono::steady_clock::now();
-      int spins = 0;
-      while (gen_.load(std::memory_order_acquire) == seen) {
-        cpu_relax();
-        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
-          std::unique_lock<std::mutex> lk(m_);
-          sleeping_.fetch_add(1);
-          cv_.wait(lk, [&] { return gen_.load() != seen; });
-          sleeping_.fetch_sub(1);
-        }
-      }
-      seen = gen_.load();
-      if (stop_) return;
-      work(task_, tid);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  int n_;
-  std::vector<std::thread> workers_;
-  std::vector<std::vector<float>> scratch_;
-  std::mutex m_, busy_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> done_{0}, sleeping_{0};
-  Task* task_ = nullptr;
-  int active_ = 1;
-  bool stop_ = false;
-};
-
-static Pool* g_pool = nullptr;
-static int64_t g_scratch_floats = 1 << 17;
-// Calls using the pool hold this shared (an uncontended atomic); set_threads holds it exclusively,
-// without the GIL, so a resize waits for calls in flight and never races a caller that has read g_pool.
-static std::shared_mutex g_pool_rw;
-
-static void set_pool(int n) {
-  delete g_pool;
-  g_pool = new Pool(n);
-  g_pool->prepare(g_scratch_floats);
-}
-
-// Runs fn(ctx, i) for i in [0, n) on the pool (inline when another thread holds it, or n == 1).
-static void parallel_for(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
-  std::shared_lock<std::shared_mutex> use(g_pool_rw);
-  std::unique_lock<std::mutex> lk(g_pool->busy(), std::try_to_lock);
-  if (!lk.owns_lock() || n < 2 || g_pool->size() == 1) {
-    for (int64_t i = 0; i < n; ++i) fn(ctx, i);
-    return;
-  }
-  Task task;
-  task.fn = fn;
-  task.ctx = ctx;
-  task.n_items = n;
-  g_pool->run(&task, g_pool->size());
-}
-
 // ---------------------------------------------------------------- Plan
 struct Segment {
   const uint8_t* w;
@@ -290,15 +148,9 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
     self->int8_ok = self->int8_ok && q8::supports(type, K);
   }
   Py_DECREF(fast);
-  if (34 * K > g_scratch_floats) {  // a panel of up to 32 rows [K][32] and one row (qk_simd.h)
+  if (34 * K > pool::scratch_floats()) {  // a panel of up to 32 rows [K][32] and one row (qk_simd.h)
     Py_BEGIN_ALLOW_THREADS
-    {
-      std::unique_lock<std::shared_mutex> change(g_pool_rw);  // the scratch is not in use while it grows
-      if (34 * K > g_scratch_floats) {
-        g_scratch_floats = 34 * K;
-        if (g_pool) g_pool->prepare(g_scratch_floats);
-      }
-    }
+    pool::reserve_scratch(34 * K);
     Py_END_ALLOW_THREADS
   }
   return 0;
@@ -325,12 +177,8 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     std::vector<q8::Seg> segs;
     for (const Segment& s : *self->segs) segs.push_back({s.w, s.type, s.rows, s.row_bytes});
     Py_BEGIN_ALLOW_THREADS
-    int threads;
-    {
-      std::shared_lock<std::shared_mutex> use(g_pool_rw);
-      threads = g_pool->size();
-    }
-    q8::run(segs.data(), (int)segs.size(), self->K, x, T, y, self->N, accumulate, g_isa, threads, parallel_for);
+    q8::run(segs.data(), (int)segs.size(), self->K, x, T, y, self->N, accumulate, g_isa, pool::size(),
+            pool::parallel_for);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
   }
@@ -354,11 +202,9 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     make_xt(x, T, K, cw, xt.data());
   }
   std::vector<Job> jobs;
-  std::vector<int64_t> items;
-  std::shared_lock<std::shared_mutex> use(g_pool_rw);
-  std::unique_lock<std::mutex> lk(g_pool->busy(), std::try_to_lock);
-  // Another thread of this process is computing: run this call alone rather than wait.
-  const int threads = lk.owns_lock() ? g_pool->size() : 1;
+  std::vector<int64_t> items;  // triples (job index, r0, r1)
+  pool::Use use;  // all the pool's threads, or 1 while another thread of this process computes
+  const int threads = use.threads();
   int64_t col = 0;
   for (const Segment& s : *self->segs) {
     Job jb{s.type, s.w, s.row_bytes, K, x, xsum.empty() ? nullptr : xsum.data(), T, y + col, self->N, nullptr,
@@ -380,20 +226,20 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     }
     col += s.rows;
   }
-  if (lk.owns_lock()) {
-    Task task;
-    task.jobs = &jobs;
-    task.items = &items;
-    task.isa = isa;
-    g_pool->run(&task, threads);
-  } else {
-    std::vector<float> scratch(34 * K);
-    for (size_t i = 0; i < items.size(); i += 3) {
-      Job jb = jobs[items[i]];
-      jb.scratch = scratch.data();
-      rows_for(jb.type, isa)(jb, items[i + 1], items[i + 2]);
-    }
-  }
+  struct Call {
+    const std::vector<Job>* jobs;
+    const int64_t* items;
+    Isa isa;
+  } call{&jobs, items.data(), isa};
+  use.run(
+      [](void* c, int64_t i, float* scratch) {
+        const Call& k = *(const Call*)c;
+        const int64_t* it = k.items + 3 * i;
+        Job jb = (*k.jobs)[it[0]];
+        jb.scratch = scratch;
+        rows_for(jb.type, k.isa)(jb, it[1], it[2]);
+      },
+      &call, (int64_t)items.size() / 3, 34 * K);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -476,20 +322,12 @@ static PyObject* py_set_threads(PyObject*, PyObject* arg) {
   // set_threads itself (several in-process nodes start at once); waiting with the GIL held would
   // deadlock against their return into Python.
   Py_BEGIN_ALLOW_THREADS
-  {
-    std::unique_lock<std::shared_mutex> change(g_pool_rw);  // no call in flight while the pool changes
-    if (n != g_pool->size()) {
-      Pool* old = g_pool;
-      g_pool = new Pool((int)n);
-      g_pool->prepare(g_scratch_floats);
-      delete old;
-    }
-  }
+  pool::resize((int)n);  // no call in flight while the pool changes
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
 
-static PyObject* py_get_threads(PyObject*, PyObject*) { return PyLong_FromLong(g_pool->size()); }
+static PyObject* py_get_threads(PyObject*, PyObject*) { return PyLong_FromLong(pool::size()); }
 
 // dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr): out[n, K] = rows `ids` as fp32.
 static PyObject* py_dequant_rows(PyObject*, PyObject* args) {
@@ -543,7 +381,7 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   if (T * I < 16384) {
     ctx.fn(gu, y, T, I);
   } else {
-    parallel_for(
+    pool::parallel_for(
         [](void* c, int64_t i) {
           const Ctx& x = *(const Ctx*)c;
           const int64_t t0 = i * x.step, n = t0 + x.step < x.T ? x.step : x.T - t0;
@@ -555,99 +393,174 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   Py_RETURN_NONE;
 }
 
-// attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, layer_offset, head_stride, bs,
-//               tables, max_blocks, lengths, starts, B, nh, nkv, hd, scale):
-// B single-token sequences over a paged KV cache. q, k, v: their rows in the batch (q/k/v heads of row
-// rows[b], or of row b when rows is 0), `row_stride` floats apart; out [B, nh, hd]. The pools are
-// fp32 [n_blocks, ...]: block i of this layer starts at pool + i * block_stride + layer_offset
-// (floats), kv head j's bs rows at + j * head_stride. tables: int64 [B, max_blocks] block ids;
-// lengths: int64 [B] (the new token is at position lengths[b] - 1; its k/v rows are written
-// first); starts: int64 [B] first position attended (0, or the sliding window's start).
-static PyObject* py_attend_decode(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 21) {
-    PyErr_SetString(PyExc_TypeError, "attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, "
-                                     "layer_offset, head_stride, bs, tables, max_blocks, lengths, starts, B, nh, nkv, hd, scale)");
-    return nullptr;
+// ---------------------------------------------------------------- PagedKV
+// One step's paged KV cache as attention writes and reads it. The pools are fp32 [n_blocks, layers,
+// n_kv, bs, hd]; batch row b owns the blocks tables[b] (int64 [B, max_blocks], in position order),
+// its new token sits at position lengths[b] - 1 and it attends to positions [starts[b],
+// lengths[b]) (starts: 0, or where a sliding window begins). All in floats and rows of int64.
+struct PagedKV {
+  float *k_pool, *v_pool;
+  int64_t n_layers, n_kv, bs, hd;
+  int64_t block_stride, layer_stride, head_stride;  // floats
+  const int64_t *tables, *lengths, *starts;
+  int64_t max_blocks, B;
+};
+
+// Row b of qkv (fp32, rows row_stride floats apart: nh q heads, then n_kv k heads, n_kv v heads)
+// first writes its k/v at position lengths[b] - 1 of its blocks in `layer`; then the rows attend,
+// in parallel -> out [B, nh, hd]. Written first, rows that share a block table see each other's
+// keys: a prefill chunk of t tokens is t rows over one table with lengths start+1 .. start+t.
+static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int64_t row_stride, int64_t nh,
+                         float* out, float scale) {
+  const int64_t hd = kv.hd, layer_offset = layer * kv.layer_stride;
+  const float *k = qkv + nh * hd, *v = qkv + (nh + kv.n_kv) * hd;
+  for (int64_t b = 0; b < kv.B; ++b) {
+    const int64_t p = kv.lengths[b] - 1;
+    const int64_t off = kv.tables[b * kv.max_blocks + p / kv.bs] * kv.block_stride + layer_offset + (p % kv.bs) * hd;
+    for (int64_t j = 0; j < kv.n_kv; ++j) {
+      memcpy(kv.k_pool + off + j * kv.head_stride, k + b * row_stride + j * hd, hd * sizeof(float));
+      memcpy(kv.v_pool + off + j * kv.head_stride, v + b * row_stride + j * hd, hd * sizeof(float));
+    }
   }
   struct Ctx {
-    const float *q, *k, *v;
-    int64_t row_stride;
-    const int64_t* rows;
+    const PagedKV* kv;
+    const float* q;
+    int64_t row_stride, nh, layer_offset;
     float* out;
-    float *k_pool, *v_pool;
-    int64_t block_stride, layer_offset, head_stride, bs;
-    const int64_t *tables;
-    int64_t max_blocks;
-    const int64_t *lengths, *starts;
-    int64_t B, nh, nkv, hd;
     float scale;
-  } c;
-  c.q = (const float*)PyLong_AsUnsignedLongLong(args[0]);
-  c.k = (const float*)PyLong_AsUnsignedLongLong(args[1]);
-  c.v = (const float*)PyLong_AsUnsignedLongLong(args[2]);
-  c.row_stride = PyLong_AsLongLong(args[3]);
-  c.rows = (const int64_t*)PyLong_AsUnsignedLongLong(args[4]);
-  c.out = (float*)PyLong_AsUnsignedLongLong(args[5]);
-  c.k_pool = (float*)PyLong_AsUnsignedLongLong(args[6]);
-  c.v_pool = (float*)PyLong_AsUnsignedLongLong(args[7]);
-  c.block_stride = PyLong_AsLongLong(args[8]);
-  c.layer_offset = PyLong_AsLongLong(args[9]);
-  c.head_stride = PyLong_AsLongLong(args[10]);
-  c.bs = PyLong_AsLongLong(args[11]);
-  c.tables = (const int64_t*)PyLong_AsUnsignedLongLong(args[12]);
-  c.max_blocks = PyLong_AsLongLong(args[13]);
-  c.lengths = (const int64_t*)PyLong_AsUnsignedLongLong(args[14]);
-  c.starts = (const int64_t*)PyLong_AsUnsignedLongLong(args[15]);
-  c.B = PyLong_AsLongLong(args[16]);
-  c.nh = PyLong_AsLongLong(args[17]);
-  c.nkv = PyLong_AsLongLong(args[18]);
-  c.hd = PyLong_AsLongLong(args[19]);
-  c.scale = (float)PyFloat_AsDouble(args[20]);
-  if (PyErr_Occurred()) return nullptr;
-  if (c.nkv <= 0 || c.nh % c.nkv || c.bs <= 0) {
-    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads (block size %lld)",
-                 (long long)c.nh, (long long)c.nkv, (long long)c.bs);
-    return nullptr;
-  }
-  for (int64_t b = 0; b < c.B; ++b) {
-    const int64_t L = c.lengths[b], s0 = c.starts[b];
-    if (L <= 0 || L > c.max_blocks * c.bs || s0 < 0 || s0 >= L) {
-      PyErr_Format(PyExc_ValueError, "sequence %lld: length %lld / start %lld do not fit %lld blocks of %lld",
-                   (long long)b, (long long)L, (long long)s0, (long long)c.max_blocks, (long long)c.bs);
-      return nullptr;
-    }
-  }
-  Py_BEGIN_ALLOW_THREADS
-  // First every row's new k/v goes to position lengths[b] - 1 of its blocks, then the rows attend
-  // (in parallel). Written first, rows that share a block table see each other's keys: a prefill
-  // chunk of t tokens is t rows over the same table with lengths start+1 .. start+t (causal).
-  for (int64_t b = 0; b < c.B; ++b) {
-    const int64_t r = c.rows ? c.rows[b] : b, p = c.lengths[b] - 1;
-    const int64_t off = c.tables[b * c.max_blocks + p / c.bs] * c.block_stride + c.layer_offset + (p % c.bs) * c.hd;
-    for (int64_t j = 0; j < c.nkv; ++j) {
-      memcpy(c.k_pool + off + j * c.head_stride, c.k + r * c.row_stride + j * c.hd, c.hd * sizeof(float));
-      memcpy(c.v_pool + off + j * c.head_stride, c.v + r * c.row_stride + j * c.hd, c.hd * sizeof(float));
-    }
-  }
-  parallel_for(
+    AttendFn attend;
+  } c{&kv, qkv, row_stride, nh, layer_offset, out, scale, attend_for(hd)};
+  pool::parallel_for(
       [](void* p, int64_t b) {
         const Ctx& x = *(const Ctx*)p;
-        const int64_t r = x.rows ? x.rows[b] : b, L = x.lengths[b], s0 = x.starts[b];
-        const int64_t* table = x.tables + b * x.max_blocks;
-        const int64_t nblk = (L + x.bs - 1) / x.bs;
+        const PagedKV& kv = *x.kv;
+        const int64_t L = kv.lengths[b], s0 = kv.starts[b];
+        const int64_t* table = kv.tables + b * kv.max_blocks;
+        const int64_t nblk = (L + kv.bs - 1) / kv.bs;
         std::vector<const float*> kb(nblk), vb(nblk);
         for (int64_t j = 0; j < nblk; ++j) {
-          kb[j] = x.k_pool + table[j] * x.block_stride + x.layer_offset;
-          vb[j] = x.v_pool + table[j] * x.block_stride + x.layer_offset;
+          kb[j] = kv.k_pool + table[j] * kv.block_stride + x.layer_offset;
+          vb[j] = kv.v_pool + table[j] * kv.block_stride + x.layer_offset;
         }
         std::vector<float> scores(x.nh * (L - s0));
-        attend_for(x.hd)(x.q + r * x.row_stride, x.out + b * x.nh * x.hd, kb.data(), vb.data(), x.bs, x.head_stride,
-                         s0, L, x.nh, x.nkv, x.hd, x.scale, scores.data());
+        x.attend(x.q + b * x.row_stride, x.out + b * x.nh * kv.hd, kb.data(), vb.data(), kv.bs, kv.head_stride, s0, L,
+                 x.nh, kv.n_kv, kv.hd, x.scale, scores.data());
       },
-      &c, c.B);
+      &c, kv.B);
+}
+
+typedef struct {
+  PyObject_HEAD
+  PagedKV kv;
+  Py_buffer views[5];  // k_pool, v_pool, tables, lengths, starts: held while the object lives
+  int n_views;
+} PagedKVObject;
+
+// A C-contiguous buffer of `ndim` dimensions of fp32 (itemsize 4, format "f") or int64 (8, "l"/"q").
+static bool get_view(PyObject* obj, Py_buffer* view, int ndim, bool fp32, bool writable, const char* name) {
+  if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) != 0)
+    return false;
+  const char f = view->format ? view->format[view->format[0] == '<' || view->format[0] == '=' ? 1 : 0] : 'B';
+  const bool ok = fp32 ? (view->itemsize == 4 && f == 'f') : (view->itemsize == 8 && (f == 'l' || f == 'q'));
+  if (view->ndim != ndim || !ok) {
+    PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous %s array of %d dimensions", name,
+                 fp32 ? "float32" : "int64", ndim);
+    PyBuffer_Release(view);
+    return false;
+  }
+  return true;
+}
+
+static void PagedKV_dealloc(PagedKVObject* self) {
+  for (int i = 0; i < self->n_views; ++i) PyBuffer_Release(&self->views[i]);
+  Py_TYPE(self)->tp_free((PyObject*)self);
+}
+
+// PagedKV(k_pool, v_pool, tables, lengths, starts): the arrays themselves (see struct PagedKV).
+static int PagedKV_init(PagedKVObject* self, PyObject* args, PyObject*) {
+  PyObject *k, *v, *tables, *lengths, *starts;
+  if (!PyArg_ParseTuple(args, "OOOOO", &k, &v, &tables, &lengths, &starts)) return -1;
+  for (int i = 0; i < self->n_views; ++i) PyBuffer_Release(&self->views[i]);
+  self->n_views = 0;
+  const struct {
+    PyObject* obj;
+    int ndim;
+    bool pool;  // fp32 and written to; the others are int64, read
+    const char* name;
+  } arrays[5] = {{k, 5, true, "k_pool"}, {v, 5, true, "v_pool"}, {tables, 2, false, "tables"},
+                 {lengths, 1, false, "lengths"}, {starts, 1, false, "starts"}};
+  for (int i = 0; i < 5; ++i) {
+    const auto& a = arrays[i];
+    if (!get_view(a.obj, &self->views[i], a.ndim, a.pool, a.pool, a.name)) return -1;
+    self->n_views = i + 1;
+  }
+  const Py_buffer* w = self->views;
+  const Py_ssize_t* sh = w[0].shape;  // [n_blocks, layers, n_kv, bs, hd]
+  const int64_t B = w[2].shape[0], max_blocks = w[2].shape[1];
+  if (memcmp(sh, w[1].shape, 5 * sizeof(Py_ssize_t)) != 0 || w[3].shape[0] != B || w[4].shape[0] != B ||
+      sh[2] <= 0 || sh[3] <= 0) {
+    PyErr_SetString(PyExc_ValueError, "k and v pools, tables, lengths and starts do not agree in shape");
+    return -1;
+  }
+  PagedKV& kv = self->kv;
+  kv = {(float*)w[0].buf, (float*)w[1].buf, sh[1], sh[2], sh[3], sh[4], sh[1] * sh[2] * sh[3] * sh[4],
+        sh[2] * sh[3] * sh[4], sh[3] * sh[4], (const int64_t*)w[2].buf, (const int64_t*)w[3].buf,
+        (const int64_t*)w[4].buf, max_blocks, B};
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = kv.lengths[b], s0 = kv.starts[b];
+    if (L <= 0 || L > max_blocks * kv.bs || s0 < 0 || s0 >= L) {
+      PyErr_Format(PyExc_ValueError, "sequence %lld: length %lld / start %lld do not fit %lld blocks of %lld",
+                   (long long)b, (long long)L, (long long)s0, (long long)max_blocks, (long long)kv.bs);
+      return -1;
+    }
+  }
+  return 0;
+}
+
+// attend(layer, qkv_ptr, row_stride, n_heads, out_ptr, scale): paged_attend on this step's cache.
+static PyObject* PagedKV_attend(PagedKVObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError, "attend(layer, qkv_ptr, row_stride, n_heads, out_ptr, scale)");
+    return nullptr;
+  }
+  const long long layer = PyLong_AsLongLong(args[0]);
+  const float* qkv = (const float*)PyLong_AsUnsignedLongLong(args[1]);
+  const long long row_stride = PyLong_AsLongLong(args[2]), nh = PyLong_AsLongLong(args[3]);
+  float* out = (float*)PyLong_AsUnsignedLongLong(args[4]);
+  const float scale = (float)PyFloat_AsDouble(args[5]);
+  if (PyErr_Occurred()) return nullptr;
+  const PagedKV& kv = self->kv;
+  if (self->n_views != 5) {
+    PyErr_SetString(PyExc_ValueError, "PagedKV was not initialized");
+    return nullptr;
+  }
+  if (nh <= 0 || nh % kv.n_kv) {
+    PyErr_Format(PyExc_ValueError, "%lld query heads do not group over %lld kv heads", nh, (long long)kv.n_kv);
+    return nullptr;
+  }
+  if (layer < 0 || layer >= kv.n_layers || row_stride != (nh + 2 * kv.n_kv) * kv.hd) {
+    PyErr_Format(PyExc_ValueError, "layer %lld / row stride %lld do not match the pool", layer, row_stride);
+    return nullptr;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  paged_attend(kv, layer, qkv, row_stride, nh, out, scale);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
+
+static PyMethodDef PagedKV_methods[] = {
+    {"attend", (PyCFunction)(void (*)(void))PagedKV_attend, METH_FASTCALL,
+     "attend(layer, qkv_ptr, row_stride, n_heads, out_ptr, scale): write every row's k/v, then attend"},
+    {nullptr, nullptr, 0, nullptr}};
+static PyType_Slot PagedKV_slots[] = {
+    {Py_tp_init, (void*)PagedKV_init},
+    {Py_tp_dealloc, (void*)PagedKV_dealloc},
+    {Py_tp_methods, (void*)PagedKV_methods},
+    {Py_tp_new, (void*)PyType_GenericNew},
+    {Py_tp_doc, (void*)"PagedKV(k_pool, v_pool, tables, lengths, starts): one step's paged KV cache."},
+    {0, nullptr}};
+static PyType_Spec PagedKV_spec = {"pipeserve.kernels._qk.PagedKV", sizeof(PagedKVObject), 0, Py_TPFLAGS_DEFAULT,
+                                   PagedKV_slots};
 
 // addr(buffer): the address of a C-contiguous buffer (a numpy array): what the kernels take as
 // x_ptr etc. (numpy's own `.ctypes.data` costs ~5 us a call; this ~0.1 us).
@@ -689,7 +602,7 @@ static PyObject* py_gelu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   c.tanh_row = gelu_tanh_for();
   if (PyErr_Occurred()) return nullptr;
   Py_BEGIN_ALLOW_THREADS
-  parallel_for(
+  pool::parallel_for(
       [](void* p, int64_t t) {
         const Ctx& c = *(const Ctx*)p;
         const float* x = c.x + t * c.xs;
@@ -756,8 +669,8 @@ static PyObject* py_probe(PyObject*, PyObject* args) {
   double best = 1e30, units = 0;
   std::vector<float> buf;
   Py_BEGIN_ALLOW_THREADS
-  std::shared_lock<std::shared_mutex> use(g_pool_rw);
-  const int nt = g_pool->size();
+  pool::Use use;
+  const int nt = use.threads();
   if (k == "read") {
     const int64_t floats = n / 4 / (nt * 4 * lanes) * (nt * 4 * lanes);
     buf.assign(floats, 1.f);
@@ -770,19 +683,12 @@ static PyObject* py_probe(PyObject*, PyObject* args) {
   }
   for (int pass = 0; pass < 3; ++pass) {
     const auto t0 = std::chrono::steady_clock::now();
-    auto body = [](void* p, int64_t i) {
-      Ctx& x = *(Ctx*)p;
-      x.sink[i % 256] = x.p ? x.rd(x.p + i * x.per, x.per) : x.fm(x.per);
-    };
-    if (nt == 1) {
-      body(&c, 0);
-    } else {
-      Task task;
-      task.fn = body;
-      task.ctx = &c;
-      task.n_items = nt;
-      g_pool->run(&task, nt);
-    }
+    use.run(
+        [](void* p, int64_t i, float*) {
+          Ctx& x = *(Ctx*)p;
+          x.sink[i % 256] = x.p ? x.rd(x.p + i * x.per, x.per) : x.fm(x.per);
+        },
+        &c, nt, 0);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = dt < best ? dt : best;
   }
@@ -819,9 +725,6 @@ static PyMethodDef module_methods[] = {
     {"dequant_rows", py_dequant_rows, METH_VARARGS, "dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr)"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "rms_norm(x, w, y, T, C, eps, w_offset)"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(gu, y, T, I)"},
-    {"attend_decode", (PyCFunction)(void (*)(void))py_attend_decode, METH_FASTCALL,
-     "attend_decode(q, k, v, row_stride, rows, out, k_pool, v_pool, block_stride, layer_offset, head_stride, bs, tables, "
-     "max_blocks, lengths, starts, B, nh, nkv, hd, scale)"},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, T, row_stride, n_heads, hd, pos, cos, sin)"},
     {"addr", py_addr, METH_O, "addr(buffer) -> the address of a C-contiguous buffer"},
     {"gelu", (PyCFunction)(void (*)(void))py_gelu, METH_FASTCALL,
@@ -841,7 +744,9 @@ PyMODINIT_FUNC PyInit__qk(void) {
   if (!m) return nullptr;
   PyObject* plan = PyType_FromSpec(&Plan_spec);
   if (!plan || PyModule_AddObject(m, "Plan", plan) < 0) return nullptr;
+  PyObject* paged = PyType_FromSpec(&PagedKV_spec);
+  if (!paged || PyModule_AddObject(m, "PagedKV", paged) < 0) return nullptr;
   g_isa = cpu_has(ISA_AVX512) ? ISA_AVX512 : cpu_has(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC;
-  if (!g_pool) set_pool(1);
+  if (pool::size() == 0) pool::resize(1);
   return m;
 }

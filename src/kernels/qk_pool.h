@@ -1,0 +1,179 @@
+// The kernels' thread pool, one per process (included by qk.cpp only). The calling thread and
+// n - 1 workers take the items of a call from an atomic counter, so a slow or descheduled thread
+// does not hold the others. Workers spin briefly after each call (calls come every few microseconds
+// inside a forward), then sleep on a condition variable, so an idle node costs no CPU. Each thread
+// has a scratch buffer (the matmuls dequantize weight panels into it); nothing allocates per call.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <vector>
+
+namespace qk {
+namespace pool {
+
+// One item of a call: fn(ctx, i, scratch), scratch being the running thread's own buffer.
+typedef void (*ItemFn)(void* ctx, int64_t i, float* scratch);
+
+struct Task {
+  ItemFn fn;
+  void* ctx;
+  int64_t n_items;
+  std::atomic<int64_t> next{0};
+};
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n < 1 ? 1 : n), scratch_(n_) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return n_; }
+  std::mutex& busy() { return busy_; }
+  float* scratch(int tid) { return scratch_[tid].data(); }
+  void reserve(int64_t floats) {  // every thread's scratch holds at least `floats`
+    for (auto& s : scratch_)
+      if ((int64_t)s.size() < floats) s.resize(floats);
+  }
+  void run(Task* task) {  // on every thread, the caller's included; returns when all are done
+    task_ = task;
+    done_.store(0);
+    gen_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lk(m_);
+      cv_.notify_all();
+    }
+    work(task, 0);
+    while (done_.load(std::memory_order_acquire) < n_ - 1) cpu_relax();
+  }
+
+ private:
+  static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  void work(Task* t, int tid) {
+    for (;;) {
+      const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= t->n_items) return;
+      t->fn(t->ctx, i, scratch_[tid].data());
+    }
+  }
+  void loop(int tid) {
+    uint64_t seen = 0;  // gen_ starts at 0; reading it here could miss a task posted before we ran
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        cpu_relax();
+        if (++spins % 256 == 0 && std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(100)) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleeping_.fetch_add(1);
+          cv_.wait(lk, [&] { return gen_.load() != seen; });
+          sleeping_.fetch_sub(1);
+        }
+      }
+      seen = gen_.load();
+      if (stop_) return;
+      work(task_, tid);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::vector<std::vector<float>> scratch_;
+  std::mutex m_, busy_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> done_{0}, sleeping_{0};
+  Task* task_ = nullptr;
+  bool stop_ = false;
+};
+
+inline Pool* g_pool = nullptr;
+inline std::atomic<int> g_size{0};
+inline int64_t g_scratch_floats = 1 << 17;  // what every thread's scratch holds (grows with the largest K)
+// Calls hold this shared (an uncontended atomic); a resize holds it exclusively, without the GIL, so
+// it waits for calls in flight and never races a caller that has read g_pool.
+inline std::shared_mutex g_rw;
+
+// A kernel call's use of the pool, for its lifetime: the pool cannot be resized meanwhile, and its
+// threads are the call's unless another thread of the process is computing; then the call runs
+// alone on its own thread (threads() == 1) rather than wait.
+class Use {
+ public:
+  Use() : shared_(g_rw), busy_(g_pool->busy(), std::try_to_lock) {
+    threads_ = busy_.owns_lock() ? g_pool->size() : 1;
+  }
+  int threads() const { return threads_; }
+  // fn(ctx, i, scratch) for i in [0, n); alone or for one item, inline on the caller, with a
+  // scratch of `alone_floats` floats of its own when the pool's is another thread's.
+  void run(ItemFn fn, void* ctx, int64_t n, int64_t alone_floats) {
+    if (threads_ > 1 && n > 1) {
+      Task task{fn, ctx, n};
+      g_pool->run(&task);
+      return;
+    }
+    std::vector<float> own;
+    float* scratch = busy_.owns_lock() ? g_pool->scratch(0) : (own.resize(alone_floats), own.data());
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i, scratch);
+  }
+
+ private:
+  std::shared_lock<std::shared_mutex> shared_;
+  std::unique_lock<std::mutex> busy_;
+  int threads_;
+};
+
+// fn(ctx, i) for i in [0, n) on the pool (inline when another thread holds it, or n == 1): the
+// elementwise ops and attention, whose items need no scratch.
+inline void parallel_for(void (*fn)(void*, int64_t), void* ctx, int64_t n) {
+  struct Call {
+    void (*fn)(void*, int64_t);
+    void* ctx;
+  } call{fn, ctx};
+  Use use;
+  use.run([](void* c, int64_t i, float*) { ((Call*)c)->fn(((Call*)c)->ctx, i); }, &call, n, 0);
+}
+
+inline int size() { return g_size.load(std::memory_order_relaxed); }
+
+// A pool of n threads in place of the old one (waits for calls in flight: call without the GIL).
+inline void resize(int n) {
+  std::unique_lock<std::shared_mutex> change(g_rw);
+  if (g_pool && g_pool->size() == n) return;
+  Pool* fresh = new Pool(n);
+  fresh->reserve(g_scratch_floats);
+  delete g_pool;
+  g_pool = fresh;
+  g_size.store(fresh->size());
+}
+
+// Every thread's scratch holds at least `floats` from now on (waits like resize).
+inline void reserve_scratch(int64_t floats) {
+  std::unique_lock<std::shared_mutex> change(g_rw);  // the scratch is not in use while it grows
+  if (floats > g_scratch_floats) {
+    g_scratch_floats = floats;
+    if (g_pool) g_pool->reserve(floats);
+  }
+}
+
+inline int64_t scratch_floats() { return g_scratch_floats; }
+
+}  // namespace pool
+}  // namespace qk
