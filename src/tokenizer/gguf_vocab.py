@@ -8,6 +8,7 @@ asks, with llama.cpp's defaults where it is silent. Called by core.py for a `.gg
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,21 +136,8 @@ def read_gguf_vocabulary(path: Path) -> Vocabulary:
             "(supported: 'gpt2', byte-level BPE; 'llama', SentencePiece-style BPE)"
         )
 
-    bos_id = field("tokenizer.ggml.bos_token_id")
-    eos_id = field("tokenizer.ggml.eos_token_id")
-    eos_ids = unique_ids([eos_id] + [field(key) for key in _GGUF_EXTRA_EOS_KEYS])
-    for token_id in [bos_id, *eos_ids]:
-        if token_id is not None and not 0 <= token_id < len(tokens):
-            raise ModelFormatError(f"{path}: special token id {token_id} is outside [0, {len(tokens)})")
-    add_bos = bool(field("tokenizer.ggml.add_bos_token", add_bos_default))
-    add_eos = bool(field("tokenizer.ggml.add_eos_token", False))
-    for wanted, token_id, name in ((add_bos, bos_id, "bos"), (add_eos, eos_id, "eos")):
-        if wanted and token_id is None:
-            raise ModelFormatError(
-                f"{path}: tokenizer.ggml.add_{name}_token is true but tokenizer.ggml.{name}_token_id "
-                "is not set"
-            )
-    set_bos_eos_processor(tokenizer, tokens, bos_id if add_bos else None, eos_id if add_eos else None)
+    bos_id, eos_ids, add_bos_eos = _special_ids(path, field, len(tokens), add_bos_default)
+    set_bos_eos_processor(tokenizer, tokens, *add_bos_eos)
     return Vocabulary(
         tokenizer,
         vocab_size=len(tokens),
@@ -158,6 +146,28 @@ def read_gguf_vocabulary(path: Path) -> Vocabulary:
         chat_template=field("tokenizer.chat_template"),
         piece_decoder=piece_decoder,
     )
+
+
+def _special_ids(
+    path: Path, field: Callable[..., Any], n_tokens: int, add_bos_default: bool
+) -> tuple[int | None, list[int], tuple[int | None, int | None]]:
+    """(BOS id, EOS ids, (the BOS and EOS that encoding adds, None where none)): the EOS ids are
+    tokenizer.ggml.eos_token_id and the end-of-turn/-message ids; every id must be in the vocabulary."""
+    bos_id = field("tokenizer.ggml.bos_token_id")
+    eos_id = field("tokenizer.ggml.eos_token_id")
+    eos_ids = unique_ids([eos_id] + [field(key) for key in _GGUF_EXTRA_EOS_KEYS])
+    for token_id in [bos_id, *eos_ids]:
+        if token_id is not None and not 0 <= token_id < n_tokens:
+            raise ModelFormatError(f"{path}: special token id {token_id} is outside [0, {n_tokens})")
+    add_bos = bool(field("tokenizer.ggml.add_bos_token", add_bos_default))
+    add_eos = bool(field("tokenizer.ggml.add_eos_token", False))
+    for wanted, token_id, name in ((add_bos, bos_id, "bos"), (add_eos, eos_id, "eos")):
+        if wanted and token_id is None:
+            raise ModelFormatError(
+                f"{path}: tokenizer.ggml.add_{name}_token is true but tokenizer.ggml.{name}_token_id "
+                "is not set"
+            )
+    return bos_id, eos_ids, (bos_id if add_bos else None, eos_id if add_eos else None)
 
 
 def _pre_splits(path: Path, pre: str) -> tuple[str, ...]:
