@@ -20,12 +20,12 @@ KV = 10 * MiB  # KV pool per layer each node plans
 RUNTIME = 200 * MiB
 
 
-
 def split_layers(*args, **kw):  # type: ignore[no-untyped-def]
     """The split as half-open ranges (the tests compare ranges; the parts are Shards of the model)."""
     shards = split_shards(*args, **kw)
     assert all(s.n_layers == args[0] for s in shards)
     return [s.range for s in shards]
+
 
 def cap(
     part: int, ms: float, limit: int = 8 * GiB, weights: ModelWeights = MODEL, node: str | None = None
