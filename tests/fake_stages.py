@@ -90,32 +90,41 @@ class FakeStage:
         self.pool = KVCachePool(1, 1, 1, self.pool.budget_tokens, self.max_context, self.pool.block_size)
 
     async def compute(
-        self, chunks: list[tuple[str, int, list[int], bool]], hidden: np.ndarray | None
-    ) -> tuple[np.ndarray | None, dict[str, int]]:
-        """One forward over chunks (request id, start, tokens, sample): the hidden rows for the next
-        stage (None on the last) and, on the last, the next token of every chunk that asked."""
+        self, chunks: list[tuple[str, int, list[int], bool, int]], hidden: np.ndarray | None
+    ) -> tuple[np.ndarray | None, dict[str, list[int]]]:
+        """One forward over chunks (request id, start, tokens, sample, n_draft): the hidden rows for
+        the next stage (None on the last) and, on the last, the tokens of every chunk that asked:
+        its next token, or with drafts the accepted ones and the one after (the last stage then
+        forgets the rejected drafts' positions, as a node does)."""
         self._check_up()
         await asyncio.sleep(self.delay_s)
         self._check_up()
         self.forwards += 1
         self.max_batch = max(self.max_batch, len(chunks))
-        if any(t in self.poison for _, _, toks, _ in chunks for t in toks):
+        if any(t in self.poison for _, _, toks, _, _ in chunks for t in toks):
             raise PipeserveError(f"{self.node_id}: kernel assertion failed")
-        seqs = self.pool.reserve([(rid, start, len(toks)) for rid, start, toks, _ in chunks])
+        seqs = self.pool.reserve([(rid, start, len(toks)) for rid, start, toks, _, _ in chunks])
         rows, tokens = [], {}
-        for (rid, start, new, sample), seq in zip(chunks, seqs, strict=True):
+        for (rid, start, new, sample, n_draft), seq in zip(chunks, seqs, strict=True):
             toks = seq.tokens[:start] + list(new)
             for p in range(start, start + len(new)):
                 rows.append([float(prefix_hash(toks[: p + 1])), float(p), float(self.part)])
             if self.is_last and sample:
-                tokens[rid] = next_token(toks)
+                out = []
+                for j in range(n_draft + 1):  # verify: keep the next token while it equals the draft
+                    out.append(next_token(toks[: len(toks) - n_draft + j]))
+                    if j == n_draft or out[-1] != toks[len(toks) - n_draft + j]:
+                        break
+                tokens[rid] = out
         if self.part > 0:  # what the previous stage computed for exactly these positions
             want = np.array(rows, np.float32) - np.array([0.0, 0.0, 1.0], np.float32)
             if hidden is None or hidden.shape != want.shape or not np.array_equal(hidden, want):
-                self.pool.release([rid for rid, _, _, _ in chunks])
+                self.pool.release([rid for rid, _, _, _, _ in chunks])
                 raise PipeserveError(f"{self.node_id}: hidden states do not match")
-        for (_, start, new, _), seq in zip(chunks, seqs, strict=True):
-            self.pool.commit(seq, start, list(new))
+        for (rid, start, new, _, n_draft), seq in zip(chunks, seqs, strict=True):
+            self.pool.commit(seq, start, list(new), n_draft)
+            if rid in tokens:
+                self.pool.truncate(seq, seq.length - n_draft + len(tokens[rid]) - 1)
         return (None if self.is_last else np.array(rows, np.float32)), tokens
 
     async def info(self, host_sharing: int = 0) -> pb.NodeInfo:
@@ -177,7 +186,11 @@ class FakePath:
                 by_node.setdefault(item[0].route[part], []).append(item)
             alive = []
             for node, items in by_node.items():
-                chunks = [(r.id, s, r.tokens[s : s + n], s + n == len(r.tokens)) for r, s, n in items]
+                chunks = [
+                    (r.id, s, r.tokens[s : s + n] + r.draft * last, last, len(r.draft) * last)
+                    for r, s, n in items
+                    for last in [int(s + n == len(r.tokens))]
+                ]
                 rows = np.concatenate([hidden[r.id] for r, _, _ in items]) if part > 0 else None
                 try:
                     out, tokens = await asyncio.wait_for(
@@ -191,14 +204,14 @@ class FakePath:
                 except TimeoutError:
                     continue  # no outcome: the scheduler's step timeout
                 off = 0
-                for item in items:
-                    r, _, n = item
+                for item, (_, _, toks, _, _) in zip(items, chunks, strict=True):
+                    r = item[0]
                     timings[r.id].append(StageTime(part, node.id, 0.1, 0.0, 0))
                     if out is not None:
-                        hidden[r.id] = out[off : off + n]
-                    off += n
+                        hidden[r.id] = out[off : off + len(toks)]
+                    off += len(toks)
                     if r.id in tokens:
-                        outcomes[r.id] = Outcome(True, token=Sampled(tokens[r.id]))
+                        outcomes[r.id] = Outcome(True, tokens=[Sampled(t) for t in tokens[r.id]])
                     alive.append(item)
         for r, _, _ in alive:
             outcomes.setdefault(r.id, Outcome(True))
@@ -240,7 +253,15 @@ class FakeTokenizer:
         for it in items:
             new = list(it.token_ids)[it.read_offset - it.prefix_offset :]
             end = it.prefix_offset + len(it.token_ids)
-            out.append(DecodeResult("".join(map(word, new)), end, end))
+            pieces = [word(t) for t in new]
+            if it.steps > 1:  # one piece per new token (what came before them in the first)
+                pieces = [
+                    "".join(pieces[: len(pieces) - it.steps + 1]),
+                    *pieces[len(pieces) - it.steps + 1 :],
+                ]
+            else:
+                pieces = ["".join(pieces)]
+            out.append(DecodeResult("".join(pieces), end, end, pieces))
         return out
 
     async def close(self) -> None:

@@ -504,6 +504,20 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "max_waiting",
         "micro_batches",
         "micro_batches_reason",
+        "speculative_method",
+        "speculative_max_draft",
+        "speculative",
+    }
+    assert (view["coordinator"]["speculative_method"], view["coordinator"]["speculative_max_draft"]) == (
+        "ngram",
+        7,
+    )
+    assert set(view["coordinator"]["speculative"]) == {
+        "drafted",
+        "accepted",
+        "acceptance_rate",
+        "passes",
+        "tokens_per_pass",
     }
     assert (
         view["coordinator"]["healthy"] is True
@@ -744,3 +758,31 @@ def test_fuzz_no_server_errors(fuzz_schema: Any, method: str, path: str, mode: G
         case.call_and_validate(checks=[not_a_server_error, response_schema_conformance], timeout=30)
 
     check()
+
+
+def test_speculative_decoding_through_the_api(http: httpx.Client) -> None:
+    """A prompt whose answer copies it: the same text with and without drafts (`speculative:
+    false` opts a request out), fewer passes with them, and the counters in /metrics and
+    /api/cluster move."""
+    code = (
+        "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+        "# The same two functions, with type hints:\n"
+    )
+    body = {"prompt": code, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    before = _samples(http)
+    plain = http.post("/v1/completions", json={**body, "speculative": False}).json()
+    spec = http.post("/v1/completions", json=body).json()
+    after = _samples(http)
+    assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert plain["pipeserve"]["speculative"]["drafted"] == 0
+    assert plain["pipeserve"]["speculative"]["tokens_per_pass"] == 1.0
+    sp = spec["pipeserve"]["speculative"]
+    assert sp["accepted"] > 0 and sp["tokens_per_pass"] > 1.0 and 0 < sp["acceptance_rate"] <= 1
+    assert sp["passes"] < 40
+    drafted = after[("pipeserve_spec_draft_tokens", ())] - before.get(("pipeserve_spec_draft_tokens", ()), 0)
+    assert drafted >= sp["drafted"]
+    assert after[("pipeserve_spec_tokens_per_pass", ())] >= 1.0
+    view = http.get("/api/cluster").json()["coordinator"]["speculative"]
+    assert view["accepted"] >= sp["accepted"]
+    bad = http.post("/v1/completions", json={**body, "speculative": "sometimes"})
+    assert bad.status_code == 422 and "speculative" in bad.text

@@ -185,12 +185,25 @@ def test_random_blocks_have_scales_of_both_signs():
 
 
 def test_matmul_path_per_batch_size(isa):
-    """avx512 runs every size but 5..8 rows, which take the 8-lane loops (16-lane chunks of
-    activations would be half empty; qk.cpp: call_isa). Every other selection runs every size itself."""
-    want = {1: isa, 2: isa, 4: isa, 5: isa, 8: isa, 9: isa, 16: isa, 191: isa, 192: isa, 256: isa}
-    if isa == "avx512":
-        want.update({5: "avx2", 8: "avx2"})
+    """Every selection runs every size itself (5..8 rows used to take avx2 on avx512: they now take
+    passes of the one-row loop, which must run on the ISA one row runs on to give its bits)."""
+    want = {T: isa for T in (1, 2, 4, 5, 8, 9, 16, 191, 192, 256)}
     assert {T: kernels.matmul_isa(T) for T in want} == want
+
+
+@pytest.mark.parametrize("name", list(reference.TYPE_IDS))
+def test_up_to_8_rows_each_row_gets_the_bits_it_gets_alone(name, isa, threads):
+    """A speculative step verifies a stream's token and up to 7 drafts in one call: each of those
+    rows must equal, bit for bit, the row computed alone (one-token decoding), so that greedy
+    output is identical with and without speculation (qk_types.h: MV_PASS_MAX_T)."""
+    K = 512 if reference.TYPES[reference.TYPE_IDS[name]][1] > 1 else 96
+    qt = random_qtensor(name, 70, K, seed=11)
+    lin = QLinear([qt])
+    x = randn(np.random.default_rng(3), 8, K)
+    alone = np.concatenate([lin(x[t : t + 1]) for t in range(8)])
+    for T in range(2, 9):
+        y = lin(x[:T])
+        assert np.array_equal(y, alone[:T]), f"{isa} {name} T={T}: rows differ from one-row calls"
 
 
 @pytest.mark.parametrize("name", list(reference.TYPE_IDS))

@@ -42,7 +42,11 @@ def _base(
 ) -> pb.GenerateRequest:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return pb.GenerateRequest(
-        request_id=rid, max_tokens=max_tokens or default_max_tokens, stop=stop, ignore_eos=body.ignore_eos
+        request_id=rid,
+        max_tokens=max_tokens or default_max_tokens,
+        stop=stop,
+        ignore_eos=body.ignore_eos,
+        speculative=body.speculative,
     )
 
 
@@ -100,6 +104,16 @@ def usage(final: pb.GenerateResponse) -> s.Usage:
     )
 
 
+def speculative_view(st: pb.SpeculativeStats) -> s.SpeculativeView:
+    return s.SpeculativeView(
+        drafted=st.drafted,
+        accepted=st.accepted,
+        acceptance_rate=st.accepted / st.drafted if st.drafted else 0.0,
+        passes=st.passes,
+        tokens_per_pass=st.tokens / st.passes if st.passes else 1.0,
+    )
+
+
 def pipeserve_info(final: pb.GenerateResponse) -> s.PipeserveInfo:
     return s.PipeserveInfo(
         request_id=final.request_id,
@@ -108,6 +122,7 @@ def pipeserve_info(final: pb.GenerateResponse) -> s.PipeserveInfo:
         total_ms=final.total_ms,
         queue_ms=final.queue_ms,
         failovers=final.failovers,
+        speculative=speculative_view(final.speculative),
         stage_timings=[
             s.StageTiming(
                 part=t.part,
@@ -183,6 +198,9 @@ def cluster_view(
                 max_waiting=0,
                 micro_batches=0,
                 micro_batches_reason="",
+                speculative_method="",
+                speculative_max_draft=0,
+                speculative=speculative_view(pb.SpeculativeStats()),
             ),
             tokenizer=tokenizer or s.TokenizerView(address="", healthy=False, vocab_size=0, error="unknown"),
             nodes=[],
@@ -205,6 +223,9 @@ def cluster_view(
             max_waiting=status.max_waiting,
             micro_batches=status.micro_batches,
             micro_batches_reason=status.micro_batches_reason,
+            speculative_method=status.speculative_method,
+            speculative_max_draft=status.speculative_max_draft,
+            speculative=speculative_view(status.speculative),
         ),
         tokenizer=s.TokenizerView(
             address=status.tokenizer_address,

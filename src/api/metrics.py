@@ -95,6 +95,24 @@ class ApiMetrics:
         self.preemptions = Gauge(
             "pipeserve_preemptions", "Requests preempted for lack of KV blocks since start.", registry=r
         )
+        self.spec_drafted = Gauge(
+            "pipeserve_spec_draft_tokens",
+            "Draft tokens sent to be verified (speculative decoding) since the coordinator started.",
+            registry=r,
+        )
+        self.spec_accepted = Gauge(
+            "pipeserve_spec_accepted_tokens",
+            "Draft tokens the model agreed with since the coordinator started.",
+            registry=r,
+        )
+        self.spec_acceptance = Gauge(
+            "pipeserve_spec_acceptance_rate", "Accepted / drafted since the coordinator started.", registry=r
+        )
+        self.spec_tokens_per_pass = Gauge(
+            "pipeserve_spec_tokens_per_pass",
+            "Tokens per pass through the pipeline since the coordinator started (1 without drafts).",
+            registry=r,
+        )
         self.hop_bytes = Counter(
             "pipeserve_hop_bytes", "Bytes of Forward requests sent to a stage.", ["part", "node"], registry=r
         )
@@ -115,6 +133,11 @@ class ApiMetrics:
             self.waiting.set(status.waiting)
             self.tokens_per_second.set(status.tokens_per_second)
             self.preemptions.set(status.preemptions)
+            sp = status.speculative
+            self.spec_drafted.set(sp.drafted)
+            self.spec_accepted.set(sp.accepted)
+            self.spec_acceptance.set(sp.accepted / sp.drafted if sp.drafted else 0.0)
+            self.spec_tokens_per_pass.set(sp.tokens / sp.passes if sp.passes else 1.0)
             for n in status.nodes:
                 if n.HasField("info"):
                     labels = {"part": str(n.model_part), "node": n.id}

@@ -100,6 +100,11 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = Field(
         False, description="Keep generating past the end-of-sequence token (benchmarks)."
     )
+    speculative: bool | None = Field(
+        None,
+        description="false: never send drafts for this request (speculative decoding; the output is the "
+        "same either way). Unset: the coordinator's `speculative` setting.",
+    )
 
 
 # ---- POST /api/model/process (the spec) ---------------------------------------------------------
@@ -158,6 +163,16 @@ class StageTiming(BaseModel):
     bytes_sent: int = Field(description="Bytes of Forward requests sent to this stage.")
 
 
+class SpeculativeView(BaseModel):
+    """Speculative decoding's counts: several tokens per pass through the pipeline."""
+
+    drafted: int = Field(description="Draft tokens sent to be verified.")
+    accepted: int = Field(description="Drafts the model agreed with (each saves a pass).")
+    acceptance_rate: float = Field(description="accepted / drafted (0 when nothing was drafted).")
+    passes: int = Field(description="Passes through the pipeline that gave tokens.")
+    tokens_per_pass: float = Field(description="Tokens those passes gave, per pass (1.0 without drafts).")
+
+
 class PipeserveInfo(BaseModel):
     """pipeserve's extension: how the request went through the pipeline."""
 
@@ -168,6 +183,7 @@ class PipeserveInfo(BaseModel):
     queue_ms: float = Field(description="Time waiting for admission, milliseconds.")
     failovers: int = Field(description="Times the request was replayed on another node.")
     stage_timings: list[StageTiming] = Field(description="Per-stage compute, transfer time and bytes.")
+    speculative: SpeculativeView = Field(description="This request's drafts and tokens per pass.")
 
 
 class Usage(BaseModel):
@@ -359,6 +375,9 @@ class CoordinatorView(BaseModel):
         description="Why that many: 'set to 2 in the config', or auto's choice from where the nodes run, "
         "e.g. 'all 3 nodes on one host (by the host ids the nodes report): ...' ('' when unknown)."
     )
+    speculative_method: str = Field(description="Drafts for speculative decoding: 'ngram' or 'off'.")
+    speculative_max_draft: int = Field(description="Drafts a stream may send per step at most.")
+    speculative: SpeculativeView = Field(description="Every request's drafts since start-up.")
 
 
 class TokenizerView(BaseModel):

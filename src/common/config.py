@@ -120,6 +120,29 @@ class NodeDefaults(_Strict):
     )
 
 
+MAX_DRAFT = 7
+"""A speculative step verifies a stream's token and at most this many drafts: up to 8 rows per
+matmul the kernels compute every row exactly as alone (kernels/qk_types.h, MV_PASS_MAX_T), so the
+output is identical with and without speculation."""
+
+
+class SpeculativeConfig(_Strict):
+    method: Literal["ngram", "off"] = Field(
+        "ngram",
+        description="Drafts for speculative decoding: `ngram` proposes the tokens that followed the "
+        "stream's last few tokens where they occurred before in its prompt or output (prompt lookup; "
+        "no second model); `off` never drafts. Output is identical either way.",
+    )
+    max_draft: int = Field(
+        MAX_DRAFT,
+        ge=0,
+        le=MAX_DRAFT,
+        description="Drafts a stream may send in one step at most; each request adapts its own number "
+        "to its measured acceptance and the step's measured cost (0 = off). A step carries drafts only "
+        f"while it has at most {MAX_DRAFT + 1} rows in all, so busy batches never draft.",
+    )
+
+
 class CoordinatorConfig(_Strict):
     address: Address = Field("127.0.0.1:50050", description="host:port of the coordinator's gRPC server.")
     max_running: int = Field(32, ge=1, description="Requests decoding at once (the continuous batch).")
@@ -153,6 +176,11 @@ class CoordinatorConfig(_Strict):
     rpc_timeout_s: float = Field(3.0, gt=0, description="Deadline of Info/Release/tokenizer RPCs.")
     max_retries: int = Field(
         3, ge=0, description="Retries of a failed step (with failover) before the request fails."
+    )
+    speculative: SpeculativeConfig = Field(
+        default_factory=SpeculativeConfig,
+        description="Speculative decoding: several tokens per pass through the pipeline, verified "
+        "exactly (`{method: ngram|off, max_draft: N}`).",
     )
     join_token: str | None = Field(
         None,

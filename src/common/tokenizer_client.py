@@ -32,6 +32,7 @@ class DecodeItem:
     read_offset: int = 0
     skip_special_tokens: bool = True
     final: bool = False
+    steps: int = 1  # the last `steps` ids are new: their texts come one per id (DecodeResult.pieces)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class DecodeResult:
     text: str  # the new text since the last call
     prefix_offset: int
     read_offset: int
+    pieces: list[str]  # one text per new id (they join into `text`)
 
 
 class TokenizerClient:
@@ -84,12 +86,16 @@ class TokenizerClient:
                     read_offset=i.read_offset,
                     skip_special_tokens=i.skip_special_tokens,
                     final=i.final,
+                    steps=i.steps,
                 )
                 for i in items
             ]
         )
         resp = await self._call("DecodeStream", req)
-        return [DecodeResult(r.text, r.prefix_offset, r.read_offset) for r in resp.results]  # type: ignore[attr-defined]
+        return [
+            DecodeResult(r.text, r.prefix_offset, r.read_offset, list(r.pieces) or [r.text])
+            for r in resp.results  # type: ignore[attr-defined]
+        ]
 
     async def token_texts(self, token_ids: list[int]) -> dict[int, str]:
         """Each id's own text (special tokens included), for logprobs. One DecodeStream call decodes

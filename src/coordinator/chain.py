@@ -67,13 +67,16 @@ def _sampling_pb(p: SamplingParams) -> pb.SamplingParams:
 
 
 def chunk(req: Request, start: int, n: int, sample: bool) -> pb.SequenceChunk:
-    """Tokens start..start+n-1 of a request for a stage; the last stage samples after them when asked."""
+    """Tokens start..start+n-1 of a request for a stage, then its drafts when it has any (a decode);
+    the last stage samples after them when asked."""
+    draft = req.draft if sample else []
     return pb.SequenceChunk(
         request_id=req.id,
         start_pos=start,
-        token_ids=req.tokens[start : start + n],
+        token_ids=req.tokens[start : start + n] + draft,
         sample=sample,
         sampling=_sampling_pb(req.sampling) if sample else None,
+        n_draft=len(draft),
     )
 
 
@@ -171,10 +174,12 @@ class ChainPath:
                 route_node = next((n for n in step.routes.get(rid, ()) if n.part == res.failed_part), None)
                 step.settle(rid, Outcome(False, node=node or route_node, part=res.failed_part, error=err))
             return
-        tokens = {t.request_id: sampled(t) for t in res.tokens}
+        tokens: dict[str, list[Sampled]] = {}
+        for t in res.tokens:  # a request with drafts has several, in order
+            tokens.setdefault(t.request_id, []).append(sampled(t))
         timings = [StageTime(t.part, t.node_id, t.forward_ms, t.hop_ms, t.bytes_sent) for t in res.timings]
         for rid in res.request_ids:
-            step.settle(rid, Outcome(True, token=tokens.get(rid), timings=timings))
+            step.settle(rid, Outcome(True, tokens=tokens.get(rid, []), timings=timings))
 
     async def wait_live(self, nodes: Iterable[NodeHandle], timeout_s: float) -> bool:
         """Until every node has its results stream open (a freshly healthy node needs a moment)."""

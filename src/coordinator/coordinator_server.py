@@ -27,6 +27,7 @@ from pipeserve.common.errors import (
 from pipeserve.common.grpc_util import AsyncErrorInterceptor, channel_options, listen, set_serving
 from pipeserve.coordinator.chain import ChainPath
 from pipeserve.coordinator.cluster import Cluster
+from pipeserve.coordinator.requests import SpecStats
 from pipeserve.coordinator.scheduler import ErrorEvent, FinalEvent, Request, Scheduler, TokenEvent
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
@@ -38,6 +39,10 @@ FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
+
+
+def spec_pb(s: SpecStats) -> pb.SpeculativeStats:
+    return pb.SpeculativeStats(drafted=s.drafted, accepted=s.accepted, passes=s.passes, tokens=s.tokens)
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -58,6 +63,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 list(request.stop),
                 list(request.stop_token_ids),
                 request.ignore_eos,
+                request.speculative if request.HasField("speculative") else None,
             )
         except PipeserveError:
             raise  # the error interceptor sends it as rich status
@@ -164,6 +170,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             ttft_ms=((req.first_token_at or end) - req.arrival) * 1e3,
             total_ms=(end - req.arrival) * 1e3,
             failovers=req.failovers,
+            speculative=spec_pb(req.spec),
         )
 
     def _address(self, node_id: str) -> str:
@@ -223,6 +230,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             prefix_hit_tokens=sch.prefix_hit_tokens,
             prefix_lookup_tokens=sch.prefix_lookup_tokens,
             preemptions=sch.preemptions,
+            speculative=spec_pb(sch.spec),
+            speculative_method=self.cluster.cfg.coordinator.speculative.method if sch.max_draft else "off",
+            speculative_max_draft=sch.max_draft,
         )
         if cl.tokenizer_info:
             resp.tokenizer.CopyFrom(cl.tokenizer_info)

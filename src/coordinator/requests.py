@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from pipeserve.common.errors import PipeserveError
 from pipeserve.common.sampling_params import SamplingParams
+from pipeserve.coordinator.drafts import Acceptance, NgramDrafts
 
 if TYPE_CHECKING:
     from pipeserve.coordinator.cluster import NodeHandle
@@ -40,6 +41,22 @@ class StageStats:
     forward_ms: float = 0.0
     hop_ms: float = 0.0
     bytes_sent: int = 0
+
+
+@dataclass
+class SpecStats:
+    """Speculative decoding's counts, per request and summed over all of them."""
+
+    drafted: int = 0  # drafts sent to be verified
+    accepted: int = 0  # drafts the model agreed with
+    passes: int = 0  # steps that gave it tokens
+    tokens: int = 0  # tokens those steps gave
+
+    def add(self, drafted: int, accepted: int, tokens: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.passes += 1
+        self.tokens += tokens
 
 
 @dataclass(eq=False)
@@ -73,6 +90,12 @@ class Request:
     cache_wait_since: float | None = None  # a stage had no block for it and nobody to preempt
     stalled_since: float | None = None
     stage_stats: dict[int, StageStats] = field(default_factory=dict)
+    # speculative decoding (drafts.py): its draft source, this step's drafts, its acceptance
+    drafts: NgramDrafts | None = None  # None: it never drafts
+    draft: list[int] = field(default_factory=list)  # sent after its next token in the current step
+    draft_reserve: int = 0  # KV positions its drafts may need beyond the next token (admission)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    spec: SpecStats = field(default_factory=lambda: SpecStats())
     # incremental detokenization state (offsets into the generated ids) and stop-string hold-back
     prefix_offset: int = 0
     read_offset: int = 0
@@ -85,8 +108,8 @@ class Request:
 
     @property
     def reserve_tokens(self) -> int:
-        """KV positions it needs on each stage for its next token (what admission counts)."""
-        return len(self.tokens) + 1
+        """KV positions it needs on each stage for its next step (what admission counts)."""
+        return len(self.tokens) + 1 + self.draft_reserve
 
 
 @dataclass

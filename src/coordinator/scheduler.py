@@ -10,7 +10,8 @@ sampling depends only on seed and position, so the output does not change).
 This module runs the loops and applies the policies of its neighbours, each a plain module:
 `requests` (the data), `admission` (checks, the queue's bound and Retry-After, routes with room),
 `planner` (which tokens a step computes), `failover` (what a failed step's error means) and
-`output` (stop conditions and stop-string hold-back). Steps reach the stages through a
+`output` (stop conditions and stop-string hold-back) and `drafts` (speculative decoding: which
+guessed tokens a decode carries, verified in the same pass). Steps reach the stages through a
 `StagePath` (stage_path.py: the chain in production) that takes a plan and gives back each
 request's outcome in domain types, so this module imports no gRPC or protobuf;
 `tests/test_scheduler_units.py` drives it over plain-Python fake stages.
@@ -40,6 +41,7 @@ from pipeserve.common.sampling_params import SamplingParams
 from pipeserve.common.tokenizer_client import DecodeItem
 from pipeserve.coordinator import admission, output
 from pipeserve.coordinator.cluster import Cluster, NodeHandle
+from pipeserve.coordinator.drafts import MAX_ROWS, Candidate, NgramDrafts, StepCost, allocate
 from pipeserve.coordinator.failover import Failure, classify, failovers_exhausted, preemption_victim
 from pipeserve.coordinator.planner import plan_step
 from pipeserve.coordinator.requests import (
@@ -48,6 +50,7 @@ from pipeserve.coordinator.requests import (
     Group,
     PlanItem,
     Request,
+    SpecStats,
     StageStats,
     TokenEvent,
 )
@@ -78,6 +81,10 @@ class Scheduler:
         self.prefix_hit_tokens = 0  # prompt positions skipped thanks to cached prefix blocks
         self.prefix_lookup_tokens = 0
         self.preemptions = 0
+        spec = c.speculative
+        self.max_draft = spec.max_draft if spec.method != "off" else 0
+        self.step_cost = StepCost()
+        self.spec = SpecStats()  # every request's, since start-up
         cluster.known_requests = lambda: self.requests
 
     @property
@@ -118,8 +125,10 @@ class Scheduler:
         stop: list[str],
         stop_ids: list[int],
         ignore_eos: bool,
+        speculative: bool | None = None,
     ) -> Request:
-        """Queue a request (raises for bad input or a full queue; never blocks)."""
+        """Queue a request (raises for bad input or a full queue; never blocks). `speculative`
+        False keeps it from drafting (None: the coordinator's setting)."""
         if not self.cluster.ready:
             down = self.cluster.down_part()
             raise StageUnavailableError(
@@ -135,6 +144,8 @@ class Scheduler:
         max_tokens = admission.check_request(prompt_ids, max_tokens, self.context_limit(), vocab, budgets)
         req = Request(rid, list(prompt_ids), max_tokens, sampling, [s for s in stop if s], set(stop_ids))
         req.tokens = list(prompt_ids)
+        if self.max_draft and speculative is not False:
+            req.drafts, req.draft_reserve = NgramDrafts(), self.max_draft
         if not ignore_eos:
             req.stop_ids |= self.eos_ids
         self.requests[rid] = req
@@ -265,7 +276,36 @@ class Scheduler:
             req.stalled_since = None
             return True
 
-        return plan_step(g.requests, self.max_batch_tokens, self.prefill_chunk_tokens, routable)
+        plan = plan_step(g.requests, self.max_batch_tokens, self.prefill_chunk_tokens, routable)
+        self._draft(plan)
+        return plan
+
+    def _draft(self, plan: list[PlanItem]) -> None:
+        """Give this step's decodes their drafts (drafts.py): none once the step has MAX_ROWS rows,
+        and each within what its max_tokens and the context leave."""
+        rows = sum(n for _, _, n in plan)
+        for req, _, _ in plan:
+            req.draft = []
+        if not self.max_draft or rows >= MAX_ROWS:
+            return
+        limit = self.context_limit()
+        cands: list[tuple[Request, Candidate]] = []
+        sampling = 0
+        for req, start, n in plan:
+            if start + n != len(req.tokens):
+                continue  # a prefill chunk that does not end the prompt: no token comes out
+            sampling += 1
+            if n != 1 or req.drafts is None or req.suspect:
+                continue
+            room = min(self.max_draft, req.max_tokens - len(req.generated) - 1, limit - len(req.tokens))
+            proposal = req.drafts.propose(req.tokens, room)
+            if proposal:
+                cands.append((req, Candidate(proposal, req.acceptance.rate)))
+        if not cands:
+            return
+        allocate([c for _, c in cands], rows, self.step_cost, sampling)
+        for req, c in cands:
+            req.draft = c.proposal[: c.k]
 
     def _reroute(self, req: Request) -> bool:
         """Give the request a healthy node for every part; a changed node means a full replay."""
@@ -352,9 +392,13 @@ class Scheduler:
         if not await self.path.wait_live(route_nodes, 2.0):
             return  # a node cannot take part yet: the next step tries again (or reroutes)
         timeout = self.cfg.coordinator.forward_timeout_s
+        t0 = time.monotonic()
         outcomes = await self.path.run(plan, timeout)
+        if all(o.ok for o in outcomes.values()) and len(outcomes) == len(plan):
+            rows = sum(n + len(req.draft) for req, _, n in plan)
+            self.step_cost.add(rows, (time.monotonic() - t0) * 1e3)
         ok: list[PlanItem] = []
-        sampled: dict[str, Sampled] = {}
+        sampled: dict[str, list[Sampled]] = {}
         failed: dict[tuple[NodeHandle, int, int], tuple[PipeserveError, list[PlanItem]]] = {}
         timed_out: list[PlanItem] = []
         for item in plan:
@@ -364,8 +408,8 @@ class Scheduler:
                 timed_out.append(item)
             elif o.ok:
                 ok.append(item)
-                if o.token is not None:
-                    sampled[req.id] = o.token
+                if o.tokens:
+                    sampled[req.id] = o.tokens
                 _add_timings(req, o)
             else:
                 assert o.error is not None
@@ -398,26 +442,42 @@ class Scheduler:
             elif dead & set(req.route.values()):
                 req.n_computed = 0  # replay on a new route
 
-    def _apply_step(self, g: Group, plan: list[PlanItem], sampled: dict[str, Sampled]) -> None:
-        """Requests whose chunk went through every stage: advance them, append sampled tokens, and
-        stream the text while the next step already computes."""
-        new_tokens: list[tuple[Request, int]] = []
+    def _apply_step(self, g: Group, plan: list[PlanItem], sampled: dict[str, list[Sampled]]) -> None:
+        """Requests whose chunk went through every stage: advance them, append sampled tokens (with
+        drafts, the accepted ones and the one after; never past a stop), and stream the text while
+        the next step already computes."""
+        new_tokens: list[tuple[Request, int, list[Sampled]]] = []
+        n_new = 0
         for req, start, n in plan:
             if req.group != g.index:  # preempted while this step ran: it recomputes from scratch
                 continue
-            req.n_computed = start + n
+            toks = sampled.get(req.id, [])
+            drafted, accepted = len(req.draft), max(0, len(toks) - 1)
+            req.draft = []
+            # positions with valid k/v on every stage: the chunk and the accepted drafts (the
+            # stages before the last truncate the rejected ones when the next step starts here)
+            req.n_computed = start + n + accepted
             req.suspect, req.cache_wait_since = False, None  # it ran through every stage
-            tok = sampled.get(req.id)
-            if tok is None or req.finish_reason is not None:
+            if not toks or req.finish_reason is not None:
                 continue
-            req.tokens.append(tok.token_id)
-            new_tokens.append((req, len(req.tokens)))
-            req.stopping = output.stop_reason(req, len(req.tokens)) is not None
+            if drafted:
+                req.acceptance.update(drafted, accepted)
+            kept: list[Sampled] = []
+            for tok in toks:
+                req.tokens.append(tok.token_id)
+                kept.append(tok)
+                req.stopping = output.stop_reason(req, len(req.tokens)) is not None
+                if req.stopping:
+                    break
+            for stats in (req.spec, self.spec):
+                stats.add(drafted, accepted, len(kept))
+            new_tokens.append((req, len(req.tokens), kept))
+            n_new += len(kept)
             if req.first_token_at is None:
                 req.first_token_at = time.monotonic()
-        self.rate.add(len(new_tokens))
+        self.rate.add(n_new)
         if new_tokens:  # detokenize and stream while the next step already computes
-            g.emitting = asyncio.create_task(self._emit_in_order(g.emitting, new_tokens, sampled))
+            g.emitting = asyncio.create_task(self._emit_in_order(g.emitting, new_tokens))
 
     def _on_forward_error(
         self, node: NodeHandle, part: int, items: list[PlanItem], err: PipeserveError
@@ -524,27 +584,29 @@ class Scheduler:
 
     # ---- output -------------------------------------------------------------------------------
     async def _emit_in_order(
-        self, prev: asyncio.Task | None, reqs: list[tuple[Request, int]], sampled: dict[str, Sampled]
+        self, prev: asyncio.Task | None, reqs: list[tuple[Request, int, list[Sampled]]]
     ) -> None:
         """Emit one step's tokens after the previous step's (text must stay in order)."""
         if prev is not None:
             await asyncio.gather(prev, return_exceptions=True)
         try:
-            await self._emit(reqs, sampled)
+            await self._emit(reqs)
         except Exception as exc:  # a bug while emitting must not leave requests hanging
             log.exception("emitting tokens failed")
-            for req, _ in reqs:
+            for req, _, _ in reqs:
                 self._fail(
                     req, PipeserveError(f"internal error in the coordinator: {type(exc).__name__}: {exc}")
                 )
 
-    async def _emit(self, reqs: list[tuple[Request, int]], sampled: dict[str, Sampled]) -> None:
-        """Detokenize each request's tokens up to `upto` (its length after that step) and stream them."""
-        reqs = [(r, upto) for r, upto in reqs if r.finish_reason is None]
+    async def _emit(self, reqs: list[tuple[Request, int, list[Sampled]]]) -> None:
+        """Detokenize each request's tokens up to `upto` (its length after that step) and stream
+        them, one event per token as one-token steps would (a stop string inside a step's tokens
+        ends the stream at the token that completes it)."""
+        reqs = [(r, upto, toks) for r, upto, toks in reqs if r.finish_reason is None]
         if not reqs:
             return
         items = []
-        for req, upto in reqs:
+        for req, upto, toks in reqs:
             gen = req.tokens[len(req.prompt_ids) : upto]
             items.append(
                 DecodeItem(
@@ -554,6 +616,7 @@ class Scheduler:
                     read_offset=req.read_offset,
                     skip_special_tokens=True,
                     final=output.stop_reason(req, upto) is not None,
+                    steps=len(toks),
                 )
             )
         try:
@@ -563,20 +626,22 @@ class Scheduler:
             err = StageUnavailableError(
                 f"tokenizer at {self.cluster.tokenizer.address} is unavailable: {exc.message}"
             )
-            for req, _ in reqs:
+            for req, _, _ in reqs:
                 self._fail(req, err)
             return
-        for (req, upto), res in zip(reqs, results, strict=True):
+        for (req, upto, toks), res in zip(reqs, results, strict=True):
             req.prefix_offset, req.read_offset = res.prefix_offset, res.read_offset
-            piece, reason = output.take_text(req, res.text, upto)
-            tok = sampled[req.id]
-            ev = TokenEvent([tok.token_id], piece)
-            if tok.logprob is not None:
-                ev.logprobs = [(tok.token_id, tok.logprob)]
-                ev.top_logprobs = [list(tok.top_logprobs)]
-            req.events.put_nowait(ev)
-            if reason is not None:
-                self._finish(req, reason)
+            pieces = res.pieces if len(res.pieces) == len(toks) else [res.text] + [""] * (len(toks) - 1)
+            for j, (tok, text) in enumerate(zip(toks, pieces, strict=True)):
+                piece, reason = output.take_text(req, text, upto - len(toks) + 1 + j)
+                ev = TokenEvent([tok.token_id], piece)
+                if tok.logprob is not None:
+                    ev.logprobs = [(tok.token_id, tok.logprob)]
+                    ev.top_logprobs = [list(tok.top_logprobs)]
+                req.events.put_nowait(ev)
+                if reason is not None:
+                    self._finish(req, reason)
+                    break
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.finish_reason is not None:

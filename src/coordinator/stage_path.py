@@ -42,11 +42,11 @@ class StageTime:
 
 @dataclass
 class Outcome:
-    """A request's result of one step: ok (with the sampled token when the chunk asked for one),
+    """A request's result of one step: ok (with the sampled tokens when the chunk asked for them),
     or the error and the part (and node, when known) where it happened."""
 
     ok: bool
-    token: Sampled | None = None
+    tokens: list[Sampled] = field(default_factory=list)  # drafts: the accepted ones, then the next
     timings: list[StageTime] = field(default_factory=list)
     node: NodeHandle | None = None
     part: int = 0

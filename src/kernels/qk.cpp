@@ -65,15 +65,11 @@ static RowsFn rows_for(int type, Isa isa) {
   }
 }
 
-// The path a matmul of T activation rows runs on: the selected one, except that the AVX-512
-// selection runs 5..8 rows on the 8-lane AVX2 code, where 16-lane chunks of activations would be
-// half empty. Measured on Qwen2.5-Coder-1.5B's ffn_gate (8960 x 1536, Q4_K; Zen 4, 2 threads, the
-// two paths in turn): AVX-512 took 1.2 / 1.6 / 1.5 / 1.6x less time at T = 2 / 4 / 16 / 64 and
-// about the same at T = 8. (On SmolLM2's small matrices with the older per-group decoding the two
-// were equal, and 2..191 rows ran on AVX2.)
-static Isa call_isa(int64_t T) {
-  return g_isa == ISA_AVX512 && T >= 5 && T <= 8 ? ISA_AVX2 : g_isa;
-}
+// The path a matmul of T activation rows runs on: the selected one for every T. (The AVX-512
+// selection used to run 5..8 rows on the 8-lane AVX2 tiles; those rows now take passes of the
+// register loop on the selected ISA, as one row does, so that each row's bits do not depend on T:
+// qk_types.h, MV_PASS_MAX_T.)
+static Isa call_isa(int64_t) { return g_isa; }
 
 static AttendFn attend_for(int64_t hd) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -185,7 +181,7 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int64_t K = self->K, G = K / 32;
   Py_BEGIN_ALLOW_THREADS
   std::vector<float> xsum;
-  if (self->needs_xsum && T <= MV_MAX_T) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
+  if (self->needs_xsum && T <= MV_PASS_MAX_T) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
     xsum.resize(T * G);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < G; ++g) {

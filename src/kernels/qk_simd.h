@@ -4,13 +4,13 @@
 // for several ISAs into one library, so everything is `static` inside the includer's namespace.
 //
 // Four loop shapes (see ../../README.md "Quantized engine"):
-// - T <= MV_MAX_T (decode, small batches): each group of 32 weights is decoded to small integers
+// - T <= MV_MAX_T (decode, small batches; up to MV_PASS_MAX_T in passes of 4): each group of 32 weights is decoded to small integers
 //   in registers and dotted with each activation row; the group's scale multiplies that dot and
 //   its min multiplies the group's sum of x (precomputed once per call):
 //   sum((a*q + c) * x) = a * sum(q*x) + c * sum(x). Four weight rows (two from 3 activation rows
 //   on) share every load of x.
-// - MV_MAX_T < T < XT_MIN_T: two rows dequantized into scratch, then a 2 x 4 dot-product tile
-//   (2 weight rows x 4 activation rows) over the batch.
+// - T >= PANEL_MIN_T's leftover rows: two rows dequantized into scratch, then a 2 x 4 dot-product
+//   tile (2 weight rows x 4 activation rows) over the batch.
 // - XT_MIN_T <= T < PANEL_MIN_T (batched decode, prefill chunks beside decodes): x arrives
 //   k-major (Job::xt, 16 activation rows per chunk); 6 (or 12) dequantized weight rows are each
 //   broadcast into one or two vectors of activations: 6 x 2 register accumulators, 2/3 of a load
@@ -522,12 +522,14 @@ static void rows_xt(const Job& jb, int64_t r0, int64_t r1) {
 template <int TY>
 static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
   if (jb.xt != nullptr && jb.T < PANEL_MIN_T) return rows_xt<TY>(jb, r0, r1);
-  if (jb.T <= MV_MAX_T) {
-    switch (jb.T) {
-      case 1: mv_range<TY, 1>(jb, r0, r1, 0); break;
-      case 2: mv_range<TY, 2>(jb, r0, r1, 0); break;
-      case 3: mv_range<TY, 3>(jb, r0, r1, 0); break;
-      default: mv_range<TY, 4>(jb, r0, r1, 0); break;
+  if (jb.T <= MV_PASS_MAX_T) {  // passes of up to 4 activation rows: each row's bits as at T == 1
+    for (int64_t t0 = 0; t0 < jb.T; t0 += MV_MAX_T) {
+      switch (jb.T - t0 < MV_MAX_T ? jb.T - t0 : MV_MAX_T) {
+        case 1: mv_range<TY, 1>(jb, r0, r1, t0); break;
+        case 2: mv_range<TY, 2>(jb, r0, r1, t0); break;
+        case 3: mv_range<TY, 3>(jb, r0, r1, t0); break;
+        default: mv_range<TY, 4>(jb, r0, r1, t0); break;
+      }
     }
     return;
   }

@@ -180,14 +180,20 @@ static constexpr int64_t PANEL_MIN_T = 192;
 // activation rows [c * cw, c * cw + cw) as xt[c][k][cw] (rows past T are zero), so the kernel loads
 // one vector of cw activations per k and broadcasts each dequantized weight into it. Made once per
 // call (Plan_run) and shared by every thread; cw is 8 or 16 (the SIMD width, or two AVX2 vectors).
-static constexpr int64_t XT_MIN_T = 8;
+static constexpr int64_t XT_MIN_T = 9;
 // Up to this many activation rows, each weight group is decoded in registers once and dotted with
 // every row (the T == 1 loop, several rows at a time): no dequantized scratch row, and every row's
 // result is the one it gets alone. Measured on SmolLM2's matmuls (1 thread, Zen 4), against the
 // 2 x 4 dot tiles on dequantized rows used before: T = 2 12.2 ms against 24.5 (T = 1: 8.9), T = 4
-// 21.1 against 26.4. From 5 rows on, passes of 4 were no faster than the tiles on this noisy box
-// (T = 7: 37-46 ms against 39-41), so 5..7 keep the tiles.
+// 21.1 against 26.4.
 static constexpr int64_t MV_MAX_T = 4;
+// 5..8 rows run as passes of up to MV_MAX_T rows of that loop (the weights are read twice), so
+// that every row's result is still the one it gets alone: a speculative step verifies a stream's
+// next token and up to 7 drafts in one call, and each of those rows must give the bits one-token
+// decoding gives (greedy output identical with and without speculation). They used to take the
+// 2 x 4 dot tiles, which took over twice the time of 4 rows on a whole decode step of SmolLM2 or
+// Qwen2.5-Coder-1.5B (Zen 4, 2 threads); bench/spec.json has the step times by rows after the change.
+static constexpr int64_t MV_PASS_MAX_T = 8;
 static inline int64_t xt_width(int64_t T, int lanes) { return lanes >= 16 || T > 8 ? 16 : 8; }
 static inline int64_t xt_floats(int64_t T, int64_t K, int64_t cw) { return (T + cw - 1) / cw * cw * K; }
 static inline void make_xt(const float* x, int64_t T, int64_t K, int64_t cw, float* xt) {

@@ -3,6 +3,13 @@
 The node server's StageRunner wraps this; tests drive it directly. `forward` takes chunks from
 many sequences (prefill chunks and single decode tokens mixed), validates them, runs the stage's
 layers once over the whole batch, and on the last stage samples one token per chunk that asks.
+
+Speculative verification: a chunk whose last `n_draft` tokens are drafts (the coordinator guessed
+them) gets n_draft + 1 positions sampled in the same forward. The last stage keeps the sampled
+tokens while each equals the draft it follows, plus the first that does not (or the one after the
+last draft): exactly the tokens one-at-a-time decoding gives, since a row's draw depends only on
+its logits, its history and (seed, position). It then truncates its cache to the accepted
+positions; earlier stages truncate when the next chunk starts there (`KVCachePool.reserve`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class SeqChunk:
         int
     ]  # every stage receives them: the first embeds them, the last keeps them for penalties
     sampling: SamplingParams | None = None  # last stage: sample the token that follows this chunk
+    n_draft: int = 0  # the last n_draft tokens are drafts to verify (sampling set: n_draft + 1 rows)
 
 
 @dataclass
@@ -43,9 +51,10 @@ class SampledToken:
 @dataclass
 class StageOutput:
     hidden: np.ndarray | None  # [T, C] for the next stage; None on the last stage
-    samples: list[SampledToken]  # last stage only, in batch order of the chunks that asked
+    samples: list[SampledToken]  # last stage only, in batch order of the chunks that asked; a chunk
+    # with drafts gets its accepted drafts' tokens and then the one after them, in order
     forward_ms: float
-    logits: np.ndarray | None = None  # [S, V] last stage: next-token logits of the chunks that asked
+    logits: np.ndarray | None = None  # [S, V] last stage: logits of every sampled row (drafts: n_draft + 1)
 
 
 class StageEngine:
@@ -74,12 +83,13 @@ class StageEngine:
         x = self._validate(chunks, hidden)
         new_ids = [c.request_id for c in chunks if c.request_id not in self.cache.seqs]
         caches = self.cache.reserve([(c.request_id, c.start_pos, len(c.token_ids)) for c in chunks])
-        slots, sample_rows, offset = [], [], 0
+        slots, offset = [], 0
+        sample_rows: list[int] = []
         for c, seq in zip(chunks, caches, strict=True):
             n = len(c.token_ids)
             slots.append(SeqSlot(offset, n, c.start_pos, seq, self.cache))
             if c.sampling is not None and self.shard.is_last:
-                sample_rows.append(offset + n - 1)
+                sample_rows.extend(range(offset + n - 1 - c.n_draft, offset + n))
             offset += n
         meta = BatchMeta.build(slots, sample_rows)
         try:
@@ -88,27 +98,36 @@ class StageEngine:
             self.cache.release(new_ids)  # a failed batch leaves no half-made caches behind
             raise
         for c, seq in zip(chunks, caches, strict=True):
-            self.cache.commit(seq, c.start_pos, c.token_ids)
+            self.cache.commit(seq, c.start_pos, c.token_ids, c.n_draft)
         if not self.shard.is_last:
             return StageOutput(out, [], (time.perf_counter() - t0) * 1e3)
         asking = [(c, seq) for c, seq in zip(chunks, caches, strict=True) if c.sampling is not None]
         samples: list[SampledToken] = []
         if asking:
-            res = sample(
-                out,
-                [c.sampling for c, _ in asking if c.sampling is not None],
-                [seq.tokens for _, seq in asking],
-                [seq.length for _, seq in asking],
-            )
-            for i, (c, _) in enumerate(asking):
-                samples.append(
-                    SampledToken(
-                        c.request_id,
-                        res.token_ids[i],
-                        res.logprobs[i] if res.logprobs is not None else None,
-                        res.top_logprobs[i] if res.top_logprobs is not None else [],
+            params, histories, positions = [], [], []
+            for c, seq in asking:  # one row per sampled position: the chunk's last n_draft + 1
+                for pos in range(seq.length - c.n_draft, seq.length + 1):
+                    params.append(c.sampling)
+                    histories.append(seq.tokens[:pos])
+                    positions.append(pos)
+            res = sample(out, params, histories, positions)
+            row = 0
+            for c, seq in asking:
+                for j in range(c.n_draft + 1):
+                    tok = res.token_ids[row + j]
+                    samples.append(
+                        SampledToken(
+                            c.request_id,
+                            tok,
+                            res.logprobs[row + j] if res.logprobs is not None else None,
+                            res.top_logprobs[row + j] if res.top_logprobs is not None else [],
+                        )
                     )
-                )
+                    if j == c.n_draft or tok != c.token_ids[len(c.token_ids) - c.n_draft + j]:
+                        # rejected from here on: forget the drafts' positions this stage cached
+                        self.cache.truncate(seq, seq.length - c.n_draft + j)
+                        break
+                row += c.n_draft + 1
         return StageOutput(None, samples, (time.perf_counter() - t0) * 1e3, out)
 
     def _validate(self, chunks: Sequence[SeqChunk], hidden: np.ndarray | None) -> np.ndarray:
@@ -118,6 +137,11 @@ class StageEngine:
         for c in chunks:
             if c.start_pos < 0:
                 raise InvalidInputError(f"request {c.request_id!r}: negative start position {c.start_pos}")
+            if not 0 <= c.n_draft < len(c.token_ids):
+                raise InvalidInputError(
+                    f"request {c.request_id!r}: n_draft {c.n_draft} must be below the chunk's "
+                    f"{len(c.token_ids)} tokens (the first token is not a draft)"
+                )
             if c.sampling is not None:
                 c.sampling.validate()
         if self.shard.is_first:

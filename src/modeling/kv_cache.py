@@ -171,10 +171,12 @@ class KVCachePool:
         self.hit_tokens += seq.length
         return seq.length
 
-    def _register(self, seq: SeqCache) -> None:
-        """Hash the sequence's newly full blocks so that later requests can share them."""
+    def _register(self, seq: SeqCache, upto: int) -> None:
+        """Hash the sequence's newly full blocks before position `upto` so that later requests can
+        share them (drafts past it are not hashed until verified: a block holding them is never
+        shared, so taking them back never copies)."""
         bs = self.block_size
-        for j in range(len(seq.hashes), seq.length // bs):
+        for j in range(len(seq.hashes), upto // bs):
             h = block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[j * bs : (j + 1) * bs])
             seq.hashes.append(h)
             b = seq.blocks[j]
@@ -255,11 +257,18 @@ class KVCachePool:
             else:  # ours alone; if published, its contents will change: forget its hash
                 self._forget(b)
 
-    def commit(self, seq: SeqCache, start: int, token_ids: list[int]) -> None:
-        """After a forward: positions start..start+len-1 hold these tokens' k/v."""
+    def truncate(self, seq: SeqCache, length: int) -> None:
+        """Forget positions length.. (rejected drafts): blocks past it are given up, the hashes of
+        full blocks before it stay (their contents are unchanged)."""
+        if length < seq.length:
+            self._truncate(seq, length)
+
+    def commit(self, seq: SeqCache, start: int, token_ids: list[int], n_draft: int = 0) -> None:
+        """After a forward: positions start..start+len-1 hold these tokens' k/v (the last n_draft
+        are unverified drafts)."""
         seq.length = start + len(token_ids)
         seq.tokens.extend(token_ids)
-        self._register(seq)
+        self._register(seq, seq.length - n_draft)
 
     def release(self, request_ids: list[str]) -> dict[str, int]:
         """Free caches; returns request id -> tokens freed (0 for ids not held). Full blocks stay

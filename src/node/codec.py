@@ -85,6 +85,7 @@ def chunks_from_pb(chunks: Iterable[pb.SequenceChunk], last: bool = True) -> lis
             c.start_pos,
             list(c.token_ids),
             sampling_from_pb(c.sampling) if c.sample and last else None,
+            c.n_draft if c.sample else 0,
         )
         for c in chunks
     ]

@@ -45,13 +45,24 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
         results = []
         for it in request.items:
             # token_ids start at prefix_offset; the core indexes the whole list, so shift the offsets.
-            base = it.prefix_offset
-            text, p, r = self.core.decode_incremental(
-                list(it.token_ids), 0, it.read_offset - base, it.skip_special_tokens, final=it.final
-            )
+            # With steps > 1 the new ids are decoded one at a time, each piece as if it came alone.
+            base, ids = it.prefix_offset, list(it.token_ids)
+            steps = max(1, min(it.steps, len(ids)))
+            p, r = 0, it.read_offset - base
+            pieces = []
+            for j in range(steps):
+                upto = len(ids) - steps + j + 1
+                text, p, r = self.core.decode_incremental(
+                    ids[:upto], p, r, it.skip_special_tokens, final=it.final and j == steps - 1
+                )
+                pieces.append(text)
             results.append(
                 pb.DecodeStreamResult(
-                    request_id=it.request_id, text=text, prefix_offset=p + base, read_offset=r + base
+                    request_id=it.request_id,
+                    text="".join(pieces),
+                    prefix_offset=p + base,
+                    read_offset=r + base,
+                    pieces=pieces if it.steps > 1 else [],
                 )
             )
         return pb.DecodeStreamResponse(results=results)

@@ -36,11 +36,22 @@ export interface RouteHop {
   address: string;
 }
 
+/** Speculative decoding's counts for a request (or the whole cluster). */
+export interface SpeculativeInfo {
+  drafted: number;
+  accepted: number;
+  acceptance_rate: number;
+  passes: number;
+  tokens_per_pass: number;
+}
+
 /** pipeserve's extension on the final chunk of a stream. */
 export interface PipeserveInfo {
   route: RouteHop[];
   ttft_ms: number;
   total_ms: number;
+  /** Absent from servers older than speculative decoding. */
+  speculative?: SpeculativeInfo;
 }
 
 export type FinishReason = "stop" | "length" | (string & {});

@@ -66,6 +66,8 @@ describe("Playground streaming", () => {
     expect(within(stats).getByTestId("stat-tokens")).toHaveTextContent("3");
     // (3 - 1) tokens over (240 - 40) ms after the first.
     expect(within(stats).getByTestId("stat-tps")).toHaveTextContent("10.0");
+    // speculative decoding: 3 tokens in 2 passes through the pipeline
+    expect(within(stats).getByTestId("stat-tokens-per-pass")).toHaveTextContent("1.50");
     expect(screen.getByTestId("reply-route")).toHaveTextContent("0:node1");
     expect(screen.getByTestId("reply-route")).toHaveTextContent("2:node3");
     expect(screen.getByTestId("send-button")).toBeDisabled(); // input is empty again

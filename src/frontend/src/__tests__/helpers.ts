@@ -144,6 +144,7 @@ export const FINAL_EXTRA = {
     ],
     ttft_ms: 40,
     total_ms: 240,
+    speculative: { drafted: 4, accepted: 1, acceptance_rate: 0.25, passes: 2, tokens_per_pass: 1.5 },
   },
 };
 

@@ -1,5 +1,6 @@
-// Stats under a reply: time to first token, decode rate, token count, finish reason and the route
-// (which node served each model part). Server timings (pipeserve extension) win over client ones.
+// Stats under a reply: time to first token, decode rate, token count, tokens per pass through the
+// pipeline (speculative decoding), finish reason and the route (which node served each model part).
+// Server timings (pipeserve extension) win over client ones.
 import type { StreamResult } from "../api";
 import { formatMs } from "../format";
 
@@ -60,6 +61,13 @@ export function ReplyStats({ status, liveTokens, result }: Props) {
         <b data-testid="stat-tokens">{s.tokens}</b> tokens
       </span>
       <span title="total time">{formatMs(s.totalMs)}</span>
+      {result.pipeserve?.speculative && result.pipeserve.speculative.passes > 0 && (
+        <span
+          title={`speculative decoding: ${result.pipeserve.speculative.accepted} of ${result.pipeserve.speculative.drafted} drafts accepted`}
+        >
+          <b data-testid="stat-tokens-per-pass">{result.pipeserve.speculative.tokens_per_pass.toFixed(2)}</b> tok/pass
+        </span>
+      )}
       <span className={`pill pill-finish finish-${finish}`} data-testid="finish-reason">
         {finish}
       </span>
