@@ -148,6 +148,26 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
 
 
 # ---- the HTTP driver ----------------------------------------------------------------------------
+async def sse_events(client: Any, body: dict[str, Any], rec: Any) -> Any:
+    """The JSON events of one streamed /v1/chat/completions request, up to [DONE]; an HTTP status
+    or an error event ends them, written to rec.error."""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
+            return
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                rec.error = f"stream error: {event['error'].get('message', event['error'])}"[:300]
+                return
+            yield event
+
+
 async def stream_one(
     client: Any, rec: RequestRecord, t0: float, max_tokens: int, extra: dict[str, Any] | None = None
 ) -> None:
@@ -161,42 +181,31 @@ async def stream_one(
     } | (extra or {})
     last: float | None = None
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
-                return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                now = time.perf_counter() - t0
-                event = json.loads(data)
-                if "error" in event:
-                    rec.error = f"stream error: {event['error'].get('message', event['error'])}"[:300]
-                    return
-                for choice in event.get("choices", []):
-                    if choice.get("delta", {}).get("content"):
-                        rec.chunks += 1
-                        if last is None:
-                            rec.ttft_s = now - rec.start_s
-                        else:
-                            rec.gaps_s.append(now - last)
-                        last = now
-                if info := event.get("pipeserve"):
-                    rec.pipeserve = {
-                        "queue_ms": info["queue_ms"],
-                        "ttft_ms": info["ttft_ms"],
-                        "total_ms": info["total_ms"],
-                        "stages": [
-                            {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")}
-                            for st in info["stage_timings"]
-                        ],
-                    }
-                if usage := event.get("usage"):
-                    rec.completion_tokens = usage["completion_tokens"]
-                    rec.prompt_tokens = usage["prompt_tokens"]
+        async for event in sse_events(client, body, rec):
+            now = time.perf_counter() - t0
+            for choice in event.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    rec.chunks += 1
+                    if last is None:
+                        rec.ttft_s = now - rec.start_s
+                    else:
+                        rec.gaps_s.append(now - last)
+                    last = now
+            if info := event.get("pipeserve"):
+                rec.pipeserve = {
+                    "queue_ms": info["queue_ms"],
+                    "ttft_ms": info["ttft_ms"],
+                    "total_ms": info["total_ms"],
+                    "stages": [
+                        {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")}
+                        for st in info["stage_timings"]
+                    ],
+                }
+            if usage := event.get("usage"):
+                rec.completion_tokens = usage["completion_tokens"]
+                rec.prompt_tokens = usage["prompt_tokens"]
+        if rec.error:
+            return
         rec.end_s = time.perf_counter() - t0
         if rec.completion_tokens == 0:
             rec.error = "the stream ended without usage"

@@ -300,48 +300,37 @@ async def stream_chat(
     } | extra
     parts: list[str] = []
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
-                return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                now = time.perf_counter() - t0
-                event = json.loads(data)
-                if "error" in event:
-                    rec.error = f"stream error: {event['error'].get('message', event['error'])}"[:300]
-                    return
-                for choice in event.get("choices", []):
-                    if content := (choice.get("delta") or {}).get("content"):
-                        parts.append(content)
-                        rec.chunks += 1
-                        if rec.first_s is None:
-                            rec.first_s, rec.ttft_s = now, now - rec.start_s
-                        else:
-                            rec.gaps_s.append(now - (rec.last_s or now))
-                        rec.last_s = now
-                    rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
-                if info := event.get("pipeserve"):
-                    rec.speculative = info.get("speculative")
-                    rec.pipeserve = {
-                        "queue_ms": info["queue_ms"],
-                        "ttft_ms": info["ttft_ms"],
-                        "total_ms": info["total_ms"],
-                        "stages": [
-                            {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")}
-                            for st in info["stage_timings"]
-                        ],
-                    }
-                if timings := event.get("timings"):
-                    keys = ("predicted_n", "predicted_ms", "draft_n", "draft_n_accepted")
-                    rec.llama_timings = {k: timings[k] for k in keys if k in timings}
-                if usage := event.get("usage"):
-                    rec.completion_tokens = usage["completion_tokens"]
-                    rec.prompt_tokens = usage["prompt_tokens"]
+        async for event in bs.sse_events(client, body, rec):
+            now = time.perf_counter() - t0
+            for choice in event.get("choices", []):
+                if content := (choice.get("delta") or {}).get("content"):
+                    parts.append(content)
+                    rec.chunks += 1
+                    if rec.first_s is None:
+                        rec.first_s, rec.ttft_s = now, now - rec.start_s
+                    else:
+                        rec.gaps_s.append(now - (rec.last_s or now))
+                    rec.last_s = now
+                rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
+            if info := event.get("pipeserve"):
+                rec.speculative = info.get("speculative")
+                rec.pipeserve = {
+                    "queue_ms": info["queue_ms"],
+                    "ttft_ms": info["ttft_ms"],
+                    "total_ms": info["total_ms"],
+                    "stages": [
+                        {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")}
+                        for st in info["stage_timings"]
+                    ],
+                }
+            if timings := event.get("timings"):
+                keys = ("predicted_n", "predicted_ms", "draft_n", "draft_n_accepted")
+                rec.llama_timings = {k: timings[k] for k in keys if k in timings}
+            if usage := event.get("usage"):
+                rec.completion_tokens = usage["completion_tokens"]
+                rec.prompt_tokens = usage["prompt_tokens"]
+        if rec.error:
+            return
         rec.end_s = time.perf_counter() - t0
         text = "".join(parts)
         rec.text_sha = hashlib.sha1(text.encode()).hexdigest()[:16]

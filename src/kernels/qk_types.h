@@ -192,7 +192,7 @@ static constexpr int64_t MV_MAX_T = 4;
 // next token and up to 7 drafts in one call, and each of those rows must give the bits one-token
 // decoding gives (greedy output identical with and without speculation). They used to take the
 // 2 x 4 dot tiles, which took over twice the time of 4 rows on a whole decode step of SmolLM2 or
-// Qwen2.5-Coder-1.5B (Zen 4, 2 threads); bench/spec.json has the step times by rows after the change.
+// Qwen2.5-Coder-1.5B (Zen 4, 2 threads); two passes take less.
 static constexpr int64_t MV_PASS_MAX_T = 8;
 static inline int64_t xt_width(int64_t T, int lanes) { return lanes >= 16 || T > 8 ? 16 : 8; }
 static inline int64_t xt_floats(int64_t T, int64_t K, int64_t cw) { return (T + cw - 1) / cw * cw * K; }
