@@ -168,6 +168,18 @@ async def sse_events(client: Any, body: dict[str, Any], rec: Any) -> Any:
             yield event
 
 
+def pipeserve_summary(info: dict[str, Any]) -> dict[str, Any]:
+    """What a benchmark keeps of a reply's `pipeserve` object: its times and each stage's."""
+    return {
+        "queue_ms": info["queue_ms"],
+        "ttft_ms": info["ttft_ms"],
+        "total_ms": info["total_ms"],
+        "stages": [
+            {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")} for st in info["stage_timings"]
+        ],
+    }
+
+
 async def stream_one(
     client: Any, rec: RequestRecord, t0: float, max_tokens: int, extra: dict[str, Any] | None = None
 ) -> None:
@@ -192,15 +204,7 @@ async def stream_one(
                         rec.gaps_s.append(now - last)
                     last = now
             if info := event.get("pipeserve"):
-                rec.pipeserve = {
-                    "queue_ms": info["queue_ms"],
-                    "ttft_ms": info["ttft_ms"],
-                    "total_ms": info["total_ms"],
-                    "stages": [
-                        {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")}
-                        for st in info["stage_timings"]
-                    ],
-                }
+                rec.pipeserve = pipeserve_summary(info)
             if usage := event.get("usage"):
                 rec.completion_tokens = usage["completion_tokens"]
                 rec.prompt_tokens = usage["prompt_tokens"]

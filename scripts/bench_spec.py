@@ -314,15 +314,7 @@ async def stream_chat(
                 rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
             if info := event.get("pipeserve"):
                 rec.speculative = info.get("speculative")
-                rec.pipeserve = {
-                    "queue_ms": info["queue_ms"],
-                    "ttft_ms": info["ttft_ms"],
-                    "total_ms": info["total_ms"],
-                    "stages": [
-                        {k: st[k] for k in ("part", "forward_ms", "hop_ms", "bytes_sent")}
-                        for st in info["stage_timings"]
-                    ],
-                }
+                rec.pipeserve = bs.pipeserve_summary(info)
             if timings := event.get("timings"):
                 keys = ("predicted_n", "predicted_ms", "draft_n", "draft_n_accepted")
                 rec.llama_timings = {k: timings[k] for k in keys if k in timings}
