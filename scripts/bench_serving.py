@@ -441,12 +441,20 @@ def bench_cluster(
     return out
 
 
+def llama_server_cmd(server: Path, port: int, parallel: int, ctx: int) -> list[str]:
+    """llama-server on loopback with the model's GGUF, 2 threads, `parallel` slots sharing `ctx`."""
+    from pipeserve.common.model_files import resolve_model
+
+    return [
+        str(server), "-m", str(resolve_model(MODEL).path), "--host", "127.0.0.1", "--port", str(port),
+        "-t", "2", "-np", str(parallel), "-c", str(ctx), "--no-webui",
+    ]  # fmt: skip
+
+
 def bench_llamacpp(name: str, rpc: bool, args: argparse.Namespace) -> dict[str, Any]:
     """llama-server on the same GGUF through the same streaming client: one process with 16 slots,
     or (rpc) its layers over 3 ggml-rpc-servers on loopback (`--rpc ... -ngl 99`), 2 threads each."""
     import psutil
-
-    from pipeserve.common.model_files import resolve_model
 
     found = subprocess.run(
         ["bash", str(Path(__file__).with_name("build_llamacpp.sh"))],
@@ -468,22 +476,7 @@ def bench_llamacpp(name: str, rpc: bool, args: argparse.Namespace) -> dict[str, 
         procs[label] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
     try:
-        cmd = [
-            str(bin_dir / "llama-server"),
-            "-m",
-            str(resolve_model(MODEL).path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-t",
-            "2",
-            "-np",
-            str(kmax),
-            "-c",
-            str(kmax * 512),
-            "--no-webui",
-        ]
+        cmd = llama_server_cmd(bin_dir / "llama-server", port, kmax, kmax * 512)
         if rpc:
             rpc_ports = [free_port("127.0.0.1") for _ in range(3)]
             for i, p in enumerate(rpc_ports):

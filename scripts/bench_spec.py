@@ -725,8 +725,6 @@ def bench_llama(args: argparse.Namespace) -> dict[str, Any]:
     with its n-gram self-speculation (its own process each: no per-request switch)."""
     import psutil
 
-    from pipeserve.common.model_files import resolve_model
-
     t = time.perf_counter()
     out: dict[str, Any] = {"kind": "llama.cpp", "concurrency": args.concurrency, "servers": [], "runs": {}}
     server, why = llama_server_bin()
@@ -749,23 +747,7 @@ def bench_llama(args: argparse.Namespace) -> dict[str, Any]:
     for k in args.concurrency:
         for mode, extra_args in modes.items():
             port = bs.free_port("127.0.0.1")
-            cmd = [
-                str(server),
-                "-m",
-                str(resolve_model(MODEL).path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "-t",
-                "2",
-                "-np",
-                str(k),
-                "-c",
-                str(k * 2048),
-                "--no-webui",
-                *extra_args,
-            ]
+            cmd = [*bs.llama_server_cmd(server, port, k, k * 2048), *extra_args]
             workdir = Path(tempfile.mkdtemp(prefix=f"bench-spec-llama-{k}-{mode}-"))
             log = open(workdir / "server.log", "wb")  # noqa: SIM115 - the process owns it until the end
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -117,6 +117,10 @@ def test_smollm2_seeded_sampling_identical(smol3):
         plain, spec, st = both(smol3, CODE, 48, sampling=s, ignore_eos=True)
         assert spec == plain
     assert st.drafted > 0
+    # penalties read each draft row's own history
+    s = pb.SamplingParams(temperature=0, repetition_penalty=1.05, frequency_penalty=0.1)
+    plain, spec, st = both(smol3, CODE, 48, sampling=s, ignore_eos=True)
+    assert spec == plain and st.drafted > 0
 
 
 def test_smollm2_chat_prompt_identical(smol3):

@@ -95,7 +95,7 @@ class Request:
     draft: list[int] = field(default_factory=list)  # sent after its next token in the current step
     draft_reserve: int = 0  # KV positions its drafts may need beyond the next token (admission)
     acceptance: Acceptance = field(default_factory=Acceptance)
-    spec: SpecStats = field(default_factory=lambda: SpecStats())
+    spec: SpecStats = field(default_factory=SpecStats)
     # incremental detokenization state (offsets into the generated ids) and stop-string hold-back
     prefix_offset: int = 0
     read_offset: int = 0

@@ -631,8 +631,7 @@ class Scheduler:
             return
         for (req, upto, toks), res in zip(reqs, results, strict=True):
             req.prefix_offset, req.read_offset = res.prefix_offset, res.read_offset
-            pieces = res.pieces if len(res.pieces) == len(toks) else [res.text] + [""] * (len(toks) - 1)
-            for j, (tok, text) in enumerate(zip(toks, pieces, strict=True)):
+            for j, (tok, text) in enumerate(zip(toks, res.pieces, strict=True)):
                 piece, reason = output.take_text(req, text, upto - len(toks) + 1 + j)
                 ev = TokenEvent([tok.token_id], piece)
                 if tok.logprob is not None:

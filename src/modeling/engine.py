@@ -108,7 +108,9 @@ class StageEngine:
             for c, seq in asking:  # one row per sampled position: the chunk's last n_draft + 1
                 for pos in range(seq.length - c.n_draft, seq.length + 1):
                     params.append(c.sampling)
-                    histories.append(seq.tokens[:pos])
+                    # penalties read a draft row's history up to its position (a copy, only then)
+                    short = pos < seq.length and c.sampling is not None and c.sampling.has_penalties
+                    histories.append(seq.tokens[:pos] if short else seq.tokens)
                     positions.append(pos)
             res = sample(out, params, histories, positions)
             row = 0
