@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeserve.common.config import Config, parse_config
 from pipeserve.coordinator.coordinator_server import CoordinatorServer
+from pipeserve.coordinator.drafts import MAX_ROWS, PRIOR_ROW_COST, StepCost
 from pipeserve.node.node_server import NodeServer
 from pipeserve.tokenizer.tokenizer_server import TokenizerServer
 
@@ -161,3 +162,22 @@ def start_cluster(model: str, parts: int = 3, **kw: Any) -> InProcessCluster:
     cfg = cluster_config(model, parts, **kw)
     nodes = [NodeServer(cfg, n.id) for n in cfg.nodes]
     return InProcessCluster(cfg, TokenizerServer(cfg), nodes).start()
+
+
+class PinnedStepCost(StepCost):
+    """A step cost that does not learn from this host's timing: one row costs 1, each further row
+    `per_row` (drafts.PRIOR_ROW_COST by default). Tests that assert drafting happens use it, so
+    that whether drafts pay off does not depend on how fast the test machine runs the steps; the
+    measured cost model itself is tested in test_drafts."""
+
+    def __init__(self, per_row: float = PRIOR_ROW_COST) -> None:
+        super().__init__({r: 1.0 + per_row * (r - 1) for r in range(1, MAX_ROWS + 1)})
+
+    def add(self, rows: int, ms: float) -> None:
+        pass
+
+
+def pin_step_cost(c: InProcessCluster, per_row: float = PRIOR_ROW_COST) -> InProcessCluster:
+    assert c.coordinator is not None
+    c.coordinator.scheduler.step_cost = PinnedStepCost(per_row)
+    return c

@@ -30,7 +30,7 @@ from pipeserve.api.errors import HTTP_STATUS
 from pipeserve.common.config import Config
 from pipeserve.common.errors import Reason
 from pipeserve.coordinator.coordinator_server import CoordinatorServer
-from tests.harness import InProcessCluster, free_port, held, paced, start_cluster
+from tests.harness import InProcessCluster, free_port, held, paced, pin_step_cost, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def assert_error(
 # ---- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[InProcessCluster]:
-    c = start_cluster(EMBEDDED, parts=3)
+    c = pin_step_cost(start_cluster(EMBEDDED, parts=3))
     yield c
     c.stop()
 

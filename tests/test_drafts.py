@@ -242,3 +242,25 @@ def test_opting_out_per_request_and_method_off(monkeypatch):
 
     assert run(main()) == (0, reference(prompt_of(2, 6), 10))
     assert run(main(speculative={"method": "off"}))[0] == 0
+
+
+def test_a_request_that_stopped_drafting_starts_again_when_its_proposals_come_true(monkeypatch):
+    """A request whose acceptance has fallen below what a draft row costs sends no drafts, but
+    its proposals are still compared with the tokens that come out (at no cost), so once they
+    come true it drafts again; the output is the reference throughout."""
+    monkeypatch.setattr(NgramDrafts, "propose", oracle(0))
+
+    async def main() -> None:
+        async with FakeCluster(parts=2) as fc:
+            for rows in range(1, MAX_ROWS + 1):  # a draft row costs half a step: worth it above 0.5
+                fc.scheduler.step_cost.add(rows, 1.0 + 0.5 * (rows - 1))
+            monkeypatch.setattr(fc.scheduler.step_cost, "add", lambda rows, ms: None)  # not the fakes' timing
+            prompt = prompt_of(3, 6)
+            req = fc.submit(prompt, 40, ignore_eos=True)
+            req.acceptance = Acceptance(accepted=0.1, rejected=5.0)  # as if rejected a lot before
+            toks, _, _ = await collect(req)
+            assert toks == reference(prompt, 40)
+            assert req.spec.drafted > 0 and req.spec.accepted == req.spec.drafted
+            assert req.spec.passes < 40  # drafting resumed: fewer passes than tokens
+
+    run(main())

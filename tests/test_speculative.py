@@ -25,7 +25,7 @@ from pipeserve.modeling.sampling import SamplingParams
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
-from tests.harness import InProcessCluster, start_cluster
+from tests.harness import InProcessCluster, pin_step_cost, start_cluster
 
 EMBEDDED = "smollm2-135m-instruct"
 
@@ -75,7 +75,7 @@ def both(c: InProcessCluster, prompt, n: int, **kw) -> tuple[list, list, pb.Spec
 
 @pytest.fixture(scope="module")
 def smol3():
-    c = start_cluster(EMBEDDED, parts=3)
+    c = pin_step_cost(start_cluster(EMBEDDED, parts=3))
     yield c
     c.stop()
 
@@ -134,8 +134,10 @@ def test_smollm2_chat_prompt_identical(smol3):
 def test_tiny_model_chunked_prompt_identical(tiny_llama):
     """A random model's greedy output loops, so n-grams match; the prompt is longer than a step
     (prefilled in chunks beside a running decode)."""
-    c = start_cluster(
-        str(tiny_llama), parts=3, coordinator={"max_batch_tokens": 24, "prefill_chunk_tokens": 8}
+    c = pin_step_cost(
+        start_cluster(
+            str(tiny_llama), parts=3, coordinator={"max_batch_tokens": 24, "prefill_chunk_tokens": 8}
+        )
     )
     try:
         rng = np.random.default_rng(5)

@@ -285,7 +285,7 @@ class Scheduler:
         and each within what its max_tokens and the context leave."""
         rows = sum(n for _, _, n in plan)
         for req, _, _ in plan:
-            req.draft = []
+            req.draft, req.shadow = [], -1
         if not self.max_draft or rows >= MAX_ROWS:
             return
         limit = self.context_limit()
@@ -306,6 +306,8 @@ class Scheduler:
         allocate([c for _, c in cands], rows, self.step_cost, sampling)
         for req, c in cands:
             req.draft = c.proposal[: c.k]
+            if not c.k:  # not worth sending now: still learn whether it would have been right
+                req.shadow = c.proposal[0]
 
     def _reroute(self, req: Request) -> bool:
         """Give the request a healthy node for every part; a changed node means a full replay."""
@@ -453,7 +455,7 @@ class Scheduler:
                 continue
             toks = sampled.get(req.id, [])
             drafted, accepted = len(req.draft), max(0, len(toks) - 1)
-            req.draft = []
+            shadow, req.draft, req.shadow = req.shadow, [], -1
             # positions with valid k/v on every stage: the chunk and the accepted drafts (the
             # stages before the last truncate the rejected ones when the next step starts here)
             req.n_computed = start + n + accepted
@@ -462,6 +464,8 @@ class Scheduler:
                 continue
             if drafted:
                 req.acceptance.update(drafted, accepted)
+            elif shadow >= 0:  # a proposal not sent: one draft's worth of evidence, at no cost
+                req.acceptance.update(1, int(toks[0].token_id == shadow))
             kept: list[Sampled] = []
             for tok in toks:
                 req.tokens.append(tok.token_id)
