@@ -826,3 +826,89 @@ def test_rope_in_place_matches_reference():
         kernels.rope_(x, heads, hd, pos.astype(np.int32), cos, sin)
     with pytest.raises(ValueError, match="int64 positions"):
         kernels.rope_(x, heads, hd, pos[:4], cos, sin)
+
+
+# ---- long contexts: splits, head sizes, KV dtypes (issue 27) ------------------------------------
+def kv_round(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 x as a pool of `kv_dtype` stores it: (the pool's array, its values in fp32)."""
+    if kv_dtype == "f32":
+        return x.copy(), x
+    if kv_dtype == "f16":
+        h = x.astype(np.float16)  # numpy rounds to nearest even, as the kernels do
+        return h, h.astype(np.float32)
+    b = torch.from_numpy(x).to(torch.bfloat16)  # round to nearest even
+    return b.view(torch.int16).numpy().view(np.uint16).copy(), b.float().numpy()
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize(
+    ("nh", "nkv", "hd", "length"),
+    [
+        (6, 2, 64, 1),
+        (6, 2, 64, 17),
+        (12, 2, 128, 500),
+        (9, 3, 64, 4096),
+        (16, 2, 128, 16384),
+        (8, 8, 256, 700),
+        (4, 1, 40, 1100),
+    ],
+)
+def test_paged_attention_long_contexts_every_kv_dtype(isa, kv_dtype, nh, nkv, hd, length):
+    """Decode rows at 1 .. 16384 positions (splits of 512 merged), head_dim 64/128/256 and 40 (not a
+    multiple of 16 or 8: the narrower and the portable loops), grouped heads up to 8 per kv head, the
+    cache in f32, f16 and bf16: the new rows are written rounded to nearest even, and the output
+    equals a float64 reference over the cache's own (rounded) values within 1e-5. A row's bits do not
+    depend on the batch it is in (the cut into splits is the row's own)."""
+    rng = np.random.default_rng(length + hd)
+    bs, layers = 16, 1
+    nblk = -(-length // bs)
+    k32, v32 = kv_pools(rng, 2 * nblk + 1, layers, nkv, bs, hd)
+    kp, k_val = kv_round(k32, kv_dtype)
+    vp, v_val = kv_round(v32, kv_dtype)
+    tables = np.stack([rng.permutation(2 * nblk + 1)[:nblk] for _ in range(2)])
+    lengths = [length, max(1, length // 3)]
+    qkv = randn(rng, 2, (nh + 2 * nkv) * hd)
+    att = kernels.PagedAttention(kp, vp, tables, lengths)
+    got = att(0, qkv, nh)
+    for b, n in enumerate(lengths):  # the new rows, rounded, in their blocks
+        blk, off = tables[b][(n - 1) // bs], (n - 1) % bs
+        k_new, k_new_val = kv_round(qkv[b : b + 1, nh * hd : (nh + nkv) * hd].reshape(nkv, hd), kv_dtype)
+        v_new, v_new_val = kv_round(qkv[b : b + 1, (nh + nkv) * hd :].reshape(nkv, hd), kv_dtype)
+        assert np.array_equal(kp[blk, 0, :, off], k_new) and np.array_equal(vp[blk, 0, :, off], v_new)
+        k_val[blk, 0, :, off], v_val[blk, 0, :, off] = k_new_val, v_new_val
+    want = reference.attend_decode(
+        t64(qkv[:, : nh * hd].reshape(2, nh, hd)),
+        [t64(cached(k_val, tables[b], 0, n)) for b, n in enumerate(lengths)],
+        [t64(cached(v_val, tables[b], 0, n)) for b, n in enumerate(lengths)],
+    )
+    assert rel_err(got.reshape(2, nh, hd), want) <= 1e-5
+    alone = kernels.PagedAttention(kp, vp, tables[:1], lengths[:1])(0, np.ascontiguousarray(qkv[:1]), nh)
+    assert np.array_equal(alone[0], got[0])  # the same bits alone as in a batch (the row rewrote its own k/v)
+
+
+def test_paged_attention_splits_bit_identical_across_threads():
+    """A 5000-position row (10 splits) gives the same bits on 1 and 2 threads."""
+    rng = np.random.default_rng(9)
+    nh, nkv, hd, bs, n = 12, 2, 128, 16, 5000
+    kp, vp = kv_pools(rng, n // bs + 1, 1, nkv, bs, hd)
+    tables = rng.permutation(n // bs + 1)[None, :]
+    qkv = randn(rng, 1, (nh + 2 * nkv) * hd)
+    outs = []
+    for t in (1, 2):
+        with kernel_threads(t):
+            outs.append(kernels.PagedAttention(kp, vp, tables, [n])(0, qkv, nh))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_kv_pool_dtypes_refused_when_wrong():
+    rng = np.random.default_rng(1)
+    kp, vp = kv_pools(rng, 2, 1, 1, 16, 64)
+    tables, lengths = np.array([[0, 1]]), [3]
+    with pytest.raises(ValueError, match="differ in dtype"):
+        kernels.PagedAttention(kp.astype(np.float16), vp, tables, lengths)
+    with pytest.raises(ValueError, match="float32, float16 or uint16"):
+        kernels.PagedAttention(kp.astype(np.int16), vp.astype(np.int16), tables, lengths)
+    assert (
+        kernels.PagedAttention(kp.astype(np.float16), vp.astype(np.float16), tables, lengths).kv_dtype
+        == "f16"
+    )

@@ -232,15 +232,37 @@ def rope_(
     _qk.rope(addr(x), x.shape[0], x.shape[1], n_heads, head_dim, addr(positions), addr(cos), addr(sin))
 
 
+# The KV cache's element types (`kv_dtype`): the numpy dtype a pool of that type has (bfloat16 is
+# kept as its uint16 bits: numpy has no bfloat16) and the native KvType (qk_types.h).
+KV_DTYPES: dict[str, tuple[type[np.generic], int]] = {
+    "f32": (np.float32, 0),
+    "f16": (np.float16, 1),
+    "bf16": (np.uint16, 2),
+}
+
+
+def kv_dtype_of(pool: np.ndarray) -> str:
+    """The kv_dtype name of a pool array (ValueError for any other dtype)."""
+    for name, (dt, _) in KV_DTYPES.items():
+        if pool.dtype == dt:
+            return name
+    raise ValueError(
+        f"KV pools are float32 (f32), float16 (f16) or uint16 bits of bfloat16 (bf16), got {pool.dtype}"
+    )
+
+
 class PagedAttention:
     """Causal attention of a flat batch's rows over a paged KV cache, read in place.
 
-    `k_pool` / `v_pool`: fp32 [n_blocks, layers, n_kv, block_size, hd] (contiguous). Row b of the
+    `k_pool` / `v_pool`: [n_blocks, layers, n_kv, block_size, hd] (contiguous) of float32, float16
+    or bfloat16 bits (uint16): the kv_dtype (KV_DTYPES). Row b of the
     batch belongs to a sequence whose block ids (in position order) are tables[b] (int64
     [B, max_blocks]) and sits at position lengths[b] - 1: a decode step is one row per sequence;
     a prefill chunk of t tokens is t rows with the same table and consecutive lengths. Each layer
-    is one native call (`run`) that first writes every row's new k/v into its block, then lets
-    each row attend to positions [starts[b], lengths[b]) (with `window` W: its last W positions).
+    is one native call (`run`) that first writes every row's new k/v into its block (rounded to the
+    kv_dtype, to nearest even), then lets each row attend to positions [starts[b], lengths[b])
+    (with `window` W: its last W positions), in fp32. A row's positions are cut into splits of 512
+    (whole blocks) that run in parallel and merge (flash-decoding); the cut depends on the row alone.
     Built once per step (and per window size), not per layer.
     """
 
@@ -254,14 +276,18 @@ class PagedAttention:
     ) -> None:
         for pool in (k_pool, v_pool):
             if (
-                pool.dtype != np.float32
+                pool.dtype not in [dt for dt, _ in KV_DTYPES.values()]
                 or not pool.flags.c_contiguous
                 or not pool.flags.writeable
                 or pool.ndim != 5
             ):
                 raise ValueError(
-                    f"KV pools need contiguous fp32 [blocks, layers, n_kv, bs, hd], got {pool.dtype}"
+                    "KV pools need contiguous writable [blocks, layers, n_kv, bs, hd] of float32, float16 or "
+                    f"uint16 (bf16 bits), got {pool.dtype}"
                 )
+        if k_pool.dtype != v_pool.dtype:
+            raise ValueError(f"k and v pools differ in dtype: {k_pool.dtype} vs {v_pool.dtype}")
+        self.kv_dtype = kv_dtype_of(k_pool)
         if k_pool.shape != v_pool.shape:
             raise ValueError(f"k and v pools differ: {k_pool.shape} vs {v_pool.shape}")
         self.k_pool, self.v_pool = k_pool, v_pool
@@ -282,7 +308,10 @@ class PagedAttention:
         self.starts = (
             np.maximum(self.lengths - window, 0) if window is not None else np.zeros_like(self.lengths)
         )
-        self._kv = _qk.PagedKV(k_pool, v_pool, self.tables, self.lengths, self.starts)  # native, per step
+        kv_type = KV_DTYPES[self.kv_dtype][1]
+        self._kv = _qk.PagedKV(
+            k_pool, v_pool, self.tables, self.lengths, self.starts, kv_type
+        )  # native, per step
 
     def __call__(self, layer: int, qkv: np.ndarray, n_heads: int, scale: float | None = None) -> np.ndarray:
         """qkv: fp32 [B, (n_heads + 2 n_kv) hd], one fused projection (q heads, then k, then v)

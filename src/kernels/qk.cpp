@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -17,9 +18,9 @@
 #include "qk_types.h"
 
 namespace qk {
-namespace avx2 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
+namespace avx2 { RowsFn get(int type); AttendPartFn get_attend(int kv_type); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
                  ProbeReadFn get_probe_read(); ProbeFmaFn get_probe_fma(); }
-namespace avx512 { RowsFn get(int type); AttendFn get_attend(); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
+namespace avx512 { RowsFn get(int type); AttendPartFn get_attend(int kv_type); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
                    ProbeReadFn get_probe_read(); ProbeFmaFn get_probe_fma(); }
 namespace generic {
 RowsFn get(int type);
@@ -29,9 +30,7 @@ void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
 void gelu_tanh_row(const float* x, const float* up, float* y, int64_t I);
 void rope(float* x, int64_t T, int64_t row_stride, int64_t n_heads, int64_t hd, const int64_t* pos, const float* cos_t,
           const float* sin_t);
-void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
-                   int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
-                   float* scores);
+AttendPartFn get_attend(int kv_type);
 }
 }  // namespace qk
 
@@ -71,13 +70,13 @@ static RowsFn rows_for(int type, Isa isa) {
 // qk_types.h, MV_PASS_MAX_T.)
 static Isa call_isa(int64_t) { return g_isa; }
 
-static AttendFn attend_for(int64_t hd) {
+static AttendPartFn attend_for(int64_t hd, int kv_type) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (g_isa == ISA_AVX512 && hd % 16 == 0) return avx512::get_attend();
-  if (g_isa >= ISA_AVX2 && hd % 8 == 0) return avx2::get_attend();
+  if (g_isa == ISA_AVX512 && hd % 16 == 0) return avx512::get_attend(kv_type);
+  if (g_isa >= ISA_AVX2 && hd % 8 == 0) return avx2::get_attend(kv_type);
 #endif
   (void)hd;
-  return generic::attend_decode;
+  return generic::get_attend(kv_type);
 }
 
 static SiluFn silu_for() {
@@ -390,59 +389,166 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
 }
 
 // ---------------------------------------------------------------- PagedKV
-// One step's paged KV cache as attention writes and reads it. The pools are fp32 [n_blocks, layers,
-// n_kv, bs, hd]; batch row b owns the blocks tables[b] (int64 [B, max_blocks], in position order),
-// its new token sits at position lengths[b] - 1 and it attends to positions [starts[b],
-// lengths[b]) (starts: 0, or where a sliding window begins). All in floats and rows of int64.
+// One step's paged KV cache as attention writes and reads it. The pools are [n_blocks, layers,
+// n_kv, bs, hd] of the KV type (kv_type: fp32, or 16-bit f16 / bf16); batch row b owns the blocks
+// tables[b] (int64 [B, max_blocks], in position order), its new token sits at position
+// lengths[b] - 1 and it attends to positions [starts[b], lengths[b]) (starts: 0, or where a
+// sliding window begins). Strides count elements.
 struct PagedKV {
-  float *k_pool, *v_pool;
+  uint8_t *k_pool, *v_pool;
+  int kv_type, esz;  // KvType and its bytes per element
   int64_t n_layers, n_kv, bs, hd;
-  int64_t block_stride, layer_stride, head_stride;  // floats
+  int64_t block_stride, layer_stride, head_stride;  // elements
   const int64_t *tables, *lengths, *starts;
   int64_t max_blocks, B;
 };
 
+// Positions per split of a row's attention: a row's range is cut into splits of ATT_SPLIT positions
+// (rounded down to whole blocks) from its start, each split of each kv head is one item on the
+// pool, and the splits merge as flash-decoding does. The cut depends on the row and the block size
+// alone (never on the batch or the threads), so a row's result has the same bits in any batch, on
+// any pool.
+static constexpr int64_t ATT_SPLIT = 512;
+static constexpr int64_t ATT_MAX_BLOCKS = ATT_SPLIT + 2;  // blocks a split can touch (block size 1)
+static constexpr int64_t ATT_WAVE_FLOATS = 1 << 20;  // partials held at once (4 MiB): rows go in waves
+
+static void write_row(uint8_t* dst, const float* src, int64_t hd, int kv_type) {
+  if (kv_type == KV_F32) {
+    memcpy(dst, src, hd * sizeof(float));
+    return;
+  }
+  uint16_t* d = (uint16_t*)dst;
+  for (int64_t i = 0; i < hd; ++i) d[i] = kv_type == KV_F16 ? f32_to_f16(src[i]) : f32_to_bf16(src[i]);
+}
+
 // Row b of qkv (fp32, rows row_stride floats apart: nh q heads, then n_kv k heads, n_kv v heads)
-// first writes its k/v at position lengths[b] - 1 of its blocks in `layer`; then the rows attend,
-// in parallel -> out [B, nh, hd]. Written first, rows that share a block table see each other's
-// keys: a prefill chunk of t tokens is t rows over one table with lengths start+1 .. start+t.
+// first writes its k/v at position lengths[b] - 1 of its blocks in `layer` (rounded to the KV
+// type); then the rows attend, in parallel -> out [B, nh, hd]. Written first, rows that share a
+// block table see each other's keys: a prefill chunk of t tokens is t rows over one table with
+// lengths start+1 .. start+t. Items are (row, kv head, split); a row of one split is divided by its
+// softmax sum in place, the others leave partials (o, max, sum) that a second pass merges.
 static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int64_t row_stride, int64_t nh,
                          float* out, float scale) {
-  const int64_t hd = kv.hd, layer_offset = layer * kv.layer_stride;
-  const float *k = qkv + nh * hd, *v = qkv + (nh + kv.n_kv) * hd;
+  const int64_t hd = kv.hd, nkv = kv.n_kv, group = nh / nkv, layer_offset = layer * kv.layer_stride;
+  const float *k = qkv + nh * hd, *v = qkv + (nh + nkv) * hd;
   for (int64_t b = 0; b < kv.B; ++b) {
     const int64_t p = kv.lengths[b] - 1;
     const int64_t off = kv.tables[b * kv.max_blocks + p / kv.bs] * kv.block_stride + layer_offset + (p % kv.bs) * hd;
-    for (int64_t j = 0; j < kv.n_kv; ++j) {
-      memcpy(kv.k_pool + off + j * kv.head_stride, k + b * row_stride + j * hd, hd * sizeof(float));
-      memcpy(kv.v_pool + off + j * kv.head_stride, v + b * row_stride + j * hd, hd * sizeof(float));
+    for (int64_t j = 0; j < nkv; ++j) {
+      write_row(kv.k_pool + (off + j * kv.head_stride) * kv.esz, k + b * row_stride + j * hd, hd, kv.kv_type);
+      write_row(kv.v_pool + (off + j * kv.head_stride) * kv.esz, v + b * row_stride + j * hd, hd, kv.kv_type);
     }
   }
+  struct Item {
+    int64_t b, kvh, p0, p1;
+    int64_t part;  // where its partials go (floats into parts), -1: the row has one split
+  };
   struct Ctx {
     const PagedKV* kv;
     const float* q;
-    int64_t row_stride, nh, layer_offset;
+    int64_t row_stride, nh, group, layer_offset;
     float* out;
     float scale;
-    AttendFn attend;
-  } c{&kv, qkv, row_stride, nh, layer_offset, out, scale, attend_for(hd)};
-  pool::parallel_for(
-      [](void* p, int64_t b) {
-        const Ctx& x = *(const Ctx*)p;
-        const PagedKV& kv = *x.kv;
-        const int64_t L = kv.lengths[b], s0 = kv.starts[b];
-        const int64_t* table = kv.tables + b * kv.max_blocks;
-        const int64_t nblk = (L + kv.bs - 1) / kv.bs;
-        std::vector<const float*> kb(nblk), vb(nblk);
-        for (int64_t j = 0; j < nblk; ++j) {
-          kb[j] = kv.k_pool + table[j] * kv.block_stride + x.layer_offset;
-          vb[j] = kv.v_pool + table[j] * kv.block_stride + x.layer_offset;
+    AttendPartFn attend;
+    const Item* items;
+    float* parts;
+  } c{&kv, qkv, row_stride, nh, group, layer_offset, out, scale, attend_for(hd, kv.kv_type), nullptr, nullptr};
+  const int64_t part_floats = group * (hd + 2);  // one item's partials: o [group, hd], (max, sum) [group]
+  const int64_t split = ATT_SPLIT / kv.bs > 0 ? ATT_SPLIT / kv.bs * kv.bs : kv.bs;
+  if (group * split > pool::scratch_floats()) pool::reserve_scratch(group * split);
+  std::vector<Item> items;
+  std::vector<float> parts;
+  for (int64_t b0 = 0; b0 < kv.B;) {  // a wave of rows whose partials fit ATT_WAVE_FLOATS
+    items.clear();
+    int64_t n_parts = 0, b1 = b0;
+    for (; b1 < kv.B; ++b1) {
+      const int64_t s0 = kv.starts[b1], L = kv.lengths[b1], ns = (L - s0 + split - 1) / split;
+      const int64_t need = ns > 1 ? ns * nkv * part_floats : 0;
+      if (b1 > b0 && n_parts + need > ATT_WAVE_FLOATS) break;
+      for (int64_t j = 0; j < nkv; ++j)
+        for (int64_t s = 0; s < ns; ++s) {
+          const int64_t p0 = s0 + s * split, p1 = p0 + split < L ? p0 + split : L;
+          items.push_back({b1, j, p0, p1, ns > 1 ? n_parts : -1});
+          if (ns > 1) n_parts += part_floats;
         }
-        std::vector<float> scores(x.nh * (L - s0));
-        x.attend(x.q + b * x.row_stride, x.out + b * x.nh * kv.hd, kb.data(), vb.data(), kv.bs, kv.head_stride, s0, L,
-                 x.nh, kv.n_kv, kv.hd, x.scale, scores.data());
-      },
-      &c, kv.B);
+    }
+    parts.resize(n_parts);
+    c.items = items.data();
+    c.parts = parts.data();
+    pool::Use use;
+    use.run(
+        [](void* p, int64_t i, float* scores) {
+          const Ctx& x = *(const Ctx*)p;
+          const PagedKV& kv = *x.kv;
+          const Item& it = x.items[i];
+          const int64_t* table = kv.tables + it.b * kv.max_blocks;
+          const int64_t j0 = it.p0 / kv.bs, j1 = (it.p1 + kv.bs - 1) / kv.bs;
+          const void* kb[ATT_MAX_BLOCKS];
+          const void* vb[ATT_MAX_BLOCKS];
+          const int64_t head_off = x.layer_offset + it.kvh * kv.head_stride;
+          for (int64_t j = j0; j < j1; ++j) {
+            kb[j - j0] = kv.k_pool + (table[j] * kv.block_stride + head_off) * kv.esz;
+            vb[j - j0] = kv.v_pool + (table[j] * kv.block_stride + head_off) * kv.esz;
+          }
+          const int64_t h0 = it.kvh * x.group, hd = kv.hd;
+          const float* q = x.q + it.b * x.row_stride + h0 * hd;
+          if (it.part < 0) {  // the row's only split: straight into out, divided by the sum
+            float* o = x.out + (it.b * x.nh + h0) * hd;
+            float ml[2 * 64];
+            for (int64_t g0 = 0; g0 < x.group; g0 += 64) {  // heads in groups of at most 64 (ml's size)
+              const int64_t hn = x.group - g0 < 64 ? x.group - g0 : 64;
+              x.attend(q + g0 * hd, o + g0 * hd, ml, kb, vb, kv.bs, it.p0 - j0 * kv.bs, it.p1 - j0 * kv.bs, hn, hd,
+                       x.scale, scores);
+              for (int64_t h = 0; h < hn; ++h) {
+                const float inv = 1.f / ml[2 * h + 1];
+                for (int64_t d = 0; d < hd; ++d) o[(g0 + h) * hd + d] *= inv;
+              }
+            }
+          } else {
+            float* o = x.parts + it.part;
+            x.attend(q, o, o + x.group * hd, kb, vb, kv.bs, it.p0 - j0 * kv.bs, it.p1 - j0 * kv.bs, x.group, hd,
+                     x.scale, scores);
+          }
+        },
+        &c, (int64_t)items.size(), group * split);
+    if (n_parts) {  // merge each split row's partials: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s
+      struct Merge {
+        const Ctx* c;
+        const Item* items;
+        int64_t n_items, part_floats;
+      } m{&c, items.data(), (int64_t)items.size(), part_floats};
+      pool::parallel_for(
+          [](void* p, int64_t i) {
+            const Merge& m = *(const Merge*)p;
+            const Item& first = m.items[i];
+            if (first.part < 0 || (i > 0 && m.items[i - 1].b == first.b && m.items[i - 1].kvh == first.kvh)) return;
+            const Ctx& x = *m.c;
+            const int64_t hd = x.kv->hd;
+            int64_t n = 1;  // this (row, kv head)'s splits: items i .. i+n-1
+            while (i + n < m.n_items && m.items[i + n].b == first.b && m.items[i + n].kvh == first.kvh) ++n;
+            for (int64_t h = 0; h < x.group; ++h) {
+              float M = -INFINITY;
+              for (int64_t s = 0; s < n; ++s) {
+                const float ms = x.parts[m.items[i + s].part + x.group * hd + 2 * h];
+                M = ms > M ? ms : M;
+              }
+              float* o = x.out + (first.b * x.nh + first.kvh * x.group + h) * hd;
+              for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
+              float den = 0.f;
+              for (int64_t s = 0; s < n; ++s) {
+                const float* part = x.parts + m.items[i + s].part;
+                const float w = __builtin_expf(part[x.group * hd + 2 * h] - M);
+                den += w * part[x.group * hd + 2 * h + 1];
+                for (int64_t d = 0; d < hd; ++d) o[d] += w * part[h * hd + d];
+              }
+              const float inv = 1.f / den;
+              for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
+            }
+          },
+          &m, m.n_items);
+    }
+    b0 = b1;
+  }
 }
 
 typedef struct {
@@ -472,36 +578,50 @@ static void PagedKV_dealloc(PagedKVObject* self) {
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
-// PagedKV(k_pool, v_pool, tables, lengths, starts): the arrays themselves (see struct PagedKV).
+// PagedKV(k_pool, v_pool, tables, lengths, starts, kv_type=0): the arrays themselves (see struct
+// PagedKV); the pools are float32 for KV_F32, 16-bit (uint16 / float16 views) for KV_F16 and KV_BF16.
 static int PagedKV_init(PagedKVObject* self, PyObject* args, PyObject*) {
   PyObject *k, *v, *tables, *lengths, *starts;
-  if (!PyArg_ParseTuple(args, "OOOOO", &k, &v, &tables, &lengths, &starts)) return -1;
+  int kv_type = KV_F32;
+  if (!PyArg_ParseTuple(args, "OOOOO|i", &k, &v, &tables, &lengths, &starts, &kv_type)) return -1;
   for (int i = 0; i < self->n_views; ++i) PyBuffer_Release(&self->views[i]);
   self->n_views = 0;
+  if (kv_type != KV_F32 && kv_type != KV_F16 && kv_type != KV_BF16) {
+    PyErr_Format(PyExc_ValueError, "kv_type %d is not one of 0 (f32), 1 (f16), 2 (bf16)", kv_type);
+    return -1;
+  }
+  for (int i = 0; i < 2; ++i) {  // the pools: written to, of the KV type's element size
+    Py_buffer* view = &self->views[i];
+    if (PyObject_GetBuffer(i ? v : k, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) return -1;
+    self->n_views = i + 1;
+    const char f = view->format ? view->format[view->format[0] == '<' || view->format[0] == '=' ? 1 : 0] : 'B';
+    const bool ok = kv_type == KV_F32 ? (view->itemsize == 4 && f == 'f') : (view->itemsize == 2 && (f == 'H' || f == 'e'));
+    if (view->ndim != 5 || !ok) {
+      PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous %s array of 5 dimensions", i ? "v_pool" : "k_pool",
+                   kv_type == KV_F32 ? "float32" : "16-bit (uint16 or float16)");
+      return -1;
+    }
+  }
   const struct {
     PyObject* obj;
-    int ndim;
-    bool pool;  // fp32 and written to; the others are int64, read
     const char* name;
-  } arrays[5] = {{k, 5, true, "k_pool"}, {v, 5, true, "v_pool"}, {tables, 2, false, "tables"},
-                 {lengths, 1, false, "lengths"}, {starts, 1, false, "starts"}};
-  for (int i = 0; i < 5; ++i) {
-    const auto& a = arrays[i];
-    if (!get_view(a.obj, &self->views[i], a.ndim, a.pool, a.pool, a.name)) return -1;
-    self->n_views = i + 1;
+  } arrays[3] = {{tables, "tables"}, {lengths, "lengths"}, {starts, "starts"}};
+  for (int i = 0; i < 3; ++i) {
+    if (!get_view(arrays[i].obj, &self->views[2 + i], i == 0 ? 2 : 1, false, false, arrays[i].name)) return -1;
+    self->n_views = 3 + i;
   }
   const Py_buffer* w = self->views;
   const Py_ssize_t* sh = w[0].shape;  // [n_blocks, layers, n_kv, bs, hd]
   const int64_t B = w[2].shape[0], max_blocks = w[2].shape[1];
   if (memcmp(sh, w[1].shape, 5 * sizeof(Py_ssize_t)) != 0 || w[3].shape[0] != B || w[4].shape[0] != B ||
-      sh[2] <= 0 || sh[3] <= 0) {
+      sh[2] <= 0 || sh[3] <= 0 || sh[3] > ATT_SPLIT) {
     PyErr_SetString(PyExc_ValueError, "k and v pools, tables, lengths and starts do not agree in shape");
     return -1;
   }
   PagedKV& kv = self->kv;
-  kv = {(float*)w[0].buf, (float*)w[1].buf, sh[1], sh[2], sh[3], sh[4], sh[1] * sh[2] * sh[3] * sh[4],
-        sh[2] * sh[3] * sh[4], sh[3] * sh[4], (const int64_t*)w[2].buf, (const int64_t*)w[3].buf,
-        (const int64_t*)w[4].buf, max_blocks, B};
+  kv = {(uint8_t*)w[0].buf, (uint8_t*)w[1].buf, kv_type, kv_type == KV_F32 ? 4 : 2, sh[1], sh[2], sh[3], sh[4],
+        sh[1] * sh[2] * sh[3] * sh[4], sh[2] * sh[3] * sh[4], sh[3] * sh[4], (const int64_t*)w[2].buf,
+        (const int64_t*)w[3].buf, (const int64_t*)w[4].buf, max_blocks, B};
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = kv.lengths[b], s0 = kv.starts[b];
     if (L <= 0 || L > max_blocks * kv.bs || s0 < 0 || s0 >= L) {
@@ -553,7 +673,7 @@ static PyType_Slot PagedKV_slots[] = {
     {Py_tp_dealloc, (void*)PagedKV_dealloc},
     {Py_tp_methods, (void*)PagedKV_methods},
     {Py_tp_new, (void*)PyType_GenericNew},
-    {Py_tp_doc, (void*)"PagedKV(k_pool, v_pool, tables, lengths, starts): one step's paged KV cache."},
+    {Py_tp_doc, (void*)"PagedKV(k_pool, v_pool, tables, lengths, starts, kv_type=0): one step's paged KV cache."},
     {0, nullptr}};
 static PyType_Spec PagedKV_spec = {"pipeserve.kernels._qk.PagedKV", sizeof(PagedKVObject), 0, Py_TPFLAGS_DEFAULT,
                                    PagedKV_slots};

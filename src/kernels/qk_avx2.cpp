@@ -87,7 +87,7 @@ struct S : Lanes256 {
 #include "qk_simd.h"
 
 RowsFn get(int type) { return rows_fn(type); }
-AttendFn get_attend() { return attend_one; }
+AttendPartFn get_attend(int kv_type) { return attend_for_type(kv_type); }
 SiluFn get_silu() { return silu_mul_v; }
 GeluRowFn get_gelu_tanh() { return gelu_tanh_row_v; }
 ProbeReadFn get_probe_read() { return probe_read; }

@@ -86,41 +86,55 @@ void gelu_tanh_row(const float* x, const float* up, float* y, int64_t I) {
 namespace qk {
 namespace generic {
 
-// Decode attention for one single-token sequence, reading its paged KV cache in place (no gather
-// into a padded buffer; the caller has written the new token's k/v row). Position p's K row for kv
-// head j is Kb[p / bs] + j * head_stride + (p % bs) * hd (floats; V alike): the cache is a list of
-// blocks of bs positions (a contiguous cache is one block). For each query head h (kv head
-// h / (nh / nkv)): out = softmax(q . K[start:L] * scale) @ V[start:L]; start > 0 is a sliding
-// window. `scores` holds nh * (L - start) floats (this version uses the first L - start).
-void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
-                   int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
-                   float* scores) {
-  const int64_t group = nh / nkv, n = L - start;
-  for (int64_t h = 0; h < nh; ++h) {
+// Partial attention of one row's query heads over a range of its paged cache (AttendPartFn in
+// qk_types.h has the contract), the portable version and the reference the SIMD ones follow: the
+// scores, their max, exp(s - max) and its sum, then the exp-weighted sum of V rows. KT: the
+// cache's element type (KvType).
+template <int KT>
+static inline float kv_at(const void* row, int64_t d) {
+  if (KT == KV_F32) return ((const float*)row)[d];
+  const uint16_t h = ((const uint16_t*)row)[d];
+  return KT == KV_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+template <int KT>
+static void attend_part_t(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb, int64_t bs,
+                          int64_t p0, int64_t p1, int64_t hn, int64_t hd, float scale, float* scores) {
+  const int64_t esz = KT == KV_F32 ? 4 : 2, n = p1 - p0;
+  for (int64_t h = 0; h < hn; ++h) {
     const float* qh = q + h * hd;
-    const int64_t kvh = h / group;
+    float* sc = scores + h * n;
     float mx = -INFINITY;
-    for (int64_t p = start; p < L; ++p) {
-      const float* kp = Kb[p / bs] + kvh * head_stride + (p % bs) * hd;
+    for (int64_t p = p0; p < p1; ++p) {
+      const void* kp = (const uint8_t*)Kb[p / bs] + (p % bs) * hd * esz;
       // 8 partial sums: a shape the compiler vectorises (a single float sum it may not reorder)
       float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       int64_t d = 0;
       for (; d + 8 <= hd; d += 8)
-        for (int e = 0; e < 8; ++e) part[e] += qh[d + e] * kp[d + e];
+        for (int e = 0; e < 8; ++e) part[e] += qh[d + e] * kv_at<KT>(kp, d + e);
       float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-      for (; d < hd; ++d) s += qh[d] * kp[d];
+      for (; d < hd; ++d) s += qh[d] * kv_at<KT>(kp, d);
       s *= scale;
-      scores[p - start] = s;
+      sc[p - p0] = s;
       mx = s > mx ? s : mx;
     }
-    const float den = softmax_exp(scores, n, mx);
-    float* o = out + h * hd;
-    for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
-    for (int64_t p = start; p < L; ++p) {
-      const float w = scores[p - start] / den;
-      const float* vp = Vb[p / bs] + kvh * head_stride + (p % bs) * hd;
-      for (int64_t d = 0; d < hd; ++d) o[d] += w * vp[d];
+    ml[2 * h] = mx;
+    ml[2 * h + 1] = softmax_exp(sc, n, mx);
+    float* oh = o + h * hd;
+    for (int64_t d = 0; d < hd; ++d) oh[d] = 0.f;
+    for (int64_t p = p0; p < p1; ++p) {
+      const float w = sc[p - p0];
+      const void* vp = (const uint8_t*)Vb[p / bs] + (p % bs) * hd * esz;
+      for (int64_t d = 0; d < hd; ++d) oh[d] += w * kv_at<KT>(vp, d);
     }
+  }
+}
+
+AttendPartFn get_attend(int kv_type) {
+  switch (kv_type) {
+    case KV_F16: return attend_part_t<KV_F16>;
+    case KV_BF16: return attend_part_t<KV_BF16>;
+    default: return attend_part_t<KV_F32>;
   }
 }
 

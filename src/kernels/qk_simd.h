@@ -633,58 +633,79 @@ static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I
   }
 }
 
-static constexpr int64_t ATT_PREFETCH = 8;  // positions (rows of K and V) fetched ahead
+// ---------------------------------------------------------------- attention
+// The cache's rows widened to fp32 vectors, by element type (KvType in qk_types.h).
+static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // how far ahead K (and V) rows are fetched
+template <int KT> struct Kv;
+template <> struct Kv<KV_F32> {
+  using T = float;
+  static inline typename S::F ld(const T* p) { return S::f32(p); }
+};
+template <> struct Kv<KV_F16> {
+  using T = uint16_t;
+  static inline typename S::F ld(const T* p) { return S::h16((const uint8_t*)p); }
+};
+template <> struct Kv<KV_BF16> {
+  using T = uint16_t;
+  static inline typename S::F ld(const T* p) { return S::bf16((const uint8_t*)p); }
+};
 
-// HG query heads (qh[0..HG)) sharing one kv head: scores and softmax weights into sc[i][0..n),
-// then out[i] = sum_p w[i][p] * V[p]. Every K and V row is loaded once for all HG heads.
-template <int HG>
-static void attend_group(const float* const* qh, float* const* oh, float* const* sc, const float* const* Kb,
-                         const float* const* Vb, int64_t bs, int64_t kv_off, int64_t start, int64_t L, int64_t hd,
-                         float scale) {
+// The cache is paged: a block's rows of one layer and kv head are contiguous, but the next block is
+// elsewhere, so the hardware prefetcher loses the stream at every block (and 4 KiB page): the K
+// and V rows ATT_PREFETCH_BYTES ahead are fetched by hand (inline: a helper function for it
+// measured 1.6x slower on a cache larger than L3).
+// HG query heads (q: HG rows of hd floats) sharing one kv head, over positions [p0, p1): the
+// AttendPartFn contract (qk_types.h). Each K row is loaded once for the HG heads (one horizontal
+// sum per head and position: 8 positions reduced together by hadd trees measured faster only while
+// the cache fits in L3, and 1.2-1.4x slower beyond it, where long contexts are). The weighted V sum
+// keeps HG x VC vectors of the output in registers and reads each V row once for all HG heads.
+template <int HG, int KT>
+static void attend_group(const float* q, float* o, float* ml, const typename Kv<KT>::T* const* Kb,
+                         const typename Kv<KT>::T* const* Vb, int64_t bs, int64_t p0, int64_t p1, int64_t hd,
+                         float scale, float* scores) {
   using F = typename S::F;
-  const int64_t n = L - start;
-  float mx[HG], inv[HG];
+  using T = typename Kv<KT>::T;
+  const int64_t n = p1 - p0;
+  const int64_t ahead = ATT_PREFETCH_BYTES / (hd * (int64_t)sizeof(T)) > 8 ? ATT_PREFETCH_BYTES / (hd * (int64_t)sizeof(T)) : 8;
+  float mx[HG];
   for (int i = 0; i < HG; ++i) mx[i] = -INFINITY;
-  for (int64_t p = start; p < L;) {
-    const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
-    const float* kr = Kb[j] + kv_off + (p - j * bs) * hd;
+  for (int64_t p = p0; p < p1;) {
+    const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
+    const T* kr = Kb[j] + (p - j * bs) * hd;
     for (; p < end; ++p, kr += hd) {
-      // The cache is paged: a block's rows of one layer and kv head are contiguous, but the next
-      // block is elsewhere, so the hardware prefetcher loses the stream at every block (and 4 KiB
-      // page). Fetch the K and V rows ATT_PREFETCH positions ahead ourselves.
-      if (p + ATT_PREFETCH < L) {
-        const int64_t q = p + ATT_PREFETCH, off = kv_off + (q % bs) * hd;
-        prefetch_bytes((const uint8_t*)(Kb[q / bs] + off), hd * (int64_t)sizeof(float));
-        prefetch_bytes((const uint8_t*)(Vb[q / bs] + off), hd * (int64_t)sizeof(float));
+      if (p + ahead < p1) {
+        const int64_t qq = p + ahead, off = (qq % bs) * hd;
+        prefetch_bytes((const uint8_t*)(Kb[qq / bs] + off), hd * (int64_t)sizeof(T));
+        prefetch_bytes((const uint8_t*)(Vb[qq / bs] + off), hd * (int64_t)sizeof(T));
       }
       F acc[HG];
       for (int i = 0; i < HG; ++i) acc[i] = S::zero();
       for (int64_t d = 0; d < hd; d += S::L) {
-        const F kv = S::f32(kr + d);
-#pragma GCC unroll 4
-        for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::f32(qh[i] + d), kv, acc[i]);
+        const F kk = Kv<KT>::ld(kr + d);
+        for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::f32(q + i * hd + d), kk, acc[i]);
       }
-#pragma GCC unroll 4
       for (int i = 0; i < HG; ++i) {
         const float v = S::hsum(acc[i]) * scale;
-        sc[i][p - start] = v;
+        scores[i * n + (p - p0)] = v;
         mx[i] = v > mx[i] ? v : mx[i];
       }
     }
   }
-  for (int i = 0; i < HG; ++i) inv[i] = 1.f / softmax_exp_v(sc[i], n, mx[i]);
+  for (int i = 0; i < HG; ++i) {
+    ml[2 * i] = mx[i];
+    ml[2 * i + 1] = softmax_exp_v(scores + i * n, n, mx[i]);
+  }
   constexpr int VC = HG <= 2 ? 4 : 2;  // output vectors per pass: HG * VC accumulators in registers
   for (int64_t d0 = 0; d0 < hd; d0 += VC * S::L) {
     if (hd - d0 < VC * S::L) {  // a tail narrower than VC vectors: one vector at a time
       for (int64_t d = d0; d < hd; d += S::L) {
         F acc[HG];
         for (int i = 0; i < HG; ++i) acc[i] = S::zero();
-        for (int64_t p = start; p < L; ++p) {
-          const float* vr = Vb[p / bs] + kv_off + (p % bs) * hd + d;
-          const F vv = S::f32(vr);
-          for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::set1(sc[i][p - start] * inv[i]), vv, acc[i]);
+        for (int64_t p = p0; p < p1; ++p) {
+          const F vv = Kv<KT>::ld(Vb[p / bs] + (p % bs) * hd + d);
+          for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::set1(scores[i * n + (p - p0)]), vv, acc[i]);
         }
-        for (int i = 0; i < HG; ++i) S::store(oh[i] + d, acc[i]);
+        for (int i = 0; i < HG; ++i) S::store(o + i * hd + d, acc[i]);
       }
       break;
     }
@@ -693,54 +714,63 @@ static void attend_group(const float* const* qh, float* const* oh, float* const*
     for (int i = 0; i < HG; ++i)
 #pragma GCC unroll 4
       for (int v = 0; v < VC; ++v) acc[i][v] = S::zero();
-    for (int64_t p = start; p < L;) {
-      const int64_t j = p / bs, end = (j + 1) * bs < L ? (j + 1) * bs : L;
-      const float* vr = Vb[j] + kv_off + (p - j * bs) * hd + d0;
+    for (int64_t p = p0; p < p1;) {
+      const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
+      const T* vr = Vb[j] + (p - j * bs) * hd + d0;
       for (; p < end; ++p, vr += hd) {
 #pragma GCC unroll 4
         for (int i = 0; i < HG; ++i) {
-          const F w = S::set1(sc[i][p - start] * inv[i]);
+          const F w = S::set1(scores[i * n + (p - p0)]);
 #pragma GCC unroll 4
-          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, S::f32(vr + v * S::L), acc[i][v]);
+          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr + v * S::L), acc[i][v]);
         }
       }
     }
 #pragma GCC unroll 4
     for (int i = 0; i < HG; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < VC; ++v) S::store(oh[i] + d0 + v * S::L, acc[i][v]);
+      for (int v = 0; v < VC; ++v) S::store(o + i * hd + d0 + v * S::L, acc[i][v]);
   }
 }
 
-// Decode attention for one sequence (see generic::attend_decode for the contract), with the q.k
-// dot products and the weighted sum of V in vectors, walking the cache block by block (rows inside
-// a block are contiguous). The query heads that share a kv head (grouped-query attention) are
-// done together, up to 4 at a time (attend_group): each K and V row is loaded once for all of
-// them. hd must be a multiple of S::L (else the portable version runs); `scores` holds
-// nh * (L - start) floats.
-static void attend_one(const float* q, float* __restrict out, const float* const* Kb, const float* const* Vb, int64_t bs,
-                       int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
-                       float* __restrict scores) {
-  const int64_t group = nh / nkv, n = L - start;
-  for (int64_t kvh = 0; kvh < nkv; ++kvh) {
-    for (int64_t h0 = kvh * group; h0 < (kvh + 1) * group; h0 += 4) {
-      const int64_t hg = (kvh + 1) * group - h0 < 4 ? (kvh + 1) * group - h0 : 4;  // heads in this pass
-      const float* qh[4];
-      float* oh[4];
-      float* sc[4];
-      for (int64_t i = 0; i < hg; ++i) {
-        qh[i] = q + (h0 + i) * hd;
-        oh[i] = out + (h0 + i) * hd;
-        sc[i] = scores + (h0 + i) * n;
-      }
-      const int64_t off = kvh * head_stride;
-      switch (hg) {
-        case 1: attend_group<1>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
-        case 2: attend_group<2>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
-        case 3: attend_group<3>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
-        default: attend_group<4>(qh, oh, sc, Kb, Vb, bs, off, start, L, hd, scale); break;
-      }
+// AttendPartFn for element type KT: the heads in passes of up to 8 (AVX-512) or 4 (attend_group). hd must be a
+// multiple of S::L (else the portable version runs: qk.cpp attend_for).
+template <int KT>
+static void attend_part(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb, int64_t bs,
+                        int64_t p0, int64_t p1, int64_t hn, int64_t hd, float scale, float* scores) {
+  using T = typename Kv<KT>::T;
+  const T* const* K = (const T* const*)Kb;
+  const T* const* V = (const T* const*)Vb;
+  const int64_t n = p1 - p0;
+  constexpr int64_t MAXG = S::L == 16 ? 8 : 4;  // heads per pass: their accumulators fit the registers
+  for (int64_t h0 = 0; h0 < hn; h0 += MAXG) {
+    const int64_t hg = hn - h0 < MAXG ? hn - h0 : MAXG;
+    const float* qh = q + h0 * hd;
+    float *oh = o + h0 * hd, *mh = ml + 2 * h0, *sh = scores + h0 * n;
+    switch (hg) {
+      case 1: attend_group<1, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      case 2: attend_group<2, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      case 3: attend_group<3, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      case 4: attend_group<4, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      default:
+        if constexpr (MAXG == 8) {
+          switch (hg) {
+            case 5: attend_group<5, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+            case 6: attend_group<6, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+            case 7: attend_group<7, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+            default: attend_group<8, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+          }
+        }
+        break;
     }
+  }
+}
+
+static AttendPartFn attend_for_type(int kv_type) {
+  switch (kv_type) {
+    case KV_F16: return attend_part<KV_F16>;
+    case KV_BF16: return attend_part<KV_BF16>;
+    default: return attend_part<KV_F32>;
   }
 }
 

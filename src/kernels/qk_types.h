@@ -208,10 +208,48 @@ static inline void make_xt(const float* x, int64_t T, int64_t K, int64_t cw, flo
 }
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
-// Decode attention over one sequence's paged cache (generic::attend_decode has the contract).
-typedef void (*AttendFn)(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
-                         int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd,
-                         float scale, float* scores);
+// The KV cache's element types (kv_dtype): fp32, IEEE half, bfloat16. Rows are written from fp32
+// (rounded to nearest even) and read back widened to fp32; all arithmetic is fp32.
+enum KvType { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+// Partial attention of one sequence's row: the `hn` query heads q[0..hn) (hd floats each, all
+// reading one kv head) over cache positions [p0, p1). Kb[j] / Vb[j] point at the kv head's rows of
+// the j-th block of the range (bs rows of hd elements of the KV type, contiguous), p0 and p1
+// count from the start of Kb[0]. Writes, per head i: o[i] = sum_p exp(s_p - m_i) V_p (not yet
+// divided), ml[2i] = m_i = max_p s_p, ml[2i+1] = l_i = sum_p exp(s_p - m_i), where
+// s_p = scale * q_i . K_p. `scores` holds hn * (p1 - p0) floats. Splits of a row merge as
+// flash-decoding does (qk.cpp paged_attend); one split is o / l.
+typedef void (*AttendPartFn)(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb,
+                             int64_t bs, int64_t p0, int64_t p1, int64_t hn, int64_t hd, float scale, float* scores);
+
+static inline uint16_t f32_to_f16(float f) {  // IEEE half, round to nearest even (portable)
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000;
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0));  // inf, nan
+  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);  // rounds past 65504: inf
+  if (ax < 0x38800000u) {  // below the smallest normal half (2^-14): a subnormal or 0
+    if (ax < 0x33000000u) return (uint16_t)sign;  // under half the smallest subnormal
+    const uint32_t e = ax >> 23, m = (ax & 0x7fffff) | 0x800000;
+    const uint32_t shift = 126 - e;  // m * 2^(e-150) in units of 2^-24: m >> (150 - 24 - e)
+    uint32_t h = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) ++h;
+    return (uint16_t)(sign | h);
+  }
+  uint32_t h = ((ax >> 13) - ((127 - 15) << 10));  // exponent rebias, 10 mantissa bits
+  const uint32_t rem = ax & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;  // a carry into the exponent is right
+  return (uint16_t)(sign | h);
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even; nan stays nan
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);
+  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
 
 // y[T, I] = silu(gu[:, :I]) * gu[:, I:] (generic::silu_mul has the contract).
 typedef void (*SiluFn)(const float* gu, float* y, int64_t T, int64_t I);

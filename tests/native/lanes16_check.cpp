@@ -1,6 +1,6 @@
 // Checks qk_simd.h at 16 lanes (the AVX-512 shape) on any CPU: the vector wrapper is plain arrays,
 // so the lane-count logic (group splits, Q6_K half scales, tails) runs against the generic build.
-// Decode attention (attend_one) is checked the same way. tests/test_kernels.py compiles and runs it;
+// Partial decode attention (attend_part: heads in passes of up to 8, every KV type) is checked the same way. tests/test_kernels.py compiles and runs it;
 // on an AVX-512 machine the real path is tested too.
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,9 +61,7 @@ struct S {
 }
 namespace generic {
 RowsFn get(int type);
-void attend_decode(const float* q, float* out, const float* const* Kb, const float* const* Vb, int64_t bs,
-                   int64_t head_stride, int64_t start, int64_t L, int64_t nh, int64_t nkv, int64_t hd, float scale,
-                   float* scores);
+AttendPartFn get_attend(int kv_type);
 void silu_mul(const float* gu, float* y, int64_t T, int64_t I);
 }
 }
@@ -93,18 +91,28 @@ int main(){
   }
   // decode attention at 16 lanes (hd 64 and 128, grouped heads, paged in blocks of 16 with a window
   // start and a partial last block) vs the portable version
-  int heads[3][2]={{6,2},{10,2},{4,4}};  // query heads per kv head: 3, 5 (two passes), 1
-  for(auto& hk: heads) for(int hd: {64,128}) for(int start: {0,5}){ const int nh=hk[0], nkv=hk[1], bs=16, nblk=3, L=37;
-    std::vector<float> q(nh*hd), K(nblk*nkv*bs*hd), V(nblk*nkv*bs*hd), o1(nh*hd), o2(nh*hd), sc(nh*L);
-    for(auto*v:{&q,&K,&V}) for(auto&f:*v) f=(rand()/(float)RAND_MAX)-0.5f;
-    const float* kb[nblk]; const float* vb[nblk]; int order[nblk]={2,0,1};  // blocks out of order
-    for(int j=0;j<nblk;j++){ kb[j]=K.data()+order[j]*nkv*bs*hd; vb[j]=V.data()+order[j]*nkv*bs*hd; }
-    emu::attend_one(q.data(),o1.data(),kb,vb,bs,bs*hd,start,L,nh,nkv,hd,0.125f,sc.data());
-    generic::attend_decode(q.data(),o2.data(),kb,vb,bs,bs*hd,start,L,nh,nkv,hd,0.125f,sc.data());
-    double num=0,den=0; for(int i=0;i<nh*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}
-    double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL attention hd %d err %g\n",hd,e);
+  // query heads per kv head: 3, 5 (one pass of 16 lanes, two of 8), 16 (two passes of 8), 1
+  int heads[4][2]={{6,2},{10,2},{16,1},{4,4}};
+  for(int kt: {(int)KV_F32,(int)KV_F16,(int)KV_BF16})
+  for(auto& hk: heads) for(int hd: {64,128}) for(int p0: {0,5}){ const int nh=hk[0], nkv=hk[1], bs=16, nblk=3, L=37;
+    const int esz = kt==KV_F32 ? 4 : 2, g = nh/nkv;
+    std::vector<float> q(nh*hd), o1(g*hd), o2(g*hd), sc(g*L), ml1(2*g), ml2(2*g);
+    std::vector<uint8_t> K(nblk*nkv*bs*hd*esz), V(nblk*nkv*bs*hd*esz);
+    for(auto&f:q) f=(rand()/(float)RAND_MAX)-0.5f;
+    for(auto*m:{&K,&V}) for(size_t i=0;i<m->size()/esz;i++){ float f=(rand()/(float)RAND_MAX)-0.5f;
+      if(kt==KV_F32) memcpy(&(*m)[4*i],&f,4); else { uint16_t h = kt==KV_F16 ? f32_to_f16(f) : f32_to_bf16(f); memcpy(&(*m)[2*i],&h,2); } }
+    int order[nblk]={2,0,1};  // blocks out of order
+    for(int kvh=0;kvh<nkv;kvh++){
+      const void* kb[nblk]; const void* vb[nblk];
+      for(int j=0;j<nblk;j++){ kb[j]=K.data()+((order[j]*nkv+kvh)*bs*hd)*esz; vb[j]=V.data()+((order[j]*nkv+kvh)*bs*hd)*esz; }
+      AttendPartFn emu_fn = kt==KV_F32 ? emu::attend_part<KV_F32> : kt==KV_F16 ? emu::attend_part<KV_F16> : emu::attend_part<KV_BF16>;
+      emu_fn(q.data()+kvh*g*hd,o1.data(),ml1.data(),kb,vb,bs,p0,L,g,hd,0.125f,sc.data());
+      generic::get_attend(kt)(q.data()+kvh*g*hd,o2.data(),ml2.data(),kb,vb,bs,p0,L,g,hd,0.125f,sc.data());
+      double num=0,den=0; for(int i=0;i<g*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}
+      for(int i=0;i<2*g;i++){num+=(ml1[i]-ml2[i])*(double)(ml1[i]-ml2[i]); den+=ml2[i]*(double)ml2[i];}
+      double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL attention kv %d nh %d hd %d err %g\n",kt,nh,hd,e);
+    }
   }
-  // silu(gate) * up at 16 lanes, a tail of 5 included, gates from -100 to 100
   { const int T=3, I=37; std::vector<float> gu(T*2*I), y1(T*I), y2(T*I);
     for(auto&f:gu) f=200.f*(rand()/(float)RAND_MAX)-100.f;
     emu::silu_mul_v(gu.data(),y1.data(),T,I); generic::silu_mul(gu.data(),y2.data(),T,I);
