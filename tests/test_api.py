@@ -536,6 +536,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "cache_used_tokens",
         "cache_budget_tokens",
         "cache_block_size",
+        "kv_dtype",
         "cache_blocks_total",
         "cache_blocks_free",
         "prefix_cached_blocks",

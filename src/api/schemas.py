@@ -424,6 +424,9 @@ class NodeView(BaseModel):
     cache_used_tokens: int = Field(description="KV positions of the blocks requests hold now.")
     cache_budget_tokens: int = Field(description="KV positions of the node's preallocated block pool.")
     cache_block_size: int = Field(description="Token positions per KV block.")
+    kv_dtype: str = Field(
+        description="Element type of the node's KV cache: f32, f16 or bf16 (config kv_dtype)."
+    )
     cache_blocks_total: int = Field(description="Blocks in the pool.")
     cache_blocks_free: int = Field(description="Blocks no request holds (some keep a cached prefix).")
     prefix_cached_blocks: int = Field(

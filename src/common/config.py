@@ -79,6 +79,11 @@ class NodeConfig(_Strict):
         description="Override of node_defaults.memory_limit for this node: 'auto', bytes, or a size such as '6GiB'.",
     )
     lossy_int8: bool | None = Field(None, description="Override of node_defaults.lossy_int8 for this node.")
+    kv_dtype: KvDtype | None = Field(None, description="Override of node_defaults.kv_dtype for this node.")
+
+
+KV_DTYPE_NAMES = ("f32", "f16", "bf16")
+KvDtype = Literal["f32", "f16", "bf16"]
 
 
 class NodeDefaults(_Strict):
@@ -117,6 +122,13 @@ class NodeDefaults(_Strict):
         "as llama.cpp does: ~2.5x faster prefill on Qwen2.5-Coder-1.5B, outputs close to the exact path's but "
         "not equal (README: quality figures). Other weight types stay exact. Off (the default): every matmul "
         "takes fp32 activations, equal to transformers up to summation order.",
+    )
+    kv_dtype: KvDtype = Field(
+        "f32",
+        description="Element type of the node's KV cache: 'f32' (the default, the exact reference), 'f16' or "
+        "'bf16' (half the bytes per position: an 'auto' pool holds twice the positions in the same memory; "
+        "rows are rounded to nearest even when written, attention runs in fp32; llama.cpp's -ctk/-ctv, "
+        "vLLM's kv_cache_dtype). q8_0 is not implemented and is refused.",
     )
 
 
@@ -385,6 +397,8 @@ def _describe(err: Any, raw: dict) -> str:
     loc = err["loc"]
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     msg = err["msg"].removeprefix("Value error, ")
+    if err.get("type") == "literal_error":  # a choice: name what was given too
+        msg += f", got {err.get('input')!r}"
     where = ""
     if len(loc) >= 2 and loc[0] == "nodes" and isinstance(loc[1], int):
         try:

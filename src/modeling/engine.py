@@ -64,6 +64,7 @@ class StageEngine:
         cache_budget_tokens: int = 32768,
         max_context: int | None = None,
         block_size: int = BLOCK_SIZE,
+        kv_dtype: str = "f32",
     ) -> None:
         self.loaded = loaded
         cfg = loaded.cfg
@@ -76,6 +77,7 @@ class StageEngine:
             cache_budget_tokens,
             self.max_context,
             block_size,
+            kv_dtype,
         )
 
     def forward(self, chunks: Sequence[SeqChunk], hidden: np.ndarray | None = None) -> StageOutput:

@@ -34,11 +34,15 @@ from pipeserve.common.errors import (
     UnknownRequestError,
 )
 from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
+from pipeserve.kernels import KV_DTYPES
 
 
-def kv_token_layer_bytes(n_kv_heads: int, head_dim: int) -> int:
-    """Bytes one token position takes in one layer of the pool: k and v, fp32 (memory budgets)."""
-    return 2 * n_kv_heads * head_dim * 4
+KV_ITEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # bytes per element of each kv_dtype
+
+
+def kv_token_layer_bytes(n_kv_heads: int, head_dim: int, kv_dtype: str = "f32") -> int:
+    """Bytes one token position takes in one layer of the pool: k and v (memory budgets)."""
+    return 2 * n_kv_heads * head_dim * KV_ITEM_BYTES[kv_dtype]
 
 
 @dataclass
@@ -60,14 +64,19 @@ class KVCachePool:
         budget_tokens: int,
         max_context: int,
         block_size: int = BLOCK_SIZE,
+        kv_dtype: str = "f32",
     ) -> None:
+        if kv_dtype not in KV_ITEM_BYTES:
+            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_ITEM_BYTES)}")
+        self.kv_dtype = kv_dtype
         self.block_size = block_size
         self.n_blocks = max(1, -(-budget_tokens // block_size))
         self.budget_tokens = self.n_blocks * block_size
         self.max_context = max_context
         shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, head_dim)
         # untouched pages are not resident: memory grows with use
-        (self._k_map, self.k), (self._v_map, self.v) = _lazy_zeros(shape), _lazy_zeros(shape)
+        dtype = KV_DTYPES[kv_dtype][0]
+        (self._k_map, self.k), (self._v_map, self.v) = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
         self.block_bytes = self.k[0].nbytes  # of k, and as much of v
         self.refs = [0] * self.n_blocks
         self.hash_of: list[bytes | None] = [None] * self.n_blocks
@@ -323,13 +332,14 @@ class KVCachePool:
         assert all(self.hash_of[b] == h for h, b in self.cached.items())
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> tuple[mmap.mmap, np.ndarray]:
-    """A float32 array over its own anonymous memory map (returned with it): zeros, and no page is
+def _lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic] = np.float32) -> tuple[mmap.mmap, np.ndarray]:
+    """An array over its own anonymous memory map (returned with it): zeros, and no page is
     resident before it is written (numpy's allocator would ask for transparent huge pages on a
     large array, so a written 16-token block would make 2 MiB resident)."""
-    n = int(np.prod(shape)) * 4
+    item = np.dtype(dtype).itemsize
+    n = int(np.prod(shape)) * item
     buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return buf, np.frombuffer(buf, dtype=np.float32, count=n // 4).reshape(shape)
+    return buf, np.frombuffer(buf, dtype=dtype, count=n // item).reshape(shape)
 
 
 def _discard_pages(m: mmap.mmap, offset: int, n: int) -> None:

@@ -61,11 +61,12 @@ class NodeBudget:
         cache_tokens: int | Literal["auto"],
         max_batch_tokens: int,
         max_running: int,
+        kv_dtype: str = "f32",
     ) -> NodeBudget:
         """The plan for `source`, from its files' headers only (no tensor data is read);
         `max_batch_tokens` and `max_running` (the coordinator's) bound one step's scratch, and the
         smallest pool `auto` gives is one step."""
-        kv = kv_token_layer_bytes(cfg.n_kv_heads, cfg.head_dim)
+        kv = kv_token_layer_bytes(cfg.n_kv_heads, cfg.head_dim, kv_dtype)
         runtime = runtime_bytes(
             cfg.hidden_size,
             cfg.intermediate_size,

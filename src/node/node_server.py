@@ -210,6 +210,7 @@ def node_info(r: StageRunner) -> pb.NodeInfo:
         vocab_size=ld.cfg.vocab_size,
         max_context=eng.max_context,
         cache_budget_tokens=eng.cache.budget_tokens,
+        kv_dtype=eng.cache.kv_dtype,
         cache_used_tokens=snap.used_tokens,
         active_requests=len(snap.request_ids),
         rss_bytes=r.rss_bytes(),
@@ -268,6 +269,7 @@ class NodeServer:
         )
         lossy = known.lossy_int8 if known else None
         self.lossy_int8 = cfg.node_defaults.lossy_int8 if lossy is None else lossy
+        self.kv_dtype = (known.kv_dtype if known else None) or cfg.node_defaults.kv_dtype
         self.layers = layers
         self.runner: StageRunner | None = None
         self.loaded_event = threading.Event()
@@ -305,6 +307,7 @@ class NodeServer:
                 self.budget,
                 self.cfg.coordinator.max_batch_tokens,
                 self.cfg.coordinator.max_running,
+                self.kv_dtype,
             )
             if self.layers is None and self.cfg.layers == "auto":
                 self.servicer.capacity = measure_capacity(source, n_layers, budget)
@@ -346,6 +349,7 @@ class NodeServer:
                 need.kv_tokens,
                 self.cfg.node_defaults.cache_ttl_s,
                 self.cfg.max_context,
+                self.kv_dtype,
             )
             self.servicer._runner = self.runner
             mb = self.cfg.node_defaults.max_message_mb

@@ -48,9 +48,10 @@ class StageRunner:
         cache_budget_tokens: int,
         cache_ttl_s: float,
         max_context: int | None = None,
+        kv_dtype: str = "f32",
     ) -> None:
         self.node_id, self.part, self.loaded = node_id, part, loaded
-        self.engine = StageEngine(loaded, cache_budget_tokens, max_context)
+        self.engine = StageEngine(loaded, cache_budget_tokens, max_context, kv_dtype=kv_dtype)
         self.cache_ttl_s = cache_ttl_s
         self.stats = RunnerStats()
         self._lock = threading.Lock()
