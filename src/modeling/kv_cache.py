@@ -36,7 +36,6 @@ from pipeserve.common.errors import (
 from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
 from pipeserve.kernels import KV_DTYPES
 
-
 KV_ITEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # bytes per element of each kv_dtype
 
 
