@@ -102,8 +102,10 @@ typecheck: deps kernels proto
 pytest: deps kernels proto
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-bench-kv: deps kernels proto
+bench-kv: deps kernels proto models
 	$(BIN)/python scripts/bench_kv.py --out bench/kv.json
+	$(BIN)/python scripts/bench_context.py --model smollm2-135m-instruct
+	$(BIN)/python scripts/bench_context.py --model qwen2.5-coder-1.5b-instruct --prefill 4096,16384
 
 bench-models: deps models kernels proto
 	$(BIN)/python scripts/bench_models.py --out bench/models.json

@@ -912,3 +912,36 @@ def test_kv_pool_dtypes_refused_when_wrong():
         kernels.PagedAttention(kp.astype(np.float16), vp.astype(np.float16), tables, lengths).kv_dtype
         == "f16"
     )
+
+
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_paged_attention_long_prefill_chunk_in_tiles(isa, threads, kv_dtype):
+    """A 40-row prefill chunk at positions 1000..1039 (its rows cross the split at 1024: tiles whose
+    rows have 2 and 3 splits) after 1000 cached positions: causal, equal to torch's masked attention
+    in float64 over the cache's own values, and each row's bits equal the row computed alone."""
+    rng = np.random.default_rng(27)
+    nh, nkv, hd, bs, start, t = 12, 2, 128, 16, 1000, 40
+    nblk = -(-(start + t) // bs)
+    k32, v32 = kv_pools(rng, nblk + 3, 1, nkv, bs, hd)
+    kp, k_val = kv_round(k32, kv_dtype)
+    vp, v_val = kv_round(v32, kv_dtype)
+    table = rng.permutation(nblk + 3)[:nblk]
+    lengths = start + 1 + np.arange(t)
+    qkv = randn(rng, t, (nh + 2 * nkv) * hd)
+    got = kernels.PagedAttention(kp, vp, np.tile(table, (t, 1)), lengths)(0, qkv, nh)
+    for i, n in enumerate(lengths):  # the chunk's rows as the pool holds them
+        blk, off = table[(n - 1) // bs], (n - 1) % bs
+        k_val[blk, 0, :, off] = kv_round(qkv[i, nh * hd : (nh + nkv) * hd].reshape(nkv, hd), kv_dtype)[1]
+        v_val[blk, 0, :, off] = kv_round(qkv[i, (nh + nkv) * hd :].reshape(nkv, hd), kv_dtype)[1]
+    want = causal_sdpa(
+        qkv[:, : nh * hd].reshape(t, nh, hd),
+        cached(k_val, table, 0, start + t),
+        cached(v_val, table, 0, start + t),
+        lengths,
+    )
+    assert rel_err(got.reshape(t, nh, hd), want) <= 1e-5
+    for i in (0, 23, 24, 39):  # alone (its own k/v rewritten with the same values)
+        alone = kernels.PagedAttention(kp, vp, table[None, :], [lengths[i]])(
+            0, np.ascontiguousarray(qkv[i : i + 1]), nh
+        )
+        assert np.array_equal(alone[0], got[i]), i

@@ -411,6 +411,7 @@ struct PagedKV {
 static constexpr int64_t ATT_SPLIT = 512;
 static constexpr int64_t ATT_MAX_BLOCKS = ATT_SPLIT + 2;  // blocks a split can touch (block size 1)
 static constexpr int64_t ATT_WAVE_FLOATS = 1 << 20;  // partials held at once (4 MiB): rows go in waves
+static constexpr int64_t ATT_QROWS = 16;  // rows of one prefill chunk that share a K/V split in turn
 
 static void write_row(uint8_t* dst, const float* src, int64_t hd, int kv_type) {
   if (kv_type == KV_F32) {
@@ -425,8 +426,11 @@ static void write_row(uint8_t* dst, const float* src, int64_t hd, int kv_type) {
 // first writes its k/v at position lengths[b] - 1 of its blocks in `layer` (rounded to the KV
 // type); then the rows attend, in parallel -> out [B, nh, hd]. Written first, rows that share a
 // block table see each other's keys: a prefill chunk of t tokens is t rows over one table with
-// lengths start+1 .. start+t. Items are (row, kv head, split); a row of one split is divided by its
-// softmax sum in place, the others leave partials (o, max, sum) that a second pass merges.
+// lengths start+1 .. start+t. Items are (tile of rows, kv head, split): consecutive rows of one
+// sequence (a prefill chunk) take turns on a split while its K/V rows are in cache, so a chunk of
+// 256 rows reads the sequence's cache from memory 16 times, not 256 (each row's arithmetic is the
+// same as alone). A row of one split is divided by its softmax sum in place; the others leave
+// partials (o, max, sum) that a second pass merges.
 static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int64_t row_stride, int64_t nh,
                          float* out, float scale) {
   const int64_t hd = kv.hd, nkv = kv.n_kv, group = nh / nkv, layer_offset = layer * kv.layer_stride;
@@ -439,41 +443,59 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
       write_row(kv.v_pool + (off + j * kv.head_stride) * kv.esz, v + b * row_stride + j * hd, hd, kv.kv_type);
     }
   }
+  struct Row {
+    int64_t ns;    // its splits
+    int64_t part;  // where its partials start (floats into parts), -1: one split, straight into out
+  };
+  // rows b0..b1-1 (consecutive rows of one sequence with one start: a prefill chunk) x kv head x
+  // split s: the rows take turns on the same K/V split while it is in cache (a query tile)
   struct Item {
-    int64_t b, kvh, p0, p1;
-    int64_t part;  // where its partials go (floats into parts), -1: the row has one split
+    int64_t b0, b1, kvh, s;
   };
   struct Ctx {
     const PagedKV* kv;
     const float* q;
-    int64_t row_stride, nh, group, layer_offset;
+    int64_t row_stride, nh, group, layer_offset, split, part_floats;
     float* out;
     float scale;
     AttendPartFn attend;
     const Item* items;
+    const Row* rows;
     float* parts;
-  } c{&kv, qkv, row_stride, nh, group, layer_offset, out, scale, attend_for(hd, kv.kv_type), nullptr, nullptr};
-  const int64_t part_floats = group * (hd + 2);  // one item's partials: o [group, hd], (max, sum) [group]
-  const int64_t split = ATT_SPLIT / kv.bs > 0 ? ATT_SPLIT / kv.bs * kv.bs : kv.bs;
+  } c{&kv,  qkv,   row_stride, nh, group, layer_offset, 0, group * (hd + 2), out, scale, attend_for(hd, kv.kv_type),
+      nullptr, nullptr, nullptr};
+  // one split's partials: o [group, hd], then (max, sum) for each of the group's heads
+  const int64_t part_floats = c.part_floats;
+  c.split = ATT_SPLIT / kv.bs > 0 ? ATT_SPLIT / kv.bs * kv.bs : kv.bs;
+  const int64_t split = c.split;
   if (group * split > pool::scratch_floats()) pool::reserve_scratch(group * split);
+  std::vector<Row> rows(kv.B);
   std::vector<Item> items;
   std::vector<float> parts;
   for (int64_t b0 = 0; b0 < kv.B;) {  // a wave of rows whose partials fit ATT_WAVE_FLOATS
-    items.clear();
     int64_t n_parts = 0, b1 = b0;
     for (; b1 < kv.B; ++b1) {
-      const int64_t s0 = kv.starts[b1], L = kv.lengths[b1], ns = (L - s0 + split - 1) / split;
+      const int64_t ns = (kv.lengths[b1] - kv.starts[b1] + split - 1) / split;
       const int64_t need = ns > 1 ? ns * nkv * part_floats : 0;
       if (b1 > b0 && n_parts + need > ATT_WAVE_FLOATS) break;
+      rows[b1] = {ns, ns > 1 ? n_parts : -1};
+      n_parts += need;
+    }
+    items.clear();
+    for (int64_t g0 = b0; g0 < b1;) {  // query tiles: up to ATT_QROWS rows sharing a table and a start
+      int64_t g1 = g0 + 1, max_ns = rows[g0].ns;
+      while (g1 < b1 && g1 - g0 < ATT_QROWS && kv.starts[g1] == kv.starts[g0] &&
+             memcmp(kv.tables + g1 * kv.max_blocks, kv.tables + g0 * kv.max_blocks, kv.max_blocks * sizeof(int64_t)) == 0) {
+        max_ns = rows[g1].ns > max_ns ? rows[g1].ns : max_ns;
+        ++g1;
+      }
       for (int64_t j = 0; j < nkv; ++j)
-        for (int64_t s = 0; s < ns; ++s) {
-          const int64_t p0 = s0 + s * split, p1 = p0 + split < L ? p0 + split : L;
-          items.push_back({b1, j, p0, p1, ns > 1 ? n_parts : -1});
-          if (ns > 1) n_parts += part_floats;
-        }
+        for (int64_t s = 0; s < max_ns; ++s) items.push_back({g0, g1, j, s});
+      g0 = g1;
     }
     parts.resize(n_parts);
     c.items = items.data();
+    c.rows = rows.data();
     c.parts = parts.data();
     pool::Use use;
     use.run(
@@ -481,8 +503,14 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
           const Ctx& x = *(const Ctx*)p;
           const PagedKV& kv = *x.kv;
           const Item& it = x.items[i];
-          const int64_t* table = kv.tables + it.b * kv.max_blocks;
-          const int64_t j0 = it.p0 / kv.bs, j1 = (it.p1 + kv.bs - 1) / kv.bs;
+          const int64_t* table = kv.tables + it.b0 * kv.max_blocks;
+          const int64_t p0 = kv.starts[it.b0] + it.s * x.split, hd = kv.hd, h0 = it.kvh * x.group;
+          int64_t p_end = p0;  // the furthest position any of the tile's rows reads in this split
+          for (int64_t r = it.b0; r < it.b1; ++r) {
+            const int64_t p1 = p0 + x.split < kv.lengths[r] ? p0 + x.split : kv.lengths[r];
+            p_end = p1 > p_end ? p1 : p_end;
+          }
+          const int64_t j0 = p0 / kv.bs, j1 = (p_end + kv.bs - 1) / kv.bs;
           const void* kb[ATT_MAX_BLOCKS];
           const void* vb[ATT_MAX_BLOCKS];
           const int64_t head_off = x.layer_offset + it.kvh * kv.head_stride;
@@ -490,53 +518,55 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
             kb[j - j0] = kv.k_pool + (table[j] * kv.block_stride + head_off) * kv.esz;
             vb[j - j0] = kv.v_pool + (table[j] * kv.block_stride + head_off) * kv.esz;
           }
-          const int64_t h0 = it.kvh * x.group, hd = kv.hd;
-          const float* q = x.q + it.b * x.row_stride + h0 * hd;
-          if (it.part < 0) {  // the row's only split: straight into out, divided by the sum
-            float* o = x.out + (it.b * x.nh + h0) * hd;
-            float ml[2 * 64];
-            for (int64_t g0 = 0; g0 < x.group; g0 += 64) {  // heads in groups of at most 64 (ml's size)
-              const int64_t hn = x.group - g0 < 64 ? x.group - g0 : 64;
-              x.attend(q + g0 * hd, o + g0 * hd, ml, kb, vb, kv.bs, it.p0 - j0 * kv.bs, it.p1 - j0 * kv.bs, hn, hd,
-                       x.scale, scores);
-              for (int64_t h = 0; h < hn; ++h) {
-                const float inv = 1.f / ml[2 * h + 1];
-                for (int64_t d = 0; d < hd; ++d) o[(g0 + h) * hd + d] *= inv;
+          for (int64_t r = it.b0; r < it.b1; ++r) {
+            const Row& row = x.rows[r];
+            if (it.s >= row.ns) continue;  // a shorter row of the tile: no positions in this split
+            const int64_t p1 = p0 + x.split < kv.lengths[r] ? p0 + x.split : kv.lengths[r];
+            const float* q = x.q + r * x.row_stride + h0 * hd;
+            if (row.part < 0) {  // the row's only split: straight into out, divided by the sum
+              float* o = x.out + (r * x.nh + h0) * hd;
+              float ml[2 * 64];
+              for (int64_t g0 = 0; g0 < x.group; g0 += 64) {  // heads in groups of at most 64 (ml's size)
+                const int64_t hn = x.group - g0 < 64 ? x.group - g0 : 64;
+                x.attend(q + g0 * hd, o + g0 * hd, ml, kb, vb, kv.bs, p0 - j0 * kv.bs, p1 - j0 * kv.bs, hn, hd, x.scale,
+                         scores);
+                for (int64_t h = 0; h < hn; ++h) {
+                  const float inv = 1.f / ml[2 * h + 1];
+                  for (int64_t d = 0; d < hd; ++d) o[(g0 + h) * hd + d] *= inv;
+                }
               }
+            } else {
+              float* o = x.parts + row.part + (it.kvh * row.ns + it.s) * x.part_floats;
+              x.attend(q, o, o + x.group * hd, kb, vb, kv.bs, p0 - j0 * kv.bs, p1 - j0 * kv.bs, x.group, hd, x.scale,
+                       scores);
             }
-          } else {
-            float* o = x.parts + it.part;
-            x.attend(q, o, o + x.group * hd, kb, vb, kv.bs, it.p0 - j0 * kv.bs, it.p1 - j0 * kv.bs, x.group, hd,
-                     x.scale, scores);
           }
         },
         &c, (int64_t)items.size(), group * split);
     if (n_parts) {  // merge each split row's partials: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s
       struct Merge {
         const Ctx* c;
-        const Item* items;
-        int64_t n_items, part_floats;
-      } m{&c, items.data(), (int64_t)items.size(), part_floats};
+        int64_t b0;
+      } m{&c, b0};
       pool::parallel_for(
           [](void* p, int64_t i) {
             const Merge& m = *(const Merge*)p;
-            const Item& first = m.items[i];
-            if (first.part < 0 || (i > 0 && m.items[i - 1].b == first.b && m.items[i - 1].kvh == first.kvh)) return;
             const Ctx& x = *m.c;
-            const int64_t hd = x.kv->hd;
-            int64_t n = 1;  // this (row, kv head)'s splits: items i .. i+n-1
-            while (i + n < m.n_items && m.items[i + n].b == first.b && m.items[i + n].kvh == first.kvh) ++n;
+            const int64_t nkv = x.kv->n_kv, r = m.b0 + i / nkv, kvh = i % nkv, hd = x.kv->hd;
+            const Row& row = x.rows[r];
+            if (row.part < 0) return;
+            const float* first = x.parts + row.part + kvh * row.ns * x.part_floats;
             for (int64_t h = 0; h < x.group; ++h) {
               float M = -INFINITY;
-              for (int64_t s = 0; s < n; ++s) {
-                const float ms = x.parts[m.items[i + s].part + x.group * hd + 2 * h];
+              for (int64_t s = 0; s < row.ns; ++s) {
+                const float ms = first[s * x.part_floats + x.group * hd + 2 * h];
                 M = ms > M ? ms : M;
               }
-              float* o = x.out + (first.b * x.nh + first.kvh * x.group + h) * hd;
+              float* o = x.out + (r * x.nh + kvh * x.group + h) * hd;
               for (int64_t d = 0; d < hd; ++d) o[d] = 0.f;
               float den = 0.f;
-              for (int64_t s = 0; s < n; ++s) {
-                const float* part = x.parts + m.items[i + s].part;
+              for (int64_t s = 0; s < row.ns; ++s) {
+                const float* part = first + s * x.part_floats;
                 const float w = __builtin_expf(part[x.group * hd + 2 * h] - M);
                 den += w * part[x.group * hd + 2 * h + 1];
                 for (int64_t d = 0; d < hd; ++d) o[d] += w * part[h * hd + d];
@@ -545,7 +575,7 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
               for (int64_t d = 0; d < hd; ++d) o[d] *= inv;
             }
           },
-          &m, m.n_items);
+          &m, (b1 - b0) * nkv);
     }
     b0 = b1;
   }
