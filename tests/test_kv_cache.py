@@ -147,8 +147,12 @@ def test_tiny_blocks_equal_the_default_blocks(tiny):
     small.cache.check()
 
 
-def test_prefix_cache_hit_gives_the_same_tokens(tiny):
-    eng = StageEngine(tiny, block_size=4)
+KV_DTYPES = ["f32", "f16", "bf16"]  # each exact within itself: a warm run equals a cold one
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_prefix_cache_hit_gives_the_same_tokens(tiny, kv_dtype):
+    eng = StageEngine(tiny, block_size=4, kv_dtype=kv_dtype)
     prompt = list(range(5, 40))  # 35 tokens: 8 full blocks
     cold = generate([eng], [prompt], 10)[0]
     eng.release(list(eng.cache.seqs))
@@ -164,11 +168,12 @@ def test_prefix_cache_hit_gives_the_same_tokens(tiny):
     eng.cache.check()
 
 
-def test_eviction_under_pressure_keeps_results_right(tiny):
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_eviction_under_pressure_keeps_results_right(tiny, kv_dtype):
     """A pool of 12 blocks of 4 for 3 concurrent 20-token sequences: prefixes come and go."""
-    eng = StageEngine(tiny, cache_budget_tokens=48, block_size=4)
+    eng = StageEngine(tiny, cache_budget_tokens=48, block_size=4, kv_dtype=kv_dtype)
     base = [list(range(s, s + 14)) for s in (3, 60, 120)]
-    want = [generate([StageEngine(tiny)], [p], 6)[0] for p in base]
+    want = [generate([StageEngine(tiny, kv_dtype=kv_dtype)], [p], 6)[0] for p in base]
     for rnd in range(3):
         for i, p in enumerate(base):
             rid = f"r{rnd}-{i}"
