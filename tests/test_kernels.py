@@ -945,3 +945,32 @@ def test_paged_attention_long_prefill_chunk_in_tiles(isa, threads, kv_dtype):
             0, np.ascontiguousarray(qkv[i : i + 1]), nh
         )
         assert np.array_equal(alone[0], got[i]), i
+
+
+def test_paged_attention_shared_prefix_read_in_tiles(isa, threads):
+    """Decode rows of three sequences, two of which share their first 1024 positions' blocks (two
+    whole splits, read once for both) and one that shares none: each row equals float64 over its own
+    cache and has the bits it has alone."""
+    rng = np.random.default_rng(31)
+    nh, nkv, hd, bs = 8, 2, 64, 16
+    kp, vp = kv_pools(rng, 300, 1, nkv, bs, hd)
+    shared = rng.permutation(300)[:64]  # 1024 positions
+    rest = [b for b in range(300) if b not in set(shared.tolist())]
+    tables = np.zeros((3, 100), np.int64)
+    tables[0, :94] = np.concatenate([shared, rest[:30]])  # 1500 positions
+    tables[1, :82] = np.concatenate([shared, rest[30:48]])  # 1300 positions
+    tables[2, :57] = rest[48:105]  # 900 positions
+    lengths = [1500, 1300, 900]
+    qkv = randn(rng, 3, (nh + 2 * nkv) * hd)
+    got = kernels.PagedAttention(kp, vp, tables, lengths)(0, qkv, nh)
+    want = reference.attend_decode(
+        t64(qkv[:, : nh * hd].reshape(3, nh, hd)),
+        [t64(cached(kp, tables[b], 0, n)) for b, n in enumerate(lengths)],
+        [t64(cached(vp, tables[b], 0, n)) for b, n in enumerate(lengths)],
+    )
+    assert rel_err(got.reshape(3, nh, hd), want) <= 1e-5
+    for b in range(3):
+        alone = kernels.PagedAttention(kp, vp, tables[b : b + 1], lengths[b : b + 1])(
+            0, np.ascontiguousarray(qkv[b : b + 1]), nh
+        )
+        assert np.array_equal(alone[0], got[b]), b

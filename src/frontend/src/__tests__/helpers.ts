@@ -160,6 +160,7 @@ export function node(id: string, part: number, layers: [number, number], over: P
     cache_used_tokens: 96,
     cache_budget_tokens: 4096,
     cache_block_size: 16,
+    kv_dtype: "f32",
     cache_blocks_total: 256,
     cache_blocks_free: 250,
     prefix_cached_blocks: 12,
