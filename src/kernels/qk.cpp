@@ -497,8 +497,9 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
     c.items = items.data();
     c.rows = rows.data();
     c.parts = parts.data();
-    pool::Use use;
-    use.run(
+    {  // the items; the pool is released before the merge takes it again
+      pool::Use use;
+      use.run(
         [](void* p, int64_t i, float* scores) {
           const Ctx& x = *(const Ctx*)p;
           const PagedKV& kv = *x.kv;
@@ -543,6 +544,7 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
           }
         },
         &c, (int64_t)items.size(), group * split);
+    }
     if (n_parts) {  // merge each split row's partials: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s
       struct Merge {
         const Ctx* c;
@@ -644,7 +646,7 @@ static int PagedKV_init(PagedKVObject* self, PyObject* args, PyObject*) {
   const Py_ssize_t* sh = w[0].shape;  // [n_blocks, layers, n_kv, bs, hd]
   const int64_t B = w[2].shape[0], max_blocks = w[2].shape[1];
   if (memcmp(sh, w[1].shape, 5 * sizeof(Py_ssize_t)) != 0 || w[3].shape[0] != B || w[4].shape[0] != B ||
-      sh[2] <= 0 || sh[3] <= 0 || sh[3] > ATT_SPLIT) {
+      sh[2] <= 0 || sh[3] <= 0 || sh[3] > ATT_SPLIT || sh[4] <= 0) {
     PyErr_SetString(PyExc_ValueError, "k and v pools, tables, lengths and starts do not agree in shape");
     return -1;
   }
