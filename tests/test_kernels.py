@@ -912,6 +912,9 @@ def test_kv_pool_dtypes_refused_when_wrong():
         kernels.PagedAttention(kp.astype(np.float16), vp.astype(np.float16), tables, lengths).kv_dtype
         == "f16"
     )
+    empty = np.zeros((2, 1, 1, 16, 0), np.float32)  # head_dim 0 (it divided by zero in the kernel)
+    with pytest.raises(ValueError, match="do not agree in shape"):
+        kernels.PagedAttention(empty, empty.copy(), tables, lengths)
 
 
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
