@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,24 +20,30 @@ torch.set_num_threads(2)
 EMBEDDED = "smollm2-135m-instruct"
 
 
-def make_tiny_checkpoint(arch: str, folder: Path, shard_size: str | None = None, seed: int = 0) -> Path:
-    """A random tiny Llama or GPT-2 checkpoint saved as safetensors, with a byte-level tokenizer."""
+def make_tiny_checkpoint(
+    arch: str, folder: Path, shard_size: str | None = None, seed: int = 0, **llama: Any
+) -> Path:
+    """A random tiny Llama or GPT-2 checkpoint saved as safetensors, with a byte-level tokenizer
+    (`llama`: LlamaConfig fields over the tiny defaults, e.g. a longer rope window)."""
     import transformers
 
     torch.manual_seed(seed)
     if arch == "llama":
         cfg = transformers.LlamaConfig(
-            vocab_size=320,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
+            **{
+                "vocab_size": 320,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 6,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 256,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                **llama,
+            }
         )
         model = transformers.LlamaForCausalLM(cfg)
     else:

@@ -17,7 +17,7 @@ from pipeserve.modeling.generate import GREEDY, run_stages
 from pipeserve.modeling.loader import load_stage
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
-from tests.conftest import _write_tokenizer
+from tests.conftest import make_tiny_checkpoint
 from tests.harness import start_cluster
 
 PROMPT_LEN, NEW = 8100, 6
@@ -25,31 +25,16 @@ PROMPT_LEN, NEW = 8100, 6
 
 @pytest.fixture(scope="module")
 def long_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import transformers
-
-    torch.manual_seed(27)
-    cfg = transformers.LlamaConfig(
-        vocab_size=320,
+    return make_tiny_checkpoint(
+        "llama",
+        tmp_path_factory.mktemp("long-llama"),
+        seed=27,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=8192,
         rope_theta=500000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    folder = tmp_path_factory.mktemp("long-llama")
-    model.save_pretrained(folder)
-    _write_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
