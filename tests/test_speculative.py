@@ -195,10 +195,13 @@ def test_acceptance_rule_keeps_the_target_distribution(tiny_llama):
     n_acc = second.sum()
     assert n_acc > 200, "the draft was accepted too rarely for the test to say anything"
     for freq, p, n in ((first / N, p0, N), (second / n_acc, p1, n_acc)):
-        sigma = np.sqrt(p * (1 - p) / n)
-        assert np.all(np.abs(freq - p) <= 5 * sigma + 2e-3), np.max(np.abs(freq - p) / (sigma + 1e-9))
-        # chi-square over the tokens expected 5+ times (the rest pooled): far in the tail if wrong
+        # each token expected 5+ times within 5 sigma (the normal approximation holds there; a token
+        # of p ~ 1e-4 seen 3 times in 542 draws is a Poisson tail, not an error: CI once saw one)
         big = p * n >= 5
+        sigma = np.sqrt(p * (1 - p) / n)
+        dev = np.abs(freq - p)[big]
+        assert np.all(dev <= 5 * sigma[big] + 2e-3), np.max(dev / sigma[big])
+        # chi-square over the tokens expected 5+ times (the rest pooled): far in the tail if wrong
         obs = np.append(freq[big] * n, freq[~big].sum() * n)
         exp = np.append(p[big] * n, p[~big].sum() * n)
         df = len(obs) - 1
