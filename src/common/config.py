@@ -82,7 +82,6 @@ class NodeConfig(_Strict):
     kv_dtype: KvDtype | None = Field(None, description="Override of node_defaults.kv_dtype for this node.")
 
 
-KV_DTYPE_NAMES = ("f32", "f16", "bf16")
 KvDtype = Literal["f32", "f16", "bf16"]
 
 

@@ -36,7 +36,7 @@ from pipeserve.common.errors import (
 from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
 from pipeserve.kernels import KV_DTYPES
 
-KV_ITEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2}  # bytes per element of each kv_dtype
+KV_ITEM_BYTES = {name: np.dtype(dt).itemsize for name, (dt, _) in KV_DTYPES.items()}  # per kv_dtype
 
 
 def kv_token_layer_bytes(n_kv_heads: int, head_dim: int, kv_dtype: str = "f32") -> int:
