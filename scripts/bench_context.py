@@ -2,7 +2,7 @@
 llama-bench on the same GGUF, same threads, same run.
 
 1. Decode tok/s per stream at 128 .. 32768 tokens of context, 1 and 4 streams, with the KV cache in
-   f32 and in f16. The context's K/V rows are written directly into each stream's blocks (values of
+   f32, f16 and q8_0. The context's K/V rows are written directly into each stream's blocks (values of
    a normal distribution's scale, the same block repeated), not prefilled: a decode step's work
    depends on the context's length, not on its values, and a prefill of 4 x 32k tokens per figure
    would take hours here. The timed steps are real decode steps of the model (weights, attention
@@ -10,7 +10,7 @@ llama-bench on the same GGUF, same threads, same run.
    the depth first (not timed) and times `-n 16` decode tokens; its KV cache is f16 (its default).
 2. Prefill time of a 4096-token prompt (and 16384 with --prefill 4096,16384), in the engine's
    coordinator-sized chunks (256 tokens), against llama-bench `-p N`.
-3. Quality of f16 and bf16 caches against f32: top-1 agreement and mean KL along f32's greedy
+3. Quality of f16, bf16 and q8_0 caches against f32: top-1 agreement and mean KL along f32's greedy
    continuations of long real prompts (this repository's docs and code); `--quality-only` adds it
    to an existing JSON.
 
@@ -39,6 +39,7 @@ import numpy as np
 THREADS = 2
 STEPS = 16  # timed decode steps per figure (after 2 untimed)
 CHUNK = 256  # prefill tokens per forward (coordinator.max_batch_tokens)
+KV_TYPES = ("f32", "f16", "q8_0")  # decode figures per KV type (bf16 reads as many bytes as f16)
 CONTEXTS = {
     "smollm2-135m-instruct": [128, 1024, 4096],
     "qwen2.5-coder-1.5b-instruct": [128, 1024, 4096, 16384, 32000],
@@ -47,14 +48,18 @@ CONTEXTS = {
 
 def fill(eng: Any, rid: str, n: int, rng: np.random.Generator) -> None:
     """A stream whose cache holds n positions: blocks reserved and written with K/V values."""
+    from pipeserve import kernels
     from pipeserve.kernels import KV_DTYPES
 
     (seq,) = eng.cache.reserve([(rid, 0, n)])
     eng.cache.commit(seq, 0, rng.integers(100, 20000, n).tolist())
     k, v = eng.cache.k, eng.cache.v
-    block = rng.standard_normal(k.shape[1:], dtype=np.float32)
+    hd = kernels.kv_head_dim(k)
+    block = rng.standard_normal((*k.shape[1:-1], hd), dtype=np.float32)
     if eng.cache.kv_dtype == "bf16":
         block_t = (block.view(np.uint32) >> 16).astype(np.uint16)  # truncated: any bf16 values do
+    elif eng.cache.kv_dtype == "q8_0":
+        block_t = kernels.quantize(block.reshape(-1, hd), "Q8_0").reshape(k.shape[1:])
     else:
         block_t = block.astype(KV_DTYPES[eng.cache.kv_dtype][0])
     for b in seq.blocks:
@@ -107,7 +112,7 @@ def bench_ours(model: str, contexts: list[int], prefills: list[int]) -> dict[str
     rng = np.random.default_rng(0)
     res: dict[str, Any] = {"kernel_isa": kernels.get_isa(), "threads": THREADS, "decode": [], "prefill": []}
     budget = 4 * (max(contexts) + 64) + 64
-    for kv_dtype in ("f32", "f16"):
+    for kv_dtype in KV_TYPES:
         eng = StageEngine(
             stage, cache_budget_tokens=budget, max_context=stage.cfg.max_position, kv_dtype=kv_dtype
         )
@@ -170,7 +175,7 @@ def quality(model: str, prompt_tokens: int, gen: int = 32) -> dict[str, Any]:
         "prompt_tokens": prompt_tokens,
         "positions": gen * len(prompts),
     }
-    for kv_dtype in ("f16", "bf16"):
+    for kv_dtype in ("f16", "bf16", "q8_0"):
         _, lps = run(kv_dtype, ref_toks)
         agree, kls = [], []
         for i in range(len(prompts)):
@@ -233,19 +238,24 @@ def table(res: dict[str, Any]) -> str:
     anchor = {d["context"]: d["tok_s_per_stream"] for d in lc.get("decode", [])}
     get = {(d["kv_dtype"], d["context"], d["streams"]): d["tok_s_per_stream"] for d in ours["decode"]}
     ctxs = sorted({d["context"] for d in ours["decode"]})
-    base = {kv: get[(kv, ctxs[0], 1)] for kv in ("f32", "f16")}
+    base = {kv: get[(kv, ctxs[0], 1)] for kv in KV_TYPES}
+    head = " | ".join(f"{kv} 1 stream | {kv} 4 streams" for kv in KV_TYPES)
+    rel = " | ".join(f"{kv} vs {ctxs[0]}" for kv in KV_TYPES)
     lines = [
-        f"| context | f32 1 stream | f32 4 streams | f16 1 stream | f16 4 streams | f32 vs {ctxs[0]} | f16 vs {ctxs[0]} | llama-bench (f16 KV) | f16 vs llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| context | {head} | {rel} | llama-bench (f16 KV) | f16 vs llama.cpp |",
+        "|---|" + "---|" * (3 * len(KV_TYPES) + 2),
     ]
     for c in ctxs:
         a = anchor.get(c)
         lines.append(
-            f"| {c} | {get[('f32', c, 1)]:.1f} | {get[('f32', c, 4)]:.1f} | {get[('f16', c, 1)]:.1f} | "
-            f"{get[('f16', c, 4)]:.1f} | {get[('f32', c, 1)] / base['f32']:.2f}x | {get[('f16', c, 1)] / base['f16']:.2f}x | "
+            f"| {c} | "
+            + " | ".join(f"{get[(kv, c, 1)]:.1f} | {get[(kv, c, 4)]:.1f}" for kv in KV_TYPES)
+            + " | "
+            + " | ".join(f"{get[(kv, c, 1)] / base[kv]:.2f}x" for kv in KV_TYPES)
+            + " | "
             + (f"{a:.1f} | {get[('f16', c, 1)] / a:.2f}x |" if a else "not run | |")
         )
-    for kv in ("f16", "bf16"):
+    for kv in ("f16", "bf16", "q8_0"):
         if q := res.get("quality", {}).get(kv):
             lines.append(
                 f"\n{kv} KV against f32, {res['quality']['positions']} positions after "
@@ -281,10 +291,14 @@ def doc_table(res: dict[str, Any], path: str) -> str:
         v = dec[i]["tok_s_per_stream"] / dec[j]["tok_s_per_stream"]
         return ln(f"{v:.2f}", f"ours.decode.{i}.tok_s_per_stream/ours.decode.{j}.tok_s_per_stream") + "×"
 
+    kinds = [kv for kv in KV_TYPES if (kv, ctxs[0], 1) in idx]  # JSONs written before q8_0 have two
     rows = [
-        f"| context (tokens) | f32, 1 stream | f32, 4 streams | f16, 1 stream | f16, 4 streams | f32 vs {ctxs[0]} | "
-        f"f16 vs {ctxs[0]} | llama-bench (f16 KV) | ours f16 / llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| context (tokens) | "
+        + " | ".join(f"{kv}, 1 stream | {kv}, 4 streams" for kv in kinds)
+        + " | "
+        + " | ".join(f"{kv} vs {ctxs[0]}" for kv in kinds)
+        + " | llama-bench (f16 KV) | ours f16 / llama.cpp |",
+        "|---|" + "---|" * (3 * len(kinds) + 2),
     ]
     for c in ctxs:
         if c in lc:
@@ -303,8 +317,11 @@ def doc_table(res: dict[str, Any], path: str) -> str:
         else:
             anchor = "not run | "
         rows.append(
-            f"| {c} | {tps('f32', c, 1)} | {tps('f32', c, 4)} | {tps('f16', c, 1)} | {tps('f16', c, 4)} | "
-            f"{rel('f32', c)} | {rel('f16', c)} | {anchor} |"
+            f"| {c} | "
+            + " | ".join(f"{tps(kv, c, 1)} | {tps(kv, c, 4)}" for kv in kinds)
+            + " | "
+            + " | ".join(rel(kv, c) for kv in kinds)
+            + f" | {anchor} |"
         )
     pre = res["llamacpp"].get("prefill", [])
     for i, p in enumerate(res["ours"]["prefill"]):
@@ -328,7 +345,7 @@ def doc_table(res: dict[str, Any], path: str) -> str:
         rows.append(line)
     q = res.get("quality")
     if q:
-        for kv in ("f16", "bf16"):
+        for kv in [kv for kv in ("f16", "bf16", "q8_0") if kv in q]:
             rows.append(
                 f"\n{kv} KV against f32 over {q['positions']} positions after {q['prompt_tokens']}-token prompts: "
                 "top-1 agreement "
@@ -349,7 +366,7 @@ def main() -> None:
         "--quality-tokens",
         type=int,
         default=2048,
-        help="prompt tokens of the f16/bf16 quality check (0: skip)",
+        help="prompt tokens of the f16/bf16/q8_0 quality check (0: skip)",
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--quality-only", action="store_true", help="add the quality figures to --out's JSON")

@@ -65,11 +65,13 @@ class FakeStage:
         budget_tokens: int = 4096,
         max_context: int = 1024,
         block_size: int = 16,
+        window: int | None = None,
     ) -> None:
         self.node_id, self.part, self.n_parts = node_id, part, n_parts
+        self.window = window  # as if every layer had this sliding window: the pool frees behind it
         self.layers = (part * layers_per_part, (part + 1) * layers_per_part, n_parts * layers_per_part)
         self.max_context = max_context
-        self.pool = KVCachePool(1, 1, 1, budget_tokens, max_context, block_size)
+        self.pool = KVCachePool(1, 1, 1, budget_tokens, max_context, block_size, window=window)
         self.poison: set[int] = set()  # a chunk with one of these tokens fails (a bug: internal)
         self.down = False  # every call fails as if the process were gone
         self.delay_s = 0.0
@@ -87,7 +89,9 @@ class FakeStage:
 
     def restart(self) -> None:
         """The process restarted: every cache is gone."""
-        self.pool = KVCachePool(1, 1, 1, self.pool.budget_tokens, self.max_context, self.pool.block_size)
+        self.pool = KVCachePool(
+            1, 1, 1, self.pool.budget_tokens, self.max_context, self.pool.block_size, window=self.window
+        )
 
     async def compute(
         self, chunks: list[tuple[str, int, list[int], bool, int]], hidden: np.ndarray | None
@@ -142,6 +146,7 @@ class FakeStage:
             cache_budget_tokens=self.pool.budget_tokens,
             cache_used_tokens=self.pool.used_tokens,
             cache_block_size=self.pool.block_size,
+            kv_window=self.window or 0,
             cache_blocks_total=self.pool.n_blocks,
             cache_blocks_free=self.pool.free_blocks,
             cached_request_ids=sorted(self.pool.seqs),

@@ -198,6 +198,44 @@ def test_sliding_window_chunked_prefill(case, zoo):
     assert tokens == decode_trace([StageEngine(zoo.loaded(kind, fmt))], prompt, 8)[0]
 
 
+@pytest.mark.parametrize("kind", ["mistral", "phi3_window", "gemma3"])
+def test_blocks_behind_a_sliding_window_are_freed(kind, zoo):
+    """Blocks of 4 positions, window 8: a model whose every layer is windowed (Mistral, Phi-3 with
+    a window) holds at most ceil((8 + chunk) / 4) + 1 blocks however long the sequence grows, its
+    tokens still equal transformers', and the blocks it gave up stay cached by hash (a later
+    request with the same prefix takes them). Gemma 3's global layers keep every block. A chunk
+    that would reach back past the freed blocks is refused (the coordinator replays from 0)."""
+    from pipeserve.common.errors import UnknownRequestError
+
+    eng = StageEngine(zoo.loaded(kind, "safetensors"), block_size=4)
+    windowed = kind != "gemma3"
+    assert eng.cache.window == (8 if windowed else None)
+    prompt = PROMPT[:20]
+    held, start = [], 0
+    for end in (7, 20):  # chunks of 7 and 13
+        run_stages([eng], [SeqChunk("t", start, prompt[start:end], GREEDY)])
+        held.append(eng.cache.used_blocks)
+        start = end
+    tokens = list(prompt)
+    logits = run_stages([eng], [SeqChunk("t", 19, prompt[19:], GREEDY)])  # a re-sent last position
+    for _ in range(N_NEW):
+        tokens.append(int(logits[0].argmax()))
+        logits = run_stages([eng], [SeqChunk("t", len(tokens) - 1, [tokens[-1]], GREEDY)])
+        held.append(eng.cache.used_blocks)
+    assert tokens[20:] == zoo.ref_greedy(zoo.ref_kind(kind, "safetensors"), tuple(prompt), N_NEW)
+    seq = eng.cache.seqs["t"]
+    eng.cache.check()
+    if not windowed:
+        assert seq.holes == 0 and held[-1] == -(-len(tokens) // 4)
+        return
+    assert max(held[2:]) <= -(-(8 + 1) // 4) + 1 and max(held) <= -(-(8 + 13) // 4) + 1, held
+    assert seq.holes >= (len(tokens) - 8) // 4 - 1
+    with pytest.raises(UnknownRequestError, match="freed behind the sliding window of 8"):
+        eng.cache.reserve([("t", 5, 1)])
+    assert eng.lookup_prefix("again", tokens) == (len(tokens) - 1) // 4 * 4  # freed, not forgotten
+    eng.cache.check()
+
+
 def test_q8_0_gguf_matches_transformers_on_the_same_file(zoo):
     """Q8_0 blocks (convert --outtype q8_0) against transformers dequantizing the same file."""
     import transformers

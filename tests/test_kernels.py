@@ -836,11 +836,18 @@ def kv_round(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     if kv_dtype == "f16":
         h = x.astype(np.float16)  # numpy rounds to nearest even, as the kernels do
         return h, h.astype(np.float32)
+    if kv_dtype == "q8_0":  # ggml's blocks by the numpy reference quantizer; d * q is exact in fp32
+        hd = x.shape[-1]
+        q = reference.quantize(x.reshape(-1, hd), "Q8_0").reshape(*x.shape[:-1], hd // 32 * 34)
+        blocks = q.reshape(-1, 34)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        vals = (d * blocks[:, 2:].view(np.int8).astype(np.float32)).reshape(x.shape)
+        return q, vals
     b = torch.from_numpy(x).to(torch.bfloat16)  # round to nearest even
     return b.view(torch.int16).numpy().view(np.uint16).copy(), b.float().numpy()
 
 
-@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16", "q8_0"])
 @pytest.mark.parametrize(
     ("nh", "nkv", "hd", "length"),
     [
@@ -856,9 +863,14 @@ def kv_round(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
 def test_paged_attention_long_contexts_every_kv_dtype(isa, kv_dtype, nh, nkv, hd, length):
     """Decode rows at 1 .. 16384 positions (splits of 512 merged), head_dim 64/128/256 and 40 (not a
     multiple of 16 or 8: the narrower and the portable loops), grouped heads up to 8 per kv head, the
-    cache in f32, f16 and bf16: the new rows are written rounded to nearest even, and the output
-    equals a float64 reference over the cache's own (rounded) values within 1e-5. A row's bits do not
-    depend on the batch it is in (the cut into splits is the row's own)."""
+    cache in f32, f16, bf16 and q8_0: the new rows are written rounded to nearest even (q8_0: the
+    bytes of the numpy reference quantizer, ggml's rule), and the output equals a float64 reference
+    over the cache's own (rounded) values within 1e-5. A row's bits do not depend on the batch it is
+    in (the cut into splits is the row's own)."""
+    if kv_dtype == "q8_0" and hd % 32:
+        pytest.skip(
+            "q8_0 needs a head_dim that is a multiple of 32 (refused: test_kv_pool_dtypes_refused_when_wrong)"
+        )
     rng = np.random.default_rng(length + hd)
     bs, layers = 16, 1
     nblk = -(-length // bs)
@@ -906,8 +918,14 @@ def test_kv_pool_dtypes_refused_when_wrong():
     tables, lengths = np.array([[0, 1]]), [3]
     with pytest.raises(ValueError, match="differ in dtype"):
         kernels.PagedAttention(kp.astype(np.float16), vp, tables, lengths)
-    with pytest.raises(ValueError, match="float32, float16 or uint16"):
+    with pytest.raises(ValueError, match="float32, float16, uint16"):
         kernels.PagedAttention(kp.astype(np.int16), vp.astype(np.int16), tables, lengths)
+    rows = np.zeros((2, 1, 1, 16, 40), np.uint8)  # q8_0 rows are whole blocks of 34 bytes
+    with pytest.raises(ValueError, match="whole blocks of 34 bytes"):
+        kernels.PagedAttention(rows, rows.copy(), tables, lengths)
+    with pytest.raises(ValueError, match="head_dim 40 is not a multiple of 32"):
+        kernels.kv_row_items(40, "q8_0")
+    assert kernels.kv_row_items(128, "q8_0") == 136 and kernels.kv_row_bytes(128, "bf16") == 256
     assert (
         kernels.PagedAttention(kp.astype(np.float16), vp.astype(np.float16), tables, lengths).kv_dtype
         == "f16"
@@ -917,7 +935,7 @@ def test_kv_pool_dtypes_refused_when_wrong():
         kernels.PagedAttention(empty, empty.copy(), tables, lengths)
 
 
-@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "q8_0"])
 def test_paged_attention_long_prefill_chunk_in_tiles(isa, threads, kv_dtype):
     """A 40-row prefill chunk at positions 1000..1039 (its rows cross the split at 1024: tiles whose
     rows have 2 and 3 splits) after 1000 cached positions: causal, equal to torch's masked attention

@@ -16,6 +16,7 @@ from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY, generate
 from pipeserve.modeling.kv_cache import KVCachePool
 from pipeserve.modeling.loader import load_stage
+from tests.conftest import make_tiny_checkpoint
 from tests.engine_torch import run_stages
 
 
@@ -147,11 +148,39 @@ def test_tiny_blocks_equal_the_default_blocks(tiny):
     small.cache.check()
 
 
-KV_DTYPES = ["f32", "f16", "bf16"]  # each exact within itself: a warm run equals a cold one
+KV_DTYPES = ["f32", "f16", "bf16", "q8_0"]  # each exact within itself: a warm run equals a cold one
+
+
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory):
+    """The tiny Llama with head_dim 32 (2 heads over 1 kv head), which q8_0's blocks of 32 need."""
+    folder = make_tiny_checkpoint(
+        "llama", tmp_path_factory.mktemp("tiny-hd32"), num_attention_heads=2, num_key_value_heads=1
+    )
+    return load_stage(str(folder))
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_prefix_cache_hit_gives_the_same_tokens(tiny, kv_dtype):
+def test_a_lost_cache_replayed_from_its_tokens_continues_the_same(tiny32, kv_dtype):
+    """Failover's replay within each KV type: a node that lost a sequence (a replica taking over, a
+    preempted request) recomputes its cache from the prompt and the tokens generated so far in one
+    chunk, and the continuation equals the uninterrupted run."""
+    tiny = tiny32
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]
+    whole = generate([StageEngine(tiny, block_size=4, kv_dtype=kv_dtype)], [prompt], 12)[0]
+    fresh = StageEngine(tiny, block_size=4, kv_dtype=kv_dtype)
+    tokens = prompt + whole[:6]
+    out = run_stages([fresh], [SeqChunk("replay", 0, tokens, GREEDY)])
+    for _ in range(6):
+        tokens.append(int(out[0].argmax()))
+        out = run_stages([fresh], [SeqChunk("replay", len(tokens) - 1, [tokens[-1]], GREEDY)])
+    assert tokens[len(prompt) :] == whole
+    fresh.cache.check()
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_prefix_cache_hit_gives_the_same_tokens(tiny32, kv_dtype):
+    tiny = tiny32
     eng = StageEngine(tiny, block_size=4, kv_dtype=kv_dtype)
     prompt = list(range(5, 40))  # 35 tokens: 8 full blocks
     cold = generate([eng], [prompt], 10)[0]
@@ -169,8 +198,9 @@ def test_prefix_cache_hit_gives_the_same_tokens(tiny, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_eviction_under_pressure_keeps_results_right(tiny, kv_dtype):
+def test_eviction_under_pressure_keeps_results_right(tiny32, kv_dtype):
     """A pool of 12 blocks of 4 for 3 concurrent 20-token sequences: prefixes come and go."""
+    tiny = tiny32
     eng = StageEngine(tiny, cache_budget_tokens=48, block_size=4, kv_dtype=kv_dtype)
     base = [list(range(s, s + 14)) for s in (3, 60, 120)]
     want = [generate([StageEngine(tiny, kv_dtype=kv_dtype)], [p], 6)[0] for p in base]

@@ -1,7 +1,9 @@
-"""KV cache element types (node `kv_dtype`: f32, f16, bf16; issue 27): the pool's arrays and bytes,
-the engine's output against the f32 cache on SmolLM2 (logits close, greedy agreement measured;
-prefix reuse and eviction within each type: tests/test_kv_cache.py), a 3-node cluster with f16 caches equal to one engine with f16, and the config refusing what is
-not implemented, naming the key and the value."""
+"""KV cache element types (node `kv_dtype`: f32, f16, bf16, q8_0; issue 27): the pool's arrays and
+bytes, the engine's output against the f32 cache on SmolLM2 (logits close, greedy agreement
+measured; prefix reuse and eviction within each type: tests/test_kv_cache.py), 3-node clusters with
+f16 and q8_0 caches equal to one engine with the same type, and the refusals (a type not
+implemented, in the config; q8_0 with a head_dim not a multiple of 32, at load), naming the key and
+the value."""
 
 from __future__ import annotations
 
@@ -28,17 +30,25 @@ PROMPTS = [
 
 
 def test_pool_arrays_and_bytes_follow_the_type():
-    for name, dt, item in (("f32", np.float32, 4), ("f16", np.float16, 2), ("bf16", np.uint16, 2)):
+    # bytes per row of 64 elements: 64 x 4, 64 x 2, and q8_0's two blocks of 34 (2 + 32)
+    for name, dt, row in (
+        ("f32", np.float32, 256),
+        ("f16", np.float16, 128),
+        ("bf16", np.uint16, 128),
+        ("q8_0", np.uint8, 68),
+    ):
         p = KVCachePool(2, 3, 64, 64, 1000, kv_dtype=name)
         assert p.k.dtype == dt and p.v.dtype == dt and p.kv_dtype == name
-        assert p.block_bytes == 2 * 3 * 16 * 64 * item
-        assert kv_token_layer_bytes(3, 64, name) == 2 * 3 * 64 * item
-    with pytest.raises(ValueError, match="kv_dtype 'q8_0'"):
-        KVCachePool(2, 3, 64, 64, 1000, kv_dtype="q8_0")
+        assert p.block_bytes == 2 * 3 * 16 * row
+        assert kv_token_layer_bytes(3, 64, name) == 2 * 3 * row
+    with pytest.raises(ValueError, match="kv_dtype 'q8_0' stores blocks of 32 elements: head_dim 40"):
+        KVCachePool(2, 3, 40, 64, 1000, kv_dtype="q8_0")
+    with pytest.raises(ValueError, match="kv_dtype 'fp8' is not one of f32, f16, bf16, q8_0"):
+        KVCachePool(2, 3, 64, 64, 1000, kv_dtype="fp8")
 
 
-@pytest.mark.parametrize("kv_dtype", ["f16", "bf16"])
-def test_smollm2_half_caches_stay_close_to_f32(smol_full, kv_dtype):
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16", "q8_0"])
+def test_smollm2_smaller_caches_stay_close_to_f32(smol_full, kv_dtype):
     """Last-position logits of a 60-token prompt within 2% (relative norm) of the f32 cache's, and
     greedy continuations that agree on most tokens (the figure the README reports comes from
     scripts/bench_kv.py on longer prompts)."""
@@ -53,8 +63,9 @@ def test_smollm2_half_caches_stay_close_to_f32(smol_full, kv_dtype):
     assert [w[0] for w in want] == [g[0] for g in got]  # the first token after each prompt
 
 
-def test_three_nodes_with_f16_caches_equal_one_engine(smol_full):
-    c = start_cluster(EMBEDDED, parts=3, node_defaults={"kv_dtype": "f16"})
+@pytest.mark.parametrize("kv_dtype", ["f16", "q8_0"])
+def test_three_nodes_with_smaller_caches_equal_one_engine(smol_full, kv_dtype):
+    c = start_cluster(EMBEDDED, parts=3, node_defaults={"kv_dtype": kv_dtype})
     try:
         with grpc.insecure_channel(c.cfg.coordinator.address) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
@@ -67,19 +78,37 @@ def test_three_nodes_with_f16_caches_equal_one_engine(smol_full):
                 req.speculative = False
                 got.append([t for m in stub.Generate(req, timeout=120) for t in m.token_ids])
             nodes = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes
-        assert [n.info.kv_dtype for n in nodes] == ["f16"] * 3
-        assert got == generate([StageEngine(smol_full, kv_dtype="f16")], PROMPTS, 16)
+        assert [n.info.kv_dtype for n in nodes] == [kv_dtype] * 3
+        assert got == generate([StageEngine(smol_full, kv_dtype=kv_dtype)], PROMPTS, 16)
     finally:
         c.stop()
 
 
 def test_config_refuses_an_unimplemented_kv_dtype():
     base = {"model_name": EMBEDDED, "nodes": [{"id": "n1", "address": "127.0.0.1:1", "model_part": 0}]}
-    for where in (
-        {"node_defaults": {"kv_dtype": "q8_0"}},
-        {"nodes": [{**base["nodes"][0], "kv_dtype": "fp8"}]},
+    for where, value in (
+        ({"node_defaults": {"kv_dtype": "q4_0"}}, "q4_0"),
+        ({"nodes": [{**base["nodes"][0], "kv_dtype": "fp8"}]}, "fp8"),
     ):
         with pytest.raises(ConfigError, match="kv_dtype") as e:
             parse_config({**base, **where})
-        assert "q8_0" in str(e.value) or "fp8" in str(e.value)
-    assert parse_config({**base, "node_defaults": {"kv_dtype": "bf16"}}).node_defaults.kv_dtype == "bf16"
+        assert value in str(e.value)
+    for ok in ("bf16", "q8_0"):
+        assert parse_config({**base, "node_defaults": {"kv_dtype": ok}}).node_defaults.kv_dtype == ok
+
+
+def test_a_node_refuses_q8_0_for_a_head_dim_not_in_blocks_of_32(tiny_llama):
+    """The tiny Llama's head_dim is 16: a q8_0 node refuses before mapping anything, naming the
+    node, the key, the value and the head_dim (the memory plan is where the KV row size is first needed)."""
+    from pipeserve.common.memory import MemoryLimit
+    from pipeserve.modeling.loader import read_config
+    from pipeserve.modeling.source import resolve_model
+    from pipeserve.node.capacity import NodeBudget
+
+    source = resolve_model(str(tiny_llama))
+    cfg = read_config(source)
+    limit = MemoryLimit(2**32, "config", "test")
+    args = (source, cfg, limit, 1024, 256, 8)
+    with pytest.raises(ConfigError, match=r"node n1: kv_dtype='q8_0' .* head_dim 16 is not a multiple of 32"):
+        NodeBudget.of("n1", 0, *args, kv_dtype="q8_0")
+    assert NodeBudget.of("n1", 0, *args, kv_dtype="f16").kv_token_layer_bytes == 2 * cfg.n_kv_heads * 16 * 2

@@ -519,6 +519,31 @@ def test_orphan_caches_are_released_after_a_coordinator_restart() -> None:
     run(main())
 
 
+def test_a_sliding_window_part_serves_sequences_longer_than_its_budget() -> None:
+    """Part 1's node frees the blocks behind a 16-position window (as a Mistral-style share does)
+    and holds at most the window + one 16-token step + a block (48 positions) per sequence: two
+    90-token sequences complete on its 64-position pool (without the window such a request is
+    refused at submit); the other part holds them whole."""
+
+    async def main() -> None:
+        stage = {"node2": {"budget_tokens": 64, "window": 16}}
+        async with FakeCluster(stage=stage, max_batch_tokens=16) as fc:
+            node = next(n for n in fc.cluster.nodes if n.id == "node2")
+            assert node.holds(90) == 48 and node.holds(20) == 32
+            assert fc.cluster.max_budget(1) == 0 and fc.cluster.max_budget(0) == 4096
+            prompts = [prompt_of(i, 40) for i in range(2)]
+            outs = await asyncio.gather(*(collect(fc.submit(p, 50, ignore_eos=True)) for p in prompts))
+            for p, (toks, _, reason) in zip(prompts, outs, strict=True):
+                assert reason == "length" and toks == reference(p, 50)
+            await fc.settle()
+            assert fc.stages["node2"].pool.hit_tokens == 0 and fc.stages["node2"].pool.used_blocks == 0
+        async with FakeCluster(stage={"node2": {"budget_tokens": 64}}, max_batch_tokens=16) as fc:
+            with pytest.raises(ContextLengthError, match="part 1's KV-cache budget of 64"):
+                fc.submit(prompt_of(0, 40), 50)
+
+    run(main())
+
+
 def test_a_prompt_the_budget_can_never_hold_is_refused_at_submit() -> None:
     async def main() -> None:
         async with FakeCluster(stage={"node2": {"budget_tokens": 64}}) as fc:

@@ -252,6 +252,7 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         cache_budget_tokens=info.cache_budget_tokens,
         cache_block_size=info.cache_block_size,
         kv_dtype=info.kv_dtype or "f32",
+        kv_window=info.kv_window,
         cache_blocks_total=info.cache_blocks_total,
         cache_blocks_free=info.cache_blocks_free,
         prefix_cached_blocks=info.prefix_cached_blocks,

@@ -425,7 +425,13 @@ class NodeView(BaseModel):
     cache_budget_tokens: int = Field(description="KV positions of the node's preallocated block pool.")
     cache_block_size: int = Field(description="Token positions per KV block.")
     kv_dtype: str = Field(
-        description="Element type of the node's KV cache: f32, f16 or bf16 (config kv_dtype)."
+        description="Element type of the node's KV cache: f32, f16, bf16 or q8_0 (config kv_dtype)."
+    )
+    kv_window: int = Field(
+        0,
+        description="The sliding window every layer of the node's share has: a sequence keeps only the KV "
+        "blocks of its last kv_window positions (and one step) there, so no request is too long for it; 0: "
+        "every position is kept.",
     )
     cache_blocks_total: int = Field(description="Blocks in the pool.")
     cache_blocks_free: int = Field(description="Blocks no request holds (some keep a cached prefix).")

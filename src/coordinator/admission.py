@@ -91,18 +91,16 @@ def retry_after(rate: float, pending_tokens: int, n_requests: int, running: int)
 def count_held(nodes: Sequence[NodeHandle], requests: Mapping[str, Request]) -> None:
     """Set each node's reserved_tokens to the KV positions its routed requests hold now."""
     for n in nodes:
-        bs = n.info.cache_block_size if n.info and n.info.cache_block_size else BLOCK_SIZE
-        n.reserved_tokens = sum(blocks(r.reserve_tokens, bs) for rid in n.running if (r := requests.get(rid)))
+        n.reserved_tokens = sum(n.holds(r.reserve_tokens) for rid in n.running if (r := requests.get(rid)))
 
 
 def pick_route(cluster: Cluster, req: Request, prefix: list[bytes] | None) -> dict[int, NodeHandle] | None:
     """A node per part with room for the request now (preferring replicas holding its prefix),
     or None when some part is down or full (the request waits at the head of the queue)."""
-    need = blocks(req.reserve_tokens)
     route = {}
     for part in range(cluster.n_parts):
-        node = cluster.pick(part, need, prefix)
-        if node is None or node.reserved_tokens + need > node.budget:
+        node = cluster.pick(part, req.reserve_tokens, prefix)
+        if node is None or node.reserved_tokens + node.holds(req.reserve_tokens) > node.budget:
             return None
         route[part] = node
     return route

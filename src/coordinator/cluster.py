@@ -23,6 +23,7 @@ from pipeserve.common import tls
 from pipeserve.common.config import Config
 from pipeserve.common.errors import ConfigError, PipeserveError, StageUnavailableError
 from pipeserve.common.grpc_util import channel_options, remote_error, rpc_error_text
+from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.memory import ModelWeights
 from pipeserve.common.placement import Capacity, split_layers
 from pipeserve.common.shard import Shard
@@ -84,7 +85,8 @@ class NodeHandle:
     info: pb.NodeInfo | None = None
     draining: bool = False
     running: set[str] = field(default_factory=set)  # request ids routed here
-    reserved_tokens: int = 0  # KV positions those requests hold now (block-rounded), see Scheduler
+    reserved_tokens: int = 0  # KV positions those requests hold now (block-rounded: holds), see Scheduler
+    chunk_tokens: int = 0  # the most positions one step adds to a sequence (coordinator.max_batch_tokens)
     soft_budget: int | None = None  # lowered when the node ran out of blocks, until a request leaves
     down_since: float | None = None
     # exponential backoff before a node that failed is trusted again; a flapping node is banned
@@ -112,6 +114,15 @@ class NodeHandle:
                 break
             n += 1
         return n
+
+    def holds(self, tokens: int) -> int:
+        """KV positions (whole blocks) a sequence of `tokens` positions holds on this node: all of
+        them, or where every layer of its share has a sliding window (NodeInfo.kv_window), at
+        most the window plus one chunk and a block (kv_cache.KVCachePool._slide gives up the rest)."""
+        bs = self.info.cache_block_size if self.info and self.info.cache_block_size else BLOCK_SIZE
+        held = -(-tokens // bs) * bs
+        window = self.info.kv_window if self.info else 0
+        return min(held, (-(-(window + self.chunk_tokens) // bs) + 1) * bs) if window else held
 
     @property
     def budget(self) -> int:
@@ -160,7 +171,10 @@ class Cluster:
         c = cfg.coordinator
         self._node_client = node_client
         self.nodes: list[NodeHandle] = [
-            NodeHandle(n.id, n.address, n.model_part, self._client(n.address, n.id)) for n in cfg.nodes
+            NodeHandle(
+                n.id, n.address, n.model_part, self._client(n.address, n.id), chunk_tokens=c.max_batch_tokens
+            )
+            for n in cfg.nodes
         ]
         self.n_parts = cfg.n_parts
         self.tokenizer = tokenizer or TokenizerClient(
@@ -442,8 +456,9 @@ class Cluster:
         return f"model part {part}{span} is unavailable: node(s) {', '.join(down)} down"
 
     # ---- routing ------------------------------------------------------------------------------
-    def pick(self, part: int, need_tokens: int, prefix: list[bytes] | None = None) -> NodeHandle | None:
-        """The healthy replica of `part` with room for `need_tokens` more cached tokens that holds
+    def pick(self, part: int, tokens: int, prefix: list[bytes] | None = None) -> NodeHandle | None:
+        """The healthy replica of `part` with room for a sequence of `tokens` positions (what it
+        holds there: NodeHandle.holds) that holds
         the longest run of the request's prefix blocks (`prefix`: their chained hashes) among the
         least loaded, then the least loaded; None when no replica is healthy. When all are full,
         the least full one (the caller waits)."""
@@ -456,7 +471,7 @@ class Cluster:
         return min(
             live,
             key=lambda n: (
-                n.reserved_tokens + need_tokens > n.budget,
+                n.reserved_tokens + n.holds(tokens) > n.budget,
                 len(n.running) > least + 1,
                 -n.prefix_blocks(prefix) if prefix else 0,
                 len(n.running),
@@ -469,7 +484,13 @@ class Cluster:
         return next((p for p in range(self.n_parts) if self.pick(p, 0) is None), None)
 
     def max_budget(self, part: int) -> int:
-        return max((n.info.cache_budget_tokens for n in self.nodes if n.part == part and n.info), default=0)
+        """The largest KV budget among the part's nodes, in tokens; 0 (no request is too long for
+        the part) when each of them forgets what falls behind a sliding window and holds a whole
+        window plus a chunk within its budget."""
+        infos = [(n, n.info) for n in self.nodes if n.part == part and n.info]
+        if infos and all(i.kv_window and n.holds(1 << 62) <= i.cache_budget_tokens for n, i in infos):
+            return 0
+        return max((i.cache_budget_tokens for _, i in infos), default=0)
 
     def add_node(self, node_id: str, address: str, part: int) -> NodeHandle:
         if part >= self.n_parts:
@@ -480,7 +501,14 @@ class Cluster:
                     n.draining = False
                     return n
                 raise ValueError(f"address {address} is already used by node {n.id}")
-        node = NodeHandle(node_id, address, part, self._client(address, node_id), joined=True)
+        node = NodeHandle(
+            node_id,
+            address,
+            part,
+            self._client(address, node_id),
+            joined=True,
+            chunk_tokens=self.cfg.coordinator.max_batch_tokens,
+        )
         self.nodes.append(node)
         log.info("node %s joined for part %d at %s", node_id, part, address)
         return node

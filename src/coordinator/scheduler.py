@@ -202,11 +202,11 @@ class Scheduler:
             return
         if old is not None:
             old.running.discard(req.id)
-            old.reserved_tokens -= admission.blocks(req.reserve_tokens)
+            old.reserved_tokens -= old.holds(req.reserve_tokens)
         req.route[part] = node
         req.visited.add(node)
         node.running.add(req.id)
-        node.reserved_tokens += admission.blocks(req.reserve_tokens)
+        node.reserved_tokens += node.holds(req.reserve_tokens)
 
     def cancel(self, rid: str) -> bool:
         req = self.requests.get(rid)
@@ -554,7 +554,7 @@ class Scheduler:
                     )
             return
         admission.count_held(self.cluster.nodes, self.requests)
-        node.soft_budget = max(BLOCK_SIZE, node.reserved_tokens - admission.blocks(victim.reserve_tokens))
+        node.soft_budget = max(BLOCK_SIZE, node.reserved_tokens - node.holds(victim.reserve_tokens))
         log.info("node %s is out of KV blocks (%s): preempting %s", node.id, text, victim.id)
         self._preempt(victim)
 

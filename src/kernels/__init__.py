@@ -233,12 +233,34 @@ def rope_(
 
 
 # The KV cache's element types (`kv_dtype`): the numpy dtype a pool of that type has (bfloat16 is
-# kept as its uint16 bits: numpy has no bfloat16) and the native KvType (qk_types.h).
+# kept as its uint16 bits: numpy has no bfloat16; q8_0 as the bytes of ggml's block_q8_0, 34 per 32
+# elements) and the native KvType (qk_types.h).
 KV_DTYPES: dict[str, tuple[type[np.generic], int]] = {
     "f32": (np.float32, 0),
     "f16": (np.float16, 1),
     "bf16": (np.uint16, 2),
+    "q8_0": (np.uint8, 3),
 }
+Q8_BLOCK_BYTES = 34  # block_q8_0: an fp16 scale, then 32 int8
+
+
+def kv_row_items(head_dim: int, kv_dtype: str) -> int:
+    """Items (of KV_DTYPES' numpy dtype) of one cached row of `head_dim` elements: the pool's last
+    dimension. q8_0 needs a head_dim that is a multiple of 32 (ValueError naming both otherwise)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    if kv_dtype == "q8_0":
+        if head_dim <= 0 or head_dim % 32:
+            raise ValueError(
+                f"kv_dtype 'q8_0' stores blocks of 32 elements: head_dim {head_dim} is not a multiple of 32"
+            )
+        return head_dim // 32 * Q8_BLOCK_BYTES
+    return head_dim
+
+
+def kv_row_bytes(head_dim: int, kv_dtype: str) -> int:
+    """Bytes of one cached row (one position, one kv head, k or v) of `head_dim` elements."""
+    return kv_row_items(head_dim, kv_dtype) * np.dtype(KV_DTYPES[kv_dtype][0]).itemsize
 
 
 def kv_dtype_of(pool: np.ndarray) -> str:
@@ -247,20 +269,28 @@ def kv_dtype_of(pool: np.ndarray) -> str:
         if pool.dtype == dt:
             return name
     raise ValueError(
-        f"KV pools are float32 (f32), float16 (f16) or uint16 bits of bfloat16 (bf16), got {pool.dtype}"
+        "KV pools are float32 (f32), float16 (f16), uint16 bits of bfloat16 (bf16) or uint8 Q8_0 blocks "
+        f"(q8_0), got {pool.dtype}"
     )
+
+
+def kv_head_dim(pool: np.ndarray) -> int:
+    """head_dim of a pool [blocks, layers, n_kv, bs, row] (a q8_0 row holds blocks of 32)."""
+    row = pool.shape[-1]
+    return row // Q8_BLOCK_BYTES * 32 if kv_dtype_of(pool) == "q8_0" else row
 
 
 class PagedAttention:
     """Causal attention of a flat batch's rows over a paged KV cache, read in place.
 
-    `k_pool` / `v_pool`: [n_blocks, layers, n_kv, block_size, hd] (contiguous) of float32, float16
-    or bfloat16 bits (uint16): the kv_dtype (KV_DTYPES). Row b of the
+    `k_pool` / `v_pool`: [n_blocks, layers, n_kv, block_size, row] (contiguous) of float32, float16,
+    bfloat16 bits (uint16), row = hd, or Q8_0 blocks (uint8, row = kv_row_items): the kv_dtype
+    (KV_DTYPES). Row b of the
     batch belongs to a sequence whose block ids (in position order) are tables[b] (int64
     [B, max_blocks]) and sits at position lengths[b] - 1: a decode step is one row per sequence;
     a prefill chunk of t tokens is t rows with the same table and consecutive lengths. Each layer
     is one native call (`run`) that first writes every row's new k/v into its block (rounded to the
-    kv_dtype, to nearest even), then lets each row attend to positions [starts[b], lengths[b])
+    kv_dtype: to nearest even, or ggml's Q8_0 rule), then lets each row attend to positions [starts[b], lengths[b])
     (with `window` W: its last W positions), in fp32. A row's positions are cut into splits of 512
     (whole blocks) that run in parallel and merge (flash-decoding); the cut depends on the row alone.
     Built once per step (and per window size), not per layer.
@@ -282,8 +312,8 @@ class PagedAttention:
                 or pool.ndim != 5
             ):
                 raise ValueError(
-                    "KV pools need contiguous writable [blocks, layers, n_kv, bs, hd] of float32, float16 or "
-                    f"uint16 (bf16 bits), got {pool.dtype}"
+                    "KV pools need contiguous writable [blocks, layers, n_kv, bs, row] of float32, float16, "
+                    f"uint16 (bf16 bits) or uint8 (q8_0 blocks), got {pool.dtype}"
                 )
         if k_pool.dtype != v_pool.dtype:
             raise ValueError(f"k and v pools differ in dtype: {k_pool.dtype} vs {v_pool.dtype}")
@@ -295,7 +325,8 @@ class PagedAttention:
         if self.tables.ndim != 2:
             raise ValueError(f"tables must be [B, max_blocks], got {list(self.tables.shape)}")
         self.B = self.tables.shape[0]
-        _, self.n_layers, self.n_kv, self.bs, self.hd = k_pool.shape
+        _, self.n_layers, self.n_kv, self.bs, _ = k_pool.shape
+        self.hd = kv_head_dim(k_pool)
         if self.tables.size and (int(self.tables.min()) < 0 or int(self.tables.max()) >= k_pool.shape[0]):
             raise ValueError(f"block ids outside the pool's {k_pool.shape[0]} blocks")
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)

@@ -390,15 +390,16 @@ static PyObject* py_silu_mul(PyObject*, PyObject* const* args, Py_ssize_t nargs)
 
 // ---------------------------------------------------------------- PagedKV
 // One step's paged KV cache as attention writes and reads it. The pools are [n_blocks, layers,
-// n_kv, bs, hd] of the KV type (kv_type: fp32, or 16-bit f16 / bf16); batch row b owns the blocks
+// n_kv, bs, row] of the KV type (kv_type: fp32, 16-bit f16 / bf16: row = hd elements; Q8_0: row =
+// kv_row_bytes bytes of blocks); batch row b owns the blocks
 // tables[b] (int64 [B, max_blocks], in position order), its new token sits at position
 // lengths[b] - 1 and it attends to positions [starts[b], lengths[b]) (starts: 0, or where a
-// sliding window begins). Strides count elements.
+// sliding window begins). Strides count bytes.
 struct PagedKV {
   uint8_t *k_pool, *v_pool;
-  int kv_type, esz;  // KvType and its bytes per element
-  int64_t n_layers, n_kv, bs, hd;
-  int64_t block_stride, layer_stride, head_stride;  // elements
+  int kv_type;  // KvType
+  int64_t n_layers, n_kv, bs, hd, rb;  // hd: elements of a head; rb: bytes of its cached row
+  int64_t block_stride, layer_stride, head_stride;  // bytes
   const int64_t *tables, *lengths, *starts;
   int64_t max_blocks, B;
 };
@@ -416,6 +417,10 @@ static constexpr int64_t ATT_QROWS = 16;  // rows of one prefill chunk that shar
 static void write_row(uint8_t* dst, const float* src, int64_t hd, int kv_type) {
   if (kv_type == KV_F32) {
     memcpy(dst, src, hd * sizeof(float));
+    return;
+  }
+  if (kv_type == KV_Q8_0) {
+    quantize_q8_0_row(src, dst, hd);
     return;
   }
   uint16_t* d = (uint16_t*)dst;
@@ -437,10 +442,10 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
   const float *k = qkv + nh * hd, *v = qkv + (nh + nkv) * hd;
   for (int64_t b = 0; b < kv.B; ++b) {
     const int64_t p = kv.lengths[b] - 1;
-    const int64_t off = kv.tables[b * kv.max_blocks + p / kv.bs] * kv.block_stride + layer_offset + (p % kv.bs) * hd;
+    const int64_t off = kv.tables[b * kv.max_blocks + p / kv.bs] * kv.block_stride + layer_offset + (p % kv.bs) * kv.rb;
     for (int64_t j = 0; j < nkv; ++j) {
-      write_row(kv.k_pool + (off + j * kv.head_stride) * kv.esz, k + b * row_stride + j * hd, hd, kv.kv_type);
-      write_row(kv.v_pool + (off + j * kv.head_stride) * kv.esz, v + b * row_stride + j * hd, hd, kv.kv_type);
+      write_row(kv.k_pool + off + j * kv.head_stride, k + b * row_stride + j * hd, hd, kv.kv_type);
+      write_row(kv.v_pool + off + j * kv.head_stride, v + b * row_stride + j * hd, hd, kv.kv_type);
     }
   }
   struct Row {
@@ -516,8 +521,8 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
           const void* vb[ATT_MAX_BLOCKS];
           const int64_t head_off = x.layer_offset + it.kvh * kv.head_stride;
           for (int64_t j = j0; j < j1; ++j) {
-            kb[j - j0] = kv.k_pool + (table[j] * kv.block_stride + head_off) * kv.esz;
-            vb[j - j0] = kv.v_pool + (table[j] * kv.block_stride + head_off) * kv.esz;
+            kb[j - j0] = kv.k_pool + table[j] * kv.block_stride + head_off;
+            vb[j - j0] = kv.v_pool + table[j] * kv.block_stride + head_off;
           }
           for (int64_t r = it.b0; r < it.b1; ++r) {
             const Row& row = x.rows[r];
@@ -611,26 +616,30 @@ static void PagedKV_dealloc(PagedKVObject* self) {
 }
 
 // PagedKV(k_pool, v_pool, tables, lengths, starts, kv_type=0): the arrays themselves (see struct
-// PagedKV); the pools are float32 for KV_F32, 16-bit (uint16 / float16 views) for KV_F16 and KV_BF16.
+// PagedKV); the pools are float32 for KV_F32, 16-bit (uint16 / float16 views) for KV_F16 and KV_BF16,
+// uint8 for KV_Q8_0 (rows of whole blocks: the last dimension a multiple of 34 bytes).
 static int PagedKV_init(PagedKVObject* self, PyObject* args, PyObject*) {
   PyObject *k, *v, *tables, *lengths, *starts;
   int kv_type = KV_F32;
   if (!PyArg_ParseTuple(args, "OOOOO|i", &k, &v, &tables, &lengths, &starts, &kv_type)) return -1;
   for (int i = 0; i < self->n_views; ++i) PyBuffer_Release(&self->views[i]);
   self->n_views = 0;
-  if (kv_type != KV_F32 && kv_type != KV_F16 && kv_type != KV_BF16) {
-    PyErr_Format(PyExc_ValueError, "kv_type %d is not one of 0 (f32), 1 (f16), 2 (bf16)", kv_type);
+  if (kv_type != KV_F32 && kv_type != KV_F16 && kv_type != KV_BF16 && kv_type != KV_Q8_0) {
+    PyErr_Format(PyExc_ValueError, "kv_type %d is not one of 0 (f32), 1 (f16), 2 (bf16), 3 (q8_0)", kv_type);
     return -1;
   }
+  const int esz = kv_type == KV_F32 ? 4 : kv_type == KV_Q8_0 ? 1 : 2;  // bytes per array item
   for (int i = 0; i < 2; ++i) {  // the pools: written to, of the KV type's element size
     Py_buffer* view = &self->views[i];
     if (PyObject_GetBuffer(i ? v : k, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) != 0) return -1;
     self->n_views = i + 1;
     const char f = view->format ? view->format[view->format[0] == '<' || view->format[0] == '=' ? 1 : 0] : 'B';
-    const bool ok = kv_type == KV_F32 ? (view->itemsize == 4 && f == 'f') : (view->itemsize == 2 && (f == 'H' || f == 'e'));
+    const bool ok = esz == 4 ? (view->itemsize == 4 && f == 'f')
+                    : esz == 2 ? (view->itemsize == 2 && (f == 'H' || f == 'e'))
+                               : (view->itemsize == 1 && f == 'B');
     if (view->ndim != 5 || !ok) {
       PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous %s array of 5 dimensions", i ? "v_pool" : "k_pool",
-                   kv_type == KV_F32 ? "float32" : "16-bit (uint16 or float16)");
+                   esz == 4 ? "float32" : esz == 2 ? "16-bit (uint16 or float16)" : "uint8");
       return -1;
     }
   }
@@ -643,16 +652,23 @@ static int PagedKV_init(PagedKVObject* self, PyObject* args, PyObject*) {
     self->n_views = 3 + i;
   }
   const Py_buffer* w = self->views;
-  const Py_ssize_t* sh = w[0].shape;  // [n_blocks, layers, n_kv, bs, hd]
+  const Py_ssize_t* sh = w[0].shape;  // [n_blocks, layers, n_kv, bs, row]
   const int64_t B = w[2].shape[0], max_blocks = w[2].shape[1];
   if (memcmp(sh, w[1].shape, 5 * sizeof(Py_ssize_t)) != 0 || w[3].shape[0] != B || w[4].shape[0] != B ||
       sh[2] <= 0 || sh[3] <= 0 || sh[3] > ATT_SPLIT || sh[4] <= 0) {
     PyErr_SetString(PyExc_ValueError, "k and v pools, tables, lengths and starts do not agree in shape");
     return -1;
   }
+  const int64_t rb = sh[4] * esz;  // bytes of a cached row
+  const int64_t hd = kv_type == KV_Q8_0 ? rb / Q8_BLOCK_BYTES * 32 : sh[4];
+  if (kv_row_bytes(kv_type, hd) != rb) {
+    PyErr_Format(PyExc_ValueError, "a q8_0 pool's rows are whole blocks of %d bytes, got %lld", (int)Q8_BLOCK_BYTES,
+                 (long long)rb);
+    return -1;
+  }
   PagedKV& kv = self->kv;
-  kv = {(uint8_t*)w[0].buf, (uint8_t*)w[1].buf, kv_type, kv_type == KV_F32 ? 4 : 2, sh[1], sh[2], sh[3], sh[4],
-        sh[1] * sh[2] * sh[3] * sh[4], sh[2] * sh[3] * sh[4], sh[3] * sh[4], (const int64_t*)w[2].buf,
+  kv = {(uint8_t*)w[0].buf, (uint8_t*)w[1].buf, kv_type, sh[1], sh[2], sh[3], hd, rb,
+        sh[1] * sh[2] * sh[3] * rb, sh[2] * sh[3] * rb, sh[3] * rb, (const int64_t*)w[2].buf,
         (const int64_t*)w[3].buf, (const int64_t*)w[4].buf, max_blocks, B};
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = kv.lengths[b], s0 = kv.starts[b];

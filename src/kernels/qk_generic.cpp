@@ -89,24 +89,17 @@ namespace generic {
 // Partial attention of one row's query heads over a range of its paged cache (AttendPartFn in
 // qk_types.h has the contract), the portable version and the reference the SIMD ones follow: the
 // scores, their max, exp(s - max) and its sum, then the exp-weighted sum of V rows. KT: the
-// cache's element type (KvType).
-template <int KT>
-static inline float kv_at(const void* row, int64_t d) {
-  if (KT == KV_F32) return ((const float*)row)[d];
-  const uint16_t h = ((const uint16_t*)row)[d];
-  return KT == KV_F16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
-
+// cache's element type (KvType), read by kv_at (qk_types.h).
 template <int KT>
 static void attend_part_t(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb, int64_t bs,
                           int64_t p0, int64_t p1, int64_t hn, int64_t hd, float scale, float* scores) {
-  const int64_t esz = KT == KV_F32 ? 4 : 2, n = p1 - p0;
+  const int64_t rb = kv_row_bytes(KT, hd), n = p1 - p0;
   for (int64_t h = 0; h < hn; ++h) {
     const float* qh = q + h * hd;
     float* sc = scores + h * n;
     float mx = -INFINITY;
     for (int64_t p = p0; p < p1; ++p) {
-      const void* kp = (const uint8_t*)Kb[p / bs] + (p % bs) * hd * esz;
+      const uint8_t* kp = (const uint8_t*)Kb[p / bs] + (p % bs) * rb;
       // 8 partial sums: a shape the compiler vectorises (a single float sum it may not reorder)
       float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       int64_t d = 0;
@@ -124,7 +117,7 @@ static void attend_part_t(const float* q, float* o, float* ml, const void* const
     for (int64_t d = 0; d < hd; ++d) oh[d] = 0.f;
     for (int64_t p = p0; p < p1; ++p) {
       const float w = sc[p - p0];
-      const void* vp = (const uint8_t*)Vb[p / bs] + (p % bs) * hd * esz;
+      const uint8_t* vp = (const uint8_t*)Vb[p / bs] + (p % bs) * rb;
       for (int64_t d = 0; d < hd; ++d) oh[d] += w * kv_at<KT>(vp, d);
     }
   }
@@ -134,6 +127,7 @@ AttendPartFn get_attend(int kv_type) {
   switch (kv_type) {
     case KV_F16: return attend_part_t<KV_F16>;
     case KV_BF16: return attend_part_t<KV_BF16>;
+    case KV_Q8_0: return attend_part_t<KV_Q8_0>;
     default: return attend_part_t<KV_F32>;
   }
 }

@@ -636,18 +636,22 @@ static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I
 // ---------------------------------------------------------------- attention
 // The cache's rows widened to fp32 vectors, by element type (KvType in qk_types.h).
 static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // how far ahead K (and V) rows are fetched
+// Reading element d.. d + S::L of a cached row of the KV type as fp32 lanes (d % S::L == 0).
 template <int KT> struct Kv;
 template <> struct Kv<KV_F32> {
-  using T = float;
-  static inline typename S::F ld(const T* p) { return S::f32(p); }
+  static inline typename S::F ld(const uint8_t* row, int64_t d) { return S::f32((const float*)row + d); }
 };
 template <> struct Kv<KV_F16> {
-  using T = uint16_t;
-  static inline typename S::F ld(const T* p) { return S::h16((const uint8_t*)p); }
+  static inline typename S::F ld(const uint8_t* row, int64_t d) { return S::h16(row + 2 * d); }
 };
 template <> struct Kv<KV_BF16> {
-  using T = uint16_t;
-  static inline typename S::F ld(const T* p) { return S::bf16((const uint8_t*)p); }
+  static inline typename S::F ld(const uint8_t* row, int64_t d) { return S::bf16(row + 2 * d); }
+};
+template <> struct Kv<KV_Q8_0> {  // d * q of the element's block (qk_types.h kv_at: the same numbers)
+  static inline typename S::F ld(const uint8_t* row, int64_t d) {
+    const uint8_t* b = row + (d >> 5) * Q8_BLOCK_BYTES;
+    return S::mul(S::set1(S::h2f(b)), S::cvt(S::i8(b + 2 + (d & 31))));
+  }
 };
 
 // The cache is paged: a block's rows of one layer and kv head are contiguous, but the next block is
@@ -660,28 +664,26 @@ template <> struct Kv<KV_BF16> {
 // the cache fits in L3, and 1.2-1.4x slower beyond it, where long contexts are). The weighted V sum
 // keeps HG x VC vectors of the output in registers and reads each V row once for all HG heads.
 template <int HG, int KT>
-static void attend_group(const float* q, float* o, float* ml, const typename Kv<KT>::T* const* Kb,
-                         const typename Kv<KT>::T* const* Vb, int64_t bs, int64_t p0, int64_t p1, int64_t hd,
-                         float scale, float* scores) {
+static void attend_group(const float* q, float* o, float* ml, const uint8_t* const* Kb, const uint8_t* const* Vb,
+                         int64_t bs, int64_t p0, int64_t p1, int64_t hd, float scale, float* scores) {
   using F = typename S::F;
-  using T = typename Kv<KT>::T;
-  const int64_t n = p1 - p0;
-  const int64_t ahead = ATT_PREFETCH_BYTES / (hd * (int64_t)sizeof(T)) > 8 ? ATT_PREFETCH_BYTES / (hd * (int64_t)sizeof(T)) : 8;
+  const int64_t n = p1 - p0, RB = kv_row_bytes(KT, hd);  // bytes per cached row
+  const int64_t ahead = ATT_PREFETCH_BYTES / RB > 8 ? ATT_PREFETCH_BYTES / RB : 8;
   float mx[HG];
   for (int i = 0; i < HG; ++i) mx[i] = -INFINITY;
   for (int64_t p = p0; p < p1;) {
     const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
-    const T* kr = Kb[j] + (p - j * bs) * hd;
-    for (; p < end; ++p, kr += hd) {
+    const uint8_t* kr = Kb[j] + (p - j * bs) * RB;
+    for (; p < end; ++p, kr += RB) {
       if (p + ahead < p1) {
-        const int64_t qq = p + ahead, off = (qq % bs) * hd;
-        prefetch_bytes((const uint8_t*)(Kb[qq / bs] + off), hd * (int64_t)sizeof(T));
-        prefetch_bytes((const uint8_t*)(Vb[qq / bs] + off), hd * (int64_t)sizeof(T));
+        const int64_t qq = p + ahead, off = (qq % bs) * RB;
+        prefetch_bytes(Kb[qq / bs] + off, RB);
+        prefetch_bytes(Vb[qq / bs] + off, RB);
       }
       F acc[HG];
       for (int i = 0; i < HG; ++i) acc[i] = S::zero();
       for (int64_t d = 0; d < hd; d += S::L) {
-        const F kk = Kv<KT>::ld(kr + d);
+        const F kk = Kv<KT>::ld(kr, d);
         for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::f32(q + i * hd + d), kk, acc[i]);
       }
       for (int i = 0; i < HG; ++i) {
@@ -702,7 +704,7 @@ static void attend_group(const float* q, float* o, float* ml, const typename Kv<
         F acc[HG];
         for (int i = 0; i < HG; ++i) acc[i] = S::zero();
         for (int64_t p = p0; p < p1; ++p) {
-          const F vv = Kv<KT>::ld(Vb[p / bs] + (p % bs) * hd + d);
+          const F vv = Kv<KT>::ld(Vb[p / bs] + (p % bs) * RB, d);
           for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::set1(scores[i * n + (p - p0)]), vv, acc[i]);
         }
         for (int i = 0; i < HG; ++i) S::store(o + i * hd + d, acc[i]);
@@ -716,13 +718,13 @@ static void attend_group(const float* q, float* o, float* ml, const typename Kv<
       for (int v = 0; v < VC; ++v) acc[i][v] = S::zero();
     for (int64_t p = p0; p < p1;) {
       const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
-      const T* vr = Vb[j] + (p - j * bs) * hd + d0;
-      for (; p < end; ++p, vr += hd) {
+      const uint8_t* vr = Vb[j] + (p - j * bs) * RB;
+      for (; p < end; ++p, vr += RB) {
 #pragma GCC unroll 4
         for (int i = 0; i < HG; ++i) {
           const F w = S::set1(scores[i * n + (p - p0)]);
 #pragma GCC unroll 4
-          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr + v * S::L), acc[i][v]);
+          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr, d0 + v * S::L), acc[i][v]);
         }
       }
     }
@@ -738,9 +740,8 @@ static void attend_group(const float* q, float* o, float* ml, const typename Kv<
 template <int KT>
 static void attend_part(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb, int64_t bs,
                         int64_t p0, int64_t p1, int64_t hn, int64_t hd, float scale, float* scores) {
-  using T = typename Kv<KT>::T;
-  const T* const* K = (const T* const*)Kb;
-  const T* const* V = (const T* const*)Vb;
+  const uint8_t* const* K = (const uint8_t* const*)Kb;
+  const uint8_t* const* V = (const uint8_t* const*)Vb;
   const int64_t n = p1 - p0;
   constexpr int64_t MAXG = S::L == 16 ? 8 : 4;  // heads per pass: their accumulators fit the registers
   for (int64_t h0 = 0; h0 < hn; h0 += MAXG) {
@@ -770,6 +771,7 @@ static AttendPartFn attend_for_type(int kv_type) {
   switch (kv_type) {
     case KV_F16: return attend_part<KV_F16>;
     case KV_BF16: return attend_part<KV_BF16>;
+    case KV_Q8_0: return attend_part<KV_Q8_0>;
     default: return attend_part<KV_F32>;
   }
 }

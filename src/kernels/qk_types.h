@@ -208,13 +208,27 @@ static inline void make_xt(const float* x, int64_t T, int64_t K, int64_t cw, flo
 }
 
 typedef void (*RowsFn)(const Job& job, int64_t r0, int64_t r1);
-// The KV cache's element types (kv_dtype): fp32, IEEE half, bfloat16. Rows are written from fp32
-// (rounded to nearest even) and read back widened to fp32; all arithmetic is fp32.
-enum KvType { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+// The KV cache's element types (kv_dtype): fp32, IEEE half, bfloat16, and ggml's Q8_0 blocks. Rows
+// are written from fp32 (rounded to nearest even; Q8_0: quantize_q8_0_row) and read back as fp32
+// numbers; all arithmetic is fp32.
+enum KvType { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3 };
+// A Q8_0 row of hd elements (hd % 32 == 0) is hd / 32 blocks of ggml's block_q8_0: an IEEE half
+// scale d, then 32 int8 q; element e is d * q[e] (exact in fp32: 11 x 8 significant bits).
+static constexpr int64_t Q8_BLOCK_BYTES = 34;
+// Bytes of one cached row of hd elements of the KV type (0 for an unknown type, or Q8_0 with hd
+// not a multiple of 32).
+static inline int64_t kv_row_bytes(int kv_type, int64_t hd) {
+  switch (kv_type) {
+    case KV_F32: return 4 * hd;
+    case KV_F16: case KV_BF16: return 2 * hd;
+    case KV_Q8_0: return hd % 32 == 0 ? hd / 32 * Q8_BLOCK_BYTES : 0;
+    default: return 0;
+  }
+}
 
 // Partial attention of one sequence's row: the `hn` query heads q[0..hn) (hd floats each, all
 // reading one kv head) over cache positions [p0, p1). Kb[j] / Vb[j] point at the kv head's rows of
-// the j-th block of the range (bs rows of hd elements of the KV type, contiguous), p0 and p1
+// the j-th block of the range (bs rows of kv_row_bytes(KT, hd) bytes, contiguous), p0 and p1
 // count from the start of Kb[0]. Writes, per head i: o[i] = sum_p exp(s_p - m_i) V_p (not yet
 // divided), ml[2i] = m_i = max_p s_p, ml[2i+1] = l_i = sum_p exp(s_p - m_i), where
 // s_p = scale * q_i . K_p. `scores` holds hn * (p1 - p0) floats. Splits of a row merge as
@@ -249,6 +263,37 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even; nan sta
   memcpy(&x, &f, 4);
   if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40);
   return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
+
+// 32 floats -> one block_q8_0, ggml's quantize_row_q8_0_ref rule: d = max|x| / 127, q = roundf(x / d)
+// (half away from zero, with 1/d as a float), d stored as half. The synthetic models' quantizer
+// (quantize.cpp) and the Q8_0 KV cache both use it; kernels/reference.py repeats it in numpy.
+static inline void quantize_q8_0_block(const float* x, uint8_t* out) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = __builtin_fabsf(x[i]) > amax ? __builtin_fabsf(x[i]) : amax;
+  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  const uint16_t h = f32_to_f16(d);
+  memcpy(out, &h, 2);
+  for (int i = 0; i < 32; ++i) {
+    const float r = __builtin_roundf(x[i] * id);
+    out[2 + i] = (uint8_t)(int8_t)(r > 127.f ? 127.f : r < -127.f ? -127.f : r);
+  }
+}
+
+static inline void quantize_q8_0_row(const float* x, uint8_t* out, int64_t hd) {  // hd % 32 == 0
+  for (int64_t b = 0; b < hd / 32; ++b) quantize_q8_0_block(x + 32 * b, out + Q8_BLOCK_BYTES * b);
+}
+
+// Element d of a cached row of the KV type, as fp32 (the portable reader).
+template <int KT>
+static inline float kv_at(const uint8_t* row, int64_t d) {
+  if constexpr (KT == KV_F32) { float f; memcpy(&f, row + 4 * d, 4); return f; }
+  else if constexpr (KT == KV_F16) return f16_to_f32(rd16(row + 2 * d));
+  else if constexpr (KT == KV_BF16) return bf16_to_f32(rd16(row + 2 * d));
+  else {
+    const uint8_t* b = row + (d / 32) * Q8_BLOCK_BYTES;
+    return f16_to_f32(rd16(b)) * (float)(int8_t)b[2 + d % 32];
+  }
 }
 
 // y[T, I] = silu(gu[:, :I]) * gu[:, I:] (generic::silu_mul has the contract).

@@ -81,15 +81,8 @@ inline int clampi(float v, int lo, int hi) { return (int)std::min(std::max(v, (f
 
 inline void put16(uint8_t* p, uint16_t v) { memcpy(p, &v, 2); }
 
-// block_q8_0: d (f16), qs[32] (int8)
-void q8_0_block(const float* x, uint8_t* out) {
-  float amax = 0.f;
-  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.f;
-  const float id = d != 0.f ? 1.f / d : 0.f;
-  put16(out, f32_to_f16(d));
-  for (int i = 0; i < 32; ++i) out[2 + i] = (uint8_t)(int8_t)std::max(-127.f, std::min(127.f, std::round(x[i] * id)));
-}
+// block_q8_0: d (f16), qs[32] (int8); the rule is qk_types.h's (the KV cache's Q8_0 rows use it too)
+void q8_0_block(const float* x, uint8_t* out) { qk::quantize_q8_0_block(x, out); }
 
 // block_q4_K: d (f16), dmin (f16), scales[12] (8 6-bit scales and 8 6-bit mins), qs[128]
 void q4_k_block(const float* x, uint8_t* out) {

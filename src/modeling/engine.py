@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeserve.common.errors import InvalidInputError
+from pipeserve.modeling.config import ModelConfig
 from pipeserve.modeling.kv_cache import BLOCK_SIZE, KVCachePool
 from pipeserve.modeling.layers import BatchMeta, SeqSlot
 from pipeserve.modeling.loader import LoadedStage
@@ -57,6 +58,13 @@ class StageOutput:
     logits: np.ndarray | None = None  # [S, V] last stage: logits of every sampled row (drafts: n_draft + 1)
 
 
+def stage_window(cfg: ModelConfig, start: int, end: int) -> int | None:
+    """The sliding window every layer in [start, end) has (their cache can forget what lies behind
+    it: KVCachePool `window`), or None when some layer attends to the whole sequence."""
+    windows = {cfg.window(layer) for layer in range(start, end)}
+    return windows.pop() if len(windows) == 1 else None
+
+
 class StageEngine:
     def __init__(
         self,
@@ -78,6 +86,7 @@ class StageEngine:
             self.max_context,
             block_size,
             kv_dtype,
+            stage_window(cfg, self.shard.start_layer, self.shard.end_layer),
         )
 
     def forward(self, chunks: Sequence[SeqChunk], hidden: np.ndarray | None = None) -> StageOutput:

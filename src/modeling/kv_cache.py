@@ -1,8 +1,9 @@
 """Paged KV caches of one pipeline stage: one preallocated pool of fixed-size blocks, shared prefixes.
 
 Owned by `StageEngine`. The pool holds `n_blocks` blocks of `block_size` token positions for every
-local layer (k, v: [n_blocks, layers, n_kv, block_size, head_dim] fp32 numpy arrays over anonymous memory
-maps, allocated once; pages the OS has not touched cost no memory). A sequence (`SeqCache`, one per request id) owns a block table.
+local layer (k, v: [n_blocks, layers, n_kv, block_size, row] numpy arrays of the kv_dtype over anonymous
+memory maps, allocated once; pages the OS has not touched cost no memory; a row is head_dim elements,
+or for q8_0 their ggml blocks: `kernels.kv_row_items`). A sequence (`SeqCache`, one per request id) owns a block table.
 Prefix caching (vLLM-style): each *full* block gets the hash of its tokens chained with the previous
 block's hash; a new request whose prompt starts with cached blocks takes them by reference (no
 copy; `lookup_prefix`). Blocks with no owner stay cached, in LRU order, until a new block is needed.
@@ -16,6 +17,14 @@ cached block (its hash is forgotten). Free blocks unused for the cache TTL are f
 pages handed back to the OS (`forget_cold`), so an idle node's memory shrinks back.
 The budget is the pool: asking for more blocks than are free raises CacheBudgetError with the
 numbers (the coordinator preempts), and the counters say what is held, cached and hit.
+
+Sliding windows (`window` W: every layer of the stage attends to its last W positions, Mistral-style):
+a chunk starting at position n never reads keys before n - W + 1, nor does any later chunk (a
+speculative rollback keeps at least the chunk's first token), so the blocks wholly before that are
+given up when the chunk is reserved (`_slide`): a sequence holds at most ceil((W + chunk) / bs) + 1
+blocks however long it grows. Those blocks keep their prefix hashes (freed, not forgotten), and the
+block table keeps a HOLE in their place. A stage with any full-attention layer (Gemma 3's 1 global :
+5 local) keeps every block: one table serves all of its layers.
 """
 
 from __future__ import annotations
@@ -34,20 +43,22 @@ from pipeserve.common.errors import (
     UnknownRequestError,
 )
 from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
-from pipeserve.kernels import KV_DTYPES
-
-KV_ITEM_BYTES = {name: np.dtype(dt).itemsize for name, (dt, _) in KV_DTYPES.items()}  # per kv_dtype
+from pipeserve.kernels import KV_DTYPES, kv_row_bytes, kv_row_items
 
 
 def kv_token_layer_bytes(n_kv_heads: int, head_dim: int, kv_dtype: str = "f32") -> int:
     """Bytes one token position takes in one layer of the pool: k and v (memory budgets)."""
-    return 2 * n_kv_heads * head_dim * KV_ITEM_BYTES[kv_dtype]
+    return 2 * n_kv_heads * kv_row_bytes(head_dim, kv_dtype)
+
+
+HOLE = -1  # a block-table entry given up behind a sliding window (never read again)
 
 
 @dataclass
 class SeqCache:
     request_id: str
     blocks: list[int] = field(default_factory=list)  # block table: position p is in blocks[p // block_size]
+    holes: int = 0  # leading entries of `blocks` given up behind the window (HOLE)
     length: int = 0  # tokens cached (positions 0..length-1)
     tokens: list[int] = field(default_factory=list)  # token ids seen, for sampling penalties and hashes
     hashes: list[bytes] = field(default_factory=list)  # chained hashes of its full blocks, in order
@@ -64,15 +75,18 @@ class KVCachePool:
         max_context: int,
         block_size: int = BLOCK_SIZE,
         kv_dtype: str = "f32",
+        window: int | None = None,
     ) -> None:
-        if kv_dtype not in KV_ITEM_BYTES:
-            raise ValueError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_ITEM_BYTES)}")
+        row = kv_row_items(head_dim, kv_dtype)  # ValueError for an unknown type or a q8_0 misfit
+        if window is not None and window < 1:
+            raise ValueError(f"a sliding window must hold at least one position, got {window}")
+        self.window = window  # every local layer's sliding window, or None (some layer sees all)
         self.kv_dtype = kv_dtype
         self.block_size = block_size
         self.n_blocks = max(1, -(-budget_tokens // block_size))
         self.budget_tokens = self.n_blocks * block_size
         self.max_context = max_context
-        shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, head_dim)
+        shape = (self.n_blocks, n_local_layers, n_kv_heads, block_size, row)
         # untouched pages are not resident: memory grows with use
         dtype = KV_DTYPES[kv_dtype][0]
         (self._k_map, self.k), (self._v_map, self.v) = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
@@ -149,8 +163,20 @@ class KVCachePool:
         """Give up the sequence's blocks past the first `keep` (the tail first, so that under
         pressure a sequence's last blocks are reused before its shared prefix)."""
         for b in reversed(seq.blocks[keep:]):
-            self._unref(b)
+            if b != HOLE:
+                self._unref(b)
         del seq.blocks[keep:]
+        seq.holes = min(seq.holes, keep)
+
+    def _slide(self, seq: SeqCache, start: int) -> None:
+        """A chunk starts at `start`: give up the blocks wholly before its first query's window
+        (start - W + 1); they stay cached by hash for other requests."""
+        assert self.window is not None
+        upto = min(max(0, start - self.window + 1) // self.block_size, len(seq.blocks))
+        for j in range(seq.holes, upto):
+            self._unref(seq.blocks[j])
+            seq.blocks[j] = HOLE
+        seq.holes = max(seq.holes, upto)
 
     # ------------------------------------------------------------------ prefix cache
 
@@ -187,8 +213,8 @@ class KVCachePool:
         for j in range(len(seq.hashes), upto // bs):
             h = block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[j * bs : (j + 1) * bs])
             seq.hashes.append(h)
-            b = seq.blocks[j]
-            if h not in self.cached and self.hash_of[b] is None:
+            b = seq.blocks[j]  # a HOLE when the window passed it before its drafts were verified
+            if b != HOLE and h not in self.cached and self.hash_of[b] is None:
                 self.cached[h] = b
                 self.hash_of[b] = h
 
@@ -224,7 +250,15 @@ class KVCachePool:
                 raise InvalidInputError(
                     f"request {rid!r}: positions out of order: chunk starts at {start} but {have} tokens are cached"
                 )
+            if cur and cur.holes and self.window and start - self.window + 1 < cur.holes * bs:
+                raise UnknownRequestError(  # a rewrite reaching back past what the window gave up
+                    f"request {rid!r}: positions before {cur.holes * bs} were freed behind the sliding window "
+                    f"of {self.window}; a chunk at {start} needs them (replay from position 0)"
+                )
             kept = min(len(cur.blocks), -(-start // bs)) if cur else 0
+            if cur and self.window and start:  # blocks _slide will give up before taking new ones
+                upto = min(max(0, start - self.window + 1) // bs, kept)
+                need -= sum(1 for j in range(cur.holes, upto) if self.refs[cur.blocks[j]] == 1)
             cow = 1 if cur and start % bs and kept and self.refs[cur.blocks[kept - 1]] > 1 else 0
             need += max(0, -(-(start + n) // bs) - kept) + cow
         if need > self.free_blocks:
@@ -240,6 +274,8 @@ class KVCachePool:
                 seq = self.seqs[rid] = SeqCache(rid)
             if start < seq.length:
                 self._truncate(seq, start)
+            if self.window:
+                self._slide(seq, start)
             while len(seq.blocks) * bs < start + n:
                 seq.blocks.append(self._take())
             seq.last_used = now
@@ -319,7 +355,8 @@ class KVCachePool:
         """Invariants (tests): every block is free xor referenced, refcounts equal the tables."""
         counts = [0] * self.n_blocks
         for s in self.seqs.values():
-            for b in s.blocks:
+            assert all(b == HOLE for b in s.blocks[: s.holes]), "a hole past the window's edge"
+            for b in s.blocks[s.holes :]:
                 counts[b] += 1
         assert counts == self.refs, "refcounts differ from the block tables"
         kinds = [set(self.fresh), set(self.blank), set(self.lru)]

@@ -55,6 +55,8 @@ class BatchMeta:
         tables = np.zeros((n_tokens, width), np.int64)
         for s in slots:
             tables[s.offset : s.offset + s.length, : len(s.cache.blocks)] = s.cache.blocks
+        if any(s.cache.holes for s in slots):  # blocks given up behind a sliding window: never read
+            np.maximum(tables, 0, out=tables)
         return cls(slots, positions, np.asarray(sample_rows, dtype=np.int64), tables)
 
     def attention(self, window: int | None) -> PagedAttention:

@@ -17,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 
+from pipeserve.common.errors import ConfigError
 from pipeserve.common.kvblocks import BLOCK_SIZE
 from pipeserve.common.memory import (
     MemoryLimit,
@@ -66,7 +67,10 @@ class NodeBudget:
         """The plan for `source`, from its files' headers only (no tensor data is read);
         `max_batch_tokens` and `max_running` (the coordinator's) bound one step's scratch, and the
         smallest pool `auto` gives is one step."""
-        kv = kv_token_layer_bytes(cfg.n_kv_heads, cfg.head_dim, kv_dtype)
+        try:
+            kv = kv_token_layer_bytes(cfg.n_kv_heads, cfg.head_dim, kv_dtype)
+        except ValueError as e:  # q8_0 with a head_dim that is not whole blocks: refused before loading
+            raise ConfigError(f"node {node_id}: kv_dtype={kv_dtype!r} does not fit this model: {e}") from None
         runtime = runtime_bytes(
             cfg.hidden_size,
             cfg.intermediate_size,

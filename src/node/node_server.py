@@ -211,6 +211,7 @@ def node_info(r: StageRunner) -> pb.NodeInfo:
         max_context=eng.max_context,
         cache_budget_tokens=eng.cache.budget_tokens,
         kv_dtype=eng.cache.kv_dtype,
+        kv_window=eng.cache.window or 0,
         cache_used_tokens=snap.used_tokens,
         active_requests=len(snap.request_ids),
         rss_bytes=r.rss_bytes(),

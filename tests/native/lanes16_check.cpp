@@ -93,19 +93,22 @@ int main(){
   // start and a partial last block) vs the portable version
   // query heads per kv head: 3, 5 (one pass of 16 lanes, two of 8), 16 (two passes of 8), 1
   int heads[4][2]={{6,2},{10,2},{16,1},{4,4}};
-  for(int kt: {(int)KV_F32,(int)KV_F16,(int)KV_BF16})
+  for(int kt: {(int)KV_F32,(int)KV_F16,(int)KV_BF16,(int)KV_Q8_0})
   for(auto& hk: heads) for(int hd: {64,128}) for(int p0: {0,5}){ const int nh=hk[0], nkv=hk[1], bs=16, nblk=3, L=37;
-    const int esz = kt==KV_F32 ? 4 : 2, g = nh/nkv;
-    std::vector<float> q(nh*hd), o1(g*hd), o2(g*hd), sc(g*L), ml1(2*g), ml2(2*g);
-    std::vector<uint8_t> K(nblk*nkv*bs*hd*esz), V(nblk*nkv*bs*hd*esz);
+    const int rb = (int)kv_row_bytes(kt,hd), g = nh/nkv;
+    std::vector<float> q(nh*hd), o1(g*hd), o2(g*hd), sc(g*L), ml1(2*g), ml2(2*g), row(hd);
+    std::vector<uint8_t> K(nblk*nkv*bs*rb), V(nblk*nkv*bs*rb);
     for(auto&f:q) f=(rand()/(float)RAND_MAX)-0.5f;
-    for(auto*m:{&K,&V}) for(size_t i=0;i<m->size()/esz;i++){ float f=(rand()/(float)RAND_MAX)-0.5f;
-      if(kt==KV_F32) memcpy(&(*m)[4*i],&f,4); else { uint16_t h = kt==KV_F16 ? f32_to_f16(f) : f32_to_bf16(f); memcpy(&(*m)[2*i],&h,2); } }
+    for(auto*m:{&K,&V}) for(size_t r=0;r<m->size()/rb;r++){ uint8_t* dst=m->data()+r*rb;
+      for(auto&f:row) f=(rand()/(float)RAND_MAX)-0.5f;
+      for(int i=0;i<hd;i++){ const float f=row[i];
+        if(kt==KV_F32) memcpy(dst+4*i,&f,4); else if(kt!=KV_Q8_0){ uint16_t h = kt==KV_F16 ? f32_to_f16(f) : f32_to_bf16(f); memcpy(dst+2*i,&h,2); } }
+      if(kt==KV_Q8_0) quantize_q8_0_row(row.data(),dst,hd); }
     int order[nblk]={2,0,1};  // blocks out of order
     for(int kvh=0;kvh<nkv;kvh++){
       const void* kb[nblk]; const void* vb[nblk];
-      for(int j=0;j<nblk;j++){ kb[j]=K.data()+((order[j]*nkv+kvh)*bs*hd)*esz; vb[j]=V.data()+((order[j]*nkv+kvh)*bs*hd)*esz; }
-      AttendPartFn emu_fn = kt==KV_F32 ? emu::attend_part<KV_F32> : kt==KV_F16 ? emu::attend_part<KV_F16> : emu::attend_part<KV_BF16>;
+      for(int j=0;j<nblk;j++){ kb[j]=K.data()+(order[j]*nkv+kvh)*bs*rb; vb[j]=V.data()+(order[j]*nkv+kvh)*bs*rb; }
+      AttendPartFn emu_fn = kt==KV_F32 ? emu::attend_part<KV_F32> : kt==KV_F16 ? emu::attend_part<KV_F16> : kt==KV_BF16 ? emu::attend_part<KV_BF16> : emu::attend_part<KV_Q8_0>;
       emu_fn(q.data()+kvh*g*hd,o1.data(),ml1.data(),kb,vb,bs,p0,L,g,hd,0.125f,sc.data());
       generic::get_attend(kt)(q.data()+kvh*g*hd,o2.data(),ml2.data(),kb,vb,bs,p0,L,g,hd,0.125f,sc.data());
       double num=0,den=0; for(int i=0;i<g*hd;i++){num+=(o1[i]-o2[i])*(double)(o1[i]-o2[i]); den+=o2[i]*(double)o2[i];}

@@ -114,8 +114,10 @@ export interface NodeStatus {
   /** KV positions of the node's preallocated block pool. */
   cache_budget_tokens: number;
   cache_block_size: number;
-  /** Element type of the node's KV cache: f32, f16 or bf16 (config kv_dtype). */
+  /** Element type of the node's KV cache: f32, f16, bf16 or q8_0 (config kv_dtype). */
   kv_dtype: string;
+  /** Sliding window of every layer of its share: a sequence keeps only its last kv_window positions there; 0: all. */
+  kv_window: number;
   cache_blocks_total: number;
   cache_blocks_free: number;
   /** Full blocks known by hash (prefixes new requests can share). */

@@ -161,6 +161,7 @@ export function node(id: string, part: number, layers: [number, number], over: P
     cache_budget_tokens: 4096,
     cache_block_size: 16,
     kv_dtype: "f32",
+    kv_window: 0,
     cache_blocks_total: 256,
     cache_blocks_free: 250,
     prefix_cached_blocks: 12,
