@@ -62,8 +62,9 @@ def fill(eng: Any, rid: str, n: int, rng: np.random.Generator) -> None:
         block_t = kernels.quantize(block.reshape(-1, hd), "Q8_0").reshape(k.shape[1:])
     else:
         block_t = block.astype(KV_DTYPES[eng.cache.kv_dtype][0])
+    block_k = kernels.kv_pack_k(block_t, eng.cache.kv_dtype)  # K is stored transposed in its blocks
     for b in seq.blocks:
-        k[b] = block_t
+        k[b] = block_k
         v[b] = block_t
 
 

@@ -693,16 +693,18 @@ def test_paged_attention_decode_reads_caches_in_place(isa, window, nh, nkv):
     rng = np.random.default_rng(0)
     layers, hd, bs, n_blocks = 3, 64, 16, 12
     kp, vp = kv_pools(rng, n_blocks, layers, nkv, bs, hd)
+    kpk = kernels.kv_pack_k(kp, "f32")  # K as the pool stores it: transposed in each block
     lengths = [33, 32, 1]
     tables = np.array([[7, 2, 9], [0, 11, 0], [5, 0, 0]])  # padding past each table's end
-    att = kernels.PagedAttention(kp, vp, tables, lengths, window=window)
+    att = kernels.PagedAttention(kpk, vp, tables, lengths, window=window)
     first = [0 if window is None else max(0, n - window) for n in lengths]
     for layer in range(layers):
         qkv = randn(rng, 3, (nh + 2 * nkv) * hd)
+        kp = kernels.kv_unpack_k(kpk, "f32")
         k_want, v_want = pools_after_writes(kp, vp, tables, lengths, layer, qkv, nh, nkv, hd)
         got = att(layer, qkv, nh)
         assert got.dtype == np.float32 and got.shape == (3, nh * hd)
-        assert np.array_equal(kp, k_want) and np.array_equal(vp, v_want)
+        assert np.array_equal(kernels.kv_unpack_k(kpk, "f32"), k_want) and np.array_equal(vp, v_want)
         want = reference.attend_decode(
             t64(qkv[:, : nh * hd].reshape(3, nh, hd)),
             [
@@ -753,12 +755,14 @@ def test_paged_attention_prefill_chunk_is_causal(isa, threads, window, nh, nkv, 
     lengths = (start + 1 + np.arange(t))[perm]
     tables = np.tile(table, (t, 1))
     kp, vp = kv_pools(rng, n_blocks, layers, nkv, bs, hd)
-    att = kernels.PagedAttention(kp, vp, tables, lengths, window=window)
+    kpk = kernels.kv_pack_k(kp, "f32")
+    att = kernels.PagedAttention(kpk, vp, tables, lengths, window=window)
     for layer, scale in ((0, None), (1, 0.1)):
         qkv = randn(rng, t, (nh + 2 * nkv) * hd)
+        kp = kernels.kv_unpack_k(kpk, "f32")
         k_want, v_want = pools_after_writes(kp, vp, tables, lengths, layer, qkv, nh, nkv, hd)
         got = att(layer, qkv, nh, scale=scale)
-        assert np.array_equal(kp, k_want) and np.array_equal(vp, v_want)
+        assert np.array_equal(kernels.kv_unpack_k(kpk, "f32"), k_want) and np.array_equal(vp, v_want)
         want = causal_sdpa(
             qkv[:, : nh * hd].reshape(t, nh, hd),
             cached(k_want, table, layer, start + t),
@@ -782,16 +786,18 @@ def test_paged_attention_mixed_decode_and_prefill_rows(isa, threads, window):
     tables = np.array([table_a] + [table_b] * 5)
     lengths = np.array([19, 11, 12, 13, 14, 15])
     kp, vp = kv_pools(rng, n_blocks, layers, nkv, bs, hd)
-    att = kernels.PagedAttention(kp, vp, tables, lengths, window=window)
+    kpk = kernels.kv_pack_k(kp, "f32")
+    att = kernels.PagedAttention(kpk, vp, tables, lengths, window=window)
     for layer in range(layers):
         qkv = randn(rng, 6, (nh + 2 * nkv) * hd)
+        kp = kernels.kv_unpack_k(kpk, "f32")
         k_want, v_want = pools_after_writes(kp, vp, tables, lengths, layer, qkv, nh, nkv, hd)
         if layer == 0:
             got = att(layer, qkv, nh)
         else:
             got = np.full((6, nh * hd), np.nan, np.float32)
             att.run(layer, kernels.addr(qkv), qkv.shape[1], nh, kernels.addr(got), hd**-0.5)
-        assert np.array_equal(kp, k_want) and np.array_equal(vp, v_want)
+        assert np.array_equal(kernels.kv_unpack_k(kpk, "f32"), k_want) and np.array_equal(vp, v_want)
         q = qkv[:, : nh * hd].reshape(6, nh, hd)
         f = 0 if window is None else 19 - window
         want_a = reference.attend_decode(
@@ -877,16 +883,18 @@ def test_paged_attention_long_contexts_every_kv_dtype(isa, kv_dtype, nh, nkv, hd
     k32, v32 = kv_pools(rng, 2 * nblk + 1, layers, nkv, bs, hd)
     kp, k_val = kv_round(k32, kv_dtype)
     vp, v_val = kv_round(v32, kv_dtype)
+    kp = kernels.kv_pack_k(kp, kv_dtype)
     tables = np.stack([rng.permutation(2 * nblk + 1)[:nblk] for _ in range(2)])
     lengths = [length, max(1, length // 3)]
     qkv = randn(rng, 2, (nh + 2 * nkv) * hd)
     att = kernels.PagedAttention(kp, vp, tables, lengths)
     got = att(0, qkv, nh)
+    k_rows = kernels.kv_unpack_k(kp, kv_dtype)
     for b, n in enumerate(lengths):  # the new rows, rounded, in their blocks
         blk, off = tables[b][(n - 1) // bs], (n - 1) % bs
         k_new, k_new_val = kv_round(qkv[b : b + 1, nh * hd : (nh + nkv) * hd].reshape(nkv, hd), kv_dtype)
         v_new, v_new_val = kv_round(qkv[b : b + 1, (nh + nkv) * hd :].reshape(nkv, hd), kv_dtype)
-        assert np.array_equal(kp[blk, 0, :, off], k_new) and np.array_equal(vp[blk, 0, :, off], v_new)
+        assert np.array_equal(k_rows[blk, 0, :, off], k_new) and np.array_equal(vp[blk, 0, :, off], v_new)
         k_val[blk, 0, :, off], v_val[blk, 0, :, off] = k_new_val, v_new_val
     want = reference.attend_decode(
         t64(qkv[:, : nh * hd].reshape(2, nh, hd)),
@@ -902,7 +910,7 @@ def test_paged_attention_splits_bit_identical_across_threads():
     """A 5000-position row (10 splits) gives the same bits on 1 and 2 threads."""
     rng = np.random.default_rng(9)
     nh, nkv, hd, bs, n = 12, 2, 128, 16, 5000
-    kp, vp = kv_pools(rng, n // bs + 1, 1, nkv, bs, hd)
+    kp, vp = kv_pools(rng, n // bs + 1, 1, nkv, bs, hd)  # any values: K's layout does not matter here
     tables = rng.permutation(n // bs + 1)[None, :]
     qkv = randn(rng, 1, (nh + 2 * nkv) * hd)
     outs = []
@@ -946,6 +954,7 @@ def test_paged_attention_long_prefill_chunk_in_tiles(isa, threads, kv_dtype):
     k32, v32 = kv_pools(rng, nblk + 3, 1, nkv, bs, hd)
     kp, k_val = kv_round(k32, kv_dtype)
     vp, v_val = kv_round(v32, kv_dtype)
+    kp = kernels.kv_pack_k(kp, kv_dtype)
     table = rng.permutation(nblk + 3)[:nblk]
     lengths = start + 1 + np.arange(t)
     qkv = randn(rng, t, (nh + 2 * nkv) * hd)
@@ -975,6 +984,7 @@ def test_paged_attention_shared_prefix_read_in_tiles(isa, threads):
     rng = np.random.default_rng(31)
     nh, nkv, hd, bs = 8, 2, 64, 16
     kp, vp = kv_pools(rng, 300, 1, nkv, bs, hd)
+    kpk = kernels.kv_pack_k(kp, "f32")
     shared = rng.permutation(300)[:64]  # 1024 positions
     rest = [b for b in range(300) if b not in set(shared.tolist())]
     tables = np.zeros((3, 100), np.int64)
@@ -983,7 +993,8 @@ def test_paged_attention_shared_prefix_read_in_tiles(isa, threads):
     tables[2, :57] = rest[48:105]  # 900 positions
     lengths = [1500, 1300, 900]
     qkv = randn(rng, 3, (nh + 2 * nkv) * hd)
-    got = kernels.PagedAttention(kp, vp, tables, lengths)(0, qkv, nh)
+    got = kernels.PagedAttention(kpk, vp, tables, lengths)(0, qkv, nh)
+    kp = kernels.kv_unpack_k(kpk, "f32")  # with the rows the call wrote
     want = reference.attend_decode(
         t64(qkv[:, : nh * hd].reshape(3, nh, hd)),
         [t64(cached(kp, tables[b], 0, n)) for b, n in enumerate(lengths)],
@@ -991,7 +1002,7 @@ def test_paged_attention_shared_prefix_read_in_tiles(isa, threads):
     )
     assert rel_err(got.reshape(3, nh, hd), want) <= 1e-5
     for b in range(3):
-        alone = kernels.PagedAttention(kp, vp, tables[b : b + 1], lengths[b : b + 1])(
+        alone = kernels.PagedAttention(kpk, vp, tables[b : b + 1], lengths[b : b + 1])(
             0, np.ascontiguousarray(qkv[b : b + 1]), nh
         )
         assert np.array_equal(alone[0], got[b]), b

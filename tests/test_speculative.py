@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from pipeserve import kernels
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY
 from pipeserve.modeling.loader import load_stage
@@ -246,7 +247,8 @@ def test_kv_after_rejections_equals_a_cache_built_without_drafts(tiny_llama):
             assert len(sa.hashes) == n // 16
             for p in range(n):
                 ba, bb = sa.blocks[p // 16], sb.blocks[p // 16]
-                assert np.array_equal(a.cache.k[ba][:, :, p % 16], b.cache.k[bb][:, :, p % 16])
+                ka, kb = (kernels.kv_unpack_k(e.cache.k[blk], "f32") for e, blk in ((a, ba), (b, bb)))
+                assert np.array_equal(ka[:, :, p % 16], kb[:, :, p % 16])  # K rows (stored transposed)
                 assert np.array_equal(a.cache.v[ba][:, :, p % 16], b.cache.v[bb][:, :, p % 16])
             a.cache.check()
     assert got[:40] == ref[:40]

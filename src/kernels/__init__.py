@@ -263,6 +263,34 @@ def kv_row_bytes(head_dim: int, kv_dtype: str) -> int:
     return kv_row_items(head_dim, kv_dtype) * np.dtype(KV_DTYPES[kv_dtype][0]).itemsize
 
 
+def kv_pack_k(rows: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """K as a pool stores it, from one row per position (the layout V keeps): [..., bs, row] of
+    the kv_dtype's items -> the same shape, each block's [bs, hd] transposed to [hd, bs] (q8_0: the
+    int8 as [hd, bs], then the half scales as [hd / 32, bs]; qk_types.h kv_k_at). For tests and
+    benchmarks that write pools directly; the kernels write K this way themselves."""
+    lead, bs, row = rows.shape[:-2], rows.shape[-2], rows.shape[-1]
+    if kv_dtype != "q8_0":
+        return np.ascontiguousarray(np.swapaxes(rows, -1, -2)).reshape(rows.shape)
+    blocks = rows.reshape(*lead, bs, row // Q8_BLOCK_BYTES, Q8_BLOCK_BYTES)
+    q = np.swapaxes(blocks[..., 2:].reshape(*lead, bs, -1), -1, -2).reshape(*lead, -1)  # [hd, bs]
+    d = np.moveaxis(blocks[..., :2], -3, -2).reshape(*lead, -1)  # [hd / 32, bs, 2 bytes]
+    return np.ascontiguousarray(np.concatenate([q, d], axis=-1)).reshape(rows.shape)
+
+
+def kv_unpack_k(pool: np.ndarray, kv_dtype: str) -> np.ndarray:
+    """The inverse of kv_pack_k: a pool's K blocks as one row per position."""
+    lead, bs, row = pool.shape[:-2], pool.shape[-2], pool.shape[-1]
+    if kv_dtype != "q8_0":
+        flat = pool.reshape(*lead, row, bs)
+        return np.ascontiguousarray(np.swapaxes(flat, -1, -2))
+    nb = row // Q8_BLOCK_BYTES
+    hd = nb * 32
+    flat = pool.reshape(*lead, bs * row)
+    q = np.swapaxes(flat[..., : hd * bs].reshape(*lead, hd, bs), -1, -2).reshape(*lead, bs, nb, 32)
+    d = np.moveaxis(flat[..., hd * bs :].reshape(*lead, nb, bs, 2), -3, -2)  # [bs, nb, 2]
+    return np.ascontiguousarray(np.concatenate([d, q], axis=-1)).reshape(pool.shape)
+
+
 def kv_dtype_of(pool: np.ndarray) -> str:
     """The kv_dtype name of a pool array (ValueError for any other dtype)."""
     for name, (dt, _) in KV_DTYPES.items():
@@ -285,7 +313,7 @@ class PagedAttention:
 
     `k_pool` / `v_pool`: [n_blocks, layers, n_kv, block_size, row] (contiguous) of float32, float16,
     bfloat16 bits (uint16), row = hd, or Q8_0 blocks (uint8, row = kv_row_items): the kv_dtype
-    (KV_DTYPES). Row b of the
+    (KV_DTYPES); a block's K is stored transposed (`kv_pack_k`), V one row per position. Row b of the
     batch belongs to a sequence whose block ids (in position order) are tables[b] (int64
     [B, max_blocks]) and sits at position lengths[b] - 1: a decode step is one row per sequence;
     a prefill chunk of t tokens is t rows with the same table and consecutive lengths. Each layer

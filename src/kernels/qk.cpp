@@ -70,12 +70,15 @@ static RowsFn rows_for(int type, Isa isa) {
 // qk_types.h, MV_PASS_MAX_T.)
 static Isa call_isa(int64_t) { return g_isa; }
 
-static AttendPartFn attend_for(int64_t hd, int kv_type) {
+// The SIMD attention reads S::L positions of a block at once and S::L elements of a row: both the
+// head size and the block size must be multiples of the width (else the portable loops run).
+static AttendPartFn attend_for(int64_t hd, int64_t bs, int kv_type) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (g_isa == ISA_AVX512 && hd % 16 == 0) return avx512::get_attend(kv_type);
-  if (g_isa >= ISA_AVX2 && hd % 8 == 0) return avx2::get_attend(kv_type);
+  if (g_isa == ISA_AVX512 && hd % 16 == 0 && bs % 16 == 0) return avx512::get_attend(kv_type);
+  if (g_isa >= ISA_AVX2 && hd % 8 == 0 && bs % 8 == 0) return avx2::get_attend(kv_type);
 #endif
   (void)hd;
+  (void)bs;
   return generic::get_attend(kv_type);
 }
 
@@ -442,10 +445,10 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
   const float *k = qkv + nh * hd, *v = qkv + (nh + nkv) * hd;
   for (int64_t b = 0; b < kv.B; ++b) {
     const int64_t p = kv.lengths[b] - 1;
-    const int64_t off = kv.tables[b * kv.max_blocks + p / kv.bs] * kv.block_stride + layer_offset + (p % kv.bs) * kv.rb;
-    for (int64_t j = 0; j < nkv; ++j) {
-      write_row(kv.k_pool + off + j * kv.head_stride, k + b * row_stride + j * hd, hd, kv.kv_type);
-      write_row(kv.v_pool + off + j * kv.head_stride, v + b * row_stride + j * hd, hd, kv.kv_type);
+    const int64_t blk = kv.tables[b * kv.max_blocks + p / kv.bs] * kv.block_stride + layer_offset;
+    for (int64_t j = 0; j < nkv; ++j) {  // K transposed in its block, V a row (qk_types.h kv_k_at)
+      write_k_row(kv.k_pool + blk + j * kv.head_stride, kv.bs, p % kv.bs, k + b * row_stride + j * hd, hd, kv.kv_type);
+      write_row(kv.v_pool + blk + j * kv.head_stride + (p % kv.bs) * kv.rb, v + b * row_stride + j * hd, hd, kv.kv_type);
     }
   }
   struct Row {
@@ -467,7 +470,7 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
     const Item* items;
     const Row* rows;
     float* parts;
-  } c{&kv,  qkv,   row_stride, nh, group, layer_offset, 0, group * (hd + 2), out, scale, attend_for(hd, kv.kv_type),
+  } c{&kv,  qkv,   row_stride, nh, group, layer_offset, 0, group * (hd + 2), out, scale, attend_for(hd, kv.bs, kv.kv_type),
       nullptr, nullptr, nullptr};
   // one split's partials: o [group, hd], then (max, sum) for each of the group's heads
   const int64_t part_floats = c.part_floats;

@@ -99,14 +99,14 @@ static void attend_part_t(const float* q, float* o, float* ml, const void* const
     float* sc = scores + h * n;
     float mx = -INFINITY;
     for (int64_t p = p0; p < p1; ++p) {
-      const uint8_t* kp = (const uint8_t*)Kb[p / bs] + (p % bs) * rb;
+      const uint8_t* kb = (const uint8_t*)Kb[p / bs];  // K transposed in its block (kv_k_at)
       // 8 partial sums: a shape the compiler vectorises (a single float sum it may not reorder)
       float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       int64_t d = 0;
       for (; d + 8 <= hd; d += 8)
-        for (int e = 0; e < 8; ++e) part[e] += qh[d + e] * kv_at<KT>(kp, d + e);
+        for (int e = 0; e < 8; ++e) part[e] += qh[d + e] * kv_k_at<KT>(kb, bs, hd, p % bs, d + e);
       float s = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
-      for (; d < hd; ++d) s += qh[d] * kv_at<KT>(kp, d);
+      for (; d < hd; ++d) s += qh[d] * kv_k_at<KT>(kb, bs, hd, p % bs, d);
       s *= scale;
       sc[p - p0] = s;
       mx = s > mx ? s : mx;

@@ -659,39 +659,87 @@ template <> struct Kv<KV_Q8_0> {  // d * q of the element's block (qk_types.h kv
 // and V rows ATT_PREFETCH_BYTES ahead are fetched by hand (inline: a helper function for it
 // measured 1.6x slower on a cache larger than L3).
 // HG query heads (q: HG rows of hd floats) sharing one kv head, over positions [p0, p1): the
-// AttendPartFn contract (qk_types.h). Each K row is loaded once for the HG heads (one horizontal
-// sum per head and position: 8 positions reduced together by hadd trees measured faster only while
-// the cache fits in L3, and 1.2-1.4x slower beyond it, where long contexts are). The weighted V sum
-// keeps HG x VC vectors of the output in registers and reads each V row once for all HG heads.
+// AttendPartFn contract (qk_types.h). Each vector of K (S::L positions of one element) is loaded
+// once for the HG heads. The weighted V sum keeps HG x VC vectors of the output in registers and
+// reads each V row once for all HG heads.
 template <int HG, int KT>
 static void attend_group(const float* q, float* o, float* ml, const uint8_t* const* Kb, const uint8_t* const* Vb,
                          int64_t bs, int64_t p0, int64_t p1, int64_t hd, float scale, float* scores) {
   using F = typename S::F;
   const int64_t n = p1 - p0, RB = kv_row_bytes(KT, hd);  // bytes per cached row
-  const int64_t ahead = ATT_PREFETCH_BYTES / RB > 8 ? ATT_PREFETCH_BYTES / RB : 8;
   float mx[HG];
   for (int i = 0; i < HG; ++i) mx[i] = -INFINITY;
+  // Scores: K is transposed in its block (kv_k_at), so S::L consecutive positions' dot products
+  // are NA accumulator chains per head of broadcast q element x a vector of positions, summed at
+  // the end: no horizontal sum per position. Lanes outside [p0, p1) are computed and dropped.
+  constexpr int NA = HG >= 5 ? 1 : HG >= 3 ? 2 : 8 / (2 * HG);  // chains per head: ~4-8 FMAs in flight
+  const int64_t kblock = bs * RB;  // bytes of one kv head's K block
+  const int64_t kahead = ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1;  // blocks ahead
+  alignas(64) float lanes[S::L];
   for (int64_t p = p0; p < p1;) {
-    const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
-    const uint8_t* kr = Kb[j] + (p - j * bs) * RB;
-    for (; p < end; ++p, kr += RB) {
-      if (p + ahead < p1) {
-        const int64_t qq = p + ahead, off = (qq % bs) * RB;
-        prefetch_bytes(Kb[qq / bs] + off, RB);
-        prefetch_bytes(Vb[qq / bs] + off, RB);
+    const int64_t j = p / bs, base = j * bs, end = base + bs < p1 ? base + bs : p1;
+    // the K and V blocks kahead blocks on, a cache line of each per step of the element loop
+    // below (a burst of a whole block's lines at once measured 1.3x slower beyond L3)
+    const bool fetch = base + kahead * bs < p1;
+    const uint8_t* kf = fetch ? Kb[j + kahead] : nullptr;
+    const uint8_t* vf = fetch ? Vb[j + kahead] : nullptr;
+    const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
+    for (int64_t c = (p - base) / S::L * S::L; base + c < end; c += S::L) {
+      const uint8_t* kc = Kb[j];
+      const bool fetch_c = fetch && c == 0;
+      int64_t fsum = 0, fline = 0;
+      F acc[HG][NA];
+      for (int i = 0; i < HG; ++i)
+        for (int a = 0; a < NA; ++a) acc[i][a] = S::zero();
+      if constexpr (KT == KV_Q8_0) {  // per 32 elements: the int8 dot, then times the positions' scales
+        for (int64_t d0 = 0; d0 < hd; d0 += 32) {
+          F part[HG][NA];
+          for (int i = 0; i < HG; ++i)
+            for (int a = 0; a < NA; ++a) part[i][a] = S::zero();
+          for (int64_t d = d0; d < d0 + 32; d += NA) {
+#pragma GCC unroll 8
+            for (int a = 0; a < NA; ++a) {
+              if (fetch_c)
+                for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
+                  S::prefetch(kf + 64 * fline);
+                  S::prefetch(vf + 64 * fline);
+                }
+              const F kk = S::cvt(S::i8(kc + (d + a) * bs + c));
+              for (int i = 0; i < HG; ++i) part[i][a] = S::fma(S::set1(q[i * hd + d + a]), kk, part[i][a]);
+            }
+          }
+          const F sc = S::h16(kc + hd * bs + 2 * ((d0 / 32) * bs + c));
+          for (int i = 0; i < HG; ++i)
+            for (int a = 0; a < NA; ++a) acc[i][a] = S::fma(part[i][a], sc, acc[i][a]);
+        }
+      } else {
+        for (int64_t d = 0; d < hd; d += NA) {
+#pragma GCC unroll 8
+          for (int a = 0; a < NA; ++a) {
+            if (fetch_c)  // the element's share of the lines of the blocks ahead (Bresenham)
+              for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
+                S::prefetch(kf + 64 * fline);
+                S::prefetch(vf + 64 * fline);
+              }
+            const F kk = Kv<KT>::ld(kc + (d + a) * bs * (RB / hd), c);
+            for (int i = 0; i < HG; ++i) acc[i][a] = S::fma(S::set1(q[i * hd + d + a]), kk, acc[i][a]);
+          }
+        }
       }
-      F acc[HG];
-      for (int i = 0; i < HG; ++i) acc[i] = S::zero();
-      for (int64_t d = 0; d < hd; d += S::L) {
-        const F kk = Kv<KT>::ld(kr, d);
-        for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::f32(q + i * hd + d), kk, acc[i]);
-      }
+      const int64_t lo = p0 > base + c ? p0 - base - c : 0;
+      const int64_t hi = end - base - c < S::L ? end - base - c : S::L;
       for (int i = 0; i < HG; ++i) {
-        const float v = S::hsum(acc[i]) * scale;
-        scores[i * n + (p - p0)] = v;
-        mx[i] = v > mx[i] ? v : mx[i];
+        F sum = acc[i][0];
+        for (int a = 1; a < NA; ++a) sum = S::add(sum, acc[i][a]);
+        S::store(lanes, S::mul(sum, S::set1(scale)));
+        float* out = scores + i * n + (base + c - p0);
+        for (int64_t l = lo; l < hi; ++l) {
+          out[l] = lanes[l];
+          mx[i] = lanes[l] > mx[i] ? lanes[l] : mx[i];
+        }
       }
     }
+    p = end;
   }
   for (int i = 0; i < HG; ++i) {
     ml[2 * i] = mx[i];
@@ -720,11 +768,28 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
       const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
       const uint8_t* vr = Vb[j] + (p - j * bs) * RB;
       for (; p < end; ++p, vr += RB) {
+        if constexpr (KT == KV_Q8_0) {  // the weight times the block's scale, then the int8 lanes
+          F vv[VC];
+          float sc[VC];
 #pragma GCC unroll 4
-        for (int i = 0; i < HG; ++i) {
-          const F w = S::set1(scores[i * n + (p - p0)]);
+          for (int v = 0; v < VC; ++v) {
+            const uint8_t* blk = vr + ((d0 + v * S::L) >> 5) * Q8_BLOCK_BYTES;
+            sc[v] = S::h2f(blk);
+            vv[v] = S::cvt(S::i8(blk + 2 + ((d0 + v * S::L) & 31)));
+          }
 #pragma GCC unroll 4
-          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr, d0 + v * S::L), acc[i][v]);
+          for (int i = 0; i < HG; ++i) {
+            const float w = scores[i * n + (p - p0)];
+#pragma GCC unroll 4
+            for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(S::set1(w * sc[v]), vv[v], acc[i][v]);
+          }
+        } else {
+#pragma GCC unroll 4
+          for (int i = 0; i < HG; ++i) {
+            const F w = S::set1(scores[i * n + (p - p0)]);
+#pragma GCC unroll 4
+            for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr, d0 + v * S::L), acc[i][v]);
+          }
         }
       }
     }

@@ -227,8 +227,9 @@ static inline int64_t kv_row_bytes(int kv_type, int64_t hd) {
 }
 
 // Partial attention of one sequence's row: the `hn` query heads q[0..hn) (hd floats each, all
-// reading one kv head) over cache positions [p0, p1). Kb[j] / Vb[j] point at the kv head's rows of
-// the j-th block of the range (bs rows of kv_row_bytes(KT, hd) bytes, contiguous), p0 and p1
+// reading one kv head) over cache positions [p0, p1). Kb[j] / Vb[j] point at the kv head's part of
+// the j-th block of the range (bs x kv_row_bytes(KT, hd) bytes: K transposed, V in rows; see
+// kv_k_at), p0 and p1
 // count from the start of Kb[0]. Writes, per head i: o[i] = sum_p exp(s_p - m_i) V_p (not yet
 // divided), ml[2i] = m_i = max_p s_p, ml[2i+1] = l_i = sum_p exp(s_p - m_i), where
 // s_p = scale * q_i . K_p. `scores` holds hn * (p1 - p0) floats. Splits of a row merge as
@@ -282,6 +283,39 @@ static inline void quantize_q8_0_block(const float* x, uint8_t* out) {
 
 static inline void quantize_q8_0_row(const float* x, uint8_t* out, int64_t hd) {  // hd % 32 == 0
   for (int64_t b = 0; b < hd / 32; ++b) quantize_q8_0_block(x + 32 * b, out + Q8_BLOCK_BYTES * b);
+}
+
+// K is stored transposed within a block: the bs positions of one kv head's block hold, element by
+// element, [hd][bs] (position p's element d at d * bs + p), so that attention computes the scores of
+// S::L consecutive positions with plain FMAs, one vector of positions per element of the query (no
+// horizontal sum per position). Q8_0 keeps the same bytes per position: the int8 q as [hd][bs],
+// then each position's half scales as [hd / 32][bs]. V stays one row per position ([bs][row]).
+// The block's element (p, d) of K, as fp32 (the portable reader; the same numbers as a V row's).
+template <int KT>
+static inline float kv_k_at(const uint8_t* blk, int64_t bs, int64_t hd, int64_t p, int64_t d) {
+  if constexpr (KT == KV_F32) { float f; memcpy(&f, blk + 4 * (d * bs + p), 4); return f; }
+  else if constexpr (KT == KV_F16) return f16_to_f32(rd16(blk + 2 * (d * bs + p)));
+  else if constexpr (KT == KV_BF16) return bf16_to_f32(rd16(blk + 2 * (d * bs + p)));
+  else return f16_to_f32(rd16(blk + hd * bs + 2 * ((d / 32) * bs + p))) * (float)(int8_t)blk[d * bs + p];
+}
+
+// Write position p of a K block (transposed layout above) from hd floats, rounded to the KV type.
+static inline void write_k_row(uint8_t* blk, int64_t bs, int64_t p, const float* x, int64_t hd, int kv_type) {
+  if (kv_type == KV_F32) {
+    for (int64_t d = 0; d < hd; ++d) memcpy(blk + 4 * (d * bs + p), x + d, 4);
+  } else if (kv_type == KV_F16 || kv_type == KV_BF16) {
+    for (int64_t d = 0; d < hd; ++d) {
+      const uint16_t h = kv_type == KV_F16 ? f32_to_f16(x[d]) : f32_to_bf16(x[d]);
+      memcpy(blk + 2 * (d * bs + p), &h, 2);
+    }
+  } else {  // Q8_0: quantized by blocks of 32 as a V row is, then scattered
+    uint8_t q[Q8_BLOCK_BYTES];
+    for (int64_t b = 0; b < hd / 32; ++b) {
+      quantize_q8_0_block(x + 32 * b, q);
+      memcpy(blk + hd * bs + 2 * (b * bs + p), q, 2);
+      for (int i = 0; i < 32; ++i) blk[(32 * b + i) * bs + p] = q[2 + i];
+    }
+  }
 }
 
 // Element d of a cached row of the KV type, as fp32 (the portable reader).

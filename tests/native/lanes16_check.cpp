@@ -99,11 +99,14 @@ int main(){
     std::vector<float> q(nh*hd), o1(g*hd), o2(g*hd), sc(g*L), ml1(2*g), ml2(2*g), row(hd);
     std::vector<uint8_t> K(nblk*nkv*bs*rb), V(nblk*nkv*bs*rb);
     for(auto&f:q) f=(rand()/(float)RAND_MAX)-0.5f;
-    for(auto*m:{&K,&V}) for(size_t r=0;r<m->size()/rb;r++){ uint8_t* dst=m->data()+r*rb;
+    for(size_t r=0;r<V.size()/rb;r++){ uint8_t* dst=V.data()+r*rb;  // V: a row per position
       for(auto&f:row) f=(rand()/(float)RAND_MAX)-0.5f;
       for(int i=0;i<hd;i++){ const float f=row[i];
         if(kt==KV_F32) memcpy(dst+4*i,&f,4); else if(kt!=KV_Q8_0){ uint16_t h = kt==KV_F16 ? f32_to_f16(f) : f32_to_bf16(f); memcpy(dst+2*i,&h,2); } }
       if(kt==KV_Q8_0) quantize_q8_0_row(row.data(),dst,hd); }
+    for(size_t r=0;r<K.size()/rb;r++){  // K: transposed in each block (qk_types.h kv_k_at)
+      for(auto&f:row) f=(rand()/(float)RAND_MAX)-0.5f;
+      write_k_row(K.data()+(r/bs)*bs*rb,bs,r%bs,row.data(),hd,kt); }
     int order[nblk]={2,0,1};  // blocks out of order
     for(int kvh=0;kvh<nkv;kvh++){
       const void* kb[nblk]; const void* vb[nblk];
