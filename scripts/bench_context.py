@@ -358,6 +358,17 @@ def doc_table(res: dict[str, Any], path: str) -> str:
     return "\n".join(rows)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", choices=sorted(CONTEXTS))
@@ -387,7 +398,7 @@ def main() -> None:
     contexts, prefills = CONTEXTS[args.model], [int(x) for x in args.prefill.split(",") if x]
     res: dict[str, Any] = {
         "model": args.model,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "command": "python scripts/bench_context.py " + " ".join(sys.argv[1:]),
         "context_fill": "K/V rows written directly (see the script's docstring); decode steps timed",
         "ours": bench_ours(args.model, contexts, prefills),

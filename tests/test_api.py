@@ -537,6 +537,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         "cache_budget_tokens",
         "cache_block_size",
         "kv_dtype",
+        "kv_window",
         "cache_blocks_total",
         "cache_blocks_free",
         "prefix_cached_blocks",
@@ -584,6 +585,7 @@ def test_ready_and_cluster_view(http: httpx.Client, cluster: InProcessCluster) -
         for n in nodes
     )
     assert all(n["cache_blocks_free"] <= n["cache_blocks_total"] and n["backoff_s"] == 0 for n in nodes)
+    assert all(n["kv_dtype"] == "f32" and n["kv_window"] == 0 for n in nodes)  # SmolLM2: no sliding window
     # KV pages in memory: the blocks written so far, never more than the pool, never more than RSS
     assert all(
         n["cache_resident_bytes"] % block_bytes == 0
