@@ -181,3 +181,26 @@ def pin_step_cost(c: InProcessCluster, per_row: float = PRIOR_ROW_COST) -> InPro
     assert c.coordinator is not None
     c.coordinator.scheduler.step_cost = PinnedStepCost(per_row)
     return c
+
+
+def greedy_through(
+    c: InProcessCluster, prompts: list[list[int]], max_tokens: int
+) -> tuple[list[list[int]], list[Any]]:
+    """Each prompt's greedy tokens through the cluster's coordinator (EOS ignored, no drafts), and
+    the coordinator's view of the nodes after them (ClusterStatus nodes)."""
+    import grpc
+
+    from pipeserve.proto import model_service_pb2 as pb
+    from pipeserve.proto import model_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(c.cfg.coordinator.address) as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        got = []
+        for p in prompts:
+            req = pb.GenerateRequest(
+                max_tokens=max_tokens, sampling=pb.SamplingParams(temperature=0), ignore_eos=True
+            )
+            req.prompt_token_ids.extend(p)
+            req.speculative = False
+            got.append([t for m in stub.Generate(req, timeout=120) for t in m.token_ids])
+        return got, list(stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes)

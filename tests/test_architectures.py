@@ -242,11 +242,7 @@ def test_a_windowed_model_serves_requests_longer_than_its_nodes_pools(zoo):
     two requests of 100 positions (40-token prompts + 60 tokens) complete, token for token equal to
     one engine with an unbounded pool (without the window such a request is refused at submit:
     test_scheduler_units)."""
-    import grpc
-
-    from pipeserve.proto import model_service_pb2 as pb
-    from pipeserve.proto import model_service_pb2_grpc as pb_grpc
-    from tests.harness import start_cluster
+    from tests.harness import greedy_through, start_cluster
 
     folder = str(zoo.folder("mistral"))
     prompts = [PROMPT, PROMPT[::-1]]
@@ -255,17 +251,7 @@ def test_a_windowed_model_serves_requests_longer_than_its_nodes_pools(zoo):
         folder, parts=2, node_defaults={"cache_budget_tokens": 64}, coordinator={"max_batch_tokens": 16}
     )
     try:
-        with grpc.insecure_channel(c.cfg.coordinator.address) as ch:
-            stub = pb_grpc.CoordinatorStub(ch)
-            got = []
-            for p in prompts:
-                req = pb.GenerateRequest(
-                    max_tokens=60, sampling=pb.SamplingParams(temperature=0), ignore_eos=True
-                )
-                req.prompt_token_ids.extend(p)
-                req.speculative = False
-                got.append([t for m in stub.Generate(req, timeout=120) for t in m.token_ids])
-            nodes = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes
+        got, nodes = greedy_through(c, prompts, 60)
         assert got == want
         assert [n.info.kv_window for n in nodes] == [8, 8]
         assert all(n.info.cache_budget_tokens == 64 for n in nodes)

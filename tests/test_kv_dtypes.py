@@ -7,7 +7,6 @@ the value."""
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 import pytest
 
@@ -16,10 +15,8 @@ from pipeserve.common.errors import ConfigError
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY, generate
 from pipeserve.modeling.kv_cache import KVCachePool, kv_token_layer_bytes
-from pipeserve.proto import model_service_pb2 as pb
-from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from tests.engine_torch import run_stages
-from tests.harness import start_cluster
+from tests.harness import greedy_through, start_cluster
 
 EMBEDDED = "smollm2-135m-instruct"
 PROMPTS = [
@@ -67,17 +64,7 @@ def test_smollm2_smaller_caches_stay_close_to_f32(smol_full, kv_dtype):
 def test_three_nodes_with_smaller_caches_equal_one_engine(smol_full, kv_dtype):
     c = start_cluster(EMBEDDED, parts=3, node_defaults={"kv_dtype": kv_dtype})
     try:
-        with grpc.insecure_channel(c.cfg.coordinator.address) as ch:
-            stub = pb_grpc.CoordinatorStub(ch)
-            got = []
-            for p in PROMPTS:
-                req = pb.GenerateRequest(
-                    max_tokens=16, sampling=pb.SamplingParams(temperature=0), ignore_eos=True
-                )
-                req.prompt_token_ids.extend(p)
-                req.speculative = False
-                got.append([t for m in stub.Generate(req, timeout=120) for t in m.token_ids])
-            nodes = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=10).nodes
+        got, nodes = greedy_through(c, PROMPTS, 16)
         assert [n.info.kv_dtype for n in nodes] == [kv_dtype] * 3
         assert got == generate([StageEngine(smol_full, kv_dtype=kv_dtype)], PROMPTS, 16)
     finally:
