@@ -29,6 +29,7 @@ from pipeserve.common.placement import Capacity, split_layers
 from pipeserve.common.shard import Shard
 from pipeserve.common.threads import address_host, choose_micro_batches, sharing
 from pipeserve.common.tokenizer_client import TokenizerClient
+from pipeserve.coordinator.admission import blocks
 from pipeserve.proto import model_service_pb2 as pb
 from pipeserve.proto import model_service_pb2_grpc as pb_grpc
 from pipeserve.proto import tokenizer_service_pb2 as tpb
@@ -120,9 +121,9 @@ class NodeHandle:
         them, or where every layer of its share has a sliding window (NodeInfo.kv_window), at
         most the window plus one chunk and a block (kv_cache.KVCachePool._slide gives up the rest)."""
         bs = self.info.cache_block_size if self.info and self.info.cache_block_size else BLOCK_SIZE
-        held = -(-tokens // bs) * bs
         window = self.info.kv_window if self.info else 0
-        return min(held, (-(-(window + self.chunk_tokens) // bs) + 1) * bs) if window else held
+        held = blocks(tokens, bs)
+        return min(held, blocks(window + self.chunk_tokens, bs) + bs) if window else held
 
     @property
     def budget(self) -> int:

@@ -675,6 +675,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
   constexpr int NA = HG >= 5 ? 1 : HG >= 3 ? 2 : 8 / (2 * HG);  // chains per head: ~4-8 FMAs in flight
   const int64_t kblock = bs * RB;  // bytes of one kv head's K block
   const int64_t kahead = ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1;  // blocks ahead
+  const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
   alignas(64) float lanes[S::L];
   for (int64_t p = p0; p < p1;) {
     const int64_t j = p / bs, base = j * bs, end = base + bs < p1 ? base + bs : p1;
@@ -683,11 +684,17 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
     const bool fetch = base + kahead * bs < p1;
     const uint8_t* kf = fetch ? Kb[j + kahead] : nullptr;
     const uint8_t* vf = fetch ? Vb[j + kahead] : nullptr;
-    const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
     for (int64_t c = (p - base) / S::L * S::L; base + c < end; c += S::L) {
       const uint8_t* kc = Kb[j];
       const bool fetch_c = fetch && c == 0;
       int64_t fsum = 0, fline = 0;
+      auto fetch_step = [&]() {  // one element's share of the lines of the blocks ahead (Bresenham)
+        if (fetch_c)
+          for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
+            S::prefetch(kf + 64 * fline);
+            S::prefetch(vf + 64 * fline);
+          }
+      };
       F acc[HG][NA];
       for (int i = 0; i < HG; ++i)
         for (int a = 0; a < NA; ++a) acc[i][a] = S::zero();
@@ -699,11 +706,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
           for (int64_t d = d0; d < d0 + 32; d += NA) {
 #pragma GCC unroll 8
             for (int a = 0; a < NA; ++a) {
-              if (fetch_c)
-                for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
-                  S::prefetch(kf + 64 * fline);
-                  S::prefetch(vf + 64 * fline);
-                }
+              fetch_step();
               const F kk = S::cvt(S::i8(kc + (d + a) * bs + c));
               for (int i = 0; i < HG; ++i) part[i][a] = S::fma(S::set1(q[i * hd + d + a]), kk, part[i][a]);
             }
@@ -716,11 +719,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
         for (int64_t d = 0; d < hd; d += NA) {
 #pragma GCC unroll 8
           for (int a = 0; a < NA; ++a) {
-            if (fetch_c)  // the element's share of the lines of the blocks ahead (Bresenham)
-              for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
-                S::prefetch(kf + 64 * fline);
-                S::prefetch(vf + 64 * fline);
-              }
+            fetch_step();
             const F kk = Kv<KT>::ld(kc + (d + a) * bs * (RB / hd), c);
             for (int i = 0; i < HG; ++i) acc[i][a] = S::fma(S::set1(q[i * hd + d + a]), kk, acc[i][a]);
           }
@@ -768,28 +767,11 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
       const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
       const uint8_t* vr = Vb[j] + (p - j * bs) * RB;
       for (; p < end; ++p, vr += RB) {
-        if constexpr (KT == KV_Q8_0) {  // the weight times the block's scale, then the int8 lanes
-          F vv[VC];
-          float sc[VC];
 #pragma GCC unroll 4
-          for (int v = 0; v < VC; ++v) {
-            const uint8_t* blk = vr + ((d0 + v * S::L) >> 5) * Q8_BLOCK_BYTES;
-            sc[v] = S::h2f(blk);
-            vv[v] = S::cvt(S::i8(blk + 2 + ((d0 + v * S::L) & 31)));
-          }
+        for (int i = 0; i < HG; ++i) {
+          const F w = S::set1(scores[i * n + (p - p0)]);
 #pragma GCC unroll 4
-          for (int i = 0; i < HG; ++i) {
-            const float w = scores[i * n + (p - p0)];
-#pragma GCC unroll 4
-            for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(S::set1(w * sc[v]), vv[v], acc[i][v]);
-          }
-        } else {
-#pragma GCC unroll 4
-          for (int i = 0; i < HG; ++i) {
-            const F w = S::set1(scores[i * n + (p - p0)]);
-#pragma GCC unroll 4
-            for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr, d0 + v * S::L), acc[i][v]);
-          }
+          for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr, d0 + v * S::L), acc[i][v]);
         }
       }
     }

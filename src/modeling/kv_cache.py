@@ -168,15 +168,22 @@ class KVCachePool:
         del seq.blocks[keep:]
         seq.holes = min(seq.holes, keep)
 
-    def _slide(self, seq: SeqCache, start: int) -> None:
-        """A chunk starts at `start`: give up the blocks wholly before its first query's window
-        (start - W + 1); they stay cached by hash for other requests."""
-        assert self.window is not None
+    def _behind_window(self, seq: SeqCache, start: int) -> range:
+        """Block-table entries not yet given up that lie wholly before the window of a chunk
+        starting at `start` (start - W + 1): no query of it or of any later chunk reads them."""
+        if not self.window:
+            return range(0)
         upto = min(max(0, start - self.window + 1) // self.block_size, len(seq.blocks))
-        for j in range(seq.holes, upto):
+        return range(seq.holes, upto)
+
+    def _slide(self, seq: SeqCache, start: int) -> None:
+        """A chunk starts at `start`: give up the blocks behind its window; they stay cached by
+        hash for other requests."""
+        behind = self._behind_window(seq, start)
+        for j in behind:
             self._unref(seq.blocks[j])
             seq.blocks[j] = HOLE
-        seq.holes = max(seq.holes, upto)
+        seq.holes = max(seq.holes, behind.stop)
 
     # ------------------------------------------------------------------ prefix cache
 
@@ -256,9 +263,9 @@ class KVCachePool:
                     f"of {self.window}; a chunk at {start} needs them (replay from position 0)"
                 )
             kept = min(len(cur.blocks), -(-start // bs)) if cur else 0
-            if cur and self.window and start:  # blocks _slide will give up before taking new ones
-                upto = min(max(0, start - self.window + 1) // bs, kept)
-                need -= sum(1 for j in range(cur.holes, upto) if self.refs[cur.blocks[j]] == 1)
+            if cur:  # blocks _slide will give up (after any truncation to `kept`) before taking new ones
+                behind = self._behind_window(cur, start)
+                need -= sum(1 for j in behind if j < kept and self.refs[cur.blocks[j]] == 1)
             cow = 1 if cur and start % bs and kept and self.refs[cur.blocks[kept - 1]] > 1 else 0
             need += max(0, -(-(start + n) // bs) - kept) + cow
         if need > self.free_blocks:
@@ -274,8 +281,7 @@ class KVCachePool:
                 seq = self.seqs[rid] = SeqCache(rid)
             if start < seq.length:
                 self._truncate(seq, start)
-            if self.window:
-                self._slide(seq, start)
+            self._slide(seq, start)
             while len(seq.blocks) * bs < start + n:
                 seq.blocks.append(self._take())
             seq.last_used = now
