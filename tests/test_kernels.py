@@ -977,6 +977,61 @@ def test_paged_attention_long_prefill_chunk_in_tiles(isa, threads, kv_dtype):
         assert np.array_equal(alone[0], got[i]), i
 
 
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize(
+    "nh, nkv, hd, bs",
+    [
+        (4, 4, 64, 16),
+        (4, 2, 64, 16),
+        (9, 3, 64, 16),
+        (4, 1, 256, 16),
+        (12, 2, 128, 16),
+        (8, 1, 64, 16),
+        (12, 1, 32, 16),
+        (10, 2, 80, 16),
+        (8, 2, 72, 16),
+        (9, 3, 64, 8),
+    ],
+    ids=["hg1", "hg2", "hg3", "hg4-hd256", "hg6", "hg8", "hg12-hd32", "hg5-hd80", "hg4-hd72", "hg3-bs8"],
+)
+def test_paged_attention_tiles_equal_rows_one_at_a_time(isa, threads, kv_dtype, nh, nkv, hd, bs):
+    """Prefill chunks attend in tiles (each K/V block read once for all the tile's rows and heads):
+    every row's output has exactly the bits it has when the rows attend one at a time, for every
+    group size (the kernels' chain count per head depends on it), KV type, head size (80: a tail
+    narrower than the output tile on AVX-512; 72 on AVX2), block size (8: one vector of positions
+    per step on AVX2, as AVX-512 runs) and path; chunks that cross a split (partials that merge),
+    rows of a 45-row chunk beside a decode row of another sequence, and a chunk at 0."""
+    if kv_dtype == "q8_0" and hd % 32:
+        pytest.skip("q8_0 needs head_dim % 32 == 0")
+    rng = np.random.default_rng(nh * 100 + hd)
+    nblk = 100 * (16 // bs)
+    k32, v32 = kv_pools(rng, nblk, 1, nkv, bs, hd)
+    kp, _ = kv_round(k32, kv_dtype)
+    vp, _ = kv_round(v32, kv_dtype)
+    kp = kernels.kv_pack_k(kp, kv_dtype)
+    perm = rng.permutation(nblk)
+    # rows 0..44: one sequence at positions 1000..1044 (crosses the 1024 split); row 45: another
+    # sequence's decode row at 300; rows 46..57: a third sequence's first 12 positions
+    per = 16 // bs  # blocks per 16 positions
+    tables = np.zeros((58, 70 * per), np.int64)
+    tables[:45, : 66 * per] = perm[: 66 * per]
+    tables[45, : 19 * per] = perm[67 * per : 86 * per]
+    tables[46:, :per] = perm[86 * per : 87 * per]
+    lengths = np.concatenate([1001 + np.arange(45), [300], 1 + np.arange(12)])
+    qkv = randn(rng, 58, (nh + 2 * nkv) * hd)
+    outs = []
+    try:
+        for tiles in (True, False):
+            kernels.set_attention_tiles(tiles)
+            k_run, v_run = kp.copy(), vp.copy()
+            outs.append(kernels.PagedAttention(k_run, v_run, tables, lengths)(0, qkv, nh))
+    finally:
+        kernels.set_attention_tiles(True)
+    assert np.isfinite(outs[0]).all()
+    for b in range(58):
+        assert np.array_equal(outs[0][b], outs[1][b]), b
+
+
 def test_paged_attention_shared_prefix_read_in_tiles(isa, threads):
     """Decode rows of three sequences, two of which share their first 1024 positions' blocks (two
     whole splits, read once for both) and one that shares none: each row equals float64 over its own

@@ -74,6 +74,12 @@ def set_int8_vnni(on: bool) -> None:
     _qk.set_int8_vnni(bool(on))
 
 
+def set_attention_tiles(on: bool) -> None:
+    """False: a prefill chunk's rows attend one at a time instead of in tiles that read each K/V
+    block once for all of them. The results are the same bits either way (tests compare them)."""
+    _qk.set_attention_tiles(bool(on))
+
+
 def set_threads(n: int) -> None:
     """Threads of the process's kernel pool (the calling thread is one of them)."""
     _qk.set_threads(int(n))

@@ -18,9 +18,9 @@
 #include "qk_types.h"
 
 namespace qk {
-namespace avx2 { RowsFn get(int type); AttendPartFn get_attend(int kv_type); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
+namespace avx2 { RowsFn get(int type); AttendPartFn get_attend(int kv_type); AttendTileFn get_attend_tile(int kv_type); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
                  ProbeReadFn get_probe_read(); ProbeFmaFn get_probe_fma(); }
-namespace avx512 { RowsFn get(int type); AttendPartFn get_attend(int kv_type); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
+namespace avx512 { RowsFn get(int type); AttendPartFn get_attend(int kv_type); AttendTileFn get_attend_tile(int kv_type); SiluFn get_silu(); GeluRowFn get_gelu_tanh();
                    ProbeReadFn get_probe_read(); ProbeFmaFn get_probe_fma(); }
 namespace generic {
 RowsFn get(int type);
@@ -80,6 +80,22 @@ static AttendPartFn attend_for(int64_t hd, int64_t bs, int kv_type) {
   (void)hd;
   (void)bs;
   return generic::get_attend(kv_type);
+}
+
+// The prefill tile kernel of the same path (qk_types.h AttendTileFn), or null: the portable
+// path, or tiles turned off (set_attention_tiles(False): tests compare the two), runs a tile's rows
+// one at a time through attend_for.
+static bool g_att_tiles = true;
+static AttendTileFn attend_tile_for(int64_t hd, int64_t bs, int kv_type) {
+  if (!g_att_tiles) return nullptr;
+#if defined(__x86_64__) || defined(__i386__)
+  if (g_isa == ISA_AVX512 && hd % 16 == 0 && bs % 16 == 0) return avx512::get_attend_tile(kv_type);
+  if (g_isa >= ISA_AVX2 && hd % 8 == 0 && bs % 8 == 0) return avx2::get_attend_tile(kv_type);
+#endif
+  (void)hd;
+  (void)bs;
+  (void)kv_type;
+  return nullptr;
 }
 
 static SiluFn silu_for() {
@@ -415,7 +431,7 @@ struct PagedKV {
 static constexpr int64_t ATT_SPLIT = 512;
 static constexpr int64_t ATT_MAX_BLOCKS = ATT_SPLIT + 2;  // blocks a split can touch (block size 1)
 static constexpr int64_t ATT_WAVE_FLOATS = 1 << 20;  // partials held at once (4 MiB): rows go in waves
-static constexpr int64_t ATT_QROWS = 16;  // rows of one prefill chunk that share a K/V split in turn
+static constexpr int64_t ATT_QROWS = 32;  // rows of one prefill chunk that share a K/V split in turn
 
 static void write_row(uint8_t* dst, const float* src, int64_t hd, int kv_type) {
   if (kv_type == KV_F32) {
@@ -467,16 +483,19 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
     float* out;
     float scale;
     AttendPartFn attend;
+    AttendTileFn tile;
     const Item* items;
     const Row* rows;
     float* parts;
   } c{&kv,  qkv,   row_stride, nh, group, layer_offset, 0, group * (hd + 2), out, scale, attend_for(hd, kv.bs, kv.kv_type),
-      nullptr, nullptr, nullptr};
+      group <= 64 ? attend_tile_for(hd, kv.bs, kv.kv_type) : nullptr, nullptr, nullptr, nullptr};
   // one split's partials: o [group, hd], then (max, sum) for each of the group's heads
   const int64_t part_floats = c.part_floats;
   c.split = ATT_SPLIT / kv.bs > 0 ? ATT_SPLIT / kv.bs * kv.bs : kv.bs;
   const int64_t split = c.split;
-  if (group * split > pool::scratch_floats()) pool::reserve_scratch(group * split);
+  // a tile's scores and fp32 panels (one row alone needs group * split)
+  const int64_t scratch_need = att_tile_scratch(ATT_QROWS, group, split, hd, kv.bs);
+  if (scratch_need > pool::scratch_floats()) pool::reserve_scratch(scratch_need);
   std::vector<Row> rows(kv.B);
   std::vector<Item> items;
   std::vector<float> parts;
@@ -527,6 +546,36 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
             kb[j - j0] = kv.k_pool + table[j] * kv.block_stride + head_off;
             vb[j - j0] = kv.v_pool + table[j] * kv.block_stride + head_off;
           }
+          // the tile's rows with positions in this split, at once: a prefill chunk's rows come in
+          // position order, so those with none (the shorter ones) come first; otherwise one at a time
+          int64_t ra = it.b0;
+          while (ra < it.b1 && it.s >= x.rows[ra].ns) ++ra;
+          bool tiled = x.tile != nullptr && it.b1 - ra > 1;
+          for (int64_t r = ra; tiled && r < it.b1; ++r) tiled = it.s < x.rows[r].ns;
+          if (tiled) {
+            const int64_t R = it.b1 - ra;
+            int64_t p1s[ATT_QROWS];
+            float* os[ATT_QROWS];
+            float* mls[ATT_QROWS];
+            float mlb[ATT_QROWS][2 * 64];
+            for (int64_t r = ra; r < it.b1; ++r) {
+              const Row& row = x.rows[r];
+              p1s[r - ra] = (p0 + x.split < kv.lengths[r] ? p0 + x.split : kv.lengths[r]) - j0 * kv.bs;
+              os[r - ra] = row.part < 0 ? x.out + (r * x.nh + h0) * hd
+                                        : x.parts + row.part + (it.kvh * row.ns + it.s) * x.part_floats;
+              mls[r - ra] = row.part < 0 ? mlb[r - ra] : os[r - ra] + x.group * hd;
+            }
+            x.tile(x.q + ra * x.row_stride + h0 * hd, x.row_stride, R, p1s, os, mls, kb, vb, kv.bs, p0 - j0 * kv.bs,
+                     x.group, hd, x.scale, scores);
+            for (int64_t r = ra; r < it.b1; ++r) {
+              if (x.rows[r].part >= 0) continue;
+              for (int64_t h = 0; h < x.group; ++h) {  // the row's only split: divided by its sum
+                const float inv = 1.f / mlb[r - ra][2 * h + 1];
+                for (int64_t d = 0; d < hd; ++d) os[r - ra][h * hd + d] *= inv;
+              }
+            }
+            return;
+          }
           for (int64_t r = it.b0; r < it.b1; ++r) {
             const Row& row = x.rows[r];
             if (it.s >= row.ns) continue;  // a shorter row of the tile: no positions in this split
@@ -551,7 +600,7 @@ static void paged_attend(const PagedKV& kv, int64_t layer, const float* qkv, int
             }
           }
         },
-        &c, (int64_t)items.size(), group * split);
+        &c, (int64_t)items.size(), scratch_need);
     }
     if (n_parts) {  // merge each split row's partials: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s
       struct Merge {
@@ -875,6 +924,13 @@ static PyObject* py_set_int8_vnni(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  g_att_tiles = on != 0;
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
   if (PyErr_Occurred()) return nullptr;
@@ -899,6 +955,8 @@ static PyMethodDef module_methods[] = {
     {"probe", py_probe, METH_VARARGS, "probe(kind, n) -> (seconds, units): read bandwidth or FMA peak on the pool"},
     {"int8_path", py_int8_path, METH_NOARGS, "the kernels a lossy Plan runs on now (qk_q8.h)"},
     {"set_int8_vnni", py_set_int8_vnni, METH_O, "set_int8_vnni(False): the int8 kernels without VNNI (tests)"},
+    {"set_attention_tiles", py_set_attention_tiles, METH_O,
+     "set_attention_tiles(False): prefill rows attend one at a time (the tiles' bits are the same; tests)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 

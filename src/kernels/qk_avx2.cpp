@@ -88,6 +88,7 @@ struct S : Lanes256 {
 
 RowsFn get(int type) { return rows_fn(type); }
 AttendPartFn get_attend(int kv_type) { return attend_for_type(kv_type); }
+AttendTileFn get_attend_tile(int kv_type) { return attend_tile_for_type(kv_type); }
 SiluFn get_silu() { return silu_mul_v; }
 GeluRowFn get_gelu_tanh() { return gelu_tanh_row_v; }
 ProbeReadFn get_probe_read() { return probe_read; }

@@ -814,6 +814,249 @@ static void attend_part(const float* q, float* o, float* ml, const void* const* 
   }
 }
 
+// ---- Prefill attention: a tile of query rows against one split, each K/V block read once for all
+// A prefill chunk's consecutive rows (one sequence, one block table) attend to the same cached
+// positions. attend_group runs one row at a time, so each row streams the split's K and V again
+// (from L3 or memory at long contexts: bound by bytes, ~10% of the FMA peak). Here the R rows x hn
+// heads of a tile are "query vectors" m = r * hn + h, and the loops are those of a small GEMM:
+// - scores: per vector of S::L positions of a K block (in L1 while every query vector uses it), a
+//   register tile of MQ query vectors: per element d one K load, MQ broadcasts of q, MQ FMAs;
+// - softmax per query vector over its own positions (softmax_exp_v, as attend_group);
+// - o = P V: per VC x S::L output elements, MQ2 query vectors: per position the V vectors once,
+//   MQ2 broadcasts of P, MQ2 x VC FMAs; the V column stays in L1 across the query vectors.
+// Every score and every output element is computed with the same operations in the same order as
+// attend_group<HG, KT> computes it for that row alone (NA chains over d, the scale, the exps, the
+// FMAs over positions in order): the results are bit-identical to one attend_group call per row,
+// which tests/test_kernels.py asserts. A row's positions past its own end (rows end at different
+// positions of the tile's last blocks) get P = 0 and add exact zeros.
+template <int KT, int NA, int NPV>
+static void attend_tile_t(const float* q, int64_t q_stride, int64_t R, const int64_t* p1s, float* const* os,
+                          float* const* mls, const void* const* Kbv, const void* const* Vbv, int64_t bs, int64_t p0,
+                          int64_t hn, int64_t hd, float scale, float* scores) {
+  using F = typename S::F;
+  const uint8_t* const* Kb = (const uint8_t* const*)Kbv;
+  const uint8_t* const* Vb = (const uint8_t* const*)Vbv;
+  constexpr int RACC = S::L == 16 ? 24 : 12;                           // accumulator registers of a tile
+  constexpr int MQ_ = RACC / (NA * NPV);  // query vectors per score tile (q8_0: its sums wait in memory)
+  constexpr int MQ = MQ_ > 0 ? MQ_ : 1;
+  constexpr int VC = 2, MQ2 = RACC / VC;  // output vectors x query vectors of the P V tile
+  constexpr int64_t KC = ATT_TILE_KC;     // positions per pass of P V (a V panel of KC x VC vectors in L1)
+  const int64_t RB = kv_row_bytes(KT, hd), NQ = R * hn;
+  int64_t p_end = p0;
+  for (int64_t r = 0; r < R; ++r) p_end = p1s[r] > p_end ? p1s[r] : p_end;
+  const int64_t n = p_end - p0;
+  // after the scores: a K block and a V panel converted to fp32 (att_tile_scratch)
+  float* kpack = scores + (NQ * n + 15) / 16 * 16;
+  float* vpack = kpack + hd * bs;
+  const float* qv[ATT_TILE_MAX_ROWS * 8];  // query vector m (hn <= 8: attend_tile's passes)
+  int64_t pend[ATT_TILE_MAX_ROWS * 8];     // and its row's end
+  for (int64_t m = 0; m < NQ; ++m) qv[m] = q + (m / hn) * q_stride + (m % hn) * hd, pend[m] = p1s[m / hn];
+  alignas(64) float lanes[S::L];
+  // scores[m * n + (p - p0)] for every query vector and every position of the tile: NPV vectors of
+  // S::L positions per step (NPV * S::L <= bs: lanes past the range are computed and dropped)
+  for (int64_t p = p0; p < p_end;) {
+    const int64_t j = p / bs, base = j * bs, end = base + bs < p_end ? base + bs : p_end;
+    if (end < p_end) {  // the next block's K, while this one is in use
+      const int64_t kb_bytes = bs * RB;
+      for (int64_t o = 0; o < kb_bytes; o += 64) S::prefetch(Kb[j + 1] + o);
+    }
+    const uint8_t* kc = Kb[j];
+    // K of the block as fp32 [hd][bs] (f16 / bf16 widened, q8_0's int8 as floats, its scales left in
+    // place): converted once for every query vector, the same numbers attend_group converts
+    const float* kf = (const float*)kc;
+    if constexpr (KT != KV_F32) {
+      for (int64_t d = 0; d < hd; ++d)
+        for (int64_t cc = 0; cc < bs; cc += S::L)
+          S::store(kpack + d * bs + cc,
+                   KT == KV_Q8_0 ? S::cvt(S::i8(kc + d * bs + cc)) : Kv<KT>::ld(kc + d * bs * (RB / hd), cc));
+      kf = kpack;
+    }
+    int64_t c = (p - base) / S::L * S::L;
+    if (NPV > 1) c = c / (NPV * S::L) * (NPV * S::L);
+    for (; base + c < end; c += NPV * S::L) {
+      for (int64_t m0 = 0; m0 < NQ; m0 += MQ) {
+        const float* qm[MQ];  // a short last tile repeats its last query vector (stored once)
+        for (int i = 0; i < MQ; ++i) qm[i] = qv[m0 + i < NQ ? m0 + i : NQ - 1];
+        F acc[MQ][NA][NPV];
+        _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i)
+          _Pragma("GCC unroll 8") for (int a = 0; a < NA; ++a)
+            _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) acc[i][a][v] = S::zero();
+        if constexpr (KT == KV_Q8_0) {  // attend_group's order: int8 dot per 32 elements, then x scales
+          alignas(64) float accm[MQ][NA][NPV][S::L];  // the running sums between groups of 32
+          for (int64_t d0 = 0; d0 < hd; d0 += 32) {
+            F part[MQ][NA][NPV];
+            _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i)
+              _Pragma("GCC unroll 8") for (int a = 0; a < NA; ++a)
+                _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) part[i][a][v] = S::zero();
+            for (int64_t d = d0; d < d0 + 32; d += NA) {
+              _Pragma("GCC unroll 8") for (int a = 0; a < NA; ++a) {
+                F kk[NPV];
+                _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) kk[v] = S::f32(kf + (d + a) * bs + c + v * S::L);
+                _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i) {
+                  const F qq = S::set1(qm[i][d + a]);
+                  _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) part[i][a][v] = S::fma(qq, kk[v], part[i][a][v]);
+                }
+              }
+            }
+            _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) {
+              const F sc = S::h16(kc + hd * bs + 2 * ((d0 / 32) * bs + c + v * S::L));
+              _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i)
+                _Pragma("GCC unroll 8") for (int a = 0; a < NA; ++a)
+                  S::store(accm[i][a][v], S::fma(part[i][a][v], sc, d0 == 0 ? S::zero() : S::f32(accm[i][a][v])));
+            }
+          }
+          _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i)
+            _Pragma("GCC unroll 8") for (int a = 0; a < NA; ++a)
+              _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) acc[i][a][v] = S::f32(accm[i][a][v]);
+        } else {
+          for (int64_t d = 0; d < hd; d += NA) {
+            _Pragma("GCC unroll 8") for (int a = 0; a < NA; ++a) {
+              F kk[NPV];
+              _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) kk[v] = S::f32(kf + (d + a) * bs + c + v * S::L);
+              _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i) {
+                const F qq = S::set1(qm[i][d + a]);
+                _Pragma("GCC unroll 2") for (int v = 0; v < NPV; ++v) acc[i][a][v] = S::fma(qq, kk[v], acc[i][a][v]);
+              }
+            }
+          }
+        }
+        for (int v = 0; v < NPV; ++v) {
+          const int64_t cv = c + v * S::L;
+          const int64_t lo = p0 > base + cv ? p0 - base - cv : 0;
+          const int64_t hi = end - base - cv < S::L ? end - base - cv : S::L;
+          if (hi <= lo) continue;
+          _Pragma("GCC unroll 24") for (int i = 0; i < MQ; ++i) {
+            if (m0 + i >= NQ) break;
+            F sum = acc[i][0][v];
+            _Pragma("GCC unroll 8") for (int a = 1; a < NA; ++a) sum = S::add(sum, acc[i][a][v]);
+            S::store(lanes, S::mul(sum, S::set1(scale)));
+            float* out = scores + (m0 + i) * n + (base + cv - p0);
+            for (int64_t l = lo; l < hi; ++l) out[l] = lanes[l];
+          }
+        }
+      }
+    }
+    p = end;
+  }
+  // softmax of each query vector over its own row's positions; P = 0 past them
+  for (int64_t m = 0; m < NQ; ++m) {
+    const int64_t r = m / hn, h = m % hn, nr = pend[m] - p0;
+    float* s = scores + m * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < nr; ++i) mx = s[i] > mx ? s[i] : mx;
+    mls[r][2 * h] = mx;
+    mls[r][2 * h + 1] = softmax_exp_v(s, nr, mx);
+    for (int64_t i = nr; i < n; ++i) s[i] = 0.f;
+  }
+  // o = P V: passes of KC positions (a GEMM's k blocking), each over VC x S::L output elements (one
+  // vector for a narrower tail) x MQ2 query vectors; the accumulators start at 0 in the first pass
+  // and go through o between passes (the FMAs over positions stay in order: the same bits).
+  for (int64_t k0 = p0; k0 < p_end; k0 += KC) {
+    const int64_t k1 = k0 + KC < p_end ? k0 + KC : p_end;
+    const bool first = k0 == p0;
+    for (int64_t dd = 0; dd < hd;) {
+      const int vc = hd - dd >= VC * S::L ? VC : 1;
+      // V[k0..k1) x [dd, dd + vc S::L) as a contiguous fp32 panel: rows a KV row apart map to a
+      // few L1 sets (a power-of-two stride) and would be evicted between query groups; the panel is
+      // read by every group from L1 (and converted once for f16 / bf16 / q8_0: the same numbers)
+      for (int64_t p = k0; p < k1;) {
+        const int64_t j = p / bs, end = (j + 1) * bs < k1 ? (j + 1) * bs : k1;
+        const uint8_t* vr = Vb[j] + (p - j * bs) * RB;
+        for (; p < end; ++p, vr += RB)
+          for (int v = 0; v < vc; ++v) S::store(vpack + (p - k0) * VC * S::L + v * S::L, Kv<KT>::ld(vr, dd + v * S::L));
+      }
+      for (int64_t m0 = 0; m0 < NQ; m0 += MQ2) {
+        const float* pm[MQ2];
+        int64_t pe = p0;  // the furthest position of this group's query vectors
+        for (int i = 0; i < MQ2; ++i) {
+          const int64_t m = m0 + i < NQ ? m0 + i : NQ - 1;
+          pm[i] = scores + m * n - p0;
+          pe = pend[m] > pe ? pend[m] : pe;
+        }
+        if (k0 >= pe) continue;  // none of the group's rows reach this pass (its o is final)
+        const int64_t ke = k1 < pe ? k1 : pe;
+        F acc[MQ2][VC];
+        _Pragma("GCC unroll 12") for (int i = 0; i < MQ2; ++i) {
+          const int64_t m = m0 + i < NQ ? m0 + i : NQ - 1;
+          const float* o = os[m / hn] + (m % hn) * hd + dd;
+          _Pragma("GCC unroll 2") for (int v = 0; v < VC; ++v)
+            acc[i][v] = first || v >= vc ? S::zero() : S::f32(o + v * S::L);
+        }
+        const float* vp = vpack - k0 * VC * S::L;
+        if (vc == VC) {
+          for (int64_t p = k0; p < ke; ++p) {
+            const F v0 = S::f32(vp + p * VC * S::L), v1 = S::f32(vp + p * VC * S::L + S::L);
+            _Pragma("GCC unroll 12") for (int i = 0; i < MQ2; ++i) {
+              const F w = S::set1(pm[i][p]);
+              acc[i][0] = S::fma(w, v0, acc[i][0]);
+              acc[i][1] = S::fma(w, v1, acc[i][1]);
+            }
+          }
+        } else {
+          for (int64_t p = k0; p < ke; ++p) {
+            const F v0 = S::f32(vp + p * VC * S::L);
+            _Pragma("GCC unroll 12") for (int i = 0; i < MQ2; ++i) acc[i][0] = S::fma(S::set1(pm[i][p]), v0, acc[i][0]);
+          }
+        }
+        _Pragma("GCC unroll 12") for (int i = 0; i < MQ2; ++i) {
+          if (m0 + i >= NQ) break;
+          const int64_t m = m0 + i;
+          float* o = os[m / hn] + (m % hn) * hd + dd;
+          for (int v = 0; v < vc; ++v) S::store(o + v * S::L, acc[i][v]);
+        }
+      }
+      dd += vc * S::L;
+    }
+  }
+}
+
+// The tile for HG heads per kv head: attend_group's chain count NA for HG (so the bits match).
+template <int KT>
+static void attend_tile(const float* q, int64_t q_stride, int64_t R, const int64_t* p1s, float* const* os,
+                        float* const* mls, const void* const* Kb, const void* const* Vb, int64_t bs, int64_t p0,
+                        int64_t hn, int64_t hd, float scale, float* scores) {
+  // attend_group runs heads in passes of up to 8 (AVX-512) / 4: its NA is that of the pass's size
+  constexpr int64_t MAXG = S::L == 16 ? 8 : 4;
+  static_assert(MAXG <= 8, "attend_tile_t holds ATT_TILE_MAX_ROWS * 8 query vectors");
+  if (hn > MAXG) {  // several passes with different NA: one tile per pass, as attend_part does
+    for (int64_t h0 = 0; h0 < hn; h0 += MAXG) {
+      const int64_t hg = hn - h0 < MAXG ? hn - h0 : MAXG;
+      float* o2[ATT_TILE_MAX_ROWS];
+      float* m2[ATT_TILE_MAX_ROWS];
+      float mlb[ATT_TILE_MAX_ROWS][2 * MAXG];
+      for (int64_t r = 0; r < R; ++r) o2[r] = os[r] + h0 * hd, m2[r] = mlb[r];
+      // query rows of q + h0 * hd keep their stride; the tile sees hg heads per row
+      attend_tile<KT>(q + h0 * hd, q_stride, R, p1s, o2, m2, Kb, Vb, bs, p0, hg, hd, scale, scores);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < 2 * hg; ++i) mls[r][2 * h0 + i] = mlb[r][i];
+    }
+    return;
+  }
+  const int na = hn >= 5 ? 1 : hn >= 3 ? 2 : 8 / (2 * (int)hn);
+  constexpr int NPV = S::L == 8 ? 2 : 1;  // AVX2: a block of 16 positions is two vectors, taken together
+  if (NPV > 1 && bs % (NPV * S::L) == 0) {
+    switch (na) {
+      case 1: return attend_tile_t<KT, 1, NPV>(q, q_stride, R, p1s, os, mls, Kb, Vb, bs, p0, hn, hd, scale, scores);
+      case 2: return attend_tile_t<KT, 2, NPV>(q, q_stride, R, p1s, os, mls, Kb, Vb, bs, p0, hn, hd, scale, scores);
+      default: return attend_tile_t<KT, 4, NPV>(q, q_stride, R, p1s, os, mls, Kb, Vb, bs, p0, hn, hd, scale, scores);
+    }
+  }
+  switch (na) {
+    case 1: return attend_tile_t<KT, 1, 1>(q, q_stride, R, p1s, os, mls, Kb, Vb, bs, p0, hn, hd, scale, scores);
+    case 2: return attend_tile_t<KT, 2, 1>(q, q_stride, R, p1s, os, mls, Kb, Vb, bs, p0, hn, hd, scale, scores);
+    default: return attend_tile_t<KT, 4, 1>(q, q_stride, R, p1s, os, mls, Kb, Vb, bs, p0, hn, hd, scale, scores);
+  }
+}
+
+static AttendTileFn attend_tile_for_type(int kv_type) {
+  switch (kv_type) {
+    case KV_F16: return attend_tile<KV_F16>;
+    case KV_BF16: return attend_tile<KV_BF16>;
+    case KV_Q8_0: return attend_tile<KV_Q8_0>;
+    default: return attend_tile<KV_F32>;
+  }
+}
+
 static AttendPartFn attend_for_type(int kv_type) {
   switch (kv_type) {
     case KV_F16: return attend_part<KV_F16>;

@@ -237,6 +237,21 @@ static inline int64_t kv_row_bytes(int kv_type, int64_t hd) {
 typedef void (*AttendPartFn)(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb,
                              int64_t bs, int64_t p0, int64_t p1, int64_t hn, int64_t hd, float scale, float* scores);
 
+// The rows [0, R) of a prefill tile (one sequence's consecutive rows over one block table) over
+// cache positions [p0, p1s[r]) each, every row's hn heads at once: row r's heads are at
+// q + r * q_stride (hn x hd floats), its o at os[r] (hn x hd) and its (max, sum) pairs at mls[r];
+// each row's results are those of an AttendPartFn call for that row alone, bit for bit. `scores`
+// holds att_tile_scratch(R, hn, max p1s - p0, hd, bs) floats. R <= ATT_TILE_MAX_ROWS.
+static constexpr int64_t ATT_TILE_MAX_ROWS = 32;
+static constexpr int64_t ATT_TILE_KC = 128;  // positions per P V pass of a tile (qk_simd.h)
+// The floats an AttendTileFn's `scores` must hold: the scores, then a K block and a V panel in fp32.
+static inline int64_t att_tile_scratch(int64_t R, int64_t hn, int64_t n, int64_t hd, int64_t bs) {
+  return (R * hn * n + 15) / 16 * 16 + hd * bs + ATT_TILE_KC * 32;
+}
+typedef void (*AttendTileFn)(const float* q, int64_t q_stride, int64_t R, const int64_t* p1s, float* const* os,
+                             float* const* mls, const void* const* Kb, const void* const* Vb, int64_t bs, int64_t p0,
+                             int64_t hn, int64_t hd, float scale, float* scores);
+
 static inline uint16_t f32_to_f16(float f) {  // IEEE half, round to nearest even (portable)
   uint32_t x;
   memcpy(&x, &f, 4);
