@@ -10,7 +10,13 @@ and so the GB/s it reaches, next to what the kernels' read probe reaches on the 
 step is bound by the cache's bytes: a faster kernel cannot help, only fewer bytes (a smaller
 `kv_dtype`).
 
-Writes bench/attention.json and prints a markdown table.
+Prefill: a 256-row chunk (one sequence's positions ctx .. ctx + 255, one layer) attending in tiles
+(the default: each K block and V panel read once for a tile's rows, `qk_simd.h attend_tile`) and
+one row at a time (`kernels.set_attention_tiles(False)`), with the GFLOP/s each reaches (4 nh hd
+FLOPs per row and position: the scores and P V) next to the kernels' FMA probe on the same threads,
+and whether the two give the same bits (they must).
+
+Writes bench/attention.json and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ SHAPES = {  # layers, query heads, kv heads, head_dim
 CONTEXTS = (4096, 16384)
 KV_TYPES = ("f32", "f16", "q8_0")
 REPS = 10
+PREFILL_ROWS = 256
+PREFILL_REPS = 3
 
 
 def step_ms(
@@ -64,6 +72,49 @@ def step_ms(
             att(layer, qkv, nh)
     ms = (time.perf_counter() - t0) / REPS * 1e3
     return ms, 2 * layers * nkv * ctx * kernels.kv_row_bytes(hd, kv_dtype)
+
+
+def prefill_row(shape: tuple[int, int, int, int], ctx: int, kv_dtype: str, rng: np.random.Generator) -> dict[str, Any]:
+    """One 256-row chunk's attention (one layer) after ctx cached positions, tiles on and off."""
+    from pipeserve import kernels
+
+    _, nh, nkv, hd = shape
+    bs, t = 16, PREFILL_ROWS
+    nblk = (ctx + t) // bs + 1
+    rows = rng.standard_normal((nblk, 1, nkv, bs, hd), dtype=np.float32)
+    if kv_dtype == "q8_0":
+        v = kernels.quantize(rows.reshape(-1, hd), "Q8_0").reshape(nblk, 1, nkv, bs, -1)
+    else:
+        v = rows.astype(kernels.KV_DTYPES[kv_dtype][0])
+    k = kernels.kv_pack_k(v, kv_dtype)
+    del rows
+    lengths = ctx + 1 + np.arange(t)
+    att = kernels.PagedAttention(k, v, np.tile(rng.permutation(nblk), (t, 1)), lengths)
+    qkv = rng.standard_normal((t, (nh + 2 * nkv) * hd), dtype=np.float32)
+    ms: dict[bool, float] = {}
+    out: dict[bool, np.ndarray] = {}
+    try:
+        for tiles in (False, True):
+            kernels.set_attention_tiles(tiles)
+            out[tiles] = att(0, qkv, nh)  # warm-up (and the bits compared)
+            t0 = time.perf_counter()
+            for _ in range(PREFILL_REPS):
+                att(0, qkv, nh)
+            ms[tiles] = (time.perf_counter() - t0) / PREFILL_REPS * 1e3
+    finally:
+        kernels.set_attention_tiles(True)
+    flops = 4 * nh * hd * int(lengths.sum())
+    return {
+        "context": ctx,
+        "rows": t,
+        "kv_dtype": kv_dtype,
+        "rows_ms": ms[False],
+        "tiles_ms": ms[True],
+        "rows_gflop_s": flops / ms[False] / 1e6,
+        "tiles_gflop_s": flops / ms[True] / 1e6,
+        "tiles_over_rows": ms[False] / ms[True],
+        "identical": bool(np.array_equal(out[False], out[True])),
+    }
 
 
 def main() -> None:
@@ -99,12 +150,38 @@ def main() -> None:
                     }
                 )
                 print(f"{model} {ctx} {kv}: {ms:.2f} ms, {gbs:.1f} GB/s", flush=True)
+    sec, units = _qk.probe("fma", 100_000_000)
+    res["fma_probe_gflop_s"] = units / sec / 1e9
+    res["prefill"] = []
+    for model, shape in SHAPES.items():
+        for ctx in CONTEXTS:
+            for kv in KV_TYPES:
+                row = {"model": model, **prefill_row(shape, ctx, kv, rng)}
+                row["tiles_of_fma_probe"] = row["tiles_gflop_s"] / res["fma_probe_gflop_s"]
+                res["prefill"].append(row)
+                print(
+                    f"prefill {model} {ctx} {kv}: rows {row['rows_ms']:.1f} ms, tiles {row['tiles_ms']:.1f} ms"
+                    f" ({row['tiles_over_rows']:.2f}x), identical {row['identical']}",
+                    flush=True,
+                )
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"\nread probe {res['read_probe_gb_s']:.1f} GB/s on {THREADS} threads")
     print("| model | context | KV | ms per step | GB/s | of the read probe |\n|---|---|---|---|---|---|")
     for r in res["rows"]:
         print(
             f"| {r['model']} | {r['context']} | {r['kv_dtype']} | {r['ms']:.2f} | {r['gb_s']:.1f} | {r['of_probe']:.2f} |"
+        )
+
+
+    print(f"\nFMA probe {res['fma_probe_gflop_s']:.1f} GFLOP/s on {THREADS} threads")
+    print(
+        "| model | context | KV | one row at a time (ms) | tiles (ms) | tiles / rows | GFLOP/s (tiles) | of the FMA probe | same bits |"
+        "\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for r in res["prefill"]:
+        print(
+            f"| {r['model']} | {r['context']} | {r['kv_dtype']} | {r['rows_ms']:.1f} | {r['tiles_ms']:.1f} |"
+            f" {r['tiles_over_rows']:.2f} | {r['tiles_gflop_s']:.1f} | {r['tiles_of_fma_probe']:.2f} | {r['identical']} |"
         )
 
 
