@@ -74,7 +74,9 @@ def step_ms(
     return ms, 2 * layers * nkv * ctx * kernels.kv_row_bytes(hd, kv_dtype)
 
 
-def prefill_row(shape: tuple[int, int, int, int], ctx: int, kv_dtype: str, rng: np.random.Generator) -> dict[str, Any]:
+def prefill_row(
+    shape: tuple[int, int, int, int], ctx: int, kv_dtype: str, rng: np.random.Generator
+) -> dict[str, Any]:
     """One 256-row chunk's attention (one layer) after ctx cached positions, tiles on and off."""
     from pipeserve import kernels
 
@@ -171,7 +173,6 @@ def main() -> None:
         print(
             f"| {r['model']} | {r['context']} | {r['kv_dtype']} | {r['ms']:.2f} | {r['gb_s']:.1f} | {r['of_probe']:.2f} |"
         )
-
 
     print(f"\nFMA probe {res['fma_probe_gflop_s']:.1f} GFLOP/s on {THREADS} threads")
     print(
