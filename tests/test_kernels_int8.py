@@ -235,8 +235,8 @@ def position_logits(eng, ids: list[int], rid: str) -> np.ndarray:
 def test_lossy_stays_close_to_exact(model):
     """Prompt + its exact greedy continuation (16 tokens), scored in one prefill by each mode: the
     next-token argmax agrees at >= 90% of the positions, the mean KL(exact || lossy) is small, and
-    the lossy greedy continuation starts like the exact one. Turning the mode off restores the exact
-    path bit for bit (the mode is a per-layer flag; nothing else changes)."""
+    where the lossy greedy continuation leaves the exact one, exact saw a near tie. Turning the
+    mode off restores the exact path bit for bit (the mode is a per-layer flag; nothing else changes)."""
     from pipeserve.modeling.engine import StageEngine
     from pipeserve.modeling.generate import generate
     from pipeserve.modeling.layers import set_lossy_int8
@@ -265,9 +265,17 @@ def test_lossy_stays_close_to_exact(model):
         lp = torch.log_softmax(torch.from_numpy(exact).double(), -1)
         lq = torch.log_softmax(torch.from_numpy(lossy).double(), -1)
         kls += (lp.exp() * (lp - lq)).sum(-1).tolist()
+        # Where the lossy greedy text first leaves the exact one, exact must rank the two tokens
+        # within a near tie. Int8 rounding is discontinuous, so the fp32 parts' last bits (which
+        # differ between SIMD paths) can flip such a tie: a fixed "first 4 tokens equal" failed on
+        # AVX2-only CPUs (a 0.37-logit tie on SmolLM2's third prompt) and passed on AVX-512 ones.
+        lc = cont_lossy[i]
+        j = next((k for k, (a, b) in enumerate(zip(c, lc, strict=True)) if a != b), None)
+        if j is not None:
+            row = exact[len(p) - 1 + j]
+            assert row[c[j]] - row[lc[j]] < 1.0, (i, j, c, lc, row[c[j]], row[lc[j]])
     assert agree / n >= 0.9, (agree, n)
     assert float(np.mean(kls)) < 0.05, float(np.mean(kls))
-    assert all(a[:4] == b[:4] for a, b in zip(cont, cont_lossy, strict=True)), (cont, cont_lossy)
 
 
 def test_per_node_config_and_cluster_view():
