@@ -636,6 +636,15 @@ static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I
 // ---------------------------------------------------------------- attention
 // The cache's rows widened to fp32 vectors, by element type (KvType in qk_types.h).
 static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // how far ahead K (and V) rows are fetched
+// Query heads per pass over a kv head's K and V (attend_part, attend_tile): up to 8 heads' accumulators fit
+// the registers on both ISAs (AVX2's P V takes one output vector per head at 5-8 heads), so a GQA group
+// of up to 8 (Qwen2.5's 6, Llama 3's 4) reads its K and V once per step. (AVX2 ran passes of 4: Qwen's
+// 6 heads read them twice, at 0.41 of the read probe in bench/attention.json against SmolLM2's 0.8.)
+static constexpr int64_t ATT_MAXG = 8;
+// Accumulator chains per head in the scores loop (attend_group, attend_tile: the same, so their bits
+// match): 8-12 FMAs in flight hide the FMA latency; 7-8 heads x 2 would not fit AVX2's registers.
+// (5-6 heads ran 1 chain: a latency-bound loop at about a quarter of the FMA peak.)
+static constexpr int att_chains(int64_t heads) { return heads >= 7 ? 1 : heads >= 3 ? 2 : 8 / (2 * (int)heads); }
 // Reading element d.. d + S::L of a cached row of the KV type as fp32 lanes (d % S::L == 0).
 template <int KT> struct Kv;
 template <> struct Kv<KV_F32> {
@@ -672,7 +681,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
   // Scores: K is transposed in its block (kv_k_at), so S::L consecutive positions' dot products
   // are NA accumulator chains per head of broadcast q element x a vector of positions, summed at
   // the end: no horizontal sum per position. Lanes outside [p0, p1) are computed and dropped.
-  constexpr int NA = HG >= 5 ? 1 : HG >= 3 ? 2 : 8 / (2 * HG);  // chains per head: ~4-8 FMAs in flight
+  constexpr int NA = att_chains(HG);
   const int64_t kblock = bs * RB;  // bytes of one kv head's K block
   const int64_t kahead = ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1;  // blocks ahead
   const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
@@ -744,7 +753,8 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
     ml[2 * i] = mx[i];
     ml[2 * i + 1] = softmax_exp_v(scores + i * n, n, mx[i]);
   }
-  constexpr int VC = HG <= 2 ? 4 : 2;  // output vectors per pass: HG * VC accumulators in registers
+  // output vectors per pass: HG * VC accumulators in registers (AVX2's 16: 5-8 heads take one vector)
+  constexpr int VC = HG <= 2 ? 4 : (S::L == 8 && HG >= 7) ? 1 : 2;
   for (int64_t d0 = 0; d0 < hd; d0 += VC * S::L) {
     if (hd - d0 < VC * S::L) {  // a tail narrower than VC vectors: one vector at a time
       for (int64_t d = d0; d < hd; d += S::L) {
@@ -759,7 +769,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
       break;
     }
     F acc[HG][VC];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < HG; ++i)
 #pragma GCC unroll 4
       for (int v = 0; v < VC; ++v) acc[i][v] = S::zero();
@@ -767,7 +777,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
       const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
       const uint8_t* vr = Vb[j] + (p - j * bs) * RB;
       for (; p < end; ++p, vr += RB) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int i = 0; i < HG; ++i) {
           const F w = S::set1(scores[i * n + (p - p0)]);
 #pragma GCC unroll 4
@@ -775,14 +785,14 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
         }
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < HG; ++i)
 #pragma GCC unroll 4
       for (int v = 0; v < VC; ++v) S::store(o + i * hd + d0 + v * S::L, acc[i][v]);
   }
 }
 
-// AttendPartFn for element type KT: the heads in passes of up to 8 (AVX-512) or 4 (attend_group). hd must be a
+// AttendPartFn for element type KT: the heads in passes of up to ATT_MAXG (attend_group). hd must be a
 // multiple of S::L (else the portable version runs: qk.cpp attend_for).
 template <int KT>
 static void attend_part(const float* q, float* o, float* ml, const void* const* Kb, const void* const* Vb, int64_t bs,
@@ -790,7 +800,7 @@ static void attend_part(const float* q, float* o, float* ml, const void* const* 
   const uint8_t* const* K = (const uint8_t* const*)Kb;
   const uint8_t* const* V = (const uint8_t* const*)Vb;
   const int64_t n = p1 - p0;
-  constexpr int64_t MAXG = S::L == 16 ? 8 : 4;  // heads per pass: their accumulators fit the registers
+  constexpr int64_t MAXG = ATT_MAXG;
   for (int64_t h0 = 0; h0 < hn; h0 += MAXG) {
     const int64_t hg = hn - h0 < MAXG ? hn - h0 : MAXG;
     const float* qh = q + h0 * hd;
@@ -800,16 +810,10 @@ static void attend_part(const float* q, float* o, float* ml, const void* const* 
       case 2: attend_group<2, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
       case 3: attend_group<3, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
       case 4: attend_group<4, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
-      default:
-        if constexpr (MAXG == 8) {
-          switch (hg) {
-            case 5: attend_group<5, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
-            case 6: attend_group<6, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
-            case 7: attend_group<7, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
-            default: attend_group<8, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
-          }
-        }
-        break;
+      case 5: attend_group<5, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      case 6: attend_group<6, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      case 7: attend_group<7, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
+      default: attend_group<8, KT>(qh, oh, mh, K, V, bs, p0, p1, hd, scale, sh); break;
     }
   }
 }
@@ -1015,8 +1019,8 @@ template <int KT>
 static void attend_tile(const float* q, int64_t q_stride, int64_t R, const int64_t* p1s, float* const* os,
                         float* const* mls, const void* const* Kb, const void* const* Vb, int64_t bs, int64_t p0,
                         int64_t hn, int64_t hd, float scale, float* scores) {
-  // attend_group runs heads in passes of up to 8 (AVX-512) / 4: its NA is that of the pass's size
-  constexpr int64_t MAXG = S::L == 16 ? 8 : 4;
+  // attend_group runs heads in passes of up to ATT_MAXG: its NA is that of the pass's size
+  constexpr int64_t MAXG = ATT_MAXG;
   static_assert(MAXG <= 8, "attend_tile_t holds ATT_TILE_MAX_ROWS * 8 query vectors");
   if (hn > MAXG) {  // several passes with different NA: one tile per pass, as attend_part does
     for (int64_t h0 = 0; h0 < hn; h0 += MAXG) {
@@ -1032,7 +1036,7 @@ static void attend_tile(const float* q, int64_t q_stride, int64_t R, const int64
     }
     return;
   }
-  const int na = hn >= 5 ? 1 : hn >= 3 ? 2 : 8 / (2 * (int)hn);
+  const int na = att_chains(hn);
   constexpr int NPV = S::L == 8 ? 2 : 1;  // AVX2: a block of 16 positions is two vectors, taken together
   if (NPV > 1 && bs % (NPV * S::L) == 0) {
     switch (na) {
