@@ -71,9 +71,11 @@ static RowsFn rows_for(int type, Isa isa) {
 static Isa call_isa(int64_t) { return g_isa; }
 
 // The SIMD attention reads S::L positions of a block at once and S::L elements of a row: both the
-// head size and the block size must be multiples of the width (else the portable loops run).
+// head size and the block size must be multiples of the width, and the head size at most
+// ATT_MAX_HD (else the portable loops run).
 static AttendPartFn attend_for(int64_t hd, int64_t bs, int kv_type) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (hd > ATT_MAX_HD) return generic::get_attend(kv_type);
   if (g_isa == ISA_AVX512 && hd % 16 == 0 && bs % 16 == 0) return avx512::get_attend(kv_type);
   if (g_isa >= ISA_AVX2 && hd % 8 == 0 && bs % 8 == 0) return avx2::get_attend(kv_type);
 #endif
@@ -89,6 +91,7 @@ static bool g_att_tiles = true;
 static AttendTileFn attend_tile_for(int64_t hd, int64_t bs, int kv_type) {
   if (!g_att_tiles) return nullptr;
 #if defined(__x86_64__) || defined(__i386__)
+  if (hd > ATT_MAX_HD) return nullptr;
   if (g_isa == ISA_AVX512 && hd % 16 == 0 && bs % 16 == 0) return avx512::get_attend_tile(kv_type);
   if (g_isa >= ISA_AVX2 && hd % 8 == 0 && bs % 8 == 0) return avx2::get_attend_tile(kv_type);
 #endif

@@ -641,10 +641,14 @@ static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // how far ahead K (and V) 
 // of up to 8 (Qwen2.5's 6, Llama 3's 4) reads its K and V once per step. (AVX2 ran passes of 4: Qwen's
 // 6 heads read them twice, at 0.41 of the read probe in bench/attention.json against SmolLM2's 0.8.)
 static constexpr int64_t ATT_MAXG = 8;
-// Accumulator chains per head in the scores loop (attend_group, attend_tile: the same, so their bits
-// match): 8-12 FMAs in flight hide the FMA latency; 7-8 heads x 2 would not fit AVX2's registers.
-// (5-6 heads ran 1 chain: a latency-bound loop at about a quarter of the FMA peak.)
-static constexpr int att_chains(int64_t heads) { return heads >= 7 ? 1 : heads >= 3 ? 2 : 8 / (2 * (int)heads); }
+// Accumulator chains per head and vector of positions in the scores loop (attend_group, attend_tile:
+// the same, so their bits match): 8-12 FMAs in flight hide the FMA latency. AVX2 takes two vectors
+// of positions per step (a 16-position block), so from 4 heads one chain each gives 8-12; 7-8 heads
+// take one vector. AVX-512 takes one vector of 16 positions: two chains up to 6 heads.
+static constexpr int att_chains(int64_t heads) {
+  if (S::L == 8) return heads >= 4 ? 1 : heads >= 2 ? 2 : 4;
+  return heads >= 7 ? 1 : heads >= 3 ? 2 : 8 / (2 * (int)heads);
+}
 // Reading element d.. d + S::L of a cached row of the KV type as fp32 lanes (d % S::L == 0).
 template <int KT> struct Kv;
 template <> struct Kv<KV_F32> {
@@ -671,20 +675,29 @@ template <> struct Kv<KV_Q8_0> {  // d * q of the element's block (qk_types.h kv
 // AttendPartFn contract (qk_types.h). Each vector of K (S::L positions of one element) is loaded
 // once for the HG heads. The weighted V sum keeps HG x VC vectors of the output in registers and
 // reads each V row once for all HG heads.
-template <int HG, int KT>
-static void attend_group(const float* q, float* o, float* ml, const uint8_t* const* Kb, const uint8_t* const* Vb,
-                         int64_t bs, int64_t p0, int64_t p1, int64_t hd, float scale, float* scores) {
+template <int HG, int KT, int NPV>
+static void attend_group_t(const float* q, float* o, float* ml, const uint8_t* const* Kb, const uint8_t* const* Vb,
+                           int64_t bs, int64_t p0, int64_t p1, int64_t hd, float scale, float* scores) {
   using F = typename S::F;
   const int64_t n = p1 - p0, RB = kv_row_bytes(KT, hd);  // bytes per cached row
   float mx[HG];
   for (int i = 0; i < HG; ++i) mx[i] = -INFINITY;
   // Scores: K is transposed in its block (kv_k_at), so S::L consecutive positions' dot products
   // are NA accumulator chains per head of broadcast q element x a vector of positions, summed at
-  // the end: no horizontal sum per position. Lanes outside [p0, p1) are computed and dropped.
+  // the end: no horizontal sum per position. NPV vectors of positions (a block's 16 on AVX2) share
+  // each broadcast of q. Lanes outside [p0, p1) are computed and dropped.
   constexpr int NA = att_chains(HG);
-  const int64_t kblock = bs * RB;  // bytes of one kv head's K block
+  constexpr int64_t PW = NPV * S::L;  // positions per step
+  const int64_t kblock = bs * RB;     // bytes of one kv head's K block
   const int64_t kahead = ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1;  // blocks ahead
   const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
+  const int64_t kstride = bs * (RB / hd);    // bytes from one element's positions to the next's
+  // q transposed, element-major ([d][HG]): the HG broadcasts of an element come from one base
+  // address at constant offsets (per-head row pointers ran out of registers and were reloaded
+  // from the stack in the loop); the same numbers, so the same bits.
+  alignas(64) float qt[HG * ATT_MAX_HD];
+  for (int i = 0; i < HG; ++i)
+    for (int64_t d = 0; d < hd; ++d) qt[d * HG + i] = q[i * hd + d];
   alignas(64) float lanes[S::L];
   for (int64_t p = p0; p < p1;) {
     const int64_t j = p / bs, base = j * bs, end = base + bs < p1 ? base + bs : p1;
@@ -693,7 +706,7 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
     const bool fetch = base + kahead * bs < p1;
     const uint8_t* kf = fetch ? Kb[j + kahead] : nullptr;
     const uint8_t* vf = fetch ? Vb[j + kahead] : nullptr;
-    for (int64_t c = (p - base) / S::L * S::L; base + c < end; c += S::L) {
+    for (int64_t c = (p - base) / PW * PW; base + c < end; c += PW) {
       const uint8_t* kc = Kb[j];
       const bool fetch_c = fetch && c == 0;
       int64_t fsum = 0, fline = 0;
@@ -704,46 +717,71 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
             S::prefetch(vf + 64 * fline);
           }
       };
-      F acc[HG][NA];
-      for (int i = 0; i < HG; ++i)
-        for (int a = 0; a < NA; ++a) acc[i][a] = S::zero();
+      F acc[HG][NA][NPV];
       if constexpr (KT == KV_Q8_0) {  // per 32 elements: the int8 dot, then times the positions' scales
+        // the running sums wait in memory between groups of 32 (the dots' accumulators fill the
+        // registers); acc = part * scale + acc, group by group, as ever
+        alignas(64) float accm[HG][NA][NPV][S::L];
         for (int64_t d0 = 0; d0 < hd; d0 += 32) {
-          F part[HG][NA];
+          F part[HG][NA][NPV];
           for (int i = 0; i < HG; ++i)
-            for (int a = 0; a < NA; ++a) part[i][a] = S::zero();
+            for (int a = 0; a < NA; ++a)
+              for (int v = 0; v < NPV; ++v) part[i][a][v] = S::zero();
           for (int64_t d = d0; d < d0 + 32; d += NA) {
 #pragma GCC unroll 8
             for (int a = 0; a < NA; ++a) {
               fetch_step();
-              const F kk = S::cvt(S::i8(kc + (d + a) * bs + c));
-              for (int i = 0; i < HG; ++i) part[i][a] = S::fma(S::set1(q[i * hd + d + a]), kk, part[i][a]);
+              F kk[NPV];
+              for (int v = 0; v < NPV; ++v) kk[v] = S::cvt(S::i8(kc + (d + a) * bs + c + v * S::L));
+              const float* qd = qt + (d + a) * HG;
+              for (int i = 0; i < HG; ++i) {
+                const F qq = S::set1(qd[i]);
+                for (int v = 0; v < NPV; ++v) part[i][a][v] = S::fma(qq, kk[v], part[i][a][v]);
+              }
             }
           }
-          const F sc = S::h16(kc + hd * bs + 2 * ((d0 / 32) * bs + c));
-          for (int i = 0; i < HG; ++i)
-            for (int a = 0; a < NA; ++a) acc[i][a] = S::fma(part[i][a], sc, acc[i][a]);
+          for (int v = 0; v < NPV; ++v) {
+            const F sc = S::h16(kc + hd * bs + 2 * ((d0 / 32) * bs + c + v * S::L));
+            for (int i = 0; i < HG; ++i)
+              for (int a = 0; a < NA; ++a)
+                S::store(accm[i][a][v], S::fma(part[i][a][v], sc, d0 == 0 ? S::zero() : S::f32(accm[i][a][v])));
+          }
         }
+        for (int i = 0; i < HG; ++i)
+          for (int a = 0; a < NA; ++a)
+            for (int v = 0; v < NPV; ++v) acc[i][a][v] = S::f32(accm[i][a][v]);
       } else {
+        for (int i = 0; i < HG; ++i)
+          for (int a = 0; a < NA; ++a)
+            for (int v = 0; v < NPV; ++v) acc[i][a][v] = S::zero();
         for (int64_t d = 0; d < hd; d += NA) {
 #pragma GCC unroll 8
           for (int a = 0; a < NA; ++a) {
             fetch_step();
-            const F kk = Kv<KT>::ld(kc + (d + a) * bs * (RB / hd), c);
-            for (int i = 0; i < HG; ++i) acc[i][a] = S::fma(S::set1(q[i * hd + d + a]), kk, acc[i][a]);
+            F kk[NPV];
+            for (int v = 0; v < NPV; ++v) kk[v] = Kv<KT>::ld(kc + (d + a) * kstride, c + v * S::L);
+            const float* qd = qt + (d + a) * HG;
+            for (int i = 0; i < HG; ++i) {
+              const F qq = S::set1(qd[i]);
+              for (int v = 0; v < NPV; ++v) acc[i][a][v] = S::fma(qq, kk[v], acc[i][a][v]);
+            }
           }
         }
       }
-      const int64_t lo = p0 > base + c ? p0 - base - c : 0;
-      const int64_t hi = end - base - c < S::L ? end - base - c : S::L;
-      for (int i = 0; i < HG; ++i) {
-        F sum = acc[i][0];
-        for (int a = 1; a < NA; ++a) sum = S::add(sum, acc[i][a]);
-        S::store(lanes, S::mul(sum, S::set1(scale)));
-        float* out = scores + i * n + (base + c - p0);
-        for (int64_t l = lo; l < hi; ++l) {
-          out[l] = lanes[l];
-          mx[i] = lanes[l] > mx[i] ? lanes[l] : mx[i];
+      for (int v = 0; v < NPV; ++v) {
+        const int64_t cv = c + v * S::L;
+        const int64_t lo = p0 > base + cv ? p0 - base - cv : 0;
+        const int64_t hi = end - base - cv < S::L ? end - base - cv : S::L;
+        if (hi <= lo) continue;
+        for (int i = 0; i < HG; ++i) {
+          F sum = acc[i][0][v];
+          for (int a = 1; a < NA; ++a) sum = S::add(sum, acc[i][a][v]);
+          S::store(lanes, S::mul(sum, S::set1(scale)));
+          float* out = scores + i * n + (base + cv - p0);
+          for (int64_t l = lo; l < hi; ++l) {
+            out[l] = lanes[l];
+            mx[i] = lanes[l] > mx[i] ? lanes[l] : mx[i];
+          }
         }
       }
     }
@@ -753,43 +791,74 @@ static void attend_group(const float* q, float* o, float* ml, const uint8_t* con
     ml[2 * i] = mx[i];
     ml[2 * i + 1] = softmax_exp_v(scores + i * n, n, mx[i]);
   }
-  // output vectors per pass: HG * VC accumulators in registers (AVX2's 16: 5-8 heads take one vector)
+  // P V, block by block: a block's V rows (bs x RB bytes, contiguous) are read for every output
+  // vector while they sit in L1, the next block's lines fetched meanwhile; HG * VC accumulators
+  // per pass (AVX2's 16 registers: 5-8 heads take one vector) go back to o between blocks. Each
+  // (head, element) still sums over the positions in order from zero, one chain, so the bits are
+  // those of a pass over all positions per output vector. (That order, d outer and positions
+  // inner, read each V row once per output vector, 512 B apart, and waited on L2/L3: about 40%
+  // of Qwen2.5's decode attention at 16k positions.)
   constexpr int VC = HG <= 2 ? 4 : (S::L == 8 && HG >= 7) ? 1 : 2;
-  for (int64_t d0 = 0; d0 < hd; d0 += VC * S::L) {
-    if (hd - d0 < VC * S::L) {  // a tail narrower than VC vectors: one vector at a time
-      for (int64_t d = d0; d < hd; d += S::L) {
-        F acc[HG];
-        for (int i = 0; i < HG; ++i) acc[i] = S::zero();
-        for (int64_t p = p0; p < p1; ++p) {
-          const F vv = Kv<KT>::ld(Vb[p / bs] + (p % bs) * RB, d);
-          for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::set1(scores[i * n + (p - p0)]), vv, acc[i]);
-        }
-        for (int i = 0; i < HG; ++i) S::store(o + i * hd + d, acc[i]);
+  for (int64_t e = 0; e < HG * hd; e += S::L) S::store(o + e, S::zero());
+  const int64_t vblock = bs * RB, vlines = (vblock + 63) / 64;
+  for (int64_t p = p0; p < p1;) {
+    const int64_t j = p / bs, pe = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
+    const uint8_t* vnext = pe < p1 ? Vb[j + 1] : nullptr;
+    const uint8_t* vrow0 = Vb[j] + (p - j * bs) * RB;
+    const float* sc = scores + (p - p0);
+    const int64_t m = pe - p;
+    int64_t fl = 0;  // the next block's lines fetched so far
+    for (int64_t d0 = 0; d0 < hd; d0 += VC * S::L) {
+      if (vnext != nullptr) {  // the next block's lines, spread over this block's output vectors
+        const int64_t upto = vlines * (d0 + VC * S::L) / hd;
+        for (; fl < upto && fl < vlines; ++fl) S::prefetch(vnext + 64 * fl);
       }
-      break;
-    }
-    F acc[HG][VC];
+      if (hd - d0 < VC * S::L) {  // a tail narrower than VC vectors: one vector at a time
+        for (int64_t d = d0; d < hd; d += S::L) {
+          F acc[HG];
+          for (int i = 0; i < HG; ++i) acc[i] = S::f32(o + i * hd + d);
+          const uint8_t* vr = vrow0;
+          for (int64_t t = 0; t < m; ++t, vr += RB) {
+            const F vv = Kv<KT>::ld(vr, d);
+            for (int i = 0; i < HG; ++i) acc[i] = S::fma(S::set1(sc[i * n + t]), vv, acc[i]);
+          }
+          for (int i = 0; i < HG; ++i) S::store(o + i * hd + d, acc[i]);
+        }
+        break;
+      }
+      F acc[HG][VC];
 #pragma GCC unroll 8
-    for (int i = 0; i < HG; ++i)
+      for (int i = 0; i < HG; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < VC; ++v) acc[i][v] = S::zero();
-    for (int64_t p = p0; p < p1;) {
-      const int64_t j = p / bs, end = (j + 1) * bs < p1 ? (j + 1) * bs : p1;
-      const uint8_t* vr = Vb[j] + (p - j * bs) * RB;
-      for (; p < end; ++p, vr += RB) {
+        for (int v = 0; v < VC; ++v) acc[i][v] = S::f32(o + i * hd + d0 + v * S::L);
+      const uint8_t* vr = vrow0;
+      for (int64_t t = 0; t < m; ++t, vr += RB) {
 #pragma GCC unroll 8
         for (int i = 0; i < HG; ++i) {
-          const F w = S::set1(scores[i * n + (p - p0)]);
+          const F w = S::set1(sc[i * n + t]);
 #pragma GCC unroll 4
           for (int v = 0; v < VC; ++v) acc[i][v] = S::fma(w, Kv<KT>::ld(vr, d0 + v * S::L), acc[i][v]);
         }
       }
-    }
 #pragma GCC unroll 8
-    for (int i = 0; i < HG; ++i)
+      for (int i = 0; i < HG; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < VC; ++v) S::store(o + i * hd + d0 + v * S::L, acc[i][v]);
+        for (int v = 0; v < VC; ++v) S::store(o + i * hd + d0 + v * S::L, acc[i][v]);
+    }
+    p = pe;
   }
+}
+
+// HG heads over [p0, p1): two vectors of positions per step where a block holds them and the
+// accumulators fit AVX2's 16 registers (HG <= 6), else one. The chains (NA) do not depend on
+// this, so neither do the bits.
+template <int HG, int KT>
+static void attend_group(const float* q, float* o, float* ml, const uint8_t* const* Kb, const uint8_t* const* Vb,
+                         int64_t bs, int64_t p0, int64_t p1, int64_t hd, float scale, float* scores) {
+  if constexpr (S::L == 8 && HG <= 6) {
+    if (bs % 16 == 0) return attend_group_t<HG, KT, 2>(q, o, ml, Kb, Vb, bs, p0, p1, hd, scale, scores);
+  }
+  attend_group_t<HG, KT, 1>(q, o, ml, Kb, Vb, bs, p0, p1, hd, scale, scores);
 }
 
 // AttendPartFn for element type KT: the heads in passes of up to ATT_MAXG (attend_group). hd must be a

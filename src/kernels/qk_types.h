@@ -226,6 +226,10 @@ static inline int64_t kv_row_bytes(int kv_type, int64_t hd) {
   }
 }
 
+// The SIMD attention kernels keep a row's query heads transposed on the stack (qk_simd.h
+// attend_group): head sizes above this take the portable loops, rows and tiles alike.
+static constexpr int64_t ATT_MAX_HD = 512;
+
 // Partial attention of one sequence's row: the `hn` query heads q[0..hn) (hd floats each, all
 // reading one kv head) over cache positions [p0, p1). Kb[j] / Vb[j] point at the kv head's part of
 // the j-th block of the range (bs x kv_row_bytes(KT, hd) bytes: K transposed, V in rows; see
