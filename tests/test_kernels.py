@@ -864,6 +864,7 @@ def kv_round(x: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
         (16, 2, 128, 16384),
         (8, 8, 256, 700),
         (4, 1, 40, 1100),
+        (2, 1, 576, 40),  # above ATT_MAX_HD: the portable loops on every path
     ],
 )
 def test_paged_attention_long_contexts_every_kv_dtype(isa, kv_dtype, nh, nkv, hd, length):
