@@ -68,8 +68,10 @@ def fill(eng: Any, rid: str, n: int, rng: np.random.Generator) -> None:
         v[b] = block_t
 
 
-def decode_figure(eng: Any, ctx: int, streams: int, rng: np.random.Generator) -> float:
-    """Per-stream decode tok/s of `streams` streams at `ctx` tokens of context."""
+def decode_figure(eng: Any, ctx: int, streams: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Per-stream decode tok/s of `streams` streams at `ctx` tokens of context: over the STEPS timed
+    steps (the headline), and from their median step (a shared VM's stalls move the mean; the
+    median shows the step itself)."""
     from pipeserve.modeling.engine import SeqChunk
     from pipeserve.modeling.generate import GREEDY
 
@@ -78,15 +80,16 @@ def decode_figure(eng: Any, ctx: int, streams: int, rng: np.random.Generator) ->
         fill(eng, r, ctx, rng)
     toks = [int(t) for t in rng.integers(100, 20000, streams)]
     pos = ctx
+    steps = []
     for step in range(STEPS + 2):
-        if step == 2:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
         out = eng.forward([SeqChunk(r, pos, [t], GREEDY) for r, t in zip(rids, toks, strict=True)])
         toks = [s.token_id for s in out.samples]
         pos += 1
-    dt = time.perf_counter() - t0
+        if step >= 2:
+            steps.append(time.perf_counter() - t0)
     eng.release(rids)
-    return STEPS / dt
+    return STEPS / sum(steps), 1.0 / float(np.median(steps))
 
 
 def prefill_figure(eng: Any, n: int, rng: np.random.Generator) -> float:
@@ -103,7 +106,10 @@ def prefill_figure(eng: Any, n: int, rng: np.random.Generator) -> float:
     return dt
 
 
-def bench_ours(model: str, contexts: list[int], prefills: list[int]) -> dict[str, Any]:
+def bench_ours(model: str, contexts: list[int], prefills: list[int], rounds: int = 1) -> dict[str, Any]:
+    """Decode figures for every KV type, context and stream count, the whole sweep `rounds` times
+    (each figure is the median of its rounds: on a shared VM a slow minute lands on one round, not
+    on one context), then the prefills once."""
     from pipeserve import kernels
     from pipeserve.modeling.engine import StageEngine
     from pipeserve.modeling.loader import load_stage
@@ -111,25 +117,46 @@ def bench_ours(model: str, contexts: list[int], prefills: list[int]) -> dict[str
     kernels.set_threads(THREADS)
     stage = load_stage(model)
     rng = np.random.default_rng(0)
-    res: dict[str, Any] = {"kernel_isa": kernels.get_isa(), "threads": THREADS, "decode": [], "prefill": []}
+    res: dict[str, Any] = {
+        "kernel_isa": kernels.get_isa(),
+        "threads": THREADS,
+        "rounds": rounds,
+        "decode": [],
+        "prefill": [],
+    }
     budget = 4 * (max(contexts) + 64) + 64
-    for kv_dtype in KV_TYPES:
-        eng = StageEngine(
-            stage, cache_budget_tokens=budget, max_context=stage.cfg.max_position, kv_dtype=kv_dtype
+    runs: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+    for rnd in range(rounds):
+        for kv_dtype in KV_TYPES:
+            eng = StageEngine(
+                stage, cache_budget_tokens=budget, max_context=stage.cfg.max_position, kv_dtype=kv_dtype
+            )
+            for ctx in contexts:
+                for streams in (1, 4):
+                    tps, tps_median = decode_figure(eng, ctx, streams, rng)
+                    runs.setdefault((kv_dtype, ctx, streams), []).append((tps, tps_median))
+                    print(
+                        f"round {rnd + 1}/{rounds}: ours {kv_dtype} ctx {ctx} x{streams}: {tps:.2f} tok/s per stream"
+                        f" ({tps_median:.2f} from the median step)",
+                        flush=True,
+                    )
+            if kv_dtype == "f32" and rnd == rounds - 1:
+                for n in prefills:
+                    s = prefill_figure(eng, n, rng)
+                    res["prefill"].append({"kv_dtype": kv_dtype, "tokens": n, "seconds": s})
+                    print(f"ours prefill {n}: {s:.1f} s", flush=True)
+            del eng
+    for (kv_dtype, ctx, streams), figs in runs.items():
+        res["decode"].append(
+            {
+                "kv_dtype": kv_dtype,
+                "context": ctx,
+                "streams": streams,
+                "tok_s_per_stream": float(np.median([f[0] for f in figs])),
+                "tok_s_per_stream_median_step": float(np.median([f[1] for f in figs])),
+                "rounds": [round(f[0], 3) for f in figs],
+            }
         )
-        for ctx in contexts:
-            for streams in (1, 4):
-                tps = decode_figure(eng, ctx, streams, rng)
-                res["decode"].append(
-                    {"kv_dtype": kv_dtype, "context": ctx, "streams": streams, "tok_s_per_stream": tps}
-                )
-                print(f"ours {kv_dtype} ctx {ctx} x{streams}: {tps:.2f} tok/s per stream", flush=True)
-        if kv_dtype == "f32":
-            for n in prefills:
-                s = prefill_figure(eng, n, rng)
-                res["prefill"].append({"kv_dtype": kv_dtype, "tokens": n, "seconds": s})
-                print(f"ours prefill {n}: {s:.1f} s", flush=True)
-        del eng
     return res
 
 
@@ -375,6 +402,9 @@ def main() -> None:
     ap.add_argument("--prefill", default="4096", help="prompt lengths to prefill, comma-separated")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument(
+        "--rounds", type=int, default=1, help="decode sweeps; each figure is the median of its rounds"
+    )
+    ap.add_argument(
         "--quality-tokens",
         type=int,
         default=2048,
@@ -401,7 +431,7 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "command": "python scripts/bench_context.py " + " ".join(sys.argv[1:]),
         "context_fill": "K/V rows written directly (see the script's docstring); decode steps timed",
-        "ours": bench_ours(args.model, contexts, prefills),
+        "ours": bench_ours(args.model, contexts, prefills, args.rounds),
         "llamacpp": {"skipped": "--no-llamacpp"}
         if args.no_llamacpp
         else bench_llamacpp(args.model, contexts, prefills),
