@@ -236,6 +236,29 @@ def test_blocks_behind_a_sliding_window_are_freed(kind, zoo):
     eng.cache.check()
 
 
+def test_a_stage_of_gemma3_local_layers_frees_behind_its_window(zoo):
+    """Gemma 3 mixes local layers (window 8) with global ones, and one pool block holds a position
+    for every layer of its stage, so a stage that holds a global layer keeps every block. A stage
+    of local layers only is bounded like Mistral: the tiny Gemma 3 cut as [0, 5) (local) + [5, 6)
+    (global), blocks of 4 positions. The first stage holds at most ceil((8 + 1) / 4) + 1 blocks in
+    decode while the second holds the whole sequence, and the greedy tokens equal transformers'."""
+    first = StageEngine(zoo.loaded("gemma3", "safetensors", (0, 5)), block_size=4)
+    last = StageEngine(zoo.loaded("gemma3", "safetensors", (5, 6)), block_size=4)
+    assert (first.cache.window, last.cache.window) == (8, None)
+    prompt = PROMPT[:20]
+    logits = run_stages([first, last], [SeqChunk("t", 0, prompt, GREEDY)])
+    tokens, held = list(prompt), []
+    for _ in range(N_NEW):
+        tokens.append(int(logits[0].argmax()))
+        logits = run_stages([first, last], [SeqChunk("t", len(tokens) - 1, [tokens[-1]], GREEDY)])
+        held.append((first.cache.used_blocks, last.cache.used_blocks))
+    assert tokens[20:] == zoo.ref_greedy(zoo.ref_kind("gemma3", "safetensors"), tuple(prompt), N_NEW)
+    assert max(h[0] for h in held) <= -(-(8 + 1) // 4) + 1, held
+    assert held[-1][1] == -(-len(tokens) // 4), held
+    first.cache.check()
+    last.cache.check()
+
+
 def test_a_windowed_model_serves_requests_longer_than_its_nodes_pools(zoo):
     """Mistral (window 8) through two gRPC nodes whose pools hold 64 positions, 16-token steps: each
     node reports its window, the coordinator counts at most 48 positions per request on it, and
