@@ -104,8 +104,8 @@ pytest: deps kernels proto
 
 bench-kv: deps kernels proto models
 	$(BIN)/python scripts/bench_kv.py --out bench/kv.json
-	$(BIN)/python scripts/bench_context.py --model smollm2-135m-instruct
-	$(BIN)/python scripts/bench_context.py --model qwen2.5-coder-1.5b-instruct --prefill 4096,16384
+	$(BIN)/python scripts/bench_context.py --model smollm2-135m-instruct --rounds 3
+	$(BIN)/python scripts/bench_context.py --model qwen2.5-coder-1.5b-instruct --prefill 4096,16384 --rounds 3
 	$(BIN)/python scripts/bench_attention.py
 
 bench-models: deps models kernels proto
