@@ -129,6 +129,7 @@ typedef struct {
   std::vector<Segment>* segs;
   int64_t K, N;
   bool needs_xsum;
+  bool has_q6k, has_q4k;  // a Q6_K / Q4_K segment: AVX2 mv calls permute x (perm_x, perm_x4)
   bool int8_ok, lossy;  // every segment has int8 kernels (qk_q8.h); the opt-in lossy mode is on
 } PlanObject;
 
@@ -142,6 +143,7 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
   self->K = K;
   self->N = 0;
   self->needs_xsum = false;
+  self->has_q6k = self->has_q4k = false;
   self->int8_ok = true;
   self->lossy = false;
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
@@ -162,6 +164,8 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
     self->segs->push_back({(const uint8_t*)ptr, type, rows, rb});
     self->N += rows;
     if (type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K) self->needs_xsum = true;
+    if (type == Q6_K) self->has_q6k = true;
+    if (type == Q4_K) self->has_q4k = true;
     self->int8_ok = self->int8_ok && q8::supports(type, K);
   }
   Py_DECREF(fast);
@@ -218,6 +222,16 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     xt.resize(xt_floats(T, K, cw));
     make_xt(x, T, K, cw, xt.data());
   }
+  std::vector<float> xp, xs16, xp4;  // x permuted for AVX2's Q6_K and Q4_K rows (qk_types.h: perm_x)
+  if (isa == ISA_AVX2 && self->has_q6k && T <= MV_PASS_MAX_T) {
+    xp.resize(T * K);
+    xs16.resize(T * (K / 16));
+    perm_x(x, T, K, xp.data(), xs16.data());
+  }
+  if (isa == ISA_AVX2 && self->has_q4k && T <= MV_PASS_MAX_T) {
+    xp4.resize(T * K);
+    perm_x4(x, T, K, xp4.data());
+  }
   std::vector<Job> jobs;
   std::vector<int64_t> items;  // triples (job index, r0, r1)
   pool::Use use;  // all the pool's threads, or 1 while another thread of this process computes
@@ -226,6 +240,8 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   for (const Segment& s : *self->segs) {
     Job jb{s.type, s.w, s.row_bytes, K, x, xsum.empty() ? nullptr : xsum.data(), T, y + col, self->N, nullptr,
            accumulate, xt.empty() ? nullptr : xt.data(), cw};
+    if (!xp.empty()) jb.xp = xp.data(), jb.xs16 = xs16.data();
+    if (!xp4.empty()) jb.xp4 = xp4.data();
     const int64_t j = (int64_t)jobs.size();
     jobs.push_back(jb);
     // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4; from

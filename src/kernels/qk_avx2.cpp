@@ -37,6 +37,22 @@ struct S : Lanes256 {
     out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
     out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(hi, hi)));
   }
+  // The K-quant rows against x permuted within groups of 32 (qk_simd.h mv_rows_kp): bits
+  // [SH, SH + 8) of every 32-bit lane of b, a shift and a mask (no shuffle); SH 24 needs no mask.
+  static constexpr bool PERM_MV = true;
+  // bits [SH, SH + 8) of every 32-bit lane kept in place (the value times 2^SH): a mask only
+  template <int SH> static inline I lane_byte_at(__m256i b) { return _mm256_and_si256(b, _mm256_set1_epi32(255 << SH)); }
+  template <int SH, int M> static inline I lane_bits_at(__m256i b) { return _mm256_and_si256(b, _mm256_set1_epi32(M << SH)); }
+  static inline F lane(F a, int i) { return _mm256_permutevar8x32_ps(a, _mm256_set1_epi32(i)); }  // a[i] x 8
+  template <int SH> static inline I lane_byte(__m256i b) {
+    if constexpr (SH >= 24) return _mm256_srli_epi32(b, SH);
+    else if constexpr (SH == 0) return _mm256_and_si256(b, _mm256_set1_epi32(255));
+    else return _mm256_and_si256(_mm256_srli_epi32(b, SH), _mm256_set1_epi32(255));
+  }
+  // [a[i0] x 4, a[i0 + 1] x 4] (Q6_K: group j's two scales of 16 weights over its permuted lanes)
+  static inline F pair4(F a, int i0) {
+    return _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(i0, i0, i0, i0, i0 + 1, i0 + 1, i0 + 1, i0 + 1));
+  }
   static inline F f32(const float* p) { return _mm256_loadu_ps(p); }
   static inline F h16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
   static inline F bf16(const uint8_t* p) {

@@ -208,18 +208,25 @@ static inline void kq_scales(const uint8_t* sb, float a[16], float c[8]) {
   }
 }
 
-// Q6_K: the 8 groups of a super-block as 32 signed bytes each (-32..31), by 256-bit byte
-// operations on ql / qh (the same integers as decode<Q6_K>).
-static inline void q6k_quants(const uint8_t* sb, typename S::B q[8]) {
+// Q6_K: the 4 groups of half n of a super-block (groups 4n..4n + 3) as 32 bytes each, by 256-bit
+// byte operations on ql / qh: signed (-32..31, the same integers as decode<Q6_K>), or with OFF
+// false unsigned (0..63, the offset of 32 not taken off).
+template <bool OFF>
+static inline void q6k_half(const uint8_t* sb, int n, typename S::B q[4]) {
   using B = typename S::B;
-  _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
-    const B l0 = S::ld32(sb + 64 * n), l1 = S::ld32(sb + 64 * n + 32), h = S::ld32(sb + 128 + 32 * n);
-    // 16-bit shifts carry bits across bytes; each mask keeps only the byte's own bits
-    q[4 * n + 0] = S::bsub(S::bor(S::band(l0, 15), S::band(S::template sl16<4>(h), 0x30)), 32);
-    q[4 * n + 1] = S::bsub(S::bor(S::band(l1, 15), S::band(S::template sl16<2>(h), 0x30)), 32);
-    q[4 * n + 2] = S::bsub(S::bor(S::band(S::template sr16<4>(l0), 15), S::band(h, 0x30)), 32);
-    q[4 * n + 3] = S::bsub(S::bor(S::band(S::template sr16<4>(l1), 15), S::band(S::template sr16<2>(h), 0x30)), 32);
-  }
+  const B l0 = S::ld32(sb + 64 * n), l1 = S::ld32(sb + 64 * n + 32), h = S::ld32(sb + 128 + 32 * n);
+  // 16-bit shifts carry bits across bytes; each mask keeps only the byte's own bits
+  q[0] = S::bor(S::band(l0, 15), S::band(S::template sl16<4>(h), 0x30));
+  q[1] = S::bor(S::band(l1, 15), S::band(S::template sl16<2>(h), 0x30));
+  q[2] = S::bor(S::band(S::template sr16<4>(l0), 15), S::band(h, 0x30));
+  q[3] = S::bor(S::band(S::template sr16<4>(l1), 15), S::band(S::template sr16<2>(h), 0x30));
+  if constexpr (OFF)
+    _Pragma("GCC unroll 4") for (int m = 0; m < 4; ++m) q[m] = S::bsub(q[m], 32);
+}
+// the 8 groups of a super-block, signed
+static inline void q6k_quants(const uint8_t* sb, typename S::B q[8]) {
+  q6k_half<true>(sb, 0, q);
+  q6k_half<true>(sb, 1, q + 4);
 }
 
 // Q4_K / Q5_K: the quants of groups 2i (low nibbles) and 2i + 1 (high nibbles) of a super-block
@@ -310,12 +317,165 @@ static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, floa
     }
 }
 
+// ---- Q6_K and Q4_K rows against x permuted within groups of 32 (AVX2: SS::PERM_MV; T <= 8)
+// mv_rows_k widens a group's 32 quant bytes to 4 float vectors in order, by sign-extending moves
+// and lane extracts: 7 shuffles per 32 weights of Q6_K, and this CPU's shuffle port takes one a
+// cycle (a 1-thread Zen 3 VM: ~12.7 cycles per 32 weights at T == 1, where cvtdq2ps and the FMAs
+// run two a cycle each). Here vector k of a group is byte k of each 32-bit lane (SS::lane_byte:
+// a mask, or a shift), i.e. the weights 4 i + k for lanes i = 0..7, so x is permuted the same way
+// once per call (qk_types.h perm_x): xp[32 g + 8 k + i] = x[32 g + 4 i + k]. Bytes 1 and 2 are
+// left in place (the quant times 2^8, 2^16; SS::lane_byte_at): xp holds those lanes' x times 2^-8
+// and 2^-16, so each product is the same number (a power of two in and out; x below 2^-110 in
+// magnitude would lose bits to subnormals). Lanes 0..3 of a vector are the group's first 16
+// weights and lanes 4..7 its second, so Q6_K's two scales of a group are one vector
+// [a0 x 4, a1 x 4] (SS::pair4). The quants stay unsigned (0..63) and the offset of 32 goes into
+// the sums of x per 16 (Job::xs16 holds -32 times them):
+//   sum_i d sc (q_i - 32) x_i = sum_i (d sc) q_i x_i - 32 (d sc) sum_i x_i.
+// The same weights and products as mv_rows_k in another summation order; each row's chain is the
+// same whatever NT, so a row's bits do not depend on the rows beside it (speculation's verify rows
+// still equal one-token decoding).
+template <class SS, int NR, int NT>
+static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
+  using F = typename SS::F;
+  using B = typename SS::B;
+  constexpr int SB = 210;
+  const int64_t NB = jb.K / 256;
+  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
+  const int64_t step = NR * jb.row_bytes / (NB ? NB : 1);  // bytes of the block two ahead per super-block
+  const float* x0 = jb.xp + t0 * jb.K;
+  const float* xs0 = jb.xs16 + t0 * (jb.K / 16);
+  F tot[NR][NT];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
+  for (int64_t b = 0; b < NB; ++b) {
+    for (int64_t o = 0; o < step + 64; o += 64) SS::prefetch(ahead + b * step + o);
+    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+      const uint8_t* sb = row + r * jb.row_bytes + b * SB;
+      const float d = SS::h2f(sb + 208);
+      const F a0 = SS::h_i8((const int8_t*)(sb + 192), d), a1 = SS::h_i8((const int8_t*)(sb + 200), d);
+      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {  // the offsets: -32 x's sums per 16 (xs16)
+        const float* xs = xs0 + t * (jb.K / 16) + b * 16;
+        tot[r][t] = SS::fma(a0, SS::f32(xs), tot[r][t]);
+        tot[r][t] = SS::fma(a1, SS::f32(xs + 8), tot[r][t]);
+      }
+      _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
+        B q[4];
+        q6k_half<false>(sb, n, q);
+        _Pragma("GCC unroll 4") for (int m = 0; m < 4; ++m) {
+          const int j = 4 * n + m;
+          // bytes 1 and 2 stay in place (x 2^8, x 2^16): xp holds those lanes' x times 2^-8 and
+          // 2^-16, so every product is the same number (powers of two)
+          const F w0 = SS::cvt(SS::template lane_byte<0>(q[m])), w1 = SS::cvt(SS::template lane_byte_at<8>(q[m]));
+          const F w2 = SS::cvt(SS::template lane_byte_at<16>(q[m])), w3 = SS::cvt(SS::template lane_byte<24>(q[m]));
+          const F sv = SS::pair4(n == 0 ? a0 : a1, 2 * m);
+          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+            const float* xg = x0 + t * jb.K + b * 256 + j * 32;
+            F acc = SS::mul(w0, SS::f32(xg));
+            acc = SS::fma(w1, SS::f32(xg + 8), acc);
+            acc = SS::fma(w2, SS::f32(xg + 16), acc);
+            acc = SS::fma(w3, SS::f32(xg + 24), acc);
+            tot[r][t] = SS::fma(sv, acc, tot[r][t]);
+          }
+        }
+      }
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      const float s = SS::hsum(tot[r][t]);
+      float* yt = y + (t0 + t) * jb.ldy + r;
+      *yt = jb.accumulate ? *yt + s : s;
+    }
+}
+
+// Q4_K the same way (Job::xp4, perm_x4): the 32 bytes of groups 2i (low nibbles) and 2i + 1 (high
+// nibbles) are 8 lanes of 4 bytes; vector k of group 2i + n is the nibble at bit s = 8 k + 4 n of
+// each lane, kept in place by a mask (q times 2^s; xp4 holds those lanes' x times 2^-s, x below
+// 2^-102 would lose bits) but for s = 28, shifted down (15 << 28 does not fit a signed lane). The
+// min term is one fma per super-block: the 8 groups' -dmin m_j against their sums of x (Job::xsum).
+// Fewer shuffles gain less here (Q4_K had two per 32 weights): ~6% on one thread.
+template <class SS, int NR, int NT>
+static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
+  using F = typename SS::F;
+  using B = typename SS::B;
+  constexpr int SB = 144;
+  const int64_t NB = jb.K / 256, G = jb.K / 32;
+  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
+  const int64_t step = NR * jb.row_bytes / (NB ? NB : 1);  // bytes of the block two ahead per super-block
+  const float* x0 = jb.xp4 + t0 * jb.K;
+  const float* xs0 = jb.xsum + t0 * G;
+  F tot[NR][NT];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
+  for (int64_t b = 0; b < NB; ++b) {
+    for (int64_t o = 0; o < step + 64; o += 64) SS::prefetch(ahead + b * step + o);
+    // the NR rows' scales first, then each pair of groups for every row in turn: the rows'
+    // accumulator chains interleave (one row's nine fmas into tot, 4 cycles each, ran back to back)
+    alignas(32) float a[NR][8];
+    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+      const uint8_t* sb = row + r * jb.row_bytes + b * SB;
+      float d, dmin;
+      SS::h2f2(sb, d, dmin);
+      uint8_t sc8[8], m8[8];
+      k4_scales_mins(sb + 4, sc8, m8);
+      SS::h_st(a[r], SS::h_u8(sc8, d));
+      const F C = SS::h_u8(m8, -dmin);  // -(dmin * m): the same number
+      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(C, SS::f32(xs0 + t * G + b * 8), tot[r][t]);
+    }
+    _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i)
+      _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+        const B e = SS::ld32(row + r * jb.row_bytes + b * SB + 16 + 32 * i);
+        F w[2][4];
+        w[0][0] = SS::cvt(SS::template lane_bits_at<0, 15>(e));
+        w[0][1] = SS::cvt(SS::template lane_bits_at<8, 15>(e));
+        w[0][2] = SS::cvt(SS::template lane_bits_at<16, 15>(e));
+        w[0][3] = SS::cvt(SS::template lane_bits_at<24, 15>(e));
+        w[1][0] = SS::cvt(SS::template lane_bits_at<4, 15>(e));
+        w[1][1] = SS::cvt(SS::template lane_bits_at<12, 15>(e));
+        w[1][2] = SS::cvt(SS::template lane_bits_at<20, 15>(e));
+        w[1][3] = SS::cvt(SS::template lane_byte<28>(e));
+        _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
+          const int j = 2 * i + n;
+          const F sv = SS::bcast(&a[r][j]);
+          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+            const float* xg = x0 + t * jb.K + b * 256 + j * 32;
+            F acc = SS::mul(w[n][0], SS::f32(xg));
+            acc = SS::fma(w[n][1], SS::f32(xg + 8), acc);
+            acc = SS::fma(w[n][2], SS::f32(xg + 16), acc);
+            acc = SS::fma(w[n][3], SS::f32(xg + 24), acc);
+            tot[r][t] = SS::fma(sv, acc, tot[r][t]);
+          }
+        }
+      }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      const float s = SS::hsum(tot[r][t]);
+      float* yt = y + (t0 + t) * jb.ldy + r;
+      *yt = jb.accumulate ? *yt + s : s;
+    }
+}
+
 // Rows r0..r1 for the activation rows [t0, t0 + NT): four weight rows at a time (two from three
 // activation rows on, so the accumulators stay in registers), then one.
 template <int TY, int NT>
 static inline void mv_range(const Job& jb, int64_t r0, int64_t r1, int64_t t0) {
   constexpr int NR = NT <= 2 ? 4 : 2;
   int64_t r = r0;
+  if constexpr (TY == Q6_K && S::PERM_MV) {
+    if (jb.xp != nullptr) {
+      for (; r + NR <= r1; r += NR) mv_rows_q6k_perm<S, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      for (; r < r1; ++r) mv_rows_q6k_perm<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      return;
+    }
+  }
+  if constexpr (TY == Q4_K && S::PERM_MV) {
+    if (jb.xp4 != nullptr) {
+      for (; r + NR <= r1; r += NR) mv_rows_q4k_perm<S, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      for (; r < r1; ++r) mv_rows_q4k_perm<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      return;
+    }
+  }
   if constexpr (is_kquant<TY>()) {
     for (; r + NR <= r1; r += NR) mv_rows_k<TY, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
     for (; r < r1; ++r) mv_rows_k<TY, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
