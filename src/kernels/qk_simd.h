@@ -334,6 +334,32 @@ static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, floa
 // The same weights and products as mv_rows_k in another summation order; each row's chain is the
 // same whatever NT, so a row's bits do not depend on the rows beside it (speculation's verify rows
 // still equal one-token decoding).
+// One group of 32 for NT activation rows: its 4 weight vectors (in the permuted order) dotted
+// with xp at k, scaled by sv into tot[t].
+template <class SS, int NT>
+static inline void perm_group(typename SS::F tot[NT], const typename SS::F w[4], typename SS::F sv, const float* x0,
+                              int64_t K, int64_t k) {
+  _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+    const float* xg = x0 + t * K + k;
+    typename SS::F acc = SS::mul(w[0], SS::f32(xg));
+    acc = SS::fma(w[1], SS::f32(xg + 8), acc);
+    acc = SS::fma(w[2], SS::f32(xg + 16), acc);
+    acc = SS::fma(w[3], SS::f32(xg + 24), acc);
+    tot[t] = SS::fma(sv, acc, tot[t]);
+  }
+}
+
+// y[t0 + t, r] (=, or += with jb.accumulate) the lanes' sum of tot[r][t]
+template <class SS, int NR, int NT>
+static inline void perm_store(const Job& jb, typename SS::F tot[NR][NT], int64_t t0, float* y) {
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      const float s = SS::hsum(tot[r][t]);
+      float* yt = y + (t0 + t) * jb.ldy + r;
+      *yt = jb.accumulate ? *yt + s : s;
+    }
+}
+
 template <class SS, int NR, int NT>
 static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
   using F = typename SS::F;
@@ -362,30 +388,16 @@ static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t
         B q[4];
         q6k_half<false>(sb, n, q);
         _Pragma("GCC unroll 4") for (int m = 0; m < 4; ++m) {
-          const int j = 4 * n + m;
           // bytes 1 and 2 stay in place (x 2^8, x 2^16): xp holds those lanes' x times 2^-8 and
           // 2^-16, so every product is the same number (powers of two)
-          const F w0 = SS::cvt(SS::template lane_byte<0>(q[m])), w1 = SS::cvt(SS::template lane_byte_at<8>(q[m]));
-          const F w2 = SS::cvt(SS::template lane_byte_at<16>(q[m])), w3 = SS::cvt(SS::template lane_byte<24>(q[m]));
-          const F sv = SS::pair4(n == 0 ? a0 : a1, 2 * m);
-          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-            const float* xg = x0 + t * jb.K + b * 256 + j * 32;
-            F acc = SS::mul(w0, SS::f32(xg));
-            acc = SS::fma(w1, SS::f32(xg + 8), acc);
-            acc = SS::fma(w2, SS::f32(xg + 16), acc);
-            acc = SS::fma(w3, SS::f32(xg + 24), acc);
-            tot[r][t] = SS::fma(sv, acc, tot[r][t]);
-          }
+          const F w[4] = {SS::cvt(SS::template lane_byte<0>(q[m])), SS::cvt(SS::template lane_byte_at<8>(q[m])),
+                          SS::cvt(SS::template lane_byte_at<16>(q[m])), SS::cvt(SS::template lane_byte<24>(q[m]))};
+          perm_group<SS, NT>(tot[r], w, SS::pair4(n == 0 ? a0 : a1, 2 * m), x0, jb.K, b * 256 + (4 * n + m) * 32);
         }
       }
     }
   }
-  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-      const float s = SS::hsum(tot[r][t]);
-      float* yt = y + (t0 + t) * jb.ldy + r;
-      *yt = jb.accumulate ? *yt + s : s;
-    }
+  perm_store<SS, NR, NT>(jb, tot, t0, y);
 }
 
 // Q4_K the same way (Job::xp4, perm_x4): the 32 bytes of groups 2i (low nibbles) and 2i + 1 (high
@@ -434,26 +446,11 @@ static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t
         w[1][1] = SS::cvt(SS::template lane_bits_at<12, 15>(e));
         w[1][2] = SS::cvt(SS::template lane_bits_at<20, 15>(e));
         w[1][3] = SS::cvt(SS::template lane_byte<28>(e));
-        _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
-          const int j = 2 * i + n;
-          const F sv = SS::bcast(&a[r][j]);
-          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-            const float* xg = x0 + t * jb.K + b * 256 + j * 32;
-            F acc = SS::mul(w[n][0], SS::f32(xg));
-            acc = SS::fma(w[n][1], SS::f32(xg + 8), acc);
-            acc = SS::fma(w[n][2], SS::f32(xg + 16), acc);
-            acc = SS::fma(w[n][3], SS::f32(xg + 24), acc);
-            tot[r][t] = SS::fma(sv, acc, tot[r][t]);
-          }
-        }
+        _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n)
+          perm_group<SS, NT>(tot[r], w[n], SS::bcast(&a[r][2 * i + n]), x0, jb.K, b * 256 + (2 * i + n) * 32);
       }
   }
-  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-      const float s = SS::hsum(tot[r][t]);
-      float* yt = y + (t0 + t) * jb.ldy + r;
-      *yt = jb.accumulate ? *yt + s : s;
-    }
+  perm_store<SS, NR, NT>(jb, tot, t0, y);
 }
 
 // Rows r0..r1 for the activation rows [t0, t0 + NT): four weight rows at a time (two from three
