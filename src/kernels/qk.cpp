@@ -129,7 +129,7 @@ typedef struct {
   std::vector<Segment>* segs;
   int64_t K, N;
   bool needs_xsum;
-  bool has_q6k, has_q4k;  // a Q6_K / Q4_K segment: AVX2 mv calls permute x (perm_x, perm_x4)
+  bool has_q6k, has_q4k;  // a Q6_K / Q4_K segment: AVX2 mv calls permute x (perm_x)
   bool int8_ok, lossy;  // every segment has int8 kernels (qk_q8.h); the opt-in lossy mode is on
 } PlanObject;
 
@@ -226,11 +226,12 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   if (isa == ISA_AVX2 && self->has_q6k && T <= MV_PASS_MAX_T) {
     xp.resize(T * K);
     xs16.resize(T * (K / 16));
-    perm_x(x, T, K, xp.data(), xs16.data());
+    perm_x(x, T, K, xp.data(), Q6kShift{});
+    sums16_x(x, T, K, xs16.data());
   }
   if (isa == ISA_AVX2 && self->has_q4k && T <= MV_PASS_MAX_T) {
     xp4.resize(T * K);
-    perm_x4(x, T, K, xp4.data());
+    perm_x(x, T, K, xp4.data(), Q4kShift{});
   }
   std::vector<Job> jobs;
   std::vector<int64_t> items;  // triples (job index, r0, r1)

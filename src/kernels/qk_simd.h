@@ -323,7 +323,7 @@ static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, floa
 // cycle (a 1-thread Zen 3 VM: ~12.7 cycles per 32 weights at T == 1, where cvtdq2ps and the FMAs
 // run two a cycle each). Here vector k of a group is byte k of each 32-bit lane (SS::lane_byte:
 // a mask, or a shift), i.e. the weights 4 i + k for lanes i = 0..7, so x is permuted the same way
-// once per call (qk_types.h perm_x): xp[32 g + 8 k + i] = x[32 g + 4 i + k]. Bytes 1 and 2 are
+// once per call (qk_types.h perm_x, Q6kShift): xp[32 g + 8 k + i] = x[32 g + 4 i + k]. Bytes 1 and 2 are
 // left in place (the quant times 2^8, 2^16; SS::lane_byte_at): xp holds those lanes' x times 2^-8
 // and 2^-16, so each product is the same number (a power of two in and out; x below 2^-110 in
 // magnitude would lose bits to subnormals). Lanes 0..3 of a vector are the group's first 16
@@ -400,7 +400,7 @@ static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t
   perm_store<SS, NR, NT>(jb, tot, t0, y);
 }
 
-// Q4_K the same way (Job::xp4, perm_x4): the 32 bytes of groups 2i (low nibbles) and 2i + 1 (high
+// Q4_K the same way (Job::xp4, perm_x with Q4kShift): the 32 bytes of groups 2i (low nibbles) and 2i + 1 (high
 // nibbles) are 8 lanes of 4 bytes; vector k of group 2i + n is the nibble at bit s = 8 k + 4 n of
 // each lane, kept in place by a mask (q times 2^s; xp4 holds those lanes' x times 2^-s, x below
 // 2^-102 would lose bits) but for s = 28, shifted down (15 << 28 does not fit a signed lane). The

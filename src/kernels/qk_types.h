@@ -169,39 +169,40 @@ struct Job {
   bool accumulate;    // y += x @ W^T instead of y = (a residual add fused into the matmul)
   const float* xt = nullptr;  // x transposed in chunks of `cw` rows (make_xt), for the batched-decode shape
   int64_t cw = 0;
-  const float* xp = nullptr;    // [T, K] x permuted within groups of 32 (perm_x), for AVX2's Q6_K mv
+  const float* xp = nullptr;    // [T, K] x permuted within groups of 32 (perm_x, Q6kShift), for AVX2's Q6_K mv
   const float* xs16 = nullptr;  // [T, K/16] -32 times the sums of x per 16, with xp
-  const float* xp4 = nullptr;   // [T, K] x permuted for AVX2's Q4_K mv (perm_x4)
+  const float* xp4 = nullptr;   // [T, K] x permuted for AVX2's Q4_K mv (perm_x, Q4kShift)
 };
 
-// x permuted within each group of 32 for the AVX2 Q4_K rows (qk_simd.h mv_rows_q4k_perm): as perm_x,
-// times 2^-s for the lanes whose nibble stays at bit s = 8 k + 4 (g % 2) (s = 28: shifted, times 1).
-static inline void perm_x4(const float* x, int64_t T, int64_t K, float* xp) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xr = x + t * K;
+// x permuted within each group of 32 for the AVX2 Q6_K and Q4_K rows (qk_simd.h mv_rows_q6k_perm,
+// mv_rows_q4k_perm): xp[32 g + 8 k + i] = x[32 g + 4 i + k] * 2^-shift(g, k) (k < 4, i < 8), where
+// shift is the bit at which the kernel leaves lane byte or nibble k of group g in place (0 where it
+// shifts it down). Q6_K: bytes 1 and 2 (8, 16); Q4_K: nibble k of group g at 8 k + 4 (g % 2), but
+// 28 shifted. Powers of two, so x times the factor is exact.
+template <class Shift>
+static inline void perm_x(const float* x, int64_t T, int64_t K, float* xp, Shift shift) {
+  for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < K / 32; ++g)
       for (int k = 0; k < 4; ++k) {
-        const int s = 8 * k + 4 * (int)(g % 2);
-        const float f = s == 28 ? 1.f : 1.f / (float)(1u << s);  // 2^-s, exact
-        for (int i = 0; i < 8; ++i) xp[t * K + 32 * g + 8 * k + i] = xr[32 * g + 4 * i + k] * f;
+        const float f = 1.f / (float)(1u << shift(g, k));
+        for (int i = 0; i < 8; ++i) xp[t * K + 32 * g + 8 * k + i] = x[t * K + 32 * g + 4 * i + k] * f;
       }
-  }
 }
+struct Q6kShift {  // (types, not functions, so that perm_x inlines them)
+  int operator()(int64_t, int k) const { return k == 1 ? 8 : k == 2 ? 16 : 0; }
+};
+struct Q4kShift {
+  int operator()(int64_t g, int k) const { return k == 3 && g % 2 ? 0 : 8 * k + 4 * (int)(g % 2); }
+};
 
-// x permuted within each group of 32 for the AVX2 Q6_K rows (qk_simd.h mv_rows_q6k_perm):
-// xp[32 g + 8 k + i] = x[32 g + 4 i + k] (k < 4, i < 8), and the sums of x per 16 in order.
-static inline void perm_x(const float* x, int64_t T, int64_t K, float* xp, float* xs16) {
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xr = x + t * K;
-    for (int64_t g = 0; g < K / 32; ++g)
-      for (int k = 0; k < 4; ++k)
-        for (int i = 0; i < 8; ++i) xp[t * K + 32 * g + 8 * k + i] = xr[32 * g + 4 * i + k] * (k == 1 ? 0x1p-8f : k == 2 ? 0x1p-16f : 1.f);
+// -32 times the sums of x per 16, in order (Q6_K's offset of 32, mv_rows_q6k_perm)
+static inline void sums16_x(const float* x, int64_t T, int64_t K, float* xs16) {
+  for (int64_t t = 0; t < T; ++t)
     for (int64_t h = 0; h < K / 16; ++h) {
       float s = 0.f;
-      for (int e = 0; e < 16; ++e) s += xr[16 * h + e];
+      for (int e = 0; e < 16; ++e) s += x[t * K + 16 * h + e];
       xs16[t * (K / 16) + h] = -32.f * s;
     }
-  }
 }
 
 // From this many activation rows on, matmuls run on k-major weight panels (qk_simd.h); from
