@@ -40,10 +40,10 @@ struct S : Lanes256 {
   // The Q6_K / Q4_K rows against x permuted within groups of 32 (qk_simd.h mv_rows_q6k_perm,
   // mv_rows_q4k_perm) take this build's quants apart per 32-bit lane, without shuffles:
   static constexpr bool PERM_MV = true;
-  // bits [SH, SH + 8) (lane_byte_at) or the M bits at SH (lane_bits_at) of every lane, kept in
-  // place (the value times 2^SH): a mask only
+  // bits [SH, SH + 8) (lane_byte_at) or the bits of m (lane_mask) of every lane, kept in place
+  // (the value times a power of two): a mask only
   template <int SH> static inline I lane_byte_at(__m256i b) { return _mm256_and_si256(b, _mm256_set1_epi32(255 << SH)); }
-  template <int SH, int M> static inline I lane_bits_at(__m256i b) { return _mm256_and_si256(b, _mm256_set1_epi32(M << SH)); }
+  static inline I lane_mask(__m256i b, int m) { return _mm256_and_si256(b, _mm256_set1_epi32(m)); }
   // bits [SH, SH + 8) of every lane as a value: a shift and a mask (SH >= 24: a shift only)
   template <int SH> static inline I lane_byte(__m256i b) {
     if constexpr (SH >= 24) return _mm256_srli_epi32(b, SH);
