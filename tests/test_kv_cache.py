@@ -45,15 +45,42 @@ def test_prefix_lookup_shares_blocks_and_keeps_the_last_token_to_compute():
     p = pool()
     (a,) = p.reserve([("a", 0, 12)])
     p.commit(a, 0, list(range(12)))
-    assert p.lookup_prefix("b", list(range(12))) == 8  # all 3 blocks match, but the last token is computed
-    assert p.lookup_prefix("c", [*range(6), 99, 98, 97]) == 4  # diverges inside block 2
+    p.k[a.blocks[2]] = np.arange(p.k[0].size, dtype=np.float32).reshape(p.k[0].shape)
+    # all 3 blocks match, but the last token is computed: 2 blocks shared, 3 tokens of the third copied
+    assert p.lookup_prefix("b", list(range(12))) == 11
+    b = p.seqs["b"]
+    assert b.blocks[:2] == a.blocks[:2] and b.blocks[2] not in a.blocks
+    assert np.array_equal(p.k[b.blocks[2]], p.k[a.blocks[2]]) and p.refs[a.blocks[2]] == 1
+    assert p.lookup_prefix("c", [*range(6), 99, 98, 97]) == 6  # diverges inside block 2: [4, 5] copied
     assert p.lookup_prefix("d", [5, *range(11)]) == 0  # same tokens, other positions: no hit
-    assert p.seqs["b"].blocks == a.blocks[:2] and p.refs[a.blocks[0]] == 3
-    assert p.hit_tokens == 12 and p.lookup_tokens == 12 + 9 + 12
+    assert p.seqs["c"].blocks[0] == a.blocks[0] and p.refs[a.blocks[0]] == 3
+    assert p.hit_tokens == 11 + 6 and p.lookup_tokens == 12 + 9 + 12
     assert p.lookup_prefix("b", [*range(8), 7]) == 8  # started afresh: its old blocks are dropped
     assert p.refs[a.blocks[0]] == 3 and p.refs[a.blocks[2]] == 1
     p.release(["a", "b", "c", "d"])
     assert all(r == 0 for r in p.refs)
+    p.check()
+
+
+def test_a_partial_match_is_a_copy_and_needs_a_free_block():
+    p = pool(blocks=4)
+    (a,) = p.reserve([("a", 0, 8)])
+    p.commit(a, 0, list(range(8)))
+    p.k[a.blocks[1]] = 3.0
+    assert p.lookup_prefix("b", [*range(6), 50, 51]) == 6  # block 0 shared, [4, 5] of block 1 copied
+    (b,) = p.reserve([("b", 6, 2)])  # writes its own copy: a's block is untouched
+    p.k[b.blocks[1]] = -1.0
+    assert np.all(p.k[a.blocks[1]] == 3.0) and p.refs[a.blocks[1]] == 1
+    p.commit(b, 6, [50, 51])
+    p.reserve([("c", 0, 4)])  # the pool is full now
+    assert p.free_blocks == 0
+    assert p.lookup_prefix("x", [*range(6), 60]) == 4  # a whole block is shared; no block to copy into
+    p.release(["a"])  # a's block 1 is cached and free: the copy may take another free block only
+    assert p.lookup_prefix("y", [*range(6), 60]) == 4  # ... and there is none (the copy source is held)
+    p.check()
+    p.release(["b", "c", "x", "y"])
+    p.reserve([("d", 0, 16)])  # takes every block: the cached ones are forgotten, keys too
+    assert p.cached_blocks == 0 and not p.part
     p.check()
 
 
@@ -90,19 +117,35 @@ def test_new_blocks_come_from_blank_then_never_written_then_least_recently_used(
     (a,) = p.reserve([("a", 0, 6)])  # a full block and a partly filled one
     p.commit(a, 0, list(range(6)))
     assert a.blocks == [0, 1] and p.resident_bytes == 2 * one_block
-    p.release(["a"])  # block 0 stays cached (LRU), block 1 holds nothing (blank)
+    p.release(["a"])  # both stay cached (LRU): block 0 by its hash, the tail by its two tokens
+    assert p.cached_blocks == 2
     (b,) = p.reserve([("b", 0, 3)])
-    assert b.blocks == [1]  # the blank block is reused: no new memory
-    assert p.resident_bytes == 2 * one_block
+    assert b.blocks == [2]  # nothing blank: a block never written (memory grows)
     p.commit(b, 0, [7, 7, 7])
-    (c,) = p.reserve([("c", 0, 16)])  # four blocks: the never-written ones, then the cached one
-    assert c.blocks == [2, 3, 4, 5] and p.cached_blocks == 1 and p.resident_bytes == 6 * one_block
-    p.release(["c"])
+    (c,) = p.reserve([("c", 0, 16)])  # the last never-written ones, then the least recently used
+    assert c.blocks == [3, 4, 5, 1] and p.cached_blocks == 1 and p.resident_bytes == 6 * one_block
+    p.release(["c"])  # c committed nothing: its blocks hold nothing cached (blank)
     (d,) = p.reserve([("d", 0, 4)])
-    assert d.blocks == [2]  # blank (c committed nothing), the most recently freed (a tail goes first)
+    assert d.blocks == [3]  # blank, the most recently freed
     (e,) = p.reserve([("e", 0, 16)])
-    assert e.blocks == [3, 4, 5, 0] and p.cached_blocks == 0  # then a's cached block is forgotten
+    assert e.blocks == [4, 5, 1, 0] and p.cached_blocks == 0  # then a's cached block is forgotten
     assert p.lookup_prefix("x", list(range(5))) == 0
+    p.check()
+
+
+def test_a_released_tail_is_found_by_its_leading_tokens():
+    p = pool()
+    (a,) = p.reserve([("a", 0, 7)])
+    p.commit(a, 0, [*range(6), 42])
+    tail = a.blocks[1]
+    p.v[tail] = 5.0
+    p.release(["a"])
+    assert p.lookup_prefix("b", [*range(6), 42, 43]) == 7  # the whole tail (3 tokens), copied
+    assert p.lookup_prefix("c", [*range(6), 9, 9]) == 6  # its first 2 tokens
+    for rid in ("b", "c"):
+        blk = p.seqs[rid].blocks[1]
+        assert blk != tail and np.all(p.v[blk] == 5.0)
+    assert p.refs[tail] == 0 and p.lookup_prefix("d", [*range(4), 8]) == 4  # nothing of the tail
     p.check()
 
 
@@ -182,11 +225,12 @@ def test_a_lost_cache_replayed_from_its_tokens_continues_the_same(tiny32, kv_dty
 def test_prefix_cache_hit_gives_the_same_tokens(tiny32, kv_dtype):
     tiny = tiny32
     eng = StageEngine(tiny, block_size=4, kv_dtype=kv_dtype)
-    prompt = list(range(5, 40))  # 35 tokens: 8 full blocks
+    prompt = list(range(5, 40))  # 35 tokens: 8 full blocks, then 3 in a block the answer filled
     cold = generate([eng], [prompt], 10)[0]
     eng.release(list(eng.cache.seqs))
-    assert eng.lookup_prefix("warm", prompt) == 32
-    out = run_stages([eng], [SeqChunk("warm", 32, prompt[32:], GREEDY)])
+    # 8 blocks shared, 2 tokens of the ninth copied: only the last token is computed
+    assert eng.lookup_prefix("warm", prompt) == 34
+    out = run_stages([eng], [SeqChunk("warm", 34, prompt[34:], GREEDY)])
     tokens = list(prompt)
     for _ in range(10):
         tokens.append(int(out[0].argmax()))

@@ -19,6 +19,17 @@ def block_hash(prev: bytes, tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def partial_hashes(prev: bytes, tokens: list[int]) -> list[bytes]:
+    """The keys of a block's leading 1..len(tokens) tokens after `prev`: entry c-1 equals
+    block_hash(prev, tokens[:c]) (one running hash, copied at each length)."""
+    h = hashlib.blake2b(prev, digest_size=16)
+    out = []
+    for t in tokens:
+        h.update(t.to_bytes(4, "little", signed=True))
+        out.append(h.copy().digest())
+    return out
+
+
 def prefix_hashes(tokens: list[int], bs: int = BLOCK_SIZE) -> list[bytes]:
     """The chained hashes of the full blocks a prefill of `tokens` may take from a cache (the
     last token is always computed, so a block ending at it is not counted)."""

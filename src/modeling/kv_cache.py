@@ -6,12 +6,17 @@ memory maps, allocated once; pages the OS has not touched cost no memory; a row 
 or for q8_0 their ggml blocks: `kernels.kv_row_items`). A sequence (`SeqCache`, one per request id) owns a block table.
 Prefix caching (vLLM-style): each *full* block gets the hash of its tokens chained with the previous
 block's hash; a new request whose prompt starts with cached blocks takes them by reference (no
-copy; `lookup_prefix`). Blocks with no owner stay cached, in LRU order, until a new block is needed.
+copy; `lookup_prefix`). Past the last whole block that matches, the prompt may still share the first
+c < block_size tokens of a cached block (an identical prompt whose earlier answer filled the block it
+ends in, or a chat that resends the previous turn): every full block is also findable by the keys of
+its leading 1..bs-1 tokens, and such a match is copied into a block of the new request's own (it
+will write the rest), so reuse goes to the token, as llama.cpp's server reuses a slot's prompt.
+Blocks with no owner stay cached, in LRU order, until a new block is needed.
 A block that is shared is never written: a sequence that rewrites positions inside it (a replay)
 first gets its own copy.
 
 Where a new block comes from, so that resident memory follows use: first a free block that holds
-nothing cached (a request's partly filled last block), the most recently freed (its pages are
+nothing cached (a block a replay or a rejected draft gave up), the most recently freed (its pages are
 resident and warm); then a block never written (memory grows); only then the least recently used
 cached block (its hash is forgotten). Free blocks unused for the cache TTL are forgotten and their
 pages handed back to the OS (`forget_cold`), so an idle node's memory shrinks back.
@@ -42,7 +47,7 @@ from pipeserve.common.errors import (
     InvalidInputError,
     UnknownRequestError,
 )
-from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash
+from pipeserve.common.kvblocks import BLOCK_SIZE, block_hash, partial_hashes
 from pipeserve.kernels import KV_DTYPES, kv_row_bytes, kv_row_items
 
 
@@ -94,6 +99,8 @@ class KVCachePool:
         self.refs = [0] * self.n_blocks
         self.hash_of: list[bytes | None] = [None] * self.n_blocks
         self.cached: dict[bytes, int] = {}  # full-block hash -> block holding it
+        self.part: dict[bytes, int] = {}  # key of a cached block's first c < bs tokens -> the block
+        self.part_keys: list[list[bytes]] = [[] for _ in range(self.n_blocks)]  # each block's keys in `part`
         # The free blocks, in three kinds (each block is in exactly one, or referenced):
         self.fresh: list[int] = list(range(self.n_blocks - 1, -1, -1))  # never written (pop: lowest)
         self.blank: OrderedDict[int, float] = OrderedDict()  # written, nothing cached -> time freed
@@ -148,6 +155,10 @@ class KVCachePool:
         if h is not None:
             del self.cached[h]
             self.hash_of[b] = None
+        for key in self.part_keys[b]:
+            if self.part.get(key) == b:
+                del self.part[key]
+        self.part_keys[b] = []
 
     def _ref(self, b: int) -> None:
         if self.refs[b] == 0:  # only cached blocks are found again, so a free one is in the LRU
@@ -189,8 +200,10 @@ class KVCachePool:
 
     def lookup_prefix(self, rid: str, token_ids: list[int]) -> int:
         """Start request `rid` (afresh: a cache it holds is dropped first) on the longest run of
-        cached full blocks its tokens begin with; returns how many positions are cached (a multiple of the block size, always below
-        len(token_ids): the last token is computed so the stage has something to sample from)."""
+        cached full blocks its tokens begin with, then on a copy of the longest run of leading tokens
+        of a cached block that the rest begins with (`_take_partial`); returns how many positions
+        are cached (always below len(token_ids): the last token is computed so the stage has
+        something to sample from)."""
         if rid in self.seqs:  # a recompute whose release has not arrived yet: start it afresh
             self.release([rid])
         bs = self.block_size
@@ -205,12 +218,39 @@ class KVCachePool:
             seq.blocks.append(b)
             seq.hashes.append(h)
             prev = h
-        seq.length = len(seq.blocks) * bs
+        seq.length = len(seq.blocks) * bs + self._take_partial(seq, prev, token_ids)
         seq.tokens = list(token_ids[: seq.length])
         self.seqs[rid] = seq
         self.lookup_tokens += len(token_ids)
         self.hit_tokens += seq.length
         return seq.length
+
+    def _take_partial(self, seq: SeqCache, prev: bytes, token_ids: list[int]) -> int:
+        """Past seq's whole cached blocks (the last one's hash `prev`): copy the cached block whose
+        first c tokens are the longest run the rest of token_ids begins with (c < block size, and
+        at most len - 1 positions cached in all) into a new block of seq's own. Returns c (0: none,
+        or no block free to copy into: a full pool shares whole blocks only)."""
+        bs = self.block_size
+        start = len(seq.blocks) * bs
+        limit = min(bs - 1, len(token_ids) - 1 - start)
+        if limit <= 0 or not self.part:
+            return 0
+        keys = partial_hashes(prev, token_ids[start : start + limit])
+        for c in range(limit, 0, -1):
+            b = self.part.get(keys[c - 1])
+            if b is None:
+                continue
+            self._ref(b)  # held while a block is taken, so that taking one cannot evict it
+            if not self.free_blocks:
+                self._unref(b)
+                return 0
+            nb = self._take()
+            self.k[nb] = self.k[b]
+            self.v[nb] = self.v[b]
+            self._unref(b)
+            seq.blocks.append(nb)
+            return c
+        return 0
 
     def _register(self, seq: SeqCache, upto: int) -> None:
         """Hash the sequence's newly full blocks before position `upto` so that later requests can
@@ -218,12 +258,18 @@ class KVCachePool:
         shared, so taking them back never copies)."""
         bs = self.block_size
         for j in range(len(seq.hashes), upto // bs):
-            h = block_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[j * bs : (j + 1) * bs])
+            prev, toks = seq.hashes[-1] if seq.hashes else b"", seq.tokens[j * bs : (j + 1) * bs]
+            h = block_hash(prev, toks)
             seq.hashes.append(h)
             b = seq.blocks[j]  # a HOLE when the window passed it before its drafts were verified
             if b != HOLE and h not in self.cached and self.hash_of[b] is None:
                 self.cached[h] = b
                 self.hash_of[b] = h
+                # its leading 1..bs-1 tokens, for prompts that share part of it (_take_partial)
+                for key in partial_hashes(prev, toks[: bs - 1]):
+                    if key not in self.part:
+                        self.part[key] = b
+                        self.part_keys[b].append(key)
 
     # ------------------------------------------------------------------ a batch
 
@@ -322,14 +368,37 @@ class KVCachePool:
 
     def release(self, request_ids: list[str]) -> dict[str, int]:
         """Free caches; returns request id -> tokens freed (0 for ids not held). Full blocks stay
-        cached (by hash) for later requests until their space is needed."""
+        cached (by hash) for later requests until their space is needed, and so does a last,
+        partly filled block (`_publish_tail`)."""
         out = {}
         for rid in request_ids:
             seq = self.seqs.pop(rid, None)
             out[rid] = seq.length if seq else 0
             if seq:
+                self._publish_tail(seq)
                 self._drop(seq, 0)
         return out
+
+    def _publish_tail(self, seq: SeqCache) -> None:
+        """A released sequence's partly filled last block, if it was its own, is cached too (by the
+        key of its m tokens, and found by those of its leading 1..m): the next turn of a chat, or
+        the same prompt again, resends them. It is only ever copied (_take_partial), never shared."""
+        bs, n = self.block_size, seq.length
+        m, full = n % bs, n // bs
+        if not m or self.window or len(seq.hashes) != full or len(seq.blocks) <= full:
+            return
+        b = seq.blocks[full]
+        if b == HOLE or self.refs[b] != 1 or self.hash_of[b] is not None:
+            return
+        keys = partial_hashes(seq.hashes[-1] if seq.hashes else b"", seq.tokens[full * bs : n])
+        if keys[-1] in self.cached:
+            return
+        self.cached[keys[-1]] = b
+        self.hash_of[b] = keys[-1]
+        for key in keys:
+            if key not in self.part:
+                self.part[key] = b
+                self.part_keys[b].append(key)
 
     def evict_idle(self, ttl_s: float) -> list[str]:
         """Release the sequences idle for ttl_s, then forget the free blocks as old (`forget_cold`)."""
@@ -372,6 +441,8 @@ class KVCachePool:
         assert all(self.hash_of[b] is None for b in kinds[0] | kinds[1]), "a fresh/blank block is cached"
         assert all(self.hash_of[b] is not None for b in kinds[2]), "an LRU block holds nothing"
         assert all(self.hash_of[b] == h for h, b in self.cached.items())
+        assert all(key in self.part_keys[b] and self.hash_of[b] is not None for key, b in self.part.items())
+        assert sum(map(len, self.part_keys)) == len(self.part), "a partial key held twice"
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic] = np.float32) -> tuple[mmap.mmap, np.ndarray]:
