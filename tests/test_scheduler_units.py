@@ -508,6 +508,33 @@ def test_a_request_preempted_while_its_prefix_lookup_is_in_flight_still_complete
     run(main())
 
 
+def test_a_request_admitted_while_lookups_are_in_flight_is_looked_up_before_it_prefills() -> None:
+    """A burst: b arrives while a's LookupPrefix calls are out. The step must look b up too before
+    planning (it was planned from position 0 and recomputed its cached prompt: seen as a 16-stream
+    burst's latecomers prefilling whole prompts that every stage held)."""
+
+    async def main() -> None:
+        async with FakeCluster(parts=2, micro_batches=1) as fc:
+            system = prompt_of(9, 32)  # two full blocks, cached by a first request
+            await collect(fc.submit([*system, 1], 4))
+            a = fc.submit([*system, 5, 6], 6)
+            late: list[Any] = []
+
+            def admit_b_once(rid: str) -> None:
+                if rid == a.id and not late:
+                    late.append(fc.submit([*system, 7, 8, 9], 6))
+
+            fc.stages["node1"].on_lookup = admit_b_once
+            outs = await collect(a)
+            (b,) = late
+            outb = await collect(b)
+            assert outs[0] == reference([*system, 5, 6], 6) and outb[0] == reference([*system, 7, 8, 9], 6)
+            assert a.cached_tokens == 32 and b.cached_tokens == 32
+            await fc.settle()
+
+    run(main())
+
+
 def test_orphan_caches_are_released_after_a_coordinator_restart() -> None:
     async def main() -> None:
         async with FakeCluster() as fc:

@@ -322,18 +322,19 @@ class Scheduler:
             req.n_computed = 0
         return True
 
-    async def _lookup_prefixes(self, g: Group) -> None:
+    async def _lookup_prefixes(self, g: Group) -> bool:
         """Requests about to prefill from scratch start on the prefix blocks every stage of their
-        route has cached (LookupPrefix shares them); the prefill then skips those positions."""
+        route has cached (LookupPrefix shares them); the prefill then skips those positions.
+        Returns whether it awaited lookups (requests admitted meanwhile have not been looked up)."""
         if not self.prefix_cache:
-            return
+            return False
         todo = [
             r
             for r in g.requests
             if r.needs_lookup and r.n_computed == 0 and len(r.route) == self.cluster.n_parts
         ]
         if not todo:
-            return
+            return False
         for r in todo:
             r.needs_lookup = False
         # The routes as asked: while the lookups are in flight another group's step may preempt or
@@ -358,9 +359,14 @@ class Scheduler:
             r.cached_tokens = r.n_computed
             self.prefix_hit_tokens += r.n_computed
             self.prefix_lookup_tokens += len(r.tokens)
+        return True
 
     async def _step(self, g: Group) -> None:
-        await self._lookup_prefixes(g)
+        # Until a pass finds nothing to look up: a request admitted while lookups were awaited
+        # would otherwise be planned from position 0 (a burst's latecomers recomputing a cached
+        # prompt). The last pass awaits nothing, so nothing joins between it and the plan.
+        while await self._lookup_prefixes(g):
+            pass
         plan = self._plan(g)
         if not plan:
             if g.emitting is not None and not g.emitting.done():
