@@ -107,6 +107,25 @@ def test_shared_prefix_hits_every_stage_and_changes_no_token(smol3, smol_full):
     wait_idle(smol3)  # blocks unreferenced (prefix blocks stay cached, free for reuse)
 
 
+def test_a_next_turn_reuses_the_previous_one_to_the_token(smol3, smol_full):
+    """A chat's next turn resends the previous prompt and its answer. Neither ends on a block
+    boundary, yet every stage serves all of it from cache but the answer's last token (its KV was
+    never computed), and the text equals a cold run's."""
+    rng = random.Random(29)
+    p1 = [rng.randrange(100, 40000) for _ in range(45)]
+    addr = smol3.cfg.coordinator.address
+    a1 = tokens_of(gen(addr, greedy(p1, 10)))
+    p2 = [*p1, *a1, 5, 6, 7]
+    cold = generate([StageEngine(smol_full)], [p2], 8)[0]
+    wait_idle(smol3)  # released: its last, partly filled block is published
+    before = node_info(smol3)
+    assert tokens_of(gen(addr, greedy(p2, 8))) == cold
+    after = node_info(smol3)
+    for nid, info in after.items():  # 3 whole blocks shared, 6 positions of the fourth copied
+        assert info.prefix_hit_tokens - before[nid].prefix_hit_tokens >= len(p1) + len(a1) - 1, nid
+    wait_idle(smol3)
+
+
 # ------------------------------------------------------------------------------ admission
 
 
