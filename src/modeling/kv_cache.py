@@ -263,13 +263,17 @@ class KVCachePool:
             seq.hashes.append(h)
             b = seq.blocks[j]  # a HOLE when the window passed it before its drafts were verified
             if b != HOLE and h not in self.cached and self.hash_of[b] is None:
-                self.cached[h] = b
-                self.hash_of[b] = h
-                # its leading 1..bs-1 tokens, for prompts that share part of it (_take_partial)
-                for key in partial_hashes(prev, toks[: bs - 1]):
-                    if key not in self.part:
-                        self.part[key] = b
-                        self.part_keys[b].append(key)
+                self._publish(b, h, partial_hashes(prev, toks[: bs - 1]))
+
+    def _publish(self, b: int, h: bytes, keys: list[bytes]) -> None:
+        """Block b is cached under h, and found by `keys`, those of its leading tokens, by prompts
+        that share only part of it (_take_partial; a key another block holds stays with it)."""
+        self.cached[h] = b
+        self.hash_of[b] = h
+        for key in keys:
+            if key not in self.part:
+                self.part[key] = b
+                self.part_keys[b].append(key)
 
     # ------------------------------------------------------------------ a batch
 
@@ -391,14 +395,8 @@ class KVCachePool:
         if b == HOLE or self.refs[b] != 1 or self.hash_of[b] is not None:
             return
         keys = partial_hashes(seq.hashes[-1] if seq.hashes else b"", seq.tokens[full * bs : n])
-        if keys[-1] in self.cached:
-            return
-        self.cached[keys[-1]] = b
-        self.hash_of[b] = keys[-1]
-        for key in keys:
-            if key not in self.part:
-                self.part[key] = b
-                self.part_keys[b].append(key)
+        if keys[-1] not in self.cached:
+            self._publish(b, keys[-1], keys)
 
     def evict_idle(self, ttl_s: float) -> list[str]:
         """Release the sequences idle for ttl_s, then forget the free blocks as old (`forget_cold`)."""
