@@ -446,41 +446,28 @@ static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t
     _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i) {
       B e[NR];
       _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) e[r] = SS::ld32(q + r * rb + 32 * i);
-      if constexpr (PAIR) {
-        F acc[2][NR][NT];
+      // groups 2i + n: one at a time (NG = 1), or both side by side (PAIR, NG = 2); each row's
+      // tot takes group 2i, then 2i + 1, either way
+      constexpr int NG = PAIR ? 2 : 1;
+      _Pragma("GCC unroll 2") for (int n0 = 0; n0 < 2; n0 += NG) {
+        F acc[NG][NR][NT];
         _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {
-          _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
+          _Pragma("GCC unroll 2") for (int j = 0; j < NG; ++j) {
+            const int n = n0 + j;
             const float* xg = x0 + b * 256 + (2 * i + n) * 32;
             F xv[NT];
             _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) xv[t] = SS::f32(xg + t * jb.K + 8 * k);
             _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
               const F w = SS::cvt(n == 1 && k == 3 ? SS::template lane_byte<28>(e[r]) : SS::lane_mask(e[r], 15 << (8 * k + 4 * n)));
-              _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[n][r][t] = k == 0 ? SS::mul(w, xv[t]) : SS::fma(w, xv[t], acc[n][r][t]);
+              _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[j][r][t] = k == 0 ? SS::mul(w, xv[t]) : SS::fma(w, xv[t], acc[j][r][t]);
             }
           }
         }
         _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r)
-          _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
-            const F sv = SS::bcast(&a[r][2 * i + n]);
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[n][r][t], tot[r][t]);
+          _Pragma("GCC unroll 2") for (int j = 0; j < NG; ++j) {
+            const F sv = SS::bcast(&a[r][2 * i + n0 + j]);
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[j][r][t], tot[r][t]);
           }
-        continue;
-      }
-      _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
-        const float* xg = x0 + b * 256 + (2 * i + n) * 32;
-        F acc[NR][NT];
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {
-          F xv[NT];
-          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) xv[t] = SS::f32(xg + t * jb.K + 8 * k);
-          _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
-            const F w = SS::cvt(n == 1 && k == 3 ? SS::template lane_byte<28>(e[r]) : SS::lane_mask(e[r], 15 << (8 * k + 4 * n)));
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[r][t] = k == 0 ? SS::mul(w, xv[t]) : SS::fma(w, xv[t], acc[r][t]);
-          }
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
-          const F sv = SS::bcast(&a[r][2 * i + n]);
-          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[r][t], tot[r][t]);
-        }
       }
     }
   }
