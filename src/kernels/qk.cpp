@@ -222,16 +222,17 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     xt.resize(xt_floats(T, K, cw));
     make_xt(x, T, K, cw, xt.data());
   }
-  std::vector<float> xp, xs16, xp4;  // x permuted for AVX2's Q6_K and Q4_K rows (qk_types.h: perm_x)
-  if (isa == ISA_AVX2 && self->has_q6k && T <= MV_PASS_MAX_T) {
+  std::vector<float> xp, xs16, xp4;  // x permuted for the SIMD Q6_K and Q4_K rows (qk_types.h: perm_x)
+  const int H = isa == ISA_AVX512 ? 2 : 1;  // 8-float chunks per vector
+  if (isa != ISA_GENERIC && self->has_q6k && T <= MV_PASS_MAX_T) {
     xp.resize(T * K);
     xs16.resize(T * (K / 16));
-    perm_x(x, T, K, xp.data(), Q6kShift{});
+    perm_x<false>(x, T, K, xp.data(), Q6kShift{}, H);
     sums16_x(x, T, K, xs16.data());
   }
-  if (isa == ISA_AVX2 && self->has_q4k && T <= MV_PASS_MAX_T) {
+  if (isa != ISA_GENERIC && self->has_q4k && T <= MV_PASS_MAX_T) {
     xp4.resize(T * K);
-    perm_x(x, T, K, xp4.data(), Q4kShift{});
+    perm_x<true>(x, T, K, xp4.data(), Q4kShift{}, H);
   }
   std::vector<Job> jobs;
   std::vector<int64_t> items;  // triples (job index, r0, r1)

@@ -36,6 +36,50 @@ struct S : Lanes256 {
     out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
     out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
   }
+  // The Q6_K / Q4_K rows against x permuted within lanes (qk_simd.h mv_rows_q6k_perm16,
+  // mv_rows_q4k_perm16): the 16-lane form of the AVX2 build's PERM_MV loops, one 64-byte load
+  // holding 2 groups (Q6_K) or 2 pairs of groups (Q4_K), taken apart per 32-bit lane by a mask or a
+  // shift (no shuffles), x permuted to match (qk_types.h perm_x, H = 2)
+  static constexpr bool PERM16 = true;
+  static inline I ld64(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
+  template <int SH> static inline I lane_byte_at(I b) { return _mm512_and_si512(b, _mm512_set1_epi32(255 << SH)); }
+  static inline I lane_mask(I b, int m) { return _mm512_and_si512(b, _mm512_set1_epi32(m)); }
+  template <int SH> static inline I lane_byte(I b) {
+    if constexpr (SH >= 24) return _mm512_srli_epi32(b, SH);
+    else if constexpr (SH == 0) return _mm512_and_si512(b, _mm512_set1_epi32(255));
+    else return _mm512_and_si512(_mm512_srli_epi32(b, SH), _mm512_set1_epi32(255));
+  }
+  // Q6_K, half n of a super-block (groups 4n..4n + 3) as two 64-byte values of unsigned quants
+  // (0..63), groups 4n, 4n + 1 in q[0] and 4n + 2, 4n + 3 in q[1]: the bytes of qk_simd.h's
+  // q6k_half<false>, two of its 32-byte values per vector (the high bits' shifts differ per half,
+  // so they are variable 16-bit shifts)
+  static inline void q6k_half16(const uint8_t* sb, int n, I q[2]) {
+    const I l = ld64(sb + 64 * n);
+    const I h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(sb + 128 + 32 * n)));
+    const I m15 = _mm512_set1_epi8(15), m48 = _mm512_set1_epi8(0x30);
+    const I sl = _mm512_sllv_epi16(h, _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1));
+    const I sr = _mm512_srlv_epi16(h, _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1));
+    // (a & 15) | b in one ternary-logic op (0xEC), b masked to 0x30 first
+    q[0] = _mm512_ternarylogic_epi32(l, _mm512_and_si512(sl, m48), m15, 0xEC);
+    q[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), _mm512_and_si512(sr, m48), m15, 0xEC);
+  }
+  // 16 scales: m * 16 signed bytes
+  static inline F i8x16(const int8_t* p, float m) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))), _mm512_set1_ps(m));
+  }
+  // [a[i] x 4, a[i + 1] x 4, a[i + 2] x 4, a[i + 3] x 4] (Q6_K: two groups' scales of 16 weights
+  // over their permuted lanes)
+  static inline F quad4(F a, int i) {
+    return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(i),
+                                                  _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)), a);
+  }
+  // [a[i] x 8, a[j] x 8] from 8 scales (Q4_K: two groups' scales over their lanes)
+  static inline F spread8(H a, int i, int j) {
+    return _mm512_permutexvar_ps(_mm512_inserti64x4(_mm512_set1_epi32(i), _mm256_set1_epi32(j), 1), _mm512_castps256_ps512(a));
+  }
+  // 8 values in lanes 0..7, zeros above (Q4_K's 8 min terms of a super-block in a 16-lane fma)
+  static inline F zext8(H a) { return _mm512_zextps256_ps512(a); }
+  static inline F f32_8(const float* p) { return _mm512_maskz_loadu_ps(0xFF, p); }
   static inline F f32(const float* p) { return _mm512_loadu_ps(p); }
   static inline F h16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
   static inline F bf16(const uint8_t* p) {

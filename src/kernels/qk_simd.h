@@ -474,6 +474,111 @@ static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t
   perm_store<SS, NR, NT>(jb, tot, t0, y);
 }
 
+// ---- The same loops at 16 lanes (AVX-512, SS::PERM16): one 64-byte load holds what two AVX2
+// loads hold, Q6_K groups 2c and 2c + 1 (lanes 0..7 and 8..15), Q4_K pairs 2c and 2c + 1 (groups
+// 4c..4c + 3); x is permuted to match (qk_types.h perm_x, H = 2). Q6_K's offsets of 32 are one fma
+// per super-block (its 16 scales against the 16 sums of xs16), a vector's two groups' scales one
+// permute (SS::quad4); Q4_K's min terms one fma per super-block (8 lanes, zeros above), a vector's
+// two groups' scales one permute (SS::spread8). The products are those of the AVX2 loops (the same
+// powers of two); the lanes differ, so the sums' order does too. A row's chain is the same whatever
+// NR, NT and NG: its bits do not depend on the rows beside it.
+template <class SS, int NR, int NT>
+static inline void mv_rows_q6k_perm16(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
+  using F = typename SS::F;
+  using I = typename SS::I;
+  constexpr int SB = 210;
+  const int64_t NB = jb.K / 256, rb = jb.row_bytes;
+  const uint8_t* ahead = row + 2 * NR * rb;
+  const float* x0 = jb.xp + t0 * jb.K;
+  const float* xs0 = jb.xs16 + t0 * (jb.K / 16);
+  F tot[NR][NT];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
+  for (int64_t b = 0; b < NB; ++b) {
+    _Pragma("GCC unroll 32") for (int o = 0; o < NR * SB + 64; o += 64) SS::prefetch(ahead + b * NR * SB + o);
+    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+      const uint8_t* sb = row + r * rb + b * SB;
+      const F a = SS::i8x16((const int8_t*)(sb + 192), SS::h2f(sb + 208));  // d * the 16 scales
+      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)  // the offsets: -32 x's sums per 16 (xs16)
+        tot[r][t] = SS::fma(a, SS::f32(xs0 + t * (jb.K / 16) + b * 16), tot[r][t]);
+      _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
+        I q[2];
+        SS::q6k_half16(sb, n, q);
+        _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) {  // groups 4n + 2j, 4n + 2j + 1
+          const F w[4] = {SS::cvt(SS::template lane_byte<0>(q[j])), SS::cvt(SS::template lane_byte_at<8>(q[j])),
+                          SS::cvt(SS::template lane_byte_at<16>(q[j])), SS::cvt(SS::template lane_byte<24>(q[j]))};
+          const float* xg = x0 + b * 256 + (4 * n + 2 * j) * 32;
+          F acc[NT];
+          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+            acc[t] = SS::mul(w[0], SS::f32(xg + t * jb.K));
+            _Pragma("GCC unroll 3") for (int k = 1; k < 4; ++k) acc[t] = SS::fma(w[k], SS::f32(xg + t * jb.K + 16 * k), acc[t]);
+          }
+          const F sv = SS::quad4(a, 2 * (4 * n + 2 * j));
+          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[t], tot[r][t]);
+        }
+      }
+    }
+  }
+  perm_store<SS, NR, NT>(jb, tot, t0, y);
+}
+
+// Q4_K at 16 lanes, x-vector-major over the rows as mv_rows_q4k_perm; NG = 2 runs nibbles 0 and 1
+// (groups 4c + n and 4c + 2 + n) side by side, NG = 1 one after the other
+template <class SS, int NR, int NT, int NG>
+static inline void mv_rows_q4k_perm16(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
+  using F = typename SS::F;
+  using I = typename SS::I;
+  using H = typename SS::H;
+  constexpr int SB = 144;
+  const int64_t NB = jb.K / 256, G = jb.K / 32, rb = jb.row_bytes;
+  const uint8_t* ahead = row + 2 * NR * rb;
+  const float* x0 = jb.xp4 + t0 * jb.K;
+  const float* xs0 = jb.xsum + t0 * G;
+  F tot[NR][NT];
+  H a[NR];
+  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
+  for (int64_t b = 0; b < NB; ++b) {
+    _Pragma("GCC unroll 16") for (int o = 0; o < NR * SB + 64; o += 64) SS::prefetch(ahead + b * NR * SB + o);
+    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+      const uint8_t* sb = row + r * rb + b * SB;
+      float d, dmin;
+      SS::h2f2(sb, d, dmin);
+      uint8_t sc8[8], m8[8];
+      k4_scales_mins(sb + 4, sc8, m8);
+      a[r] = SS::h_u8(sc8, d);
+      const F C = SS::zext8(SS::h_u8(m8, -dmin));  // -(dmin * m): the same number
+      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(C, SS::f32_8(xs0 + t * G + b * 8), tot[r][t]);
+    }
+    const uint8_t* q = row + b * SB + 16;
+    _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) {  // pairs 2j, 2j + 1: groups 4j..4j + 3
+      I e[NR];
+      _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) e[r] = SS::ld64(q + r * rb + 64 * j);
+      _Pragma("GCC unroll 2") for (int n0 = 0; n0 < 2; n0 += NG) {
+        F acc[NG][NR][NT];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {
+          _Pragma("GCC unroll 2") for (int i = 0; i < NG; ++i) {
+            const int n = n0 + i;
+            const float* xg = x0 + b * 256 + 128 * j + 16 * (4 * n + k);
+            F xv[NT];
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) xv[t] = SS::f32(xg + t * jb.K);
+            _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
+              const F w = SS::cvt(n == 1 && k == 3 ? SS::template lane_byte<28>(e[r]) : SS::lane_mask(e[r], 15 << (8 * k + 4 * n)));
+              _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[i][r][t] = k == 0 ? SS::mul(w, xv[t]) : SS::fma(w, xv[t], acc[i][r][t]);
+            }
+          }
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r)
+          _Pragma("GCC unroll 2") for (int i = 0; i < NG; ++i) {
+            const F sv = SS::spread8(a[r], 4 * j + n0 + i, 4 * j + 2 + n0 + i);
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[i][r][t], tot[r][t]);
+          }
+      }
+    }
+  }
+  perm_store<SS, NR, NT>(jb, tot, t0, y);
+}
+
 // Rows r0..r1 for the activation rows [t0, t0 + NT): four weight rows at a time (two from three
 // activation rows on, so the accumulators stay in registers), then one.
 template <int TY, int NT>
@@ -495,6 +600,22 @@ static inline void mv_range(const Job& jb, int64_t r0, int64_t r1, int64_t t0) {
         for (; r + NR <= r1; r += NR) mv_rows_q4k_perm<S, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
       }
       for (; r < r1; ++r) mv_rows_q4k_perm<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      return;
+    }
+  }
+  if constexpr (TY == Q6_K && S::PERM16) {
+    if (jb.xp != nullptr) {
+      constexpr int NR6 = NT <= 4 ? 4 : 2;  // 32 registers hold 4 rows' sums to 4 activation rows
+      for (; r + NR6 <= r1; r += NR6) mv_rows_q6k_perm16<S, NR6, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      for (; r < r1; ++r) mv_rows_q6k_perm16<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      return;
+    }
+  }
+  if constexpr (TY == Q4_K && S::PERM16) {
+    if (jb.xp4 != nullptr) {
+      constexpr int NG = NT <= 2 ? 2 : 1;  // nibbles side by side while the accumulators fit
+      for (; r + NR <= r1; r += NR) mv_rows_q4k_perm16<S, NR, NT, NG>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      for (; r < r1; ++r) mv_rows_q4k_perm16<S, 1, NT, NG>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
       return;
     }
   }

@@ -169,23 +169,35 @@ struct Job {
   bool accumulate;    // y += x @ W^T instead of y = (a residual add fused into the matmul)
   const float* xt = nullptr;  // x transposed in chunks of `cw` rows (make_xt), for the batched-decode shape
   int64_t cw = 0;
-  const float* xp = nullptr;    // [T, K] x permuted within groups of 32 (perm_x, Q6kShift), for AVX2's Q6_K mv
+  const float* xp = nullptr;    // [T, K] x permuted within groups of 32 (perm_x, Q6kShift), for the SIMD Q6_K mv
   const float* xs16 = nullptr;  // [T, K/16] -32 times the sums of x per 16, with xp
-  const float* xp4 = nullptr;   // [T, K] x permuted for AVX2's Q4_K mv (perm_x, Q4kShift)
+  const float* xp4 = nullptr;   // [T, K] x permuted for the SIMD Q4_K mv (perm_x, Q4kShift)
 };
 
-// x permuted within each group of 32 for the AVX2 Q6_K and Q4_K rows (qk_simd.h mv_rows_q6k_perm,
-// mv_rows_q4k_perm): xp[32 g + 8 k + i] = x[32 g + 4 i + k] * 2^-shift(g, k) (k < 4, i < 8), where
-// shift is the bit at which the kernel leaves lane byte or nibble k of group g in place (0 where it
-// shifts it down). Q6_K: bytes 1 and 2 (8, 16); Q4_K: nibble k of group g at 8 k + 4 (g % 2), but
-// 28 shifted. Powers of two, so x times the factor is exact.
-template <class Shift>
-static inline void perm_x(const float* x, int64_t T, int64_t K, float* xp, Shift shift) {
+// x permuted for the Q6_K and Q4_K rows against lane bytes (qk_simd.h mv_rows_q6k_perm,
+// mv_rows_q4k_perm and their 16-lane forms): 8-float chunk (g, k) holds x[32 g + 4 i + k] *
+// 2^-shift(g, k) for i < 8, where shift is the bit at which the kernel leaves lane byte or nibble k
+// of group g in place (0 where it shifts it down). Q6_K: bytes 1 and 2 (8, 16); Q4_K: nibble k of
+// group g at 8 k + 4 (g % 2), but 28 shifted. Powers of two, so x times the factor is exact.
+// H = 1 (AVX2, 8 lanes): chunk (g, k) at 32 g + 8 k, a group's 4 vectors in order.
+// H = 2 (AVX-512, 16 lanes: one vector is H chunks): Q6_K (PAIRS false) loads 2 groups' bytes at a
+// time, so vector k of groups 2c, 2c + 1 is chunks (2c, k), (2c + 1, k), at 64 c + 16 k; Q4_K (PAIRS
+// true) loads 2 pairs (groups 4c..4c + 3), and vector k of nibble n is chunks (4c + n, k),
+// (4c + 2 + n, k), at 128 c + 16 (4 n + k).
+template <bool PAIRS, class Shift>
+static inline void perm_x(const float* x, int64_t T, int64_t K, float* xp, Shift shift, int H = 1) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t g = 0; g < K / 32; ++g)
       for (int k = 0; k < 4; ++k) {
+        int64_t at;  // where chunk (g, k) goes
+        if (PAIRS) {
+          const int64_t p = g / 2, n = g % 2;  // pair p, nibble n
+          at = 64 * H * (p / H) + 8 * H * (4 * n + k) + 8 * (p % H);
+        } else {
+          at = 32 * H * (g / H) + 8 * H * k + 8 * (g % H);
+        }
         const float f = 1.f / (float)(1u << shift(g, k));
-        for (int i = 0; i < 8; ++i) xp[t * K + 32 * g + 8 * k + i] = x[t * K + 32 * g + 4 * i + k] * f;
+        for (int i = 0; i < 8; ++i) xp[t * K + at + i] = x[t * K + 32 * g + 4 * i + k] * f;
       }
 }
 struct Q6kShift {  // (types, not functions, so that perm_x inlines them)
