@@ -40,6 +40,7 @@ struct S : Lanes256 {
   // The Q6_K / Q4_K rows against x permuted within groups of 32 (qk_simd.h mv_rows_q6k_perm,
   // mv_rows_q4k_perm) take this build's quants apart per 32-bit lane, without shuffles:
   static constexpr bool PERM_MV = true;
+  static inline I ldq(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
   // bits [SH, SH + 8) (lane_byte_at) or the bits of m (lane_mask) of every lane, kept in place
   // (the value times a power of two): a mask only
   template <int SH> static inline I lane_byte_at(__m256i b) { return _mm256_and_si256(b, _mm256_set1_epi32(255 << SH)); }
@@ -50,10 +51,22 @@ struct S : Lanes256 {
     else if constexpr (SH == 0) return _mm256_and_si256(b, _mm256_set1_epi32(255));
     else return _mm256_and_si256(_mm256_srli_epi32(b, SH), _mm256_set1_epi32(255));
   }
-  // [a[i0] x 4, a[i0 + 1] x 4] (Q6_K: group j's two scales of 16 weights over its permuted lanes)
-  static inline F pair4(F a, int i0) {
-    return _mm256_permutevar8x32_ps(a, _mm256_setr_epi32(i0, i0, i0, i0, i0 + 1, i0 + 1, i0 + 1, i0 + 1));
+  // Q6_K's 16 scales of a super-block, d * sc, as two vectors
+  static inline void q6_scales(const uint8_t* sb, F a[2]) {
+    const float d = h2f(sb + 208);
+    a[0] = h_i8((const int8_t*)(sb + 192), d);
+    a[1] = h_i8((const int8_t*)(sb + 200), d);
   }
+  // [a[i] x 4, a[i + 1] x 4] of the 16 scales (Q6_K: group i / 2's two scales of 16 weights over
+  // its permuted lanes)
+  static inline F q6_gscale(const F a[2], int i) {
+    const int i0 = i % 8;
+    return _mm256_permutevar8x32_ps(a[i / 8], _mm256_setr_epi32(i0, i0, i0, i0, i0 + 1, i0 + 1, i0 + 1, i0 + 1));
+  }
+  // group g's scale in every lane (Q4_K: a vector is one group), from memory
+  static inline F q4_gscale(const float* a, int g) { return _mm256_broadcast_ss(a + g); }
+  static inline F h_f(H a) { return a; }  // Q4_K's 8 min terms: a vector as it is
+  static inline F f32_8(const float* p) { return _mm256_loadu_ps(p); }
   static inline F f32(const float* p) { return _mm256_loadu_ps(p); }
   static inline F h16(const uint8_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
   static inline F bf16(const uint8_t* p) {

@@ -36,12 +36,12 @@ struct S : Lanes256 {
     out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
     out[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
   }
-  // The Q6_K / Q4_K rows against x permuted within lanes (qk_simd.h mv_rows_q6k_perm16,
-  // mv_rows_q4k_perm16): the 16-lane form of the AVX2 build's PERM_MV loops, one 64-byte load
-  // holding 2 groups (Q6_K) or 2 pairs of groups (Q4_K), taken apart per 32-bit lane by a mask or a
-  // shift (no shuffles), x permuted to match (qk_types.h perm_x, H = 2)
-  static constexpr bool PERM16 = true;
-  static inline I ld64(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
+  // The Q6_K / Q4_K rows against x permuted within lanes (qk_simd.h mv_rows_q6k_perm,
+  // mv_rows_q4k_perm) at 16 lanes: one 64-byte load holds 2 groups (Q6_K) or 2 pairs of groups
+  // (Q4_K), taken apart per 32-bit lane by a mask or a shift (no shuffles), x permuted to match
+  // (qk_types.h perm_x, H = 2)
+  static constexpr bool PERM_MV = true;
+  static inline I ldq(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
   template <int SH> static inline I lane_byte_at(I b) { return _mm512_and_si512(b, _mm512_set1_epi32(255 << SH)); }
   static inline I lane_mask(I b, int m) { return _mm512_and_si512(b, _mm512_set1_epi32(m)); }
   template <int SH> static inline I lane_byte(I b) {
@@ -54,7 +54,7 @@ struct S : Lanes256 {
   // q6k_half<false>, two of its 32-byte values per vector (the high bits' shifts differ per half,
   // so they are variable 16-bit shifts)
   static inline void q6k_half16(const uint8_t* sb, int n, I q[2]) {
-    const I l = ld64(sb + 64 * n);
+    const I l = ldq(sb + 64 * n);
     const I h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(sb + 128 + 32 * n)));
     const I m15 = _mm512_set1_epi8(15), m48 = _mm512_set1_epi8(0x30);
     const I sl = _mm512_sllv_epi16(h, _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1));
@@ -63,22 +63,26 @@ struct S : Lanes256 {
     q[0] = _mm512_ternarylogic_epi32(l, _mm512_and_si512(sl, m48), m15, 0xEC);
     q[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(l, 4), _mm512_and_si512(sr, m48), m15, 0xEC);
   }
-  // 16 scales: m * 16 signed bytes
-  static inline F i8x16(const int8_t* p, float m) {
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))), _mm512_set1_ps(m));
+  // Q6_K's 16 scales of a super-block, d * sc, as one vector
+  static inline void q6_scales(const uint8_t* sb, F a[1]) {
+    const __m128i sc = _mm_loadu_si128((const __m128i*)(sb + 192));
+    a[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(h2f(sb + 208)));
   }
   // [a[i] x 4, a[i + 1] x 4, a[i + 2] x 4, a[i + 3] x 4] (Q6_K: two groups' scales of 16 weights
-  // over their permuted lanes)
+  // over their permuted lanes, groups i / 2 and i / 2 + 1)
+  static inline F q6_gscale(const F a[1], int i) { return quad4(a[0], i); }
   static inline F quad4(F a, int i) {
     return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(i),
                                                   _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)), a);
   }
-  // [a[i] x 8, a[j] x 8] from 8 scales (Q4_K: two groups' scales over their lanes)
-  static inline F spread8(H a, int i, int j) {
-    return _mm512_permutexvar_ps(_mm512_inserti64x4(_mm512_set1_epi32(i), _mm256_set1_epi32(j), 1), _mm512_castps256_ps512(a));
+  // [a[g] x 8, a[g + 2] x 8] from a super-block's 8 scales (Q4_K: a vector's two groups, 2p + n
+  // and 2 (p + 1) + n)
+  static inline F q4_gscale(const float* a, int g) {
+    return _mm512_permutexvar_ps(_mm512_inserti64x4(_mm512_set1_epi32(g), _mm256_set1_epi32(g + 2), 1),
+                                 _mm512_castps256_ps512(_mm256_loadu_ps(a)));
   }
   // 8 values in lanes 0..7, zeros above (Q4_K's 8 min terms of a super-block in a 16-lane fma)
-  static inline F zext8(H a) { return _mm512_zextps256_ps512(a); }
+  static inline F h_f(H a) { return _mm512_zextps256_ps512(a); }
   static inline F f32_8(const float* p) { return _mm512_maskz_loadu_ps(0xFF, p); }
   static inline F f32(const float* p) { return _mm512_loadu_ps(p); }
   static inline F h16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }

@@ -23,8 +23,7 @@ struct Lanes256 {
   static inline H h_i8(const int8_t* p, float m) {  // m * 8 signed bytes
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))), _mm256_set1_ps(m));
   }
-  static constexpr bool PERM_MV = false;  // mv_rows_q6k_perm / q4k_perm (qk_simd.h): the AVX2 build sets it
-  static constexpr bool PERM16 = false;   // their 16-lane forms (mv_rows_q6k_perm16 / q4k_perm16): the AVX-512 build
+  static constexpr bool PERM_MV = false;  // mv_rows_q6k_perm / q4k_perm (qk_simd.h): the AVX2 and AVX-512 builds set it
   // 32 bytes of quants as one value, for byte-wise decoding (q6k_quants in qk_simd.h)
   using B = __m256i;
   static inline B ld32(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }

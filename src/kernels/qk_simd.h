@@ -317,37 +317,27 @@ static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, floa
     }
 }
 
-// ---- Q6_K and Q4_K rows against x permuted within groups of 32 (AVX2: SS::PERM_MV; T <= 8)
+// ---- Q6_K and Q4_K rows against x permuted within groups of 32 (SS::PERM_MV: the AVX2 and
+// AVX-512 builds; T <= 8)
 // mv_rows_k widens a group's 32 quant bytes to 4 float vectors in order, by sign-extending moves
 // and lane extracts: 7 shuffles per 32 weights of Q6_K, and this CPU's shuffle port takes one a
 // cycle (a 1-thread Zen 3 VM: ~12.7 cycles per 32 weights at T == 1, where cvtdq2ps and the FMAs
-// run two a cycle each). Here vector k of a group is byte k of each 32-bit lane (SS::lane_byte:
-// a mask, or a shift), i.e. the weights 4 i + k for lanes i = 0..7, so x is permuted the same way
-// once per call (qk_types.h perm_x, Q6kShift): xp[32 g + 8 k + i] = x[32 g + 4 i + k]. Bytes 1 and 2 are
-// left in place (the quant times 2^8, 2^16; SS::lane_byte_at): xp holds those lanes' x times 2^-8
-// and 2^-16, so each product is the same number (a power of two in and out; x below 2^-110 in
-// magnitude would lose bits to subnormals). Lanes 0..3 of a vector are the group's first 16
-// weights and lanes 4..7 its second, so Q6_K's two scales of a group are one vector
-// [a0 x 4, a1 x 4] (SS::pair4). The quants stay unsigned (0..63) and the offset of 32 goes into
-// the sums of x per 16 (Job::xs16 holds -32 times them):
+// run two a cycle each). Here a vector holds byte k of each 32-bit lane (SS::lane_byte: a mask,
+// or a shift), i.e. the weights 4 i + k of a group for its lanes i = 0..7, so x is permuted the
+// same way once per call (qk_types.h perm_x, Q6kShift): xp[32 g + 8 k + i] = x[32 g + 4 i + k].
+// Bytes 1 and 2 are left in place (the quant times 2^8, 2^16; SS::lane_byte_at): xp holds those
+// lanes' x times 2^-8 and 2^-16, so each product is the same number (a power of two in and out;
+// x below 2^-110 in magnitude would lose bits to subnormals). Lanes 0..3 of a group are its first
+// 16 weights and lanes 4..7 its second, so Q6_K's two scales of a group are [a0 x 4, a1 x 4]. The
+// quants stay unsigned (0..63) and the offset of 32 goes into the sums of x per 16 (Job::xs16
+// holds -32 times them):
 //   sum_i d sc (q_i - 32) x_i = sum_i (d sc) q_i x_i - 32 (d sc) sum_i x_i.
+// A vector is H = L / 8 such 8-lane chunks: AVX2 one group per vector, AVX-512 two (one 64-byte
+// load holds two Q6_K groups or two Q4_K pairs of groups, and perm_x lays x out to match, H = 2);
+// where the two builds differ, S says how (PERM_MV's members in qk_avx2.cpp, qk_avx512.cpp).
 // The same weights and products as mv_rows_k in another summation order; each row's chain is the
-// same whatever NT, so a row's bits do not depend on the rows beside it (speculation's verify rows
-// still equal one-token decoding).
-// One group of 32 for NT activation rows: its 4 weight vectors (in the permuted order) dotted
-// with xp at k, scaled by sv into tot[t].
-template <class SS, int NT>
-static inline void perm_group(typename SS::F tot[NT], const typename SS::F w[4], typename SS::F sv, const float* x0,
-                              int64_t K, int64_t k) {
-  _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-    const float* xg = x0 + t * K + k;
-    typename SS::F acc = SS::mul(w[0], SS::f32(xg));
-    acc = SS::fma(w[1], SS::f32(xg + 8), acc);
-    acc = SS::fma(w[2], SS::f32(xg + 16), acc);
-    acc = SS::fma(w[3], SS::f32(xg + 24), acc);
-    tot[t] = SS::fma(sv, acc, tot[t]);
-  }
-}
+// same whatever NT, NR and NG, so a row's bits do not depend on the rows beside it
+// (speculation's verify rows still equal one-token decoding).
 
 // y[t0 + t, r] (=, or += with jb.accumulate) the lanes' sum of tot[r][t]
 template <class SS, int NR, int NT>
@@ -360,11 +350,14 @@ static inline void perm_store(const Job& jb, typename SS::F tot[NR][NT], int64_t
     }
 }
 
+// Q6_K: per super-block, its 16 scales (SS::q6_scales: in 16 / L vectors) against the sums of x
+// per 16 (the offsets), then each half's quants (4 / H vectors of lane bytes), each vector's 4 lane
+// bytes dotted with x and scaled by its groups' scales (SS::q6_gscale) into tot.
 template <class SS, int NR, int NT>
 static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
   using F = typename SS::F;
-  using B = typename SS::B;
-  constexpr int SB = 210;
+  using I = typename SS::I;
+  constexpr int SB = 210, H = SS::L / 8, NS = 16 / SS::L;
   const int64_t NB = jb.K / 256;
   const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
   const int64_t step = NR * jb.row_bytes / (NB ? NB : 1);  // bytes of the block two ahead per super-block
@@ -377,22 +370,27 @@ static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t
     for (int64_t o = 0; o < step + 64; o += 64) SS::prefetch(ahead + b * step + o);
     _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
       const uint8_t* sb = row + r * jb.row_bytes + b * SB;
-      const float d = SS::h2f(sb + 208);
-      const F a0 = SS::h_i8((const int8_t*)(sb + 192), d), a1 = SS::h_i8((const int8_t*)(sb + 200), d);
-      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {  // the offsets: -32 x's sums per 16 (xs16)
-        const float* xs = xs0 + t * (jb.K / 16) + b * 16;
-        tot[r][t] = SS::fma(a0, SS::f32(xs), tot[r][t]);
-        tot[r][t] = SS::fma(a1, SS::f32(xs + 8), tot[r][t]);
-      }
+      F a[NS];  // d * the 16 scales
+      SS::q6_scales(sb, a);
+      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)  // the offsets: -32 x's sums per 16 (xs16)
+        _Pragma("GCC unroll 2") for (int v = 0; v < NS; ++v)
+          tot[r][t] = SS::fma(a[v], SS::f32(xs0 + t * (jb.K / 16) + b * 16 + v * SS::L), tot[r][t]);
       _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
-        B q[4];
-        q6k_half<false>(sb, n, q);
-        _Pragma("GCC unroll 4") for (int m = 0; m < 4; ++m) {
+        I q[4 / H];  // groups 4n + H j .. 4n + H j + H - 1 in q[j]: unsigned quants in lane bytes
+        if constexpr (H == 1) q6k_half<false>(sb, n, q);
+        else SS::q6k_half16(sb, n, q);
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4 / H; ++j) {
           // bytes 1 and 2 stay in place (x 2^8, x 2^16): xp holds those lanes' x times 2^-8 and
           // 2^-16, so every product is the same number (powers of two)
-          const F w[4] = {SS::cvt(SS::template lane_byte<0>(q[m])), SS::cvt(SS::template lane_byte_at<8>(q[m])),
-                          SS::cvt(SS::template lane_byte_at<16>(q[m])), SS::cvt(SS::template lane_byte<24>(q[m]))};
-          perm_group<SS, NT>(tot[r], w, SS::pair4(n == 0 ? a0 : a1, 2 * m), x0, jb.K, b * 256 + (4 * n + m) * 32);
+          const F w[4] = {SS::cvt(SS::template lane_byte<0>(q[j])), SS::cvt(SS::template lane_byte_at<8>(q[j])),
+                          SS::cvt(SS::template lane_byte_at<16>(q[j])), SS::cvt(SS::template lane_byte<24>(q[j]))};
+          const F sv = SS::q6_gscale(a, 2 * (4 * n + H * j));
+          const float* xg = x0 + b * 256 + (4 * n + H * j) * 32;
+          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+            F acc = SS::mul(w[0], SS::f32(xg + t * jb.K));
+            _Pragma("GCC unroll 3") for (int k = 1; k < 4; ++k) acc = SS::fma(w[k], SS::f32(xg + t * jb.K + 8 * H * k), acc);
+            tot[r][t] = SS::fma(sv, acc, tot[r][t]);
+          }
         }
       }
     }
@@ -400,30 +398,30 @@ static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t
   perm_store<SS, NR, NT>(jb, tot, t0, y);
 }
 
-// Q4_K the same way (Job::xp4, perm_x with Q4kShift): the 32 bytes of groups 2i (low nibbles) and 2i + 1 (high
-// nibbles) are 8 lanes of 4 bytes; vector k of group 2i + n is the nibble at bit s = 8 k + 4 n of
-// each lane, kept in place by a mask (q times 2^s; xp4 holds those lanes' x times 2^-s, x below
-// 2^-102 would lose bits) but for s = 28, shifted down (15 << 28 does not fit a signed lane). The
-// min term is one fma per super-block: the 8 groups' -dmin m_j against their sums of x (Job::xsum).
-// Fewer shuffles gain less here (Q4_K had two per 32 weights): ~6% on one thread. The loops run
-// x-vector-major over the rows (each mask and each x vector loaded once for all NR rows, each row's
-// 32 bytes once per pair of groups) with the prefetches unrolled: ~12% more on one thread at T = 1
-// (fewer loads and instructions per 32 weights; the same operations per row, so the same bits).
-// PAIR: a pair's two groups run side by side (vector k of group 2i, then of 2i + 1): twice the
-// independent FMA chains (each 4 deep) for the same rows. mv_range uses it at NT == 2 with 2 rows
-// (8 chains): ~10% faster there than 4 rows one group at a time (16 accumulators, spilled). Each
-// row's operations and their order are unchanged, so are its bits.
-template <class SS, int NR, int NT, bool PAIR = false>
+// Q4_K the same way (Job::xp4, perm_x with Q4kShift): the 32 bytes of groups 2p (low nibbles) and
+// 2p + 1 (high nibbles) are 8 lanes of 4 bytes; vector k of nibble n is the nibble at bit
+// s = 8 k + 4 n of each lane, kept in place by a mask (q times 2^s; xp4 holds those lanes' x times
+// 2^-s, x below 2^-102 would lose bits) but for s = 28, shifted down (15 << 28 does not fit a
+// signed lane). A vector spans H pairs, so its groups are 2 (H j + h) + n for h < H (their scales:
+// SS::q4_gscale). The min term is one fma per super-block: the 8 groups' -dmin m_j against their
+// sums of x (Job::xsum). The loops run x-vector-major over the rows (each mask and each x vector
+// loaded once for all NR rows, each row's bytes once per load) with the prefetches unrolled: ~12%
+// more on one AVX2 thread at T = 1 than a row at a time (fewer loads and instructions per 32
+// weights; the same operations per row, so the same bits). NG = 2 runs nibbles 0 and 1 side by
+// side: twice the independent FMA chains (each 4 deep) for the same rows; mv_range takes it where
+// the accumulators fit in registers (AVX2 at NT == 2 with 2 rows: ~10% faster there than 4 rows
+// one nibble at a time, which spill).
+template <class SS, int NR, int NT, int NG>
 static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
   using F = typename SS::F;
-  using B = typename SS::B;
-  constexpr int SB = 144;
+  using I = typename SS::I;
+  constexpr int SB = 144, H = SS::L / 8;
   const int64_t NB = jb.K / 256, G = jb.K / 32, rb = jb.row_bytes;
   const uint8_t* ahead = row + 2 * NR * rb;
   const float* x0 = jb.xp4 + t0 * jb.K;
   const float* xs0 = jb.xsum + t0 * G;
   F tot[NR][NT];
-  alignas(32) float a[NR][8];
+  alignas(32) float a[NR][8];  // d * the 8 scales of the rows' super-block
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
   for (int64_t b = 0; b < NB; ++b) {
@@ -436,130 +434,22 @@ static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t
       uint8_t sc8[8], m8[8];
       k4_scales_mins(sb + 4, sc8, m8);
       SS::h_st(a[r], SS::h_u8(sc8, d));
-      const F C = SS::h_u8(m8, -dmin);  // -(dmin * m): the same number
-      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(C, SS::f32(xs0 + t * G + b * 8), tot[r][t]);
-    }
-    // each pair of groups: every row's 32 bytes loaded once; then for each of the 4 vectors of a
-    // group, every row's quants masked and converted, against each x vector loaded once for all
-    // rows (the rows' chains interleave; each row's own operations are those of perm_group)
-    const uint8_t* q = row + b * SB + 16;
-    _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i) {
-      B e[NR];
-      _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) e[r] = SS::ld32(q + r * rb + 32 * i);
-      // groups 2i + n: one at a time (NG = 1), or both side by side (PAIR, NG = 2); each row's
-      // tot takes group 2i, then 2i + 1, either way
-      constexpr int NG = PAIR ? 2 : 1;
-      _Pragma("GCC unroll 2") for (int n0 = 0; n0 < 2; n0 += NG) {
-        F acc[NG][NR][NT];
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {
-          _Pragma("GCC unroll 2") for (int j = 0; j < NG; ++j) {
-            const int n = n0 + j;
-            const float* xg = x0 + b * 256 + (2 * i + n) * 32;
-            F xv[NT];
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) xv[t] = SS::f32(xg + t * jb.K + 8 * k);
-            _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
-              const F w = SS::cvt(n == 1 && k == 3 ? SS::template lane_byte<28>(e[r]) : SS::lane_mask(e[r], 15 << (8 * k + 4 * n)));
-              _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[j][r][t] = k == 0 ? SS::mul(w, xv[t]) : SS::fma(w, xv[t], acc[j][r][t]);
-            }
-          }
-        }
-        _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r)
-          _Pragma("GCC unroll 2") for (int j = 0; j < NG; ++j) {
-            const F sv = SS::bcast(&a[r][2 * i + n0 + j]);
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[j][r][t], tot[r][t]);
-          }
-      }
-    }
-  }
-  perm_store<SS, NR, NT>(jb, tot, t0, y);
-}
-
-// ---- The same loops at 16 lanes (AVX-512, SS::PERM16): one 64-byte load holds what two AVX2
-// loads hold, Q6_K groups 2c and 2c + 1 (lanes 0..7 and 8..15), Q4_K pairs 2c and 2c + 1 (groups
-// 4c..4c + 3); x is permuted to match (qk_types.h perm_x, H = 2). Q6_K's offsets of 32 are one fma
-// per super-block (its 16 scales against the 16 sums of xs16), a vector's two groups' scales one
-// permute (SS::quad4); Q4_K's min terms one fma per super-block (8 lanes, zeros above), a vector's
-// two groups' scales one permute (SS::spread8). The products are those of the AVX2 loops (the same
-// powers of two); the lanes differ, so the sums' order does too. A row's chain is the same whatever
-// NR, NT and NG: its bits do not depend on the rows beside it.
-template <class SS, int NR, int NT>
-static inline void mv_rows_q6k_perm16(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
-  using F = typename SS::F;
-  using I = typename SS::I;
-  constexpr int SB = 210;
-  const int64_t NB = jb.K / 256, rb = jb.row_bytes;
-  const uint8_t* ahead = row + 2 * NR * rb;
-  const float* x0 = jb.xp + t0 * jb.K;
-  const float* xs0 = jb.xs16 + t0 * (jb.K / 16);
-  F tot[NR][NT];
-  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
-  for (int64_t b = 0; b < NB; ++b) {
-    _Pragma("GCC unroll 32") for (int o = 0; o < NR * SB + 64; o += 64) SS::prefetch(ahead + b * NR * SB + o);
-    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
-      const uint8_t* sb = row + r * rb + b * SB;
-      const F a = SS::i8x16((const int8_t*)(sb + 192), SS::h2f(sb + 208));  // d * the 16 scales
-      _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t)  // the offsets: -32 x's sums per 16 (xs16)
-        tot[r][t] = SS::fma(a, SS::f32(xs0 + t * (jb.K / 16) + b * 16), tot[r][t]);
-      _Pragma("GCC unroll 2") for (int n = 0; n < 2; ++n) {
-        I q[2];
-        SS::q6k_half16(sb, n, q);
-        _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) {  // groups 4n + 2j, 4n + 2j + 1
-          const F w[4] = {SS::cvt(SS::template lane_byte<0>(q[j])), SS::cvt(SS::template lane_byte_at<8>(q[j])),
-                          SS::cvt(SS::template lane_byte_at<16>(q[j])), SS::cvt(SS::template lane_byte<24>(q[j]))};
-          const float* xg = x0 + b * 256 + (4 * n + 2 * j) * 32;
-          F acc[NT];
-          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-            acc[t] = SS::mul(w[0], SS::f32(xg + t * jb.K));
-            _Pragma("GCC unroll 3") for (int k = 1; k < 4; ++k) acc[t] = SS::fma(w[k], SS::f32(xg + t * jb.K + 16 * k), acc[t]);
-          }
-          const F sv = SS::quad4(a, 2 * (4 * n + 2 * j));
-          _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[t], tot[r][t]);
-        }
-      }
-    }
-  }
-  perm_store<SS, NR, NT>(jb, tot, t0, y);
-}
-
-// Q4_K at 16 lanes, x-vector-major over the rows as mv_rows_q4k_perm; NG = 2 runs nibbles 0 and 1
-// (groups 4c + n and 4c + 2 + n) side by side, NG = 1 one after the other
-template <class SS, int NR, int NT, int NG>
-static inline void mv_rows_q4k_perm16(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
-  using F = typename SS::F;
-  using I = typename SS::I;
-  using H = typename SS::H;
-  constexpr int SB = 144;
-  const int64_t NB = jb.K / 256, G = jb.K / 32, rb = jb.row_bytes;
-  const uint8_t* ahead = row + 2 * NR * rb;
-  const float* x0 = jb.xp4 + t0 * jb.K;
-  const float* xs0 = jb.xsum + t0 * G;
-  F tot[NR][NT];
-  H a[NR];
-  _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
-  for (int64_t b = 0; b < NB; ++b) {
-    _Pragma("GCC unroll 16") for (int o = 0; o < NR * SB + 64; o += 64) SS::prefetch(ahead + b * NR * SB + o);
-    _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
-      const uint8_t* sb = row + r * rb + b * SB;
-      float d, dmin;
-      SS::h2f2(sb, d, dmin);
-      uint8_t sc8[8], m8[8];
-      k4_scales_mins(sb + 4, sc8, m8);
-      a[r] = SS::h_u8(sc8, d);
-      const F C = SS::zext8(SS::h_u8(m8, -dmin));  // -(dmin * m): the same number
+      const F C = SS::h_f(SS::h_u8(m8, -dmin));  // -(dmin * m): the same number (lanes 8.. zero)
       _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(C, SS::f32_8(xs0 + t * G + b * 8), tot[r][t]);
     }
+    // each load of H pairs of groups: every row's bytes loaded once; then for each of the 4
+    // vectors of a nibble, every row's quants masked and converted, against each x vector loaded
+    // once for all rows (the rows' chains interleave)
     const uint8_t* q = row + b * SB + 16;
-    _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j) {  // pairs 2j, 2j + 1: groups 4j..4j + 3
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4 / H; ++j) {
       I e[NR];
-      _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) e[r] = SS::ld64(q + r * rb + 64 * j);
+      _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) e[r] = SS::ldq(q + r * rb + 32 * H * j);
       _Pragma("GCC unroll 2") for (int n0 = 0; n0 < 2; n0 += NG) {
         F acc[NG][NR][NT];
         _Pragma("GCC unroll 4") for (int k = 0; k < 4; ++k) {
           _Pragma("GCC unroll 2") for (int i = 0; i < NG; ++i) {
             const int n = n0 + i;
-            const float* xg = x0 + b * 256 + 128 * j + 16 * (4 * n + k);
+            const float* xg = x0 + b * 256 + 64 * H * j + 8 * H * (4 * n + k);
             F xv[NT];
             _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) xv[t] = SS::f32(xg + t * jb.K);
             _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
@@ -570,7 +460,7 @@ static inline void mv_rows_q4k_perm16(const Job& jb, const uint8_t* row, int64_t
         }
         _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r)
           _Pragma("GCC unroll 2") for (int i = 0; i < NG; ++i) {
-            const F sv = SS::spread8(a[r], 4 * j + n0 + i, 4 * j + 2 + n0 + i);
+            const F sv = SS::q4_gscale(a[r], 2 * H * j + n0 + i);
             _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::fma(sv, acc[i][r][t], tot[r][t]);
           }
       }
@@ -587,35 +477,20 @@ static inline void mv_range(const Job& jb, int64_t r0, int64_t r1, int64_t t0) {
   int64_t r = r0;
   if constexpr (TY == Q6_K && S::PERM_MV) {
     if (jb.xp != nullptr) {
-      for (; r + NR <= r1; r += NR) mv_rows_q6k_perm<S, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      constexpr int NR6 = S::L == 16 && NT <= 4 ? 4 : NR;  // 32 registers hold 4 rows' sums to 4 x rows
+      for (; r + NR6 <= r1; r += NR6) mv_rows_q6k_perm<S, NR6, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
       for (; r < r1; ++r) mv_rows_q6k_perm<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
       return;
     }
   }
   if constexpr (TY == Q4_K && S::PERM_MV) {
     if (jb.xp4 != nullptr) {
-      if constexpr (NT == 2) {  // 2 rows, a pair's groups side by side (mv_rows_q4k_perm)
-        for (; r + 2 <= r1; r += 2) mv_rows_q4k_perm<S, 2, NT, true>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
-      } else {
-        for (; r + NR <= r1; r += NR) mv_rows_q4k_perm<S, NR, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
-      }
-      for (; r < r1; ++r) mv_rows_q4k_perm<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
-      return;
-    }
-  }
-  if constexpr (TY == Q6_K && S::PERM16) {
-    if (jb.xp != nullptr) {
-      constexpr int NR6 = NT <= 4 ? 4 : 2;  // 32 registers hold 4 rows' sums to 4 activation rows
-      for (; r + NR6 <= r1; r += NR6) mv_rows_q6k_perm16<S, NR6, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
-      for (; r < r1; ++r) mv_rows_q6k_perm16<S, 1, NT>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
-      return;
-    }
-  }
-  if constexpr (TY == Q4_K && S::PERM16) {
-    if (jb.xp4 != nullptr) {
-      constexpr int NG = NT <= 2 ? 2 : 1;  // nibbles side by side while the accumulators fit
-      for (; r + NR <= r1; r += NR) mv_rows_q4k_perm16<S, NR, NT, NG>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
-      for (; r < r1; ++r) mv_rows_q4k_perm16<S, 1, NT, NG>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      // nibbles side by side while the accumulators fit: AVX2 (16 registers) at NT == 2 with 2
+      // rows, AVX-512 (32) up to NT == 2 with NR rows
+      constexpr bool avx2_pair = S::L == 8 && NT == 2;
+      constexpr int NG = avx2_pair || (S::L == 16 && NT <= 2) ? 2 : 1, NR4 = avx2_pair ? 2 : NR;
+      for (; r + NR4 <= r1; r += NR4) mv_rows_q4k_perm<S, NR4, NT, NG>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
+      for (; r < r1; ++r) mv_rows_q4k_perm<S, 1, NT, NG>(jb, jb.w + r * jb.row_bytes, t0, jb.y + r);
       return;
     }
   }

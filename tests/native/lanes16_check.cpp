@@ -11,8 +11,8 @@ namespace qk { namespace emu {
 struct F { float v[16]; }; struct I { int32_t v[16]; }; struct B8 { uint8_t v[32]; };
 struct S {
   static constexpr int L = 16; using F = emu::F; using I = emu::I;
-  static constexpr bool PERM_MV = false;  // the permuted-x K-quant rows (qk_simd.h mv_rows_q6k_perm) are AVX2's
-  static constexpr bool PERM16 = false;   // and their 16-lane forms use AVX-512 byte permutes: tested on AVX-512 CPUs
+  static constexpr bool PERM_MV = false;  // the permuted-x K-quant rows (qk_simd.h mv_rows_q6k_perm) take
+                                          // byte permutes: tested on the CPUs that have them
   static I u8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=p[i]; return r;}
   static I i8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=(int8_t)p[i]; return r;}
   static I and_(I a,int m){for(auto&x:a.v)x&=m;return a;}
