@@ -129,7 +129,7 @@ typedef struct {
   std::vector<Segment>* segs;
   int64_t K, N;
   bool needs_xsum;
-  bool has_q6k, has_q4k;  // a Q6_K / Q4_K segment: AVX2 mv calls permute x (perm_x)
+  bool has_q6k, has_q4k;  // a Q6_K / Q4_K segment: SIMD mv calls permute x (perm_x)
   bool int8_ok, lossy;  // every segment has int8 kernels (qk_q8.h); the opt-in lossy mode is on
 } PlanObject;
 

@@ -175,7 +175,7 @@ struct Job {
 };
 
 // x permuted for the Q6_K and Q4_K rows against lane bytes (qk_simd.h mv_rows_q6k_perm,
-// mv_rows_q4k_perm and their 16-lane forms): 8-float chunk (g, k) holds x[32 g + 4 i + k] *
+// mv_rows_q4k_perm, at 8 or 16 lanes): 8-float chunk (g, k) holds x[32 g + 4 i + k] *
 // 2^-shift(g, k) for i < 8, where shift is the bit at which the kernel leaves lane byte or nibble k
 // of group g in place (0 where it shifts it down). Q6_K: bytes 1 and 2 (8, 16); Q4_K: nibble k of
 // group g at 8 k + 4 (g % 2), but 28 shifted. Powers of two, so x times the factor is exact.
