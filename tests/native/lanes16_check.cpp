@@ -1,5 +1,6 @@
 // Checks qk_simd.h at 16 lanes (the AVX-512 shape) on any CPU: the vector wrapper is plain arrays,
-// so the lane-count logic (group splits, Q6_K half scales, tails) runs against the generic build.
+// so the lane-count logic (group splits, Q6_K half scales, tails, the Q4_K / Q6_K rows against x
+// permuted for 16 lanes) runs against the generic build.
 // Partial decode attention (attend_part: heads in passes of up to 8, every KV type) is checked the same way. tests/test_kernels.py compiles and runs it;
 // on an AVX-512 machine the real path is tested too.
 #include <stdio.h>
@@ -11,8 +12,22 @@ namespace qk { namespace emu {
 struct F { float v[16]; }; struct I { int32_t v[16]; }; struct B8 { uint8_t v[32]; };
 struct S {
   static constexpr int L = 16; using F = emu::F; using I = emu::I;
-  static constexpr bool PERM_MV = false;  // the permuted-x K-quant rows (qk_simd.h mv_rows_q6k_perm) take
-                                          // byte permutes: tested on the CPUs that have them
+  // the Q6_K / Q4_K rows against permuted x (qk_simd.h mv_rows_q6k_perm, H = 2): the members below
+  // do what qk_avx512.cpp's do, lane by lane
+  static constexpr bool PERM_MV = true;
+  static I ldq(const uint8_t*p){I r;for(int i=0;i<16;i++) memcpy(&r.v[i],p+4*i,4);return r;}
+  static I lane_mask(I a,int m){for(auto&x:a.v)x&=m;return a;}
+  template<int SH> static I lane_byte_at(I a){for(auto&x:a.v)x=(int32_t)((uint32_t)x&(255u<<SH));return a;}
+  template<int SH> static I lane_byte(I a){for(auto&x:a.v)x=(int32_t)(((uint32_t)x>>SH)&255u);return a;}
+  // Q6_K half n: q[0] = groups 4n, 4n + 1 and q[1] = 4n + 2, 4n + 3, each group's 32 unsigned quants in order
+  static void q6k_half16(const uint8_t*sb,int n,I q[2]){
+    uint8_t b[4][32]; const uint8_t*ql=sb+64*n,*qh=sb+128+32*n;
+    for(int i=0;i<32;i++){ b[0][i]=(ql[i]&15)|(((qh[i]>>0)&3)<<4); b[1][i]=(ql[32+i]&15)|(((qh[i]>>2)&3)<<4);
+                           b[2][i]=(ql[i]>>4)|(((qh[i]>>4)&3)<<4); b[3][i]=(ql[32+i]>>4)|(((qh[i]>>6)&3)<<4); }
+    uint8_t c[2][64]; for(int j=0;j<2;j++){ memcpy(c[j],b[2*j],32); memcpy(c[j]+32,b[2*j+1],32); q[j]=ldq(c[j]); } }
+  static void q6_scales(const uint8_t*sb,F a[1]){const float d=h2f(sb+208);for(int i=0;i<16;i++)a[0].v[i]=(float)(int8_t)sb[192+i]*d;}
+  static F q6_gscale(const F a[1],int i){F r;for(int l=0;l<16;l++)r.v[l]=a[0].v[i+l/4];return r;}
+  static F q4_gscale(const float*a,int g){F r;for(int l=0;l<16;l++)r.v[l]=a[l<8?g:g+2];return r;}
   static I u8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=p[i]; return r;}
   static I i8(const uint8_t* p){I r; for(int i=0;i<16;i++) r.v[i]=(int8_t)p[i]; return r;}
   static I and_(I a,int m){for(auto&x:a.v)x&=m;return a;}
@@ -49,6 +64,8 @@ struct S {
   static float h_sum(H a){float s=0;for(float x:a.v)s+=x;return s;}
   static H h_u8(const uint8_t*p,float m){H r;for(int i=0;i<8;i++)r.v[i]=m*(float)p[i];return r;}
   static H h_i8(const int8_t*p,float m){H r;for(int i=0;i<8;i++)r.v[i]=m*(float)p[i];return r;}
+  static F h_f(H a){F r;for(int i=0;i<16;i++)r.v[i]=i<8?a.v[i]:0.f;return r;}
+  static F f32_8(const float*p){F r;for(int i=0;i<16;i++)r.v[i]=i<8?p[i]:0.f;return r;}
   // bytes: 16-bit shifts over little-endian byte pairs, as the SIMD builds do
   using B = B8;
   static B ld32(const uint8_t*p){B r;for(int i=0;i<32;i++)r.v[i]=p[i];return r;}
@@ -86,6 +103,9 @@ int main(){
       const int64_t cw=xt_width(T,16); std::vector<float> xt(xt_floats(T,K,cw)); make_xt(x.data(),T,K,cw,xt.data());
       Job j{t,w.data(),rb,K,x.data(),xs.data(),T,y1.data(),N,scr.data(),false};
       if(T>=XT_MIN_T && T<PANEL_MIN_T){ j.xt=xt.data(); j.cw=cw; }
+      std::vector<float> xp(T*K), xs16(T*(K/16));  // x permuted for the Q6_K / Q4_K rows, as Plan_run does at 16 lanes
+      if(T<=MV_PASS_MAX_T && t==Q6_K){ perm_x<false>(x.data(),T,K,xp.data(),Q6kShift{},2); sums16_x(x.data(),T,K,xs16.data()); j.xp=xp.data(); j.xs16=xs16.data(); }
+      if(T<=MV_PASS_MAX_T && t==Q4_K){ perm_x<true>(x.data(),T,K,xp.data(),Q4kShift{},2); j.xp4=xp.data(); }
       emu::rows_fn(t)(j,0,N); j.y=y2.data(); generic::get(t)(j,0,N);
       double num=0,den=0; for(int i=0;i<T*N;i++){num+=(y1[i]-y2[i])*(double)(y1[i]-y2[i]); den+=y2[i]*(double)y2[i];}
       double e=sqrt(num/den); if(e>worst) worst=e; if(e>1e-5) printf("FAIL type %d T %d err %g\n",t,T,e);
