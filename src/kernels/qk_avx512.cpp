@@ -70,10 +70,9 @@ struct S : Lanes256 {
   }
   // [a[i] x 4, a[i + 1] x 4, a[i + 2] x 4, a[i + 3] x 4] (Q6_K: two groups' scales of 16 weights
   // over their permuted lanes, groups i / 2 and i / 2 + 1)
-  static inline F q6_gscale(const F a[1], int i) { return quad4(a[0], i); }
-  static inline F quad4(F a, int i) {
+  static inline F q6_gscale(const F a[1], int i) {
     return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(i),
-                                                  _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)), a);
+                                                  _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)), a[0]);
   }
   // [a[g] x 8, a[g + 2] x 8] from a super-block's 8 scales (Q4_K: a vector's two groups, 2p + n
   // and 2 (p + 1) + n)
