@@ -21,7 +21,7 @@ from pipeserve.common.config import NodeConfig, NodeDefaults
 from pipeserve.kernels import QLinear, QTensor, reference
 
 TOL = 1e-5
-BATCHES = (1, 2, 7, 16, 64)
+BATCHES = (1, 2, 3, 4, 7, 16, 64)
 # odd row counts: partial panels of 8 and 16 rows; Q4_1 also at K = 576 (SmolLM2) and 96 (a
 # row's last unit of 8 blocks holds 2 or 3)
 SHAPES = {
@@ -168,14 +168,20 @@ def test_paths_agree_bit_for_bit_and_rows_do_not_depend_on_the_batch(name):
     first = next(iter(outs.values()))
     for path, y in outs.items():
         assert np.array_equal(y, first), path
-    alone = np.concatenate([lin(x[t : t + 1]) for t in range(x.shape[0])])
-    assert np.array_equal(alone, first)
-    other = random_qtensor("Q4_K", 33, 1024, seed=6)
-    fused = QLinear([qt, other])
-    fused.lossy = True
-    part = QLinear([other])
-    part.lossy = True
-    assert np.array_equal(fused(x), np.concatenate([first, part(x)], axis=1))
+    # 1 to 5 rows at a time: the row-major decode loops (AVX-512: Q4_K up to 4 rows, Q6_K up to
+    # 2) and the panels give the same bits
+    for n in range(1, 6):
+        pieces = np.concatenate([lin(x[t : t + n]) for t in range(0, x.shape[0], n)])
+        assert np.array_equal(pieces, first), n
+    # fused with a Q4_K and a Q6_K part (each type's own row limit decides the layout of x)
+    for other_name in ("Q4_K", "Q6_K"):
+        other = random_qtensor(other_name, 33, 1024, seed=6)
+        fused = QLinear([qt, other])
+        fused.lossy = True
+        part = QLinear([other])
+        part.lossy = True
+        for n in (1, 2, 3, 4, 19):
+            assert np.array_equal(fused(x[:n]), np.concatenate([first[:n], part(x[:n])], axis=1)), (other_name, n)
     out = np.ones((19, 70), np.float32)
     lin.add_to(x, out)
     assert np.array_equal(out, first + np.float32(1))

@@ -2,6 +2,7 @@
 // once per call, then run the rows of every segment on the pool with the best int8 kernels the
 // CPU has under the selected ISA (set_isa): avx512 + VNNI, avx2 + AVX-VNNI, avx2 (maddubs), or the
 // scalar loops below, which compute the same numbers (integer dots, then the same fused float steps).
+#include <algorithm>
 #include <vector>
 
 #include "qk_q8.h"
@@ -11,7 +12,7 @@ namespace q8 {
 
 namespace avx2 { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); }
 namespace avxvnni { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); }
-namespace avx512 { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); }
+namespace avx512 { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); int64_t small_rows(int type); }
 
 namespace generic {
 
@@ -93,6 +94,7 @@ static void rows(const Job& jb, int64_t r0, int64_t r1) {
 
 // ---------------------------------------------------------------- path selection
 enum Path { GENERIC = 0, AVX2 = 1, AVX2_VNNI = 2, AVX512_VNNI = 3 };
+static constexpr int64_t SMALL_ROWS_MAX = 1 << 30;
 static const char* PATH_NAMES[] = {"generic", "avx2", "avx2-vnni", "avx512-vnni"};
 static bool g_vnni = true;
 
@@ -138,6 +140,19 @@ static int64_t tile_rows_for(Path p) {
   }
 }
 
+// Activation rows up to which the path reads x of every segment row-major (nt = 1; 0: never).
+static int64_t small_rows_for(Path p, const Seg* segs, int nseg) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (p == AVX512_VNNI) {
+    int64_t n = SMALL_ROWS_MAX;
+    for (int i = 0; i < nseg; ++i) n = std::min(n, avx512::small_rows(segs[i].type));
+    return n;
+  }
+#endif
+  (void)p, (void)segs, (void)nseg;
+  return 0;
+}
+
 static QuantFn quant_for(Path p) {
   switch (p) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -159,7 +174,8 @@ void run(const Seg* segs, int nseg, int64_t K, const float* x, int64_t T, float*
   if ((int64_t)qb.size() < T * K) qb.resize(T * K);
   if ((int64_t)fb.size() < T * (K / 8)) fb.resize(T * (K / 8));
   float *d32 = fb.data(), *ms32 = d32 + T * (K / 32), *ms16 = ms32 + T * (K / 32);
-  const int64_t nt = tile_rows_for(path);
+  // Row-major activations (nt = 1) where the path reads few rows that way (avx512: rows_small).
+  const int64_t nt = T <= small_rows_for(path, segs, nseg) ? 1 : tile_rows_for(path);
   struct QCtx {
     QuantFn fn;
     const float* x;

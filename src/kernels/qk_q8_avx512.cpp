@@ -75,7 +75,8 @@ struct V {
       out[12 + w] = _mm512_shuffle_i32x4(b, d, 0xdd);
     }
   }
-  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  // Into L2: the panel's and rows_small's look-ahead (16 rows' bytes) would evict what L1 holds.
+  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
   static inline F cvt(I a) { return _mm512_cvtepi32_ps(a); }
   static inline F half_lo(I a) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(a)); }  // the fp16 in bits 0..15
   static inline F neg(F a) { return _mm512_sub_ps(_mm512_setzero_ps(), a); }
@@ -102,9 +103,195 @@ struct V {
 
 #include "qk_q8_simd.h"
 
-RowsFn get(int type) { return rows_fn(type); }
+// ---- Few activation rows (decode): weight rows read in their own order, no panel ---------------
+// At a few rows the panel's transposes and stores cost more than the dot products they feed.
+// Here each weight row's super-block is loaded as it lies (64 bytes: 128 Q4_K quants, 64 Q6_K),
+// dotted with matching activation bytes (vpdpbusd: lane i sums 4 products), and the partial sums
+// of 16 rows are folded into one vector per group, lane r = row r: a transpose-and-add tree whose
+// step `fold<W>` turns two vectors holding 2W partials per group into one holding W, one row's
+// sums in the low W lanes of each 2W, the other's in the high W. The integers of a group are
+// exact whatever order they are summed in, so the fp32 steps that follow (the panel's, group by
+// group) give every output the panel's bits.
+
+// Activation rows up to which a type takes this path (measured on Zen 4, weights from DRAM: Q4_K
+// gains up to 4 rows, Q6_K up to 2, as its quants cost more to unpack per row of x; Q4_1 has no
+// row-major loop, and at one row its panel reads the same x layout).
+static constexpr int64_t small_t(int type) { return type == Q4_K ? 4 : type == Q6_K ? 2 : 1; }
+static constexpr int64_t SMALL_T = 4;  // the most of any type
+static constexpr int64_t PF_PANELS = 1;  // panels of 16 rows prefetched ahead
+
+template <int W>
+static inline I fold(I a, I b) {
+  const __mmask16 hi = (__mmask16)(W == 1 ? 0xAAAA : W == 2 ? 0xCCCC : 0xF0F0);  // l % 2W >= W
+  const I z = _mm512_mask_blend_epi32(hi, b, a);  // b's lower W, a's upper W of each 2W
+  const I y = W == 1 ? _mm512_shuffle_epi32(z, (_MM_PERM_ENUM)0xb1)  // swap the W-lane halves
+            : W == 2 ? _mm512_shuffle_epi32(z, (_MM_PERM_ENUM)0x4e)
+                     : _mm512_shuffle_i32x4(z, z, 0xb1);
+  return _mm512_add_epi32(_mm512_mask_blend_epi32(hi, a, b), y);
+}
+
+// One super-block of 16 rows (rp[l] + off) against one activation row's bytes xs (its 256 values
+// of this super-block): G[g] lane r = row r's integer dot over group g (Q4_K: 8 groups of 32,
+// Q6_K: 16 groups of 16, quants unsigned as in the panel). Two vectors of each row at a time (one
+// 64-byte load of quants: Q4_K's low and high nibbles, Q6_K's two quarters), so that the tree of
+// 16 rows stays in registers.
+template <int TY>
+static inline void sb_dots(const uint8_t* const* rp, int64_t off, const int8_t* xs, I* G) {
+  const I m4 = _mm512_set1_epi32(0x0f0f0f0f);
+  _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) {
+    I X[2];
+    if constexpr (TY == Q4_K) {
+      // the 64 bytes at 16 + 64h hold groups 4h, 4h + 2 (low nibbles) and 4h + 1, 4h + 3 (high)
+      _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) {
+        const int8_t* b = xs + 128 * h + 32 * k;
+        X[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)b)),
+                                  _mm256_loadu_si256((const __m256i*)(b + 64)), 1);
+      }
+    } else {  // 64 consecutive quants per vector: groups 8h + 4k .. 8h + 4k + 3
+      _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) X[k] = _mm512_loadu_si512(xs + 128 * h + 64 * k);
+    }
+    auto row = [&](int l, I R[2]) {
+      const uint8_t* b = rp[l] + off;
+      if constexpr (TY == Q4_K) {
+        const I v = _mm512_loadu_si512(b + 16 + 64 * h);
+        R[0] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, m4), X[0]);
+        R[1] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi32(v, 4), m4), X[1]);
+      } else {
+        const I sh_lo = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0), sh_hi = _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4);
+        const I m2 = _mm512_set1_epi32(0x03030303);
+        const I ql = _mm512_loadu_si512(b + 64 * h);
+        const I qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b + 128 + 32 * h)));
+        const I lo = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, sh_lo), m2), 4));
+        const I hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(ql, 4), m4),
+                                     _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi64(qh, sh_hi), m2), 4));
+        R[0] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, X[0]);
+        R[1] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, X[1]);
+      }
+    };
+    if constexpr (TY == Q4_K) {  // 8 partials per group: three folds, then the two halves of 8 rows
+      I E[2][2];
+      _Pragma("GCC unroll 2") for (int q = 0; q < 2; ++q) {
+        I D[2];
+        _Pragma("GCC unroll 2") for (int p = 0; p < 2; ++p) {
+          I C[2];
+          _Pragma("GCC unroll 2") for (int m = 0; m < 2; ++m) {
+            I R0[2], R1[2];
+            const int l = 8 * q + 4 * p + 2 * m;
+            row(l, R0);
+            row(l + 1, R1);
+            _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) {
+              const I f = fold<1>(R0[k], R1[k]);
+              C[k] = m == 0 ? f : fold<2>(C[k], f);
+            }
+          }
+          _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) D[k] = p == 0 ? C[k] : fold<4>(D[k], C[k]);
+        }
+        _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) E[q][k] = D[k];
+      }
+      // E[q][k]: lanes 0-7 group 4h + k of rows 8q .. 8q + 7, lanes 8-15 group 4h + k + 2
+      _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) {
+        G[4 * h + k] = _mm512_shuffle_i32x4(E[0][k], E[1][k], 0x44);
+        G[4 * h + k + 2] = _mm512_shuffle_i32x4(E[0][k], E[1][k], 0xee);
+      }
+    } else {  // 4 partials per group: two folds, then a 4 x 4 transpose of 128-bit lanes
+      I Q[4][2];
+      _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) {
+        _Pragma("GCC unroll 2") for (int m = 0; m < 2; ++m) {
+          I R0[2], R1[2];
+          row(4 * q + 2 * m, R0);
+          row(4 * q + 2 * m + 1, R1);
+          _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) {
+            const I f = fold<1>(R0[k], R1[k]);
+            Q[q][k] = m == 0 ? f : fold<2>(Q[q][k], f);
+          }
+        }
+      }
+      // Q[q][k] 128-bit lane i: group 8h + 4k + i of rows 4q .. 4q + 3
+      _Pragma("GCC unroll 2") for (int k = 0; k < 2; ++k) {
+        const I a = _mm512_shuffle_i32x4(Q[0][k], Q[1][k], 0x44), b = _mm512_shuffle_i32x4(Q[0][k], Q[1][k], 0xee);
+        const I c = _mm512_shuffle_i32x4(Q[2][k], Q[3][k], 0x44), d = _mm512_shuffle_i32x4(Q[2][k], Q[3][k], 0xee);
+        I* g = G + 8 * h + 4 * k;
+        g[0] = _mm512_shuffle_i32x4(a, c, 0x88);
+        g[1] = _mm512_shuffle_i32x4(a, c, 0xdd);
+        g[2] = _mm512_shuffle_i32x4(b, d, 0x88);
+        g[3] = _mm512_shuffle_i32x4(b, d, 0xdd);
+      }
+    }
+  }
+}
+
+// Rows [r0, r1) of a job at NT <= small_t(TY) activation rows, row-major (x.nt == 1): 16 rows at a
+// time, each super-block's integer dots (sb_dots, once per activation row: the weights come from
+// L1 after the first) then its groups' fp32 steps, in the panel's order.
+template <int TY, int NT>
+static void rows_small(const Job& jb, int64_t r0, int64_t r1) {
+  const XQ& x = jb.x;
+  const int64_t K = x.K, G = K / 32, NB = K / 256;
+  constexpr int NG = TY == Q4_K ? 8 : 16;
+  alignas(64) float sa[16 * L], sc[16 * L];
+  for (int64_t r = r0; r < r1; r += L) {
+    const int nv = r1 - r < L ? (int)(r1 - r) : L;
+    const uint8_t* rp[L];  // rows past the end read the last one again
+    for (int l = 0; l < L; ++l) rp[l] = jb.w + (r + (l < nv ? l : nv - 1)) * jb.row_bytes;
+    const uint8_t* ahead = jb.w + (r + PF_PANELS * L) * jb.row_bytes;
+    F acc[NT];
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < NB; ++b) {
+      // The next 16 rows, in address order, a 1/NB of their bytes per super-block: one sequential
+      // stream (as the exact loops prefetch), where 16 streams a row apart outrun the prefetchers.
+      for (int64_t o = b * L * sb_bytes<TY>(); o < (b + 1) * L * sb_bytes<TY>(); o += 64) V::prefetch(ahead + o);
+      const int64_t off = b * sb_bytes<TY>();
+      sb_scales<TY>(rp, off, sa, sc);
+      _Pragma("GCC unroll 1") for (int t = 0; t < NT; ++t) {
+        I Gd[NG];
+        sb_dots<TY>(rp, off, x.q + t * K + b * 256, Gd);
+        const float* d32 = x.d32 + t * G + b * 8;
+        const float* ms = TY == Q4_K ? x.ms32 + t * G + b * 8 : x.ms16 + t * 2 * G + b * 16;
+        _Pragma("GCC unroll 16") for (int g = 0; g < NG; ++g) {
+          acc[t] = V::fma(V::mul(V::cvt(Gd[g]), V::loadf(sa + g * L)), V::set1f(d32[TY == Q4_K ? g : g / 2]), acc[t]);
+          acc[t] = V::fnmadd(V::loadf(sc + g * L), V::set1f(ms[g]), acc[t]);
+        }
+      }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
+      float* yt = jb.y + t * jb.ldy + r;
+      alignas(64) float s[L];
+      V::storef(s, acc[t]);
+      if (nv == L) {
+        V::storef(yt, jb.accumulate ? V::addf(V::loadf(yt), acc[t]) : acc[t]);
+      } else {
+        for (int l = 0; l < nv; ++l) yt[l] = jb.accumulate ? yt[l] + s[l] : s[l];
+      }
+    }
+  }
+}
+
+// The driver lays x out row-major (nt == 1) only when every segment of the call has T <=
+// small_t(type) (small_rows), so that each segment here runs rows_small, or the panel at T = 1.
+template <int TY>
+static void rows_any(const Job& jb, int64_t r0, int64_t r1) {
+  if (jb.x.nt == 1 && jb.x.T <= small_t(TY)) {
+    switch (jb.x.T) {
+      case 1: return rows_small<TY, 1>(jb, r0, r1);
+      case 2: return rows_small<TY, 2>(jb, r0, r1);
+      case 3: return rows_small<TY, 3>(jb, r0, r1);
+      case 4: return rows_small<TY, 4>(jb, r0, r1);
+      default: break;
+    }
+  }
+  rows<TY>(jb, r0, r1);
+}
+
+RowsFn get(int type) {
+  switch (type) {
+    case Q4_K: return rows_any<Q4_K>;
+    case Q6_K: return rows_any<Q6_K>;
+    default: return rows_fn(type);
+  }
+}
 QuantFn quant() { return quant_rows; }
 int64_t tile_rows() { return V::NT; }
+int64_t small_rows(int type) { return small_t(type); }
 
 }  // namespace avx512
 }  // namespace q8

@@ -32,6 +32,40 @@ struct alignas(64) PanelSB {
 template <int TY>
 static constexpr int sb_bytes() { return TY == Q4_K ? 144 : TY == Q6_K ? 210 : 8 * 20; }
 
+// The group scales of one super-block of the panel's rows (PanelSB's a and c; Q4_K, Q6_K).
+template <int TY>
+static inline void sb_scales(const uint8_t* const* rp, int64_t off, float* pa, float* pc) {
+  const int m4 = 0x0f0f0f0f;
+  I w[4];
+  if constexpr (TY == Q4_K) {
+    V::chunk4(rp, off, w);  // d | dmin, then the 12 bytes of 6-bit scales and mins
+    const F d = V::half_lo(w[0]), dmin = V::half_lo(V::srl(w[0], 16));
+    // the 8 scales and mins (k4_scale_min's packing), four per 32-bit word
+    const I u0 = w[1], u1 = w[2], u2 = w[3];
+    const I s0 = V::and_(u0, 0x3f3f3f3f), n0 = V::and_(u1, 0x3f3f3f3f);
+    const I s1 = V::or_(V::and_(u2, m4), V::sll(V::and_(V::srl(u0, 6), 0x03030303), 4));
+    const I n1 = V::or_(V::and_(V::srl(u2, 4), m4), V::sll(V::and_(V::srl(u1, 6), 0x03030303), 4));
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {
+      V::storef(pa + j * L, V::mul(d, V::cvt(V::and_(V::srl(s0, 8 * j), 0xff))));
+      V::storef(pa + (j + 4) * L, V::mul(d, V::cvt(V::and_(V::srl(s1, 8 * j), 0xff))));
+      V::storef(pc + j * L, V::mul(dmin, V::cvt(V::and_(V::srl(n0, 8 * j), 0xff))));
+      V::storef(pc + (j + 4) * L, V::mul(dmin, V::cvt(V::and_(V::srl(n1, 8 * j), 0xff))));
+    }
+  } else {
+    static_assert(TY == Q6_K, "Q4_K or Q6_K");
+    (void)m4;
+    V::chunk4(rp, off + 194, w);  // word 3: bytes 206..209, d in its high half
+    const F d = V::half_lo(V::srl(w[3], 16)), c32 = V::set1f(32.f);
+    V::chunk4(rp, off + 192, w);  // the 16 int8 scales
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c)
+      _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
+        const F a = V::mul(d, V::cvt(V::sra(V::sll(w[c], 24 - 8 * b), 24)));
+        V::storef(pa + (4 * c + b) * L, a);
+        V::storef(pc + (4 * c + b) * L, V::mul(a, c32));
+      }
+  }
+}
+
 // Decode one super-block of the panel's rows (row l's block at rp[l] + off) into p. Each 16-byte
 // chunk of the L blocks is loaded and transposed in registers (V::chunk4): out[u] lane l = 4-byte
 // word u of row l's chunk, a lane's 4 quant bytes being contiguous in its row.
@@ -52,19 +86,7 @@ static inline void decode_sb(const uint8_t* const* rp, int64_t off, PanelSB& p, 
       }
     }
   } else if constexpr (TY == Q4_K) {
-    V::chunk4(rp, off, w);  // d | dmin, then the 12 bytes of 6-bit scales and mins
-    const F d = V::half_lo(w[0]), dmin = V::half_lo(V::srl(w[0], 16));
-    // the 8 scales and mins (k4_scale_min's packing), four per 32-bit word
-    const I u0 = w[1], u1 = w[2], u2 = w[3];
-    const I s0 = V::and_(u0, 0x3f3f3f3f), n0 = V::and_(u1, 0x3f3f3f3f);
-    const I s1 = V::or_(V::and_(u2, m4), V::sll(V::and_(V::srl(u0, 6), 0x03030303), 4));
-    const I n1 = V::or_(V::and_(V::srl(u2, 4), m4), V::sll(V::and_(V::srl(u1, 6), 0x03030303), 4));
-    _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) {
-      V::storef(p.a + j * L, V::mul(d, V::cvt(V::and_(V::srl(s0, 8 * j), 0xff))));
-      V::storef(p.a + (j + 4) * L, V::mul(d, V::cvt(V::and_(V::srl(s1, 8 * j), 0xff))));
-      V::storef(p.c + j * L, V::mul(dmin, V::cvt(V::and_(V::srl(n0, 8 * j), 0xff))));
-      V::storef(p.c + (j + 4) * L, V::mul(dmin, V::cvt(V::and_(V::srl(n1, 8 * j), 0xff))));
-    }
+    sb_scales<TY>(rp, off, p.a, p.c);
     // groups 2i (low nibbles) and 2i + 1 (high nibbles) share the 32 bytes at 16 + 32i: word
     // 8i + s of the 128 bytes is k-step s of both groups
     _Pragma("GCC unroll 2") for (int o = 0; o < 32; o += L) {
@@ -77,15 +99,7 @@ static inline void decode_sb(const uint8_t* const* rp, int64_t off, PanelSB& p, 
       }
     }
   } else {  // Q6_K: ql[128] qh[64] scales[16] (int8) d (fp16 at 208)
-    V::chunk4(rp, off + 194, w);  // word 3: bytes 206..209, d in its high half
-    const F d = V::half_lo(V::srl(w[3], 16)), c32 = V::set1f(32.f);
-    V::chunk4(rp, off + 192, w);  // the 16 int8 scales
-    _Pragma("GCC unroll 4") for (int c = 0; c < 4; ++c)
-      _Pragma("GCC unroll 4") for (int b = 0; b < 4; ++b) {
-        const F a = V::mul(d, V::cvt(V::sra(V::sll(w[c], 24 - 8 * b), 24)));
-        V::storef(p.a + (4 * c + b) * L, a);
-        V::storef(p.c + (4 * c + b) * L, V::mul(a, c32));
-      }
+    sb_scales<TY>(rp, off, p.a, p.c);
     // group j = 4n + k (n = half of the block, k = 0..3), k-step s: low (k < 2) or high nibbles of
     // ql word 16n + 8 (k & 1) + s, bits 2k, 2k + 1 of qh word 8n + s on top
     I qh[16], ql[L];
