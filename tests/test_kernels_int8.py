@@ -181,7 +181,10 @@ def test_paths_agree_bit_for_bit_and_rows_do_not_depend_on_the_batch(name):
         part = QLinear([other])
         part.lossy = True
         for n in (1, 2, 3, 4, 19):
-            assert np.array_equal(fused(x[:n]), np.concatenate([first[:n], part(x[:n])], axis=1)), (other_name, n)
+            assert np.array_equal(fused(x[:n]), np.concatenate([first[:n], part(x[:n])], axis=1)), (
+                other_name,
+                n,
+            )
     out = np.ones((19, 70), np.float32)
     lin.add_to(x, out)
     assert np.array_equal(out, first + np.float32(1))
