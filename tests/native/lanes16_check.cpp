@@ -55,6 +55,7 @@ struct S {
   static F exp_neg(F a){for(int i=0;i<16;i++)a.v[i]=expf(a.v[i]);return a;}  // the lane logic, not the polynomial
   static void store(float*p,F a){for(int i=0;i<16;i++)p[i]=a.v[i];}
   static void prefetch(const uint8_t*){}
+  static void prefetch_l2(const uint8_t*){}
   static float hsum(F a){float s=0;for(float x:a.v)s+=x;return s;}
   struct H { float v[8]; };
   static H h_zero(){H r;for(auto&x:r.v)x=0;return r;}
