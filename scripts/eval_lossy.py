@@ -4,8 +4,9 @@ For each model: 20 prompts (10 code, 10 prose) are scored by both modes in one p
 every position the exact and lossy next-token distributions are compared: top-1 agreement (argmax
 equal) and KL(exact || lossy), in float64. Then prefill speed, both modes in turn on the same engine
 (a 256-token prompt, --runs runs each after a warm-up, alternating so a slow minute of the shared
-machine hits both alike) and decode at batch 1 (16 steps after a 64-token prompt), and llama-bench pp256 on the same GGUF and threads when
-scripts/build_llamacpp.sh has built it (the same run's ratio). Writes bench/lossy.json.
+machine hits both alike) and decode at batch 1 (16 steps after a 64-token prompt), and llama-bench
+pp256 and tg16 on the same GGUF and threads when scripts/build_llamacpp.sh has built it (the same
+run's ratios). Writes bench/lossy.json.
 
     .venv/bin/python scripts/eval_lossy.py            # Qwen2.5-Coder-1.5B (make models) and SmolLM2
     .venv/bin/python scripts/eval_lossy.py --models qwen2.5-coder-1.5b-instruct --threads 2 --runs 3
@@ -27,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct")
 PREFILL_LEN = 256
+DECODE_STEPS = 16  # decode steps timed at batch 1 (and llama-bench tg16)
 
 CODE = [
     "def quicksort(arr):\n",
@@ -133,7 +135,7 @@ def prefill_speed(eng: Any, runs: int) -> dict[str, Any]:
     return res
 
 
-def decode_speed(eng: Any, runs: int, steps: int = 16) -> dict[str, Any]:
+def decode_speed(eng: Any, runs: int, steps: int = DECODE_STEPS) -> dict[str, Any]:
     """Decode at batch 1 after a 64-token prompt, both modes in turn: tok/s of the steps alone."""
     from pipeserve.modeling.engine import SeqChunk
     from pipeserve.modeling.generate import GREEDY
@@ -161,8 +163,9 @@ def decode_speed(eng: Any, runs: int, steps: int = 16) -> dict[str, Any]:
     return res
 
 
-def llama_bench_pp(model: str, threads: int, runs: int) -> dict[str, Any]:
-    """llama-bench pp256 on the same GGUF and threads (skipped when llama.cpp is not built)."""
+def llama_bench(model: str, threads: int, runs: int) -> dict[str, Any]:
+    """llama-bench pp256 and tg16 (decode at batch 1, as many steps as decode_speed times) on the
+    same GGUF and threads (skipped when llama.cpp is not built)."""
     from pipeserve.common.model_files import resolve_model
 
     found = subprocess.run(
@@ -173,10 +176,20 @@ def llama_bench_pp(model: str, threads: int, runs: int) -> dict[str, Any]:
     bench = Path(found.stdout.strip().splitlines()[-1]) / "llama-bench"
     cmd = [str(bench), "-m", str(resolve_model(model).path), "-t", str(threads), "-p", str(PREFILL_LEN)]
     out = subprocess.run(
-        [*cmd, "-n", "0", "-r", str(runs), "-o", "json"], capture_output=True, text=True, check=True
+        [*cmd, "-n", str(DECODE_STEPS), "-r", str(runs), "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    row = next(r for r in json.loads(out.stdout) if r["n_prompt"] == PREFILL_LEN)
-    return {"pp_tok_s": float(row["avg_ts"]), "tool": f"llama-bench pp{PREFILL_LEN}"}
+    rows = json.loads(out.stdout)
+    pp = next(r for r in rows if r["n_prompt"] == PREFILL_LEN and r["n_gen"] == 0)
+    tg = next(r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == DECODE_STEPS)
+    return {
+        "pp_tok_s": float(pp["avg_ts"]),
+        "tool": f"llama-bench pp{PREFILL_LEN}",
+        "tg_tok_s": float(tg["avg_ts"]),
+        "tg_tool": f"llama-bench tg{DECODE_STEPS}",
+    }
 
 
 def evaluate(model: str, threads: int, runs: int, with_llama: bool) -> dict[str, Any]:
@@ -203,10 +216,11 @@ def evaluate(model: str, threads: int, runs: int, with_llama: bool) -> dict[str,
     res["prefill"] = prefill_speed(eng, runs)
     res["decode_b1"] = decode_speed(eng, runs)
     if with_llama:
-        res["llama_bench"] = lb = llama_bench_pp(model, threads, runs)
+        res["llama_bench"] = lb = llama_bench(model, threads, runs)
         if "pp_tok_s" in lb:
-            res["prefill"]["int8_over_llama_bench"] = res["prefill"]["int8_tok_s"] / lb["pp_tok_s"]
-            res["prefill"]["exact_over_llama_bench"] = res["prefill"]["exact_tok_s"] / lb["pp_tok_s"]
+            for part, key in (("prefill", "pp_tok_s"), ("decode_b1", "tg_tok_s")):
+                res[part]["int8_over_llama_bench"] = res[part]["int8_tok_s"] / lb[key]
+                res[part]["exact_over_llama_bench"] = res[part]["exact_tok_s"] / lb[key]
     return res
 
 
