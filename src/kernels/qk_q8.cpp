@@ -10,8 +10,8 @@
 namespace qk {
 namespace q8 {
 
-namespace avx2 { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); }
-namespace avxvnni { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); }
+namespace avx2 { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); int64_t small_rows(int type); }
+namespace avxvnni { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); int64_t small_rows(int type); }
 namespace avx512 { RowsFn get(int type); QuantFn quant(); int64_t tile_rows(); int64_t small_rows(int type); }
 
 namespace generic {
@@ -143,9 +143,12 @@ static int64_t tile_rows_for(Path p) {
 // Activation rows up to which the path reads x of every segment row-major (nt = 1; 0: never).
 static int64_t small_rows_for(Path p, const Seg* segs, int nseg) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (p == AVX512_VNNI) {
+  if (p != GENERIC) {
     int64_t n = SMALL_ROWS_MAX;
-    for (int i = 0; i < nseg; ++i) n = std::min(n, avx512::small_rows(segs[i].type));
+    for (int i = 0; i < nseg; ++i)
+      n = std::min(n, p == AVX512_VNNI ? avx512::small_rows(segs[i].type)
+                      : p == AVX2_VNNI ? avxvnni::small_rows(segs[i].type)
+                                       : avx2::small_rows(segs[i].type));
     return n;
   }
 #endif

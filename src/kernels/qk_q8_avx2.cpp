@@ -65,7 +65,9 @@ struct V256 {
       out[4 + w] = _mm256_permute2x128_si256(r[w], r[4 + w], 0x31);
     }
   }
-  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  // Into L2: the panel's look-ahead (8 rows' bytes) would evict what L1 holds (on a Zen 4's AVX2
+  // path from DRAM: 22-37% faster at K = 1536, 4% slower at K = 8960).
+  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
   static inline F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static inline F half_lo(I a) {  // the fp16 in bits 0..15 of each lane
     const __m256i lo = _mm256_shuffle_epi8(a, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
@@ -115,13 +117,16 @@ struct V : V256 {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_set1_epi32(x)), _mm256_set1_epi16(1)));
   }
   static inline I dpwssd(I acc, I a, int32_t x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, _mm256_set1_epi32(x))); }
+  static inline I dotv(I w, I x) { return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)); }
 };
 
 #include "qk_q8_simd.h"
+#include "qk_q8_rows8.h"
 
-RowsFn get(int type) { return rows_fn(type); }
+RowsFn get(int type) { return rows_fn8(type); }
 QuantFn quant() { return quant_rows; }
 int64_t tile_rows() { return V::NT; }
+int64_t small_rows(int type) { return small_t8(type); }
 
 }  // namespace avx2
 }  // namespace q8
@@ -138,13 +143,16 @@ struct V : V256 {
   static constexpr int NT = 6;
   static inline I dpbusd(I acc, I w, int32_t x) { return _mm256_dpbusd_avx_epi32(acc, w, _mm256_set1_epi32(x)); }
   static inline I dpwssd(I acc, I a, int32_t x) { return _mm256_dpwssd_avx_epi32(acc, a, _mm256_set1_epi32(x)); }
+  static inline I dotv(I w, I x) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x); }
 };
 
 #include "qk_q8_simd.h"
+#include "qk_q8_rows8.h"
 
-RowsFn get(int type) { return rows_fn(type); }
+RowsFn get(int type) { return rows_fn8(type); }
 QuantFn quant() { return quant_rows; }
 int64_t tile_rows() { return V::NT; }
+int64_t small_rows(int type) { return small_t8(type); }
 
 }  // namespace avxvnni
 }  // namespace q8
