@@ -596,8 +596,10 @@ static inline void tile_rows(const float* w, int64_t K, const float* x, int64_t 
   }
 }
 
+// The batched loops' look-ahead (the next pass's rows, whole): into L2, as the rows can be long
+// (from DRAM on one Zen 4 thread at T = 16: Q6_K 12288 x 8960 -6%, Q4_K at K = 1536 -1%).
 static inline void prefetch_bytes(const uint8_t* p, int64_t n) {
-  for (int64_t o = 0; o < n; o += 64) S::prefetch(p + o);
+  for (int64_t o = 0; o < n; o += 64) S::prefetch_l2(p + o);
 }
 
 static constexpr int64_t T_BLOCK = 64;  // activation rows kept hot in L2 while rows stream past
