@@ -122,11 +122,12 @@ struct V : V256 {
 
 #include "qk_q8_simd.h"
 #include "qk_q8_rows8.h"
+#include "qk_q8_rows.h"
 
-RowsFn get(int type) { return rows_fn8(type); }
+RowsFn get(int type) { return rows_fn_small(type); }
 QuantFn quant() { return quant_rows; }
 int64_t tile_rows() { return V::NT; }
-int64_t small_rows(int type) { return small_t8(type); }
+int64_t small_rows(int type) { return small_t(type); }
 
 }  // namespace avx2
 }  // namespace q8
@@ -148,11 +149,12 @@ struct V : V256 {
 
 #include "qk_q8_simd.h"
 #include "qk_q8_rows8.h"
+#include "qk_q8_rows.h"
 
-RowsFn get(int type) { return rows_fn8(type); }
+RowsFn get(int type) { return rows_fn_small(type); }
 QuantFn quant() { return quant_rows; }
 int64_t tile_rows() { return V::NT; }
-int64_t small_rows(int type) { return small_t8(type); }
+int64_t small_rows(int type) { return small_t(type); }
 
 }  // namespace avxvnni
 }  // namespace q8

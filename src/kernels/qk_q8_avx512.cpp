@@ -117,8 +117,6 @@ struct V {
 // gains up to 4 rows, Q6_K up to 2, as its quants cost more to unpack per row of x; Q4_1 has no
 // row-major loop, and at one row its panel reads the same x layout).
 static constexpr int64_t small_t(int type) { return type == Q4_K ? 4 : type == Q6_K ? 2 : 1; }
-static constexpr int64_t SMALL_T = 4;  // the most of any type
-static constexpr int64_t PF_PANELS = 1;  // panels of 16 rows prefetched ahead
 
 template <int W>
 static inline I fold(I a, I b) {
@@ -220,75 +218,9 @@ static inline void sb_dots(const uint8_t* const* rp, int64_t off, const int8_t* 
   }
 }
 
-// Rows [r0, r1) of a job at NT <= small_t(TY) activation rows, row-major (x.nt == 1): 16 rows at a
-// time, each super-block's integer dots (sb_dots, once per activation row: the weights come from
-// L1 after the first) then its groups' fp32 steps, in the panel's order.
-template <int TY, int NT>
-static void rows_small(const Job& jb, int64_t r0, int64_t r1) {
-  const XQ& x = jb.x;
-  const int64_t K = x.K, G = K / 32, NB = K / 256;
-  constexpr int NG = TY == Q4_K ? 8 : 16;
-  alignas(64) float sa[16 * L], sc[16 * L];
-  for (int64_t r = r0; r < r1; r += L) {
-    const int nv = r1 - r < L ? (int)(r1 - r) : L;
-    const uint8_t* rp[L];  // rows past the end read the last one again
-    for (int l = 0; l < L; ++l) rp[l] = jb.w + (r + (l < nv ? l : nv - 1)) * jb.row_bytes;
-    const uint8_t* ahead = jb.w + (r + PF_PANELS * L) * jb.row_bytes;
-    F acc[NT];
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < NB; ++b) {
-      // The next 16 rows, in address order, a 1/NB of their bytes per super-block: one sequential
-      // stream (as the exact loops prefetch), where 16 streams a row apart outrun the prefetchers.
-      for (int64_t o = b * L * sb_bytes<TY>(); o < (b + 1) * L * sb_bytes<TY>(); o += 64) V::prefetch(ahead + o);
-      const int64_t off = b * sb_bytes<TY>();
-      sb_scales<TY>(rp, off, sa, sc);
-      _Pragma("GCC unroll 1") for (int t = 0; t < NT; ++t) {
-        I Gd[NG];
-        sb_dots<TY>(rp, off, x.q + t * K + b * 256, Gd);
-        const float* d32 = x.d32 + t * G + b * 8;
-        const float* ms = TY == Q4_K ? x.ms32 + t * G + b * 8 : x.ms16 + t * 2 * G + b * 16;
-        _Pragma("GCC unroll 16") for (int g = 0; g < NG; ++g) {
-          acc[t] = V::fma(V::mul(V::cvt(Gd[g]), V::loadf(sa + g * L)), V::set1f(d32[TY == Q4_K ? g : g / 2]), acc[t]);
-          acc[t] = V::fnmadd(V::loadf(sc + g * L), V::set1f(ms[g]), acc[t]);
-        }
-      }
-    }
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) {
-      float* yt = jb.y + t * jb.ldy + r;
-      alignas(64) float s[L];
-      V::storef(s, acc[t]);
-      if (nv == L) {
-        V::storef(yt, jb.accumulate ? V::addf(V::loadf(yt), acc[t]) : acc[t]);
-      } else {
-        for (int l = 0; l < nv; ++l) yt[l] = jb.accumulate ? yt[l] + s[l] : s[l];
-      }
-    }
-  }
-}
+#include "qk_q8_rows.h"
 
-// The driver lays x out row-major (nt == 1) only when every segment of the call has T <=
-// small_t(type) (small_rows), so that each segment here runs rows_small, or the panel at T = 1.
-template <int TY>
-static void rows_any(const Job& jb, int64_t r0, int64_t r1) {
-  if (jb.x.nt == 1 && jb.x.T <= small_t(TY)) {
-    switch (jb.x.T) {
-      case 1: return rows_small<TY, 1>(jb, r0, r1);
-      case 2: return rows_small<TY, 2>(jb, r0, r1);
-      case 3: return rows_small<TY, 3>(jb, r0, r1);
-      case 4: return rows_small<TY, 4>(jb, r0, r1);
-      default: break;
-    }
-  }
-  rows<TY>(jb, r0, r1);
-}
-
-RowsFn get(int type) {
-  switch (type) {
-    case Q4_K: return rows_any<Q4_K>;
-    case Q6_K: return rows_any<Q6_K>;
-    default: return rows_fn(type);
-  }
-}
+RowsFn get(int type) { return rows_fn_small(type); }
 QuantFn quant() { return quant_rows; }
 int64_t tile_rows() { return V::NT; }
 int64_t small_rows(int type) { return small_t(type); }
