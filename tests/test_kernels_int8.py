@@ -162,8 +162,8 @@ def test_paths_agree_bit_for_bit_and_rows_do_not_depend_on_the_batch(name):
             kernels.set_isa(isa)
             kernels.set_int8_vnni(vnni)
             outs[path] = lin(x)
-            # 1 to 5 rows at a time: the row-major decode loops (Q4_K up to 4 rows on AVX-512, 2 on
-            # AVX2; Q6_K up to 2 and 1) and the panels give the same bits
+            # 1 to 5 rows at a time: the row-major decode loops (AVX-512: Q4_K up to 2 rows, Q6_K 1;
+            # AVX2: 1) and the panels give the same bits
             for n in range(1, 6):
                 pieces = np.concatenate([lin(x[t : t + n]) for t in range(0, x.shape[0], n)])
                 outs[f"{path}, {n} rows at a time"] = pieces
