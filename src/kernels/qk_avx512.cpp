@@ -124,8 +124,6 @@ struct S : Lanes256 {
   }
   static inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static inline void store(float* p, F a) { _mm512_storeu_ps(p, a); }
-  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
-  static inline void prefetch_l2(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
   static inline float hsum(F a) { return _mm512_reduce_add_ps(a); }
 };
 

@@ -23,6 +23,8 @@ struct Lanes256 {
   static inline H h_i8(const int8_t* p, float m) {  // m * 8 signed bytes
     return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))), _mm256_set1_ps(m));
   }
+  static inline void prefetch(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T0); }
+  static inline void prefetch_l2(const uint8_t* p) { _mm_prefetch((const char*)p, _MM_HINT_T1); }
   static constexpr bool PERM_MV = false;  // mv_rows_q6k_perm / q4k_perm (qk_simd.h): the AVX2 and AVX-512 builds set it
   // 32 bytes of quants as one value, for byte-wise decoding (q6k_quants in qk_simd.h)
   using B = __m256i;

@@ -177,7 +177,7 @@ void run(const Seg* segs, int nseg, int64_t K, const float* x, int64_t T, float*
   if ((int64_t)qb.size() < T * K) qb.resize(T * K);
   if ((int64_t)fb.size() < T * (K / 8)) fb.resize(T * (K / 8));
   float *d32 = fb.data(), *ms32 = d32 + T * (K / 32), *ms16 = ms32 + T * (K / 32);
-  // Row-major activations (nt = 1) where the path reads few rows that way (avx512: rows_small).
+  // Row-major activations (nt = 1) where the path reads few rows that way (qk_q8_rows.h).
   const int64_t nt = T <= small_rows_for(path, segs, nseg) ? 1 : tile_rows_for(path);
   struct QCtx {
     QuantFn fn;

@@ -111,10 +111,16 @@ static constexpr bool has_min() { return TY == Q4_1 || TY == Q5_1 || TY == Q4_K 
 // from DRAM on Zen 4, ~14% on its AVX2 path; at K = 1536 the L1 hint is ~2% faster).
 static constexpr int64_t PF_L1_BYTES = 16384;
 template <class SS>
-static inline void ahead_fetch(const uint8_t* p, bool far) {
-  if (far) SS::prefetch_l2(p);
-  else SS::prefetch(p);
-}
+struct Ahead {
+  const uint8_t* base;  // the first of the NR rows two passes on
+  bool far;
+  Ahead(const uint8_t* row, int NR, int64_t row_bytes)
+      : base(row + 2 * NR * row_bytes), far(2 * NR * row_bytes > PF_L1_BYTES) {}
+  void fetch(int64_t off) const {
+    if (far) SS::prefetch_l2(base + off);
+    else SS::prefetch(base + off);
+  }
+};
 
 // T <= MV_MAX_T: y[t, r] for NR consecutive weight rows starting at `row` and NT activation rows
 // from x_t (jb.x row t0 + t). Each group is decoded once into registers and dotted with every
@@ -124,8 +130,7 @@ template <int TY, int NR, int NT>
 static inline void mv_rows(const Job& jb, const uint8_t* row, int64_t t0, float* y) {
   using F = typename S::F;
   const int64_t G = jb.K / 32;
-  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
-  const bool far = 2 * NR * jb.row_bytes > PF_L1_BYTES;
+  const Ahead<S> ahead(row, NR, jb.row_bytes);
   const int64_t step = (NR * jb.row_bytes + G - 1) / (G ? G : 1);  // bytes of the next block per group
   const float* x0 = jb.x + t0 * jb.K;
   const float* xs0 = jb.xsum ? jb.xsum + t0 * G : nullptr;
@@ -136,8 +141,8 @@ static inline void mv_rows(const Job& jb, const uint8_t* row, int64_t t0, float*
   for (int64_t g = 0; g < G; ++g) {
     // Prefetch a later block of NR rows at the pace this block is read, in the
     // contiguous weight stream, two blocks ahead (a row alone is shorter than RAM latency needs).
-    ahead_fetch<S>(ahead + g * step, far);
-    ahead_fetch<S>(ahead + g * step + 64, far);
+    ahead.fetch(g * step);
+    ahead.fetch(g * step + 64);
     _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r) {
       F q[NV];
       float a0, a1, c;
@@ -267,8 +272,7 @@ static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, floa
   using F = typename S::F;
   constexpr int SB = TY == Q4_K ? 144 : TY == Q5_K ? 176 : 210;
   const int64_t NB = jb.K / 256, G = jb.K / 32;
-  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
-  const bool far = 2 * NR * jb.row_bytes > PF_L1_BYTES;
+  const Ahead<S> ahead(row, NR, jb.row_bytes);
   const int64_t step = NR * jb.row_bytes / (NB ? NB : 1);  // bytes of the block two ahead per super-block
   const float* x0 = jb.x + t0 * jb.K;
   const float* xs0 = jb.xsum ? jb.xsum + t0 * G : nullptr;
@@ -297,7 +301,7 @@ static inline void mv_rows_k(const Job& jb, const uint8_t* row, int64_t t0, floa
     }
   };
   for (int64_t b = 0; b < NB; ++b) {
-    for (int64_t o = 0; o < step + 64; o += 64) ahead_fetch<S>(ahead + b * step + o, far);
+    for (int64_t o = 0; o < step + 64; o += 64) ahead.fetch(b * step + o);
     _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
       const uint8_t* sb = row + r * jb.row_bytes + b * SB;
       float a[16], c[8];
@@ -372,8 +376,7 @@ static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t
   using I = typename SS::I;
   constexpr int SB = 210, H = SS::L / 8, NS = 16 / SS::L;
   const int64_t NB = jb.K / 256;
-  const uint8_t* ahead = row + 2 * NR * jb.row_bytes;
-  const bool far = 2 * NR * jb.row_bytes > PF_L1_BYTES;
+  const Ahead<SS> ahead(row, NR, jb.row_bytes);
   const int64_t step = NR * jb.row_bytes / (NB ? NB : 1);  // bytes of the block two ahead per super-block
   const float* x0 = jb.xp + t0 * jb.K;
   const float* xs0 = jb.xs16 + t0 * (jb.K / 16);
@@ -381,7 +384,7 @@ static inline void mv_rows_q6k_perm(const Job& jb, const uint8_t* row, int64_t t
   _Pragma("GCC unroll 8") for (int r = 0; r < NR; ++r)
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
   for (int64_t b = 0; b < NB; ++b) {
-    for (int64_t o = 0; o < step + 64; o += 64) ahead_fetch<SS>(ahead + b * step + o, far);
+    for (int64_t o = 0; o < step + 64; o += 64) ahead.fetch(b * step + o);
     _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
       const uint8_t* sb = row + r * jb.row_bytes + b * SB;
       F a[NS];  // d * the 16 scales
@@ -431,8 +434,7 @@ static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t
   using I = typename SS::I;
   constexpr int SB = 144, H = SS::L / 8;
   const int64_t NB = jb.K / 256, G = jb.K / 32, rb = jb.row_bytes;
-  const uint8_t* ahead = row + 2 * NR * rb;
-  const bool far = 2 * NR * rb > PF_L1_BYTES;
+  const Ahead<SS> ahead(row, NR, rb);
   const float* x0 = jb.xp4 + t0 * jb.K;
   const float* xs0 = jb.xsum + t0 * G;
   F tot[NR][NT];
@@ -441,7 +443,7 @@ static inline void mv_rows_q4k_perm(const Job& jb, const uint8_t* row, int64_t t
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; ++t) tot[r][t] = SS::zero();
   for (int64_t b = 0; b < NB; ++b) {
     // the rows' super-blocks two ahead (NR * 144 bytes; unrolled: no loop branch)
-    _Pragma("GCC unroll 16") for (int o = 0; o < NR * SB + 64; o += 64) ahead_fetch<SS>(ahead + b * NR * SB + o, far);
+    _Pragma("GCC unroll 16") for (int o = 0; o < NR * SB + 64; o += 64) ahead.fetch(b * NR * SB + o);
     _Pragma("GCC unroll 4") for (int r = 0; r < NR; ++r) {
       const uint8_t* sb = row + r * rb + b * SB;
       float d, dmin;
