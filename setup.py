@@ -21,7 +21,7 @@ setup(
                     *("qk_q8.cpp", "qk_q8_avx2.cpp", "qk_q8_avx512.cpp"),  # the opt-in int8 mode
                 )
             ],
-            depends=[KERNELS + f for f in ("qk_types.h", "qk_simd.h", "qk_lanes256.h", "qk_q8.h", "qk_q8_simd.h", "qk_q8_rows8.h", "qk_q8_rows.h")],
+            depends=[KERNELS + f for f in ("qk_types.h", "qk_pool.h", "qk_simd.h", "qk_lanes256.h", "qk_q8.h", "qk_q8_simd.h", "qk_q8_rows8.h", "qk_q8_rows.h")],
             extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
             language="c++",
         ),

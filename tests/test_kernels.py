@@ -1062,3 +1062,28 @@ def test_paged_attention_shared_prefix_read_in_tiles(isa, threads):
             0, np.ascontiguousarray(qkv[b : b + 1]), nh
         )
         assert np.array_equal(alone[0], got[b]), b
+
+
+def test_the_kernel_extension_rebuilds_when_any_header_changes() -> None:
+    """setuptools recompiles an extension's sources only when they or its `depends` changed: a
+    header missing from setup.py's list leaves a stale library behind after an edit (qk_pool.h was)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "setup.py").read_text())
+    listed: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Extension":
+            name = ast.literal_eval(node.args[0])
+            if name != "pipeserve.kernels._qk":
+                continue
+            for kw in node.keywords:
+                if kw.arg == "depends":
+                    listed |= {
+                        c.value
+                        for c in ast.walk(kw.value)
+                        if isinstance(c, ast.Constant) and str(c.value).endswith(".h")
+                    }
+    headers = {p.name for p in (root / "src" / "kernels").glob("*.h")}
+    assert headers and listed, "setup.py's _qk extension lists no headers"
+    assert headers <= listed, f"headers missing from setup.py's depends: {sorted(headers - listed)}"
