@@ -80,6 +80,12 @@ def set_attention_tiles(on: bool) -> None:
     _qk.set_attention_tiles(bool(on))
 
 
+def set_tail_rows(on: bool) -> None:
+    """False: a batched matmul's activation rows past its last whole chunk of 16 run as a chunk of
+    their own (the cost of 16 rows) instead of in the decode loops (benchmarks compare the two)."""
+    _qk.set_tail_rows(bool(on))
+
+
 def set_threads(n: int) -> None:
     """Threads of the process's kernel pool (the calling thread is one of them)."""
     _qk.set_threads(int(n))

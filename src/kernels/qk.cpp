@@ -182,6 +182,9 @@ static void Plan_dealloc(PlanObject* self) {
   Py_TYPE(self)->tp_free((PyObject*)self);
 }
 
+static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, bool accumulate);
+static bool g_tail_rows = true;  // set_tail_rows(False): a partial last chunk runs as a chunk (benchmarks, tests)
+
 // run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T, both contiguous fp32.
 static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 3 && nargs != 4) {
@@ -203,8 +206,31 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
   }
-  const int64_t K = self->K, G = K / 32;
+  const int64_t K = self->K;
   Py_BEGIN_ALLOW_THREADS
+  // A batched call's last chunk of cw activation rows costs a whole chunk however few rows it
+  // holds (its lanes run empty): on one Zen 4 thread T = 17 took 1.8x T = 16 (Q4_K 8960 x 1536)
+  // where one more row of the decode loop adds a tenth. So the rows past the last whole chunk, when
+  // few, take the decode loops instead, as a call of their own (and get the bits they get alone):
+  // up to 8 on AVX-512, where that was faster at every tail (Q4_K, Q6_K, Q4_1; by 5-40%); up to 4
+  // on AVX2, whose last chunk runs half its FMAs when it holds 8 rows or fewer, and where 5 rows
+  // broke even and 6 lost.
+  const Isa isa = call_isa(T);
+  const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8), tail = T % cw;
+  const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
+  if (g_tail_rows && isa != ISA_GENERIC && T > cw && T < PANEL_MIN_T && tail <= tail_max) {
+    run_exact(self, x, T - tail, y, accumulate);
+    if (tail) run_exact(self, x + (T - tail) * K, tail, y + (T - tail) * self->N, accumulate);
+  } else {
+    run_exact(self, x, T, y, accumulate);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+// The exact matmul of T activation rows (called without the GIL).
+static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, bool accumulate) {
+  const int64_t K = self->K, G = K / 32;
   std::vector<float> xsum;
   if (self->needs_xsum && T <= MV_PASS_MAX_T) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
     xsum.resize(T * G);
@@ -275,8 +301,6 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
         rows_for(jb.type, k.isa)(jb, it[1], it[2]);
       },
       &call, (int64_t)items.size() / 3, 34 * K);
-  Py_END_ALLOW_THREADS
-  Py_RETURN_NONE;
 }
 
 static PyObject* Plan_get_n(PlanObject* self, void*) { return PyLong_FromLongLong(self->N); }
@@ -952,6 +976,13 @@ static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  g_tail_rows = on != 0;
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
   if (PyErr_Occurred()) return nullptr;
@@ -978,6 +1009,8 @@ static PyMethodDef module_methods[] = {
     {"set_int8_vnni", py_set_int8_vnni, METH_O, "set_int8_vnni(False): the int8 kernels without VNNI (tests)"},
     {"set_attention_tiles", py_set_attention_tiles, METH_O,
      "set_attention_tiles(False): prefill rows attend one at a time (the tiles' bits are the same; tests)"},
+    {"set_tail_rows", py_set_tail_rows, METH_O,
+     "set_tail_rows(False): a batched matmul's rows past its last whole chunk run as a chunk (benchmarks)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 
