@@ -23,7 +23,7 @@ from pipeserve.modeling.generate import GREEDY
 from pipeserve.modeling.loader import load_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import machine_info  # noqa: E402
+from bench_serving import machine_info
 
 PREFILL = (16, 17, 18, 20, 24, 32, 33, 36, 40, 64)
 STREAMS = (16, 17, 18, 20, 24)
