@@ -261,11 +261,12 @@ def test_kernel_matches_reference_random_blocks(name, isa, threads):
 
 
 def test_accumulate_adds_into_the_output(isa, threads):
-    """add_to: out += x @ W^T, on every loop shape (T = 1, dot tiles, k-major x, panels)."""
+    """add_to: out += x @ W^T, on every loop shape (T = 1, dot tiles, k-major x with and without
+    rows past its last whole chunk, panels)."""
     qt = random_qtensor("Q4_K", 70, 512, seed=5)
     lin, w = QLinear([qt]), ref_weights(qt)
     rng = np.random.default_rng(5)
-    for T in (1, 7, 16, 64, 200):
+    for T in (1, 7, 16, 19, 64, 200):
         x, base = randn(rng, T, 512), randn(rng, T, 70)
         out = base.copy()
         assert lin.add_to(x, out) is out
@@ -282,7 +283,7 @@ def test_fused_segments_of_mixed_types(isa, threads):
     rng = np.random.default_rng(2)
     bias = randn(rng, 176)
     lin = QLinear(parts, bias)
-    for T in BATCHES:
+    for T in (*BATCHES, 18, 23):  # (and rows past the last whole chunk of 16, in their own call)
         x = randn(rng, T, 512)
         assert rel_err(lin(x), t64(x) @ w.t() + t64(bias)) <= TOL
         out = np.zeros((T, 176), np.float32)
