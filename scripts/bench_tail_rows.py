@@ -81,11 +81,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="qwen2.5-coder-1.5b-instruct,smollm2-135m-instruct")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--isa", default=None, help="force a kernel path (avx2, avx512): default the best this CPU runs"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/tail-rows.json"))
     args = ap.parse_args()
     cores, why = usable_cores()
     threads, reason = choose_threads(cores, 1, "auto", why)
     kernels.set_threads(threads)
+    if args.isa:
+        kernels.set_isa(args.isa)
     res = {
         "benchmark": "partial last chunk: decode loops (split) against a whole chunk",
         "command": " ".join(["python", *sys.argv]),
