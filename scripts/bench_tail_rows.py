@@ -25,8 +25,8 @@ from pipeserve.modeling.loader import load_stage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import machine_info
 
-PREFILL = (16, 17, 18, 20, 24, 32, 33, 36, 40, 64)
-STREAMS = (16, 17, 18, 20, 24)
+PREFILL = (9, 10, 12, 16, 17, 18, 20, 24, 32, 33, 36, 40, 64)
+STREAMS = (9, 12, 16, 17, 18, 20, 24)
 CONTEXT = 32  # each decoding stream's prompt
 
 

@@ -208,10 +208,11 @@ def test_up_to_8_rows_each_row_gets_the_bits_it_gets_alone(name, isa, threads):
 
 @pytest.mark.parametrize("name", ["Q4_1", "Q4_K", "Q6_K", "Q8_0"])
 def test_rows_past_the_last_whole_chunk_take_the_decode_loops(name, isa, threads):
-    """A batched call of T rows (16 < T < 192) runs its rows in chunks of 16; the few rows past the
+    """A batched call of T rows (8 < T < 192) runs its rows in chunks of 16; the few rows past the
     last whole chunk (up to 8 on avx512, 4 on avx2) run as a call of their own in the decode loops
-    (a partial chunk costs a whole one), so they get the bits they get alone, and every row stays
-    within the tolerance of the reference, with the split and without it (set_tail_rows(False))."""
+    (a partial chunk costs a whole one), and so do 9 to 12 rows of Q4_K / Q6_K on avx512 (8, then
+    the rest): those rows get the bits they get alone, and every row stays within the tolerance of
+    the reference, with the split and without it (set_tail_rows(False))."""
     if isa == "generic":
         pytest.skip("the portable path has no chunks")
     K = 512
@@ -220,23 +221,30 @@ def test_rows_past_the_last_whole_chunk_take_the_decode_loops(name, isa, threads
     lin = QLinear([qt])
     x = randn(np.random.default_rng(5), 40, K)
     limit = 8 if isa == "avx512" else 4
+    small = isa == "avx512" and name in ("Q4_K", "Q6_K")  # 9..12 rows: 8, then the rest
     try:
-        for T in (17, 18, 20, 21, 24, 25, 33, 36, 40):
-            tail = T % 16
+        for T in (9, 10, 12, 13, 17, 18, 20, 21, 24, 25, 33, 36, 40):
             kernels.set_tail_rows(True)
             y = lin(x[:T])
             assert rel_err(y, t64(x[:T]) @ w.t()) <= TOL, f"{isa} {name} T={T}"
-            if tail <= limit:
-                alone = lin(x[T - tail : T])
-                assert np.array_equal(y[T - tail :], alone), (
-                    f"{isa} {name} T={T}: tail rows differ from their own call"
-                )
+            if T > 16 and limit >= T % 16:
+                calls = [(0, T - T % 16), (T - T % 16, T)]
+            elif small and T <= 12:
+                calls = [(0, 8), (8, T)]
+            else:
+                calls = [(0, T)]
+            for a, b in calls:
+                if b > a and (a, b) != (0, T):
+                    assert np.array_equal(y[a:b], lin(x[a:b])), (
+                        f"{isa} {name} T={T}: rows {a}..{b} differ from their own call"
+                    )
             kernels.set_tail_rows(False)
             y_chunks = lin(x[:T])
-            assert rel_err(y_chunks, t64(x[:T]) @ w.t()) <= TOL, f"{isa} {name} T={T}, tail rows as a chunk"
-            assert np.array_equal(y_chunks[: T - tail], y[: T - tail]), (
-                f"{isa} {name} T={T}: whole chunks differ"
-            )
+            assert rel_err(y_chunks, t64(x[:T]) @ w.t()) <= TOL, f"{isa} {name} T={T}, split off"
+            if calls[0] != (0, T) and T > 16:
+                assert np.array_equal(y_chunks[: calls[0][1]], y[: calls[0][1]]), (
+                    f"{isa} {name} T={T}: whole chunks differ"
+                )
     finally:
         kernels.set_tail_rows(True)
 
