@@ -210,8 +210,8 @@ def test_up_to_8_rows_each_row_gets_the_bits_it_gets_alone(name, isa, threads):
 def test_rows_past_the_last_whole_chunk_take_the_decode_loops(name, isa, threads):
     """A batched call of T rows (8 < T < 192) runs its rows in chunks of 16; the few rows past the
     last whole chunk (up to 8 on avx512, 4 on avx2) run as a call of their own in the decode loops
-    (a partial chunk costs a whole one), and so do 9 to 12 rows of Q4_K / Q6_K on avx512 (8, then
-    the rest): those rows get the bits they get alone, and every row stays within the tolerance of
+    (a partial chunk costs a whole one), and so do 9 to 12 rows of Q4_K / Q6_K (avx2: 9 to 11; 8,
+    then the rest): those rows get the bits they get alone, and every row stays within the tolerance of
     the reference, with the split and without it (set_tail_rows(False))."""
     if isa == "generic":
         pytest.skip("the portable path has no chunks")
@@ -221,15 +221,15 @@ def test_rows_past_the_last_whole_chunk_take_the_decode_loops(name, isa, threads
     lin = QLinear([qt])
     x = randn(np.random.default_rng(5), 40, K)
     limit = 8 if isa == "avx512" else 4
-    small = isa == "avx512" and name in ("Q4_K", "Q6_K")  # 9..12 rows: 8, then the rest
+    small_max = 12 if isa == "avx512" else 11  # Q4_K / Q6_K at 9..small_max rows: 8, then the rest
     try:
-        for T in (9, 10, 12, 13, 17, 18, 20, 21, 24, 25, 33, 36, 40):
+        for T in (9, 10, 11, 12, 13, 17, 18, 20, 21, 24, 25, 33, 36, 40):
             kernels.set_tail_rows(True)
             y = lin(x[:T])
             assert rel_err(y, t64(x[:T]) @ w.t()) <= TOL, f"{isa} {name} T={T}"
             if T > 16 and limit >= T % 16:
                 calls = [(0, T - T % 16), (T - T % 16, T)]
-            elif small and T <= 12:
+            elif name in ("Q4_K", "Q6_K") and small_max >= T:
                 calls = [(0, 8), (8, T)]
             else:
                 calls = [(0, T)]

@@ -218,12 +218,14 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   // up to 8 on AVX-512, where that was faster at every tail (Q4_K, Q6_K, Q4_1; by 5-40%); up to 4
   // on AVX2, whose last chunk runs half its FMAs when it holds 8 rows or fewer, and where 5 rows
   // broke even and 6 lost.
-  // Likewise 9 to 12 rows of Q4_K / Q6_K on AVX-512, below one whole chunk: 8 rows, then the rest,
-  // in the decode loops (20-37% faster there on one Zen 4 thread; Q4_1 lost from 11 rows).
+  // Likewise 9 to 12 rows of Q4_K / Q6_K (AVX2: 9 to 11), below one whole chunk: 8 rows, then the
+  // rest, in the decode loops (on one Zen 4 thread 20-37% faster on AVX-512; on its AVX2 path 7-28%
+  // at 9 to 11 rows, 1-3% at 12; Q4_1 lost from 11 rows).
   const Isa isa = call_isa(T);
   const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8), tail = T % cw;
   const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
-  if (g_tail_rows && isa == ISA_AVX512 && self->kperm_only && T > MV_PASS_MAX_T && T <= MV_PASS_MAX_T + MV_MAX_T) {
+  const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
+  if (g_tail_rows && isa != ISA_GENERIC && self->kperm_only && T > MV_PASS_MAX_T && T <= small_max) {
     run_exact(self, x, MV_PASS_MAX_T, y, accumulate);
     run_exact(self, x + MV_PASS_MAX_T * K, T - MV_PASS_MAX_T, y + MV_PASS_MAX_T * self->N, accumulate);
   } else if (g_tail_rows && isa != ISA_GENERIC && T > cw && T < PANEL_MIN_T && tail <= tail_max) {
