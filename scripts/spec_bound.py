@@ -26,8 +26,8 @@ from pipeserve import kernels
 from pipeserve.common.model_files import resolve_model
 from pipeserve.common.threads import choose_threads, usable_cores
 from pipeserve.coordinator import drafts as D
-from pipeserve.modeling.engine import SeqChunk, StageEngine
-from pipeserve.modeling.generate import GREEDY
+from pipeserve.modeling.engine import StageEngine
+from pipeserve.modeling.generate import generate
 from pipeserve.modeling.loader import load_stage
 from pipeserve.tokenizer.core import TokenizerCore
 
@@ -47,17 +47,11 @@ def answers(model: str) -> dict[str, list[tuple[list[int], list[int]]]]:
         ("chat", bench_spec.CHAT_PROMPTS, 96),
     ):
         out[name] = []
-        for p in prompts:
+        for p in prompts:  # one at a time: each answer as one stream decodes it
             ids = tok.encode(
                 tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False
             )
-            o = eng.forward([SeqChunk("a", 0, ids, GREEDY)])
-            gen = [o.samples[0].token_id]
-            while len(gen) < max_tokens and gen[-1] not in eos:
-                o = eng.forward([SeqChunk("a", len(ids) + len(gen) - 1, [gen[-1]], GREEDY)])
-                gen.append(o.samples[0].token_id)
-            eng.release(["a"])
-            out[name].append((ids, gen))
+            out[name].append((ids, generate([eng], [ids], max_tokens, stop_ids=tuple(eos))[0]))
     return out
 
 

@@ -225,15 +225,13 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8), tail = T % cw;
   const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
   const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
-  if (g_tail_rows && isa != ISA_GENERIC && self->kperm_only && T > MV_PASS_MAX_T && T <= small_max) {
-    run_exact(self, x, MV_PASS_MAX_T, y, accumulate);
-    run_exact(self, x + MV_PASS_MAX_T * K, T - MV_PASS_MAX_T, y + MV_PASS_MAX_T * self->N, accumulate);
-  } else if (g_tail_rows && isa != ISA_GENERIC && T > cw && T < PANEL_MIN_T && tail <= tail_max) {
-    run_exact(self, x, T - tail, y, accumulate);
-    if (tail) run_exact(self, x + (T - tail) * K, tail, y + (T - tail) * self->N, accumulate);
-  } else {
-    run_exact(self, x, T, y, accumulate);
+  int64_t head = T;  // rows [0, head) in one call, [head, T) in the decode loops
+  if (g_tail_rows && isa != ISA_GENERIC) {
+    if (self->kperm_only && T > MV_PASS_MAX_T && T <= small_max) head = MV_PASS_MAX_T;
+    else if (T > cw && T < PANEL_MIN_T && tail <= tail_max) head = T - tail;
   }
+  run_exact(self, x, head, y, accumulate);
+  if (head < T) run_exact(self, x + head * K, T - head, y + head * self->N, accumulate);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
