@@ -46,6 +46,16 @@ PREFILL_ROWS = 256
 PREFILL_REPS = 3
 
 
+def _pool_copy(a: np.ndarray) -> np.ndarray:
+    """`a` copied into memory allocated as the engine's KV pool allocates it (kv_cache._lazy_zeros:
+    its own map, transparent huge pages asked for), so that the pages are those of a real pool."""
+    from pipeserve.modeling.kv_cache import _lazy_zeros
+
+    _, b = _lazy_zeros(a.shape, a.dtype.type)  # b keeps its map alive (its base)
+    b[...] = a
+    return b
+
+
 def step_ms(
     shape: tuple[int, int, int, int], ctx: int, kv_dtype: str, rng: np.random.Generator
 ) -> tuple[float, int]:
@@ -62,6 +72,7 @@ def step_ms(
         v = rows.astype(kernels.KV_DTYPES[kv_dtype][0])
     k = kernels.kv_pack_k(v, kv_dtype)
     del rows
+    k, v = _pool_copy(k), _pool_copy(v)  # in memory mapped as the engine's pool maps it
     att = kernels.PagedAttention(k, v, rng.permutation(nblk)[None, :], [ctx])
     qkv = rng.standard_normal((1, (nh + 2 * nkv) * hd), dtype=np.float32)
     for layer in range(layers):  # warm-up

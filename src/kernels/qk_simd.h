@@ -832,7 +832,15 @@ static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I
 
 // ---------------------------------------------------------------- attention
 // The cache's rows widened to fp32 vectors, by element type (KvType in qk_types.h).
-static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // how far ahead K (and V) rows are fetched
+// How far ahead the decode loop fetches K and V blocks (attend_group_t). f32, f16 and bf16: 32
+// positions (2 blocks at the default block size), into L2. On the Zen 4 VM (SmolLM2's and Qwen2.5's
+// shapes at 4096 and 16384 positions, 1 and 2 threads, both ISAs, huge pages or not) that beat 4 KiB
+// into L1 by 1.1-1.6x for f32 and up to 1.3x for f16: L1 holds too little for that distance, and a
+// prefetch into L1 that misses holds one of its few fill buffers. q8_0 widens each element with
+// more instructions and is bound by them, not by memory; its look-ahead stays 4 KiB into L1, which
+// measured as fast or faster there (bench/attention-zen4.json).
+static constexpr int64_t ATT_PREFETCH_POSITIONS = 32;
+static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // q8_0
 // Query heads per pass over a kv head's K and V (attend_part, attend_tile): up to 8 heads' accumulators fit
 // the registers on both ISAs (AVX2's P V takes one output vector per head at 5-8 heads), so a GQA group
 // of up to 8 (Qwen2.5's 6, Llama 3's 4) reads its K and V once per step. (AVX2 ran passes of 4: Qwen's
@@ -866,7 +874,7 @@ template <> struct Kv<KV_Q8_0> {  // d * q of the element's block (qk_types.h kv
 
 // The cache is paged: a block's rows of one layer and kv head are contiguous, but the next block is
 // elsewhere, so the hardware prefetcher loses the stream at every block (and 4 KiB page): the K
-// and V rows ATT_PREFETCH_BYTES ahead are fetched by hand (inline: a helper function for it
+// and V blocks ahead (ATT_PREFETCH_POSITIONS) are fetched by hand (inline: a helper function for it
 // measured 1.6x slower on a cache larger than L3).
 // HG query heads (q: HG rows of hd floats) sharing one kv head, over positions [p0, p1): the
 // AttendPartFn contract (qk_types.h). Each vector of K (S::L positions of one element) is loaded
@@ -886,7 +894,9 @@ static void attend_group_t(const float* q, float* o, float* ml, const uint8_t* c
   constexpr int NA = att_chains(HG);
   constexpr int64_t PW = NPV * S::L;  // positions per step
   const int64_t kblock = bs * RB;     // bytes of one kv head's K block
-  const int64_t kahead = ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1;  // blocks ahead
+  constexpr bool to_l2 = KT != KV_Q8_0;  // ATT_PREFETCH_POSITIONS
+  const int64_t kahead = to_l2 ? (ATT_PREFETCH_POSITIONS / bs > 1 ? ATT_PREFETCH_POSITIONS / bs : 1)
+                               : (ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1);  // blocks ahead
   const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
   const int64_t kstride = bs * (RB / hd);    // bytes from one element's positions to the next's
   // q transposed, element-major ([d][HG]): the HG broadcasts of an element come from one base
@@ -910,8 +920,13 @@ static void attend_group_t(const float* q, float* o, float* ml, const uint8_t* c
       auto fetch_step = [&]() {  // one element's share of the lines of the blocks ahead (Bresenham)
         if (fetch_c)
           for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
-            S::prefetch(kf + 64 * fline);
-            S::prefetch(vf + 64 * fline);
+            if constexpr (to_l2) {
+              S::prefetch_l2(kf + 64 * fline);
+              S::prefetch_l2(vf + 64 * fline);
+            } else {
+              S::prefetch(kf + 64 * fline);
+              S::prefetch(vf + 64 * fline);
+            }
           }
       };
       F acc[HG][NA][NPV];

@@ -57,6 +57,7 @@ def kv_token_layer_bytes(n_kv_heads: int, head_dim: int, kv_dtype: str = "f32") 
 
 
 HOLE = -1  # a block-table entry given up behind a sliding window (never read again)
+HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 (_lazy_zeros)
 
 
 @dataclass
@@ -121,8 +122,9 @@ class KVCachePool:
 
     @property
     def resident_bytes(self) -> int:
-        """k and v bytes of the blocks written since their pages were last handed back (an upper
-        bound of what the pool costs in memory; never-written pages cost nothing)."""
+        """k and v bytes of the blocks written since their pages were last handed back (what the
+        pool costs in memory, to within one huge page per map: _lazy_zeros; never-written pages
+        cost nothing)."""
         return (self.n_blocks - len(self.fresh)) * 2 * self.block_bytes
 
     @property
@@ -445,11 +447,17 @@ class KVCachePool:
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic] = np.float32) -> tuple[mmap.mmap, np.ndarray]:
     """An array over its own anonymous memory map (returned with it): zeros, and no page is
-    resident before it is written (numpy's allocator would ask for transparent huge pages on a
-    large array, so a written 16-token block would make 2 MiB resident)."""
+    resident before it is written. The map asks for transparent huge pages (where the OS has them;
+    `madvise` mode, the common default, grants them only on request): decode attention reads one
+    K and one V block per layer and kv head from scattered blocks, a TLB miss each with 4 KiB
+    pages, and huge pages made a step's attention 1.1-1.5x faster on the Zen 4 VM at 4096
+    positions (bench/attention-zen4.json). Fresh blocks are taken lowest first (`fresh`), so the
+    pages made resident ahead of use are at most one huge page (2 MiB) per map."""
     item = np.dtype(dtype).itemsize
     n = int(np.prod(shape)) * item
     buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE") and n >= HUGE_PAGE:
+        buf.madvise(mmap.MADV_HUGEPAGE)
     return buf, np.frombuffer(buf, dtype=dtype, count=n // item).reshape(shape)
 
 
