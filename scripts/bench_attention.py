@@ -8,7 +8,10 @@ calls it, the K/V blocks in a shuffled order like a real pool's), the bytes of K
 and so the GB/s it reaches, next to what the kernels' read probe reaches on the same threads
 (`_qk.probe("read")`: a plain sum over 1 GiB). f32, f16 and q8_0 caches. A ratio near 1 means the
 step is bound by the cache's bytes: a faster kernel cannot help, only fewer bytes (a smaller
-`kv_dtype`).
+`kv_dtype`). Each decode figure is timed three ways in turn (VARIANTS): with the look-ahead the
+kernel had before 2026-12-07 (`kernels.set_attention_lookahead(False)`: 4 KiB ahead into L1) on
+4 KiB pages, with the current one (32 positions ahead into L2) on 4 KiB pages, and with the current
+one on the pool's transparent huge pages (the default, `kv_cache._lazy_zeros`).
 
 Prefill: a 256-row chunk (one sequence's positions ctx .. ctx + 255, one layer) attending in tiles
 (the default: each K block and V panel read once for a tile's rows, `qk_simd.h attend_tile`) and
@@ -46,20 +49,31 @@ PREFILL_ROWS = 256
 PREFILL_REPS = 3
 
 
-def _pool_copy(a: np.ndarray) -> np.ndarray:
-    """`a` copied into memory allocated as the engine's KV pool allocates it (kv_cache._lazy_zeros:
-    its own map, transparent huge pages asked for), so that the pages are those of a real pool."""
-    from pipeserve.modeling.kv_cache import _lazy_zeros
+# The decode step's variants, timed in turn in one run (rounds alternate; each keeps its fastest):
+# the look-ahead before 2026-12-07 on 4 KiB pages, then the current look-ahead (K and V blocks 32
+# positions ahead into L2) on 4 KiB pages, then that on the pool's huge pages (the default).
+VARIANTS = {"before": (False, False), "lookahead": (True, False), "now": (True, True)}
+ROUNDS = 3
 
-    _, b = _lazy_zeros(a.shape, a.dtype.type)  # b keeps its map alive (its base)
+
+def _pool_copy(a: np.ndarray, huge: bool) -> np.ndarray:
+    """`a` copied into memory allocated as the engine's KV pool allocates it (kv_cache._lazy_zeros:
+    its own map, transparent huge pages asked for unless `huge` is False)."""
+    from pipeserve.modeling import kv_cache
+
+    kv_cache.HUGE_PAGES = huge
+    try:
+        _, b = kv_cache._lazy_zeros(a.shape, a.dtype.type)  # b keeps its map alive (its base)
+    finally:
+        kv_cache.HUGE_PAGES = True
     b[...] = a
     return b
 
 
 def step_ms(
     shape: tuple[int, int, int, int], ctx: int, kv_dtype: str, rng: np.random.Generator
-) -> tuple[float, int]:
-    """(ms of one decode step's attention over every layer, K+V bytes it reads)."""
+) -> tuple[dict[str, float], int]:
+    """(ms of one decode step's attention over every layer for each of VARIANTS, K+V bytes it reads)."""
     from pipeserve import kernels
 
     layers, nh, nkv, hd = shape
@@ -72,17 +86,26 @@ def step_ms(
         v = rows.astype(kernels.KV_DTYPES[kv_dtype][0])
     k = kernels.kv_pack_k(v, kv_dtype)
     del rows
-    k, v = _pool_copy(k), _pool_copy(v)  # in memory mapped as the engine's pool maps it
-    att = kernels.PagedAttention(k, v, rng.permutation(nblk)[None, :], [ctx])
+    table = rng.permutation(nblk)[None, :]
     qkv = rng.standard_normal((1, (nh + 2 * nkv) * hd), dtype=np.float32)
-    for layer in range(layers):  # warm-up
-        att(layer, qkv, nh)
-    t0 = time.perf_counter()
-    for _ in range(REPS):
-        for layer in range(layers):
-            att(layer, qkv, nh)
-    ms = (time.perf_counter() - t0) / REPS * 1e3
-    return ms, 2 * layers * nkv * ctx * kernels.kv_row_bytes(hd, kv_dtype)
+    best: dict[str, float] = {}
+    for _ in range(ROUNDS):
+        for name, (lookahead, huge) in VARIANTS.items():
+            att = kernels.PagedAttention(_pool_copy(k, huge), _pool_copy(v, huge), table, [ctx])
+            kernels.set_attention_lookahead(lookahead)
+            try:
+                for layer in range(layers):  # warm-up
+                    att(layer, qkv, nh)
+                t0 = time.perf_counter()
+                for _ in range(REPS):
+                    for layer in range(layers):
+                        att(layer, qkv, nh)
+                ms = (time.perf_counter() - t0) / REPS * 1e3
+            finally:
+                kernels.set_attention_lookahead(True)
+            best[name] = min(best.get(name, ms), ms)
+            del att
+    return best, 2 * layers * nkv * ctx * kernels.kv_row_bytes(hd, kv_dtype)
 
 
 def prefill_row(
@@ -149,7 +172,8 @@ def main() -> None:
     for model, shape in SHAPES.items():
         for ctx in CONTEXTS:
             for kv in KV_TYPES:
-                ms, read = step_ms(shape, ctx, kv, rng)
+                times, read = step_ms(shape, ctx, kv, rng)
+                ms = times["now"]
                 gbs = read / ms / 1e6
                 res["rows"].append(
                     {
@@ -160,9 +184,16 @@ def main() -> None:
                         "bytes": read,
                         "gb_s": gbs,
                         "of_probe": gbs / res["read_probe_gb_s"],
+                        "ms_before": times["before"],
+                        "ms_lookahead_small_pages": times["lookahead"],
+                        "speedup": times["before"] / ms,
                     }
                 )
-                print(f"{model} {ctx} {kv}: {ms:.2f} ms, {gbs:.1f} GB/s", flush=True)
+                print(
+                    f"{model} {ctx} {kv}: {ms:.2f} ms, {gbs:.1f} GB/s (before {times['before']:.2f},"
+                    f" look-ahead on 4 KiB pages {times['lookahead']:.2f})",
+                    flush=True,
+                )
     sec, units = _qk.probe("fma", 100_000_000)
     res["fma_probe_gflop_s"] = units / sec / 1e9
     res["prefill"] = []
@@ -179,10 +210,15 @@ def main() -> None:
                 )
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(f"\nread probe {res['read_probe_gb_s']:.1f} GB/s on {THREADS} threads")
-    print("| model | context | KV | ms per step | GB/s | of the read probe |\n|---|---|---|---|---|---|")
+    print(
+        "| model | context | KV | before (ms) | look-ahead, 4 KiB pages (ms) | now (ms) | now / before |"
+        " GB/s | of the read probe |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for r in res["rows"]:
         print(
-            f"| {r['model']} | {r['context']} | {r['kv_dtype']} | {r['ms']:.2f} | {r['gb_s']:.1f} | {r['of_probe']:.2f} |"
+            f"| {r['model']} | {r['context']} | {r['kv_dtype']} | {r['ms_before']:.2f} |"
+            f" {r['ms_lookahead_small_pages']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x | {r['gb_s']:.1f} |"
+            f" {r['of_probe']:.2f} |"
         )
 
     print(f"\nFMA probe {res['fma_probe_gflop_s']:.1f} GFLOP/s on {THREADS} threads")

@@ -965,6 +965,32 @@ def test_paged_attention_splits_bit_identical_across_threads():
     assert np.array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("bs", [16, 1])
+def test_paged_attention_lookahead_changes_no_bit(isa, kv_dtype, bs):
+    """The decode look-ahead (32 positions into L2, or 4 KiB into L1 with
+    set_attention_lookahead(False), which benchmarks compare) only fetches: the outputs are the same
+    bits, at the default block size and at blocks of one position (32 blocks ahead), over a
+    shuffled table that reaches the pool's last block."""
+    rng = np.random.default_rng(bs)
+    nh, nkv, hd, n = 6, 2, 64, 1200
+    nblk = -(-n // bs)
+    k32, v32 = kv_pools(rng, nblk + 1, 1, nkv, bs, hd)
+    kp, _ = kv_round(k32, kv_dtype)
+    vp, _ = kv_round(v32, kv_dtype)
+    kp = kernels.kv_pack_k(kp, kv_dtype)
+    tables = rng.permutation(nblk + 1)[None, :nblk]
+    qkv = randn(rng, 1, (nh + 2 * nkv) * hd)
+    outs = []
+    for on in (True, False):
+        kernels.set_attention_lookahead(on)
+        try:
+            outs.append(kernels.PagedAttention(kp.copy(), vp.copy(), tables, [n])(0, qkv, nh))
+        finally:
+            kernels.set_attention_lookahead(True)
+    assert np.array_equal(outs[0], outs[1])
+
+
 def test_kv_pool_dtypes_refused_when_wrong():
     rng = np.random.default_rng(1)
     kp, vp = kv_pools(rng, 2, 1, 1, 16, 64)

@@ -74,6 +74,13 @@ def set_int8_vnni(on: bool) -> None:
     _qk.set_int8_vnni(bool(on))
 
 
+def set_attention_lookahead(on: bool) -> None:
+    """False: decode attention fetches the K and V blocks 4 KiB ahead into L1 (the look-ahead
+    before 2026-12-07) instead of 32 positions ahead into L2 (f32, f16, bf16 caches). Only the
+    speed differs, not the bits (benchmarks compare the two in one run)."""
+    _qk.set_attention_lookahead(bool(on))
+
+
 def set_attention_tiles(on: bool) -> None:
     """False: a prefill chunk's rows attend one at a time instead of in tiles that read each K/V
     block once for all of them. The results are the same bits either way (tests compare them)."""

@@ -984,6 +984,13 @@ static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  g_att_far = on != 0;
+  Py_RETURN_NONE;
+}
+
 static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) {
   const int on = PyObject_IsTrue(arg);
   if (on < 0) return nullptr;
@@ -1015,6 +1022,8 @@ static PyMethodDef module_methods[] = {
     {"probe", py_probe, METH_VARARGS, "probe(kind, n) -> (seconds, units): read bandwidth or FMA peak on the pool"},
     {"int8_path", py_int8_path, METH_NOARGS, "the kernels a lossy Plan runs on now (qk_q8.h)"},
     {"set_int8_vnni", py_set_int8_vnni, METH_O, "set_int8_vnni(False): the int8 kernels without VNNI (tests)"},
+    {"set_attention_lookahead", py_set_attention_lookahead, METH_O,
+     "set_attention_lookahead(False): decode attention fetches 4 KiB ahead into L1 (the look-ahead before; benchmarks)"},
     {"set_attention_tiles", py_set_attention_tiles, METH_O,
      "set_attention_tiles(False): prefill rows attend one at a time (the tiles' bits are the same; tests)"},
     {"set_tail_rows", py_set_tail_rows, METH_O,

@@ -894,7 +894,7 @@ static void attend_group_t(const float* q, float* o, float* ml, const uint8_t* c
   constexpr int NA = att_chains(HG);
   constexpr int64_t PW = NPV * S::L;  // positions per step
   const int64_t kblock = bs * RB;     // bytes of one kv head's K block
-  constexpr bool to_l2 = KT != KV_Q8_0;  // ATT_PREFETCH_POSITIONS
+  const bool to_l2 = KT != KV_Q8_0 && g_att_far;  // ATT_PREFETCH_POSITIONS
   const int64_t kahead = to_l2 ? (ATT_PREFETCH_POSITIONS / bs > 1 ? ATT_PREFETCH_POSITIONS / bs : 1)
                                : (ATT_PREFETCH_BYTES / kblock > 1 ? ATT_PREFETCH_BYTES / kblock : 1);  // blocks ahead
   const int64_t lines = (kblock + 63) / 64;  // cache lines of a block's K (and of its V)
@@ -920,7 +920,7 @@ static void attend_group_t(const float* q, float* o, float* ml, const uint8_t* c
       auto fetch_step = [&]() {  // one element's share of the lines of the blocks ahead (Bresenham)
         if (fetch_c)
           for (fsum += lines; fsum >= hd; fsum -= hd, ++fline) {
-            if constexpr (to_l2) {
+            if (to_l2) {
               S::prefetch_l2(kf + 64 * fline);
               S::prefetch_l2(vf + 64 * fline);
             } else {

@@ -276,6 +276,11 @@ static inline int64_t kv_row_bytes(int kv_type, int64_t hd) {
 // attend_group): head sizes above this take the portable loops, rows and tiles alike.
 static constexpr int64_t ATT_MAX_HD = 512;
 
+// The decode attention's look-ahead (qk_simd.h ATT_PREFETCH_POSITIONS): true, K and V blocks 32
+// positions ahead into L2; false, 4 KiB ahead into L1 as before 2026-12-07 (set_attention_lookahead:
+// benchmarks compare the two in one run; the results are the same bits).
+inline bool g_att_far = true;
+
 // Partial attention of one sequence's row: the `hn` query heads q[0..hn) (hd floats each, all
 // reading one kv head) over cache positions [p0, p1). Kb[j] / Vb[j] point at the kv head's part of
 // the j-th block of the range (bs x kv_row_bytes(KT, hd) bytes: K transposed, V in rows; see

@@ -58,6 +58,7 @@ def kv_token_layer_bytes(n_kv_heads: int, head_dim: int, kv_dtype: str = "f32") 
 
 HOLE = -1  # a block-table entry given up behind a sliding window (never read again)
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 (_lazy_zeros)
+HUGE_PAGES = True  # pools ask for them (False: benchmarks measure without)
 
 
 @dataclass
@@ -456,7 +457,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic] = np.float32) ->
     item = np.dtype(dtype).itemsize
     n = int(np.prod(shape)) * item
     buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE") and n >= HUGE_PAGE:
+    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE") and n >= HUGE_PAGE:
         buf.madvise(mmap.MADV_HUGEPAGE)
     return buf, np.frombuffer(buf, dtype=dtype, count=n // item).reshape(shape)
 
