@@ -834,9 +834,10 @@ static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I
 // The cache's rows widened to fp32 vectors, by element type (KvType in qk_types.h).
 // How far ahead the decode loop fetches K and V blocks (attend_group_t). f32, f16 and bf16: 32
 // positions (2 blocks at the default block size), into L2. On the Zen 4 VM (SmolLM2's and Qwen2.5's
-// shapes at 4096 and 16384 positions, 1 and 2 threads, both ISAs, huge pages or not) that beat 4 KiB
-// into L1 by 1.1-1.6x for f32 and up to 1.3x for f16: L1 holds too little for that distance, and a
-// prefetch into L1 that misses holds one of its few fill buffers. q8_0 widens each element with
+// shapes at 4096 and 16384 positions, 2 threads) that beat 4 KiB into L1 by 1.2-1.4x for f32 and
+// 1.2-1.3x for f16 (bench/attention-zen4.json, the two in turn in one run; 1 thread and the AVX2
+// path gained as much in trials): L1 holds too little for that distance, and a prefetch into L1
+// that misses holds one of its few fill buffers. q8_0 widens each element with
 // more instructions and is bound by them, not by memory; its look-ahead stays 4 KiB into L1, which
 // measured as fast or faster there (bench/attention-zen4.json).
 static constexpr int64_t ATT_PREFETCH_POSITIONS = 32;
