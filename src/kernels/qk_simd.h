@@ -837,9 +837,9 @@ static void gelu_tanh_row_v(const float* x, const float* up, float* y, int64_t I
 // shapes at 4096 and 16384 positions, 2 threads) that beat 4 KiB into L1 by 1.2-1.4x for f32 and
 // 1.2-1.3x for f16 (bench/attention-zen4.json, the two in turn in one run; 1 thread and the AVX2
 // path gained as much in trials): L1 holds too little for that distance, and a prefetch into L1
-// that misses holds one of its few fill buffers. q8_0 widens each element with
-// more instructions and is bound by them, not by memory; its look-ahead stays 4 KiB into L1, which
-// measured as fast or faster there (bench/attention-zen4.json).
+// that misses holds one of its few fill buffers. q8_0 widens each element with more instructions
+// and is bound by them, not by memory; its look-ahead stays 4 KiB into L1 (in trials the far one
+// was no faster for it, and slower on the AVX2 path).
 static constexpr int64_t ATT_PREFETCH_POSITIONS = 32;
 static constexpr int64_t ATT_PREFETCH_BYTES = 4096;  // q8_0
 // Query heads per pass over a kv head's K and V (attend_part, attend_tile): up to 8 heads' accumulators fit
