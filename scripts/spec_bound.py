@@ -5,8 +5,9 @@ coordinator's draft source (prompt lookup, `coordinator/drafts.py`) with the cos
 rows taken from a `bench_verify_rows.py` file plus a fixed per-pass overhead (hops, scheduling):
 
 - `shipped`: the coordinator's own choice of drafts per pass (`drafts.allocate`, its acceptance
-  estimate, updated as the scheduler updates it: from the drafts it sent, or, when it sent none,
-  from whether the proposal's first token came out), as `make bench-spec` runs it;
+  estimate, updated as the scheduler updates it: from the drafts it sent and, when all of them
+  were accepted, from whether the first proposed token it did not send came out), as `make
+  bench-spec` runs it;
 - `oracle`: every pass drafts exactly the proposal's tokens that will be accepted (the best any
   policy can do with these proposals, up to 7 drafts);
 - `copy_ceiling`: every pass verifies 7 drafts and all are accepted (an answer that only copies).
@@ -78,10 +79,10 @@ def replay(prompt: list[int], gen: list[int], policy: str, cost: list[float]) ->
             k = c.k
         a = min(agree, k)
         if policy == "shipped":  # as Scheduler._apply_step learns from a step
-            if k:
+            if a == k and k < len(prop):  # the first draft not sent against the token that came out
+                acc.update(k + 1, a + int(agree > k))
+            elif k:
                 acc.update(k, a)
-            elif prop:  # a proposal not sent: its first token against the one that came out
-                acc.update(1, int(agree > 0))
         t += cost[k]
         passes += 1
         n += a + 1

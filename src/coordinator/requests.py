@@ -94,7 +94,8 @@ class Request:
     drafts: NgramDrafts | None = None  # None: it never drafts
     draft: list[int] = field(default_factory=list)  # sent after its next token in the current step
     # the first token proposed but not sent this step (-1: none): compared with the token that
-    # comes out, so acceptance keeps being measured while a request does not draft
+    # comes out after the drafts sent (if all are accepted), so acceptance keeps being measured
+    # while a request drafts less than it proposes, or nothing
     shadow: int = -1
     draft_reserve: int = 0  # KV positions its drafts may need beyond the next token (admission)
     acceptance: Acceptance = field(default_factory=Acceptance)

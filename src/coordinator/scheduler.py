@@ -306,8 +306,8 @@ class Scheduler:
         allocate([c for _, c in cands], rows, self.step_cost, sampling)
         for req, c in cands:
             req.draft = c.proposal[: c.k]
-            if not c.k:  # not worth sending now: still learn whether it would have been right
-                req.shadow = c.proposal[0]
+            if c.k < len(c.proposal):  # the first draft not sent: still learn whether it was right
+                req.shadow = c.proposal[c.k]
 
     def _reroute(self, req: Request) -> bool:
         """Give the request a healthy node for every part; a changed node means a full replay."""
@@ -468,10 +468,12 @@ class Scheduler:
             req.suspect, req.cache_wait_since = False, None  # it ran through every stage
             if not toks or req.finish_reason is not None:
                 continue
-            if drafted:
+            if shadow >= 0 and accepted == drafted:
+                # every draft sent was accepted, so the token after them tells whether the first
+                # draft not sent would have been too: one draft's more evidence, at no cost
+                req.acceptance.update(drafted + 1, accepted + int(toks[drafted].token_id == shadow))
+            elif drafted:
                 req.acceptance.update(drafted, accepted)
-            elif shadow >= 0:  # a proposal not sent: one draft's worth of evidence, at no cost
-                req.acceptance.update(1, int(toks[0].token_id == shadow))
             kept: list[Sampled] = []
             for tok in toks:
                 req.tokens.append(tok.token_id)
