@@ -264,3 +264,36 @@ def test_a_request_that_stopped_drafting_starts_again_when_its_proposals_come_tr
             assert req.spec.passes < 40  # drafting resumed: fewer passes than tokens
 
     run(main())
+
+
+def test_the_first_draft_not_sent_is_evidence_after_accepted_drafts(monkeypatch):
+    """A step that sends fewer drafts than proposed, all accepted, also learns whether the first
+    one it held back came out (the token after them): the acceptance estimate counts one draft
+    more than were sent in such steps, and as accepted while the proposals are right. The output is
+    the reference throughout."""
+    monkeypatch.setattr(NgramDrafts, "propose", oracle(0))  # always right
+    calls: list[tuple[int, int]] = []
+    update = Acceptance.update
+
+    def spy(self, drafted, accepted):  # type: ignore[no-untyped-def]
+        calls.append((drafted, accepted))
+        update(self, drafted, accepted)
+
+    monkeypatch.setattr(Acceptance, "update", spy)
+
+    async def main() -> None:
+        async with FakeCluster(parts=2) as fc:
+            for rows in range(1, MAX_ROWS + 1):  # rows cost more and more: a few drafts pay, not all
+                fc.scheduler.step_cost.add(rows, 1.0 + 0.3 * (rows - 1) + 0.05 * (rows - 1) ** 2)
+            monkeypatch.setattr(fc.scheduler.step_cost, "add", lambda rows, ms: None)
+            prompt = prompt_of(3, 6)
+            req = fc.submit(prompt, 40, ignore_eos=True)
+            toks, _, _ = await collect(req)
+            assert toks == reference(prompt, 40)
+            sent = req.spec.drafted
+            assert 0 < sent and req.spec.accepted == sent
+            learned = sum(d for d, _ in calls)
+            assert learned > sent  # steps that held drafts back learned from the first of them
+            assert all(a == d for d, a in calls)  # and counted it as right: it was
+
+    run(main())
