@@ -291,7 +291,7 @@ def test_the_first_draft_not_sent_is_evidence_after_accepted_drafts(monkeypatch)
             toks, _, _ = await collect(req)
             assert toks == reference(prompt, 40)
             sent = req.spec.drafted
-            assert 0 < sent and req.spec.accepted == sent
+            assert sent > 0 and req.spec.accepted == sent
             learned = sum(d for d, _ in calls)
             assert learned > sent  # steps that held drafts back learned from the first of them
             assert all(a == d for d, a in calls)  # and counted it as right: it was
