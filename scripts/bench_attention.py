@@ -59,13 +59,9 @@ ROUNDS = 3
 def _pool_copy(a: np.ndarray, huge: bool) -> np.ndarray:
     """`a` copied into memory allocated as the engine's KV pool allocates it (kv_cache._lazy_zeros:
     its own map, transparent huge pages asked for unless `huge` is False)."""
-    from pipeserve.modeling import kv_cache
+    from pipeserve.modeling.kv_cache import _lazy_zeros
 
-    kv_cache.HUGE_PAGES = huge
-    try:
-        _, b = kv_cache._lazy_zeros(a.shape, a.dtype.type)  # b keeps its map alive (its base)
-    finally:
-        kv_cache.HUGE_PAGES = True
+    _, b = _lazy_zeros(a.shape, a.dtype.type, huge)  # b keeps its map alive (its base)
     b[...] = a
     return b
 
@@ -88,10 +84,12 @@ def step_ms(
     del rows
     table = rng.permutation(nblk)[None, :]
     qkv = rng.standard_normal((1, (nh + 2 * nkv) * hd), dtype=np.float32)
+    pools = {h: (_pool_copy(k, h), _pool_copy(v, h)) for h in {huge for _, huge in VARIANTS.values()}}
+    del k, v
     best: dict[str, float] = {}
     for _ in range(ROUNDS):
         for name, (lookahead, huge) in VARIANTS.items():
-            att = kernels.PagedAttention(_pool_copy(k, huge), _pool_copy(v, huge), table, [ctx])
+            att = kernels.PagedAttention(*pools[huge], table, [ctx])
             kernels.set_attention_lookahead(lookahead)
             try:
                 for layer in range(layers):  # warm-up

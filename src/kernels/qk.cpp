@@ -977,26 +977,16 @@ static PyObject* py_set_int8_vnni(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) {
+// The switches tests and benchmarks flip: flag = the truth of arg.
+static PyObject* set_flag(PyObject* arg, bool& flag) {
   const int on = PyObject_IsTrue(arg);
   if (on < 0) return nullptr;
-  g_att_tiles = on != 0;
+  flag = on != 0;
   Py_RETURN_NONE;
 }
-
-static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) {
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  g_att_far = on != 0;
-  Py_RETURN_NONE;
-}
-
-static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) {
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  g_tail_rows = on != 0;
-  Py_RETURN_NONE;
-}
+static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) { return set_flag(arg, g_att_tiles); }
+static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) { return set_flag(arg, g_att_far); }
+static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) { return set_flag(arg, g_tail_rows); }
 
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);

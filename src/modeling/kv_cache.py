@@ -58,7 +58,6 @@ def kv_token_layer_bytes(n_kv_heads: int, head_dim: int, kv_dtype: str = "f32") 
 
 HOLE = -1  # a block-table entry given up behind a sliding window (never read again)
 HUGE_PAGE = 2 << 20  # a transparent huge page on x86-64 (_lazy_zeros)
-HUGE_PAGES = True  # pools ask for them (False: benchmarks measure without)
 
 
 @dataclass
@@ -446,9 +445,12 @@ class KVCachePool:
         assert sum(map(len, self.part_keys)) == len(self.part), "a partial key held twice"
 
 
-def _lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic] = np.float32) -> tuple[mmap.mmap, np.ndarray]:
+def _lazy_zeros(
+    shape: tuple[int, ...], dtype: type[np.generic] = np.float32, huge: bool = True
+) -> tuple[mmap.mmap, np.ndarray]:
     """An array over its own anonymous memory map (returned with it): zeros, and no page is
-    resident before it is written. The map asks for transparent huge pages (where the OS has them;
+    resident before it is written. The map asks for transparent huge pages unless `huge` is False
+    (benchmarks measure without; where the OS has them;
     `madvise` mode, the common default, grants them only on request): decode attention reads one
     K and one V block per layer and kv head from scattered blocks, a TLB miss each with 4 KiB
     pages; with huge pages an f32 step's attention took 3-8% less time on the Zen 4 VM at 4096
@@ -460,7 +462,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic] = np.float32) ->
     item = np.dtype(dtype).itemsize
     n = int(np.prod(shape)) * item
     buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE") and n >= HUGE_PAGE:
+    if huge and hasattr(mmap, "MADV_HUGEPAGE") and n >= HUGE_PAGE:
         buf.madvise(mmap.MADV_HUGEPAGE)
     return buf, np.frombuffer(buf, dtype=dtype, count=n // item).reshape(shape)
 
