@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeserve import kernels
-from pipeserve.kernels import QLinear, QTensor, reference
+from pipeserve.kernels import QLinear, QTensor, _qk, reference
 
 ISAS = kernels.supported_isas()
 BATCHES = (1, 2, 7, 16, 64)
@@ -579,6 +579,43 @@ def test_concurrent_callers_get_right_answers():
         for t in ts:
             t.join()
     assert len(errs) == 120 and max(errs) <= TOL
+
+
+def test_pool_runs_every_item_once_under_contention():
+    """Calls of 1-37 items on pools of 2 and 4 threads (4 oversubscribe a small host, so workers
+    are descheduled mid-call and wake late), from two Python threads at once (one gets the pool,
+    the other runs alone): every item of every call runs exactly once."""
+    import threading
+
+    results: list[tuple[int, float]] = []
+
+    def calls(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for items in rng.integers(1, 38, size=300):
+            results.append(_qk.pool_check(20, int(items), 0))
+
+    for n in (2, 4):
+        with kernel_threads(n):
+            ts = [threading.Thread(target=calls, args=(n * 10 + i,)) for i in range(2)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+    assert len(results) == 1200 and sum(e for e, _ in results) == 0
+
+
+def test_pool_call_does_not_wait_for_a_worker_that_is_not_running():
+    """A worker that the OS has descheduled (here: it sleeps 300 ms whenever a call wakes it) must
+    not hold the call: the caller runs the items itself and returns. Before, every call waited for
+    every worker to check in, so each of these took >= 300 ms. The late worker, once awake, claims
+    nothing of the finished call (every item still ran exactly once)."""
+    with kernel_threads(2):
+        errors, slowest = _qk.pool_check(5, 64, 300_000)
+        # the workers are still asleep from the last call: the next ones must not wait for them
+        errors2, slowest2 = _qk.pool_check(5, 64, 0)
+    assert errors == 0 and errors2 == 0
+    assert slowest < 0.15, f"a call took {slowest * 1000:.0f} ms: it waited for the sleeping worker"
+    assert slowest2 < 0.15
 
 
 def test_sixteen_lane_logic_on_any_cpu(tmp_path):

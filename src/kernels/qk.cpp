@@ -394,6 +394,39 @@ static PyObject* py_set_threads(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// pool_check(calls, items, late_worker_us) -> (errors, slowest call's seconds): `calls` calls of
+// `items` items each on the pool, every item counting its runs; errors = items not run exactly once.
+// late_worker_us > 0 makes the workers sleep that long whenever a call wakes them (tests: a call
+// must end when its items are done, without waiting for a worker that is not running).
+static PyObject* py_pool_check(PyObject*, PyObject* args) {
+  long long calls, items;
+  int late_us;
+  if (!PyArg_ParseTuple(args, "LLi", &calls, &items, &late_us)) return nullptr;
+  if (calls < 1 || items < 1 || items > (1 << 20) || late_us < 0) {
+    PyErr_SetString(PyExc_ValueError, "pool_check(calls >= 1, 1 <= items <= 2**20, late_worker_us >= 0)");
+    return nullptr;
+  }
+  std::vector<std::atomic<int>> counts(items);
+  long long errors = 0;
+  double slowest = 0;
+  Py_BEGIN_ALLOW_THREADS
+  pool::g_late_worker_us.store(late_us);
+  for (long long c = 0; c < calls; ++c) {
+    for (auto& n : counts) n.store(0, std::memory_order_relaxed);
+    const auto t0 = std::chrono::steady_clock::now();
+    {
+      pool::Use use;
+      use.run([](void* p, int64_t i, float*) { ((std::atomic<int>*)p)[i].fetch_add(1); }, counts.data(), items, 0);
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    slowest = dt > slowest ? dt : slowest;
+    for (auto& n : counts) errors += n.load() != 1;
+  }
+  pool::g_late_worker_us.store(0);
+  Py_END_ALLOW_THREADS
+  return Py_BuildValue("(Ld)", errors, slowest);
+}
+
 static PyObject* py_get_threads(PyObject*, PyObject*) { return PyLong_FromLong(pool::size()); }
 
 // dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr): out[n, K] = rows `ids` as fp32.
@@ -1002,6 +1035,8 @@ static PyMethodDef module_methods[] = {
     {"supported_isas", py_supported, METH_NOARGS, "kernel paths this CPU can run, lowest first"},
     {"set_threads", py_set_threads, METH_O, "set_threads(n): size of the kernel thread pool"},
     {"get_threads", py_get_threads, METH_NOARGS, "size of the kernel thread pool"},
+    {"pool_check", py_pool_check, METH_VARARGS,
+     "pool_check(calls, items, late_worker_us) -> (errors, slowest call's seconds) (tests)"},
     {"dequant_rows", py_dequant_rows, METH_VARARGS, "dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr)"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "rms_norm(x, w, y, T, C, eps, w_offset)"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(gu, y, T, I)"},

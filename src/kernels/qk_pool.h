@@ -1,8 +1,9 @@
 // The kernels' thread pool, one per process (included by qk.cpp only). The calling thread and
 // n - 1 workers take the items of a call from an atomic counter, so a slow or descheduled thread
-// does not hold the others. Workers spin briefly after each call (calls come every few microseconds
-// inside a forward), then sleep on a condition variable, so an idle node costs no CPU. Each thread
-// has a scratch buffer (the matmuls dequantize weight panels into it); nothing allocates per call.
+// does not hold the others, and a call ends when its items are done. Workers spin briefly after
+// each call (calls come every few microseconds inside a forward), then sleep on a condition
+// variable, so an idle node costs no CPU. Each thread has a scratch buffer (the matmuls dequantize
+// weight panels into it); nothing allocates per call.
 #pragma once
 
 #include <atomic>
@@ -17,16 +18,17 @@
 namespace qk {
 namespace pool {
 
+// Tests only (pool_check): workers sleep this long after a call wakes them, as if descheduled.
+inline std::atomic<int> g_late_worker_us{0};
+
 // One item of a call: fn(ctx, i, scratch), scratch being the running thread's own buffer.
 typedef void (*ItemFn)(void* ctx, int64_t i, float* scratch);
 
-struct Task {
-  ItemFn fn;
-  void* ctx;
-  int64_t n_items;
-  std::atomic<int64_t> next{0};
-};
-
+// A call is done when all its items are, not when every thread has checked in: a worker that the
+// OS has descheduled (on a small host the coordinator, tokenizer and API share the node's cores)
+// would otherwise hold every call until it ran again, with the caller spinning. Items are claimed
+// from one word holding (call number << 32 | next item), so a worker that wakes late claims
+// nothing of a finished call and never runs an item with another call's function.
 class Pool {
  public:
   explicit Pool(int n) : n_(n < 1 ? 1 : n), scratch_(n_) {
@@ -35,7 +37,7 @@ class Pool {
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(m_);
-      stop_ = true;
+      stop_.store(true);
       gen_.fetch_add(1);
     }
     cv_.notify_all();
@@ -48,16 +50,22 @@ class Pool {
     for (auto& s : scratch_)
       if ((int64_t)s.size() < floats) s.resize(floats);
   }
-  void run(Task* task) {  // on every thread, the caller's included; returns when all are done
-    task_ = task;
-    done_.store(0);
-    gen_.fetch_add(1, std::memory_order_seq_cst);
+  // fn(ctx, i, scratch) for i in [0, n) on every thread that is running, the caller's included;
+  // returns when every item is done (n < 2^32). One caller at a time (Use holds busy()).
+  void run(ItemFn fn, void* ctx, int64_t n) {
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    n_items_.store(n, std::memory_order_relaxed);
+    finished_.store(0, std::memory_order_relaxed);  // the last call's items have all finished
+    const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+    claim_.store(g << 32, std::memory_order_release);  // publishes the fields above
+    gen_.store(g, std::memory_order_seq_cst);          // wakes the spinning workers
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lk(m_);
       cv_.notify_all();
     }
-    work(task, 0);
-    while (done_.load(std::memory_order_acquire) < n_ - 1) cpu_relax();
+    work(0);
+    while (finished_.load(std::memory_order_acquire) < n) cpu_relax();
   }
 
  private:
@@ -66,15 +74,25 @@ class Pool {
     __builtin_ia32_pause();
 #endif
   }
-  void work(Task* t, int tid) {
+  // Claim and run items of the current call until none is left.
+  void work(int tid) {
     for (;;) {
-      const int64_t i = t->next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= t->n_items) return;
-      t->fn(t->ctx, i, scratch_[tid].data());
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      // Read after the claim word, so these are its call's fields or a later call's; a later
+      // call's fields mean c's call has finished, and then the exchange below fails.
+      const ItemFn fn = fn_.load(std::memory_order_relaxed);
+      void* ctx = ctx_.load(std::memory_order_relaxed);
+      const int64_t i = (int64_t)(c & 0xffffffffu);
+      if (i >= n_items_.load(std::memory_order_relaxed)) return;
+      // Succeeds only if the word still equals c, i.e. the call did not finish in between (the
+      // word only grows), so fn and ctx above were that call's.
+      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
+      fn(ctx, i, scratch_[tid].data());
+      finished_.fetch_add(1, std::memory_order_release);
     }
   }
   void loop(int tid) {
-    uint64_t seen = 0;  // gen_ starts at 0; reading it here could miss a task posted before we ran
+    uint64_t seen = 0;  // gen_ starts at 0; reading it here could miss a call posted before we ran
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       int spins = 0;
@@ -87,10 +105,11 @@ class Pool {
           sleeping_.fetch_sub(1);
         }
       }
-      seen = gen_.load();
-      if (stop_) return;
-      work(task_, tid);
-      done_.fetch_add(1, std::memory_order_release);
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_.load()) return;
+      if (const int us = g_late_worker_us.load(std::memory_order_relaxed))
+        std::this_thread::sleep_for(std::chrono::microseconds(us));
+      work(tid);
     }
   }
 
@@ -99,10 +118,12 @@ class Pool {
   std::vector<std::vector<float>> scratch_;
   std::mutex m_, busy_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> done_{0}, sleeping_{0};
-  Task* task_ = nullptr;
-  bool stop_ = false;
+  std::atomic<uint64_t> gen_{0}, claim_{0};
+  std::atomic<ItemFn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> n_items_{0}, finished_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> stop_{false};
 };
 
 inline Pool* g_pool = nullptr;
@@ -125,8 +146,7 @@ class Use {
   // scratch of `alone_floats` floats of its own when the pool's is another thread's.
   void run(ItemFn fn, void* ctx, int64_t n, int64_t alone_floats) {
     if (threads_ > 1 && n > 1) {
-      Task task{fn, ctx, n};
-      g_pool->run(&task);
+      g_pool->run(fn, ctx, n);
       return;
     }
     std::vector<float> own;
