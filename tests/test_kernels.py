@@ -613,9 +613,16 @@ def test_pool_call_does_not_wait_for_a_worker_that_is_not_running():
         errors, slowest = _qk.pool_check(5, 64, 300_000)
         # the workers are still asleep from the last call: the next ones must not wait for them
         errors2, slowest2 = _qk.pool_check(5, 64, 0)
-    assert errors == 0 and errors2 == 0
+        # the benchmarks' switch back to the pool before: then a call does wait for the worker
+        kernels.set_pool_wait_all(True)
+        try:
+            errors3, slowest3 = _qk.pool_check(2, 64, 300_000)
+        finally:
+            kernels.set_pool_wait_all(False)
+    assert errors == 0 and errors2 == 0 and errors3 == 0
     assert slowest < 0.15, f"a call took {slowest * 1000:.0f} ms: it waited for the sleeping worker"
     assert slowest2 < 0.15
+    assert slowest3 >= 0.25, "with set_pool_wait_all(True) a call should wait for the sleeping worker"
 
 
 def test_sixteen_lane_logic_on_any_cpu(tmp_path):

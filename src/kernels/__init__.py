@@ -81,6 +81,13 @@ def set_attention_lookahead(on: bool) -> None:
     _qk.set_attention_lookahead(bool(on))
 
 
+def set_pool_wait_all(on: bool) -> None:
+    """True: a call on the kernels' pool also waits for every worker to have woken and looked for
+    items, as calls did before 2026-12-07 (a worker the OS had descheduled then held the call until
+    it ran again). Only the speed differs, not the bits (benchmarks compare the two in one run)."""
+    _qk.set_pool_wait_all(bool(on))
+
+
 def set_attention_tiles(on: bool) -> None:
     """False: a prefill chunk's rows attend one at a time instead of in tiles that read each K/V
     block once for all of them. The results are the same bits either way (tests compare them)."""

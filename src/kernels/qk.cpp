@@ -1020,6 +1020,7 @@ static PyObject* set_flag(PyObject* arg, bool& flag) {
 static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) { return set_flag(arg, g_att_tiles); }
 static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) { return set_flag(arg, g_att_far); }
 static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) { return set_flag(arg, g_tail_rows); }
+static PyObject* py_set_pool_wait_all(PyObject*, PyObject* arg) { return set_flag(arg, pool::g_wait_all_workers); }
 
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
@@ -1053,6 +1054,8 @@ static PyMethodDef module_methods[] = {
      "set_attention_tiles(False): prefill rows attend one at a time (the tiles' bits are the same; tests)"},
     {"set_tail_rows", py_set_tail_rows, METH_O,
      "set_tail_rows(False): a batched matmul's rows past its last whole chunk run as a chunk (benchmarks)"},
+    {"set_pool_wait_all", py_set_pool_wait_all, METH_O,
+     "set_pool_wait_all(True): a pool call also waits for every worker to check in (the pool before; benchmarks)"},
     {"block_info", py_block_info, METH_O, "block_info(type) -> (elements, bytes) per block; (0, 0) if unknown"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -18,6 +18,9 @@
 namespace qk {
 namespace pool {
 
+// Benchmarks only (set_pool_wait_all): a call also waits for every worker to have woken and looked
+// for items, as calls did before 2026-12-07.
+inline bool g_wait_all_workers = false;
 // Tests only (pool_check): workers sleep this long after a call wakes them, as if descheduled.
 inline std::atomic<int> g_late_worker_us{0};
 
@@ -57,6 +60,8 @@ class Pool {
     ctx_.store(ctx, std::memory_order_relaxed);
     n_items_.store(n, std::memory_order_relaxed);
     finished_.store(0, std::memory_order_relaxed);  // the last call's items have all finished
+    const bool wait_all = g_wait_all_workers;
+    if (wait_all) checked_.store(0, std::memory_order_relaxed);
     const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
     claim_.store(g << 32, std::memory_order_release);  // publishes the fields above
     gen_.store(g, std::memory_order_seq_cst);          // wakes the spinning workers
@@ -64,8 +69,9 @@ class Pool {
       std::lock_guard<std::mutex> lk(m_);
       cv_.notify_all();
     }
-    work(0);
-    while (finished_.load(std::memory_order_acquire) < n) cpu_relax();
+    const int64_t mine = work(0);
+    while (finished_.load(std::memory_order_acquire) < n - mine) cpu_relax();
+    while (wait_all && checked_.load(std::memory_order_acquire) < n_ - 1) cpu_relax();
   }
 
  private:
@@ -74,21 +80,21 @@ class Pool {
     __builtin_ia32_pause();
 #endif
   }
-  // Claim and run items of the current call until none is left.
-  void work(int tid) {
-    for (;;) {
+  // Claim and run items of the current call until none is left; returns how many ran here.
+  int64_t work(int tid) {
+    for (int64_t ran = 0;;) {
       uint64_t c = claim_.load(std::memory_order_acquire);
       // Read after the claim word, so these are its call's fields or a later call's; a later
       // call's fields mean c's call has finished, and then the exchange below fails.
       const ItemFn fn = fn_.load(std::memory_order_relaxed);
       void* ctx = ctx_.load(std::memory_order_relaxed);
       const int64_t i = (int64_t)(c & 0xffffffffu);
-      if (i >= n_items_.load(std::memory_order_relaxed)) return;
+      if (i >= n_items_.load(std::memory_order_relaxed)) return ran;
       // Succeeds only if the word still equals c, i.e. the call did not finish in between (the
       // word only grows), so fn and ctx above were that call's.
       if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
       fn(ctx, i, scratch_[tid].data());
-      finished_.fetch_add(1, std::memory_order_release);
+      ++ran;
     }
   }
   void loop(int tid) {
@@ -109,7 +115,10 @@ class Pool {
       if (stop_.load()) return;
       if (const int us = g_late_worker_us.load(std::memory_order_relaxed))
         std::this_thread::sleep_for(std::chrono::microseconds(us));
-      work(tid);
+      // A worker that ran items of a call adds them before the call can end, so the count never
+      // mixes two calls.
+      if (const int64_t ran = work(tid)) finished_.fetch_add(ran, std::memory_order_release);
+      checked_.fetch_add(1, std::memory_order_release);
     }
   }
 
@@ -118,11 +127,15 @@ class Pool {
   std::vector<std::vector<float>> scratch_;
   std::mutex m_, busy_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0}, claim_{0};
+  // Each on a cache line of its own: the workers spin on gen_, claim from claim_ (with the call's
+  // fields beside it, read-mostly), and the caller spins on finished_.
+  alignas(64) std::atomic<uint64_t> gen_{0};
+  alignas(64) std::atomic<uint64_t> claim_{0};
   std::atomic<ItemFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
-  std::atomic<int64_t> n_items_{0}, finished_{0};
-  std::atomic<int> sleeping_{0};
+  std::atomic<int64_t> n_items_{0};
+  alignas(64) std::atomic<int64_t> finished_{0};
+  alignas(64) std::atomic<int> sleeping_{0}, checked_{0};
   std::atomic<bool> stop_{false};
 };
 
