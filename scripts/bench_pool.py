@@ -103,7 +103,11 @@ def main() -> None:
         "side_load_duty": args.duty,
         "rows": [],
     }
-    conditions = (("quiet", threads, 0.0), ("side load", threads, args.duty), ("oversubscribed", 2 * cores, 0.0))
+    conditions = (
+        ("quiet", threads, 0.0),
+        ("side load", threads, args.duty),
+        ("oversubscribed", 2 * cores, 0.0),
+    )
     for name in args.models.split(","):
         eng = StageEngine(load_stage(resolve_model(name)), 4096)
         for cond, n_threads, duty in conditions:
