@@ -394,24 +394,26 @@ static PyObject* py_set_threads(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// pool_check(calls, items, late_worker_us) -> (errors, slowest call's seconds): `calls` calls of
-// `items` items each on the pool, every item counting its runs; errors = items not run exactly once.
-// late_worker_us > 0 makes the workers sleep that long whenever a call wakes them (tests: a call
-// must end when its items are done, without waiting for a worker that is not running).
+// pool_check(calls, max_items, late_worker_us) -> (errors, slowest call's seconds): `calls` calls on
+// the pool, call c of 1 + (13 c mod max_items) items (counts that rise and fall from call to call),
+// every item counting its runs; errors = items not run exactly once. late_worker_us > 0 makes the
+// workers sleep that long whenever a call wakes them (tests: a call must end when its items are
+// done, without waiting for a worker that is not running).
 static PyObject* py_pool_check(PyObject*, PyObject* args) {
-  long long calls, items;
+  long long calls, max_items;
   int late_us;
-  if (!PyArg_ParseTuple(args, "LLi", &calls, &items, &late_us)) return nullptr;
-  if (calls < 1 || items < 1 || items > (1 << 20) || late_us < 0) {
-    PyErr_SetString(PyExc_ValueError, "pool_check(calls >= 1, 1 <= items <= 2**20, late_worker_us >= 0)");
+  if (!PyArg_ParseTuple(args, "LLi", &calls, &max_items, &late_us)) return nullptr;
+  if (calls < 1 || max_items < 1 || max_items > (1 << 20) || late_us < 0) {
+    PyErr_SetString(PyExc_ValueError, "pool_check(calls >= 1, 1 <= max_items <= 2**20, late_worker_us >= 0)");
     return nullptr;
   }
-  std::vector<std::atomic<int>> counts(items);
+  std::vector<std::atomic<int>> counts(max_items);
   long long errors = 0;
   double slowest = 0;
   Py_BEGIN_ALLOW_THREADS
   pool::g_late_worker_us.store(late_us);
   for (long long c = 0; c < calls; ++c) {
+    const int64_t items = 1 + (13 * c) % max_items;
     for (auto& n : counts) n.store(0, std::memory_order_relaxed);
     const auto t0 = std::chrono::steady_clock::now();
     {
@@ -420,7 +422,7 @@ static PyObject* py_pool_check(PyObject*, PyObject* args) {
     }
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     slowest = dt > slowest ? dt : slowest;
-    for (auto& n : counts) errors += n.load() != 1;
+    for (int64_t i = 0; i < max_items; ++i) errors += counts[i].load() != (i < items ? 1 : 0);
   }
   pool::g_late_worker_us.store(0);
   Py_END_ALLOW_THREADS
@@ -1020,7 +1022,12 @@ static PyObject* set_flag(PyObject* arg, bool& flag) {
 static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) { return set_flag(arg, g_att_tiles); }
 static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) { return set_flag(arg, g_att_far); }
 static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) { return set_flag(arg, g_tail_rows); }
-static PyObject* py_set_pool_wait_all(PyObject*, PyObject* arg) { return set_flag(arg, pool::g_wait_all_workers); }
+static PyObject* py_set_pool_wait_all(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  pool::g_wait_all_workers.store(on != 0);
+  Py_RETURN_NONE;
+}
 
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);
@@ -1037,7 +1044,7 @@ static PyMethodDef module_methods[] = {
     {"set_threads", py_set_threads, METH_O, "set_threads(n): size of the kernel thread pool"},
     {"get_threads", py_get_threads, METH_NOARGS, "size of the kernel thread pool"},
     {"pool_check", py_pool_check, METH_VARARGS,
-     "pool_check(calls, items, late_worker_us) -> (errors, slowest call's seconds) (tests)"},
+     "pool_check(calls, max_items, late_worker_us) -> (errors, slowest call's seconds) (tests)"},
     {"dequant_rows", py_dequant_rows, METH_VARARGS, "dequant_rows(ptr, type, row_bytes, K, ids_ptr, n, out_ptr)"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "rms_norm(x, w, y, T, C, eps, w_offset)"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(gu, y, T, I)"},

@@ -20,7 +20,7 @@ namespace pool {
 
 // Benchmarks only (set_pool_wait_all): a call also waits for every worker to have woken and looked
 // for items, as calls did before 2026-12-07.
-inline bool g_wait_all_workers = false;
+inline std::atomic<bool> g_wait_all_workers{false};
 // Tests only (pool_check): workers sleep this long after a call wakes them, as if descheduled.
 inline std::atomic<int> g_late_worker_us{0};
 
@@ -30,8 +30,8 @@ typedef void (*ItemFn)(void* ctx, int64_t i, float* scratch);
 // A call is done when all its items are, not when every thread has checked in: a worker that the
 // OS has descheduled (on a small host the coordinator, tokenizer and API share the node's cores)
 // would otherwise hold every call until it ran again, with the caller spinning. Items are claimed
-// from one word holding (call number << 32 | next item), so a worker that wakes late claims
-// nothing of a finished call and never runs an item with another call's function.
+// from one word holding (call number << 32 | items not yet claimed), so a worker that wakes late
+// claims nothing of a finished call and never runs an item with another call's function.
 class Pool {
  public:
   explicit Pool(int n) : n_(n < 1 ? 1 : n), scratch_(n_) {
@@ -60,10 +60,10 @@ class Pool {
     ctx_.store(ctx, std::memory_order_relaxed);
     n_items_.store(n, std::memory_order_relaxed);
     finished_.store(0, std::memory_order_relaxed);  // the last call's items have all finished
-    const bool wait_all = g_wait_all_workers;
+    const bool wait_all = g_wait_all_workers.load(std::memory_order_relaxed);
     if (wait_all) checked_.store(0, std::memory_order_relaxed);
     const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
-    claim_.store(g << 32, std::memory_order_release);  // publishes the fields above
+    claim_.store(g << 32 | (uint64_t)n, std::memory_order_release);  // publishes the fields above
     gen_.store(g, std::memory_order_seq_cst);          // wakes the spinning workers
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lk(m_);
@@ -84,15 +84,18 @@ class Pool {
   int64_t work(int tid) {
     for (int64_t ran = 0;;) {
       uint64_t c = claim_.load(std::memory_order_acquire);
-      // Read after the claim word, so these are its call's fields or a later call's; a later
-      // call's fields mean c's call has finished, and then the exchange below fails.
+      const int64_t left = (int64_t)(c & 0xffffffffu);
+      // Decided from the word alone: a finished call's word says 0 left whatever fields a next
+      // call has written meanwhile.
+      if (left == 0) return ran;
+      // Read after the word, so these are its call's fields or a later call's; a later call's
+      // fields mean c's call has finished, and then the exchange below fails.
       const ItemFn fn = fn_.load(std::memory_order_relaxed);
       void* ctx = ctx_.load(std::memory_order_relaxed);
-      const int64_t i = (int64_t)(c & 0xffffffffu);
-      if (i >= n_items_.load(std::memory_order_relaxed)) return ran;
-      // Succeeds only if the word still equals c, i.e. the call did not finish in between (the
-      // word only grows), so fn and ctx above were that call's.
-      if (!claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
+      const int64_t i = n_items_.load(std::memory_order_relaxed) - left;
+      // Succeeds only if the word still equals c: the call still had `left` items unclaimed, so it
+      // had not finished and the fields above were its own.
+      if (!claim_.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
       fn(ctx, i, scratch_[tid].data());
       ++ran;
     }
