@@ -19,7 +19,8 @@ namespace qk {
 namespace pool {
 
 // Benchmarks only (set_pool_wait_all): a call also waits for every worker to have woken and looked
-// for items, as calls did before 2026-12-07.
+// for items, as calls did before 2026-12-07 (the first call after turning it on may take a late
+// worker's check-in from the call before for one of its own).
 inline std::atomic<bool> g_wait_all_workers{false};
 // Tests only (pool_check): workers sleep this long after a call wakes them, as if descheduled.
 inline std::atomic<int> g_late_worker_us{0};
