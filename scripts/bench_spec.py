@@ -570,6 +570,9 @@ def bench_loopback(args: argparse.Namespace) -> dict[str, Any]:
     from pipeserve.launcher.procs import ProcessCluster
 
     cfg = bs.cluster_config(3)
+    if args.lossy_int8:  # the opt-in lossy mode on every node (a study; the default is exact)
+        nd = cfg.node_defaults.model_copy(update={"lossy_int8": True})
+        cfg = cfg.model_copy(update={"node_defaults": nd})
     workdir = Path(tempfile.mkdtemp(prefix="bench-spec-loopback-"))
     base = f"http://127.0.0.1:{cfg.api.port}"
     out: dict[str, Any] = {
@@ -971,6 +974,11 @@ def main() -> None:
     ap.add_argument("--chat-max-tokens", type=int, default=None, help="default 96 (--quick 32)")
     ap.add_argument(
         "--delay-ms", type=float, default=5.0, help="one-way delay per link on the namespace hosts"
+    )
+    ap.add_argument(
+        "--lossy-int8",
+        action="store_true",
+        help="loopback only: the opt-in int8 mode on every node (a tuned setting, not the default)",
     )
     ap.add_argument("--llama-spec", default=LLAMA_SPEC_ARGS, help="llama-server's speculation flags")
     ap.add_argument(

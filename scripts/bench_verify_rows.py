@@ -21,6 +21,7 @@ from pipeserve.common.model_files import resolve_model
 from pipeserve.common.threads import choose_threads, usable_cores
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY
+from pipeserve.modeling.layers import set_lossy_int8
 from pipeserve.modeling.loader import load_stage
 
 
@@ -34,11 +35,18 @@ def main() -> None:
     ap.add_argument(
         "--threads", default="auto", help="the kernels' threads: auto (a lone node's choice) or a number"
     )
+    ap.add_argument(
+        "--lossy-int8",
+        action="store_true",
+        help="the opt-in int8 mode on every linear layer (a node's lossy_int8; not the default)",
+    )
     args = ap.parse_args()
     cores, why = usable_cores()
     threads, reason = choose_threads(cores, 1, "auto" if args.threads == "auto" else int(args.threads), why)
     kernels.set_threads(threads)
-    eng = StageEngine(load_stage(resolve_model(args.model)), 4096)
+    loaded = load_stage(resolve_model(args.model))
+    lossy = set_lossy_int8(loaded.model, True) if args.lossy_int8 else None
+    eng = StageEngine(loaded, 4096)
     prompt = list(range(100, 140))
     out = eng.forward([SeqChunk("a", 0, prompt, GREEDY)])
     toks, alone = [out.samples[0].token_id], []
@@ -66,6 +74,7 @@ def main() -> None:
         "prompt_tokens": len(prompt),
         "rounds": args.rounds,
         "kernel_isa": kernels.get_isa(),
+        "lossy_int8_layers": None if lossy is None else {"int8": lossy[0], "linear": lossy[1]},
         "threads": threads,
         "threads_reason": reason,
         "rows": rows,
