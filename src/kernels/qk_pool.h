@@ -65,7 +65,7 @@ class Pool {
     if (wait_all) checked_.store(0, std::memory_order_relaxed);
     const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
     claim_.store(g << 32 | (uint64_t)n, std::memory_order_release);  // publishes the fields above
-    gen_.store(g, std::memory_order_seq_cst);          // wakes the spinning workers
+    gen_.store(g, std::memory_order_seq_cst);  // wakes the spinning workers
     if (sleeping_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lk(m_);
       cv_.notify_all();
@@ -132,15 +132,17 @@ class Pool {
   std::mutex m_, busy_;
   std::condition_variable cv_;
   // Each on a cache line of its own: the workers spin on gen_, claim from claim_ (with the call's
-  // fields beside it, read-mostly), and the caller spins on finished_.
+  // fields beside it, read-mostly), the caller spins on finished_ and reads sleeping_ every call,
+  // and every worker adds to checked_ every call.
   alignas(64) std::atomic<uint64_t> gen_{0};
   alignas(64) std::atomic<uint64_t> claim_{0};
   std::atomic<ItemFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int64_t> n_items_{0};
   alignas(64) std::atomic<int64_t> finished_{0};
-  alignas(64) std::atomic<int> sleeping_{0}, checked_{0};
+  alignas(64) std::atomic<int> sleeping_{0};
   std::atomic<bool> stop_{false};
+  alignas(64) std::atomic<int> checked_{0};
 };
 
 inline Pool* g_pool = nullptr;
