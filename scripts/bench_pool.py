@@ -6,7 +6,8 @@ turns round by round in the same process. Three conditions:
 - quiet: nothing else runs;
 - side load: another process busies one core in bursts of 0.3-1.5 ms for a share of the time
   (`--duty`), as the coordinator, tokenizer and API do beside a node on a small host (at one
-  stream they take about a third of a core; `docs/benchmarks.md`);
+  stream of SmolLM2 they took 2-3 ms of CPU per token between them on the Zen 4 VM, about a
+  third of a core);
 - oversubscribed: twice as many kernel threads as usable cores.
 
     .venv/bin/python scripts/bench_pool.py --out bench/pool-zen4.json
