@@ -1012,8 +1012,9 @@ static PyObject* py_set_int8_vnni(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-// The switches tests and benchmarks flip: flag = the truth of arg.
-static PyObject* set_flag(PyObject* arg, bool& flag) {
+// The switches tests and benchmarks flip: flag = the truth of arg (a bool or an atomic one).
+template <class Flag>
+static PyObject* set_flag(PyObject* arg, Flag& flag) {
   const int on = PyObject_IsTrue(arg);
   if (on < 0) return nullptr;
   flag = on != 0;
@@ -1022,12 +1023,7 @@ static PyObject* set_flag(PyObject* arg, bool& flag) {
 static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) { return set_flag(arg, g_att_tiles); }
 static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) { return set_flag(arg, g_att_far); }
 static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) { return set_flag(arg, g_tail_rows); }
-static PyObject* py_set_pool_wait_all(PyObject*, PyObject* arg) {
-  const int on = PyObject_IsTrue(arg);
-  if (on < 0) return nullptr;
-  pool::g_wait_all_workers.store(on != 0);
-  Py_RETURN_NONE;
-}
+static PyObject* py_set_pool_wait_all(PyObject*, PyObject* arg) { return set_flag(arg, pool::g_wait_all_workers); }
 
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
   long t = PyLong_AsLong(arg);

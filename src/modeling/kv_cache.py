@@ -450,12 +450,11 @@ def _lazy_zeros(
 ) -> tuple[mmap.mmap, np.ndarray]:
     """An array over its own anonymous memory map (returned with it): zeros, and no page is
     resident before it is written. The map asks for transparent huge pages unless `huge` is False
-    (benchmarks measure without; where the OS has them;
-    `madvise` mode, the common default, grants them only on request): decode attention reads one
-    K and one V block per layer and kv head from scattered blocks, a TLB miss each with 4 KiB
-    pages; with huge pages an f32 step's attention took 3-8% less time on the Zen 4 VM at 4096
-    and 16384 positions, f16's and q8_0's about the same (bench/attention-zen4.json). Fresh blocks are
-    taken lowest first (`fresh`), so the pages made resident ahead of use are at most one huge page
+    (benchmarks measure without them; the OS's common `madvise` mode grants them only on request):
+    decode attention reads one K and one V block per layer and kv head from scattered blocks, a
+    TLB miss each with 4 KiB pages; with huge pages an f32 step's attention took 3-8% less time on
+    the Zen 4 VM at 4096 and 16384 positions, f16's and q8_0's about the same
+    (bench/attention-zen4.json). Fresh blocks are taken lowest first (`fresh`), so the pages made resident ahead of use are at most one huge page
     (2 MiB) per map. Pages handed back (`forget_cold`) inside a huge page that live blocks still
     use may be filled again when the OS's khugepaged collapses that range: never beyond the pool's
     size, which the node's memory budget counts in full (common/memory.py)."""
