@@ -254,9 +254,10 @@ def test_cancel_frees_every_stage_and_tokenizer_restart(tmp_path):
                         pc.kill("tokenizer")
                         killed.append(True)
 
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    await stream(stub, chat("Tell me a long story.", 100), on_token)
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "tokenizer" in err.value.details()
+                # the coordinator detokenizes in-process (its copy of the tokenizer's piece
+                # table), so a stream already admitted finishes; a new request needs the tokenizer
+                text, final, _ = await stream(stub, chat("Tell me a long story.", 100), on_token)
+                assert killed and final is not None and final.completion_tokens > 3 and text
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stream(stub, chat("Hi", 3))
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "tokenizer" in err.value.details()

@@ -3,7 +3,9 @@
 Every call carries a deadline and every failure leaves as the domain exception its status carries
 (grpc_util.remote_error: an error raised by the tokenizer arrives with its reason and fields; a
 transport failure is service_unavailable or timeout, naming the address), so callers never see a
-gRPC error. Streaming detokenization takes and gives plain `DecodeItem` / `DecodeResult`.
+gRPC error. Streaming detokenization takes and gives plain `DecodeItem` / `DecodeResult`; where the
+tokenizer offers its vocabulary's piece table (the Pieces RPC, fetched by `info()` whenever the
+tokenizer's checksum changes) it runs in this process (common/detok.py), with no call per step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import grpc
 
 from pipeserve.common import tls
 from pipeserve.common.config import Config
+from pipeserve.common.detok import PieceTable, decode_steps
+from pipeserve.common.errors import PipeserveError
 from pipeserve.common.grpc_util import channel_options, remote_error
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
@@ -58,6 +62,11 @@ class TokenizerClient:
         )
         self.stub = tpb_grpc.TokenizerStub(self.channel)
         self._texts: dict[int, str] = {}
+        # The vocabulary's piece table, when the tokenizer has one; `local_decode = False` sends
+        # every decode to the service (same results: tests and same-run benchmarks compare them).
+        self.pieces: PieceTable | None = None
+        self.local_decode = True
+        self._pieces_of: str | None = None  # the checksum whose Pieces answer `pieces` holds
 
     async def _call(self, method: str, request: object) -> object:
         try:
@@ -66,7 +75,26 @@ class TokenizerClient:
             raise remote_error(exc, "tokenizer", self.address, timeout_s=self.timeout) from None
 
     async def info(self) -> tpb.TokenizerInfo:
-        return await self._call("Info", tpb.TokenizerInfoRequest())  # type: ignore[return-value]
+        """The tokenizer's Info; a tokenizer with another checksum than the last one seen (a first
+        contact, a restart on another model) is asked for its piece table again."""
+        info: tpb.TokenizerInfo = await self._call("Info", tpb.TokenizerInfoRequest())  # type: ignore[assignment]
+        if self._pieces_of != info.checksum:
+            await self._load_pieces(info.checksum)
+        return info
+
+    async def _load_pieces(self, checksum: str) -> None:
+        self.pieces = None
+        try:
+            resp: tpb.PiecesResponse = await self._call("Pieces", tpb.PiecesRequest())  # type: ignore[assignment]
+        except PipeserveError:  # a failure, or an older tokenizer: decode through the service
+            return  # (and ask again at the next info())
+        if resp.checksum != checksum:  # the tokenizer changed in between: ask again at the next info()
+            return
+        self._pieces_of = checksum
+        if resp.available:
+            self.pieces = PieceTable(
+                tuple(resp.pieces), frozenset(resp.special_ids), resp.strip_leading_space, resp.checksum
+            )
 
     async def encode(self, text: str, request_id: str) -> list[int]:
         req = tpb.EncodeRequest(request_id=request_id, text=text, add_special_tokens=True)
@@ -77,6 +105,8 @@ class TokenizerClient:
         return list((await self._call("ApplyChatTemplate", req)).token_ids)  # type: ignore[attr-defined]
 
     async def decode_stream(self, items: Sequence[DecodeItem]) -> list[DecodeResult]:
+        if self.pieces is not None and self.local_decode:
+            return [self._decode_local(self.pieces, i) for i in items]
         req = tpb.DecodeStreamRequest(
             items=[
                 tpb.DecodeStreamItem(
@@ -96,6 +126,14 @@ class TokenizerClient:
             DecodeResult(r.text, r.prefix_offset, r.read_offset, list(r.pieces) or [r.text])
             for r in resp.results  # type: ignore[attr-defined]
         ]
+
+    @staticmethod
+    def _decode_local(table: PieceTable, i: DecodeItem) -> DecodeResult:
+        pieces, p, r = decode_steps(
+            table.decode_incremental, i.token_ids, i.prefix_offset, i.read_offset, i.steps,
+            i.skip_special_tokens, i.final,
+        )  # fmt: skip
+        return DecodeResult("".join(pieces), p, r, pieces)
 
     async def token_texts(self, token_ids: list[int]) -> dict[int, str]:
         """Each id's own text (special tokens included), for logprobs. One DecodeStream call decodes

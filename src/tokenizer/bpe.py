@@ -187,6 +187,22 @@ class PieceDecoder:
         return text[1:] if self.strip_space and text.startswith(" ") else text
 
 
+def byte_level_pieces(tokenizer: Tokenizer, vocab_size: int) -> tuple[bytes, ...] | None:
+    """Each id's bytes as tokenizers' ByteLevel decoder makes them (a token whose characters are all
+    in the byte alphabet is those bytes, any other its UTF-8), or None for another decoder."""
+    if not isinstance(tokenizer.decoder, decoders.ByteLevel):
+        return None
+    back = {c: b for b, c in _byte_alphabet_map().items()}
+    pieces = []
+    for i in range(vocab_size):
+        token = tokenizer.id_to_token(i)
+        if token is None:
+            return None
+        spelled = [back.get(c) for c in token]
+        pieces.append(token.encode() if None in spelled else bytes(spelled))  # type: ignore[arg-type]
+    return tuple(pieces)
+
+
 def set_bos_eos_processor(
     tokenizer: Tokenizer, tokens: Sequence[str], bos_id: int | None, eos_id: int | None
 ) -> None:

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 
 import jinja2
 
+from pipeserve.common.detok import PieceTable
 from pipeserve.common.errors import ConfigError, InvalidInputError
 from pipeserve.common.model_files import ModelSource, model_fingerprint, resolve_model
-from pipeserve.tokenizer.bpe import Vocabulary
+from pipeserve.tokenizer.bpe import Vocabulary, byte_level_pieces
 from pipeserve.tokenizer.chat import compile_chat_template, plain_messages
 from pipeserve.tokenizer.gguf_vocab import read_gguf_vocabulary
 from pipeserve.tokenizer.hf import read_hf_vocabulary
@@ -120,6 +121,31 @@ class TokenizerCore:
         if len(text) > len(prefix_text) and (final or not text.endswith("\ufffd")):
             return text[len(prefix_text) :], read_offset, len(ids)
         return "", prefix_offset, read_offset
+
+    @functools.cached_property
+    def piece_table(self) -> PieceTable | None:
+        """Each token's bytes, for decoding outside this process (common/detok.py), or None where
+        this vocabulary's decode is not "join the tokens' bytes, read them as UTF-8": a checkpoint
+        folder's tokenizer.json may chain any decoders. SentencePiece vocabularies have their bytes
+        in the PieceDecoder; byte-level ones are read back from their byte alphabet as tokenizers'
+        ByteLevel decoder does. Every token decoded alone, special tokens kept, must give the
+        tokenizer's own text, or there is no table (and callers decode through this service)."""
+        if self._piece_decoder is not None:
+            d = self._piece_decoder
+            table = PieceTable(d.pieces, d.special, d.strip_space, self.checksum)
+        else:
+            pieces = byte_level_pieces(self._tokenizer, self.vocab_size)
+            if pieces is None:
+                return None
+            special = frozenset(
+                i for i, added in self._tokenizer.get_added_tokens_decoder().items() if added.special
+            )
+            table = PieceTable(pieces, special, False, self.checksum)
+        for i in range(self.vocab_size):
+            if table.decode([i], False) != self._decode([i], False):
+                log.warning("token %d decodes differently from its bytes: no piece table", i)
+                return None
+        return table
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the model's chat template, as transformers does.

@@ -1,7 +1,7 @@
 """The tokenizer's gRPC server: a thin servicer over TokenizerCore (`pipeserve tokenizer`).
 
 Loads the model's tokenizer once at start-up (health NOT_SERVING until then) and answers
-Encode, Decode, batched incremental DecodeStream, ApplyChatTemplate and Info.
+Encode, Decode, batched incremental DecodeStream, ApplyChatTemplate, Info and Pieces.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import grpc
 
 from pipeserve.common.config import Config
+from pipeserve.common.detok import decode_steps
 from pipeserve.common.errors import StageUnavailableError
 from pipeserve.common.grpc_util import listen, set_serving, sync_server
 from pipeserve.common.model_files import release_file_caches
@@ -44,24 +45,23 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
     ) -> pb.DecodeStreamResponse:
         results = []
         for it in request.items:
-            # token_ids start at prefix_offset; the core indexes the whole list, so shift the offsets.
-            # With steps > 1 the new ids are decoded one at a time, each piece as if it came alone.
-            base, ids = it.prefix_offset, list(it.token_ids)
-            steps = max(1, min(it.steps, len(ids)))
-            p, r = 0, it.read_offset - base
-            pieces = []
-            for j in range(steps):
-                upto = len(ids) - steps + j + 1
-                text, p, r = self.core.decode_incremental(
-                    ids[:upto], p, r, it.skip_special_tokens, final=it.final and j == steps - 1
-                )
-                pieces.append(text)
+            # token_ids start at prefix_offset (decode_steps shifts the offsets); with steps > 1 the
+            # new ids are decoded one at a time, each piece as if it came alone.
+            pieces, p, r = decode_steps(
+                self.core.decode_incremental,
+                it.token_ids,
+                it.prefix_offset,
+                it.read_offset,
+                it.steps,
+                it.skip_special_tokens,
+                it.final,
+            )
             results.append(
                 pb.DecodeStreamResult(
                     request_id=it.request_id,
                     text="".join(pieces),
-                    prefix_offset=p + base,
-                    read_offset=r + base,
+                    prefix_offset=p,
+                    read_offset=r,
                     pieces=pieces if it.steps > 1 else [],
                 )
             )
@@ -87,6 +87,19 @@ class TokenizerServicer(pb_grpc.TokenizerServicer):
             has_chat_template=c.chat_template is not None,
         )
 
+    def Pieces(self, request: pb.PiecesRequest, context: grpc.ServicerContext) -> pb.PiecesResponse:
+        c = self.core
+        table = c.piece_table
+        if table is None:
+            return pb.PiecesResponse(checksum=c.checksum, available=False)
+        return pb.PiecesResponse(
+            checksum=c.checksum,
+            available=True,
+            pieces=table.pieces,
+            special_ids=sorted(table.special),
+            strip_leading_space=table.strip_space,
+        )
+
 
 class TokenizerServer:
     def __init__(self, cfg: Config, address: str | None = None) -> None:
@@ -110,9 +123,11 @@ class TokenizerServer:
 
     def _load(self) -> None:
         try:
-            self.servicer._core = TokenizerCore.from_model(
+            core = TokenizerCore.from_model(
                 self.cfg.model_name, chat_template=self.cfg.tokenizer.chat_template
             )
+            _ = core.piece_table  # built (and checked) now, not in the coordinator's first call
+            self.servicer._core = core
             release_file_caches()
             set_serving(self.health, [SERVICE], True)
             log.info("tokenizer serving %s (vocab %d)", self.cfg.model_name, self.servicer._core.vocab_size)
