@@ -973,6 +973,7 @@ def parse_overrides(spec: str) -> dict[str, int | str]:
 
 def main() -> None:
     global MODEL
+    from pipeserve.common import env
     from pipeserve.common.model_files import EMBEDDED_MODEL, resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1039,6 +1040,8 @@ def main() -> None:
         "embedded_model": embedded,
         "command": [sys.executable, *sys.argv],
         "machine": machine_info(),
+        # where pipeserve's coordinator detokenizes (PIPESERVE_DETOKENIZE=service: the tokenizer service)
+        "detokenize": env.get("PIPESERVE_DETOKENIZE", "coordinator"),
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "requests_per_client": args.requests_per_client,

@@ -39,6 +39,11 @@ VARIABLES = {
         ),
         Variable("PIPESERVE_KERNEL_ISA", "force the kernels' SIMD path: generic, avx2 or avx512"),
         Variable(
+            "PIPESERVE_DETOKENIZE",
+            "`service`: the coordinator sends every step's tokens to the tokenizer to detokenize"
+            " (default: in its own process, from the tokenizer's piece table)",
+        ),
+        Variable(
             "PIPESERVE_LOG_DIR", "where `pipeserve up` writes the services' logs (default .pipeserve/logs)"
         ),
     )

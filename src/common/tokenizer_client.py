@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from pipeserve.common import tls
+from pipeserve.common import env, tls
 from pipeserve.common.config import Config
 from pipeserve.common.detok import PieceTable, decode_steps
 from pipeserve.common.errors import PipeserveError
@@ -62,10 +62,11 @@ class TokenizerClient:
         )
         self.stub = tpb_grpc.TokenizerStub(self.channel)
         self._texts: dict[int, str] = {}
-        # The vocabulary's piece table, when the tokenizer has one; `local_decode = False` sends
-        # every decode to the service (same results: tests and same-run benchmarks compare them).
+        # The vocabulary's piece table, when the tokenizer has one; `local_decode = False` (or
+        # PIPESERVE_DETOKENIZE=service) sends every decode to the service: the same results, which
+        # tests and benchmarks compare.
         self.pieces: PieceTable | None = None
-        self.local_decode = True
+        self.local_decode = env.get("PIPESERVE_DETOKENIZE") != "service"
         self._pieces_of: str | None = None  # the checksum whose Pieces answer `pieces` holds
 
     async def _call(self, method: str, request: object) -> object:
