@@ -176,3 +176,17 @@ def test_client_decodes_in_process_with_the_services_answers() -> None:
         asyncio.run(run())
     finally:
         srv.stop(0)
+
+
+def test_detokenize_switch_sends_decodes_to_the_service(monkeypatch) -> None:
+    """PIPESERVE_DETOKENIZE=service: the client decodes through the service even with a table."""
+
+    async def local_decode() -> bool:
+        client = TokenizerClient("127.0.0.1:1", 1.0, None, "coordinator")
+        await client.close()
+        return client.local_decode
+
+    monkeypatch.setenv("PIPESERVE_DETOKENIZE", "service")
+    assert not asyncio.run(local_decode())
+    monkeypatch.delenv("PIPESERVE_DETOKENIZE")
+    assert asyncio.run(local_decode())
