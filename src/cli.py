@@ -60,11 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--out", required=True, help="the .gguf file to write")
     synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
     synth.add_argument("--layers", type=int, help="cut the model to its first N layers")
+    synth.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="a placeholder vocabulary (llama.cpp's 'none') instead of a real tokenizer: needs no "
+        "real GGUF to copy one from; for engine benchmarks (llama-bench, bench_engine), not serving",
+    )
     args = p.parse_args(argv)
     if args.role == "probe":
         return _probe(args.kind, args.target, args.name, getattr(args, "config", None))
     if args.role == "synth":
-        return _synth(args.spec, args.out, args.seed, args.layers)
+        return _synth(args.spec, args.out, args.seed, args.layers, "none" if args.no_tokenizer else True)
     try:
         return _run(p, args)
     except ConfigError as exc:
@@ -128,7 +134,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth(spec: str, out: str, seed: int, layers: int | None) -> int:
+def _synth(spec: str, out: str, seed: int, layers: int | None, tokenizer: bool | str = True) -> int:
     import time
     from pathlib import Path
 
@@ -143,7 +149,7 @@ def _synth(spec: str, out: str, seed: int, layers: int | None) -> int:
 
     t0 = time.perf_counter()
     try:
-        path = synth.write(spec, Path(out).expanduser(), seed, layers, progress=progress)
+        path = synth.write(spec, Path(out).expanduser(), seed, layers, tokenizer=tokenizer, progress=progress)
     except (ValueError, PipeserveError) as exc:
         print(f"\npipeserve synth: {exc}", file=sys.stderr)
         return 1

@@ -197,6 +197,28 @@ def test_same_seed_same_bytes(written, tmp_path, capsys):
     assert all(other[n] != one[n] for n in one if n != "rope_freqs.weight")
 
 
+def test_placeholder_vocabulary(written, tmp_path):
+    """--no-tokenizer: llama.cpp's placeholder vocabulary of the spec's size (the model type "none",
+    no tokens), no real GGUF needed; the same tensors, and the engine loads it and gives the logits
+    of the file with the real tokenizer."""
+    out = tmp_path / "none.gguf"
+    assert (
+        main(["synth", "--spec", "qwen-test", "--layers", str(LAYERS), "--out", str(out), "--no-tokenizer"])
+        == 0
+    )
+    f = GGUFFile(out)
+    assert f.fields["tokenizer.ggml.model"].contents() == "none"
+    assert f.fields["qwen2.vocab_size"].contents() == synth.SPECS["qwen-test"].vocab
+    assert not [k for k in f.fields if k.startswith("tokenizer.") and k != "tokenizer.ggml.model"]
+    assert tensor_bytes(out) == tensor_bytes(written["qwen-test"])
+    logits = []
+    for path in (out, written["qwen-test"]):
+        eng = StageEngine(load_stage(ModelSource("m", "gguf", path)))
+        logits.append(eng.forward([SeqChunk("r", 0, [5, 6, 7], GREEDY)]).logits)
+    assert logits[0] is not None and logits[0].shape == (1, synth.SPECS["qwen-test"].vocab)
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
 # ------------------------------------------------------------------------------ against transformers
 
 

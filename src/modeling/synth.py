@@ -327,9 +327,11 @@ def _llama3_tokenizer(vocab: int) -> Metadata:
     ]
 
 
-def metadata(spec: str, seed: int = 0, n_layers: int | None = None, tokenizer: bool = True) -> Metadata:
+def metadata(spec: str, seed: int = 0, n_layers: int | None = None, tokenizer: bool | str = True) -> Metadata:
     """The file's key-value metadata, in the order llama.cpp's converter writes them (without the
-    tokenizer's keys when `tokenizer` is False)."""
+    tokenizer's keys when `tokenizer` is False; with `tokenizer="none"`, llama.cpp's placeholder
+    vocabulary of the spec's size and no tokens, which needs no real GGUF to copy: for benchmarks
+    on machines that have none)."""
     s = _spec(spec)
     n = s.n_layers if n_layers is None else n_layers
     a = s.arch + "."
@@ -356,7 +358,11 @@ def metadata(spec: str, seed: int = 0, n_layers: int | None = None, tokenizer: b
     ]
     if s.arch == "llama":
         out += [(a + "vocab_size", _U32, s.vocab), (a + "rope.dimension_count", _U32, s.head_dim)]
-    if tokenizer:
+    if tokenizer == "none":
+        if s.arch != "llama":
+            out.append((a + "vocab_size", _U32, s.vocab))
+        out.append(("tokenizer.ggml.model", _STR, "none"))
+    elif tokenizer:
         out += _llama3_tokenizer(s.vocab) if s.arch == "llama" else _qwen_tokenizer(s.vocab)
     out.append(("general.quantization_version", _U32, 2))
     return out
@@ -444,12 +450,13 @@ def write(
     seed: int = 0,
     n_layers: int | None = None,
     *,
-    tokenizer: bool = True,
+    tokenizer: bool | str = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write the spec's model (cut to `n_layers` layers if given) to `out`, streaming, atomically
     (a temporary name in the same folder, renamed when complete). tokenizer=False leaves out the
-    tokenizer's metadata (the same tensors: for readers that parse every array, e.g. transformers).
+    tokenizer's metadata (the same tensors: for readers that parse every array, e.g. transformers);
+    tokenizer="none" writes llama.cpp's placeholder vocabulary instead (metadata()).
     progress(bytes done, total) is called about once a second. Returns out."""
     s = _spec(spec)
     tensors = plan(spec, n_layers)
