@@ -497,6 +497,9 @@ def main() -> None:
         if with_hf:
             r["hf"] = run_child("hf", args, th)
         runs[str(th)] = r
+        partial = {k: v for k, v in res.items() if k != "runs_by_threads"} | {"runs": runs, "partial": True}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(partial, indent=2) + "\n")  # what a run stopped later still leaves
     res.pop("runs_by_threads")
     res["runs"] = runs
     last = int(args.threads.split(",")[-1])  # the kernel paths in turn, and one stage, at the last count

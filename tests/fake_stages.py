@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeserve.common.errors import PipeserveError, StageUnavailableError
+from pipeserve.common.errors import InvalidInputError, PipeserveError, StageUnavailableError
 from pipeserve.common.tokenizer_client import DecodeItem, DecodeResult
 from pipeserve.coordinator.cluster import NodeHandle
 from pipeserve.coordinator.requests import PlanItem
@@ -243,6 +243,7 @@ class FakeTokenizer:
 
     def __init__(self) -> None:
         self.down = False
+        self.bad_ids: set[int] = set()  # ids the in-process decoding cannot decode (per-item errors)
 
     async def info(self) -> tpb.TokenizerInfo:
         if self.down:
@@ -256,6 +257,10 @@ class FakeTokenizer:
             raise StageUnavailableError("tokenizer is gone")
         out = []
         for it in items:
+            if bad := self.bad_ids & set(it.token_ids):
+                err = InvalidInputError(f"token id {min(bad)} is outside the vocabulary [0, {VOCAB})")
+                out.append(DecodeResult("", it.prefix_offset, it.read_offset, [], err))
+                continue
             new = list(it.token_ids)[it.read_offset - it.prefix_offset :]
             end = it.prefix_offset + len(it.token_ids)
             pieces = [word(t) for t in new]

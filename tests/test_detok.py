@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeserve.common.detok import PieceTable, decode_steps
-from pipeserve.common.errors import InvalidInputError
+from pipeserve.common.errors import ConfigError, InvalidInputError
 from pipeserve.common.model_files import EMBEDDED_MODEL
 from pipeserve.common.tokenizer_client import DecodeItem, TokenizerClient
 from pipeserve.tokenizer.core import TokenizerCore
@@ -58,6 +58,15 @@ def _check_streams(core: TokenizerCore, table: PieceTable, seqs: list[list[int]]
                 got = table.decode_incremental(ids[:n], p, r, skip, final=final)
                 assert got == want, (ids[:n], p, r, skip, final)
                 _, p, r = want
+            # any offsets, not only those a stream from (0, 0) reaches: the prompt-context start
+            # the core's docstring gives, prefix == read > 0, a read offset inside a character
+            for _ in range(8):
+                n = rng.randrange(len(ids) + 1)
+                r = rng.randrange(n + 1)
+                p = rng.choice([r, max(r - 5, 0), rng.randrange(r + 1)])
+                for final in (False, True):
+                    want = core.decode_incremental(ids[:n], p, r, skip, final=final)
+                    assert table.decode_incremental(ids[:n], p, r, skip, final=final) == want, (ids[:n], p, r)
             # a step of several new tokens after a stream of one at a time (offsets are always
             # what an earlier call returned)
             m = rng.randrange(len(ids))
@@ -164,10 +173,22 @@ def test_client_decodes_in_process_with_the_services_answers() -> None:
             texts = await client.token_texts(list(range(0, 49152, 97)) + sorted(core.special_tokens.values()))
             client.local_decode, client._texts = False, {}
             assert texts == await client.token_texts(list(texts))
-            for mode in (True, False):
-                client.local_decode = mode
-                with pytest.raises(InvalidInputError, match="token id 49152 is outside"):
-                    await client.decode_stream([DecodeItem("r", [1, 49152])])
+            # an id outside the vocabulary: in-process, that item alone gets the error; the
+            # service fails the whole call
+            client.local_decode = True
+            good, bad = await client.decode_stream(
+                [DecodeItem("a", [300, 301]), DecodeItem("b", [300, 49152])]
+            )
+            assert good.error is None and good.text and bad.text == "" and bad.error is not None
+            assert (
+                isinstance(bad.error, InvalidInputError) and "token id 49152 is outside" in bad.error.message
+            )
+            with pytest.raises(InvalidInputError, match="token id 49152 is outside"):
+                await client.token_texts([5, 49152])
+            client.local_decode = False
+            with pytest.raises(InvalidInputError, match="token id 49152 is outside"):
+                await client.decode_stream([DecodeItem("a", [300, 301]), DecodeItem("b", [300, 49152])])
+            client.local_decode = True
             assert (await client.info()).checksum == info.checksum and client.pieces is not None
         finally:
             await client.close()
@@ -190,3 +211,8 @@ def test_detokenize_switch_sends_decodes_to_the_service(monkeypatch) -> None:
     assert not asyncio.run(local_decode())
     monkeypatch.delenv("PIPESERVE_DETOKENIZE")
     assert asyncio.run(local_decode())
+    monkeypatch.setenv("PIPESERVE_DETOKENIZE", "Service")
+    with pytest.raises(
+        ConfigError, match="PIPESERVE_DETOKENIZE must be one of coordinator, service, got 'Service'"
+    ):
+        asyncio.run(local_decode())

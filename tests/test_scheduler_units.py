@@ -287,6 +287,28 @@ def test_eos_stops_and_stop_strings_cut_the_text() -> None:
     run(main())
 
 
+def test_a_token_the_tokenizer_cannot_decode_fails_its_request_alone() -> None:
+    """In-process detokenization gives a per-request error (e.g. a padded head row the model
+    sampled): that request fails naming the id, the others of its step complete, and the
+    tokenizer stays healthy (nothing was wrong with it)."""
+
+    async def main() -> None:
+        async with FakeCluster() as fc:
+            bad_p, good_p = prompt_of(1, 6), prompt_of(8, 6)
+            bad = reference(bad_p, 10)[4]
+            assert bad not in reference(good_p, 10) + reference(bad_p, 4)
+            fc.tokenizer.bad_ids = {bad}
+            r1, r2 = fc.submit(bad_p, 10), fc.submit(good_p, 10)
+            (toks1, _, reason1), (toks2, _, reason2) = await asyncio.gather(collect(r1), collect(r2))
+            assert reason1.startswith("error: internal: the model generated a token the tokenizer cannot")
+            assert f"token id {bad} is outside" in reason1 and toks1 == reference(bad_p, 4)
+            assert (toks2, reason2) == (reference(good_p, 10), "length")
+            assert fc.cluster.tokenizer_healthy
+            await fc.settle()
+
+    run(main())
+
+
 def test_preemption_when_a_stage_runs_out_of_blocks_completes_everyone_exactly() -> None:
     async def main() -> None:
         # 8 blocks of 16 on part 1: four requests of 20 + 40 tokens need 16 blocks at the end

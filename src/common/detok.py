@@ -5,8 +5,9 @@ byte-level BPE, llama.cpp's SentencePiece decoding) can be decoded by anyone who
 token's bytes. The tokenizer service builds that table from its own decoder and checks it
 (TokenizerCore.piece_table); the coordinator fetches it once (the tokenizer's Pieces RPC) and then
 detokenizes each step's tokens in-process, as TGI's router and vLLM's front end do, instead of one
-DecodeStream call per step. `PieceTable.decode_incremental` gives exactly what
-`TokenizerCore.decode_incremental` gives (tests/test_detok.py checks both on real vocabularies).
+DecodeStream call per step. `PieceTable.decode_incremental` computes what
+`TokenizerCore.decode_incremental` does, with the table as the decoder, so it gives the same
+texts and offsets (tests/test_detok.py checks both on real vocabularies).
 
 `decode_steps` is the DecodeStream contract for one sequence (several new ids at once, one text
 per id), shared by the tokenizer's servicer and the client's in-process path.
@@ -37,8 +38,7 @@ class PieceTable:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids` (TokenizerCore.decode's contract)."""
-        text = self._bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
-        return text[1:] if self.strip_space and text.startswith(" ") else text
+        return self._text(self._bytes(ids, skip_special_tokens))
 
     def decode_incremental(
         self,
@@ -49,25 +49,26 @@ class PieceTable:
         *,
         final: bool = False,
     ) -> tuple[str, int, int]:
-        """TokenizerCore.decode_incremental's contract and results, from the table.
-
-        Text is emitted only when it does not end in U+FFFD (a character cut across tokens), so
-        whatever was emitted ended on a whole character, and the new text is the new ids' bytes
-        read alone. Before anything was emitted (read_offset 0) a decode from the start drops a
-        leading space where the vocabulary says so; after that the space belongs to the text.
-        """
+        """TokenizerCore.decode_incremental's contract and results, from the table, for any offsets:
+        the window from `prefix_offset` is decoded without and with the unread ids (a few tokens'
+        bytes, read as UTF-8 with U+FFFD for what is cut or invalid, each dropping one leading
+        space where the vocabulary does) and only the difference is emitted, while the text does
+        not end in U+FFFD (unless `final`)."""
         if not 0 <= prefix_offset <= read_offset <= len(ids):
             raise InvalidInputError(
                 f"need 0 <= prefix_offset <= read_offset <= len(ids), got prefix_offset={prefix_offset}, "
                 f"read_offset={read_offset}, len(ids)={len(ids)}"
             )
-        self._bytes(ids[prefix_offset:read_offset], skip_special_tokens)  # the same id check as the core's
-        text = self._bytes(ids[read_offset:], skip_special_tokens).decode("utf-8", errors="replace")
-        if read_offset == 0 and self.strip_space and text.startswith(" "):
-            text = text[1:]
-        if text and (final or not text.endswith(REPLACEMENT)):
-            return text, read_offset, len(ids)
+        head = self._bytes(ids[prefix_offset:read_offset], skip_special_tokens)
+        new = self._bytes(ids[read_offset:], skip_special_tokens)
+        prefix_text, text = self._text(head), self._text(head + new)
+        if len(text) > len(prefix_text) and (final or not text.endswith(REPLACEMENT)):
+            return text[len(prefix_text) :], read_offset, len(ids)
         return "", prefix_offset, read_offset
+
+    def _text(self, data: bytes) -> str:
+        text = data.decode("utf-8", errors="replace")
+        return text[1:] if self.strip_space and text.startswith(" ") else text
 
     def _bytes(self, ids: Sequence[int], skip_special_tokens: bool) -> bytes:
         n = len(self.pieces)

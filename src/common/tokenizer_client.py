@@ -10,6 +10,10 @@ tokenizer's checksum changes) it runs in this process (common/detok.py), with no
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,10 +22,12 @@ import grpc
 from pipeserve.common import env, tls
 from pipeserve.common.config import Config
 from pipeserve.common.detok import PieceTable, decode_steps
-from pipeserve.common.errors import PipeserveError
+from pipeserve.common.errors import ConfigError, PipeserveError
 from pipeserve.common.grpc_util import channel_options, remote_error
 from pipeserve.proto import tokenizer_service_pb2 as tpb
 from pipeserve.proto import tokenizer_service_pb2_grpc as tpb_grpc
+
+log = logging.getLogger(__name__)
 
 TOKEN_TEXT_CACHE = 65536  # token id -> text entries kept (a vocabulary's worth for small models)
 
@@ -45,6 +51,13 @@ class DecodeResult:
     prefix_offset: int
     read_offset: int
     pieces: list[str]  # one text per new id (they join into `text`)
+    # In-process decoding only: this item's ids could not be decoded (an id outside the
+    # vocabulary); the other items' results stand. (The service fails the whole call instead.)
+    error: PipeserveError | None = None
+
+
+PIECES_RETRY_S = 30.0  # after a failed Pieces call, info() asks again no sooner than this
+DETOKENIZE_MODES = ("coordinator", "service")
 
 
 class TokenizerClient:
@@ -54,7 +67,8 @@ class TokenizerClient:
         """A client for service `me` ("coordinator" or "api"; the name it connects as with mTLS)."""
         self.address = address
         self.timeout = rpc_timeout_s
-        opts = channel_options(max_message_mb)
+        # at least 64 MiB: the Pieces answer of a 262k-token vocabulary is ~2.5 MiB
+        opts = channel_options(max(max_message_mb, 64))
         self.channel = (
             tls.aio_channel(cfg, me, "tokenizer", address, opts)
             if cfg is not None
@@ -65,9 +79,17 @@ class TokenizerClient:
         # The vocabulary's piece table, when the tokenizer has one; `local_decode = False` (or
         # PIPESERVE_DETOKENIZE=service) sends every decode to the service: the same results, which
         # tests and benchmarks compare.
+        mode = env.get("PIPESERVE_DETOKENIZE", "coordinator")
+        if mode not in DETOKENIZE_MODES:
+            raise ConfigError(
+                f"PIPESERVE_DETOKENIZE must be one of {', '.join(DETOKENIZE_MODES)}, got {mode!r}"
+            )
+        self.local_decode = mode == "coordinator"
         self.pieces: PieceTable | None = None
-        self.local_decode = env.get("PIPESERVE_DETOKENIZE") != "service"
+        self._checksum: str | None = None  # the tokenizer's checksum, as its last Info gave it
         self._pieces_of: str | None = None  # the checksum whose Pieces answer `pieces` holds
+        self._pieces_retry_at = 0.0  # monotonic time before which a failed Pieces call is not retried
+        self._pieces_lock = asyncio.Lock()
 
     async def _call(self, method: str, request: object) -> object:
         try:
@@ -79,18 +101,31 @@ class TokenizerClient:
         """The tokenizer's Info; a tokenizer with another checksum than the last one seen (a first
         contact, a restart on another model) is asked for its piece table again."""
         info: tpb.TokenizerInfo = await self._call("Info", tpb.TokenizerInfoRequest())  # type: ignore[assignment]
-        if self._pieces_of != info.checksum:
-            await self._load_pieces(info.checksum)
+        if info.checksum != self._checksum:  # another vocabulary: nothing decoded before holds
+            self._checksum, self.pieces, self._pieces_of, self._texts = info.checksum, None, None, {}
+            self._pieces_retry_at = 0.0
+        if self._pieces_of != info.checksum and time.monotonic() >= self._pieces_retry_at:
+            async with (
+                self._pieces_lock
+            ):  # one fetch at a time (the coordinator and API call info() concurrently)
+                if self._pieces_of != info.checksum:
+                    await self._load_pieces(info.checksum)
         return info
 
     async def _load_pieces(self, checksum: str) -> None:
-        self.pieces = None
         try:
             resp: tpb.PiecesResponse = await self._call("Pieces", tpb.PiecesRequest())  # type: ignore[assignment]
-        except PipeserveError:  # a failure, or an older tokenizer: decode through the service
-            return  # (and ask again at the next info())
-        if resp.checksum != checksum:  # the tokenizer changed in between: ask again at the next info()
+        except PipeserveError as exc:  # an older tokenizer, a message-size limit, a failure:
+            if self._pieces_retry_at == 0.0:  # decode through the service, ask again later
+                log.warning(
+                    "tokenizer at %s gave no piece table (%s): it decodes every step",
+                    self.address,
+                    exc.message,
+                )
+            self._pieces_retry_at = time.monotonic() + PIECES_RETRY_S
             return
+        if resp.checksum != checksum or checksum != self._checksum:
+            return  # the tokenizer changed in between: the next info() asks again
         self._pieces_of = checksum
         if resp.available:
             self.pieces = PieceTable(
@@ -130,21 +165,30 @@ class TokenizerClient:
 
     @staticmethod
     def _decode_local(table: PieceTable, i: DecodeItem) -> DecodeResult:
-        pieces, p, r = decode_steps(
-            table.decode_incremental, i.token_ids, i.prefix_offset, i.read_offset, i.steps,
-            i.skip_special_tokens, i.final,
-        )  # fmt: skip
+        try:
+            pieces, p, r = decode_steps(
+                table.decode_incremental, i.token_ids, i.prefix_offset, i.read_offset, i.steps,
+                i.skip_special_tokens, i.final,
+            )  # fmt: skip
+        except PipeserveError as exc:
+            return DecodeResult("", i.prefix_offset, i.read_offset, [], exc)
         return DecodeResult("".join(pieces), p, r, pieces)
 
     async def token_texts(self, token_ids: list[int]) -> dict[int, str]:
-        """Each id's own text (special tokens included), for logprobs. One DecodeStream call decodes
-        every id not cached yet, each as a sequence of its own (so a leading space is kept)."""
+        """Each id's own text (special tokens included), for logprobs: every id not cached yet is
+        decoded as a sequence of its own (one DecodeStream call, or in-process), so a byte-level
+        token keeps its leading space (a SentencePiece one with the space prefix drops it)."""
+        if self.local_decode and self._pieces_of is None and time.monotonic() >= self._pieces_retry_at:
+            with contextlib.suppress(PipeserveError):  # the API's client: fetch the table on first use
+                await self.info()
         if len(self._texts) > TOKEN_TEXT_CACHE:
             self._texts.clear()
         missing = sorted({t for t in token_ids if t not in self._texts})
         if missing:
             items = [DecodeItem(str(t), [t], skip_special_tokens=False, final=True) for t in missing]
             results = await self.decode_stream(items)
+            if err := next((r.error for r in results if r.error is not None), None):
+                raise err
             self._texts.update(zip(missing, (r.text for r in results), strict=True))
         return {t: self._texts[t] for t in token_ids}
 

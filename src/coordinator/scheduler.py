@@ -642,6 +642,14 @@ class Scheduler:
                 self._fail(req, err)
             return
         for (req, upto, toks), res in zip(reqs, results, strict=True):
+            if res.error is not None:  # in-process decoding: only this request's ids are bad
+                self._fail(
+                    req,
+                    PipeserveError(
+                        f"the model generated a token the tokenizer cannot decode: {res.error.message}"
+                    ),
+                )
+                continue
             req.prefix_offset, req.read_offset = res.prefix_offset, res.read_offset
             for j, (tok, text) in enumerate(zip(toks, res.pieces, strict=True)):
                 piece, reason = output.take_text(req, text, upto - len(toks) + 1 + j)

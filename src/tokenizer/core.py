@@ -126,14 +126,14 @@ class TokenizerCore:
     def piece_table(self) -> PieceTable | None:
         """Each token's bytes, for decoding outside this process (common/detok.py), or None where
         this vocabulary's decode is not "join the tokens' bytes, read them as UTF-8": a checkpoint
-        folder's tokenizer.json may chain any decoders. SentencePiece vocabularies have their bytes
-        in the PieceDecoder; byte-level ones are read back from their byte alphabet as tokenizers'
-        ByteLevel decoder does. Every token decoded alone, special tokens kept, must give the
-        tokenizer's own text, or there is no table (and callers decode through this service)."""
-        if self._piece_decoder is not None:
-            d = self._piece_decoder
-            table = PieceTable(d.pieces, d.special, d.strip_space, self.checksum)
-        else:
+        folder's tokenizer.json may chain any decoders. SentencePiece vocabularies decode from their
+        PieceDecoder's table already; byte-level ones are read back from their byte alphabet as
+        tokenizers' ByteLevel decoder does, and every token decoded alone, special tokens kept, must
+        then give the tokenizer's own text, or there is no table (callers decode through this service)."""
+        try:
+            if self._piece_decoder is not None:  # the decoder is this table (nothing to check)
+                d = self._piece_decoder
+                return PieceTable(d.pieces, d.special, d.strip_space, self.checksum)
             pieces = byte_level_pieces(self._tokenizer, self.vocab_size)
             if pieces is None:
                 return None
@@ -141,11 +141,14 @@ class TokenizerCore:
                 i for i, added in self._tokenizer.get_added_tokens_decoder().items() if added.special
             )
             table = PieceTable(pieces, special, False, self.checksum)
-        for i in range(self.vocab_size):
-            if table.decode([i], False) != self._decode([i], False):
-                log.warning("token %d decodes differently from its bytes: no piece table", i)
-                return None
-        return table
+            for i in range(self.vocab_size):
+                if table.decode([i], False) != self._decode([i], False):
+                    log.warning("token %d decodes differently from its bytes: no piece table", i)
+                    return None
+            return table
+        except Exception:  # the service decodes as before; never fail its start-up over this
+            log.exception("building the piece table failed: callers decode through the service")
+            return None
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the model's chat template, as transformers does.
