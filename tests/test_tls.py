@@ -76,6 +76,7 @@ def test_a_whole_cluster_over_mtls_generates_the_reference(tls_cluster, smol_ful
         got = generate_via(ch, 10)
     assert got == generate([StageEngine(smol_full)], [PROMPT], 10)[0]
     assert all(n.healthy for n in c.coordinator.cluster.nodes) and c.coordinator.cluster.tokenizer_healthy
+    assert c.coordinator.cluster.tokenizer.pieces is not None  # the piece table came over mTLS too
 
 
 def test_a_plaintext_client_is_refused(tls_cluster) -> None:
