@@ -49,22 +49,11 @@ class PieceTable:
         *,
         final: bool = False,
     ) -> tuple[str, int, int]:
-        """TokenizerCore.decode_incremental's contract and results, from the table, for any offsets:
-        the window from `prefix_offset` is decoded without and with the unread ids (a few tokens'
-        bytes, read as UTF-8 with U+FFFD for what is cut or invalid, each dropping one leading
-        space where the vocabulary does) and only the difference is emitted, while the text does
-        not end in U+FFFD (unless `final`)."""
-        if not 0 <= prefix_offset <= read_offset <= len(ids):
-            raise InvalidInputError(
-                f"need 0 <= prefix_offset <= read_offset <= len(ids), got prefix_offset={prefix_offset}, "
-                f"read_offset={read_offset}, len(ids)={len(ids)}"
-            )
-        head = self._bytes(ids[prefix_offset:read_offset], skip_special_tokens)
-        new = self._bytes(ids[read_offset:], skip_special_tokens)
-        prefix_text, text = self._text(head), self._text(head + new)
-        if len(text) > len(prefix_text) and (final or not text.endswith(REPLACEMENT)):
-            return text[len(prefix_text) :], read_offset, len(ids)
-        return "", prefix_offset, read_offset
+        """TokenizerCore.decode_incremental's contract and results, from the table, for any offsets
+        (`incremental` with this table's decode)."""
+        return incremental(
+            lambda w: self.decode(w, skip_special_tokens), ids, prefix_offset, read_offset, final
+        )
 
     def _text(self, data: bytes) -> str:
         text = data.decode("utf-8", errors="replace")
@@ -78,6 +67,31 @@ class PieceTable:
         if skip_special_tokens and self.special:
             return b"".join(self.pieces[i] for i in ids if i not in self.special)
         return b"".join(self.pieces[i] for i in ids)
+
+
+def incremental(
+    decode: Callable[[Sequence[int]], str],
+    ids: Sequence[int],
+    prefix_offset: int,
+    read_offset: int,
+    final: bool,
+) -> tuple[str, int, int]:
+    """Stateless streaming detokenization (the TGI/vLLM scheme) over a decoder: `(new_text,
+    prefix_offset, read_offset)`. The window from `prefix_offset` is decoded without and with the
+    unread ids and only the difference is emitted, so a decoder that drops a leading space at the
+    start of a decode (SentencePiece) emits no wrong space; while the text ends in U+FFFD (a UTF-8
+    character cut across tokens) nothing is emitted and the offsets stay, unless `final`.
+    TokenizerCore (with its own decoder) and PieceTable (with the table) both run this."""
+    if not 0 <= prefix_offset <= read_offset <= len(ids):
+        raise InvalidInputError(
+            f"need 0 <= prefix_offset <= read_offset <= len(ids), got prefix_offset={prefix_offset}, "
+            f"read_offset={read_offset}, len(ids)={len(ids)}"
+        )
+    text = decode(ids[prefix_offset:])
+    prefix_text = decode(ids[prefix_offset:read_offset])
+    if len(text) > len(prefix_text) and (final or not text.endswith(REPLACEMENT)):
+        return text[len(prefix_text) :], read_offset, len(ids)
+    return "", prefix_offset, read_offset
 
 
 def decode_steps(

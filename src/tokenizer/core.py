@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import jinja2
 
-from pipeserve.common.detok import PieceTable
+from pipeserve.common.detok import PieceTable, incremental
 from pipeserve.common.errors import ConfigError, InvalidInputError
 from pipeserve.common.model_files import ModelSource, model_fingerprint, resolve_model
 from pipeserve.tokenizer.bpe import Vocabulary, byte_level_pieces
@@ -110,17 +110,13 @@ class TokenizerCore:
         across tokens) nothing is emitted and the offsets stay. At the end of a stream pass
         `final=True` to flush held-back bytes: the outputs then concatenate to `decode(ids)`.
         """
-        if not 0 <= prefix_offset <= read_offset <= len(ids):
-            raise InvalidInputError(
-                f"need 0 <= prefix_offset <= read_offset <= len(ids), got prefix_offset={prefix_offset}, "
-                f"read_offset={read_offset}, len(ids)={len(ids)}"
-            )
-        window = self._checked_ids(ids[prefix_offset:])
-        prefix_text = self._decode(window[: read_offset - prefix_offset], skip_special_tokens)
-        text = self._decode(window, skip_special_tokens)
-        if len(text) > len(prefix_text) and (final or not text.endswith("\ufffd")):
-            return text[len(prefix_text) :], read_offset, len(ids)
-        return "", prefix_offset, read_offset
+        return incremental(
+            lambda w: self._decode(self._checked_ids(w), skip_special_tokens),
+            ids,
+            prefix_offset,
+            read_offset,
+            final,
+        )
 
     @functools.cached_property
     def piece_table(self) -> PieceTable | None:
