@@ -105,9 +105,8 @@ class TokenizerClient:
             self._checksum, self.pieces, self._pieces_of, self._texts = info.checksum, None, None, {}
             self._pieces_retry_at = 0.0
         if self._pieces_of != info.checksum and time.monotonic() >= self._pieces_retry_at:
-            async with (
-                self._pieces_lock
-            ):  # one fetch at a time (the coordinator and API call info() concurrently)
+            # one fetch at a time (the coordinator's refresh and Join, the API's probes call info())
+            async with self._pieces_lock:
                 if self._pieces_of != info.checksum:
                     await self._load_pieces(info.checksum)
         return info
