@@ -1,7 +1,7 @@
 """The BPE core: `tokenizers` pipelines for the two vocabulary kinds a model file can carry.
 
 `byte_level_bpe` (GPT-2 style: bytes spelled as printable characters, after regex splits) and
-`sentencepiece_bpe` (scores or merges, "▁" for spaces, byte fallback; decoded by `PieceDecoder` as
+`sentencepiece_bpe` (scores or merges, "▁" for spaces, byte fallback; decoded by `piece_decoder`'s table as
 llama.cpp does). gguf_vocab.py feeds them a GGUF's metadata; hf.py builds from a checkpoint
 folder's own files. Both return a `Vocabulary`, which `TokenizerCore` (core.py) serves.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from pipeserve.common.detok import PieceTable
 from pipeserve.common.errors import ModelFormatError
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Vocabulary:
     bos_token_id: int | None
     eos_token_ids: list[int]
     chat_template: str | None
-    piece_decoder: PieceDecoder | None = None  # SentencePiece vocabularies decode token bytes themselves
+    piece_decoder: PieceTable | None = None  # SentencePiece vocabularies decode token bytes themselves
 
 
 def byte_level_bpe(
@@ -99,7 +100,7 @@ def sentencepiece_bpe(
     merges: Sequence[str] | None,
     unk_id: int | None,
     add_space_prefix: bool,
-) -> tuple[Tokenizer, PieceDecoder]:
+) -> tuple[Tokenizer, PieceTable]:
     """A SentencePiece BPE vocabulary (Llama 2, Mistral, Gemma), tokenizing as llama.cpp's SPM tokenizer.
 
     llama.cpp cuts the control, unknown and user-defined tokens out of the text first, prefixes each
@@ -149,42 +150,29 @@ def sentencepiece_bpe(
     # Each piece between these is tokenized on its own, so a user-defined "\n\n" or "   " stays whole.
     tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_defined])
-    return tokenizer, PieceDecoder.build(tokens, token_types, frozenset(special), add_space_prefix)
+    return tokenizer, piece_decoder(tokens, token_types, frozenset(special), add_space_prefix)
 
 
-@dataclass(frozen=True)
-class PieceDecoder:
-    """Decodes SentencePiece token ids as llama.cpp does: every token's bytes ("▁" read as a space,
+def piece_decoder(
+    tokens: Sequence[str], token_types: Sequence[int], special: frozenset[int], strip_space: bool
+) -> PieceTable:
+    """How llama.cpp decodes SentencePiece token ids: every token's bytes ("▁" read as a space,
     <0xNN> as that byte, added tokens as written), joined, then read as UTF-8 with U+FFFD for each
-    invalid or cut-off sequence. (tokenizers' ByteFallback turns every byte of a run of byte tokens into
-    U+FFFD when any of them is bad, so a complete character before a cut-off one would vanish from a
-    decode but not from a stream.) `strip_space` drops the space that add_space_prefix put first,
-    as SentencePiece does.
-    """
-
-    pieces: tuple[bytes, ...]
-    special: frozenset[int]
-    strip_space: bool
-
-    @classmethod
-    def build(
-        cls, tokens: Sequence[str], token_types: Sequence[int], special: frozenset[int], strip_space: bool
-    ) -> PieceDecoder:
-        pieces = []
-        for token_id, token in enumerate(tokens):
-            token_type = token_types[token_id] if token_types else _TOKEN_TYPE_BYTE
-            if token_type == _TOKEN_TYPE_BYTE and _BYTE_TOKEN.fullmatch(token):
-                pieces.append(bytes([int(token[3:5], 16)]))
-            elif token_id in special or token_type == _TOKEN_TYPE_USER_DEFINED:
-                pieces.append(token.encode())
-            else:
-                pieces.append(token.replace("▁", " ").encode())
-        return cls(tuple(pieces), special, strip_space)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        skip = self.special if skip_special_tokens else frozenset()
-        text = b"".join(self.pieces[i] for i in ids if i not in skip).decode("utf-8", errors="replace")
-        return text[1:] if self.strip_space and text.startswith(" ") else text
+    invalid or cut-off sequence (common/detok.py's PieceTable, which the coordinator decodes with
+    too). (tokenizers' ByteFallback turns every byte of a run of byte tokens into U+FFFD when any
+    of them is bad, so a complete character before a cut-off one would vanish from a decode but not
+    from a stream.) `strip_space` drops the space that add_space_prefix put first, as SentencePiece
+    does. The table's checksum is left empty (TokenizerCore.piece_table names its tokenizer)."""
+    pieces = []
+    for token_id, token in enumerate(tokens):
+        token_type = token_types[token_id] if token_types else _TOKEN_TYPE_BYTE
+        if token_type == _TOKEN_TYPE_BYTE and _BYTE_TOKEN.fullmatch(token):
+            pieces.append(bytes([int(token[3:5], 16)]))
+        elif token_id in special or token_type == _TOKEN_TYPE_USER_DEFINED:
+            pieces.append(token.encode())
+        else:
+            pieces.append(token.replace("▁", " ").encode())
+    return PieceTable(tuple(pieces), special, strip_space, checksum="")
 
 
 def byte_level_pieces(tokenizer: Tokenizer, vocab_size: int) -> tuple[bytes, ...] | None:

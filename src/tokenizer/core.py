@@ -9,6 +9,7 @@ chat.py compiles chat templates.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -33,7 +34,7 @@ class TokenizerCore:
     def __init__(self, vocab: Vocabulary, *, model_name: str, model_checksum: str) -> None:
         tokenizer = vocab.tokenizer
         self._tokenizer = tokenizer
-        # SentencePiece vocabularies decode token bytes themselves (see bpe.PieceDecoder).
+        # SentencePiece vocabularies decode token bytes themselves (see bpe.piece_decoder).
         self._piece_decoder = vocab.piece_decoder
         self.model_name = model_name
         self.model_checksum = model_checksum
@@ -123,13 +124,12 @@ class TokenizerCore:
         """Each token's bytes, for decoding outside this process (common/detok.py), or None where
         this vocabulary's decode is not "join the tokens' bytes, read them as UTF-8": a checkpoint
         folder's tokenizer.json may chain any decoders. SentencePiece vocabularies decode from their
-        PieceDecoder's table already; byte-level ones are read back from their byte alphabet as
+        `bpe.piece_decoder`'s table already; byte-level ones are read back from their byte alphabet as
         tokenizers' ByteLevel decoder does, and every token decoded alone, special tokens kept, must
         then give the tokenizer's own text, or there is no table (callers decode through this service)."""
         try:
             if self._piece_decoder is not None:  # the decoder is this table (nothing to check)
-                d = self._piece_decoder
-                return PieceTable(d.pieces, d.special, d.strip_space, self.checksum)
+                return dataclasses.replace(self._piece_decoder, checksum=self.checksum)
             pieces = byte_level_pieces(self._tokenizer, self.vocab_size)
             if pieces is None:
                 return None

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeserve.common.detok import PieceTable
 from pipeserve.common.errors import ModelFormatError
 from pipeserve.common.model_files import open_gguf
 from pipeserve.tokenizer.bpe import (
-    PieceDecoder,
     Vocabulary,
     byte_level_bpe,
     sentencepiece_bpe,
@@ -102,7 +102,7 @@ def read_gguf_vocabulary(path: Path) -> Vocabulary:
         raise ModelFormatError(
             f"{path}: tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
         )
-    piece_decoder: PieceDecoder | None = None
+    piece_decoder: PieceTable | None = None
     if kind == "gpt2":
         pre = field("tokenizer.ggml.pre")
         if pre is None:
