@@ -51,9 +51,10 @@ def threads(request):
 def kernel_settings_restored():
     """Every test leaves the process's ISA and thread count as it found them (later tests, and
     other files in the same process, assume the defaults)."""
-    before = kernels.get_isa(), kernels.get_threads()
+    before = kernels.get_isa(), kernels.get_threads(), kernels.get_batch_invariant()
     yield
-    assert (kernels.get_isa(), kernels.get_threads()) == before, "a test left the kernel settings changed"
+    after = kernels.get_isa(), kernels.get_threads(), kernels.get_batch_invariant()
+    assert after == before, "a test left the kernel settings changed"
 
 
 @contextmanager
@@ -249,6 +250,33 @@ def test_rows_past_the_last_whole_chunk_take_the_decode_loops(name, isa, threads
                 )
     finally:
         kernels.set_tail_rows(True)
+
+
+@pytest.mark.parametrize("name", list(reference.TYPE_IDS))
+def test_batch_invariant_mode_gives_every_row_its_alone_bits(name, isa, threads):
+    """set_batch_invariant(True): at any T (the batched shapes' 9..191 rows, the panels' 192 and up,
+    partial chunks) each row equals, bit for bit, the row computed alone, and stays within the
+    reference's tolerance. Off (the default), the batched shapes sum in another order: on a SIMD
+    path some rows differ in their last bits (what the mode is for)."""
+    blocks = reference.TYPES[reference.TYPE_IDS[name]][1] > 1
+    K = 512 if blocks else 96
+    qt = random_qtensor(name, 70, K, seed=13)
+    w = ref_weights(qt)
+    lin = QLinear([qt])
+    x = randn(np.random.default_rng(9), 257, K)
+    alone = np.concatenate([lin(x[t : t + 1]) for t in range(257)])
+    sizes = (9, 16, 17, 40, 191, 192, 257)
+    differs = [T for T in sizes if not np.array_equal(lin(x[:T]), alone[:T])]
+    assert differs or isa == "generic", f"{isa} {name}: the batched shapes gave the alone bits already"
+    assert not differs or isa != "generic", f"{isa} {name}: the portable path depends on T"
+    kernels.set_batch_invariant(True)
+    try:
+        for T in sizes:
+            y = lin(x[:T])
+            assert np.array_equal(y, alone[:T]), f"{isa} {name} T={T}: rows differ from one-row calls"
+            assert rel_err(y, t64(x[:T]) @ w.t()) <= TOL, f"{isa} {name} T={T}"
+    finally:
+        kernels.set_batch_invariant(False)
 
 
 @pytest.mark.parametrize("name", list(reference.TYPE_IDS))

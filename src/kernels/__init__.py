@@ -100,6 +100,20 @@ def set_tail_rows(on: bool) -> None:
     _qk.set_tail_rows(bool(on))
 
 
+def set_batch_invariant(on: bool) -> None:
+    """True: every exact matmul runs each activation row through the decode loops, whatever the
+    batch, so a row's result has the bits it gets alone: a token's logits no longer depend on the
+    requests it was batched with, on prefill chunking, on a failover replay or on the prefix cache
+    (vLLM's VLLM_BATCH_INVARIANT, SGLang's deterministic inference). Costs prefill and large
+    batches (the batched shapes are faster from 9 rows on). The int8 mode's rows are
+    batch-invariant already; the portable (generic) path always is. Process-wide."""
+    _qk.set_batch_invariant(bool(on))
+
+
+def get_batch_invariant() -> bool:
+    return bool(_qk.get_batch_invariant())
+
+
 def set_threads(n: int) -> None:
     """Threads of the process's kernel pool (the calling thread is one of them)."""
     _qk.set_threads(int(n))

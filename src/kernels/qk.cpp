@@ -187,6 +187,13 @@ static void Plan_dealloc(PlanObject* self) {
 
 static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, bool accumulate);
 static bool g_tail_rows = true;  // set_tail_rows(False): a partial last chunk runs as a chunk (benchmarks, tests)
+// set_batch_invariant(True): every exact matmul runs its rows through the decode loops, whatever T,
+// so each activation row's result has the bits it gets alone (T == 1) in any batch, prefill chunk
+// or replay (the decode loops sum each row in one order whatever the rows beside it, qk_simd.h).
+// The batched shapes (k-major x, panels) sum in another order and are faster from 9 rows on: this
+// costs prefill and large batches (README: "Batch-invariant mode"). The int8 mode's rows are
+// batch-invariant already (qk_q8.h) and the portable path sums each row alone.
+static bool g_batch_invariant = false;
 
 // run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T, both contiguous fp32.
 static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t nargs) {
@@ -226,7 +233,7 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
   const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
   int64_t head = T;  // rows [0, head) in one call, [head, T) in the decode loops
-  if (g_tail_rows && isa != ISA_GENERIC) {
+  if (g_tail_rows && isa != ISA_GENERIC && !g_batch_invariant) {
     if (self->kperm_only && T > MV_PASS_MAX_T && T <= small_max) head = MV_PASS_MAX_T;
     else if (T > cw && T < PANEL_MIN_T && tail <= tail_max) head = T - tail;
   }
@@ -239,8 +246,9 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
 // The exact matmul of T activation rows (called without the GIL).
 static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, bool accumulate) {
   const int64_t K = self->K, G = K / 32;
+  const bool mv = T <= MV_PASS_MAX_T || g_batch_invariant;  // the decode loops take every row
   std::vector<float> xsum;
-  if (self->needs_xsum && T <= MV_PASS_MAX_T) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
+  if (self->needs_xsum && mv) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
     xsum.resize(T * G);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < G; ++g) {
@@ -252,19 +260,19 @@ static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, boo
   const Isa isa = call_isa(T);
   std::vector<float> xt;  // x k-major for the batched-decode shape (qk_types.h: make_xt)
   const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8);
-  if (isa != ISA_GENERIC && T >= XT_MIN_T && T < PANEL_MIN_T) {
+  if (isa != ISA_GENERIC && !mv && T >= XT_MIN_T && T < PANEL_MIN_T) {
     xt.resize(xt_floats(T, K, cw));
     make_xt(x, T, K, cw, xt.data());
   }
   std::vector<float> xp, xs16, xp4;  // x permuted for the SIMD Q6_K and Q4_K rows (qk_types.h: perm_x)
   const int H = isa == ISA_AVX512 ? 2 : 1;  // 8-float chunks per vector
-  if (isa != ISA_GENERIC && self->has_q6k && T <= MV_PASS_MAX_T) {
+  if (isa != ISA_GENERIC && self->has_q6k && mv) {
     xp.resize(T * K);
     xs16.resize(T * (K / 16));
     perm_x<false>(x, T, K, xp.data(), Q6kShift{}, H);
     sums16_x(x, T, K, xs16.data());
   }
-  if (isa != ISA_GENERIC && self->has_q4k && T <= MV_PASS_MAX_T) {
+  if (isa != ISA_GENERIC && self->has_q4k && mv) {
     xp4.resize(T * K);
     perm_x<true>(x, T, K, xp4.data(), Q4kShift{}, H);
   }
@@ -278,6 +286,7 @@ static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, boo
            accumulate, xt.empty() ? nullptr : xt.data(), cw};
     if (!xp.empty()) jb.xp = xp.data(), jb.xs16 = xs16.data();
     if (!xp4.empty()) jb.xp4 = xp4.data();
+    jb.mv_only = mv;
     const int64_t j = (int64_t)jobs.size();
     jobs.push_back(jb);
     // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4; from
@@ -1023,6 +1032,8 @@ static PyObject* set_flag(PyObject* arg, Flag& flag) {
 static PyObject* py_set_attention_tiles(PyObject*, PyObject* arg) { return set_flag(arg, g_att_tiles); }
 static PyObject* py_set_attention_lookahead(PyObject*, PyObject* arg) { return set_flag(arg, g_att_far); }
 static PyObject* py_set_tail_rows(PyObject*, PyObject* arg) { return set_flag(arg, g_tail_rows); }
+static PyObject* py_set_batch_invariant(PyObject*, PyObject* arg) { return set_flag(arg, g_batch_invariant); }
+static PyObject* py_get_batch_invariant(PyObject*, PyObject*) { return PyBool_FromLong(g_batch_invariant); }
 static PyObject* py_set_pool_wait_all(PyObject*, PyObject* arg) { return set_flag(arg, pool::g_wait_all_workers); }
 
 static PyObject* py_block_info(PyObject*, PyObject* arg) {
@@ -1055,6 +1066,9 @@ static PyMethodDef module_methods[] = {
      "set_attention_lookahead(False): decode attention fetches 4 KiB ahead into L1 (the look-ahead before; benchmarks)"},
     {"set_attention_tiles", py_set_attention_tiles, METH_O,
      "set_attention_tiles(False): prefill rows attend one at a time (the tiles' bits are the same; tests)"},
+    {"set_batch_invariant", py_set_batch_invariant, METH_O,
+     "set_batch_invariant(True): every exact matmul row gets the bits it gets alone, in any batch (slower prefill)"},
+    {"get_batch_invariant", py_get_batch_invariant, METH_NOARGS, "whether set_batch_invariant(True) is in effect"},
     {"set_tail_rows", py_set_tail_rows, METH_O,
      "set_tail_rows(False): a batched matmul's rows past its last whole chunk run as a chunk (benchmarks)"},
     {"set_pool_wait_all", py_set_pool_wait_all, METH_O,
