@@ -352,3 +352,59 @@ def test_llama_layer_forward_equals_its_modules_bit_for_bit(kind, smol_full, tmp
         m.setattr(LlamaLayer, "forward", module_forward)
         modules = trace()
     assert all(torch.equal(a, b) for a, b in zip(native, modules, strict=True))
+
+
+def _logit_trace(loaded, seq: list[int], kv_dtype: str, alone: bool) -> dict[int, np.ndarray]:
+    """Logits at positions 39..59 of `seq`: alone, one token per step; or prefilled as one chunk
+    of 40 beside two other prompts, then decoded beside a third prompt's prefill (step 45)."""
+    from pipeserve.modeling.generate import run_stages as run_numpy
+
+    eng = StageEngine(loaded, kv_dtype=kv_dtype)
+    rng = np.random.default_rng(1)
+    vocab = loaded.cfg.vocab_size
+    others = [[int(t) for t in rng.integers(1, vocab, n)] for n in (5, 33, 17)]
+    out: dict[int, np.ndarray] = {}
+    if alone:
+        for i, t in enumerate(seq):
+            logits = run_numpy([eng], [SeqChunk("a", i, [t], GREEDY)])[0]
+            if i >= 39:
+                out[i] = logits.copy()
+        return out
+    first = [SeqChunk("o0", 0, others[0], GREEDY), SeqChunk("b", 0, seq[:40], GREEDY)]
+    out[39] = run_numpy([eng], [*first, SeqChunk("o1", 0, others[1], GREEDY)])[1].copy()
+    for i in range(40, 60):
+        chunks = [SeqChunk("b", i, [seq[i]], GREEDY)]
+        if i == 45:
+            chunks.append(SeqChunk("o2", 0, others[2], GREEDY))
+        out[i] = run_numpy([eng], chunks)[0].copy()
+    return out
+
+
+@pytest.mark.parametrize(
+    "model,kv_dtype", [("smollm2", "f32"), ("smollm2", "q8_0"), ("llama", "f32"), ("gpt2", "f32")]
+)
+def test_batch_invariant_logits_do_not_depend_on_the_batch(model, kv_dtype, smol_full, tiny_llama, tiny_gpt2):
+    """node_defaults.batch_invariant (kernels.set_batch_invariant): a sequence's logits, prefilled
+    in a chunk beside other prompts and decoded beside another prefill, equal bit for bit the
+    logits of feeding it one token at a time alone (which the mode leaves as they were), for every KV type (q8_0 rounds K/V rows to a
+    quantum, where a last-bit difference can move a value by a whole step). Off (the default),
+    the same comparison differs in the last bits on a SIMD path: what the mode is for."""
+    from pipeserve import kernels
+
+    loaded = {"smollm2": smol_full}.get(model) or load_stage(
+        str(tiny_llama if model == "llama" else tiny_gpt2)
+    )
+    seq = [int(t) for t in np.random.default_rng(0).integers(1, loaded.cfg.vocab_size, 60)]
+    default = _logit_trace(loaded, seq, kv_dtype, alone=True)
+    batched = _logit_trace(loaded, seq, kv_dtype, alone=False)
+    if kernels.get_isa() != "generic":
+        assert any(not np.array_equal(default[i], batched[i]) for i in default), "the batch changed no bit"
+    kernels.set_batch_invariant(True)
+    try:
+        alone = _logit_trace(loaded, seq, kv_dtype, alone=True)
+        together = _logit_trace(loaded, seq, kv_dtype, alone=False)
+    finally:
+        kernels.set_batch_invariant(False)
+    for i in alone:
+        assert np.array_equal(alone[i], together[i]), f"{model} {kv_dtype}: position {i} depends on its batch"
+        assert np.array_equal(alone[i], default[i]), f"{model} {kv_dtype}: one-token decoding changed at {i}"

@@ -264,6 +264,7 @@ def _node_view(n: pb.NodeStatus) -> s.NodeView:
         weight_types=dict(info.weight_types),
         kernel=(
             f"{info.kernel_isa} x{info.kernel_threads}{' int8' if info.kernel_int8 else ''}"
+            f"{' batch-invariant' if info.batch_invariant else ''}"
             if info.kernel_isa
             else ""
         ),

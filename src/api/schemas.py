@@ -450,7 +450,7 @@ class NodeView(BaseModel):
     weight_types: dict[str, int] = Field(description="Weight matrices per storage type, e.g. {'Q4_1': 70}.")
     kernel: str = Field(
         description="Native kernel path and threads, e.g. 'avx2 x2', or 'avx512 x2 int8' with the opt-in lossy "
-        "int8 mode (lossy_int8) on ('' while loading)."
+        "int8 mode (lossy_int8) on, '... batch-invariant' with node_defaults.batch_invariant ('' while loading)."
     )
     threads_reason: str = Field(
         description="Why the kernel pool has that many threads: 'set to 2 in the config', or auto's "

@@ -122,6 +122,15 @@ class NodeDefaults(_Strict):
         "not equal (README: quality figures). Other weight types stay exact. Off (the default): every matmul "
         "takes fp32 activations, equal to transformers up to summation order.",
     )
+    batch_invariant: bool = Field(
+        False,
+        description="Deterministic results whatever the batch: every node computes each token's matmuls "
+        "as it would alone, so a request's logits (and its greedy text, and its seeded samples) do not "
+        "depend on the requests it shared steps with, on how its prompt was chunked, on the prefix cache "
+        "or on a failover replay, for every KV type (q8_0 included). vLLM's VLLM_BATCH_INVARIANT, SGLang's "
+        "deterministic inference. Costs prefill and large batches (docs/engine.md: batch-invariant mode). Off: "
+        "exact up to summation order, and a token's last bits depend on its batch.",
+    )
     kv_dtype: KvDtype = Field(
         "f32",
         description="Element type of the node's KV cache: 'f32' (the default, the exact reference), 'f16' or "

@@ -190,6 +190,7 @@ class ModelNodeServicer(pb_grpc.ModelNodeServicer):
             info.host_id, info.threads_reason = self.threads.host_id, self.threads.reason
         if self.int8:
             info.kernel_int8 = kernels.int8_path()
+        info.batch_invariant = kernels.get_batch_invariant()
         return info
 
 
@@ -331,6 +332,8 @@ class NodeServer:
                 budget.limit.reason,
                 need.describe(),
             )
+            # process-wide: every exact matmul gives each row its alone bits (kernels.set_batch_invariant)
+            kernels.set_batch_invariant(self.cfg.node_defaults.batch_invariant)
             loaded = load_stage(source, layers)
             release_file_caches()
             if self.lossy_int8:  # per node: it sets the flag on its own layers' matmuls only
