@@ -131,6 +131,7 @@ typedef struct {
   bool needs_xsum;
   bool has_q6k, has_q4k;  // a Q6_K / Q4_K segment: SIMD mv calls permute x (perm_x)
   bool kperm_only;        // every segment is Q4_K or Q6_K (the permuted-x decode loops)
+  bool q41_only;          // every segment is Q4_1
   bool int8_ok, lossy;  // every segment has int8 kernels (qk_q8.h); the opt-in lossy mode is on
 } PlanObject;
 
@@ -146,6 +147,7 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
   self->needs_xsum = false;
   self->has_q6k = self->has_q4k = false;
   self->kperm_only = true;
+  self->q41_only = true;
   self->int8_ok = true;
   self->lossy = false;
   for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(fast); ++i) {
@@ -169,6 +171,7 @@ static int Plan_init(PlanObject* self, PyObject* args, PyObject*) {
     if (type == Q6_K) self->has_q6k = true;
     if (type == Q4_K) self->has_q4k = true;
     if (type != Q4_K && type != Q6_K) self->kperm_only = false;
+    if (type != Q4_1) self->q41_only = false;
     self->int8_ok = self->int8_ok && q8::supports(type, K);
   }
   Py_DECREF(fast);
@@ -227,14 +230,17 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   // broke even and 6 lost.
   // Likewise 9 to 12 rows of Q4_K / Q6_K (AVX2: 9 to 11), below one whole chunk: 8 rows, then the
   // rest, in the decode loops (on one Zen 4 thread 20-37% faster on AVX-512; on its AVX2 path 7-28%
-  // at 9 to 11 rows, 1-3% at 12; Q4_1 lost from 11 rows).
+  // at 9 to 11 rows, 1-3% at 12). Q4_1 too on AVX-512: SmolLM2's whole forward at 2 threads on Zen 4,
+  // prefill of 9 / 10 / 12 tokens 1.19 / 1.15 / 1.03x faster, a decode step of 9 / 12 streams 1.15 /
+  // 1.02x (bench/tail-rows-q41.json); on its AVX2 path Q4_1 lost at 10 to 12 rows and tied at 9.
   const Isa isa = call_isa(T);
   const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8), tail = T % cw;
   const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
   const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
   int64_t head = T;  // rows [0, head) in one call, [head, T) in the decode loops
   if (g_tail_rows && isa != ISA_GENERIC && !g_batch_invariant) {
-    if (self->kperm_only && T > MV_PASS_MAX_T && T <= small_max) head = MV_PASS_MAX_T;
+    const bool small_split = self->kperm_only || (self->q41_only && isa == ISA_AVX512);
+    if (small_split && T > MV_PASS_MAX_T && T <= small_max) head = MV_PASS_MAX_T;
     else if (T > cw && T < PANEL_MIN_T && tail <= tail_max) head = T - tail;
   }
   run_exact(self, x, head, y, accumulate);
