@@ -257,10 +257,16 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def cluster_config(parts: int, threads: int | str | None = None, micro_batches: int | None = None) -> Any:
+def cluster_config(
+    parts: int,
+    threads: int | str | None = None,
+    micro_batches: int | None = None,
+    batch_invariant: bool = False,
+) -> Any:
     """A loopback config: tokenizer, coordinator and API on 127.0.0.1, node i on 127.0.0.(i+2).
     Besides addresses and the model it sets nothing, so nodes and coordinator run the shipped
-    defaults; `threads` (a number or "auto") and `micro_batches` override them for studies."""
+    defaults; `threads` (a number or "auto"), `micro_batches` and `batch_invariant` (the opt-in
+    node_defaults.batch_invariant) override them for studies."""
     from pipeserve.common.config import parse_config
 
     nodes = []
@@ -278,8 +284,13 @@ def cluster_config(parts: int, threads: int | str | None = None, micro_batches: 
         "api": {"host": "127.0.0.1", "port": free_port("127.0.0.1")},
         "log_level": "WARNING",
     }
+    node_defaults: dict[str, Any] = {}
     if threads is not None:
-        raw["node_defaults"] = {"threads": threads}
+        node_defaults["threads"] = threads
+    if batch_invariant:
+        node_defaults["batch_invariant"] = True
+    if node_defaults:
+        raw["node_defaults"] = node_defaults
     return parse_config(raw, "bench config")
 
 
@@ -289,7 +300,8 @@ def chosen(view: dict[str, Any]) -> dict[str, Any]:
     coord = view.get("coordinator", {})
     nodes = []
     for n in view.get("nodes", []):
-        isa, _, threads = (n.get("kernel") or "").partition(" x")
+        isa, _, rest = (n.get("kernel") or "").partition(" x")
+        threads = rest.split(" ")[0]  # then " int8", " batch-invariant" when those modes are on
         nodes.append(
             {
                 "id": n.get("id"),
@@ -370,7 +382,7 @@ def bench_cluster(
     from pipeserve.launcher.procs import ProcessCluster
 
     micro_batches = getattr(args, "micro_batches_by_system", {}).get(name)
-    cfg = cluster_config(parts, threads, micro_batches)
+    cfg = cluster_config(parts, threads, micro_batches, args.batch_invariant)
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     base = f"http://127.0.0.1:{cfg.api.port}"
     out: dict[str, Any] = {
@@ -381,7 +393,13 @@ def bench_cluster(
         "threads_setting": cfg.node_defaults.threads,
         "micro_batches_setting": cfg.coordinator.micro_batches,
         "overrides": {
-            k: v for k, v in (("threads", threads), ("micro_batches", micro_batches)) if v is not None
+            k: v
+            for k, v in (
+                ("threads", threads),
+                ("micro_batches", micro_batches),
+                ("batch_invariant", args.batch_invariant or None),
+            )
+            if v is not None
         },
         "runs": {},
     }
@@ -1016,6 +1034,11 @@ def main() -> None:
         "--thread-study",
         action="store_true",
         help="first measure the 1-node cluster with 1 and 2 threads (K=1 and the largest K, short runs)",
+    )
+    ap.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="run the pipeserve systems with node_defaults.batch_invariant: true (default: the shipped false)",
     )
     ap.add_argument("--only", choices=["transformers"], help="run one baseline and print its JSON (internal)")
     args = ap.parse_args()
