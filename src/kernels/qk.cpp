@@ -191,11 +191,14 @@ static void Plan_dealloc(PlanObject* self) {
 static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, bool accumulate);
 static bool g_tail_rows = true;  // set_tail_rows(False): a partial last chunk runs as a chunk (benchmarks, tests)
 // set_batch_invariant(True): every exact matmul runs its rows through the decode loops, whatever T,
-// so each activation row's result has the bits it gets alone (T == 1) in any batch, prefill chunk
-// or replay (the decode loops sum each row in one order whatever the rows beside it, qk_simd.h).
-// The batched shapes (k-major x, panels) sum in another order and are faster from 9 rows on: this
-// costs prefill and large batches (README: "Batch-invariant mode"). The int8 mode's rows are
-// batch-invariant already (qk_q8.h) and the portable path sums each row alone.
+// in calls of up to MV_PASS_MAX_T rows, so each activation row's result has the bits it gets alone
+// (T == 1) in any batch, prefill chunk or replay (the decode loops sum each row in one order
+// whatever the rows beside it, qk_simd.h), and a call's scratch stays a decode step's. The batched
+// shapes (k-major x, panels) sum in another order and are faster from 9 rows on: this costs prefill
+// and large batches (docs/engine.md, "Batch-invariant mode"). Calls of 8 rows were as fast as one
+// call running every row through the decode loops (2 threads, Zen 4, 16 to 256 rows of Q4_K, Q6_K,
+// Q4_1), without its T x K permuted copies of x. The int8 mode's rows are batch-invariant already
+// (qk_q8.h) and the portable path sums each row alone.
 static bool g_batch_invariant = false;
 
 // run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T, both contiguous fp32.
@@ -238,13 +241,18 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
   const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
   int64_t head = T;  // rows [0, head) in one call, [head, T) in the decode loops
-  if (g_tail_rows && isa != ISA_GENERIC && !g_batch_invariant) {
+  if (g_tail_rows && isa != ISA_GENERIC) {
     const bool small_split = self->kperm_only || (self->q41_only && isa == ISA_AVX512);
     if (small_split && T > MV_PASS_MAX_T && T <= small_max) head = MV_PASS_MAX_T;
     else if (T > cw && T < PANEL_MIN_T && tail <= tail_max) head = T - tail;
   }
-  run_exact(self, x, head, y, accumulate);
-  if (head < T) run_exact(self, x + head * K, T - head, y + head * self->N, accumulate);
+  if (g_batch_invariant) {
+    for (int64_t t0 = 0; t0 < T; t0 += MV_PASS_MAX_T)
+      run_exact(self, x + t0 * K, T - t0 < MV_PASS_MAX_T ? T - t0 : MV_PASS_MAX_T, y + t0 * self->N, accumulate);
+  } else {
+    run_exact(self, x, head, y, accumulate);
+    if (head < T) run_exact(self, x + head * K, T - head, y + head * self->N, accumulate);
+  }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -252,9 +260,8 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
 // The exact matmul of T activation rows (called without the GIL).
 static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, bool accumulate) {
   const int64_t K = self->K, G = K / 32;
-  const bool mv = T <= MV_PASS_MAX_T || g_batch_invariant;  // the decode loops take every row
   std::vector<float> xsum;
-  if (self->needs_xsum && mv) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
+  if (self->needs_xsum && T <= MV_PASS_MAX_T) {  // per-group sums of x for the "min" term of Q4_1 / Q5_1 / Q4_K / Q5_K (mv path)
     xsum.resize(T * G);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t g = 0; g < G; ++g) {
@@ -266,19 +273,19 @@ static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, boo
   const Isa isa = call_isa(T);
   std::vector<float> xt;  // x k-major for the batched-decode shape (qk_types.h: make_xt)
   const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8);
-  if (isa != ISA_GENERIC && !mv && T >= XT_MIN_T && T < PANEL_MIN_T) {
+  if (isa != ISA_GENERIC && T >= XT_MIN_T && T < PANEL_MIN_T) {
     xt.resize(xt_floats(T, K, cw));
     make_xt(x, T, K, cw, xt.data());
   }
   std::vector<float> xp, xs16, xp4;  // x permuted for the SIMD Q6_K and Q4_K rows (qk_types.h: perm_x)
   const int H = isa == ISA_AVX512 ? 2 : 1;  // 8-float chunks per vector
-  if (isa != ISA_GENERIC && self->has_q6k && mv) {
+  if (isa != ISA_GENERIC && self->has_q6k && T <= MV_PASS_MAX_T) {
     xp.resize(T * K);
     xs16.resize(T * (K / 16));
     perm_x<false>(x, T, K, xp.data(), Q6kShift{}, H);
     sums16_x(x, T, K, xs16.data());
   }
-  if (isa != ISA_GENERIC && self->has_q4k && mv) {
+  if (isa != ISA_GENERIC && self->has_q4k && T <= MV_PASS_MAX_T) {
     xp4.resize(T * K);
     perm_x<true>(x, T, K, xp4.data(), Q4kShift{}, H);
   }
@@ -292,7 +299,6 @@ static void run_exact(PlanObject* self, const float* x, int64_t T, float* y, boo
            accumulate, xt.empty() ? nullptr : xt.data(), cw};
     if (!xp.empty()) jb.xp = xp.data(), jb.xs16 = xs16.data();
     if (!xp4.empty()) jb.xp4 = xp4.data();
-    jb.mv_only = mv;
     const int64_t j = (int64_t)jobs.size();
     jobs.push_back(jb);
     // chunks of rows: ~4 per thread per segment, at least 16 rows, a multiple of 4; from

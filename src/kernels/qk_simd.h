@@ -719,7 +719,7 @@ static void rows_xt(const Job& jb, int64_t r0, int64_t r1) {
 template <int TY>
 static void rows_impl(const Job& jb, int64_t r0, int64_t r1) {
   if (jb.xt != nullptr && jb.T < PANEL_MIN_T) return rows_xt<TY>(jb, r0, r1);
-  if (jb.T <= MV_PASS_MAX_T || jb.mv_only) {  // passes of up to 4 activation rows: each row's bits as at T == 1
+  if (jb.T <= MV_PASS_MAX_T) {  // passes of up to 4 activation rows: each row's bits as at T == 1
     for (int64_t t0 = 0; t0 < jb.T; t0 += MV_MAX_T) {
       switch (jb.T - t0 < MV_MAX_T ? jb.T - t0 : MV_MAX_T) {
         case 1: mv_range<TY, 1>(jb, r0, r1, t0); break;

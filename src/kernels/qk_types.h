@@ -172,7 +172,6 @@ struct Job {
   const float* xp = nullptr;    // [T, K] x permuted within groups of 32 (perm_x, Q6kShift), for the SIMD Q6_K mv
   const float* xs16 = nullptr;  // [T, K/16] -32 times the sums of x per 16, with xp
   const float* xp4 = nullptr;   // [T, K] x permuted for the SIMD Q4_K mv (perm_x, Q4kShift)
-  bool mv_only = false;         // any T through the decode loops (set_batch_invariant, qk.cpp)
 };
 
 // x permuted for the Q6_K and Q4_K rows against lane bytes (qk_simd.h mv_rows_q6k_perm,
