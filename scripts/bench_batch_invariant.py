@@ -11,26 +11,20 @@ prompt prefilled alone, bit for bit, with the mode on (and whether they do with 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from pipeserve import kernels
-from pipeserve.common.model_files import resolve_model
-from pipeserve.common.threads import choose_threads, usable_cores
 from pipeserve.modeling.engine import SeqChunk, StageEngine
 from pipeserve.modeling.generate import GREEDY, run_stages
-from pipeserve.modeling.loader import load_stage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import machine_info
+from bench_tail_rows import fastest, run, step_timers
 
 PREFILL = (16, 64, 256)
 STREAMS = (1, 4, 8, 9, 16, 32)
-CONTEXT = 32  # each decoding stream's prompt
 
 
 def same_bits(eng: StageEngine) -> bool:
@@ -44,36 +38,12 @@ def same_bits(eng: StageEngine) -> bool:
 
 
 def measure(eng: StageEngine, rounds: int) -> dict[str, object]:
-    def prefill(L: int) -> float:
-        t0 = time.perf_counter()
-        eng.forward([SeqChunk("p", 0, list(range(100, 100 + L)), GREEDY)])
-        dt = time.perf_counter() - t0
-        eng.release(["p"])
-        return dt
-
-    ids = [f"s{i}" for i in range(max(STREAMS))]
-    for i, sid in enumerate(ids):  # the streams' contexts, once
-        eng.forward([SeqChunk(sid, 0, list(range(200 + i, 200 + i + CONTEXT)), GREEDY)])
-
-    def decode(B: int) -> float:
-        t0 = time.perf_counter()
-        eng.forward([SeqChunk(sid, CONTEXT, [300 + i], GREEDY) for i, sid in enumerate(ids[:B])])
-        return time.perf_counter() - t0
-
-    best: dict[tuple[str, int, bool], float] = {}
+    prefill, decode, ids = step_timers(eng, max(STREAMS))
     for on in (False, True):  # warm-up: first touches of the weights and scratch, untimed
         kernels.set_batch_invariant(on)
         prefill(PREFILL[-1])
         decode(STREAMS[-1])
-    for _ in range(rounds):
-        for on in (False, True):
-            kernels.set_batch_invariant(on)
-            for L in PREFILL:
-                k = ("prefill", L, on)
-                best[k] = min(best.get(k, 1e9), prefill(L))
-            for B in STREAMS:
-                k = ("decode", B, on)
-                best[k] = min(best.get(k, 1e9), decode(B))
+    best = fastest(rounds, kernels.set_batch_invariant, (False, True), prefill, decode, PREFILL, STREAMS)
     eng.release(ids)
     bits = {}
     for on in (False, True):
@@ -104,27 +74,7 @@ def main() -> None:
     ap.add_argument("--models", default="qwen2.5-coder-1.5b-instruct,smollm2-135m-instruct")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("bench/batch-invariant.json"))
-    args = ap.parse_args()
-    cores, why = usable_cores()
-    threads, reason = choose_threads(cores, 1, "auto", why)
-    kernels.set_threads(threads)
-    res = {
-        "benchmark": "batch-invariant mode: off against on, same process, turns per round",
-        "command": " ".join(["python", *sys.argv]),
-        "machine": machine_info(),
-        "kernel_isa": kernels.get_isa(),
-        "threads": threads,
-        "threads_reason": reason,
-        "rounds": args.rounds,
-        "decode_context_tokens": CONTEXT,
-        "models": {},
-    }
-    for name in args.models.split(","):
-        eng = StageEngine(load_stage(resolve_model(name)), 4096)
-        res["models"][name] = measure(eng, args.rounds)
-        print(name, json.dumps(res["models"][name], indent=1), flush=True)
-        del eng
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    run("batch-invariant mode: off against on, same process, turns per round", ap.parse_args(), measure)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeserve import kernels
 from pipeserve.common.model_files import resolve_model
@@ -30,7 +32,13 @@ STREAMS = (9, 12, 16, 17, 18, 20, 24)
 CONTEXT = 32  # each decoding stream's prompt
 
 
-def measure(eng: StageEngine, rounds: int) -> dict[str, list[dict[str, float]]]:
+def step_timers(
+    eng: StageEngine, streams: int
+) -> tuple[Callable[[int], float], Callable[[int], float], list[str]]:
+    """Timers of one forward: prefill(L) of an L-token prompt (released after), and decode(B), one
+    step of the first B of `streams` streams, each holding a CONTEXT-token prompt (prefilled here,
+    once; release the returned ids after)."""
+
     def prefill(L: int) -> float:
         t0 = time.perf_counter()
         eng.forward([SeqChunk("p", 0, list(range(100, 100 + L)), GREEDY)])
@@ -38,26 +46,46 @@ def measure(eng: StageEngine, rounds: int) -> dict[str, list[dict[str, float]]]:
         eng.release(["p"])
         return dt
 
-    ids = [f"s{i}" for i in range(max(STREAMS))]
+    ids = [f"s{i}" for i in range(streams)]
     for i, sid in enumerate(ids):  # the streams' contexts, once
         eng.forward([SeqChunk(sid, 0, list(range(200 + i, 200 + i + CONTEXT)), GREEDY)])
 
     def decode(B: int) -> float:
         t0 = time.perf_counter()
         eng.forward([SeqChunk(sid, CONTEXT, [300 + i], GREEDY) for i, sid in enumerate(ids[:B])])
-        dt = time.perf_counter() - t0
-        return dt
+        return time.perf_counter() - t0
 
+    return prefill, decode, ids
+
+
+def fastest(
+    rounds: int,
+    switch: Callable[[bool], None],
+    order: tuple[bool, bool],
+    prefill: Callable[[int], float],
+    decode: Callable[[int], float],
+    prefills: tuple[int, ...],
+    streams: tuple[int, ...],
+) -> dict[tuple[str, int, bool], float]:
+    """The fastest of `rounds` of every prefill and decode size, with switch(on) for each `on` of
+    `order` in turn within a round: {("prefill" | "decode", size, on): seconds}."""
     best: dict[tuple[str, int, bool], float] = {}
     for _ in range(rounds):
-        for on in (True, False):
-            kernels.set_tail_rows(on)
-            for L in PREFILL:
+        for on in order:
+            switch(on)
+            for L in prefills:
                 k = ("prefill", L, on)
                 best[k] = min(best.get(k, 1e9), prefill(L))
-            for B in STREAMS:
+            for B in streams:
                 k = ("decode", B, on)
                 best[k] = min(best.get(k, 1e9), decode(B))
+    return best
+
+
+def measure(eng: StageEngine, rounds: int) -> dict[str, list[dict[str, float]]]:
+    prefill, decode, ids = step_timers(eng, max(STREAMS))
+
+    best = fastest(rounds, kernels.set_tail_rows, (True, False), prefill, decode, PREFILL, STREAMS)
     kernels.set_tail_rows(True)
     eng.release(ids)
     out: dict[str, list[dict[str, float]]] = {"prefill": [], "decode": []}
@@ -85,14 +113,20 @@ def main() -> None:
         "--isa", default=None, help="force a kernel path (avx2, avx512): default the best this CPU runs"
     )
     ap.add_argument("--out", type=Path, default=Path("bench/tail-rows.json"))
-    args = ap.parse_args()
+    run("partial last chunk: decode loops (split) against a whole chunk", ap.parse_args(), measure)
+
+
+def run(benchmark: str, args: argparse.Namespace, measure: Callable[[StageEngine, int], object]) -> None:
+    """A script's main (this one's, bench_batch_invariant's): kernel threads as `threads: auto`
+    chooses them (and args.isa, if any), each of args.models whole in one process, measured by
+    `measure(engine, args.rounds)`, all written to args.out."""
     cores, why = usable_cores()
     threads, reason = choose_threads(cores, 1, "auto", why)
     kernels.set_threads(threads)
-    if args.isa:
+    if getattr(args, "isa", None):
         kernels.set_isa(args.isa)
-    res = {
-        "benchmark": "partial last chunk: decode loops (split) against a whole chunk",
+    res: dict[str, Any] = {
+        "benchmark": benchmark,
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_info(),
         "kernel_isa": kernels.get_isa(),
@@ -105,7 +139,7 @@ def main() -> None:
     for name in args.models.split(","):
         eng = StageEngine(load_stage(resolve_model(name)), 4096)
         res["models"][name] = measure(eng, args.rounds)
-        print(name, json.dumps(res["models"][name], indent=1))
+        print(name, json.dumps(res["models"][name], indent=1), flush=True)
         del eng
     args.out.write_text(json.dumps(res, indent=1) + "\n")
 
