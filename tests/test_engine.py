@@ -381,19 +381,37 @@ def _logit_trace(loaded, seq: list[int], kv_dtype: str, alone: bool) -> dict[int
 
 
 @pytest.mark.parametrize(
-    "model,kv_dtype", [("smollm2", "f32"), ("smollm2", "q8_0"), ("llama", "f32"), ("gpt2", "f32")]
+    "model,kv_dtype",
+    [
+        ("smollm2", "f32"),
+        ("smollm2", "q8_0"),
+        ("qwen", "f32"),
+        ("gemma3", "f32"),
+        ("llama", "f32"),
+        ("gpt2", "f32"),
+    ],
 )
-def test_batch_invariant_logits_do_not_depend_on_the_batch(model, kv_dtype, smol_full, tiny_llama, tiny_gpt2):
+def test_batch_invariant_logits_do_not_depend_on_the_batch(
+    model, kv_dtype, smol_full, tiny_llama, tiny_gpt2, gemma_path
+):
     """node_defaults.batch_invariant (kernels.set_batch_invariant): a sequence's logits, prefilled
     in a chunk beside other prompts and decoded beside another prefill, equal bit for bit the
-    logits of feeding it one token at a time alone (which the mode leaves as they were), for every KV type (q8_0 rounds K/V rows to a
-    quantum, where a last-bit difference can move a value by a whole step). Off (the default),
-    the same comparison differs in the last bits on a SIMD path: what the mode is for."""
+    logits of feeding it one token at a time alone (which the mode leaves as they were), for every
+    KV type (q8_0 rounds K/V rows to a quantum, where a last-bit difference can move a value by a
+    whole step) and every kind of layer: Q4_1 (SmolLM2), Q4_K / Q6_K with q/k/v biases (Qwen2.5),
+    Gemma 3's sliding windows and GELU, fp32 checkpoints (tiny Llama, GPT-2's LayerNorm in numpy).
+    Off (the default), the same comparison differs in the last bits on a SIMD path: what the mode
+    is for."""
     from pipeserve import kernels
 
-    loaded = {"smollm2": smol_full}.get(model) or load_stage(
-        str(tiny_llama if model == "llama" else tiny_gpt2)
-    )
+    if model == "smollm2":
+        loaded = smol_full
+    elif model == "qwen":
+        loaded = load_stage(resolve_model("qwen2.5-coder-1.5b-instruct"))
+    elif model == "gemma3":
+        loaded = load_stage(resolve_model("gemma3-270m"))  # gemma_path: make models assembled it
+    else:
+        loaded = load_stage(str(tiny_llama if model == "llama" else tiny_gpt2))
     seq = [int(t) for t in np.random.default_rng(0).integers(1, loaded.cfg.vocab_size, 60)]
     default = _logit_trace(loaded, seq, kv_dtype, alone=True)
     batched = _logit_trace(loaded, seq, kv_dtype, alone=False)
