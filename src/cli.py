@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Literal
 
 from pipeserve.common import env
 from pipeserve.common.errors import ConfigError, PipeserveError
@@ -134,7 +135,9 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _synth(spec: str, out: str, seed: int, layers: int | None, tokenizer: bool | str = True) -> int:
+def _synth(
+    spec: str, out: str, seed: int, layers: int | None, tokenizer: bool | Literal["none"] = True
+) -> int:
     import time
     from pathlib import Path
 

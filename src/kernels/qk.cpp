@@ -201,6 +201,31 @@ static bool g_tail_rows = true;  // set_tail_rows(False): a partial last chunk r
 // (qk_q8.h) and the portable path sums each row alone.
 static bool g_batch_invariant = false;
 
+// Where a matmul of T rows splits: rows [0, head) in one call, [head, T) in a call of their own.
+// A batched call's last chunk of cw activation rows costs a whole chunk however few rows it
+// holds (its lanes run empty): on one Zen 4 thread T = 17 took 1.8x T = 16 (Q4_K 8960 x 1536)
+// where one more row of the decode loop adds a tenth. So the rows past the last whole chunk, when
+// few, take the decode loops instead, as a call of their own (and get the bits they get alone):
+// up to 8 on AVX-512, where that was faster at every tail (Q4_K, Q6_K, Q4_1; by 5-40%); up to 4
+// on AVX2, whose last chunk runs half its FMAs when it holds 8 rows or fewer, and where 5 rows
+// broke even and 6 lost.
+// Likewise 9 to 12 rows of Q4_K / Q6_K (AVX2: 9 to 11), below one whole chunk: 8 rows, then the
+// rest, in the decode loops (on one Zen 4 thread 20-37% faster on AVX-512; on its AVX2 path 7-28%
+// at 9 to 11 rows, 1-3% at 12). Q4_1 too on AVX-512: SmolLM2's whole forward at 2 threads on Zen 4,
+// prefill of 9 / 10 / 12 tokens 1.19 / 1.15 / 1.03x faster, a decode step of 9 / 12 streams 1.15 /
+// 1.02x (bench/tail-rows-q41.json); on its AVX2 path Q4_1 lost at 10 to 12 rows and tied at 9.
+static int64_t split_head(const PlanObject* self, int64_t T) {
+  const Isa isa = call_isa(T);
+  if (!g_tail_rows || isa == ISA_GENERIC) return T;
+  const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8), tail = T % cw;
+  const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
+  const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
+  const bool small_split = self->kperm_only || (self->q41_only && isa == ISA_AVX512);
+  if (small_split && T > MV_PASS_MAX_T && T <= small_max) return MV_PASS_MAX_T;
+  if (T > cw && T < PANEL_MIN_T && tail <= tail_max) return T - tail;
+  return T;
+}
+
 // run(x_ptr, T, y_ptr): y[T, N] = x[T, K] @ W^T, both contiguous fp32.
 static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 3 && nargs != 4) {
@@ -224,32 +249,11 @@ static PyObject* Plan_run(PlanObject* self, PyObject* const* args, Py_ssize_t na
   }
   const int64_t K = self->K;
   Py_BEGIN_ALLOW_THREADS
-  // A batched call's last chunk of cw activation rows costs a whole chunk however few rows it
-  // holds (its lanes run empty): on one Zen 4 thread T = 17 took 1.8x T = 16 (Q4_K 8960 x 1536)
-  // where one more row of the decode loop adds a tenth. So the rows past the last whole chunk, when
-  // few, take the decode loops instead, as a call of their own (and get the bits they get alone):
-  // up to 8 on AVX-512, where that was faster at every tail (Q4_K, Q6_K, Q4_1; by 5-40%); up to 4
-  // on AVX2, whose last chunk runs half its FMAs when it holds 8 rows or fewer, and where 5 rows
-  // broke even and 6 lost.
-  // Likewise 9 to 12 rows of Q4_K / Q6_K (AVX2: 9 to 11), below one whole chunk: 8 rows, then the
-  // rest, in the decode loops (on one Zen 4 thread 20-37% faster on AVX-512; on its AVX2 path 7-28%
-  // at 9 to 11 rows, 1-3% at 12). Q4_1 too on AVX-512: SmolLM2's whole forward at 2 threads on Zen 4,
-  // prefill of 9 / 10 / 12 tokens 1.19 / 1.15 / 1.03x faster, a decode step of 9 / 12 streams 1.15 /
-  // 1.02x (bench/tail-rows-q41.json); on its AVX2 path Q4_1 lost at 10 to 12 rows and tied at 9.
-  const Isa isa = call_isa(T);
-  const int64_t cw = xt_width(T, isa == ISA_AVX512 ? 16 : 8), tail = T % cw;
-  const int64_t tail_max = isa == ISA_AVX512 ? MV_PASS_MAX_T : MV_MAX_T;
-  const int64_t small_max = isa == ISA_AVX512 ? MV_PASS_MAX_T + MV_MAX_T : MV_PASS_MAX_T + MV_MAX_T - 1;
-  int64_t head = T;  // rows [0, head) in one call, [head, T) in the decode loops
-  if (g_tail_rows && isa != ISA_GENERIC) {
-    const bool small_split = self->kperm_only || (self->q41_only && isa == ISA_AVX512);
-    if (small_split && T > MV_PASS_MAX_T && T <= small_max) head = MV_PASS_MAX_T;
-    else if (T > cw && T < PANEL_MIN_T && tail <= tail_max) head = T - tail;
-  }
-  if (g_batch_invariant) {
+  if (g_batch_invariant) {  // calls of up to 8 rows, each through the decode loops
     for (int64_t t0 = 0; t0 < T; t0 += MV_PASS_MAX_T)
       run_exact(self, x + t0 * K, T - t0 < MV_PASS_MAX_T ? T - t0 : MV_PASS_MAX_T, y + t0 * self->N, accumulate);
   } else {
+    const int64_t head = split_head(self, T);
     run_exact(self, x, head, y, accumulate);
     if (head < T) run_exact(self, x + head * K, T - head, y + head * self->N, accumulate);
   }

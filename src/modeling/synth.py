@@ -327,7 +327,9 @@ def _llama3_tokenizer(vocab: int) -> Metadata:
     ]
 
 
-def metadata(spec: str, seed: int = 0, n_layers: int | None = None, tokenizer: bool | str = True) -> Metadata:
+def metadata(
+    spec: str, seed: int = 0, n_layers: int | None = None, tokenizer: bool | Literal["none"] = True
+) -> Metadata:
     """The file's key-value metadata, in the order llama.cpp's converter writes them (without the
     tokenizer's keys when `tokenizer` is False; with `tokenizer="none"`, llama.cpp's placeholder
     vocabulary of the spec's size and no tokens, which needs no real GGUF to copy: for benchmarks
@@ -450,7 +452,7 @@ def write(
     seed: int = 0,
     n_layers: int | None = None,
     *,
-    tokenizer: bool | str = True,
+    tokenizer: bool | Literal["none"] = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write the spec's model (cut to `n_layers` layers if given) to `out`, streaming, atomically
